@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what bindguard needs on Debian 12 and builds ./.venv with it.
+#   ./setup.sh          the tool: Debian packages, then bindguard in .venv
+#   ./setup.sh --test   the tool and everything the test suite uses
+# Run as root (or with sudo available): it installs Debian packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+packages=(
+    python3 python3-venv python3-dev gcc   # the interpreter a distro package would use
+    pkg-config libsystemd-dev              # pystemd builds from source against libsystemd
+    iproute2 util-linux                    # ss and ip; unshare and nsenter
+    systemd dbus dbus-user-session         # a manager and a bus to talk to
+)
+extras=()
+if [ "${1:-}" = "--test" ]; then
+    extras=(procps)
+fi
+
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+missing=()
+for p in "${packages[@]}" "${extras[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    # Packages that ship a daemon must not start it here: the tests read their configs only.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod 755 /usr/sbin/policy-rc.d
+        trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+if [ "${1:-}" = "--test" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+else
+    .venv/bin/pip install -q --disable-pip-version-check -e .
+fi
+echo "setup: done; run .venv/bin/bindguard --help" >&2

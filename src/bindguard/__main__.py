@@ -1,0 +1,3 @@
+from bindguard.cli import main
+
+raise SystemExit(main())

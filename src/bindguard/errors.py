@@ -1,0 +1,41 @@
+"""Exit codes (named so that RestartPreventExitStatus= can list them) and user-facing errors."""
+
+from __future__ import annotations
+
+EXIT_CLEAR = 0
+EXIT_USAGE = 64  # EX_USAGE: bad command line
+EXIT_INTERNAL = 70  # EX_SOFTWARE: the guard itself failed and --fail-closed was asked for
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: only TIME_WAIT was in the way, and the wait ran out
+EXIT_CONFIG = 78  # EX_CONFIG: a configuration file is wrong
+EXIT_INUSE = 98  # EADDRINUSE: held by something that will not go away by itself
+EXIT_NOTAVAIL = 99  # EADDRNOTAVAIL: the address is on no interface
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0   clear: every address can be bound (or the guard failed and fails open)
+  64  usage error: a malformed address or option
+  70  the guard itself failed and --fail-closed was given
+  75  still only TIME_WAIT in the way when the wait ran out (EX_TEMPFAIL)
+  78  configuration error (a YAML file)
+  98  held by something that will not go away by itself (as errno EADDRINUSE)
+  99  the address is on no interface (as errno EADDRNOTAVAIL)
+Use RestartPreventExitStatus=98 99 in the unit to stop a restart loop on a conflict."""
+
+
+class BindguardError(Exception):
+    """An error a person can fix: one line saying what is wrong, one hint saying what to do."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(BindguardError):
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(BindguardError):
+    exit_code = EXIT_CONFIG

@@ -1,0 +1,70 @@
+"""The evidence the guard gathers: plain records, no I/O.
+
+The verdict is a pure function of these, so it can be tested on recorded evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bindguard.endpoints import Endpoint
+
+# TCP states as the kernel numbers them (include/net/tcp_states.h).
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+    13: "BOUND_INACTIVE",
+}
+# A TCP socket that is bound but never listened comes back from sock_diag as CLOSE
+# (or BOUND_INACTIVE); an unconnected UDP socket as CLOSE too. Both are reported "BOUND".
+BOUND = "BOUND"
+
+
+@dataclass(frozen=True)
+class SocketFact:
+    """One socket on the port in question, as sock_diag (or /proc/net) reports it."""
+
+    local: Endpoint
+    state: str  # LISTEN, BOUND, ESTABLISHED, TIME_WAIT, FIN_WAIT2, ... (UDP: BOUND or ESTABLISHED)
+    uid: int
+    inode: int  # 0 when no process holds it (TIME_WAIT, orphaned FIN_WAIT2)
+    remote: Endpoint | None = None
+    v6only: bool | None = None  # None: not reported (TIME_WAIT) or not IPv6
+    expires_ms: int | None = None  # time left on the socket's timer (TIME_WAIT)
+    interface: int = 0  # SO_BINDTODEVICE ifindex, 0 for none
+    cgroup_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessFact:
+    """A process that holds a socket."""
+
+    pid: int
+    ppid: int
+    name: str
+    cmdline: tuple[str, ...]
+    exe: str
+    uid: int
+    user: str
+    started: float  # seconds since the epoch
+    cgroup: str  # the unified-hierarchy path from /proc/PID/cgroup, e.g. /system.slice/nginx.service
+    unit: str | None = None  # the systemd unit the cgroup path names, if any
+
+
+@dataclass
+class Evidence:
+    """Everything observed about the requested ports, gathered once."""
+
+    sockets: list[SocketFact] = field(default_factory=list)
+    holders: dict[int, list[ProcessFact]] = field(default_factory=dict)  # inode -> processes
+    notes: list[str] = field(default_factory=list)  # what could not be observed, and why

@@ -1,0 +1,108 @@
+"""Fixtures: real network namespaces, and processes that hold real sockets in them.
+
+Integration tests need root (unshare --net). Without it they skip with the reason, unless
+BINDGUARD_REQUIRE_INTEGRATION=1 (as in CI), where a skip would hide an untested claim and
+is turned into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+HOLDER = TESTS / "holder.py"
+REQUIRE = os.environ.get("BINDGUARD_REQUIRE_INTEGRATION") == "1"
+
+
+def need_root(what: str = "network namespaces") -> None:
+    missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
+    reason = None
+    if os.geteuid() != 0:
+        reason = f"{what} need root"
+    elif missing:
+        reason = f"{what} need {', '.join(missing)} (install util-linux and iproute2)"
+    if reason:
+        if REQUIRE:
+            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
+        pytest.skip(reason)
+
+
+class NetNS:
+    """A private network namespace with lo up, alive while its anchor process lives."""
+
+    def __init__(self) -> None:
+        self.anchor = subprocess.Popen(
+            ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self.anchor.stdout.readline().strip() != "up":
+            raise RuntimeError("could not bring lo up in a new network namespace")
+        self.path = f"/proc/{self.anchor.pid}/ns/net"
+        self.processes: list[subprocess.Popen] = []
+
+    def argv(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net={self.path}", "--", *argv]
+
+    def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 120)
+        return subprocess.run(self.argv(argv), **kwargs)
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(self.argv(["ip", *args]), check=True)
+
+    def sysctl(self, key: str, value: str) -> None:
+        subprocess.run(self.argv(["sysctl", "-qw", f"{key}={value}"]), check=True)
+
+    def hold(self, *specs: dict, uid: int | None = None) -> subprocess.Popen:
+        """Start a process holding the sockets described by specs (see holder.py)."""
+        config: dict = {"sockets": list(specs)}
+        if uid is not None:
+            config["uid"] = uid
+        proc = subprocess.Popen(
+            self.argv([sys.executable, str(HOLDER), json.dumps(config)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.processes.append(proc)
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            proc.kill()
+            raise RuntimeError(f"holder for {specs} did not start (exit {proc.wait()})")
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        for proc in self.processes:
+            self.stop(proc)
+        self.anchor.send_signal(signal.SIGKILL)
+        self.anchor.wait()
+
+
+@pytest.fixture
+def netns():
+    need_root()
+    ns = NetNS()
+    try:
+        yield ns
+    finally:
+        ns.close()
