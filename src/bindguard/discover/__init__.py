@@ -148,7 +148,7 @@ def expand_argv(argv: Sequence[str], env: dict[str, str]) -> list[str]:
     return words
 
 
-def _commands(argv: list[str]) -> list[list[str]]:
+def _commands(argv: list[str], env: dict[str, str]) -> list[list[str]]:
     """The command lines to look at: argv itself, or the commands inside `sh -c SCRIPT`."""
     if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] == "-c":
         import shlex
@@ -167,7 +167,7 @@ def _commands(argv: list[str]) -> list[list[str]]:
             elif word != "exec" or current:
                 current.append(word)
         commands.append(current)
-        return [c for c in commands if c]
+        return [expand_argv(c, env) for c in commands if c]
     return [argv]
 
 
@@ -191,7 +191,7 @@ def discover(exec_start: Sequence[Sequence[str]], environment: Sequence[str], en
     """
     result = Discovery()
     env = unit_environment(environment, environment_files, result.warnings)
-    commands = [c for argv in exec_start for c in _commands(expand_argv(argv, env))]
+    commands = [c for argv in exec_start for c in _commands(expand_argv(argv, env), env)]
     if "daemon-config" in sources:
         for argv in commands:
             module = daemon_of(argv)
