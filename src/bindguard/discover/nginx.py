@@ -12,6 +12,7 @@ implies it) is given. An http server without `listen` listens on *:80 (nginx run
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -265,7 +266,7 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
     binary = argv[0] if argv and os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK) else shutil.which("nginx")
     files = None
     label = ""
-    if binary:
+    if binary and os.path.isfile(conf):
         dump = [binary, "-T", "-q", "-c", conf] + (["-p", prefix] if prefix else [])
         dump += [a for g in globals_ for a in ("-g", g)]
         ok, out, why = run_dump(dump)
@@ -273,6 +274,7 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
             files = _split_dump(out)
             label = " (nginx -T)"
         else:
+            why = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ", r"\1 ", why)
             findings.warn(f"{why}; reading {conf} directly")
     parser = _Parser(conf_prefix, files, label, findings)
     try:
