@@ -26,7 +26,7 @@ from bindguard.discover.common import (
 )
 
 CLUSTER_CONF_ROOT = "/etc/postgresql"
-LINE = re.compile(r"""^\s*([A-Za-z_][\w.]*)\s*=?\s*('(?:[^']|'')*'|[^\s#]*)\s*(?:#.*)?$""")
+LINE = re.compile(r"""^\s*([A-Za-z_][\w.]*)\s*=?\s*('(?:[^']|'')*'|[^\s#'][^\s#]*|)\s*(?:#.*)?$""")
 
 
 class _Settings:
