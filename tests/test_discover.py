@@ -98,7 +98,7 @@ def nginx_tree(tmp_path: Path) -> Path:
     write(tmp_path / "sites" / "a.conf", """
         server {
             listen 80;
-            listen [::]:80 ipv6only=off;
+            listen [::]:8080 ipv6only=off;
             listen 127.0.0.1:80;
             listen 127.0.0.2:80 bind;
             listen unix:/run/x.sock;
@@ -131,12 +131,12 @@ def test_nginx_edited_copy(tmp_path, use_dump, monkeypatch):
     localhost = [f"[{h}]:9090" if ":" in h else f"{h}:9090" for h in hosts_file_addresses("localhost")]
     assert summary(result) == [
         ("0.0.0.0:80", f"{a}:2{suffix}", "confident"),
-        ("[::]:80", f"{a}:3{suffix}", "confident"),  # ipv6only=off: dual-stack
+        ("[::]:8080", f"{a}:3{suffix}", "confident"),  # ipv6only=off: dual-stack
         # 127.0.0.1:80 is served by the 0.0.0.0:80 socket: nginx opens no socket for it
         ("127.0.0.2:80", f"{a}:5{suffix}", "confident"),
         ("0.0.0.0:8443 reuseport", f"{a}:7{suffix}", "confident"),
         *[(addr, f"{b}:3{suffix}", "confident") for addr in localhost],
-        # [::1]:80 is served by the [::]:80 socket
+        ("[::1]:80 v6only", f"{b}:4{suffix}", "confident"),
         # the server without listen is *:80, already open
         ("127.0.0.1:8081", f"{conf}:5{suffix}", "confident"),
         ("udp:0.0.0.0:5353 reuseport", f"{conf}:8{suffix}", "confident"),
@@ -439,8 +439,11 @@ def test_mariadb_edited_copy(tmp_path):
     argv = ["mariadbd", f"--defaults-file={tmp_path}/my.cnf"]
     server = tmp_path / "conf.d" / "50-server.cnf"
     result = discover([argv], [], [], [], "mariadb.service")
-    assert summary(result) == [("[::]:3307", f"{server}:2", "confident"), ("[::]:3308", f"{server}:2", "confident")]
-    assert not any(f.bind.v6only for f in result.findings)
+    assert summary(result) == [("[::]:3307 v6only", f"{server}:2", "confident"),
+                               ("[::]:3308 v6only", f"{server}:2", "confident")]
+    everywhere = discover([argv + ["--bind-address=*"]], [], [], [], "mariadb.service")
+    assert [s[0] for s in summary(everywhere)] == ["0.0.0.0:3307", "[::]:3307 v6only", "0.0.0.0:3308",
+                                                   "[::]:3308 v6only"]
     off = discover([argv + ["--skip-networking"]], [], [], [], "mariadb.service")
     assert off.findings == []
     cli = discover([argv + ["--bind-address=127.0.0.1", "--port=3400"]], [], [], [], "mariadb.service")

@@ -5,8 +5,10 @@ conf.d and mariadb.conf.d), ~/.my.cnf; `--defaults-file=F` replaces them, `--def
 adds one. Groups the server reads: [mysqld], [server], [mariadb], [mariadbd], [client-server],
 and their -VERSION forms. The last value wins; the command line comes last. `-` and `_` are the same
 in names, and a `loose-` prefix is dropped.
-Defaults: every address (`*`: [::] dual-stack, or 0.0.0.0 without IPv6), port 3306 (MYSQL_TCP_PORT).
-`::` and `*` accept IPv4 too; a host name binds its first IPv4 address. The server sets SO_REUSEADDR.
+Defaults: every address (`*`), port 3306 (MYSQL_TCP_PORT); a host name binds its first IPv4 address.
+Sockets, as checked against MariaDB 10.11 running in a network namespace: SO_REUSEADDR, and
+IPV6_V6ONLY on every IPv6 socket, so `*` (and no bind-address) is two sockets, 0.0.0.0 and [::],
+and `::` is IPv6 only. MySQL (per its manual) binds `*` and `::` as one dual-stack [::] socket.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bindguard.discover.common import (
     parse_port,
     read_text,
 )
+from bindguard.endpoints import ipv6_supported
 
 DEFAULT_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", os.path.expanduser("~/.my.cnf"))
 SERVER_GROUPS = re.compile(r"^(mysqld|server|mariadb|mariadbd|client-server|galera)(-[\d.]+)?$")
@@ -90,7 +93,9 @@ def _flag(value: str) -> bool:
 
 
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
-    findings = Findings("mariadb" if "mariadb" in os.path.basename(argv[0] if argv else "") else "mysqld")
+    binary = argv[0] if argv else "mysqld"
+    mariadb = "mariadb" in os.path.basename(binary) or "mariadb" in os.path.basename(os.path.realpath(binary))
+    findings = Findings("mariadb" if mariadb else "mysqld")
     args = argv[1:]
     defaults_file = config
     extra = None
@@ -141,11 +146,16 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
         return findings
     for host in (h.strip() for h in addresses.split(",")):
         for port in ports:
+            if host in ("*", "") and mariadb:
+                findings.add(endpoint("0.0.0.0", port), where)
+                if ipv6_supported():
+                    findings.add(endpoint("::", port), where, v6only=True)
+                continue
             if host in ("*", ""):
                 findings.add(any_dual(port), where, v6only=False)
                 continue
             if host == "::":
-                findings.add(endpoint("::", port), where, v6only=False)
+                findings.add(endpoint("::", port), where, v6only=mariadb)
                 continue
             resolved = host_addresses(host, findings, where)
             if not resolved:

@@ -1,0 +1,224 @@
+"""Discovery checked against the daemons themselves: each runs briefly inside a private network
+namespace (and a private /run), and the sockets it really opens, with their IPV6_V6ONLY flag as
+`ss -e` reports it, must be exactly the confident findings.
+
+The packaged services stay stopped: these are throwaway processes of the installed binaries,
+started and killed by the test, with no effect outside their namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bindguard.discover import discover
+from test_discover import HAPROXY_EXEC, need_package, nginx_tree
+
+pytestmark = pytest.mark.integration
+
+PRIVATE_RUN = ("mount -t tmpfs tmpfs /run && mkdir -p /run/sshd /run/lock /run/redis && "
+               "mkdir -p /var/run/apache2 && exec \"$@\"")
+
+
+def expected(result) -> set[str]:
+    out = set()
+    for f in result.findings:
+        assert f.confident, f
+        address = str(f.bind.endpoint)
+        if f.bind.endpoint.host.version == 6:
+            address += " v6only" if f.bind.v6only else " dual"
+        out.add(address)
+    return out
+
+
+def live_sockets(netns) -> set[str]:
+    """Listening TCP and bound UDP sockets in the namespace, as `ss -e` shows them."""
+    out = set()
+    for line in netns.run(["ss", "-Htulne"]).stdout.splitlines():
+        fields = line.split()
+        netid, local = fields[0], fields[4]
+        v6only = "v6only:1" in line
+        if local.startswith("*:"):
+            address = f"[::]:{local[2:]} dual"
+        elif local.startswith("["):
+            address = local.replace("%lo", "") + (" v6only" if v6only else " dual")
+        else:
+            address = local
+        out.add(("udp:" if netid == "udp" else "") + address)
+    return out
+
+
+def run_daemon(netns, argv: list[str], want: set[str], env: dict[str, str] | None = None) -> set[str]:
+    """Start argv in the namespace with a private /run; return its sockets once they are all there."""
+    proc = subprocess.Popen(netns.argv(["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_RUN,
+                                        "sh", *argv]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env or dict(os.environ), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            seen = live_sockets(netns)
+            if seen >= want or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)  # anything it opens late would show now
+        seen = live_sockets(netns)
+        if proc.poll() is not None and not seen:
+            pytest.fail(f"{argv[0]} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        return seen
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_nginx_edited_copy_live(netns, tmp_path):
+    need_package("nginx", "/usr/sbin/nginx")
+    conf = nginx_tree(tmp_path)
+    # `listen 127.0.0.2:80 bind` next to `listen 80` is found right, but Linux refuses the pair
+    # (a wildcard bind() conflicts with a listening specific address even with SO_REUSEADDR).
+    site = tmp_path / "sites" / "a.conf"
+    site.write_text(site.read_text().replace("listen 127.0.0.2:80 bind;", "listen 127.0.0.2:81 bind;"))
+    argv = ["/usr/sbin/nginx", "-c", str(conf), "-g", f"daemon off; pid {tmp_path}/nginx.pid;"]
+    result = discover([argv], [], [], [], "web.service")
+    want = expected(result)
+    assert run_daemon(netns, argv, want) == want
+
+
+def test_nginx_debian_default_live(netns):
+    need_package("nginx", "/usr/sbin/nginx")
+    argv = ["/usr/sbin/nginx", "-g", "daemon off; master_process on;"]
+    want = expected(discover([argv], [], [], [], "nginx.service"))
+    assert want == {"0.0.0.0:80", "[::]:80 v6only"}
+    assert run_daemon(netns, argv, want) == want
+
+
+def test_apache_debian_default_live(netns):
+    need_package("apache2", "/usr/sbin/apache2")
+    want = expected(discover([["/usr/sbin/apachectl", "start"]], [], [], [], "apache2.service"))
+    assert want == {"[::]:80 dual"}
+    argv = ["sh", "-c", ". /etc/apache2/envvars && mkdir -p \"$APACHE_RUN_DIR\" \"$APACHE_LOCK_DIR\" && "
+                        "exec /usr/sbin/apache2 -DFOREGROUND"]
+    assert run_daemon(netns, argv, want) == want
+
+
+def test_haproxy_edited_copy_live(netns, tmp_path):
+    need_package("haproxy", "/usr/sbin/haproxy")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(textwrap.dedent("""
+        global
+            log stdout format raw local0
+        defaults
+            mode tcp
+            timeout connect 1s
+            timeout client 1s
+            timeout server 1s
+        frontend web
+            bind :80,:8443
+            bind :::8080 v4v6
+            bind ipv6@:8444 v6only
+            bind 127.0.0.1:9000-9001
+            default_backend app
+        backend app
+            server s1 127.0.0.1:1
+        """))
+    env = [f"CONFIG={cfg}", f"PIDFILE={tmp_path}/haproxy.pid"]
+    want = expected(discover(HAPROXY_EXEC, env, [], [], "haproxy.service"))
+    assert want == {"0.0.0.0:80", "0.0.0.0:8443", "[::]:8080 dual", "[::]:8444 v6only", "127.0.0.1:9000",
+                    "127.0.0.1:9001"}
+    assert run_daemon(netns, ["/usr/sbin/haproxy", "-db", "-f", str(cfg)], want) == want
+
+
+def test_sshd_debian_default_live(netns):
+    need_package("openssh-server", "/usr/sbin/sshd")
+    code = ("from bindguard.discover import discover\n"
+            "r = discover([['/usr/sbin/sshd', '-D']], [], ['-/etc/default/ssh'], [], 'ssh.service')\n"
+            "print(r.warnings)\n"
+            "for f in r.findings: print(str(f.bind.endpoint) + ('' if f.bind.endpoint.host.version == 4 else "
+            "' v6only' if f.bind.v6only else ' dual'))")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_RUN, "sh",
+                           sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[]"  # sshd -T ran
+    want = set(lines[1:])
+    assert want == {"0.0.0.0:22", "[::]:22 v6only"}
+    assert run_daemon(netns, ["/usr/sbin/sshd", "-D", "-e"], want) == want
+
+
+def test_redis_debian_default_live(netns, tmp_path):
+    need_package("redis-server", "/etc/redis/redis.conf")
+    argv = ["/usr/bin/redis-server", "/etc/redis/redis.conf", "--supervised", "no", "--daemonize", "no",
+            "--dir", str(tmp_path), "--save", "", "--logfile", "", "--pidfile", str(tmp_path / "redis.pid")]
+    want = expected(discover([argv], [], [], [], "redis-server.service"))
+    assert want == {"127.0.0.1:6379", "[::1]:6379 v6only"}
+    assert run_daemon(netns, argv, want) == want
+
+
+@pytest.fixture
+def postgres_dir():
+    """A directory the postgres user owns (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="bindguard-pg-"))
+    shutil.chown(path, "postgres")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_postgres_live(netns, postgres_dir):
+    """A fresh cluster (not Debian's) with listen_addresses='*' and a port from an include_dir file."""
+    need_package("postgresql", "/usr/lib/postgresql/15/bin/initdb")
+    data = postgres_dir / "data"
+    subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/initdb", "-D", str(data),
+                    "--no-sync", "-A", "trust"], check=True, capture_output=True, timeout=120)
+    with open(data / "postgresql.conf", "a") as f:
+        f.write("listen_addresses = '*'\ninclude_dir = 'conf.d'\nunix_socket_directories = ''\n")
+    (data / "conf.d").mkdir()
+    (data / "conf.d" / "port.conf").write_text("port = 5499\n")
+    shutil.chown(data / "conf.d", "postgres")
+    argv = ["/usr/lib/postgresql/15/bin/postgres", "-D", str(data)]
+    want = expected(discover([argv], [], [], [], "pg.service"))
+    assert want == {"0.0.0.0:5499", "[::]:5499 v6only"}
+    assert run_daemon(netns, ["runuser", "-u", "postgres", "--", *argv], want) == want
+
+
+@pytest.fixture
+def mysql_dir():
+    """A directory the mysql user owns (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="bindguard-my-"))
+    shutil.chown(path, "mysql")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_mariadb_live(netns, mysql_dir):
+    """A fresh data directory; the options from a defaults file with `bind-address = ::` and a port."""
+    need_package("mariadb-server", "/usr/sbin/mariadbd")
+    data = mysql_dir / "data"
+    subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=mysql", "--skip-test-db",
+                    "--auth-root-authentication-method=normal"], check=True, capture_output=True, timeout=120)
+    cnf = mysql_dir / "my.cnf"
+    cnf.write_text(f"[client]\nport = 1\n[mysqld]\ndatadir = {data}\nsocket = {mysql_dir}/sock\n"
+                   f"pid-file = {mysql_dir}/pid\nuser = mysql\nbind-address = ::\nport = 3399\n"
+                   "[mariadbd]\nextra-port = 3398\n")
+    argv = ["/usr/sbin/mariadbd", f"--defaults-file={cnf}"]
+    want = expected(discover([argv], [], [], [], "mariadb.service"))
+    assert want == {"[::]:3399 v6only", "[::]:3398 v6only"}
+    assert run_daemon(netns, argv, want) == want
+    cnf.write_text(cnf.read_text().replace("bind-address = ::\n", ""))  # the default: every address
+    want = expected(discover([argv], [], [], [], "mariadb.service"))
+    assert want == {"0.0.0.0:3399", "[::]:3399 v6only", "0.0.0.0:3398", "[::]:3398 v6only"}
+    assert run_daemon(netns, argv, want) == want
