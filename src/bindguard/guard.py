@@ -91,7 +91,7 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Reque
                   if r.error in (errno.EADDRINUSE, errno.EACCES) and r.collides_with is None}
     for proto, port in sorted(wanted):
         try:
-            evidence.sockets.extend(sockets.sockets_on_port(proto, port))
+            evidence.sockets.extend(sockets.sockets_on_port(proto, port, evidence.notes))
         except sockets.ObservationError as exc:
             evidence.notes.append(f"could not list the sockets on port {port}: {exc}")
     for port in sorted({r.bind.endpoint.port for r in results or () if r.error == errno.EACCES}):
@@ -104,13 +104,13 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Reque
     inodes = {s.inode for s in evidence.sockets if s.inode}
     if inodes:
         found = owners.find_holders(inodes)
-        for inode, pids in found.pids.items():
+        for inode, pids in found.items():
             for pid in pids:
                 facts = owners.process_facts(pid)
                 if facts is not None:
                     evidence.holders[inode] = facts
                     break
-        if found.denied and len(found.pids) < len(inodes):
+        if found.unreadable and len(found) < len(inodes):
             evidence.notes.append(
                 "some processes could not be inspected (permission denied): run as root, or with "
                 "the + prefix in ExecStartPre=, to name every holder")

@@ -67,8 +67,8 @@ def remedy(c: Conflict) -> str:
         left = f" in {c.socket.expires_ms / 1000:.0f} s" if c.socket and c.socket.expires_ms is not None else ""
         return (f"a closed connection's {c.socket.state if c.socket else 'TIME_WAIT'} holds the address and "
                 f"clears by itself{left} (TIME_WAIT lasts 60 s; no sysctl shortens it). It blocks because "
-                "the old socket or the daemon lacks SO_REUSEADDR: enable it in the daemon (--reuseaddr if it "
-                "already does), or let bindguard wait (--wait SECONDS)")
+                "SO_REUSEADDR was off on the socket it came from or is off in the daemon: enable it in the "
+                "daemon, or let bindguard wait it out (--wait SECONDS)")
     if c.kind == SOCKET_UNIT:
         name = c.socket_unit or "a .socket unit"
         if c.own_socket_unit:
@@ -213,8 +213,10 @@ def _headline(outcome: Outcome) -> tuple[int, str]:
         waited = f" after waiting {outcome.waited:.1f} s for {'; '.join(outcome.waited_for)}" if outcome.waited_for else ""
         return output.INFO, f"bindguard: clear: {all_addrs} can be bound{waited}"
     if code == errors.EXIT_TEMPFAIL:
+        left = [c.socket.expires_ms for c in blocking if c.socket is not None and c.socket.expires_ms is not None]
+        past_budget = f"; it clears in {max(left) / 1000:.1f} s, past the wait budget" if left else ""
         return output.ERR, (f"bindguard: refusing to start: {addrs} still blocked by TIME_WAIT after "
-                            f"{outcome.waited:.1f} s (exit {code})")
+                            f"{outcome.waited:.1f} s{past_budget} (exit {code})")
     if code == errors.EXIT_NOTAVAIL:
         return output.ERR, f"bindguard: refusing to start: {addrs} not available on any interface (exit {code})"
     return output.ERR, f"bindguard: refusing to start: {addrs} in use (exit {code})"
@@ -238,7 +240,10 @@ def write_human(outcome: Outcome, explain: bool = False) -> None:
 
 
 def write_observed(outcome: Outcome) -> None:
-    """explain: everything on the ports, not only what blocks."""
+    """explain: each address's answer, then everything on the ports, not only what blocks."""
+    for r in outcome.results:
+        answer = "can be bound" if r.ok else f"{r.error_name} at {r.step}()"
+        output.emit(output.INFO, f"  {r.bind}: {answer}")
     if not outcome.evidence.sockets:
         ports = ", ".join(sorted({f"{r.bind.endpoint.port}/{r.bind.endpoint.proto}" for r in outcome.results}))
         output.emit(output.INFO, f"  nothing else is on port {ports}")
