@@ -9,12 +9,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bindguard import errors
 from bindguard.endpoints import Bind
-from bindguard.facts import Evidence, SystemdFacts
+from bindguard.attribution import SystemdContext
+from bindguard.facts import Evidence
 from bindguard.probe import ProbeResult, probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
@@ -44,8 +44,8 @@ class Request:
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
     policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
     observe_always: bool = False  # explain: look at the ports even when the probe passes
-    systemd: Callable[[], SystemdFacts | None] | None = None  # asked once, only when needed
-    systemd_always: bool = False  # inside a unit: look for latent socket units on the clear path too
+    systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
+    reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Outcome:
     waited: float = 0.0
     waited_for: list[str] = field(default_factory=list)
     deadline_hit: bool = False
+    reaped: list[str] = field(default_factory=list)
 
     @property
     def clear(self) -> bool:
@@ -123,12 +124,13 @@ def _investigate(request: Request, systemd_cache: dict) -> tuple[list[ProbeResul
     evidence = Evidence()
     if failed or request.observe_always:
         evidence = observe(request.binds, None if request.observe_always else results, request)
-    wants_systemd = request.systemd is not None and (
-        request.systemd_always or request.observe_always or any(s.inode for s in evidence.sockets))
-    if wants_systemd:
-        if "facts" not in systemd_cache:
-            systemd_cache["facts"] = request.systemd()
+    ctx = request.systemd
+    if ctx is not None and (ctx.in_unit or request.observe_always or evidence.holders):
+        holder_pids = frozenset(p.pid for p in evidence.holders.values())
+        if systemd_cache.get("pids") != holder_pids:
+            systemd_cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(evidence.holders.values())))
         evidence.systemd = systemd_cache["facts"]
+        evidence.notes.extend(n for n in ctx.notes if n not in evidence.notes)
     uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
     conflicts: list[Conflict] = []
     for r in results:
@@ -154,30 +156,70 @@ def _seconds_until_clear(conflicts: list[Conflict]) -> float | None:
     return max(times) / 1000.0
 
 
+def _reap(refusing: list[Conflict], request: Request, evidence: Evidence, reaped: list[str],
+          reaped_pids: set[int]) -> bool:
+    """End the proven stale instances among the holders; True if any was ended (probe again)."""
+    from bindguard import reap
+
+    info = request.systemd.unit_info() if request.systemd is not None else None
+    executables = {cmd.path for cmd in info.exec_start} if info is not None else set()
+    manager_pid = evidence.systemd.manager_pid if evidence.systemd is not None else 1
+    ended = False
+    for c in refusing:
+        reason = reap.why_reapable(c, executables, manager_pid)
+        if reason and c.process.pid not in reaped_pids:
+            reaped_pids.add(c.process.pid)
+            reaped.append(reap.terminate(c, reason))
+            ended = True
+    return ended
+
+
+def _wait_budget(request: Request) -> tuple[float, str | None]:
+    """--wait, capped so that the manager's TimeoutStartSec= never kills the start mid-wait."""
+    budget = max(request.wait, 0.0)
+    unit_budget = request.systemd.start_budget() if request.systemd is not None and budget > 0 else None
+    if unit_budget is not None and unit_budget < budget:
+        return unit_budget, f"the wait is capped at {unit_budget:.1f} s, within the unit's TimeoutStartSec="
+    return budget, None
+
+
 def run(request: Request) -> Outcome:
     """Decide, waiting within request.wait seconds for what the policy says to wait for."""
     start = time.monotonic()
-    deadline = start + max(request.wait, 0.0)
+    deadline = None
     systemd_cache: dict = {}
     waited_for: list[str] = []
+    notes: list[str] = []
+    reaped: list[str] = []
+    reaped_pids: set[int] = set()
     while True:
         results, evidence, conflicts = _investigate(request, systemd_cache)
+        evidence.notes.extend(notes)
         actions = {id(c): request.policy.get(c.kind) or default_action(c) for c in conflicts}
         refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
         waiting = [c for c in conflicts if actions[id(c)] == WAIT]
         shown = [c for c in conflicts if actions[id(c)] != IGNORE]
         now = time.monotonic()
         if not refusing and not waiting:
-            return Outcome(errors.EXIT_CLEAR, shown, results, evidence, now - start, waited_for)
+            return Outcome(errors.EXIT_CLEAR, shown, results, evidence, now - start, waited_for, reaped=reaped)
+        if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
+            continue
         if refusing:
-            return Outcome(_exit_code(refusing + waiting), shown, results, evidence, now - start, waited_for)
+            return Outcome(_exit_code(refusing + waiting), shown, results, evidence, now - start, waited_for,
+                           reaped=reaped)
         for c in waiting:
             label = f"{c.kind} on {c.bind}"
             if label not in waited_for:
                 waited_for.append(label)
+        if deadline is None:
+            budget, note = _wait_budget(request)
+            deadline = start + budget
+            if note:
+                notes.append(note)
+                evidence.notes.append(note)
         clears_in = _seconds_until_clear(waiting)
         hopeless = clears_in is not None and now + clears_in > deadline + 1.0
         if now >= deadline or hopeless:
             return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for,
-                           deadline_hit=True)
+                           deadline_hit=True, reaped=reaped)
         time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))

@@ -166,6 +166,8 @@ def outcome_json(outcome: Outcome) -> dict:
             for r in outcome.results
         ],
         "conflicts": [conflict_json(c) for c in outcome.conflicts],
+        "unit": outcome.evidence.systemd.guarded_unit if outcome.evidence.systemd else None,
+        "reaped": outcome.reaped,
         "notes": outcome.evidence.notes,
     }
 
@@ -225,6 +227,8 @@ def _headline(outcome: Outcome) -> tuple[int, str]:
 def write_human(outcome: Outcome, explain: bool = False) -> None:
     priority, headline = _headline(outcome)
     output.emit(priority, headline)
+    for line in outcome.reaped:
+        output.emit(output.WARNING, f"  reaped: {line}")
     for c in outcome.conflicts:
         tag = "prediction: " if c.predicted else ""
         level = output.ERR if c.blocking and not outcome.clear else output.WARNING

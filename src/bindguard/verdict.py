@@ -121,9 +121,13 @@ def _attribute(conflict: Conflict, evidence: Evidence) -> None:
         conflict.kind = OWN_INSTANCE
         conflict.evidence.append(f"PID {process.pid} is in {sd.guarded_unit}'s own cgroup ({process.cgroup})")
         return
-    unit_state = sd.unit_states.get(conflict.unit or "", "")
+    # On a systemd host every service's main process has the manager as its parent: PPID alone
+    # proves nothing. An orphan is re-parented AND in no unit that is running.
+    unit_state = sd.unit_states.get(conflict.unit or "")
     if process.ppid == sd.manager_pid and (
-        conflict.unit is None or conflict.unit.endswith(".scope") or unit_state not in ACTIVE_UNIT_STATES
+        conflict.unit is None
+        or conflict.unit.endswith(".scope")
+        or (unit_state is not None and unit_state not in ACTIVE_UNIT_STATES)
     ):
         conflict.kind = ORPHAN
         conflict.evidence.append(f"its parent is the service manager (PPID {process.ppid})")
@@ -132,7 +136,7 @@ def _attribute(conflict: Conflict, evidence: Evidence) -> None:
         elif conflict.unit.endswith(".scope"):
             conflict.evidence.append(f"it sits in {conflict.unit}, a scope, not a service")
         else:
-            conflict.evidence.append(f"its unit {conflict.unit} is {unit_state or 'not active'}")
+            conflict.evidence.append(f"its unit {conflict.unit} is {unit_state}")
 
 
 def _socket_unit_for(sock: SocketFact, units: list[SocketUnitFact], active: bool) -> SocketUnitFact | None:

@@ -49,8 +49,24 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                            "SO_REUSEPORT only within one uid (default: the guard's own user)")
 
 
+def add_systemd_arguments(parser: argparse.ArgumentParser) -> None:
+    sd = parser.add_argument_group("systemd")
+    sd.add_argument("--unit", metavar="NAME",
+                    help="the unit being guarded (%%n in a drop-in; default: the unit the guard runs in)")
+    bus = sd.add_mutually_exclusive_group()
+    bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
+                     help="talk to the user manager (default when run by one: MANAGERPID is set)")
+    bus.add_argument("--system", dest="user_bus", action="store_false", help="talk to the system manager")
+    sd.add_argument("--no-systemd", action="store_true",
+                    help="do not ask systemd over D-Bus (units are still named from cgroups)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_request_arguments(parser)
+    add_systemd_arguments(parser)
+    parser.add_argument("--reap-stale", action="store_true",
+                        help="end a holder proven to be a stale instance of the guarded unit (in its cgroup, "
+                             "or an orphan running its executable): SIGTERM, SIGKILL after 5 s; nothing else")
     parser.add_argument("--wait", type=float, metavar="SECONDS", default=None,
                         help="wait at most this long while only TIME_WAIT is in the way; 0 never waits "
                              "(default: 65, a full TIME_WAIT, capped by the unit's start timeout)")
@@ -97,13 +113,35 @@ def validate_wait(wait: float | None) -> float:
     return wait
 
 
+def systemd_context(args: argparse.Namespace):
+    from bindguard.attribution import SystemdContext
+
+    if args.no_systemd:
+        return None
+    return SystemdContext(bus_choice=args.user_bus, unit_name=args.unit)
+
+
+def daemon_uid(args: argparse.Namespace, ctx) -> int | None:
+    """--daemon-user; else, where SO_REUSEPORT makes the uid matter, the unit's User=."""
+    if args.daemon_user:
+        return _uid_of(args.daemon_user)
+    if args.reuseport and ctx is not None and ctx.in_unit:
+        info = ctx.unit_info()
+        if info is not None and info.user:
+            return _uid_of(info.user)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from bindguard import guard, report
 
+    ctx = systemd_context(args)
     request = guard.Request(
         binds=build_binds(args),
         wait=validate_wait(args.wait),
-        daemon_uid=_uid_of(args.daemon_user) if args.daemon_user else None,
+        daemon_uid=daemon_uid(args, ctx),
+        systemd=ctx,
+        reap_stale=args.reap_stale,
     )
     outcome = guard.run(request)
     if args.json:

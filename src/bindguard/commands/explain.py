@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from bindguard.commands.check import add_request_arguments, build_binds, _uid_of
+from bindguard.commands.check import (
+    add_request_arguments,
+    add_systemd_arguments,
+    build_binds,
+    daemon_uid,
+    systemd_context,
+)
 from bindguard.errors import EXIT_CODES_HELP
 
 DESCRIPTION = """\
@@ -20,17 +26,20 @@ EPILOG = EXIT_CODES_HELP
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_request_arguments(parser)
+    add_systemd_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     from bindguard import guard, report
 
+    ctx = systemd_context(args)
     request = guard.Request(
         binds=build_binds(args),
         wait=0,
-        daemon_uid=_uid_of(args.daemon_user) if args.daemon_user else None,
+        daemon_uid=daemon_uid(args, ctx),
         observe_always=True,
+        systemd=ctx,
     )
     outcome = guard.run(request)
     if args.json:
