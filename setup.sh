@@ -15,6 +15,8 @@ packages=(
 extras=()
 if [ "${1:-}" = "--test" ]; then
     extras=(procps)
+    # discovery is tested on the configuration files these install (none of them is started)
+    extras+=(nginx libnginx-mod-stream apache2 haproxy openssh-server redis-server postgresql mariadb-server)
 fi
 
 sudo=""

@@ -6,4 +6,6 @@ cli.py imports only the module of the subcommand being run, so `check` pays for 
 COMMANDS = {
     "check": ("bindguard.commands.check", "will the daemon's bind() succeed? pass, wait, or refuse (ExecStartPre=)"),
     "explain": ("bindguard.commands.explain", "what is on these addresses, who holds them, and how to fix it"),
+    "config": ("bindguard.commands.config", "validate YAML configuration files; show a unit's merged configuration"),
+    "discover": ("bindguard.commands.discover", "what a unit will bind, from its daemon's configuration and its unit"),
 }
