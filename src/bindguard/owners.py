@@ -149,11 +149,17 @@ def process_cgroup(pid: int) -> str | None:
     """
     try:
         with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
+            return cgroup_from_proc_file(f.read())
     except OSError:
         return None
+
+
+def cgroup_from_proc_file(text: str) -> str | None:
+    """The path process_cgroup() picks from the text of a /proc/PID/cgroup file."""
     unified = systemd_v1 = None
-    for line in lines:
+    for line in text.splitlines():
+        if line.count(":") < 2:
+            continue
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and controllers == "":
             unified = path
