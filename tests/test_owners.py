@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from observe import query
 
 import bindguard
 from bindguard import owners
+from bindguard.endpoints import Endpoint
+from bindguard.facts import SocketFact
 
 
 def inode_of(ns, port: int, proto: str = "tcp") -> int:
@@ -164,7 +167,12 @@ def test_socket_cgroup_leads_to_the_holder(netns, scratch_cgroup):
     assert owners._walk_for_cgroup(str(directory.parent), fact["cgroup_id"]) == str(directory)
     assert owners.cgroup_pids(path) == [holder.pid]
     assert owners.process_cgroup(holder.pid) == path
-    found = owners.find_holders({fact["inode"]}, first_pids=owners.cgroup_pids(path))
+    socket_fact = SocketFact(
+        local=Endpoint("tcp", ipaddress.ip_address("::"), 8080), state="LISTEN", uid=0,
+        inode=fact["inode"], cgroup_id=fact["cgroup_id"],
+    )
+    assert owners.socket_cgroup_pids([socket_fact]) == [holder.pid]
+    found = owners.find_holders({fact["inode"]}, first_pids=owners.socket_cgroup_pids([socket_fact]))
     assert found == {fact["inode"]: [holder.pid]} and found.scanned == 1
 
     netns.stop(holder)
