@@ -140,10 +140,12 @@ def _observe(proto: str, port: int | None, states: int, notes: list[str] | None,
     if notes is not None:
         why = f"sock_diag is unavailable ({_describe(netlink_error)})" if netlink_error else "asked for /proc/net"
         hidden = "TCP sockets bound but not listening, " if proto == TCP else ""
-        notes.append(
+        note = (
             f"{why}: read /proc/net/{proto}* instead, which does not show {hidden}IPV6_V6ONLY, the socket's cgroup"
             " or its bound device"
         )
+        if note not in notes:
+            notes.append(note)
     return facts
 
 
