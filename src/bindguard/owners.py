@@ -10,7 +10,7 @@ import errno
 import os
 from collections.abc import Iterable
 
-from bindguard.facts import ProcessFact
+from bindguard.facts import ProcessFact, SocketFact
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
 CGROUP_V1_SYSTEMD = "/sys/fs/cgroup/systemd"  # name=systemd hierarchy on legacy and hybrid hosts
@@ -149,11 +149,17 @@ def process_cgroup(pid: int) -> str | None:
     """
     try:
         with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
+            return cgroup_from_proc_file(f.read())
     except OSError:
         return None
+
+
+def cgroup_from_proc_file(text: str) -> str | None:
+    """The path process_cgroup() picks from the text of a /proc/PID/cgroup file."""
     unified = systemd_v1 = None
-    for line in lines:
+    for line in text.splitlines():
+        if line.count(":") < 2:
+            continue
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and controllers == "":
             unified = path
@@ -216,6 +222,22 @@ def _cgroup_dir(cgroup_path: str) -> str | None:
 
 def _cgroup2_roots() -> list[str]:
     return [root for root in CGROUP_ROOTS if os.path.exists(os.path.join(root, "cgroup.controllers"))]
+
+
+def socket_cgroup_pids(sockets: Iterable[SocketFact]) -> list[int]:
+    """The PIDs in the cgroups where these sockets were created: where to look for holders first.
+
+    sock_diag reports each full socket's cgroup, which is the creating process's unit
+    (PID 1's init.scope for a systemd socket unit). Pass the result as find_holders'
+    first_pids: the holder is then usually the first process read, instead of one among
+    thousands. The root cgroup is skipped, as it would name every process.
+    """
+    pids: list[int] = []
+    for cgroup_id in sorted({s.cgroup_id for s in sockets if s.cgroup_id and s.inode}):
+        path = cgroup_path_for_id(cgroup_id)
+        if path is not None and path != "/":
+            pids.extend(cgroup_pids(path))
+    return pids
 
 
 def cgroup_path_for_id(cgroup_id: int) -> str | None:
