@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from bindguard import output
-from bindguard.errors import EXIT_CLEAR, UsageError
+from bindguard.errors import EXIT_CLEAR, BindguardError, UsageError
 
 DESCRIPTION = """\
 Print each address a unit will bind, with its source and a confidence:
@@ -21,7 +21,8 @@ Confident findings come from the daemon's own configuration (nginx, apache2/http
 sshd, redis-server, postgres, mariadbd/mysqld) and the unit's .socket units; guesses from
 the common option forms in ExecStart= and the environment (--port 8080, PORT=8080). A file
 that cannot be read is a warning, never an error."""
-EPILOG = "exit codes: 0 (warnings do not change it), 64 bad arguments, 78 a broken bindguard YAML file"
+EPILOG = ("exit codes: 0 (warnings do not change it), 64 bad arguments or an unknown unit, "
+          "70 systemd cannot be asked, 78 a broken bindguard YAML file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,16 +38,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--daemon", metavar="NAME", help="read this daemon's configuration (nginx, sshd, ...)")
     parser.add_argument("--config", metavar="FILE", help="with --daemon: the daemon's configuration file")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    bus = parser.add_mutually_exclusive_group()
+    bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
+                     help="read UNIT from the user manager (default when run by one: MANAGERPID is set)")
+    bus.add_argument("--system", dest="user_bus", action="store_false", help="read UNIT from the system manager")
 
 
-def unit_facts_provider():
-    """Where `discover UNIT` gets a unit's ExecStart=, environment and socket units: the systemd
-    module's D-Bus reader, bindguard.systemd.unit_facts(unit) -> discover.UnitFacts."""
+def _read_unit(unit: str, user_bus: bool | None, sources):
+    """discover_unit() with the unit's facts read from the system (or user) manager over D-Bus."""
+    from bindguard import discover, systemd
+    from bindguard.discover.unit import unit_facts_from
+
+    bus = systemd.choose_bus(user_bus)
     try:
-        from bindguard import systemd
-    except ImportError:
-        return None
-    return getattr(systemd, "unit_facts", None)
+        with systemd.Systemd(bus) as connection:
+            return discover.discover_unit(unit, unit_facts_from(connection), sources)
+    except systemd.UnitNotFound as exc:
+        raise UsageError(str(exc)) from None
+    except systemd.SystemdUnavailable as exc:
+        raise BindguardError(f"cannot read {unit} from systemd: {exc}",
+                             "give the unit's command line with --exec-start instead") from None
 
 
 def _options_text(bind) -> str:
@@ -93,11 +104,7 @@ def _discover(args: argparse.Namespace):
     if not args.unit:
         raise UsageError("name a unit, or give --exec-start CMDLINE or --daemon NAME",
                          "e.g. bindguard discover nginx.service")
-    provider = unit_facts_provider()
-    if provider is None:
-        raise UsageError(f"reading {args.unit} from systemd is not available in this build",
-                         "give the unit's command line with --exec-start")
-    return discover.discover_unit(unit, provider, sources)
+    return _read_unit(unit, args.user_bus, sources)
 
 
 def run(args: argparse.Namespace) -> int:

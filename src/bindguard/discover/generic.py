@@ -92,8 +92,11 @@ def find_in_command_lines(commands: Sequence[Sequence[str]], env: dict[str, str]
     return findings
 
 
-def find_in_socket_listens(listens: Sequence[tuple[str, ...]], unit: str) -> Findings:
-    """The IP sockets of the unit's .socket units: systemd binds them (SO_REUSEADDR), the daemon inherits."""
+def find_in_socket_listens(listens: Sequence[tuple], unit: str) -> Findings:
+    """The IP sockets of the unit's .socket units: systemd binds them (SO_REUSEADDR), the daemon inherits.
+
+    Each entry: (type, address[, socket unit[, BindIPv6Only=[, ReusePort=]]]), e.g. ("Stream", "[::]:80").
+    """
     from bindguard.discover.common import CONFIDENT, Finding
     from bindguard.endpoints import Bind, SocketOptions, host_bindv6only
 
@@ -101,6 +104,8 @@ def find_in_socket_listens(listens: Sequence[tuple[str, ...]], unit: str) -> Fin
     for listen in listens:
         kind, address = listen[0], listen[1]
         socket_unit = listen[2] if len(listen) > 2 else unit.rsplit(".", 1)[0] + ".socket"
+        bind_ipv6_only = listen[3] if len(listen) > 3 else "default"
+        reuse_port = bool(listen[4]) if len(listen) > 4 else False
         proto = {"Stream": TCP, "Datagram": UDP}.get(kind)
         if proto is None:
             continue
@@ -108,7 +113,8 @@ def find_in_socket_listens(listens: Sequence[tuple[str, ...]], unit: str) -> Fin
             ep = parse_listen(address, proto)
         except AddressError:
             continue  # AF_UNIX, netlink, FIFOs...: nothing to guard
-        options = SocketOptions(reuseaddr=True, v6only=ep.host.version == 6 and host_bindv6only())
+        v6only = {"ipv6-only": True, "both": False}.get(bind_ipv6_only, host_bindv6only())
+        options = SocketOptions(reuseaddr=True, reuseport=reuse_port, v6only=ep.host.version == 6 and v6only)
         findings.findings.append(Finding(Bind(ep, options), socket_unit, CONFIDENT,
                                          "systemd binds this socket and passes it to the service",
                                          socket_unit=socket_unit))
