@@ -191,7 +191,8 @@ def test_every_problem_with_its_position(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("listen: [80\nwait: 3\n", "2:5: YAML syntax error: while parsing a flow sequence expected ',' or ']', but got ':'"),
-    ("- 80\n", "1:1: expected a mapping of settings (listen, options, wait, policy, fail, reap_stale, discovery), "
+    ("- 80\n", "1:1: expected a mapping of settings (listen, options, wait, policy, fail, reap_stale, discovery, "
+               "trust_guesses), "
                "found a list"),
     ("wait: 1\n---\nwait: 2\n", "3:1: a second YAML document; write one document per file (remove the '---')"),
     ("listen: 80\n", "1:9: listen must be a list of addresses, e.g. [80, \"[::1]:8080\"], found '80'"),
@@ -204,7 +205,9 @@ def test_every_problem_with_its_position(tmp_path):
     ("listen: ['[fe80::1]:80']\n", "1:10: bad listen address: '[fe80::1]:80': a link-local address needs its "
                                    "interface; write e.g. [fe80::1%eth0]:80"),
     ("reap-stale: true\n", "1:1: unknown key 'reap-stale'; did you mean 'reap_stale'?"),
-    ("zzz: 1\n", "1:1: unknown key 'zzz'; known keys: listen, options, wait, policy, fail, reap_stale, discovery"),
+    ("zzz: 1\n", "1:1: unknown key 'zzz'; known keys: listen, options, wait, policy, fail, reap_stale, discovery, "
+                "trust_guesses"),
+    ("trust_guesses: sometimes\n", "1:16: trust_guesses must be true or false, found 'sometimes'"),
 ])
 def test_one_problem(tmp_path, text, expected):
     path = write(tmp_path / "one.yaml", text)

@@ -41,7 +41,7 @@ DEFAULT_POLICY = {kind: "refuse" for kind in CONFLICT_KINDS} | {"time-wait": "wa
 FAIL_MODES = ("open", "closed")
 DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
-TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery")
+TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses")
 LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES
 UNIT_SUFFIXES = (".service", ".socket", ".target", ".mount", ".timer", ".path", ".scope", ".slice", ".swap")
 
@@ -78,6 +78,7 @@ class UnitConfig:
     fail: str | None = None
     reap_stale: bool | None = None
     discovery: frozenset[str] | None = None  # the allowed discovery sources
+    trust_guesses: bool | None = None  # probe guessed addresses too (a conflict there can refuse)
     origins: dict[str, Origin] = field(default_factory=dict)  # "wait", "options.reuseport", "policy.orphan", ...
 
     @property
@@ -175,6 +176,7 @@ class _Values:
     fail: tuple[str, Origin] | None = None
     reap_stale: tuple[bool, Origin] | None = None
     discovery: tuple[frozenset[str], Origin] | None = None
+    trust_guesses: tuple[bool, Origin] | None = None
 
 
 class _FileReader:
@@ -360,6 +362,11 @@ class _FileReader:
         if flag is not None:
             values.reap_stale = (flag, self.origin(node))
 
+    def _read_trust_guesses(self, node, values: _Values) -> None:
+        flag = self._bool(node, "trust_guesses")
+        if flag is not None:
+            values.trust_guesses = (flag, self.origin(node))
+
     def _read_discovery(self, node, values: _Values) -> None:
         import yaml
 
@@ -436,7 +443,7 @@ def _merge(unit: str, files: list[str]) -> tuple[UnitConfig, list[str]]:
         for kind, (action, origin) in values.policy.items():
             config.policy[kind] = action
             config.origins[f"policy.{kind}"] = origin
-        for name in ("wait", "fail", "reap_stale", "discovery"):
+        for name in ("wait", "fail", "reap_stale", "discovery", "trust_guesses"):
             setting = getattr(values, name)
             if setting is not None:
                 setattr(config, name, setting[0])

@@ -120,6 +120,7 @@ def _show(unit: str, explicit: str | None) -> int:
     sources = loaded.discovery_sources
     row(f"discovery: {'[' + ', '.join(s for s in config.DISCOVERY_SOURCES if s in sources) + ']' if sources else 'false'}",
         "discovery")
+    row(f"trust_guesses: {_value(bool(loaded.trust_guesses))}", "trust_guesses")
     width = max(len(text) for text, _ in rows) + 2
     for text, where in rows:
         print(f"{text:<{width}}# {where}" if where else text)
