@@ -1,0 +1,100 @@
+"""Reading a service's command line from its unit files (no D-Bus): Debian's real units, and
+drop-ins, masking, templates and specifiers in a private unit path."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bindguard.discover import discover
+from bindguard.discover.common import hosts_file_addresses
+from bindguard.endpoints import parse_listen
+from bindguard.discover.unitfile import unit_facts_from_files
+from test_discover import need_package
+
+
+def findings_of(unit: str) -> list[tuple[str, str]]:
+    facts = unit_facts_from_files(unit)
+    result = discover(facts.exec_start, facts.environment, facts.environment_files, [], unit)
+    return [(str(f.bind.endpoint), f.confidence) for f in result.findings]
+
+
+@pytest.mark.parametrize("unit, package, path, expected", [
+    ("nginx.service", "nginx", "/usr/sbin/nginx", ["0.0.0.0:80", "[::]:80"]),
+    ("apache2.service", "apache2", "/usr/sbin/apache2", [str(parse_listen("80"))]),
+    ("redis-server.service", "redis-server", "/etc/redis/redis.conf", ["127.0.0.1:6379", "[::1]:6379"]),
+    ("redis.service", "redis-server", "/etc/redis/redis.conf", ["127.0.0.1:6379", "[::1]:6379"]),  # an alias
+    ("postgresql@15-main.service", "postgresql", "/etc/postgresql/15/main/postgresql.conf",
+     [f"[{h}]:5432" if ":" in h else f"{h}:5432" for h in hosts_file_addresses("localhost")]),
+    ("mariadb.service", "mariadb-server", "/usr/sbin/mariadbd", ["127.0.0.1:3306"]),
+    ("haproxy.service", "haproxy", "/usr/sbin/haproxy", []),
+])
+def test_debian_units(unit, package, path, expected):
+    need_package(package, path)
+    assert findings_of(unit) == [(address, "confident") for address in expected]
+
+
+def test_ssh_and_its_alias(monkeypatch):
+    need_package("openssh-server", "/usr/sbin/sshd")
+    monkeypatch.setenv("PATH", "/nonexistent")  # read the files: /run/sshd is not there outside the unit
+    assert findings_of("ssh.service") == findings_of("sshd.service") == [("0.0.0.0:22", "confident"),
+                                                                          ("[::]:22", "confident")]
+
+
+def test_unknown_unit_is_empty():
+    facts = unit_facts_from_files("nothere-at-all.service")
+    assert facts.exec_start == [] and facts.environment == []
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.fixture
+def unit_path(tmp_path, monkeypatch):
+    dirs = [tmp_path / "etc", tmp_path / "run", tmp_path / "lib"]
+    for d in dirs:
+        d.mkdir()
+    monkeypatch.setenv("SYSTEMD_UNIT_PATH", ":".join(map(str, dirs)))
+    return dirs
+
+
+def test_dropins_reset_and_append(unit_path):
+    etc, run, lib = unit_path
+    write(lib / "web-app.service", """
+        [Unit]
+        Description=ExecStart=/not/this
+        [Service]
+        Environment="A=1 2" B=3
+        ExecStart=/usr/bin/web --port 1
+        ExecStart=-/usr/bin/other \\
+            --port 2
+        """)
+    write(lib / "web-app.service.d" / "10-reset.conf", "[Service]\nExecStart=\nExecStart=@/usr/bin/web web-name --port 3\n")
+    write(etc / "web-app.service.d" / "10-reset.conf", "[Service]\nExecStart=\nExecStart=/usr/bin/web --port 4\n")
+    write(run / "service.d" / "20-all.conf", "[Service]\nEnvironment=C=%n\n")
+    write(lib / "web-.service.d" / "30-prefix.conf", "[Service]\nEnvironmentFile=-%t/web.env\n")
+    facts = unit_facts_from_files("web-app.service")
+    assert facts.exec_start == [["/usr/bin/web", "--port", "4"]]
+    assert facts.environment == ["A=1 2", "B=3", "C=web-app.service"]
+    assert facts.environment_files == ["-/run/web.env"]
+
+
+def test_template_instance_specifiers_and_masking(unit_path):
+    etc, run, lib = unit_path
+    write(lib / "db@.service", "[Service]\nExecStart=/usr/bin/db --data /srv/%i --port %I --name %p\n")
+    facts = unit_facts_from_files("db@main.service")
+    assert facts.exec_start == [["/usr/bin/db", "--data", "/srv/main", "--port", "main", "--name", "db"]]
+    write(lib / "db@x.service", "[Service]\nExecStart=/usr/bin/special\n")
+    assert unit_facts_from_files("db@x.service").exec_start == [["/usr/bin/special"]]
+    (etc / "db@x.service").symlink_to("/dev/null")
+    assert unit_facts_from_files("db@x.service").exec_start == []
+    write(lib / "old.service", "[Service]\nExecStart=/usr/bin/new-daemon\n")
+    (run / "alias.service").symlink_to(lib / "old.service")
+    write(lib / "old.service.d" / "x.conf", "[Service]\nEnvironment=FROM_TARGET_NAME=1\n")
+    aliased = unit_facts_from_files("alias.service")
+    assert aliased.exec_start == [["/usr/bin/new-daemon"]] and aliased.environment == ["FROM_TARGET_NAME=1"]
