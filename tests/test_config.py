@@ -281,3 +281,10 @@ def test_no_file_does_not_import_yaml(dirs):
                           env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_kinds_and_actions_are_the_guards():
+    from bindguard import guard, verdict
+
+    assert config.CONFLICT_KINDS == verdict.KINDS
+    assert config.ACTIONS == guard.ACTIONS
