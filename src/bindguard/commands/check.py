@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (schema in README)")
     parser.add_argument("--fail-closed", action="store_true",
                         help="when the guard itself fails, exit 70 instead of letting the start go on")
+    parser.add_argument("--config", metavar="FILE",
+                        help="the unit's bindguard YAML file (default: UNIT.yaml and its drop-ins in "
+                             "/etc/bindguard, /run/bindguard, /usr/lib/bindguard)")
 
 
 def _uid_of(user: str) -> int:
@@ -132,16 +135,48 @@ def daemon_uid(args: argparse.Namespace, ctx) -> int | None:
     return None
 
 
+def unit_request(args: argparse.Namespace, ctx):
+    """(binds, the unit's YAML configuration or None). Without LISTEN arguments the binds come
+    from the unit's YAML listen list, else from what discovery finds with confidence (the unit's
+    command line read from its unit files: no D-Bus); none at all means nothing to guard."""
+    from bindguard.config import load_unit_config
+
+    unit = args.unit or (ctx.guarded_unit() if ctx is not None else None)
+    if args.listen:
+        config = load_unit_config(unit or "command-line", args.config) if unit or args.config else None
+        return build_binds(args), config
+    if unit is None and args.config is None:
+        build_binds(args)  # raises: no address to check
+    from bindguard import output, systemd
+    from bindguard.discover.unitfile import unit_facts_from_files
+    from bindguard.unit_binds import unit_binds
+
+    user = systemd.choose_bus(args.user_bus) == systemd.USER
+    found = unit_binds(unit or "command-line", args.config,
+                       (lambda name: unit_facts_from_files(name, user)) if unit else None)
+    for warning in found.warnings:
+        output.warning(warning)
+    if found.origin == "discovery":
+        output.emit(output.DEBUG, "bindguard: discovered: " + ", ".join(
+            f"{f.bind} ({f.source})" for f in found.discovery.findings if f.bind in found.binds))
+    return found.binds, found.config
+
+
 def run(args: argparse.Namespace) -> int:
     from bindguard import guard, report
 
     ctx = systemd_context(args)
+    binds, config = unit_request(args, ctx)
+    if not binds:
+        return 0  # nothing to guard: no address given, configured or confidently discovered
+    wait = args.wait if args.wait is not None or config is None else config.wait
     request = guard.Request(
-        binds=build_binds(args),
-        wait=validate_wait(args.wait),
+        binds=binds,
+        wait=validate_wait(wait),
         daemon_uid=daemon_uid(args, ctx),
+        policy=dict(config.policy) if config is not None else {},
         systemd=ctx,
-        reap_stale=args.reap_stale,
+        reap_stale=args.reap_stale or bool(config is not None and config.reap_stale),
     )
     outcome = guard.run(request)
     if args.json:

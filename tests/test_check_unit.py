@@ -1,0 +1,90 @@
+"""`check --unit UNIT` with no LISTEN: the unit's YAML listen list, else what discovery finds with
+confidence in the daemon's files (the unit's command line read from its unit files); nothing to
+guard means exit 0 at once. Real sockets in a network namespace."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_discover import need_package
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """A private bindguard config dir and systemd unit dir, and the environment naming them."""
+    config_dir, unit_dir = tmp_path / "bindguard", tmp_path / "units"
+    config_dir.mkdir()
+    unit_dir.mkdir()
+    env = dict(os.environ, BINDGUARD_CONFIG_PATH=str(config_dir), SYSTEMD_UNIT_PATH=str(unit_dir))
+    env.pop("INVOCATION_ID", None)
+    return config_dir, unit_dir, env
+
+
+def check(netns, env, *args):
+    return netns.run([sys.executable, "-m", "bindguard", "check", "--no-systemd", *args], env=env)
+
+
+def nginx_unit(unit_dir: Path, tmp_path: Path, listen: str) -> None:
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"events {{}}\nhttp {{\n  server {{ listen {listen}; }}\n}}\n")
+    (unit_dir / "web.service").write_text(f"[Service]\nExecStart=/usr/sbin/nginx -c {conf} -g 'daemon off;'\n")
+
+
+def test_yaml_listen_list(netns, paths):
+    config_dir, _, env = paths
+    (config_dir / "web.service.yaml").write_text("listen: ['127.0.0.1:8080']\n")
+    assert check(netns, env, "--unit", "web.service").returncode == 0
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": True})
+    refused = check(netns, env, "--unit", "web.service")
+    assert refused.returncode == 98, refused.stderr
+    (config_dir / "web.service.yaml.d").mkdir()
+    (config_dir / "web.service.yaml.d" / "policy.yaml").write_text("policy: {listener: warn}\n")
+    warned = check(netns, env, "--unit", "web.service")
+    assert warned.returncode == 0, warned.stderr
+    assert "127.0.0.1:8080" in warned.stderr
+
+
+def test_discovered_from_the_daemons_files(netns, paths, tmp_path):
+    _, unit_dir, env = paths
+    need_package("nginx", "/usr/sbin/nginx")
+    nginx_unit(unit_dir, tmp_path, "127.0.0.1:8088")
+    assert check(netns, env, "--unit", "web.service").returncode == 0
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8088, "reuseaddr": True})
+    refused = check(netns, env, "--unit", "web.service")
+    assert refused.returncode == 98 and "127.0.0.1:8088" in refused.stderr
+
+
+def test_guesses_alone_never_refuse(netns, paths):
+    config_dir, unit_dir, env = paths
+    (unit_dir / "app.service").write_text("[Service]\nExecStart=/opt/app --listen 127.0.0.1:8090\n")
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8090, "reuseaddr": True})
+    assert check(netns, env, "--unit", "app.service").returncode == 0
+    (config_dir / "app.service.yaml").write_text("trust_guesses: true\n")
+    assert check(netns, env, "--unit", "app.service").returncode == 98
+
+
+def test_nothing_to_guard_is_cheap(netns, paths):
+    _, unit_dir, env = paths
+    (unit_dir / "quiet.service").write_text("[Service]\nExecStart=/bin/sleep infinity\n")
+    code = textwrap.dedent("""
+        import sys
+        from bindguard.cli import main
+        rc = main(["check", "--unit", "quiet.service"])
+        print(rc, sorted(m for m in sys.modules if m.split(".")[0] in ("yaml", "psutil", "pystemd")))
+        """)
+    proc = netns.run([sys.executable, "-c", code], env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "0 []\n", "")
+
+
+def test_broken_yaml_is_exit_78(netns, paths):
+    config_dir, _, env = paths
+    (config_dir / "web.service.yaml").write_text("listen: [8080\n")
+    proc = check(netns, env, "--unit", "web.service")
+    assert proc.returncode == 78 and "web.service.yaml:2:1: YAML syntax error" in proc.stderr
