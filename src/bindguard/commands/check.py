@@ -147,11 +147,14 @@ def unit_request(args: argparse.Namespace, ctx):
         return build_binds(args), config
     if unit is None and args.config is None:
         build_binds(args)  # raises: no address to check
-    from bindguard import output, systemd
+    from bindguard import output
     from bindguard.discover.unitfile import unit_facts_from_files
     from bindguard.unit_binds import unit_binds
 
-    user = systemd.choose_bus(args.user_bus) == systemd.USER
+    user = args.user_bus
+    if user is None:  # systemd.choose_bus(), without importing the D-Bus module on this path
+        manager = os.environ.get("MANAGERPID", "")
+        user = manager.isdigit() and int(manager) != 1
     found = unit_binds(unit or "command-line", args.config,
                        (lambda name: unit_facts_from_files(name, user)) if unit else None)
     for warning in found.warnings:
@@ -163,12 +166,12 @@ def unit_request(args: argparse.Namespace, ctx):
 
 
 def run(args: argparse.Namespace) -> int:
-    from bindguard import guard, report
-
     ctx = systemd_context(args)
     binds, config = unit_request(args, ctx)
     if not binds:
         return 0  # nothing to guard: no address given, configured or confidently discovered
+    from bindguard import guard, report
+
     wait = args.wait if args.wait is not None or config is None else config.wait
     request = guard.Request(
         binds=binds,
