@@ -88,3 +88,24 @@ def test_broken_yaml_is_exit_78(netns, paths):
     (config_dir / "web.service.yaml").write_text("listen: [8080\n")
     proc = check(netns, env, "--unit", "web.service")
     assert proc.returncode == 78 and "web.service.yaml:2:1: YAML syntax error" in proc.stderr
+
+
+def test_what_the_daemon_survives_only_warns(netns, paths, tmp_path):
+    """sshd starts when one of its addresses binds; Redis without a `-` address on no interface."""
+    need_package("openssh-server", "/usr/sbin/sshd")
+    _, unit_dir, env = paths
+    sshd_config = tmp_path / "sshd_config"
+    sshd_config.write_text("Port 2222\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\n")
+    (unit_dir / "ssh.service").write_text(f"[Service]\nExecStart=/usr/sbin/sshd -D -f {sshd_config}\n")
+    redis_conf = tmp_path / "redis.conf"
+    redis_conf.write_text("bind 127.0.0.1 -10.9.9.9\nport 6390\n")
+    (unit_dir / "redis.service").write_text(f"[Service]\nExecStart=/usr/bin/redis-server {redis_conf}\n")
+    env = dict(env, PATH="/usr/bin:/bin")  # no sshd -T: /run/sshd is not there outside the unit
+
+    netns.hold({"proto": "tcp", "host": "127.0.0.2", "port": 2222, "reuseaddr": True})
+    one_held = check(netns, env, "--unit", "ssh.service")
+    assert one_held.returncode == 0 and "127.0.0.2:2222" in one_held.stderr, one_held.stderr
+    unavailable = check(netns, env, "--unit", "redis.service")
+    assert unavailable.returncode == 0 and "10.9.9.9:6390" in unavailable.stderr, unavailable.stderr
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 6390, "reuseaddr": True})
+    assert check(netns, env, "--unit", "redis.service").returncode == 98

@@ -222,3 +222,25 @@ def test_mariadb_live(netns, mysql_dir):
     want = expected(discover([argv], [], [], [], "mariadb.service"))
     assert want == {"0.0.0.0:3399", "[::]:3399 v6only", "0.0.0.0:3398", "[::]:3398 v6only"}
     assert run_daemon(netns, argv, want) == want
+
+
+def test_what_the_daemons_survive_live(netns, tmp_path):
+    """The claims behind the per-bind policy: sshd starts when one of two addresses is held, and
+    Redis starts when a `-` address is on no interface."""
+    need_package("openssh-server", "/usr/sbin/sshd")
+    need_package("redis-server", "/usr/bin/redis-server")
+    netns.hold({"proto": "tcp", "host": "127.0.0.2", "port": 2222, "reuseaddr": True})
+    sshd_config = tmp_path / "sshd_config"
+    sshd_config.write_text("Port 2222\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\n")
+    sshd = discover([["/usr/sbin/sshd", "-D", "-f", str(sshd_config)]], [], [], [], "ssh.service")
+    assert all(f.survives == ("*",) for f in sshd.findings) and len(sshd.findings) == 2
+    seen = run_daemon(netns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(sshd_config), "-o",
+                              f"PidFile={tmp_path}/sshd.pid"], {"127.0.0.1:2222", "127.0.0.2:2222"})
+    assert seen == {"127.0.0.1:2222", "127.0.0.2:2222"}  # its own 127.0.0.1, the holder's 127.0.0.2
+
+    redis_conf = tmp_path / "redis.conf"
+    redis_conf.write_text(f"bind 127.0.0.1 -10.9.9.9\nport 6390\ndir {tmp_path}\nsave \"\"\n")
+    redis = discover([["/usr/bin/redis-server", str(redis_conf)]], [], [], [], "redis.service")
+    assert [(str(f.bind.endpoint), f.survives) for f in redis.findings] == [
+        ("127.0.0.1:6390", ()), ("10.9.9.9:6390", ("address-unavailable",))]
+    assert run_daemon(netns, ["/usr/bin/redis-server", str(redis_conf)], {"127.0.0.1:6390"}) >= {"127.0.0.1:6390"}

@@ -43,6 +43,7 @@ class Request:
     wait: float = DEFAULT_WAIT
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
     policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
+    bind_policy: dict[Bind, dict[str, str]] = field(default_factory=dict)  # per bind, over policy
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
@@ -195,7 +196,8 @@ def run(request: Request) -> Outcome:
     while True:
         results, evidence, conflicts = _investigate(request, systemd_cache)
         evidence.notes.extend(notes)
-        actions = {id(c): request.policy.get(c.kind) or default_action(c) for c in conflicts}
+        actions = {id(c): request.bind_policy.get(c.bind, {}).get(c.kind) or request.policy.get(c.kind)
+                   or default_action(c) for c in conflicts}
         refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
         waiting = [c for c in conflicts if actions[id(c)] == WAIT]
         shown = [c for c in conflicts if actions[id(c)] != IGNORE]

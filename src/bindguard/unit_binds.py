@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from bindguard.config import UnitConfig, load_unit_config, normalize_unit
+from bindguard.config import CONFLICT_KINDS, UnitConfig, load_unit_config, normalize_unit
 from bindguard.endpoints import Bind
 
 
@@ -26,6 +26,7 @@ class UnitBinds:
     config: UnitConfig | None = None
     discovery: object | None = None  # bindguard.discover.Discovery, when discovery ran
     socket_unit_binds: list[Bind] = field(default_factory=list)  # held by systemd for the unit
+    bind_policy: dict[Bind, dict[str, str]] = field(default_factory=dict)  # conflicts the daemon survives: warn
     unused_guesses: list = field(default_factory=list)  # guessed findings not probed
     warnings: list[str] = field(default_factory=list)
 
@@ -55,7 +56,7 @@ def unit_binds(unit: str, explicit_config: str | os.PathLike | None = None,
     discovery = discover_unit(unit, unit_facts, list(sources or SOURCES))
     trust = bool(config and config.trust_guesses)
     overrides = config.options if config is not None else {}
-    binds, socket_binds, unused = [], [], []
+    binds, socket_binds, unused, bind_policy = [], [], [], {}
     for finding in discovery.findings:
         if finding.socket_unit is not None:
             socket_binds.append(finding.bind)
@@ -63,7 +64,10 @@ def unit_binds(unit: str, explicit_config: str | os.PathLike | None = None,
             bind = _with_options(finding.bind, overrides)
             if bind not in binds:
                 binds.append(bind)
+            if finding.survives:
+                kinds = CONFLICT_KINDS if "*" in finding.survives else finding.survives
+                bind_policy[bind] = {kind: "warn" for kind in kinds}
         else:
             unused.append(finding)
-    return UnitBinds(binds, "discovery" if binds else "", config, discovery, socket_binds, unused,
-                     list(discovery.warnings))
+    return UnitBinds(binds, "discovery" if binds else "", config, discovery, socket_unit_binds=socket_binds,
+                     bind_policy=bind_policy, unused_guesses=unused, warnings=list(discovery.warnings))

@@ -136,15 +136,17 @@ def daemon_uid(args: argparse.Namespace, ctx) -> int | None:
 
 
 def unit_request(args: argparse.Namespace, ctx):
-    """(binds, the unit's YAML configuration or None). Without LISTEN arguments the binds come
-    from the unit's YAML listen list, else from what discovery finds with confidence (the unit's
-    command line read from its unit files: no D-Bus); none at all means nothing to guard."""
+    """(binds, the unit's YAML configuration or None, per-bind policy). Without LISTEN arguments
+    the binds come from the unit's YAML listen list, else from what discovery finds with confidence
+    (the unit's command line read from its unit files: no D-Bus); none means nothing to guard.
+    The per-bind policy warns about conflicts the daemon starts despite (an sshd or PostgreSQL
+    address when another one binds, a Redis `-` address on no interface)."""
     from bindguard.config import load_unit_config
 
     unit = args.unit or (ctx.guarded_unit() if ctx is not None else None)
     if args.listen:
         config = load_unit_config(unit or "command-line", args.config) if unit or args.config else None
-        return build_binds(args), config
+        return build_binds(args), config, {}
     if unit is None and args.config is None:
         build_binds(args)  # raises: no address to check
     from bindguard import output
@@ -162,12 +164,12 @@ def unit_request(args: argparse.Namespace, ctx):
     if found.origin == "discovery":
         output.emit(output.DEBUG, "bindguard: discovered: " + ", ".join(
             f"{f.bind} ({f.source})" for f in found.discovery.findings if f.bind in found.binds))
-    return found.binds, found.config
+    return found.binds, found.config, found.bind_policy
 
 
 def run(args: argparse.Namespace) -> int:
     ctx = systemd_context(args)
-    binds, config = unit_request(args, ctx)
+    binds, config, bind_policy = unit_request(args, ctx)
     if not binds:
         return 0  # nothing to guard: no address given, configured or confidently discovered
     from bindguard import guard, report
@@ -178,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         wait=validate_wait(wait),
         daemon_uid=daemon_uid(args, ctx),
         policy=dict(config.policy) if config is not None else {},
+        bind_policy=bind_policy,
         systemd=ctx,
         reap_stale=args.reap_stale or bool(config is not None and config.reap_stale),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bindguard.endpoints import (
     TCP,
@@ -35,6 +35,7 @@ class Finding:
     confidence: str  # CONFIDENT or GUESS
     note: str = ""
     socket_unit: str | None = None  # set when systemd binds it (socket activation): the daemon does not
+    survives: tuple[str, ...] = ()  # conflict kinds the daemon starts despite ("*": any)
 
     @property
     def confident(self) -> bool:
@@ -50,7 +51,8 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, endpoint: Endpoint, source: str, *, confident: bool = True, reuseaddr: bool = True,
-            reuseport: bool = False, v6only: bool | None = None, freebind: bool = False, note: str = "") -> None:
+            reuseport: bool = False, v6only: bool | None = None, freebind: bool = False, note: str = "",
+            survives: tuple[str, ...] = ()) -> None:
         """Record a socket; v6only None means the daemon leaves the host default (net.ipv6.bindv6only)."""
         if endpoint.host.version == 4:
             v6only = False
@@ -60,7 +62,13 @@ class Findings:
         bind = Bind(endpoint, options)
         if any(f.bind == bind for f in self.findings):
             return
-        self.findings.append(Finding(bind, source, CONFIDENT if confident else GUESS, note))
+        self.findings.append(Finding(bind, source, CONFIDENT if confident else GUESS, note, survives=survives))
+
+    def all_survivable(self, note: str) -> None:
+        """The daemon starts when at least one of several sockets binds (sshd, PostgreSQL)."""
+        if len(self.findings) > 1:
+            self.findings = [replace(f, survives=("*",), note="; ".join(n for n in (f.note, note) if n))
+                             for f in self.findings]
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -98,8 +98,9 @@ def _emit(findings: Findings, settings: _Settings, conf: str | None) -> None:
         host = address.lstrip("-")
         host = {"*": "0.0.0.0", "::*": "::"}.get(host, host)
         note = "optional: Redis starts without it if the address is on no interface" if optional else ""
+        survives = ("address-unavailable",) if optional else ()
         for port in ports:
             try:
-                findings.add(endpoint(host, port), bind_where, v6only=True, note=note)
+                findings.add(endpoint(host, port), bind_where, v6only=True, note=note, survives=survives)
             except AddressError as exc:
                 findings.warn(f"{bind_where}: {exc}")

@@ -154,6 +154,7 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
         ok, out, why = run_dump(dump)
         if ok:
             _from_dump(findings, out)
+            findings.all_survivable("sshd starts if at least one of its addresses binds")
             return findings
         findings.warn(f"{why}; reading {conf} instead")
     try:
@@ -161,4 +162,5 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
     except DaemonConfigError as exc:
         findings.warn(f"sshd configuration: {exc}; its listen addresses are not known")
         findings.findings.clear()
+    findings.all_survivable("sshd starts if at least one of its addresses binds")
     return findings
