@@ -73,12 +73,20 @@ def run_daemon(netns, argv: list[str], want: set[str], env: dict[str, str] | Non
             time.sleep(0.1)
         time.sleep(0.3)  # anything it opens late would show now
         seen = live_sockets(netns)
-        if proc.poll() is not None and not seen:
+        if proc.poll() is not None and not seen >= want:
             pytest.fail(f"{argv[0]} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
         return seen
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of this process group is left
+        except ProcessLookupError:
+            pass
         proc.wait()
 
 
@@ -191,6 +199,15 @@ def test_postgres_live(netns, postgres_dir):
     want = expected(discover([argv], [], [], [], "pg.service"))
     assert want == {"0.0.0.0:5499", "[::]:5499 v6only"}
     assert run_daemon(netns, ["runuser", "-u", "postgres", "--", *argv], want) == want
+
+    # It starts when one of its addresses binds: what Finding.survives says.
+    (data / "conf.d" / "listen.conf").write_text("listen_addresses = '127.0.0.1,127.0.0.2'\n")
+    result = discover([argv], [], [], [], "pg.service")
+    assert [(str(f.bind.endpoint), f.survives) for f in result.findings] == [
+        ("127.0.0.1:5499", ("*",)), ("127.0.0.2:5499", ("*",))]
+    netns.hold({"proto": "tcp", "host": "127.0.0.2", "port": 5499, "reuseaddr": True})
+    assert run_daemon(netns, ["runuser", "-u", "postgres", "--", *argv], {"127.0.0.1:5499", "127.0.0.2:5499"}) == {
+        "127.0.0.1:5499", "127.0.0.2:5499"}
 
 
 @pytest.fixture
