@@ -538,3 +538,17 @@ def test_cli_broken_daemon_file_is_a_warning(tmp_path):
     assert proc.returncode == 0
     assert proc.stdout == "nothing found (nginx: no listen address)\n"
     assert str(conf) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unit_from_unit_files_without_a_bus(tmp_path):
+    need_package("redis-server", "/etc/redis/redis.conf")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus")
+    env.pop("MANAGERPID", None)
+    proc = subprocess.run([sys.executable, "-m", "bindguard", "discover", "--system", "redis-server"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "reading redis-server.service's unit files instead" in proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["127.0.0.1:6379", "[::1]:6379"]
+    missing = subprocess.run([sys.executable, "-m", "bindguard", "discover", "--system", "nothere"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode == 70 and "no unit file of that name" in missing.stderr

@@ -45,9 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_unit(unit: str, user_bus: bool | None, sources):
-    """discover_unit() with the unit's facts read from the system (or user) manager over D-Bus."""
+    """discover_unit() with the unit's facts from the system (or user) manager over D-Bus; from
+    the unit files when the manager cannot be asked (its .socket units are then not seen)."""
     from bindguard import discover, systemd
     from bindguard.discover.unit import unit_facts_from
+    from bindguard.discover.unitfile import unit_facts_from_files, unit_fragment
 
     bus = systemd.choose_bus(user_bus)
     try:
@@ -56,8 +58,12 @@ def _read_unit(unit: str, user_bus: bool | None, sources):
     except systemd.UnitNotFound as exc:
         raise UsageError(str(exc)) from None
     except systemd.SystemdUnavailable as exc:
-        raise BindguardError(f"cannot read {unit} from systemd: {exc}",
-                             "give the unit's command line with --exec-start instead") from None
+        user = bus == systemd.USER
+        if unit_fragment(unit, user) is None:
+            raise BindguardError(f"cannot read {unit} from systemd ({exc}), and no unit file of that name was found",
+                                 "check the name, or give the command line with --exec-start") from None
+        output.warning(f"{exc}; reading {unit}'s unit files instead (its .socket units are not seen)")
+        return discover.discover_unit(unit, lambda name: unit_facts_from_files(name, user), sources)
 
 
 def _options_text(bind) -> str:

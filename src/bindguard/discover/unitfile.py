@@ -173,6 +173,12 @@ def _exec_argv(value: str) -> list[str]:
     return words
 
 
+def unit_fragment(unit: str, user: bool = False) -> str | None:
+    """The file a unit is loaded from (following aliases; an instance's template), or None."""
+    dirs = user_unit_path() if user else _unit_path()
+    return _find_fragment([unit] + ([t] if (t := _template_of(unit)) else []), dirs)[0]
+
+
 def unit_facts_from_files(unit: str, user: bool = False) -> UnitFacts:
     """UnitFacts of a service from its unit files; empty when the unit has no fragment (or is masked)."""
     dirs = user_unit_path() if user else _unit_path()
