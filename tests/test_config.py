@@ -190,7 +190,8 @@ def test_every_problem_with_its_position(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("listen: [80\nwait: 3\n", "2:5: YAML syntax error: while parsing a flow sequence expected ',' or ']', but got ':'"),
+    ("listen: [80\nwait: 3\n",
+     "2:5: YAML syntax error: while parsing a flow sequence expected ',' or ']', but got ':'"),
     ("- 80\n", "1:1: expected a mapping of settings (listen, options, wait, policy, fail, reap_stale, discovery, "
                "trust_guesses), "
                "found a list"),

@@ -19,10 +19,8 @@ import pytest
 
 from bindguard.discover import discover, discover_daemon
 from bindguard.discover.common import hosts_file_addresses
-from bindguard.endpoints import host_bindv6only, ipv6_supported, parse_listen
+from bindguard.endpoints import parse_listen
 from conftest import REQUIRE, need_root
-
-BINDV6ONLY = host_bindv6only()
 
 
 def need_package(package: str, path: str) -> None:
@@ -358,7 +356,8 @@ def test_redis_edited_copy(tmp_path):
     result = discover([["redis-server", str(conf)]], [], [], [], "redis.service")
     assert summary(result) == [
         ("0.0.0.0:7000", f"{conf}:{bind_line}", "confident"), ("0.0.0.0:7001", f"{conf}:{bind_line}", "confident"),
-        ("[::]:7000 v6only", f"{conf}:{bind_line}", "confident"), ("[::]:7001 v6only", f"{conf}:{bind_line}", "confident"),
+        ("[::]:7000 v6only", f"{conf}:{bind_line}", "confident"),
+        ("[::]:7001 v6only", f"{conf}:{bind_line}", "confident"),
     ]
     overridden = discover([["redis-server", str(conf), "--port", "7100", "--tls-port", "0", "--bind", "127.0.0.1"]],
                           [], [], [], "redis.service")

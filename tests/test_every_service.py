@@ -3,7 +3,6 @@ whose daemon's configuration names a held address is refused; one with nothing t
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

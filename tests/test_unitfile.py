@@ -74,7 +74,8 @@ def test_dropins_reset_and_append(unit_path):
         ExecStart=-/usr/bin/other \\
             --port 2
         """)
-    write(lib / "web-app.service.d" / "10-reset.conf", "[Service]\nExecStart=\nExecStart=@/usr/bin/web web-name --port 3\n")
+    write(lib / "web-app.service.d" / "10-reset.conf",
+          "[Service]\nExecStart=\nExecStart=@/usr/bin/web web-name --port 3\n")
     write(etc / "web-app.service.d" / "10-reset.conf", "[Service]\nExecStart=\nExecStart=/usr/bin/web --port 4\n")
     write(run / "service.d" / "20-all.conf", "[Service]\nEnvironment=C=%n\n")
     write(lib / "web-.service.d" / "30-prefix.conf", "[Service]\nEnvironmentFile=-%t/web.env\n")

@@ -290,7 +290,8 @@ class _FileReader:
                         if flag is not None:
                             options[key_node.value] = flag
                 if address_node is None:
-                    self.problem(item, "a listen entry written as a mapping needs 'address', e.g. {address: 80, reuseport: true}")
+                    self.problem(item, "a listen entry written as a mapping needs 'address', "
+                                       "e.g. {address: 80, reuseport: true}")
                     continue
             endpoint = self._address(address_node)
             if endpoint is None:
@@ -340,7 +341,8 @@ class _FileReader:
         if _is_null(node):
             return
         if not isinstance(node, yaml.MappingNode):
-            self.problem(node, f"policy must map conflict kinds to actions, e.g. {{time-wait: wait}}, found {_kind(node)}")
+            self.problem(node, "policy must map conflict kinds to actions, e.g. {time-wait: wait}, "
+                               f"found {_kind(node)}")
             return
         for key_node, value_node in self._mapping_items(node, CONFLICT_KINDS):
             action = self._scalar(value_node)

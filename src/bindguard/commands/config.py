@@ -118,8 +118,8 @@ def _show(unit: str, explicit: str | None) -> int:
     row(f"fail: {loaded.fail or 'open'}", "fail")
     row(f"reap_stale: {_value(bool(loaded.reap_stale))}", "reap_stale")
     sources = loaded.discovery_sources
-    row(f"discovery: {'[' + ', '.join(s for s in config.DISCOVERY_SOURCES if s in sources) + ']' if sources else 'false'}",
-        "discovery")
+    listed = ", ".join(s for s in config.DISCOVERY_SOURCES if s in sources)
+    row(f"discovery: {f'[{listed}]' if sources else 'false'}", "discovery")
     row(f"trust_guesses: {_value(bool(loaded.trust_guesses))}", "trust_guesses")
     width = max(len(text) for text, _ in rows) + 2
     for text, where in rows:

@@ -132,7 +132,8 @@ def _from_files(findings: Findings, conf: str, cli_options: list[str], cli_ports
             config.family = value.strip().lower()
     config.read(conf)
     family = family or config.family or "any"
-    ports = [(int(p), "sshd -p") for p in cli_ports if p.isdigit()] or config.ports or [(22, f"{conf} (default Port 22)")]
+    ports = ([(int(p), "sshd -p") for p in cli_ports if p.isdigit()] or config.ports
+             or [(22, f"{conf} (default Port 22)")])
     listens = config.listen or [(host, None, where) for host in ("0.0.0.0", "::")
                                 for where in [f"{conf} (no ListenAddress: all addresses)"]]
     for host, port_text, where in listens:
