@@ -109,3 +109,12 @@ def test_what_the_daemon_survives_only_warns(netns, paths, tmp_path):
     assert unavailable.returncode == 0 and "10.9.9.9:6390" in unavailable.stderr, unavailable.stderr
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 6390, "reuseaddr": True})
     assert check(netns, env, "--unit", "redis.service").returncode == 98
+
+
+def test_nginx_config_linux_refuses_is_a_self_conflict(netns, paths, tmp_path):
+    """`listen 80` with `listen 127.0.0.2:80 bind`: nginx opens both, and Linux refuses the pair."""
+    need_package("nginx", "/usr/sbin/nginx")
+    _, unit_dir, env = paths
+    nginx_unit(unit_dir, tmp_path, "80; listen 127.0.0.2:80 bind")
+    proc = check(netns, env, "--unit", "web.service")
+    assert proc.returncode == 98 and "self-conflict" in proc.stderr, proc.stderr
