@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
     from bindguard import output
 
+    args = None
     try:
         args = build_parser(_chosen_command(argv)).parse_args(argv)
         if args.command is None:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the guard's own failure must not take the service down
         if debug:
             raise
-        fail_closed = "--fail-closed" in argv
+        fail_closed = bool(getattr(args, "fail_closed", False))
         output.emit(
             output.ERR if fail_closed else output.WARNING,
             f"bindguard: internal error: {type(exc).__name__}: {exc}\n"
