@@ -451,18 +451,19 @@ def _raise(problems: list[str], what: str) -> None:
     raise error
 
 
-def load_unit_config(unit: str, explicit: str | os.PathLike | None = None) -> UnitConfig | None:
+def load_unit_config(unit: str | None, explicit: str | os.PathLike | None = None) -> UnitConfig | None:
     """The unit's merged configuration, or None when it has no file. Raises ConfigError listing every problem.
 
     With explicit (--config FILE), that one file is the whole configuration.
     """
-    unit = normalize_unit(unit)
     if explicit is not None:
         path = os.fspath(explicit)
+        unit = normalize_unit(unit) if unit else os.path.basename(path)
         if not _is_file(path):
             raise ConfigError(f"{path}: no such configuration file", "check the path given to --config")
         files = [path]
     else:
+        unit = normalize_unit(unit)
         files = config_files(unit)
         if not files:
             return None
