@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from bindguard import errors
 from bindguard.endpoints import Bind
 from bindguard.attribution import SystemdContext
-from bindguard.facts import Evidence
-from bindguard.probe import ProbeResult, probe
+from bindguard.facts import Evidence, ProbeResult
+from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
     LATENT_SOCKET_UNIT,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bindguard.discover.common import CONFIDENT, GUESS, Finding
+from bindguard.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
 SOURCES = ("daemon-config", "exec-start", "socket-units")
 
@@ -49,30 +50,6 @@ DAEMONS = {
     "mariadbd-safe": "mysql",
 }
 SHELLS = ("sh", "bash", "dash", "zsh")
-
-# Unit names of Debian's packaged daemons -> the module that knows them. `check --unit` of the
-# every-service drop-in asks systemd (D-Bus) what another unit runs only when it has a YAML file;
-# for these names discovery is worth that price without one.
-UNIT_NAMES = {
-    "nginx": "nginx",
-    "apache2": "apache",
-    "httpd": "apache",
-    "haproxy": "haproxy",
-    "ssh": "sshd",
-    "sshd": "sshd",
-    "redis-server": "redis",
-    "redis": "redis",
-    "postgresql": "postgres",
-    "mariadb": "mysql",
-    "mysql": "mysql",
-    "mysqld": "mysql",
-}
-
-
-def daemon_for_unit_name(unit: str) -> str | None:
-    """The daemon a unit runs, judged by its name alone (postgresql@15-main.service -> postgres)."""
-    base = unit.rsplit(".", 1)[0].split("@", 1)[0]
-    return UNIT_NAMES.get(base)
 
 
 @dataclass
