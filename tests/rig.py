@@ -329,8 +329,8 @@ class SystemdRig:
         result: dict[str, str] = {}
         for line in done.stdout.splitlines():
             key, sep, value = line.partition("=")
-            if sep:
-                result[key] = value
+            if sep:  # a property with several values (ExecStartPre=) comes as several lines
+                result[key] = f"{result[key]}\n{value}" if key in result else value
         return result
 
     def prop(self, unit: str, name: str) -> str:

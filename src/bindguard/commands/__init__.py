@@ -6,4 +6,6 @@ cli.py imports only the module of the subcommand being run, so `check` pays for 
 COMMANDS = {
     "check": ("bindguard.commands.check", "will the daemon's bind() succeed? pass, wait, or refuse (ExecStartPre=)"),
     "explain": ("bindguard.commands.explain", "what is on these addresses, who holds them, and how to fix it"),
+    "install": ("bindguard.commands.install", "add the guard to a unit as a drop-in (ExecStartPre=), then daemon-reload"),
+    "uninstall": ("bindguard.commands.uninstall", "remove the drop-in `bindguard install` wrote"),
 }
