@@ -94,6 +94,7 @@ def test_install_uninstall_round_trip_on_a_user_unit(systemd_rig):
     shown = rig.show("web.service", "DropInPaths", "NeedDaemonReload", "ExecStartPre")
     assert str(dropin) in shown["DropInPaths"] and shown["NeedDaemonReload"] == "no"
     assert "--unit web.service --user 127.0.0.1:8080 [::1]:8080" in shown["ExecStartPre"].replace(" ; ", " ")
+    assert "flags=privileged" in rig.prop("web.service", "ExecStartPreEx")  # the "+"
 
     again = rig.bindguard("install", "--user", "web.service", "127.0.0.1:8080", "[::1]:8080")
     assert again.returncode == 0 and "already in place" in again.stderr
@@ -144,3 +145,24 @@ def test_install_warns_about_a_unit_the_manager_does_not_know(systemd_rig):
     done = systemd_rig.bindguard("install", "--user", "later.service", "8080")
     assert done.returncode == 0
     assert "knows no unit later.service yet" in done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "example, listens",
+    [
+        ("systemd/bindguard.conf.example", "0.0.0.0:80 [::]:80"),
+        ("examples/nginx/bindguard.conf", "0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443"),
+        ("examples/ssh/bindguard.conf", "0.0.0.0:22 [::]:22"),
+        ("examples/user-web/web.service.d/bindguard.conf", "--user 127.0.0.1:8080"),
+    ],
+)
+def test_shipped_dropins_parse_as_systemd_reads_them(systemd_rig, example, listens):
+    rig = systemd_rig
+    rig.write_unit("ex.service", WEB, reload=False)
+    text = (Path(__file__).parents[1] / example).read_text()
+    rig.write_dropin("ex.service", "bindguard.conf", text)
+    shown = rig.show("ex.service", "ExecStartPre", "ExecStartPreEx", "LoadState")
+    assert shown["LoadState"] == "loaded"
+    assert f"argv[]=/usr/bin/bindguard check --unit ex.service {listens} ;" in shown["ExecStartPre"]
+    assert "flags=privileged" in shown["ExecStartPreEx"], shown["ExecStartPreEx"]
