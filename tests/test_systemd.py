@@ -17,6 +17,7 @@ from bindguard.systemd import (
     SystemdUnavailable,
     UnitNotFound,
     choose_bus,
+    known_manager_pid,
     unit_from_cgroup,
     listen_endpoint,
 )
@@ -30,6 +31,9 @@ def test_choose_bus_follows_flags_then_managerpid():
     assert choose_bus(None, {"MANAGERPID": "4242"}) == USER
     assert choose_bus(None, {"MANAGERPID": "1"}) == SYSTEM
     assert choose_bus(None, {}) == SYSTEM
+    assert known_manager_pid(SYSTEM, {"MANAGERPID": "4242"}) == 1
+    assert known_manager_pid(USER, {"MANAGERPID": "4242"}) == 4242
+    assert known_manager_pid(USER, {}) is None
 
 
 @pytest.mark.parametrize(
@@ -167,10 +171,9 @@ ReusePort=yes
     assert [u.name for u in user_bus.socket_units(ports=[18081])] == ["demo.socket"]
     assert {u.name for u in user_bus.socket_units(include_unloaded=False)} == {"demo.socket", "later.socket"}
 
-    # What listen_endpoint makes of the entries is what the kernel shows for the real sockets.
+    # What the entries resolve to (listen_endpoint) is what the kernel shows for the real sockets.
     listening = rig.run(["ss", "-Hltnu"]).stdout.split()
-    for listen in demo.listens:
-        endpoint, v6only = listen_endpoint(listen, demo.bind_ipv6_only)
+    for listen, endpoint, v6only in demo.endpoints():
         shown = f"*:{endpoint.port}" if endpoint.is_wildcard and not v6only else endpoint.address()
         assert shown in listening, (listen, listening)
 
@@ -179,18 +182,22 @@ ReusePort=yes
 def test_the_guard_in_exec_start_pre_finds_its_unit_and_manager(systemd_rig):
     rig = systemd_rig
     out = rig.log("probe.out")
-    probe = ("from bindguard.systemd import *; bus = choose_bus(); sd = Systemd(bus); "
-             "print(guarded_unit(), bus, sd.manager_pid(), sd.unit_of_pid(__import__('os').getpid()))")
+    probe = ("import os, time; from bindguard.systemd import *; bus = choose_bus(); sd = Systemd(bus); "
+             "me = sd.unit(guarded_unit()); "
+             "print(guarded_unit(), bus, sd.manager_pid(), known_manager_pid(bus), sd.unit_of_pid(os.getpid()), "
+             "me.active_state, round(me.start_deadline() - time.monotonic()))")
     rig.write_unit("guarded.service", f"""\
 [Service]
 ExecStartPre={sys.executable} -c "{probe}"
 ExecStart=/bin/sleep infinity
+TimeoutStartSec=30
 StandardOutput=file:{out}
 StandardError=inherit
 """)
     run = rig.start("guarded.service")
     assert run.ok, (run.output, out.read_text())
-    assert out.read_text().split() == ["guarded.service", "user", str(rig.manager_pid), "guarded.service"]
+    manager = str(rig.manager_pid)
+    assert out.read_text().split() == ["guarded.service", "user", manager, manager, "guarded.service", "activating", "30"]
 
 
 @pytest.mark.integration

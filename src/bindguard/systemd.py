@@ -58,6 +58,7 @@ _UNIT_PROPERTIES = (
     ("unit_file_state", b"UnitFileState", b"s"),
     ("invocation_id", b"InvocationID", b"ay"),
     ("triggered_by", b"TriggeredBy", b"as"),
+    ("inactive_exit_usec", b"InactiveExitTimestampMonotonic", b"t"),
 )
 _EXEC = b"a(sasbttttuii)"
 _SERVICE_PROPERTIES = (
@@ -115,6 +116,7 @@ class UnitInfo:
     control_group: str  # "" when it has no cgroup (inactive)
     invocation_id: str  # hex, "" when never started
     triggered_by: tuple[str, ...]  # units that start this one: its .socket, .path, .timer units
+    inactive_exit_usec: int = 0  # CLOCK_MONOTONIC µs when it last left inactive/failed: this start began
     main_pid: int = 0
     timeout_start_usec: int = 0  # 2**64-1 is infinity
     kill_mode: str = ""
@@ -138,6 +140,13 @@ class UnitInfo:
         if self.timeout_start_usec in (0, 2**64 - 1):
             return None
         return self.timeout_start_usec / 1_000_000
+
+    def start_deadline(self) -> float | None:
+        """When the manager gives up on the current start (TimeoutStartSec= after it began), on
+        the time.monotonic() clock; None without a timeout or before any start."""
+        if self.timeout_start_sec is None or not self.inactive_exit_usec:
+            return None
+        return self.inactive_exit_usec / 1_000_000 + self.timeout_start_sec
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,10 @@ class SocketUnit:
     def listening(self) -> bool:
         return self.active_state in ("active", "reloading", "deactivating")
 
+    def endpoints(self, bindv6only: bool | None = None) -> list[tuple[Listen, Endpoint, bool]]:
+        """Each Listen entry with the Endpoint it binds and whether that is IPv6-only."""
+        return [(entry, *listen_endpoint(entry, self.bind_ipv6_only, bindv6only)) for entry in self.listens]
+
 
 def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = None) -> str:
     """USER or SYSTEM: --user/--system (True/False) decide; otherwise MANAGERPID in the environment
@@ -176,6 +189,15 @@ def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = Non
     if manager.isdigit() and int(manager) != 1:
         return USER
     return SYSTEM
+
+
+def known_manager_pid(bus: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """The manager's PID without asking D-Bus: 1 for the system manager, $MANAGERPID (set for
+    the processes a manager starts) for a user manager; None when nothing tells."""
+    if bus == SYSTEM:
+        return 1
+    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
+    return int(manager) if manager.isdigit() else None
 
 
 def unit_from_cgroup(path: str) -> str | None:
@@ -377,6 +399,7 @@ class Systemd:
             control_group="",
             invocation_id=bytes(unit["invocation_id"] or b"").hex(),
             triggered_by=tuple(_text(t) for t in unit["triggered_by"] or ()),
+            inactive_exit_usec=int(unit["inactive_exit_usec"]),
         )
         kind = info["name"].rsplit(".", 1)[-1]
         if kind == "service":
