@@ -193,8 +193,8 @@ class SystemdRig:
         for proc in self.processes:
             self.release(proc)
         if self.manager is not None and self.manager.poll() is None:
-            self.systemctl("exit", timeout=10)
             try:
+                self.systemctl("exit", timeout=10)
                 self.manager.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.manager.kill()
