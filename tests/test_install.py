@@ -66,6 +66,7 @@ def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):
         (["install", "--user", "web.service", "[::1]"], "[ADDRESS]:PORT"),
         (["install", "--user", "web.socket", "80"], "bindguard guards services"),
         (["install", "--user", "web.service", "80", "--check-args", "'unclosed"], "--check-args"),
+        (["install", "--user", "web.service", "80", "--check-args=--bogus"], "check options '--bogus'"),
     ):
         done = subprocess.run([*BINDGUARD, *argv], capture_output=True, text=True, env=env)
         assert done.returncode == 64, (argv, done.stderr)
@@ -151,9 +152,9 @@ def test_install_warns_about_a_unit_the_manager_does_not_know(systemd_rig):
 @pytest.mark.parametrize(
     "example, listens",
     [
-        ("systemd/bindguard.conf.example", "0.0.0.0:80 [::]:80"),
-        ("examples/nginx/bindguard.conf", "0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443"),
-        ("examples/ssh/bindguard.conf", "0.0.0.0:22 [::]:22"),
+        ("systemd/bindguard.conf.example", "--v6only 0.0.0.0:80 [::]:80"),
+        ("examples/nginx/bindguard.conf", "--v6only 0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443"),
+        ("examples/ssh/bindguard.conf", "--v6only 0.0.0.0:22 [::]:22"),
         ("examples/user-web/web.service.d/bindguard.conf", "--user 127.0.0.1:8080"),
     ],
 )
