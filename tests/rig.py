@@ -302,7 +302,13 @@ class SystemdRig:
             raise RigError(f"daemon-reload failed: {done.stderr.strip()}")
 
     def _job(self, verb: str, unit: str, timeout: float) -> UnitRun:
-        done = self.systemctl(verb, unit, timeout=timeout)
+        try:
+            done = self.systemctl(verb, unit, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            status = self.systemctl("status", "--no-pager", "--lines=0", unit, timeout=10)
+            jobs = self.systemctl("list-jobs", "--no-pager", timeout=10)
+            raise RigError(f"systemctl --user {verb} {unit} did not return in {timeout:g} s:\n"
+                           f"{status.stdout}\n{jobs.stdout}\nmanager: {self.manager_log()}") from None
         props = self.show(unit, "ActiveState", "Result", "ExecStartPre")
         return UnitRun(
             unit=unit,
