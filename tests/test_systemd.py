@@ -17,6 +17,7 @@ from bindguard.systemd import (
     SystemdUnavailable,
     UnitNotFound,
     choose_bus,
+    enabled_socket_units,
     known_manager_pid,
     unit_from_cgroup,
     listen_endpoint,
@@ -66,6 +67,20 @@ def test_listen_endpoint_resolves_protocol_and_dual_stack():
         listen_endpoint(Listen("SequentialPacket", "/run/x.sock"), "default")
 
 
+def test_enabled_socket_units_are_the_install_symlinks(tmp_path):
+    etc, run = tmp_path / "etc", tmp_path / "run"
+    (etc / "sockets.target.wants").mkdir(parents=True)
+    (etc / "multi-user.target.requires").mkdir(parents=True)
+    (run / "sockets.target.wants").mkdir(parents=True)
+    for link in ("sockets.target.wants/a.socket", "sockets.target.wants/a.service",
+                 "multi-user.target.requires/b@x.socket", "multi-user.target.requires/c@.socket"):
+        (etc / link).symlink_to("/dev/null")
+    (run / "sockets.target.wants" / "d.socket").symlink_to("/dev/null")
+    (etc / "e.socket").write_text("")  # a unit file, not enabled
+    found = enabled_socket_units([str(etc), str(tmp_path / "missing"), str(run)])
+    assert found == {"a.socket": "enabled", "b@x.socket": "enabled", "d.socket": "enabled"}
+
+
 # --- under the rig -------------------------------------------------------------------------
 
 @pytest.fixture
@@ -111,6 +126,7 @@ EnvironmentFile=-{rig.root}/web.env
     assert web.environment == ("A=1", "B=two words")
     assert web.environment_files == ((f"{rig.root}/web.env", True),)
     assert web.sockets == ()
+    assert web.unit_file_state == "" and user_bus.unit("web.service", file_state=True).unit_file_state == "static"
 
     with pytest.raises(UnitNotFound, match="'nope.service' not found on the user manager"):
         user_bus.unit("nope.service")
