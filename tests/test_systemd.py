@@ -229,5 +229,6 @@ def test_no_bus_is_systemd_unavailable_naming_the_bus(systemd_rig, user_bus, mon
 
 def test_system_bus_absent_is_systemd_unavailable(monkeypatch, tmp_path):
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    monkeypatch.setenv("SYSTEMD_BUS_TIMEOUT", "5s")  # Systemd() would set it for the whole process
     with pytest.raises(SystemdUnavailable, match=f"cannot connect to the system bus: No such file or directory .no system bus at unix:path={tmp_path}/no-bus"):
         Systemd(SYSTEM)
