@@ -53,7 +53,7 @@ def test_rendered_dropin():
     text = install.render("nginx.service", ["0.0.0.0:80", "[::]:80"], False, ["--wait", "10"], ["/usr/bin/bindguard"])
     assert text.startswith(install.MARKER)
     assert "[Service]\nExecStartPre=+/usr/bin/bindguard check --unit %n --wait 10 0.0.0.0:80 [::]:80\n" in text
-    assert "CAP_NET_BIND_SERVICE" in text and "RestartPreventExitStatus=98 99" in text
+    assert "CAP_NET_BIND_SERVICE" in text and "StartLimitBurst=3" in text
     user = install.render("web.service", ["8080"], True, [], ["/usr/bin/bindguard"])
     assert "ExecStartPre=+/usr/bin/bindguard check --unit %n --user 8080\n" in user
     assert "uninstall --user web.service" in user
@@ -167,3 +167,15 @@ def test_shipped_dropins_parse_as_systemd_reads_them(systemd_rig, example, liste
     assert shown["LoadState"] == "loaded"
     assert f"argv[]=/usr/bin/bindguard check --unit ex.service {listens} ;" in shown["ExecStartPre"]
     assert "flags=privileged" in shown["ExecStartPreEx"], shown["ExecStartPreEx"]
+
+
+@pytest.mark.integration
+def test_user_web_example_unit_loads_with_its_dropin(systemd_rig):
+    rig = systemd_rig
+    example = Path(__file__).parents[1] / "examples" / "user-web"
+    rig.write_unit("web.service", (example / "web.service").read_text(), reload=False)
+    rig.write_dropin("web.service", "bindguard.conf", (example / "web.service.d" / "bindguard.conf").read_text())
+    shown = rig.show("web.service", "LoadState", "StartLimitBurst", "Restart", "ExecStartPre", "ExecStart")
+    assert shown["LoadState"] == "loaded" and shown["StartLimitBurst"] == "3" and shown["Restart"] == "on-failure"
+    assert "check --unit web.service --user 127.0.0.1:8080" in shown["ExecStartPre"]
+    assert f"--directory {rig.home}/public_html" in shown["ExecStart"]

@@ -234,3 +234,34 @@ def test_9_installed_dropin_guards_the_unit_and_uninstall_removes_it(systemd_rig
     assert done.returncode == 0, done.stderr
     assert rig.prop("web.service", "ExecStartPre") == ""
     assert not os.path.exists(rig.unit_dir / "web.service.d")
+
+
+def test_restart_prevent_exit_status_does_not_see_the_guard_but_start_limits_do(systemd_rig):
+    """A fact of systemd (252) the advice depends on: RestartPreventExitStatus= applies to the main
+    process only, so a start refused in ExecStartPre= (98) is restarted like any failure; the start
+    rate limit (StartLimitBurst=/StartLimitIntervalSec=) is what ends the loop."""
+    rig = systemd_rig
+    holder_unit(rig)
+    for name, unit_section in (("loop.service", "StartLimitIntervalSec=0"),
+                               ("bounded.service", "StartLimitIntervalSec=60\nStartLimitBurst=2")):
+        rig.write_unit(name, f"""\
+[Unit]
+{unit_section}
+[Service]
+ExecStartPre=+{GUARD} {ADDRESS}
+ExecStart={rig.serve(SPEC)}
+Restart=on-failure
+RestartSec=100ms
+RestartPreventExitStatus=98 99
+StandardError=null
+""")
+        assert not rig.start(name).ok
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and int(rig.prop("loop.service", "NRestarts") or 0) < 3:
+        time.sleep(0.2)
+    assert int(rig.prop("loop.service", "NRestarts")) >= 3, "RestartPreventExitStatus=98 stopped the loop"
+    assert rig.systemctl("stop", "loop.service").returncode == 0
+    while time.monotonic() < deadline and rig.prop("bounded.service", "ActiveState") != "failed":
+        time.sleep(0.2)
+    bounded = rig.show("bounded.service", "ActiveState", "NRestarts")
+    assert bounded["ActiveState"] == "failed" and int(bounded["NRestarts"]) <= 3, bounded

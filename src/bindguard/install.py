@@ -111,8 +111,13 @@ def render(unit: str, listens: list[str], user: bool, check_args: list[str], com
 #
 {note}
 #
-# To keep the manager from restarting the service in a loop while an address stays taken:
-#   RestartPreventExitStatus=98 99
+# With Restart=, a refused start is retried like any failure: RestartPreventExitStatus= does
+# not see ExecStartPre= exit codes (systemd checks only the main process). The start rate
+# limit bounds the retries; in the unit or another drop-in:
+#   [Unit]
+#   StartLimitIntervalSec=60
+#   StartLimitBurst=3
+# Never list 98 in SuccessExitStatus=: the daemon would start despite the refusal.
 [Service]
 ExecStartPre=+{" ".join(argv)}
 """
