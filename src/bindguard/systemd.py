@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint, host_bindv6only, parse_listen
 
@@ -26,7 +26,6 @@ _MANAGER = b"org.freedesktop.systemd1.Manager"
 _UNIT = b"org.freedesktop.systemd1.Unit"
 _SERVICE = b"org.freedesktop.systemd1.Service"
 _SOCKET = b"org.freedesktop.systemd1.Socket"
-_PROPERTIES = b"org.freedesktop.DBus.Properties"
 _UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
 
 # Unit types whose cgroup holds processes; a .slice only contains other units.
@@ -257,9 +256,10 @@ def cgroup_of_pid(pid: int | str = "self") -> str | None:
 def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:
     """The Endpoint a socket unit's Listen entry binds, and whether it is IPv6-only.
 
-    ListenStream= is TCP, ListenDatagram= UDP; other types raise AddressError. Listen shows `[::]:P` for a dual-stack socket as
-    for a v6-only one: BindIPv6Only= decides, `default` meaning the sysctl net.ipv6.bindv6only
-    (read from /proc unless given). A bare port cannot appear in Listen, but parses as [::]:P.
+    ListenStream= is TCP, ListenDatagram= UDP; other types raise AddressError. Listen shows
+    `[::]:P` for a dual-stack socket as for a v6-only one: BindIPv6Only= decides, `default`
+    meaning the sysctl net.ipv6.bindv6only (read from /proc unless given). A bare port cannot
+    appear in Listen, but parses as [::]:P.
     """
     proto = {"Stream": TCP, "Datagram": UDP}.get(listen.type)
     if proto is None:
@@ -411,7 +411,7 @@ class Systemd:
         load_state = _text(self._get(path, _UNIT, b"LoadState", b"s"))
         if load_state == "not-found":
             raise UnitNotFound(name, self.bus)
-        unit = {field: self._get(path, _UNIT, prop, sig) for field, prop, sig in _UNIT_PROPERTIES}
+        unit = {key: self._get(path, _UNIT, prop, sig) for key, prop, sig in _UNIT_PROPERTIES}
         info: dict = dict(
             name=_text(unit["name"]),
             load_state=load_state,
@@ -425,7 +425,7 @@ class Systemd:
         )
         kind = info["name"].rsplit(".", 1)[-1]
         if kind == "service":
-            s = {field: self._get(path, _SERVICE, prop, sig) for field, prop, sig in _SERVICE_PROPERTIES}
+            s = {key: self._get(path, _SERVICE, prop, sig) for key, prop, sig in _SERVICE_PROPERTIES}
             info.update(
                 control_group=_text(s["control_group"]),
                 main_pid=int(s["main_pid"]),
