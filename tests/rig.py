@@ -308,7 +308,8 @@ class SystemdRig:
             status = self.systemctl("status", "--no-pager", "--lines=0", unit, timeout=10)
             jobs = self.systemctl("list-jobs", "--no-pager", timeout=10)
             raise RigError(f"systemctl --user {verb} {unit} did not return in {timeout:g} s:\n"
-                           f"{status.stdout}\n{jobs.stdout}\nmanager: {self.manager_log()}") from None
+                           f"{status.stdout}\n{jobs.stdout}\n{self._processes_of(unit)}\n"
+                           f"manager: {self.manager_log()}") from None
         props = self.show(unit, "ActiveState", "Result", "ExecStartPre")
         return UnitRun(
             unit=unit,
@@ -318,6 +319,24 @@ class SystemdRig:
             result=props.get("Result", ""),
             pre_status=_parse_exec_status(props.get("ExecStartPre", "")),
         )
+
+    def _processes_of(self, unit: str) -> str:
+        """The unit's processes with their state and kernel wait channel, to tell where one hangs."""
+        group = self.prop(unit, "ControlGroup").lstrip("/")
+        lines = []
+        for cg in self.cgroups:
+            procs = cg.parent / group / "cgroup.procs"
+            if group and procs.exists():
+                for pid in procs.read_text().split():
+                    try:
+                        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                        wchan = Path(f"/proc/{pid}/wchan").read_text()
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                    except OSError:
+                        continue
+                    lines.append(f"  PID {pid} state {state} wchan {wchan}: {cmd}")
+                break
+        return "processes:\n" + "\n".join(lines)
 
     def start(self, unit: str, timeout: float = 60) -> UnitRun:
         return self._job("start", unit, timeout)
