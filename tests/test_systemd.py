@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bindguard import owners
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
 from bindguard.systemd import (
     SYSTEM,
@@ -19,7 +20,6 @@ from bindguard.systemd import (
     choose_bus,
     enabled_socket_units,
     known_manager_pid,
-    unit_from_cgroup,
     listen_endpoint,
 )
 
@@ -51,7 +51,7 @@ def test_choose_bus_follows_flags_then_managerpid():
     ],
 )
 def test_unit_from_cgroup(path, unit):
-    assert unit_from_cgroup(path) == unit
+    assert owners.unit_from_cgroup(path) == unit
 
 
 def test_listen_endpoint_resolves_protocol_and_dual_stack():

@@ -127,15 +127,15 @@ def test_4_latent_socket_unit_warns_without_blocking(systemd_rig):
     assert "<4>" in out.split("latent-socket-unit")[0].rsplit("\n", 1)[-1]  # a warning, not an error
 
 
-@pytest.mark.xfail(strict=True, reason="no way yet to make latent-socket-unit refuse: needs the per-kind "
-                   "policy of the configuration (issue 4); adapt the --config line when it lands")
 def test_4b_latent_socket_unit_refuses_when_configured(systemd_rig):
     rig = systemd_rig
     config = rig.root / "bindguard.yaml"
     config.write_text("policy:\n  latent-socket-unit: refuse\n")
-    rig.write_unit("later.socket", f"[Socket]\nListenStream={ADDRESS}\nService=other.service\n", reload=False)
+    rig.write_unit("later.socket", f"[Socket]\nListenStream={ADDRESS}\nService=other.service\n"
+                   "[Install]\nWantedBy=sockets.target\n", reload=False)
     rig.write_unit("other.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
     log = guarded(rig, check_args=f"--config {config}")
+    assert rig.systemctl("enable", "later.socket").returncode == 0
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98], text(log)
     assert "latent-socket-unit" in text(log)
@@ -267,8 +267,6 @@ StandardError=null
     assert bounded["ActiveState"] == "failed" and int(bounded["NRestarts"]) <= 3, bounded
 
 
-@pytest.mark.xfail(strict=True, reason="the guard does not read KillMode= yet: issue 3 asks for a warning on "
-                   "KillMode=none/process, the settings that leave stale instances squatting the port")
 def test_killmode_process_is_warned_about(systemd_rig):
     rig = systemd_rig
     log = guarded(rig, extra="KillMode=process")
@@ -277,9 +275,6 @@ def test_killmode_process_is_warned_about(systemd_rig):
     assert "KillMode=process" in text(log)
 
 
-@pytest.mark.xfail(strict=True, reason="the advice after repeated refusals (NRestarts) still names "
-                   "RestartPreventExitStatus=98, which systemd never applies to ExecStartPre= (see the test "
-                   "above); it should point at StartLimitIntervalSec=/StartLimitBurst=")
 def test_restart_loop_on_a_conflict_gets_advice_that_works(systemd_rig):
     rig = systemd_rig
     holder_unit(rig)

@@ -134,13 +134,10 @@ def parse_check_args(text: str | None) -> list[str]:
 
 def validate_check_args(listens: list[str], user: bool, check_args: list[str]) -> None:
     """Parse the generated check command line with check's own parser, so a typo fails now and
-    not at the next start. Skipped when this bindguard has no check command to ask."""
-    from bindguard import cli
+    not at the next start."""
+    from bindguard.parser import build_parser
 
-    try:
-        parser = cli.build_parser("check")
-    except ModuleNotFoundError:
-        return
+    parser = build_parser("check")
     try:
         parser.parse_args(["check", "--unit", "x.service", *check_arguments(listens, user, check_args)])
     except UsageError as exc:

@@ -157,12 +157,12 @@ def _or_empty(read, default):
         return default
 
 
-def process_cgroup(pid: int) -> str | None:
+def process_cgroup(pid: int | str) -> str | None:
     """The cgroup path systemd tracks the process by, from /proc/PID/cgroup.
 
-    The unified (cgroup2, `0::`) line, unless it is `/` while the name=systemd (cgroup v1)
-    line says more: on legacy hosts only the v1 hierarchy is in use and the `0::` line
-    exists but stays at the root. None if the process is gone.
+    The unified (cgroup2, `0::`) line when it names a unit, else the name=systemd (cgroup v1)
+    line: on legacy and hybrid hosts a manager may track its units in the v1 hierarchy while
+    the `0::` line stays elsewhere. None if the process is gone.
     """
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -182,7 +182,7 @@ def cgroup_from_proc_file(text: str) -> str | None:
             unified = path
         elif controllers == "name=systemd":
             systemd_v1 = path
-    if unified is not None and (unified != "/" or systemd_v1 in (None, "/")):
+    if unified is not None and (unit_from_cgroup(unified) or systemd_v1 in (None, "/")):
         return unified
     return systemd_v1 if systemd_v1 is not None else unified
 

@@ -28,8 +28,6 @@ _SERVICE = b"org.freedesktop.systemd1.Service"
 _SOCKET = b"org.freedesktop.systemd1.Socket"
 _UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
 
-# Unit types whose cgroup holds processes; a .slice only contains other units.
-_PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
 # D-Bus errors that mean a wrong question (no such unit, property, ...), not an unreachable manager.
 _QUESTION_ERRORS = frozenset({
     "DBusNoSuchUnitError", "DBusInvalidArgsError", "DBusUnknownObjectError", "DBusUnknownPropertyError",
@@ -195,20 +193,6 @@ def known_manager_pid(bus: str, environ: Mapping[str, str] | None = None) -> int
     return int(manager) if manager.isdigit() else None
 
 
-def unit_from_cgroup(path: str) -> str | None:
-    """The unit a cgroup path belongs to: its deepest part that names a unit with processes.
-
-    /system.slice/nginx.service -> nginx.service; a user unit
-    /user.slice/user-1000.slice/user@1000.service/app.slice/web.service -> web.service;
-    a delegated subtree /system.slice/docker.service/x or a control process of a
-    Delegate=yes unit (/system.slice/foo.service/.control) -> the service.
-    """
-    for part in reversed(path.strip("/").split("/")):
-        if part.endswith(_PROCESS_UNIT_SUFFIXES) and not part.startswith("."):
-            return part
-    return None
-
-
 def enabled_socket_units(unit_path: Iterable[str]) -> dict[str, str]:
     """Socket units enabled in these unit directories (the manager's UnitPath): the symlinks in
     their `*.wants/`, `*.requires/` and `*.upholds/` directories that `systemctl enable` makes.
@@ -231,26 +215,6 @@ def enabled_socket_units(unit_path: Iterable[str]) -> dict[str, str]:
                 if name.endswith(".socket") and not name.endswith("@.socket"):
                     found.setdefault(name, state)
     return found
-
-
-def cgroup_of_pid(pid: int | str = "self") -> str | None:
-    """The cgroup path systemd manages the process under: the unified hierarchy's, else name=systemd's."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    unified = named = None
-    for line in lines:
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            unified = path
-        elif controllers == "name=systemd":
-            named = path
-    if unified and unified != "/" and unit_from_cgroup(unified):
-        return unified
-    return named or unified
 
 
 def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:
@@ -509,7 +473,9 @@ def guarded_unit(systemd: Systemd | None = None) -> str | None:
     /proc/self/cgroup answers without D-Bus; GetUnitByPID is asked only when the cgroup path
     names no unit and a connection is given.
     """
-    path = cgroup_of_pid("self")
+    from bindguard.owners import process_cgroup, unit_from_cgroup
+
+    path = process_cgroup("self")
     unit = unit_from_cgroup(path) if path else None
     if unit is None and systemd is not None:
         unit = systemd.unit_of_pid(os.getpid())

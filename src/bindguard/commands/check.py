@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
         reap_stale=args.reap_stale or checks.reap_stale,
     )
     outcome = guard.run(request)
+    advice = ctx.advice(refused=not outcome.clear) if ctx is not None else []
+    outcome.evidence.notes.extend(advice)
     if args.json:
         report.write_json(outcome)
-    report.write_human(outcome)
+    report.write_human(outcome, warnings=advice)
     return outcome.exit_code
