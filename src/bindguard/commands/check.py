@@ -26,14 +26,18 @@ LISTEN is written as in ListenStream=/ListenDatagram= of systemd.socket(5):
   [fe80::1%eth0]:8080                     a link-local address on an interface
   udp:[::1]:53    a datagram socket (tcp: may be written; TCP is the default)
 
-example (in a unit):
-  ExecStartPre=+/usr/bin/bindguard check --unit %n 0.0.0.0:80 [::]:443"""
+examples (in a unit):
+  ExecStartPre=+/usr/bin/bindguard check --unit %n --v6only 0.0.0.0:80 [::]:80
+  ExecStartPre=+/usr/bin/bindguard check --unit %n    (addresses from /etc/bindguard/UNIT.yaml
+                                                        or discovered from nginx, sshd, ...)"""
 
 EPILOG = EXIT_CODES_HELP
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("listen", nargs="*", metavar="LISTEN", help="an address the daemon binds (see above)")
+    parser.add_argument("listen", nargs="*", metavar="LISTEN",
+                        help="an address the daemon binds (see above); none with --unit: the unit's YAML "
+                             "file, else discovery from its daemon's configuration")
     opts = parser.add_argument_group("the daemon's socket options (they change the kernel's answer)")
     opts.add_argument("--reuseaddr", dest="reuseaddr", action="store_true", default=None,
                       help="the daemon sets SO_REUSEADDR (default: nearly every server does)")
