@@ -48,17 +48,13 @@ def _read_unit(unit: str, user_bus: bool | None, sources):
     """discover_unit() with the unit's facts from the system (or user) manager over D-Bus; from
     the unit files when the manager cannot be asked (its .socket units are then not seen)."""
     from bindguard import discover, systemd
-    from bindguard.discover.unit import unit_facts_from
+    from bindguard.attribution import unit_facts
     from bindguard.discover.unitfile import unit_facts_from_files, unit_fragment
 
-    bus = systemd.choose_bus(user_bus)
     try:
-        with systemd.Systemd(bus) as connection:
-            return discover.discover_unit(unit, unit_facts_from(connection), sources)
-    except systemd.UnitNotFound as exc:
-        raise UsageError(str(exc)) from None
+        return discover.discover_unit(unit, lambda name: unit_facts(name, user_bus), sources)
     except systemd.SystemdUnavailable as exc:
-        user = bus == systemd.USER
+        user = systemd.choose_bus(user_bus) == systemd.USER
         if unit_fragment(unit, user) is None:
             raise BindguardError(f"cannot read {unit} from systemd ({exc}), and no unit file of that name was found",
                                  "check the name, or give the command line with --exec-start") from None
