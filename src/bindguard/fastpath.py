@@ -2,8 +2,8 @@
 
 The guard runs before every start of every unit it guards. Two answers need no argparse, no
 dataclasses, no ipaddress and no D-Bus, so they are given here from os and _socket alone:
-  - the every-service drop-in's unit with nothing to guard (no YAML file, a name discovery
-    knows nothing about): exit 0 after a few stat() calls;
+  - the every-service drop-in's unit with nothing to guard (no YAML file, neither its name nor
+    its unit files' ExecStart= name a daemon discovery knows): exit 0 after a few stat() calls;
   - every address can be bound, outside a unit or with --no-systemd: one trial bind each.
 Anything else (an error, an unusual option, a blocked address, a unit whose socket units must
 be checked) returns None, and the full command runs from the start; it, not this module, is
@@ -76,6 +76,7 @@ def check(args: list[str]) -> int | None:
     unit = None
     listen: list[str] = []
     no_systemd = False
+    user_bus = None
     rest = list(args)
     while rest:
         arg = rest.pop(0)
@@ -86,7 +87,7 @@ def check(args: list[str]) -> int | None:
         elif arg == "--no-systemd":
             no_systemd = True
         elif arg in BUS_FLAGS:
-            pass
+            user_bus = arg == "--user"
         elif name in ("--unit", "--wait"):
             if not eq:
                 if not rest:
@@ -113,6 +114,13 @@ def check(args: list[str]) -> int | None:
             return None
         if not listen:
             if unitfiles.daemon_for_unit_name(unit) is not None:
+                return None
+            from bindguard import unitexec
+
+            if user_bus is None:
+                manager = os.environ.get("MANAGERPID", "")
+                user_bus = manager.isdigit() and int(manager) != 1
+            if unitexec.runs_known_daemon(unit, user_bus):
                 return None
             output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
             return 0

@@ -212,9 +212,9 @@ def _user_manager(ctx) -> bool:
 def discovered(unit: str, unit_config, ctx) -> list:
     """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units').
 
-    The unit's command line is first read from its unit files (no D-Bus): a daemon bindguard knows
-    there is discovered whatever the unit is called. Otherwise systemd is asked over D-Bus, only for
-    a unit with a YAML file or a known daemon's name. Guesses count only for a unit with a YAML file.
+    The unit's command line is read from its unit files (no D-Bus), whatever the unit is called;
+    systemd is asked over D-Bus only for a unit not on disk that has a YAML file or a known
+    daemon's name. Guesses count only for a unit with a YAML file.
     """
     from bindguard import discover
     from bindguard.discover.unitfile import unit_facts_from_files
@@ -222,9 +222,9 @@ def discovered(unit: str, unit_config, ctx) -> list:
     sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
     if not sources:
         return []
-    result = discover.discover_unit(unit, lambda name: unit_facts_from_files(name, _user_manager(ctx)),
-                                    list(sources))
-    if not result.daemons:
+    facts = unit_facts_from_files(unit, _user_manager(ctx))
+    result = discover.discover_unit(unit, lambda name: facts, list(sources))
+    if not facts.exec_start:
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
             return []
         from bindguard.attribution import unit_facts

@@ -26,35 +26,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bindguard.discover.common import CONFIDENT, GUESS, Finding
+from bindguard.unitexec import DAEMONS, SHELLS
 from bindguard.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
 SOURCES = ("daemon-config", "exec-start", "socket-units")
 
-# ExecStart= binary name -> the module that knows the daemon.
-DAEMONS = {
-    "nginx": "nginx",
-    "apache2": "apache",
-    "apachectl": "apache",
-    "apache2ctl": "apache",
-    "httpd": "apache",
-    "haproxy": "haproxy",
-    "sshd": "sshd",
-    "redis-server": "redis",
-    "postgres": "postgres",
-    "postmaster": "postgres",
-    "pg_ctl": "postgres",
-    "pg_ctlcluster": "postgres",
-    "mariadbd": "mysql",
-    "mysqld": "mysql",
-    "mysqld_safe": "mysql",
-    "mariadbd-safe": "mysql",
-}
-SHELLS = ("sh", "bash", "dash", "zsh")
-
 
 @dataclass
 class UnitFacts:
-    """What systemd says about a unit, as plain data (from D-Bus; see unit_facts_from in the CLI)."""
+    """What systemd says about a unit, as plain data: over D-Bus (attribution.unit_facts) or from
+    its unit files (discover.unitfile.unit_facts_from_files)."""
 
     exec_start: list[list[str]] = field(default_factory=list)  # argv of each ExecStart=, unexpanded
     environment: list[str] = field(default_factory=list)  # Environment=, "NAME=value" each
