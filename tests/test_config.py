@@ -288,4 +288,4 @@ def test_kinds_and_actions_are_the_guards():
     from bindguard import guard, verdict
 
     assert config.CONFLICT_KINDS == verdict.KINDS
-    assert config.ACTIONS == guard.ACTIONS
+    assert config.ACTIONS == (guard.REFUSE, guard.WAIT, guard.WARN, guard.IGNORE)

@@ -139,7 +139,8 @@ def unit_facts(unit: str, bus_choice: bool | None = None):
         if info.sockets:
             for socket_unit in conn.socket_units():
                 if socket_unit.name in info.sockets:
-                    listens += [(entry.type, entry.address, socket_unit.name) for entry in socket_unit.listens]
+                    listens += [(entry.type, entry.address, socket_unit.name, socket_unit.bind_ipv6_only,
+                                 socket_unit.reuse_port) for entry in socket_unit.listens]
         return UnitFacts(
             exec_start=[list(cmd.argv) for cmd in info.exec_start],
             environment=list(info.environment),
