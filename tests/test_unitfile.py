@@ -99,3 +99,16 @@ def test_template_instance_specifiers_and_masking(unit_path):
     write(lib / "old.service.d" / "x.conf", "[Service]\nEnvironment=FROM_TARGET_NAME=1\n")
     aliased = unit_facts_from_files("alias.service")
     assert aliased.exec_start == [["/usr/bin/new-daemon"]] and aliased.environment == ["FROM_TARGET_NAME=1"]
+
+
+def test_runs_known_daemon_without_imports(unit_path, tmp_path):
+    from bindguard import unitexec
+
+    etc, _, lib = unit_path
+    write(lib / "a.service", "[Service]\nExecStart=/usr/bin/env LANG=C /usr/sbin/nginx -g 'daemon off;'\n")
+    write(lib / "b.service", "[Service]\nExecStart=/bin/sh -c \"ulimit -n 9; exec /usr/bin/redis-server /x.conf\"\n")
+    write(lib / "c.service", "[Service]\nExecStart=/usr/bin/python3 -m http.server 8000\n")
+    write(etc / "c.service.d" / "x.conf", "[Service]\nExecStart=\nExecStart=/usr/sbin/sshd -D\n")
+    write(lib / "d.service", "[Service]\nExecStart=/usr/bin/sleep infinity\n")
+    assert [unitexec.runs_known_daemon(u) for u in ("a.service", "b.service", "c.service", "d.service",
+                                                    "nothere.service")] == [True, True, True, False, False]

@@ -168,6 +168,9 @@ def _command_names(exec_start: str) -> list[str]:
     if not words:
         return []
     first = os.path.basename(words[0].lstrip("-@:+!"))
+    if first == "env":
+        rest = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        return [os.path.basename(rest[0])] if rest else []
     if first in SHELLS and "-c" in words[1:3]:
         return [os.path.basename(w.strip(";&|()`")) for w in words[words.index("-c") + 1:]]
     return [first]

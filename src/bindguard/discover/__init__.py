@@ -130,8 +130,19 @@ def expand_argv(argv: Sequence[str], env: dict[str, str]) -> list[str]:
     return words
 
 
+def _unwrap_env(argv: list[str]) -> list[str]:
+    """`env [-i] [NAME=VALUE ...] COMMAND ...` -> COMMAND ... (the assignments are the daemon's business)."""
+    if argv and os.path.basename(argv[0]) == "env":
+        rest = argv[1:]
+        while rest and (rest[0].startswith("-") or "=" in rest[0]):
+            rest = rest[1:]
+        return rest
+    return argv
+
+
 def _commands(argv: list[str], env: dict[str, str]) -> list[list[str]]:
-    """The command lines to look at: argv itself, or the commands inside `sh -c SCRIPT`."""
+    """The command lines to look at: argv itself (past `env`), or the commands inside `sh -c SCRIPT`."""
+    argv = _unwrap_env(argv)
     if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] == "-c":
         import shlex
 
@@ -149,7 +160,7 @@ def _commands(argv: list[str], env: dict[str, str]) -> list[list[str]]:
             elif word != "exec" or current:
                 current.append(word)
         commands.append(current)
-        return [expand_argv(c, env) for c in commands if c]
+        return [_unwrap_env(expand_argv(c, env)) for c in commands if c]
     return [argv]
 
 
