@@ -8,4 +8,6 @@ COMMANDS = {
     "explain": ("bindguard.commands.explain", "what is on these addresses, who holds them, and how to fix it"),
     "config": ("bindguard.commands.config", "validate YAML configuration files; show a unit's merged configuration"),
     "discover": ("bindguard.commands.discover", "what a unit will bind, from its daemon's configuration and its unit"),
+    "scan": ("bindguard.commands.scan", "every listener, socket unit and declared address on this host; what needs attention"),
+    "verify": ("bindguard.commands.verify", "after the start: the unit's own processes listen where intended (ExecStartPost=)"),
 }
