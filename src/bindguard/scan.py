@@ -245,17 +245,20 @@ def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket
                                          == (local.proto, local.host, local.port)), None)
 
 
-def _will_run(info) -> bool:
+def _will_run(info, live_sockets: set[str]) -> bool:
+    """Running, enabled, or activated by a .socket unit that listens (or will, being enabled)."""
     from bindguard import systemd
 
-    return info.active_state in ACTIVE_STATES or info.unit_file_state in systemd.ENABLED_STATES
+    return (info.active_state in ACTIVE_STATES or info.unit_file_state in systemd.ENABLED_STATES
+            or any(unit in live_sockets for unit in info.sockets))
 
 
-def _service_claims(scan: Scan, connection) -> list:
+def _service_claims(scan: Scan, connection, socket_units) -> list:
     """Claims of every loaded service and every unit with a bindguard file; returns the UnitInfos read."""
     from bindguard import config, discover, systemd
     from bindguard.errors import ConfigError
 
+    live_sockets = {u.name for u in socket_units if u.listening or u.unit_file_state in systemd.ENABLED_STATES}
     names = {u for u in config.configured_units() if u.endswith(".service")}
     if connection is not None:
         names |= {name for name, load, _ in connection.list_units("*.service") if load == "loaded"}
@@ -274,7 +277,7 @@ def _service_claims(scan: Scan, connection) -> list:
             infos.append(info)
             state.active_state, state.unit_file_state = info.active_state, info.unit_file_state
             state.n_restarts, state.result = info.n_restarts, info.result
-        will_run = _will_run(info) if info is not None else None
+        will_run = _will_run(info, live_sockets) if info is not None else None
         try:
             unit_config = config.load_unit_config(name)
         except ConfigError as exc:
@@ -494,7 +497,7 @@ def run(bus_choice: bool | None = None, use_systemd: bool = True) -> Scan:
                 socket_units = connection.socket_units()
             _attribute_listeners(scan, connection, manager_pid, socket_units)
             _socket_unit_claims(scan, socket_units)
-            infos = _service_claims(scan, connection)
+            infos = _service_claims(scan, connection, socket_units)
         except systemd.SystemdUnavailable as exc:
             scan.notes.append(f"{exc}; the scan is incomplete")
         _listening_claims(scan)
