@@ -269,3 +269,27 @@ def test_scan_under_systemd_units_socket_units_and_restart_loops(systemd_rig, tm
     table = rig.run(["env", f"BINDGUARD_CONFIG_PATH={config}", *BINDGUARD, "scan", "--user"])
     assert "demo.socket (systemd)" in table.stdout
     assert "<4>bindguard: scan: socket-unit-collision on 18090/tcp" in table.stderr
+
+
+@pytest.mark.integration
+def test_unit_facts_adapter_reads_what_discovery_needs(systemd_rig, monkeypatch):
+    from bindguard.systemd import USER, Systemd
+
+    rig = systemd_rig
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", rig.bus_address)
+    monkeypatch.setenv("SYSTEMD_BUS_TIMEOUT", "10s")
+    rig.write_unit("api.socket", "[Socket]\nListenStream=127.0.0.1:18111\nListenDatagram=[::1]:18112\n"
+                   "ListenStream=%t/api.sock\n", reload=False)
+    rig.write_unit("api.service", f"""\
+[Service]
+ExecStart=/usr/bin/env api --port 18110
+Environment=A=1
+EnvironmentFile=-{rig.root}/api.env
+""")
+    assert rig.start("api.socket").ok  # loaded units: the running socket unit references its service
+    with Systemd(USER) as sd:
+        facts = sd.unit_facts("api.service")
+        assert [u for u, load, active in sd.list_units("api.*")] == ["api.service", "api.socket"]
+    assert facts.exec_start == [["/usr/bin/env", "api", "--port", "18110"]]
+    assert facts.environment == ["A=1"] and facts.environment_files == [f"-{rig.root}/api.env"]
+    assert facts.socket_listens == [("Stream", "127.0.0.1:18111", "api.socket"), ("Datagram", "[::1]:18112", "api.socket")]

@@ -232,12 +232,15 @@ def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket
 
     endpoints = [(unit.name, endpoint) for unit in socket_units for listen in unit.listens
                  for endpoint in [systemd.listen_endpoint(listen, unit.bind_ipv6_only)[0]]]
+    units_of_pids: dict[int, str | None] = {}
     for listener in scan.listeners:
         process = listener.process
         if process is None:
             continue
         if connection is not None:
-            listener.unit = connection.unit_of_pid(process.pid) or listener.unit
+            if process.pid not in units_of_pids:
+                units_of_pids[process.pid] = connection.unit_of_pid(process.pid)
+            listener.unit = units_of_pids[process.pid] or listener.unit
         if process.pid == manager_pid or (manager_pid is None and listener.unit == "init.scope"):
             listener.by_manager = True
             local = listener.socket.local
@@ -377,6 +380,15 @@ def _collisions(scan: Scan) -> None:
         scan.findings.append(Finding(kind, summary, evidence, fix, proto, port, units, addresses))
 
 
+def _active_state(connection, unit: str) -> str | None:
+    from bindguard import systemd
+
+    try:
+        return connection.unit(unit).active_state
+    except systemd.UnitNotFound:
+        return None
+
+
 def _unclaimed(scan: Scan, connection) -> None:
     states: dict[str, str] = {u.name: u.active_state for u in scan.units}
     for listener in scan.listeners:
@@ -386,7 +398,7 @@ def _unclaimed(scan: Scan, connection) -> None:
         if unit and unit.endswith(".service"):
             state = states.get(unit)
             if state is None and connection is not None:
-                state = connection.unit(unit).active_state
+                state = _active_state(connection, unit)
             if state is None or state in ACTIVE_STATES:
                 continue
         evidence = []
