@@ -162,3 +162,40 @@ StandardError=append:{log}
         assert "fix:" in text
     status = rig.systemctl("status", "--no-pager", "foreign.service").stdout
     assert "ExecStartPost=" in status and "status=98" in status
+
+
+@pytest.mark.integration
+def test_verify_discovers_a_real_nginx_units_addresses_over_the_user_bus(systemd_rig):
+    """No LISTEN and no bindguard file: verify asks the user manager for the unit's ExecStart=
+    (D-Bus) and reads the addresses from nginx's own configuration (`nginx -T`)."""
+    rig = systemd_rig
+    nginx = "/usr/sbin/nginx"
+    if not os.access(nginx, os.X_OK):
+        pytest.fail("nginx is missing: ./setup.sh --test installs it")
+    prefix = rig.root / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""\
+pid {prefix}/nginx.pid;
+error_log stderr;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{ listen 127.0.0.1:18120; }}
+}}
+""")
+    log = rig.log("nginx-verify.log")
+    rig.write_unit("web-nginx.service", f"""\
+[Service]
+ExecStart={nginx} -c {conf} -g "daemon off;"
+ExecStartPost={sys.executable} -m bindguard verify --timeout 3
+StandardError=append:{log}
+""")
+    run = rig.start("web-nginx.service")
+    assert run.ok, (run.output, log.read_text())
+    assert "<6>bindguard: verify: web-nginx.service serves 127.0.0.1:18120 as intended" in log.read_text()
