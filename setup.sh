@@ -47,4 +47,5 @@ if [ "${1:-}" = "--test" ]; then
 else
     .venv/bin/pip install -q --disable-pip-version-check -e .
 fi
+.venv/bin/python -m compileall -q src  # ready bytecode: the guard runs before every start
 echo "setup: done; run .venv/bin/bindguard --help" >&2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bindguard import config
+from bindguard import config, unitfiles
 from bindguard.endpoints import parse_listen
 from bindguard.errors import EXIT_CONFIG, ConfigError
 
@@ -21,7 +21,7 @@ def dirs(tmp_path, monkeypatch):
     found = {name: tmp_path / name for name in ("etc", "run", "lib")}
     for d in found.values():
         d.mkdir()
-    monkeypatch.setenv(config.SEARCH_PATH_ENV, ":".join(str(d) for d in found.values()))
+    monkeypatch.setenv(unitfiles.SEARCH_PATH_ENV, ":".join(str(d) for d in found.values()))
     return found
 
 
@@ -34,7 +34,7 @@ def write(path: Path, text: str) -> Path:
 def bindguard(*args: str, env_path: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if env_path is not None:
-        env[config.SEARCH_PATH_ENV] = env_path
+        env[unitfiles.SEARCH_PATH_ENV] = env_path
     return subprocess.run([sys.executable, "-m", "bindguard", *args], capture_output=True, text=True, env=env,
                           timeout=60)
 
@@ -230,7 +230,7 @@ def test_valid_example_file():
 # --- the CLI ------------------------------------------------------------------------------------
 
 def test_config_check_cli(dirs, tmp_path):
-    search = os.environ[config.SEARCH_PATH_ENV]
+    search = os.environ[unitfiles.SEARCH_PATH_ENV]
     good = write(dirs["etc"] / "web.service.yaml", "listen: [8080]\n")
     proc = bindguard("config", "check", "web.service", env_path=search)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{good}: ok\n", "")
@@ -250,7 +250,7 @@ def test_config_check_cli(dirs, tmp_path):
 
 
 def test_config_show_cli(dirs):
-    search = os.environ[config.SEARCH_PATH_ENV]
+    search = os.environ[unitfiles.SEARCH_PATH_ENV]
     main = write(dirs["lib"] / "web.service.yaml", "listen: [\"127.0.0.1:8080\"]\nwait: 10\n")
     drop = write(dirs["etc"] / "web.service.yaml.d" / "10.yaml", "wait: 2.5\npolicy: {orphan: warn}\n")
     proc = bindguard("config", "show", "web", env_path=search)

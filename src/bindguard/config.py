@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 from bindguard.endpoints import AddressError, Bind, Endpoint, SocketOptions, host_bindv6only, parse_listen
 from bindguard.errors import ConfigError
+from bindguard.unitfiles import _is_file, config_files, normalize_unit, search_path  # noqa: F401 (API too)
 
-DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
-SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
 
 # Conflict kinds and actions, as the verdict and the guard name them.
 CONFLICT_KINDS = (
@@ -43,7 +42,6 @@ DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
 TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery")
 LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES
-UNIT_SUFFIXES = (".service", ".socket", ".target", ".mount", ".timer", ".path", ".scope", ".slice", ".swap")
 
 
 @dataclass(frozen=True)
@@ -100,64 +98,6 @@ class UnitConfig:
             merged = {"v6only": bindv6only} | self.options | entry.options
             result.append(Bind(entry.endpoint, SocketOptions(**merged)))
         return result
-
-
-def search_path() -> list[str]:
-    value = os.environ.get(SEARCH_PATH_ENV)
-    if value is None:
-        return list(DEFAULT_SEARCH_PATH)
-    return [d for d in value.split(":") if d]
-
-
-def normalize_unit(unit: str) -> str:
-    """`nginx` -> `nginx.service`, as systemctl does for a name without a type suffix."""
-    if not unit or "/" in unit:
-        raise ConfigError(f"{unit!r} is not a unit name", "write a unit name such as nginx.service")
-    return unit if unit.endswith(UNIT_SUFFIXES) else unit + ".service"
-
-
-def _names(unit: str) -> list[str]:
-    """The unit's own name and, for an instance foo@bar.service, its template foo@.service."""
-    names = [unit]
-    prefix, at, rest = unit.partition("@")
-    if at and not rest.startswith("."):
-        names.append(f"{prefix}@{rest[rest.rfind('.'):]}")
-    return names
-
-
-def _is_file(path: str) -> bool:
-    try:
-        return os.path.isfile(path)
-    except (OSError, ValueError):
-        return False
-
-
-def config_files(unit: str) -> list[str]:
-    """The files that make up a unit's configuration, in the order they apply. Uses os only."""
-    dirs = search_path()
-    main = None
-    for name in _names(unit):
-        for d in dirs:
-            candidate = os.path.join(d, name + ".yaml")
-            if os.path.lexists(candidate):
-                main = candidate  # a file (even empty, or a link to /dev/null) masks those below
-                break
-        if main is not None:
-            break
-    dropins: dict[str, str] = {}
-    for name in reversed(_names(unit)):  # the instance's drop-ins mask the template's
-        for d in reversed(dirs):  # lower precedence first, so higher ones overwrite
-            dropin_dir = os.path.join(d, name + ".yaml.d")
-            try:
-                entries = os.listdir(dropin_dir)
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.endswith(".yaml"):
-                    dropins[entry] = os.path.join(dropin_dir, entry)
-    files = [main] if main is not None and _is_file(main) else []
-    files += [dropins[name] for name in sorted(dropins) if _is_file(dropins[name])]
-    return files
 
 
 # --- reading and validating one file -------------------------------------------------------------
@@ -451,18 +391,19 @@ def _raise(problems: list[str], what: str) -> None:
     raise error
 
 
-def load_unit_config(unit: str, explicit: str | os.PathLike | None = None) -> UnitConfig | None:
+def load_unit_config(unit: str | None, explicit: str | os.PathLike | None = None) -> UnitConfig | None:
     """The unit's merged configuration, or None when it has no file. Raises ConfigError listing every problem.
 
     With explicit (--config FILE), that one file is the whole configuration.
     """
-    unit = normalize_unit(unit)
     if explicit is not None:
         path = os.fspath(explicit)
+        unit = normalize_unit(unit) if unit else os.path.basename(path)
         if not _is_file(path):
             raise ConfigError(f"{path}: no such configuration file", "check the path given to --config")
         files = [path]
     else:
+        unit = normalize_unit(unit)
         files = config_files(unit)
         if not files:
             return None

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 from bindguard import errors
-from bindguard.endpoints import Bind
 from bindguard.attribution import SystemdContext
-from bindguard.facts import Evidence
-from bindguard.probe import ProbeResult, probe
+from bindguard.endpoints import Bind
+from bindguard.facts import Evidence, ProbeResult
+from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
     LATENT_SOCKET_UNIT,
@@ -26,7 +26,6 @@ from bindguard.verdict import (
 )
 
 REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
-ACTIONS = (REFUSE, WAIT, WARN, IGNORE)
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
 POLL_INTERVAL = 0.1
 
@@ -43,6 +42,7 @@ class Request:
     wait: float = DEFAULT_WAIT
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
     policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
+    guesses: frozenset[Bind] = frozenset()  # discovered by a guess: never enough to refuse, only warn
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
@@ -56,7 +56,6 @@ class Outcome:
     evidence: Evidence
     waited: float = 0.0
     waited_for: list[str] = field(default_factory=list)
-    deadline_hit: bool = False
     reaped: list[str] = field(default_factory=list)
 
     @property
@@ -80,7 +79,7 @@ def _tentative_addresses() -> frozenset:
     return frozenset(found)
 
 
-def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Request) -> Evidence:
+def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
     """Gather the evidence about the ports that failed (all of them when results is None)."""
     from bindguard import owners, sockets
 
@@ -104,7 +103,7 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Reque
         evidence.tentative = _tentative_addresses()
     inodes = {s.inode for s in evidence.sockets if s.inode}
     if inodes:
-        found = owners.find_holders(inodes)
+        found = owners.find_holders(inodes, first_pids=owners.socket_cgroup_pids(evidence.sockets))
         for inode, pids in found.items():
             for pid in pids:
                 facts = owners.process_facts(pid)
@@ -118,12 +117,20 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Reque
     return evidence
 
 
+def _action(conflict: Conflict, request: Request) -> str:
+    action = request.policy.get(conflict.kind) or default_action(conflict)
+    if conflict.bind in request.guesses and action in (REFUSE, WAIT):
+        conflict.evidence.append("the address is a guess from the unit's command line: a warning only")
+        return WARN
+    return action
+
+
 def _investigate(request: Request, systemd_cache: dict) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
     results = probe(request.binds, request.daemon_uid)
     failed = [r for r in results if not r.ok]
     evidence = Evidence()
     if failed or request.observe_always:
-        evidence = observe(request.binds, None if request.observe_always else results, request)
+        evidence = observe(request.binds, None if request.observe_always else results)
     ctx = request.systemd
     if ctx is not None and (ctx.in_unit or request.observe_always or evidence.holders):
         holder_pids = frozenset(p.pid for p in evidence.holders.values())
@@ -195,7 +202,7 @@ def run(request: Request) -> Outcome:
     while True:
         results, evidence, conflicts = _investigate(request, systemd_cache)
         evidence.notes.extend(notes)
-        actions = {id(c): request.policy.get(c.kind) or default_action(c) for c in conflicts}
+        actions = {id(c): _action(c, request) for c in conflicts}
         refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
         waiting = [c for c in conflicts if actions[id(c)] == WAIT]
         shown = [c for c in conflicts if actions[id(c)] != IGNORE]
@@ -220,6 +227,5 @@ def run(request: Request) -> Outcome:
         clears_in = _seconds_until_clear(waiting)
         hopeless = clears_in is not None and now + clears_in > deadline + 1.0
         if now >= deadline or hopeless:
-            return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for,
-                           deadline_hit=True, reaped=reaped)
+            return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for, reaped=reaped)
         time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))

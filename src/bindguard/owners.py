@@ -50,7 +50,7 @@ def find_holders(inodes: set[int], first_pids: Iterable[int] = (), *, every_hold
     seen: set[int] = set()
     first = sorted({pid for pid in first_pids if pid > 0})
     for group in (first, None):
-        pids = group if group is not None else _all_pids()
+        pids = group if group is not None else _own_namespace_first(_all_pids())
         for pid in pids:
             if pid in seen:
                 continue
@@ -67,6 +67,23 @@ def find_holders(inodes: set[int], first_pids: Iterable[int] = (), *, every_hold
 
 def _all_pids() -> list[int]:
     return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _own_namespace_first(pids: list[int]) -> list[int]:
+    """Processes in this network namespace first: a socket's holder nearly always lives where the
+    socket does, and on a host full of containers one stat() per process spares thousands of
+    fd reads. The others follow, for a socket passed across namespaces."""
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return pids
+    here, elsewhere = [], []
+    for pid in pids:
+        try:
+            (here if os.stat(f"/proc/{pid}/ns/net").st_ino == own else elsewhere).append(pid)
+        except OSError:  # gone, or not ours to look at: keep it in the first round
+            here.append(pid)
+    return here + elsewhere
 
 
 def _socket_inodes_of(pid: int, wanted: set[int], holders: Holders) -> set[int]:
@@ -140,12 +157,12 @@ def _or_empty(read, default):
         return default
 
 
-def process_cgroup(pid: int) -> str | None:
+def process_cgroup(pid: int | str) -> str | None:
     """The cgroup path systemd tracks the process by, from /proc/PID/cgroup.
 
-    The unified (cgroup2, `0::`) line, unless it is `/` while the name=systemd (cgroup v1)
-    line says more: on legacy hosts only the v1 hierarchy is in use and the `0::` line
-    exists but stays at the root. None if the process is gone.
+    The unified (cgroup2, `0::`) line when it names a unit, else the name=systemd (cgroup v1)
+    line: on legacy and hybrid hosts a manager may track its units in the v1 hierarchy while
+    the `0::` line stays elsewhere. None if the process is gone.
     """
     try:
         with open(f"/proc/{pid}/cgroup") as f:
@@ -165,7 +182,7 @@ def cgroup_from_proc_file(text: str) -> str | None:
             unified = path
         elif controllers == "name=systemd":
             systemd_v1 = path
-    if unified is not None and (unified != "/" or systemd_v1 in (None, "/")):
+    if unified is not None and (unit_from_cgroup(unified) or systemd_v1 in (None, "/")):
         return unified
     return systemd_v1 if systemd_v1 is not None else unified
 

@@ -1,6 +1,6 @@
-"""One module per subcommand: each has HELP, add_arguments(parser) and run(args) -> exit code.
+"""One module per subcommand: each has DESCRIPTION, add_arguments(parser) and run(args) -> exit code.
 
-cli.py imports only the module of the subcommand being run, so `check` pays for nothing else.
+parser.py imports only the module of the subcommand being run, so `check` pays for nothing else.
 """
 
 COMMANDS = {
@@ -8,6 +8,8 @@ COMMANDS = {
     "explain": ("bindguard.commands.explain", "what is on these addresses, who holds them, and how to fix it"),
     "config": ("bindguard.commands.config", "validate YAML configuration files; show a unit's merged configuration"),
     "discover": ("bindguard.commands.discover", "what a unit will bind, from its daemon's configuration and its unit"),
+    "install": ("bindguard.commands.install", "add the guard to a unit as a drop-in (ExecStartPre=), then daemon-reload"),
+    "uninstall": ("bindguard.commands.uninstall", "remove the drop-in `bindguard install` wrote"),
     "scan": ("bindguard.commands.scan", "every listener, socket unit and declared address on this host; what needs attention"),
     "verify": ("bindguard.commands.verify", "after the start: the unit's own processes listen where intended (ExecStartPost=)"),
 }

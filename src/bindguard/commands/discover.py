@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from bindguard import output
-from bindguard.errors import EXIT_CLEAR, UsageError
+from bindguard.errors import EXIT_CLEAR, BindguardError, UsageError
 
 DESCRIPTION = """\
 Print each address a unit will bind, with its source and a confidence:
@@ -37,16 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--daemon", metavar="NAME", help="read this daemon's configuration (nginx, sshd, ...)")
     parser.add_argument("--config", metavar="FILE", help="with --daemon: the daemon's configuration file")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    bus = parser.add_mutually_exclusive_group()
+    bus.add_argument("--user", dest="user_bus", action="store_true", default=None, help="a unit of the user manager")
+    bus.add_argument("--system", dest="user_bus", action="store_false", help="a unit of the system manager")
 
 
-def unit_facts_provider():
-    """Where `discover UNIT` gets a unit's ExecStart=, environment and socket units: the systemd
-    module's D-Bus reader, bindguard.systemd.unit_facts(unit) -> discover.UnitFacts."""
-    try:
-        from bindguard import systemd
-    except ImportError:
-        return None
-    return getattr(systemd, "unit_facts", None)
+def unit_facts_provider(args: argparse.Namespace):
+    """Where `discover UNIT` gets a unit's ExecStart=, environment and socket units: D-Bus."""
+    from bindguard.attribution import unit_facts
+
+    return lambda unit: unit_facts(unit, args.user_bus)
 
 
 def _options_text(bind) -> str:
@@ -93,11 +93,13 @@ def _discover(args: argparse.Namespace):
     if not args.unit:
         raise UsageError("name a unit, or give --exec-start CMDLINE or --daemon NAME",
                          "e.g. bindguard discover nginx.service")
-    provider = unit_facts_provider()
-    if provider is None:
-        raise UsageError(f"reading {args.unit} from systemd is not available in this build",
-                         "give the unit's command line with --exec-start")
-    return discover.discover_unit(unit, provider, sources)
+    from bindguard.systemd import SystemdUnavailable
+
+    try:
+        return discover.discover_unit(unit, unit_facts_provider(args), sources)
+    except SystemdUnavailable as exc:
+        raise BindguardError(f"cannot read {unit} from systemd: {exc}",
+                             "give the unit's command line with --exec-start") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from bindguard import output
-from bindguard.commands.check import add_request_arguments, add_systemd_arguments, build_binds
+from bindguard.commands import check
 from bindguard.endpoints import TCP, Bind, addresses_overlap
 from bindguard.errors import EXIT_INUSE, UsageError
 from bindguard.facts import BOUND, ProcessFact, SocketFact
@@ -56,8 +56,10 @@ POLL_INTERVAL = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_request_arguments(parser)
-    add_systemd_arguments(parser)
+    check.add_request_arguments(parser)
+    check.add_systemd_arguments(parser)
+    parser.add_argument("--config", metavar="FILE",
+                        help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"wait at most this long for the daemon to listen (default {DEFAULT_TIMEOUT:g}); "
                              "keep it well within the unit's TimeoutStartSec=")
@@ -87,38 +89,28 @@ class Check:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool]:
-    """The unit, its addresses, and whether IPV6_V6ONLY was stated (then it is checked too)."""
+    """The unit, its addresses (as `check` plans them), and whether IPV6_V6ONLY was stated."""
     from bindguard import config, systemd
 
     unit = args.unit or systemd.guarded_unit()
     if not unit:
         raise UsageError("verify needs the unit whose processes must own the addresses",
                          "run it from the unit's ExecStartPost=, or give --unit NAME")
-    unit = config.normalize_unit(unit)
-    if args.listen:
-        return unit, build_binds(args), args.v6only is not None
-    unit_config = config.load_unit_config(unit)
-    if unit_config is not None and unit_config.listen is not None:
-        explicit = "v6only" in unit_config.options or any("v6only" in e.options for e in unit_config.listen)
-        return unit, unit_config.binds(), explicit
-    if args.no_systemd:
-        raise UsageError(f"no address to verify for {unit}: no LISTEN, and no listen: in its bindguard file",
+    args.unit = config.normalize_unit(unit)
+    if not args.listen and args.no_systemd and args.config is None and config.load_unit_config(args.unit) is None:
+        raise UsageError(f"no address to verify for {args.unit}: no LISTEN, and no bindguard file",
                          "give the addresses, e.g. `bindguard verify 0.0.0.0:80`")
-    from bindguard import discover
-
-    sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
-    try:
-        with systemd.Systemd(systemd.choose_bus(args.user_bus)) as connection:
-            found = discover.discover_unit(unit, connection.unit_facts, [s for s in discover.SOURCES if s in sources])
-    except (systemd.SystemdUnavailable, systemd.UnitNotFound) as exc:
-        raise UsageError(f"cannot discover the addresses of {unit}: {exc}", "give them as LISTEN arguments") from None
-    for warning in found.warnings:
-        output.warning(warning)
-    binds = found.daemon_binds()
+    plan = check.plan(args, check.systemd_context(args))
+    if plan is None or not plan.binds:
+        raise UsageError(f"no address to verify for {args.unit}: no LISTEN, no listen: in its bindguard file, "
+                         "and discovery found none", "give the addresses as LISTEN arguments")
+    for line in plan.sources:
+        output.emit(output.INFO, f"bindguard: verifying {line}")
+    binds = [b for b in plan.binds if b not in plan.guesses]
     if not binds:
-        raise UsageError(f"no address to verify for {unit}: discovery found none it is sure of",
-                         f"give them as LISTEN arguments, or a listen: list in {unit}.yaml")
-    return unit, binds, True
+        raise UsageError(f"discovery only guessed the addresses of {args.unit}; verify does not judge on guesses",
+                         "give the addresses as LISTEN arguments, or a listen: list in its bindguard file")
+    return args.unit, binds, args.v6only is not None or not args.listen
 
 
 def _observe(binds: list[Bind], notes: list[str]) -> dict[tuple[str, int], list[SocketFact]]:

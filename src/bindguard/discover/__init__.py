@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bindguard.discover.common import CONFIDENT, GUESS, Finding
+from bindguard.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
 SOURCES = ("daemon-config", "exec-start", "socket-units")
 
