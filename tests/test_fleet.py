@@ -41,7 +41,8 @@ def _need(tool: str, package: str) -> str:
 def wheel(tmp_path_factory) -> Path:
     """bindguard's wheel, built offline by setuptools' PEP 517 backend from a copy of the source."""
     build = tmp_path_factory.mktemp("build")
-    shutil.copytree(REPO / "src", build / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for directory in ("src", "bin"):
+        shutil.copytree(REPO / directory, build / directory, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, build / name)
     done = subprocess.run([SYSTEM_PYTHON, "-c", "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"],

@@ -51,6 +51,8 @@ def test_assess_each_kind():
     dual = _listener("[::]:80", 1, "web.service", v6only=False)
     assert _assess("[::]:80", dual, v6only=True).ok  # v6only not stated: not checked
     assert _assess("[::]:80", dual, v6only=True, stated=True).kind == WRONG_ADDRESS
+    loopback = _listener("[::1]:80", 1, "web.service", v6only=True)  # the kernel sets it for a specific address
+    assert _assess("[::1]:80", loopback, v6only=False, stated=True).ok
 
 
 # --- the command line, in a network namespace --------------------------------------------------
@@ -190,12 +192,12 @@ http {{
 }}
 """)
     log = rig.log("nginx-verify.log")
-    rig.write_unit("web-nginx.service", f"""\
+    rig.write_unit("nginx.service", f"""\
 [Service]
 ExecStart={nginx} -c {conf} -g "daemon off;"
 ExecStartPost={sys.executable} -m bindguard verify --timeout 3
 StandardError=append:{log}
 """)
-    run = rig.start("web-nginx.service")
+    run = rig.start("nginx.service")
     assert run.ok, (run.output, log.read_text())
-    assert "<6>bindguard: verify: web-nginx.service serves 127.0.0.1:18120 as intended" in log.read_text()
+    assert "<6>bindguard: verify: nginx.service serves 127.0.0.1:18120 as intended" in log.read_text()

@@ -411,19 +411,3 @@ def load_unit_config(unit: str | None, explicit: str | os.PathLike | None = None
     if problems:
         _raise(problems, f"the configuration of {unit}")
     return config
-
-
-def configured_units() -> list[str]:
-    """Every unit with a configuration file or drop-in directory in the search path (templates left out)."""
-    units: set[str] = set()
-    for directory in search_path():
-        try:
-            entries = os.listdir(directory)
-        except OSError:
-            continue
-        for entry in entries:
-            name = entry[: -len(".yaml")] if entry.endswith(".yaml") else entry[: -len(".yaml.d")] \
-                if entry.endswith(".yaml.d") else None
-            if name and name.endswith(UNIT_SUFFIXES) and not name.split(".")[0].endswith("@"):
-                units.add(name)
-    return sorted(units)

@@ -39,6 +39,7 @@ CONFLICT_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION)
 EXIT_ATTENTION = 1
 BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
 ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
 RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
 
 # Sources of a claim.
@@ -250,19 +251,17 @@ def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket
 
 def _will_run(info, live_sockets: set[str]) -> bool:
     """Running, enabled, or activated by a .socket unit that listens (or will, being enabled)."""
-    from bindguard import systemd
-
-    return (info.active_state in ACTIVE_STATES or info.unit_file_state in systemd.ENABLED_STATES
+    return (info.active_state in ACTIVE_STATES or info.unit_file_state in ENABLED_STATES
             or any(unit in live_sockets for unit in info.sockets))
 
 
 def _service_claims(scan: Scan, connection, socket_units) -> list:
     """Claims of every loaded service and every unit with a bindguard file; returns the UnitInfos read."""
-    from bindguard import config, discover, systemd
+    from bindguard import config, discover, systemd, unitfiles
     from bindguard.errors import ConfigError
 
-    live_sockets = {u.name for u in socket_units if u.listening or u.unit_file_state in systemd.ENABLED_STATES}
-    names = {u for u in config.configured_units() if u.endswith(".service")}
+    live_sockets = {u.name for u in socket_units if u.listening or u.unit_file_state in ENABLED_STATES}
+    names = {u for u in unitfiles.configured_units() if u.endswith(".service")}
     if connection is not None:
         names |= {name for name, load, _ in connection.list_units("*.service") if load == "loaded"}
     infos = []
@@ -270,7 +269,7 @@ def _service_claims(scan: Scan, connection, socket_units) -> list:
         info = None
         if connection is not None:
             try:
-                info = connection.unit(name)
+                info = connection.unit(name, file_state=True)
             except systemd.UnitNotFound:
                 info = None
             if info is not None and info.load_state != "loaded":
@@ -312,7 +311,7 @@ def _socket_unit_claims(scan: Scan, socket_units) -> None:
     from bindguard import systemd
 
     for unit in socket_units:
-        will_run = unit.listening or unit.unit_file_state in systemd.ENABLED_STATES
+        will_run = unit.listening or unit.unit_file_state in ENABLED_STATES
         for listen in unit.listens:
             endpoint, v6only = systemd.listen_endpoint(listen, unit.bind_ipv6_only)
             bind = Bind(endpoint, SocketOptions(reuseport=unit.reuse_port, v6only=v6only))

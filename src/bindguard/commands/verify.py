@@ -211,7 +211,9 @@ def assess(bind: Bind, sockets_on_port: list[SocketFact], holders: dict[int, Hol
         who = f"PID {p.pid} ({' '.join(p.cmdline) or p.name})" if p else "another process"
         check.fix = (f"{who} is bound to {ep} as well (SO_REUSEPORT, or SO_REUSEADDR for UDP), and the kernel "
                      f"splits the traffic between it and {unit}: stop it, or give one of them another address")
-    elif v6only_stated and any(h.socket.v6only is not None and h.socket.v6only != bind.v6only for h in ours):
+    elif v6only_stated and ep.is_wildcard and ep.host.version == 6 and any(
+            h.socket.v6only is not None and h.socket.v6only != bind.v6only for h in ours):
+        # (binding a specific IPv6 address sets IPV6_V6ONLY in the kernel: only [::] can differ)
         check.kind = WRONG_ADDRESS
         want = "IPV6_V6ONLY" if bind.v6only else "dual-stack"
         check.evidence = [f"{_who(h)}, v6only={h.socket.v6only}" for h in ours]
