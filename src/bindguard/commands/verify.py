@@ -22,14 +22,14 @@ a listener or --timeout runs out, then reports and exits non-zero if anything is
 that the start fails and `systemctl status` shows why:
 
   not-listening   nothing listens on the address: the daemon never reached listen()
-  wrong-address   the unit listens on this port, but on another address (or another
-                  IPV6_V6ONLY setting than --v6only/--no-v6only asked for)
+  wrong-address   the unit listens on this port, but on another address (or on [::] with
+                  another IPV6_V6ONLY than --v6only/--no-v6only or its configuration says)
   shared          a process outside the unit is bound to the address too (SO_REUSEPORT, or
                   SO_REUSEADDR for UDP): the kernel splits the traffic between them
   foreign-owner   a process outside the unit owns the address
 
-The addresses are the LISTEN arguments; without them, those of the unit's bindguard file
-(listen:), else those discovered from its daemon's configuration, as for `check --unit`.
+The addresses are planned as `check` plans them: the LISTEN arguments; without them, the
+unit's bindguard file (listen:, or --config), else discovery from its daemon's configuration.
 The unit is --unit, else the unit verify runs in. The report goes to stderr with journald
 priority prefixes (plain on a terminal); stdout carries only --json.
 
