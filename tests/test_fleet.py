@@ -77,6 +77,12 @@ def _inventory(tmp_path: Path, hosts: dict[str, NetNS]) -> Path:
             "bindguard_prefix": str(home / "venv"),
             "bindguard_environment": {"BINDGUARD_CONFIG_PATH": str(home / "bindguard")},
         }
+    # host2 guards a user unit: the drop-in goes to its own XDG_CONFIG_HOME; no manager answers the reload
+    entries["host2"]["bindguard_guards"] = [{"unit": "web.service", "listen": ["127.0.0.1:80"], "user": True,
+                                             "check_args": "--wait 10"}]
+    entries["host2"]["bindguard_environment"] |= {
+        "XDG_CONFIG_HOME": str(tmp_path / "host2" / "config"), "XDG_RUNTIME_DIR": str(tmp_path / "host2"),
+        "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/host2/no-bus"}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps({"bindguard": {"hosts": entries, "vars": {
         "ansible_connection": "local", "bindguard_link": "", "bindguard_scan_args": "--no-systemd"}}}))
@@ -123,6 +129,8 @@ def test_playbook_installs_scans_gathers_and_fails_on_a_conflict(hosts, tmp_path
     assert report["counts"]["host2"]["conflicts"] == 0
     for name in hosts:
         assert (tmp_path / name / "venv" / "bin" / "bindguard").exists()
+    dropin = (tmp_path / "host2" / "config" / "systemd" / "user" / "web.service.d" / "bindguard.conf").read_text()
+    assert f"ExecStartPre=+{tmp_path}/host2/venv/bin/bindguard check --unit %n --user --wait 10 127.0.0.1:80" in dropin
 
     clean = _playbook(tmp_path, inventory, wheel, report_path, "--limit", "host2,host3")
     assert clean.returncode == 0, clean.stdout + clean.stderr

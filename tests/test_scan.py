@@ -249,7 +249,8 @@ def test_scan_under_systemd_units_socket_units_and_restart_loops(systemd_rig, tm
     loop = next(f for f in report["findings"] if f["kind"] == "restart-loop")
     assert loop["units"] == ["loop.service"]
     assert any("ExecStartPre=/bin/sh -c exit 98 exited 98" in e for e in loop["evidence"])
-    assert "RestartPreventExitStatus=98" in loop["fix"]
+    assert "RestartPreventExitStatus= does not see ExecStartPre= exit codes" in loop["fix"]
+    assert "StartLimitBurst=" in loop["fix"]
 
     listeners = {entry["address"]: entry for entry in report["listeners"]}
     assert listeners["127.0.0.1:18090"]["held_by_manager"] is True

@@ -483,9 +483,13 @@ def _restart_loops(scan: Scan, infos) -> None:
         evidence = [f"NRestarts={info.n_restarts}, ActiveState={info.active_state} ({info.sub_state}), "
                     f"Result={info.result}", f"{why}: EADDRINUSE, an address is in use"]
         probe = f"`bindguard explain {' '.join(addresses)}`" if addresses else "`bindguard explain ADDRESS`"
-        fix = (f"see who holds the address with {probe} and `systemctl status {info.name}`; add "
-               f"RestartPreventExitStatus=98 to the unit so that systemd stops restarting into the same conflict, "
-               f"then `systemctl reset-failed {info.name}` once it is resolved")
+        if why.startswith("ExecStartPre="):
+            stop = ("RestartPreventExitStatus= does not see ExecStartPre= exit codes (systemd checks only the main "
+                    "process): bound the retries with StartLimitIntervalSec= and StartLimitBurst= in [Unit]")
+        else:
+            stop = "add RestartPreventExitStatus=98 to the unit so that systemd stops restarting into the same conflict"
+        fix = (f"see who holds the address with {probe} and `systemctl status {info.name}`; {stop}; then "
+               f"`systemctl reset-failed {info.name}` once it is resolved")
         scan.findings.append(Finding(RESTART_LOOP, f"{info.name} restarts on a bind conflict", evidence, fix,
                                      units=(info.name,), addresses=addresses,
                                      port=min((c.bind.endpoint.port for c in scan.claims if c.unit == info.name),
