@@ -180,6 +180,11 @@ def test_scan_of_a_quiet_host_needs_no_attention(netns, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert "nothing needs attention (0 listeners, 0 declared addresses)" in done.stderr
+    no_bus = netns.run([*BINDGUARD, "scan", "--system", "--quiet"], env=dict(
+        os.environ, BINDGUARD_CONFIG_PATH=str(tmp_path), DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus"))
+    assert no_bus.returncode == 0, no_bus.stderr
+    assert "<5>  note: cannot connect to the system bus" in no_bus.stderr
+    assert "only units with a bindguard file are checked" in no_bus.stderr
 
 
 @pytest.mark.integration
