@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             {"address": str(f.bind.endpoint), "proto": f.bind.endpoint.proto, "source": f.source,
              "confidence": f.confidence, "note": f.note, "socket_unit": f.socket_unit,
              "reuseaddr": f.bind.options.reuseaddr, "reuseport": f.bind.options.reuseport,
-             "v6only": f.bind.v6only, "freebind": f.bind.options.freebind}
+             "v6only": f.bind.v6only, "freebind": f.bind.options.freebind, "survives": list(f.survives)}
             for f in result.findings]}, sys.stdout, indent=2)
         print()
         return EXIT_CLEAR
