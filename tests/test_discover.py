@@ -559,3 +559,13 @@ def test_env_wrapper_and_shell_are_seen_through(tmp_path):
                  ["/bin/sh", "-c", f"ulimit -n 4096 && exec env A=1 /usr/bin/redis-server {conf}"]):
         result = discover([argv], [], [], [], "cache.service")
         assert summary(result) == [("127.0.0.1:7778", f"{conf}:2", "confident")], argv
+
+
+def test_redis_optional_ipv6_on_a_host_without_ipv6(tmp_path, monkeypatch):
+    """Debian's `bind 127.0.0.1 -::1` where IPv6 is off: Redis skips ::1, so discovery must too."""
+    from bindguard.discover import redis
+
+    conf = write(tmp_path / "r.conf", "bind 127.0.0.1 -::1 ::2\nport 7001\n")
+    monkeypatch.setattr(redis, "ipv6_supported", lambda: False)
+    result = discover([["redis-server", str(conf)]], [], [], [], "redis.service")
+    assert [s[0] for s in summary(result)] == ["127.0.0.1:7001", "[::2]:7001 v6only"]  # ::2 has no '-'

@@ -20,6 +20,7 @@ from bindguard.discover.common import (
     parse_port,
     read_text,
 )
+from bindguard.endpoints import ipv6_supported
 
 DEFAULT_PORT = 6379
 DEFAULT_BIND = ["*", "-::*"]
@@ -97,6 +98,8 @@ def _emit(findings: Findings, settings: _Settings, conf: str | None) -> None:
         optional = address.startswith("-")
         host = address.lstrip("-")
         host = {"*": "0.0.0.0", "::*": "::"}.get(host, host)
+        if optional and ":" in host and not ipv6_supported():
+            continue  # Redis skips it: no IPv6 on this host (EAFNOSUPPORT counts as unavailable)
         note = "optional: Redis starts without it if the address is on no interface" if optional else ""
         survives = ("address-unavailable",) if optional else ()
         for port in ports:
