@@ -121,3 +121,8 @@ def test_predicted_conflicts_block_only_when_certain():
     conflicts = conflicts_for(bind("0.0.0.0:80"), errno.EACCES, None, ev, ROOT)
     assert [(c.kind, c.blocking, c.predicted) for c in conflicts] == [
         ("listener", True, True), ("time-wait", False, True)]
+
+
+def test_no_ipv6_in_the_namespace_is_address_unavailable():
+    (c,) = conflicts_for(bind("[::]:80"), errno.EAFNOSUPPORT, None, evidence(), ROOT)
+    assert c.kind == "address-unavailable" and c.blocking and "IPv6 is not available" in c.evidence[0]

@@ -57,7 +57,10 @@ def _open(spec: Spec, socket_uid: int | None) -> _socket.socket:
 
 
 def _attempt(spec: Spec, held: list, socket_uid: int | None) -> tuple[int, str]:
-    sock = _open(spec, socket_uid)
+    try:
+        sock = _open(spec, socket_uid)
+    except OSError as exc:  # EAFNOSUPPORT: no IPv6 in this namespace, as the daemon will find too
+        return exc.errno or errno.EIO, "socket"
     held.append(sock)
     try:
         sock.bind(spec[2])

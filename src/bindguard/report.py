@@ -57,6 +57,9 @@ def remedy(c: Conflict) -> str:
                 f"of them, or make the IPv6 socket v6only (nginx: `listen [::]:{ep.port} ipv6only=on`; "
                 "socket units: BindIPv6Only=ipv6-only)")
     if c.kind == ADDRESS_UNAVAILABLE:
+        if c.error == "EAFNOSUPPORT":
+            return ("the kernel has no IPv6 here (booted with ipv6.disable=1, or no IPv6 module): configure "
+                    "the daemon to bind IPv4 addresses only, or enable IPv6")
         if c.clears:
             return ("the IPv6 address is still in duplicate address detection and becomes usable in a "
                     "second or two; wait for it (bindguard does), or add it with `nodad`")

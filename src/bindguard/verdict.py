@@ -179,6 +179,9 @@ def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: 
     if collides_with is not None:
         return [Conflict(bind, SELF_CONFLICT, other_bind=collides_with, error=name,
                          evidence=[f"the request's own {collides_with} overlaps it"])]
+    if error == errno.EAFNOSUPPORT:
+        return [Conflict(bind, ADDRESS_UNAVAILABLE, error=name,
+                         evidence=["IPv6 is not available in this network namespace"])]
     if error in (errno.EADDRNOTAVAIL, errno.ENODEV):
         tentative = bind.endpoint.host in evidence.tentative
         return [Conflict(bind, ADDRESS_UNAVAILABLE, clears=tentative, error=name,
