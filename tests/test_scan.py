@@ -298,4 +298,5 @@ EnvironmentFile=-{rig.root}/api.env
         assert [u for u, load, active in sd.list_units("api.*")] == ["api.service", "api.socket"]
     assert facts.exec_start == [["/usr/bin/env", "api", "--port", "18110"]]
     assert facts.environment == ["A=1"] and facts.environment_files == [f"-{rig.root}/api.env"]
-    assert facts.socket_listens == [("Stream", "127.0.0.1:18111", "api.socket"), ("Datagram", "[::1]:18112", "api.socket")]
+    assert facts.socket_listens == [("Stream", "127.0.0.1:18111", "api.socket", "default", False),
+                                    ("Datagram", "[::1]:18112", "api.socket", "default", False)]

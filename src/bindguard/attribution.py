@@ -127,23 +127,10 @@ def unit_facts(unit: str, bus_choice: bool | None = None):
     Raises SystemdUnavailable without a bus, and UsageError for a unit systemd does not know.
     """
     from bindguard import systemd
-    from bindguard.discover import UnitFacts
     from bindguard.errors import UsageError
 
     with systemd.Systemd(systemd.choose_bus(bus_choice)) as conn:
         try:
-            info = conn.unit(unit)
+            return conn.unit_facts(unit)
         except systemd.UnitNotFound as exc:
             raise UsageError(str(exc), "give the unit's full name, e.g. nginx.service") from None
-        listens = []
-        if info.sockets:
-            for socket_unit in conn.socket_units():
-                if socket_unit.name in info.sockets:
-                    listens += [(entry.type, entry.address, socket_unit.name, socket_unit.bind_ipv6_only,
-                                 socket_unit.reuse_port) for entry in socket_unit.listens]
-        return UnitFacts(
-            exec_start=[list(cmd.argv) for cmd in info.exec_start],
-            environment=list(info.environment),
-            environment_files=[("-" if optional else "") + path for path, optional in info.environment_files],
-            socket_listens=listens,
-        )

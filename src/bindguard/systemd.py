@@ -464,11 +464,17 @@ class Systemd:
         units = self._call(_MANAGER_PATH, _MANAGER, b"ListUnitsByPatterns", b"asas", [[], [pattern.encode()]])
         return sorted((_text(name), _text(load), _text(active)) for name, _d, load, active, *_rest in units or ())
 
-    def socket_listens(self, name: str) -> list[Listen]:
-        """The network entries of one .socket unit's Listen property."""
+    def socket_listens(self, name: str) -> list[tuple[str, str, str, str, bool]]:
+        """The network entries of one .socket unit's Listen property, as discovery takes them:
+        (type, address, the unit's name, its BindIPv6Only=, its ReusePort=)."""
         path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
-        return [Listen(_text(kind), _text(address)) for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
-                if _is_network_listen(_text(kind), _text(address))]
+        listens = [(_text(kind), _text(address)) for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
+                   if _is_network_listen(_text(kind), _text(address))]
+        if not listens:
+            return []
+        bind_ipv6_only = _text(self._get(path, _SOCKET, b"BindIPv6Only", b"s"))
+        reuse_port = bool(self._get(path, _SOCKET, b"ReusePort", b"b"))
+        return [(kind, address, name, bind_ipv6_only, reuse_port) for kind, address in listens]
 
     def unit_facts(self, name: str, info: UnitInfo | None = None):
         """A service's settings as discovery takes them (bindguard.discover.UnitFacts)."""
@@ -479,10 +485,8 @@ class Systemd:
             exec_start=[list(command.argv) for command in info.exec_start],
             environment=list(info.environment),
             environment_files=[("-" if optional else "") + path for path, optional in info.environment_files],
-            socket_listens=[(entry.type, entry.address, socket_unit)
-                            for socket_unit in info.sockets for entry in self.socket_listens(socket_unit)],
+            socket_listens=[entry for socket_unit in info.sockets for entry in self.socket_listens(socket_unit)],
         )
-
 
 def _port_of(address: str) -> int | None:
     try:
