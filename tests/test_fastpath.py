@@ -45,6 +45,11 @@ ANSWERED = [  # the fast path must answer these itself
     ["--unit", "cron.service"],
     ["--unit=systemd-journald.service", "--user"],
 ]
+# Inside a unit the fast path reads the unit files, the full command asks D-Bus as well (and
+# says so when there is no bus): the same verdict, not the same words.
+ANSWERED_IN_UNIT = [
+    ["--unit", "web.service", "8080"],
+]
 DEFERRED = [  # these go to the full command, which knows better
     ["[::]:8080", "0.0.0.0:8080"],  # collides with itself
     ["127.000.0.1:8080"],
@@ -52,7 +57,6 @@ DEFERRED = [  # these go to the full command, which knows better
     ["70000"],
     ["[2001:db8::1]:8080"],
     ["--unit", "nginx.service"],  # discovery knows nginx
-    ["--unit", "web.service", "8080"],  # inside a unit: socket units are checked over D-Bus
     ["--json", "8080"],
     ["--wait", "-1", "8080"],
     ["--v6only", "[::ffff:127.0.0.1]:8080"],
@@ -65,14 +69,46 @@ DEFERRED = [  # these go to the full command, which knows better
 @pytest.mark.integration
 def test_fast_path_agrees_with_the_full_command(netns, tmp_path):
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
-    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(ANSWERED + DEFERRED)],
+    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(ANSWERED + ANSWERED_IN_UNIT + DEFERRED)],
                      env={"BINDGUARD_CONFIG_PATH": str(tmp_path), "PATH": "/usr/bin:/bin",
                           "PYTHONPATH": ":".join(sys.path)})
     assert proc.returncode == 0, proc.stderr
     for args, (fast_code, fast_err), (full_code, full_err) in json.loads(proc.stdout):
+        if args in ANSWERED_IN_UNIT:
+            assert fast_code == full_code == 0, (args, fast_err, full_err)
+            continue
         if args in ANSWERED:
             assert fast_code == 0, (args, fast_err, full_err)
         else:
             assert fast_code is None, (args, fast_err)
         if fast_code is not None:
             assert (fast_code, fast_err) == (full_code, full_err), args
+
+
+IN_UNIT = r"""
+import json, sys
+from bindguard import fastpath
+print(json.dumps([fastpath.check(args) for args in json.loads(sys.argv[1])]))
+"""
+
+
+@pytest.mark.integration
+def test_inside_a_unit_the_fast_path_reads_the_unit_files(netns, tmp_path):
+    units = tmp_path / "config" / "systemd" / "user"
+    (units / "sockets.target.wants").mkdir(parents=True)
+    (units / "web.service").write_text("[Service]\nExecStart=/usr/bin/webd\n")
+    (units / "loose.service").write_text("[Service]\nExecStart=/usr/bin/webd\nKillMode=process\n")
+    (units / "later.socket").write_text("[Socket]\nListenStream=0.0.0.0:8081\n[Install]\nWantedBy=sockets.target\n")
+    (units / "sockets.target.wants" / "later.socket").symlink_to(units / "later.socket")
+    cases = [
+        ["--user", "--unit", "web.service", "8080"],  # nothing else claims 8080: clear, no D-Bus
+        ["--user", "--unit", "web.service", "8081"],  # an enabled socket unit declares 8081
+        ["--user", "--unit", "loose.service", "8080"],  # KillMode=process deserves a warning
+        ["--user", "8080"],  # the unit from /proc/self/cgroup: none here, so the full command
+    ]
+    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "INVOCATION_ID": "0" * 32,
+           "PYTHONPATH": ":".join(sys.path)}
+    proc = netns.run([sys.executable, "-c", IN_UNIT, json.dumps(cases)], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [0, None, None, None]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from bindguard import owners
+from bindguard.unitexec import enabled_socket_units
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
 from bindguard.systemd import (
     SYSTEM,
@@ -18,7 +19,6 @@ from bindguard.systemd import (
     SystemdUnavailable,
     UnitNotFound,
     choose_bus,
-    enabled_socket_units,
     known_manager_pid,
     listen_endpoint,
 )

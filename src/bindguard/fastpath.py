@@ -102,11 +102,17 @@ def check(args: list[str]) -> int | None:
         else:
             listen.append(arg)
 
-    from bindguard import output
+    from bindguard import output, unitfiles
 
+    if user_bus is None:  # systemd.choose_bus(), without importing the D-Bus module
+        manager = os.environ.get("MANAGERPID", "")
+        user_bus = manager.isdigit() and int(manager) != 1
+    if unit is None and not no_systemd and os.environ.get("INVOCATION_ID"):
+        cgroup = unitfiles.process_cgroup("self")
+        unit = unitfiles.unit_from_cgroup(cgroup) if cgroup else None
+        if unit is None:
+            return None
     if unit is not None:
-        from bindguard import unitfiles
-
         if not unit or "/" in unit:
             return None
         unit = unitfiles.normalize_unit(unit)
@@ -117,15 +123,14 @@ def check(args: list[str]) -> int | None:
                 return None
             from bindguard import unitexec
 
-            if user_bus is None:
-                manager = os.environ.get("MANAGERPID", "")
-                user_bus = manager.isdigit() and int(manager) != 1
             if unitexec.runs_known_daemon(unit, user_bus):
                 return None
             output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
             return 0
-    if not listen or (not no_systemd and (unit is not None or os.environ.get("INVOCATION_ID"))):
-        return None  # inside a unit the full path also checks socket units over D-Bus
+    if not listen:
+        return None
+    if unit is not None and not no_systemd and _unit_needs_a_closer_look(unit, user_bus, listen):
+        return None
 
     from bindguard import host, probe
 
@@ -143,6 +148,28 @@ def check(args: list[str]) -> int | None:
         return None
     output.emit(output.INFO, f"bindguard: clear: {', '.join(shown)} can be bound")
     return 0
+
+
+def _unit_needs_a_closer_look(unit: str, user: bool, listen: list[str]) -> bool:
+    """Inside a unit the guard also warns about its KillMode= and about socket units that will
+    claim its ports. Both are read here from the unit files; only a unit where either may apply
+    goes to the full command (which asks systemd over D-Bus and compares addresses exactly)."""
+    from bindguard import unitexec
+
+    if unitexec.kill_mode(unit, user) in ("process", "none"):
+        return True
+    ports = {_port_of(text) for text in listen}
+    dirs = unitexec.unit_path(user)
+    return any(_port_of(value) in ports
+               for socket_unit in unitexec.enabled_socket_units(dirs)
+               for value in unitexec.socket_listen_values(socket_unit, user))
+
+
+def _port_of(listen_value: str) -> str:
+    """The port of a Listen value as written ("8080", "0.0.0.0:8080", "[::]:8080", "udp:..."): its
+    digits after the last colon; a path or vsock address gives something no port equals."""
+    digits = listen_value.rpartition(":")[2].strip()
+    return str(int(digits)) if digits.isdigit() else listen_value
 
 
 def _is_wait(value: str) -> bool:

@@ -11,10 +11,10 @@ import os
 from collections.abc import Iterable
 
 from bindguard.facts import ProcessFact, SocketFact
+from bindguard.unitfiles import cgroup_from_proc_file, process_cgroup, unit_from_cgroup  # noqa: F401 (API too)
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
 CGROUP_V1_SYSTEMD = "/sys/fs/cgroup/systemd"  # name=systemd hierarchy on legacy and hybrid hosts
-PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")  # units whose cgroup holds processes
 
 
 class Holders(dict[int, list[int]]):
@@ -155,53 +155,6 @@ def _or_empty(read, default):
         return read()
     except (psutil.AccessDenied, psutil.ZombieProcess):
         return default
-
-
-def process_cgroup(pid: int | str) -> str | None:
-    """The cgroup path systemd tracks the process by, from /proc/PID/cgroup.
-
-    The unified (cgroup2, `0::`) line when it names a unit, else the name=systemd (cgroup v1)
-    line: on legacy and hybrid hosts a manager may track its units in the v1 hierarchy while
-    the `0::` line stays elsewhere. None if the process is gone.
-    """
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            return cgroup_from_proc_file(f.read())
-    except OSError:
-        return None
-
-
-def cgroup_from_proc_file(text: str) -> str | None:
-    """The path process_cgroup() picks from the text of a /proc/PID/cgroup file."""
-    unified = systemd_v1 = None
-    for line in text.splitlines():
-        if line.count(":") < 2:
-            continue
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and controllers == "":
-            unified = path
-        elif controllers == "name=systemd":
-            systemd_v1 = path
-    if unified is not None and (unit_from_cgroup(unified) or systemd_v1 in (None, "/")):
-        return unified
-    return systemd_v1 if systemd_v1 is not None else unified
-
-
-def unit_from_cgroup(path: str) -> str | None:
-    """The systemd unit a cgroup path names: its innermost component that is a unit holding processes.
-
-    /system.slice/nginx.service -> nginx.service; /system.slice/foo.service/payload ->
-    foo.service; /user.slice/user-1000.slice/user@1000.service/app.slice/web.service ->
-    web.service (a unit of the user manager); /init.scope -> init.scope (PID 1). Slices
-    hold no processes of their own: /system.slice -> None. systemd's cgroup escaping (a
-    leading "_") is undone.
-    """
-    for component in reversed(path.split("/")):
-        name = component[1:] if component.startswith("_") else component
-        for suffix in PROCESS_UNIT_SUFFIXES:
-            if name.endswith(suffix) and len(name) > len(suffix):
-                return name
-    return None
 
 
 def cgroup_pids(cgroup_path: str, *, recursive: bool = True) -> list[int]:

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from bindguard.unitexec import enabled_socket_units
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint, host_bindv6only, parse_listen
 
 SYSTEM = "system"
@@ -191,30 +192,6 @@ def known_manager_pid(bus: str, environ: Mapping[str, str] | None = None) -> int
         return 1
     manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
     return int(manager) if manager.isdigit() else None
-
-
-def enabled_socket_units(unit_path: Iterable[str]) -> dict[str, str]:
-    """Socket units enabled in these unit directories (the manager's UnitPath): the symlinks in
-    their `*.wants/`, `*.requires/` and `*.upholds/` directories that `systemctl enable` makes.
-    Name -> "enabled", or "enabled-runtime" for /run. Unreadable directories are skipped."""
-    found: dict[str, str] = {}
-    for directory in unit_path:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            if not entry.name.endswith((".wants", ".requires", ".upholds")):
-                continue
-            try:
-                names = [e.name for e in os.scandir(entry.path)]
-            except OSError:
-                continue
-            state = "enabled-runtime" if directory.startswith("/run/") else "enabled"
-            for name in names:
-                if name.endswith(".socket") and not name.endswith("@.socket"):
-                    found.setdefault(name, state)
-    return found
 
 
 def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:

@@ -126,8 +126,8 @@ def unit_files(unit: str, user: bool = False) -> list[str]:
     return [fragment] + [chosen[e] for e in sorted(chosen) if os.path.isfile(chosen[e])]
 
 
-def _assignments(path: str):
-    """(key, value) in the [Service] section, continuation lines joined."""
+def _assignments(path: str, section_wanted: str = "Service"):
+    """(key, value) in one section, continuation lines joined."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
@@ -144,22 +144,64 @@ def _assignments(path: str):
         line, pending = pending + line, ""
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]
-        elif section == "Service" and "=" in line:
+        elif section == section_wanted and "=" in line:
             key, _, value = line.partition("=")
             yield key.strip(), value.strip()
 
 
-def service_settings(unit: str, user: bool = False) -> dict[str, list[str]]:
-    """The raw values of ExecStart=, Environment= and EnvironmentFile=, after resets."""
-    values: dict[str, list[str]] = {key: [] for key in LIST_KEYS}
+def unit_settings(unit: str, user: bool = False, section: str = "Service",
+                  keys: tuple[str, ...] = LIST_KEYS) -> dict[str, list[str]]:
+    """The raw values of list settings in one section, after resets (an empty assignment)."""
+    values: dict[str, list[str]] = {key: [] for key in keys}
     for path in unit_files(unit, user):
-        for key, value in _assignments(path):
+        for key, value in _assignments(path, section):
             if key in values:
                 if value:
                     values[key].append(value)
                 else:
                     values[key] = []
     return values
+
+
+def service_settings(unit: str, user: bool = False) -> dict[str, list[str]]:
+    """The raw values of ExecStart=, Environment= and EnvironmentFile=, after resets."""
+    return unit_settings(unit, user)
+
+
+def kill_mode(unit: str, user: bool = False) -> str:
+    """KillMode= as the unit files set it (the last assignment wins), "" when unset."""
+    values = unit_settings(unit, user, keys=("KillMode",))["KillMode"]
+    return values[-1] if values else ""
+
+
+def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Socket units enabled in these unit directories (the manager's UnitPath): the symlinks in
+    their `*.wants/`, `*.requires/` and `*.upholds/` directories that `systemctl enable` makes.
+    Name -> "enabled", or "enabled-runtime" for /run. Unreadable directories are skipped."""
+    found: dict[str, str] = {}
+    for directory in dirs:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.endswith((".wants", ".requires", ".upholds")):
+                continue
+            try:
+                names = [e.name for e in os.scandir(entry.path)]
+            except OSError:
+                continue
+            state = "enabled-runtime" if directory.startswith("/run/") else "enabled"
+            for name in names:
+                if name.endswith(".socket") and not name.endswith("@.socket"):
+                    found.setdefault(name, state)
+    return found
+
+
+def socket_listen_values(unit: str, user: bool = False) -> list[str]:
+    """A .socket unit's ListenStream= and ListenDatagram= values, as written."""
+    values = unit_settings(unit, user, "Socket", ("ListenStream", "ListenDatagram"))
+    return values["ListenStream"] + values["ListenDatagram"]
 
 
 def _command_names(exec_start: str) -> list[str]:

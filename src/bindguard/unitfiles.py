@@ -1,4 +1,4 @@
-"""Unit names and where a unit's bindguard files are: the standard library's os alone.
+"""Unit names, a process's unit from its cgroup, and where a unit's bindguard files are: os alone.
 
 This is on the path of every start the every-service drop-in guards, so finding that a unit
 has nothing to guard must cost a few stat() calls and nothing more.
@@ -11,6 +11,7 @@ import os
 DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
 SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
 UNIT_SUFFIXES = (".service", ".socket", ".target", ".mount", ".timer", ".path", ".scope", ".slice", ".swap")
+PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")  # units whose cgroup holds processes
 
 # Unit names of Debian's packaged daemons -> the discovery module that knows them. For these,
 # discovery (which asks systemd over D-Bus what the unit runs) is worth its price without a file.
@@ -109,3 +110,50 @@ def configured_units() -> list[str]:
             if name and name.endswith(UNIT_SUFFIXES) and not name.split(".")[0].endswith("@"):
                 units.add(name)
     return sorted(units)
+
+
+def process_cgroup(pid: int | str) -> str | None:
+    """The cgroup path systemd tracks the process by, from /proc/PID/cgroup.
+
+    The unified (cgroup2, `0::`) line when it names a unit, else the name=systemd (cgroup v1)
+    line: on legacy and hybrid hosts a manager may track its units in the v1 hierarchy while
+    the `0::` line stays elsewhere. None if the process is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return cgroup_from_proc_file(f.read())
+    except OSError:
+        return None
+
+
+def cgroup_from_proc_file(text: str) -> str | None:
+    """The path process_cgroup() picks from the text of a /proc/PID/cgroup file."""
+    unified = systemd_v1 = None
+    for line in text.splitlines():
+        if line.count(":") < 2:
+            continue
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        elif controllers == "name=systemd":
+            systemd_v1 = path
+    if unified is not None and (unit_from_cgroup(unified) or systemd_v1 in (None, "/")):
+        return unified
+    return systemd_v1 if systemd_v1 is not None else unified
+
+
+def unit_from_cgroup(path: str) -> str | None:
+    """The systemd unit a cgroup path names: its innermost component that is a unit holding processes.
+
+    /system.slice/nginx.service -> nginx.service; /system.slice/foo.service/payload ->
+    foo.service; /user.slice/user-1000.slice/user@1000.service/app.slice/web.service ->
+    web.service (a unit of the user manager); /init.scope -> init.scope (PID 1). Slices
+    hold no processes of their own: /system.slice -> None. systemd's cgroup escaping (a
+    leading "_") is undone.
+    """
+    for component in reversed(path.split("/")):
+        name = component[1:] if component.startswith("_") else component
+        for suffix in PROCESS_UNIT_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return name
+    return None
