@@ -7,7 +7,6 @@ is turned into a failure.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import holder
 import pytest
 
 TESTS = Path(__file__).resolve().parent
@@ -66,20 +66,8 @@ class NetNS:
 
     def hold(self, *specs: dict, uid: int | None = None) -> subprocess.Popen:
         """Start a process holding the sockets described by specs (see holder.py)."""
-        config: dict = {"sockets": list(specs)}
-        if uid is not None:
-            config["uid"] = uid
-        proc = subprocess.Popen(
-            self.argv([sys.executable, str(HOLDER), json.dumps(config)]),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        proc = holder.start(self.argv, specs, uid)
         self.processes.append(proc)
-        line = proc.stdout.readline().strip()
-        if line != "ready":
-            proc.kill()
-            raise RuntimeError(f"holder for {specs} did not start (exit {proc.wait()})")
         return proc
 
     def stop(self, proc: subprocess.Popen) -> None:

@@ -15,6 +15,7 @@ Prints one line "ready" when every socket is in place, then sleeps until stdin c
 import json
 import os
 import socket
+import subprocess
 import sys
 
 
@@ -77,6 +78,19 @@ def hold(spec, keep):
             listener.close()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def start(wrap, specs, uid=None) -> subprocess.Popen:
+    """Run this script (through `wrap`, which enters a namespace) holding specs; wait for "ready"."""
+    config = {"sockets": list(specs)}
+    if uid is not None:
+        config["uid"] = uid
+    proc = subprocess.Popen(wrap([sys.executable, os.path.abspath(__file__), json.dumps(config)]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"holder for {specs} did not start (exit {proc.wait()})")
+    return proc
 
 
 def main():

@@ -25,9 +25,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import holder
+
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
-HOLDER = TESTS / "holder.py"
 SERVE = TESTS / "serve.py"
 SYSTEMD = "/usr/lib/systemd/systemd"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -244,19 +245,8 @@ class SystemdRig:
 
     def hold(self, *specs: dict, uid: int | None = None) -> subprocess.Popen:
         """A tests/holder.py process holding these sockets in the rig's network namespace."""
-        config: dict = {"sockets": list(specs)}
-        if uid is not None:
-            config["uid"] = uid
-        proc = subprocess.Popen(
-            self.argv([sys.executable, str(HOLDER), json.dumps(config)]),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        proc = holder.start(self.argv, specs, uid)
         self.processes.append(proc)
-        if proc.stdout.readline().strip() != "ready":
-            proc.kill()
-            raise RigError(f"holder for {specs} did not start (exit {proc.wait()})")
         return proc
 
     def release(self, proc: subprocess.Popen) -> None:
