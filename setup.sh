@@ -14,7 +14,7 @@ packages=(
 )
 extras=()
 if [ "${1:-}" = "--test" ]; then
-    extras=(procps)
+    extras=(procps lsof time)   # lsof and GNU time: the benchmark (bench/run.py)
 fi
 
 sudo=""
