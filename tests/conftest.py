@@ -106,3 +106,22 @@ def netns():
         yield ns
     finally:
         ns.close()
+
+
+@pytest.fixture
+def systemd_rig():
+    """A real `systemd --user` manager with its session bus, in private mount and network
+    namespaces and its own cgroup (tests/rig.py); ended, with everything it ran, afterwards."""
+    need_root("the systemd rig")
+    from rig import SYSTEMD, SystemdRig
+
+    if not os.access(SYSTEMD, os.X_OK) or shutil.which("dbus-daemon") is None:
+        reason = f"the systemd rig needs {SYSTEMD} and dbus-daemon (install systemd, dbus, dbus-user-session)"
+        if REQUIRE:
+            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
+        pytest.skip(reason)
+    rig = SystemdRig()
+    try:
+        yield rig
+    finally:
+        rig.close()

@@ -56,7 +56,9 @@ class Endpoint:
         """The address in ListenStream= form, without the protocol."""
         if self.host.version == 6:
             zone = f"%{self.scope}" if self.scope else ""
-            return f"[{self.host}{zone}]:{self.port}"
+            mapped = self.host.ipv4_mapped
+            host = f"::ffff:{mapped}" if mapped is not None else str(self.host)
+            return f"[{host}{zone}]:{self.port}"
         return f"{self.host}:{self.port}"
 
     def __str__(self) -> str:

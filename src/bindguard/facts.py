@@ -61,10 +61,34 @@ class ProcessFact:
     unit: str | None = None  # the systemd unit the cgroup path names, if any
 
 
+@dataclass(frozen=True)
+class SocketUnitFact:
+    """One network address of a systemd .socket unit."""
+
+    name: str
+    active_state: str  # active (listening now), inactive, failed, ...
+    endpoint: Endpoint
+    v6only: bool
+    triggers: tuple[str, ...] = ()  # the services it activates
+
+
+@dataclass
+class SystemdFacts:
+    """systemd's view: who the manager is, which unit is guarded, which units claim addresses."""
+
+    manager_pid: int
+    guarded_unit: str | None = None
+    socket_units: list[SocketUnitFact] = field(default_factory=list)
+    unit_states: dict[str, str] = field(default_factory=dict)  # unit -> ActiveState
+    unit_of_pid: dict[int, str] = field(default_factory=dict)  # from GetUnitByPID
+
+
 @dataclass
 class Evidence:
     """Everything observed about the requested ports, gathered once."""
 
     sockets: list[SocketFact] = field(default_factory=list)
-    holders: dict[int, list[ProcessFact]] = field(default_factory=dict)  # inode -> processes
+    holders: dict[int, ProcessFact] = field(default_factory=dict)  # inode -> the holding process
+    systemd: SystemdFacts | None = None
+    tentative: frozenset = frozenset()  # IPv6 addresses still in duplicate-address detection
     notes: list[str] = field(default_factory=list)  # what could not be observed, and why

@@ -1,0 +1,95 @@
+"""systemd's side of the evidence, gathered at most once per run and only when needed.
+
+Over D-Bus when the bus answers; otherwise from /proc alone (the manager's PID from
+MANAGERPID or 1, units from cgroup paths), with a note saying what is missing. A missing
+bus never changes the kernel's verdict.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from bindguard.endpoints import Bind
+from bindguard.facts import ProcessFact, SocketUnitFact, SystemdFacts
+
+
+@dataclass
+class SystemdContext:
+    bus_choice: bool | None = None  # --user (True) / --system (False) / detect (None)
+    unit_name: str | None = None  # --unit, else the unit the guard runs in
+    notes: list[str] = field(default_factory=list)
+    _connection: object = None
+    _tried: bool = False
+    _unit_info: object = None
+
+    def connection(self):
+        """The open Systemd connection, or None (with a note) when the bus is unavailable."""
+        if not self._tried:
+            self._tried = True
+            from bindguard import systemd
+
+            bus = systemd.choose_bus(self.bus_choice)
+            try:
+                self._connection = systemd.Systemd(bus)
+            except systemd.SystemdUnavailable as exc:
+                self.notes.append(f"{exc}; units are named from cgroups only, socket units are not checked")
+        return self._connection
+
+    @property
+    def in_unit(self) -> bool:
+        """Guarding a unit: named with --unit, or running under a manager (INVOCATION_ID is set)."""
+        return self.unit_name is not None or bool(os.environ.get("INVOCATION_ID"))
+
+    def guarded_unit(self) -> str | None:
+        if self.unit_name is None and self.in_unit:
+            from bindguard import systemd
+
+            self.unit_name = systemd.guarded_unit()
+        return self.unit_name
+
+    def unit_info(self):
+        """The guarded unit's settings (UnitInfo), or None without a unit or a bus."""
+        if self._unit_info is None and self.guarded_unit() and self.connection() is not None:
+            from bindguard import systemd
+
+            try:
+                self._unit_info = self._connection.unit(self.unit_name)
+            except systemd.SystemdUnavailable as exc:
+                self.notes.append(str(exc))
+        return self._unit_info
+
+    def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
+        from bindguard import systemd
+
+        manager_env = os.environ.get("MANAGERPID", "")
+        facts = SystemdFacts(manager_pid=int(manager_env) if manager_env.isdigit() else 1,
+                             guarded_unit=self.guarded_unit())
+        conn = self.connection()
+        if conn is None:
+            return facts
+        try:
+            facts.manager_pid = conn.manager_pid()
+            ports = {b.endpoint.port for b in binds}
+            for unit in conn.socket_units(ports):
+                for listen in unit.listens:
+                    endpoint, v6only = systemd.listen_endpoint(listen, unit.bind_ipv6_only)
+                    facts.socket_units.append(
+                        SocketUnitFact(unit.name, unit.active_state, endpoint, v6only, unit.triggers))
+            for process in holders:
+                unit = conn.unit_of_pid(process.pid)
+                if unit:
+                    facts.unit_of_pid[process.pid] = unit
+                    if unit not in facts.unit_states:
+                        facts.unit_states[unit] = conn.unit(unit).active_state
+        except systemd.SystemdUnavailable as exc:
+            self.notes.append(f"{exc}; the verdict stands on the kernel's answer")
+        return facts
+
+    def start_budget(self) -> float | None:
+        """How long the guard may wait: the unit's TimeoutStartSec= less a safety margin."""
+        info = self.unit_info()
+        timeout = info.timeout_start_sec if info is not None else None
+        if timeout is None:
+            return None
+        return max(timeout - max(2.0, timeout * 0.1), 0.0)

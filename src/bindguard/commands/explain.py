@@ -1,0 +1,49 @@
+"""bindguard explain: the same investigation for a person at a terminal, clear or not."""
+
+from __future__ import annotations
+
+import argparse
+
+from bindguard.commands.check import (
+    add_request_arguments,
+    add_systemd_arguments,
+    build_binds,
+    daemon_uid,
+    systemd_context,
+)
+from bindguard.errors import EXIT_CODES_HELP
+
+DESCRIPTION = """\
+What is on these addresses now, who holds them (PID, command, user, unit), what kind of
+conflict each one is, and the fix for that kind, whether or not the daemon could start.
+Nothing is waited for, changed or killed. Exit codes are those of `bindguard check`.
+
+example:
+  bindguard explain 80 443 udp:[::]:53"""
+
+EPILOG = EXIT_CODES_HELP
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_request_arguments(parser)
+    add_systemd_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bindguard import guard, report
+
+    ctx = systemd_context(args)
+    request = guard.Request(
+        binds=build_binds(args),
+        wait=0,
+        daemon_uid=daemon_uid(args, ctx),
+        observe_always=True,
+        systemd=ctx,
+    )
+    outcome = guard.run(request)
+    if args.json:
+        report.write_json(outcome)
+    report.write_human(outcome, explain=True)
+    report.write_observed(outcome)
+    return outcome.exit_code

@@ -1,0 +1,225 @@
+"""The policy: probe, explain what blocks, then pass, wait for what clears by itself, or refuse.
+
+Observation is paid for only when the probe fails (or when asked to explain): the clear path
+is one trial bind per address.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+
+from bindguard import errors
+from bindguard.endpoints import Bind
+from bindguard.attribution import SystemdContext
+from bindguard.facts import Evidence
+from bindguard.probe import ProbeResult, probe
+from bindguard.verdict import (
+    ADDRESS_UNAVAILABLE,
+    LATENT_SOCKET_UNIT,
+    TIME_WAIT,
+    Conflict,
+    conflicts_for,
+    latent_socket_units,
+)
+
+REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
+ACTIONS = (REFUSE, WAIT, WARN, IGNORE)
+DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
+POLL_INTERVAL = 0.1
+
+
+def default_action(conflict: Conflict) -> str:
+    if conflict.kind == LATENT_SOCKET_UNIT or not conflict.blocking:
+        return WARN
+    return WAIT if conflict.clears else REFUSE
+
+
+@dataclass
+class Request:
+    binds: list[Bind]
+    wait: float = DEFAULT_WAIT
+    daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
+    policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
+    observe_always: bool = False  # explain: look at the ports even when the probe passes
+    systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
+    reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    conflicts: list[Conflict]  # what blocks (blocking) and what is only worth a warning
+    results: list[ProbeResult]
+    evidence: Evidence
+    waited: float = 0.0
+    waited_for: list[str] = field(default_factory=list)
+    deadline_hit: bool = False
+    reaped: list[str] = field(default_factory=list)
+
+    @property
+    def clear(self) -> bool:
+        return self.exit_code == errors.EXIT_CLEAR
+
+
+def _tentative_addresses() -> frozenset:
+    """IPv6 addresses in duplicate address detection (IFA_F_TENTATIVE in /proc/net/if_inet6)."""
+    import ipaddress
+
+    found = set()
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and int(fields[4], 16) & 0x40:
+                    found.add(ipaddress.IPv6Address(int(fields[0], 16)))
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Request) -> Evidence:
+    """Gather the evidence about the ports that failed (all of them when results is None)."""
+    from bindguard import owners, sockets
+
+    evidence = Evidence()
+    if results is None:
+        wanted = {(b.endpoint.proto, b.endpoint.port) for b in binds}
+    else:
+        wanted = {(r.bind.endpoint.proto, r.bind.endpoint.port) for r in results
+                  if r.error in (errno.EADDRINUSE, errno.EACCES) and r.collides_with is None}
+    for proto, port in sorted(wanted):
+        try:
+            evidence.sockets.extend(sockets.sockets_on_port(proto, port, evidence.notes))
+        except sockets.ObservationError as exc:
+            evidence.notes.append(f"could not list the sockets on port {port}: {exc}")
+    for port in sorted({r.bind.endpoint.port for r in results or () if r.error == errno.EACCES}):
+        evidence.notes.append(
+            f"no trial bind for port {port}: it is below net.ipv4.ip_unprivileged_port_start and the guard "
+            "lacks CAP_NET_BIND_SERVICE, so the verdict is a prediction from the sockets on the port "
+            "(run the guard as root, `ExecStartPre=+...`, for the kernel's own answer)")
+    if results is not None and any(r.error == errno.EADDRNOTAVAIL for r in results):
+        evidence.tentative = _tentative_addresses()
+    inodes = {s.inode for s in evidence.sockets if s.inode}
+    if inodes:
+        found = owners.find_holders(inodes)
+        for inode, pids in found.items():
+            for pid in pids:
+                facts = owners.process_facts(pid)
+                if facts is not None:
+                    evidence.holders[inode] = facts
+                    break
+        if found.unreadable and len(found) < len(inodes):
+            evidence.notes.append(
+                "some processes could not be inspected (permission denied): run as root, or with "
+                "the + prefix in ExecStartPre=, to name every holder")
+    return evidence
+
+
+def _investigate(request: Request, systemd_cache: dict) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
+    results = probe(request.binds, request.daemon_uid)
+    failed = [r for r in results if not r.ok]
+    evidence = Evidence()
+    if failed or request.observe_always:
+        evidence = observe(request.binds, None if request.observe_always else results, request)
+    ctx = request.systemd
+    if ctx is not None and (ctx.in_unit or request.observe_always or evidence.holders):
+        holder_pids = frozenset(p.pid for p in evidence.holders.values())
+        if systemd_cache.get("pids") != holder_pids:
+            systemd_cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(evidence.holders.values())))
+        evidence.systemd = systemd_cache["facts"]
+        evidence.notes.extend(n for n in ctx.notes if n not in evidence.notes)
+    uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
+    conflicts: list[Conflict] = []
+    for r in results:
+        conflicts.extend(conflicts_for(r.bind, r.error, r.collides_with, evidence, uid))
+    conflicts.extend(latent_socket_units(request.binds, evidence))
+    return results, evidence, conflicts
+
+
+def _exit_code(blocking: list[Conflict]) -> int:
+    kinds = {c.kind for c in blocking}
+    if kinds - {TIME_WAIT, ADDRESS_UNAVAILABLE}:
+        return errors.EXIT_INUSE
+    if ADDRESS_UNAVAILABLE in kinds:
+        return errors.EXIT_NOTAVAIL
+    return errors.EXIT_TEMPFAIL
+
+
+def _seconds_until_clear(conflicts: list[Conflict]) -> float | None:
+    """When the last TIME_WAIT in the way ends, by the kernel's own timer; None if unknown."""
+    times = [c.socket.expires_ms for c in conflicts if c.socket is not None]
+    if not times or any(t is None for t in times):
+        return None
+    return max(times) / 1000.0
+
+
+def _reap(refusing: list[Conflict], request: Request, evidence: Evidence, reaped: list[str],
+          reaped_pids: set[int]) -> bool:
+    """End the proven stale instances among the holders; True if any was ended (probe again)."""
+    from bindguard import reap
+
+    info = request.systemd.unit_info() if request.systemd is not None else None
+    executables = {cmd.path for cmd in info.exec_start} if info is not None else set()
+    manager_pid = evidence.systemd.manager_pid if evidence.systemd is not None else 1
+    ended = False
+    for c in refusing:
+        reason = reap.why_reapable(c, executables, manager_pid)
+        if reason and c.process.pid not in reaped_pids:
+            reaped_pids.add(c.process.pid)
+            reaped.append(reap.terminate(c, reason))
+            ended = True
+    return ended
+
+
+def _wait_budget(request: Request) -> tuple[float, str | None]:
+    """--wait, capped so that the manager's TimeoutStartSec= never kills the start mid-wait."""
+    budget = max(request.wait, 0.0)
+    unit_budget = request.systemd.start_budget() if request.systemd is not None and budget > 0 else None
+    if unit_budget is not None and unit_budget < budget:
+        return unit_budget, f"the wait is capped at {unit_budget:.1f} s, within the unit's TimeoutStartSec="
+    return budget, None
+
+
+def run(request: Request) -> Outcome:
+    """Decide, waiting within request.wait seconds for what the policy says to wait for."""
+    start = time.monotonic()
+    deadline = None
+    systemd_cache: dict = {}
+    waited_for: list[str] = []
+    notes: list[str] = []
+    reaped: list[str] = []
+    reaped_pids: set[int] = set()
+    while True:
+        results, evidence, conflicts = _investigate(request, systemd_cache)
+        evidence.notes.extend(notes)
+        actions = {id(c): request.policy.get(c.kind) or default_action(c) for c in conflicts}
+        refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
+        waiting = [c for c in conflicts if actions[id(c)] == WAIT]
+        shown = [c for c in conflicts if actions[id(c)] != IGNORE]
+        now = time.monotonic()
+        if not refusing and not waiting:
+            return Outcome(errors.EXIT_CLEAR, shown, results, evidence, now - start, waited_for, reaped=reaped)
+        if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
+            continue
+        if refusing:
+            return Outcome(_exit_code(refusing + waiting), shown, results, evidence, now - start, waited_for,
+                           reaped=reaped)
+        for c in waiting:
+            label = f"{c.kind} on {c.bind}"
+            if label not in waited_for:
+                waited_for.append(label)
+        if deadline is None:
+            budget, note = _wait_budget(request)
+            deadline = start + budget
+            if note:
+                notes.append(note)
+                evidence.notes.append(note)
+        clears_in = _seconds_until_clear(waiting)
+        hopeless = clears_in is not None and now + clears_in > deadline + 1.0
+        if now >= deadline or hopeless:
+            return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for,
+                           deadline_hit=True, reaped=reaped)
+        time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))

@@ -1,0 +1,261 @@
+"""Rendering an outcome: the human report (stderr, journald priorities) and the JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from bindguard import errors, output
+from bindguard.endpoints import TCP
+from bindguard.guard import Outcome
+from bindguard.verdict import (
+    ADDRESS_UNAVAILABLE,
+    BOUND_KIND,
+    LATENT_SOCKET_UNIT,
+    LISTENER,
+    ORPHAN,
+    OWN_INSTANCE,
+    SELF_CONFLICT,
+    SOCKET_UNIT,
+    TIME_WAIT,
+    Conflict,
+)
+
+VERDICTS = {
+    errors.EXIT_CLEAR: "clear",
+    errors.EXIT_INUSE: "in-use",
+    errors.EXIT_NOTAVAIL: "address-unavailable",
+    errors.EXIT_TEMPFAIL: "time-wait",
+}
+
+
+def _ago(started: float) -> str:
+    seconds = max(0, int(time.time() - started))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min ago"
+    return f"{seconds // 86400} days ago"
+
+
+def _port_ref(c: Conflict) -> str:
+    ep = c.bind.endpoint
+    return f"{ep.port}/{ep.proto}"
+
+
+def remedy(c: Conflict) -> str:
+    """What a careful administrator does about this kind of conflict, with the concrete names."""
+    ep = c.bind.endpoint
+    p = c.process
+    pid = p.pid if p else None
+    check_pid = f"`ps -o pid,ppid,lstart,cmd -p {pid}`" if pid else "`ss -tanup 'sport = :%d'`" % ep.port
+    if c.kind == SELF_CONFLICT:
+        return (f"the daemon's own sockets overlap: {c.other_bind} already covers {c.bind}. Bind only one "
+                f"of them, or make the IPv6 socket v6only (nginx: `listen [::]:{ep.port} ipv6only=on`; "
+                "socket units: BindIPv6Only=ipv6-only)")
+    if c.kind == ADDRESS_UNAVAILABLE:
+        if c.clears:
+            return ("the IPv6 address is still in duplicate address detection and becomes usable in a "
+                    "second or two; wait for it (bindguard does), or add it with `nodad`")
+        return (f"{ep.host} is on no interface (`ip -br addr`). If it comes up later in boot, order the "
+                "unit After=network-online.target and Wants=network-online.target, or let the daemon bind "
+                "it early (IP_FREEBIND: --freebind / FreeBind=yes, or net.ipv4.ip_nonlocal_bind=1)")
+    if c.kind == TIME_WAIT:
+        left = f" in {c.socket.expires_ms / 1000:.0f} s" if c.socket and c.socket.expires_ms is not None else ""
+        return (f"a closed connection's {c.socket.state if c.socket else 'TIME_WAIT'} holds the address and "
+                f"clears by itself{left} (TIME_WAIT lasts 60 s; no sysctl shortens it). It blocks because "
+                "SO_REUSEADDR was off on the socket it came from or is off in the daemon: enable it in the "
+                "daemon, or let bindguard wait it out (--wait SECONDS)")
+    if c.kind == SOCKET_UNIT:
+        name = c.socket_unit or "a .socket unit"
+        if c.own_socket_unit:
+            return (f"{name} is this service's own socket unit: systemd binds the address and passes it to "
+                    "the daemon (sd_listen_fds, LISTEN_FDS). Configure the daemon to take the socket from "
+                    "systemd, or remove the unit's Sockets=: never both")
+        return (f"{name} listens there for socket activation: `systemctl stop {name}` and `systemctl disable "
+                f"{name}` if it should not, or move one of them to another address")
+    if c.kind == LATENT_SOCKET_UNIT:
+        return (f"{c.socket_unit} is not listening now but declares this address: it will collide when it "
+                f"starts (at next boot if enabled). `systemctl disable --now {c.socket_unit}`, or change its "
+                "ListenStream=/ListenDatagram=")
+    if c.kind == OWN_INSTANCE:
+        unit = c.unit or "the unit"
+        return (f"a previous run of {unit} is still in its cgroup holding the port (KillMode=process or none "
+                f"leaves such processes). Confirm with `systemctl status {unit}` and {check_pid}, then "
+                f"`kill -TERM {pid}`; or run the guard with --reap-stale to do exactly that; and set "
+                "KillMode=control-group")
+    if c.kind == ORPHAN:
+        return (f"PID {pid} was re-parented to the service manager and belongs to no running unit: a stray "
+                f"copy. Confirm it is stale with {check_pid} and `ls -l /proc/{pid}/exe`, then "
+                f"`kill -TERM {pid}` (and `kill -KILL {pid}` only if it ignores that)")
+    if c.kind == LISTENER:
+        who = f"{c.unit}" if c.unit else f"PID {pid}" if pid else "the listener"
+        stop = f"`systemctl stop {c.unit}`" if c.unit and c.unit.endswith(".service") else (
+            f"`kill -TERM {pid}` after checking {check_pid}" if pid else "stop it")
+        return (f"{who} already serves this address. If it is the rightful owner, do not start a second "
+                f"one; otherwise stop it cleanly ({stop}) or move this service to a free port or another "
+                f"address. `fuser -k {_port_ref(c)}` is a last resort: it kills whatever has the port open")
+    if c.kind == BOUND_KIND:
+        if c.socket is not None and c.socket.state == "ESTABLISHED" and c.socket.remote is not None:
+            return (f"a connection uses {ep.port} as its local port (to {c.socket.remote}): often an outgoing "
+                    "connection that drew it as an ephemeral port. Reserve the port: "
+                    f"`sysctl -w net.ipv4.ip_local_reserved_ports={ep.port}` and the same line in "
+                    "/etc/sysctl.d/, then restart the service once that connection is gone")
+        who = f"PID {pid}" if pid else "a process"
+        return (f"{who} has the port bound without listening on it. Find out why with {check_pid}; stop it, "
+                "or give this service another port")
+    return "see `bindguard explain` for the details"
+
+
+def conflict_json(c: Conflict) -> dict:
+    s, p = c.socket, c.process
+    return {
+        "address": str(c.bind),
+        "kind": c.kind,
+        "blocking": c.blocking,
+        "clears_by_itself": c.clears,
+        "predicted": c.predicted,
+        "error": c.error or None,
+        "local_address": str(s.local) if s else None,
+        "remote_address": str(s.remote) if s and s.remote else None,
+        "state": s.state if s else None,
+        "expires_s": s.expires_ms / 1000 if s and s.expires_ms is not None else None,
+        "v6only": s.v6only if s else None,
+        "inode": s.inode if s and s.inode else None,
+        "uid": s.uid if s else (p.uid if p else None),
+        "pid": p.pid if p else None,
+        "ppid": p.ppid if p else None,
+        "name": p.name if p else None,
+        "command": " ".join(p.cmdline) if p else None,
+        "exe": p.exe if p else None,
+        "user": p.user if p else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.started)) if p else None,
+        "started_ago_s": round(time.time() - p.started, 1) if p else None,
+        "cgroup": p.cgroup if p else None,
+        "unit": c.unit,
+        "socket_unit": c.socket_unit,
+        "own_socket_unit": c.own_socket_unit if c.socket_unit else None,
+        "other_address": str(c.other_bind) if c.other_bind else None,
+        "evidence": c.evidence,
+        "remedy": remedy(c),
+    }
+
+
+def outcome_json(outcome: Outcome) -> dict:
+    return {
+        "clear": outcome.clear,
+        "verdict": VERDICTS.get(outcome.exit_code, "error"),
+        "exit_code": outcome.exit_code,
+        "waited_s": round(outcome.waited, 3),
+        "waited_for": outcome.waited_for,
+        "addresses": [
+            {
+                "address": str(r.bind),
+                "proto": r.bind.endpoint.proto,
+                "bindable": r.ok,
+                "error": r.error_name or None,
+                "failed_at": r.step or None,
+                "reuseaddr": r.bind.options.reuseaddr,
+                "reuseport": r.bind.options.reuseport,
+                "v6only": r.bind.v6only if r.bind.endpoint.family == 10 else None,
+                "freebind": r.bind.options.freebind,
+            }
+            for r in outcome.results
+        ],
+        "conflicts": [conflict_json(c) for c in outcome.conflicts],
+        "unit": outcome.evidence.systemd.guarded_unit if outcome.evidence.systemd else None,
+        "reaped": outcome.reaped,
+        "notes": outcome.evidence.notes,
+    }
+
+
+def write_json(outcome: Outcome) -> None:
+    json.dump(outcome_json(outcome), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def describe_holder(c: Conflict) -> str:
+    """One line: the socket in the way and who holds it."""
+    parts = []
+    s, p = c.socket, c.process
+    if s is not None:
+        where = f"{s.local}" + (f" -> {s.remote}" if s.remote else "")
+        parts.append(f"{where} {s.state}")
+        if s.v6only is False and s.local.host.version == 6 and s.local.is_wildcard:
+            parts[-1] += " (dual-stack)"
+        if s.expires_ms is not None and c.kind == TIME_WAIT:
+            parts.append(f"clears in {s.expires_ms / 1000:.1f} s")
+    if p is not None:
+        command = " ".join(p.cmdline) or p.name
+        parts.append(f"PID {p.pid} ({command})")
+        parts.append(f"user {p.user}")
+        parts.append(f"PPID {p.ppid}")
+        parts.append(f"started {_ago(p.started)}")
+    elif s is not None and s.inode:
+        parts.append(f"uid {s.uid}, holder not found")
+    if c.unit:
+        parts.append(f"unit {c.unit}")
+    if c.socket_unit:
+        parts.append(f"socket unit {c.socket_unit}")
+    if c.other_bind is not None:
+        parts.append(f"the request's own {c.other_bind}")
+    return ", ".join(parts) if parts else "no holder visible"
+
+
+def _headline(outcome: Outcome) -> tuple[int, str]:
+    blocking = [c for c in outcome.conflicts if c.blocking]
+    addrs = ", ".join(dict.fromkeys(str(c.bind) for c in blocking))
+    code = outcome.exit_code
+    if code == errors.EXIT_CLEAR:
+        all_addrs = ", ".join(str(r.bind) for r in outcome.results)
+        waited = f" after waiting {outcome.waited:.1f} s for {'; '.join(outcome.waited_for)}" if outcome.waited_for else ""
+        return output.INFO, f"bindguard: clear: {all_addrs} can be bound{waited}"
+    if code == errors.EXIT_TEMPFAIL:
+        left = [c.socket.expires_ms for c in blocking if c.socket is not None and c.socket.expires_ms is not None]
+        past_budget = f"; it clears in {max(left) / 1000:.1f} s, past the wait budget" if left else ""
+        return output.ERR, (f"bindguard: refusing to start: {addrs} still blocked by TIME_WAIT after "
+                            f"{outcome.waited:.1f} s{past_budget} (exit {code})")
+    if code == errors.EXIT_NOTAVAIL:
+        return output.ERR, f"bindguard: refusing to start: {addrs} not available on any interface (exit {code})"
+    return output.ERR, f"bindguard: refusing to start: {addrs} in use (exit {code})"
+
+
+def write_human(outcome: Outcome, explain: bool = False) -> None:
+    priority, headline = _headline(outcome)
+    output.emit(priority, headline)
+    for line in outcome.reaped:
+        output.emit(output.WARNING, f"  reaped: {line}")
+    for c in outcome.conflicts:
+        tag = "prediction: " if c.predicted else ""
+        level = output.ERR if c.blocking and not outcome.clear else output.WARNING
+        lines = [f"  {c.bind}: {tag}{c.kind}: {describe_holder(c)}"]
+        if explain or c.evidence:
+            lines += [f"    evidence: {e}" for e in c.evidence]
+        lines.append(f"    fix: {remedy(c)}")
+        output.emit(level, "\n".join(lines))
+    for note in outcome.evidence.notes:
+        output.emit(output.NOTICE, f"  note: {note}")
+    if not outcome.clear and outcome.exit_code == errors.EXIT_INUSE and not explain:
+        output.emit(output.INFO, "  (RestartPreventExitStatus=98 stops systemd from restarting into the same conflict)")
+
+
+def write_observed(outcome: Outcome) -> None:
+    """explain: each address's answer, then everything on the ports, not only what blocks."""
+    for r in outcome.results:
+        answer = "can be bound" if r.ok else f"{r.error_name} at {r.step}()"
+        output.emit(output.INFO, f"  {r.bind}: {answer}")
+    if not outcome.evidence.sockets:
+        ports = ", ".join(sorted({f"{r.bind.endpoint.port}/{r.bind.endpoint.proto}" for r in outcome.results}))
+        output.emit(output.INFO, f"  nothing else is on port {ports}")
+        return
+    output.emit(output.INFO, "  on these ports now:")
+    for s in outcome.evidence.sockets:
+        p = outcome.evidence.holders.get(s.inode)
+        who = f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), unit {p.unit or '-'}" if p else (
+            "no process (kernel timer)" if not s.inode else f"uid {s.uid}")
+        proto = "" if s.local.proto == TCP else "udp "
+        output.emit(output.INFO, f"    {proto}{s.local.address()} {s.state}: {who}")

@@ -1,0 +1,473 @@
+"""systemd's view over D-Bus: which unit a PID is in, a unit's settings, and the socket units.
+
+Plain method calls and property reads with known signatures through pystemd's sd-bus binding
+(pystemd.dbuslib), never per-object introspection: reading one property is one round trip.
+pystemd is imported only when a bus is opened, so the check path pays nothing until it needs
+systemd. A missing bus is not an error of the guard: SystemdUnavailable says which bus and why,
+and the caller falls back to what /proc tells.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from bindguard.endpoints import TCP, UDP, AddressError, Endpoint, host_bindv6only, parse_listen
+
+SYSTEM = "system"
+USER = "user"
+
+_DEST = b"org.freedesktop.systemd1"
+_MANAGER_PATH = b"/org/freedesktop/systemd1"
+_MANAGER = b"org.freedesktop.systemd1.Manager"
+_UNIT = b"org.freedesktop.systemd1.Unit"
+_SERVICE = b"org.freedesktop.systemd1.Service"
+_SOCKET = b"org.freedesktop.systemd1.Socket"
+_PROPERTIES = b"org.freedesktop.DBus.Properties"
+_UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
+
+# Unit types whose cgroup holds processes; a .slice only contains other units.
+_PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+# `systemctl list-unit-files` states of a unit that the manager will load and start by itself.
+# (static and indirect units start only when something else pulls them in, which loads them.)
+ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})
+# D-Bus errors that mean a wrong question (no such unit, property, ...), not an unreachable manager.
+_QUESTION_ERRORS = frozenset({
+    "DBusNoSuchUnitError", "DBusInvalidArgsError", "DBusUnknownObjectError", "DBusUnknownPropertyError",
+    "DBusUnknownInterfaceError", "DBusUnknownMethodError",
+})
+
+
+def _is_unreachable(exc: Exception) -> bool:
+    """Whether a pystemd error means the bus or manager is unreachable (vs. a wrong question)."""
+    from pystemd.dbusexc import DBusBaseError
+
+    if not isinstance(exc, DBusBaseError) or type(exc).__name__ in _QUESTION_ERRORS:
+        return False
+    name = getattr(exc, "err_name", b"") or b""
+    return not (isinstance(name, bytes) and name.startswith(b"org.freedesktop.systemd1."))
+
+
+_UNIT_PROPERTIES = (
+    ("name", b"Id", b"s"),
+    ("active_state", b"ActiveState", b"s"),
+    ("sub_state", b"SubState", b"s"),
+    ("unit_file_state", b"UnitFileState", b"s"),
+    ("invocation_id", b"InvocationID", b"ay"),
+    ("triggered_by", b"TriggeredBy", b"as"),
+)
+_EXEC = b"a(sasbttttuii)"
+_SERVICE_PROPERTIES = (
+    ("control_group", b"ControlGroup", b"s"),
+    ("main_pid", b"MainPID", b"u"),
+    ("timeout_start_usec", b"TimeoutStartUSec", b"t"),
+    ("kill_mode", b"KillMode", b"s"),
+    ("n_restarts", b"NRestarts", b"u"),
+    ("result", b"Result", b"s"),
+    ("exec_main_status", b"ExecMainStatus", b"i"),
+    ("exec_start", b"ExecStart", _EXEC),
+    ("exec_start_pre", b"ExecStartPre", _EXEC),
+    ("environment", b"Environment", b"as"),
+    ("environment_files", b"EnvironmentFiles", b"a(sb)"),
+    ("user", b"User", b"s"),
+)
+
+
+class SystemdUnavailable(Exception):
+    """The bus or the manager cannot be reached; the message names the bus and the reason."""
+
+
+class UnitNotFound(LookupError):
+    """systemd knows no unit by this name (no unit file, not loaded)."""
+
+    def __init__(self, name: str, bus: str) -> None:
+        flag = " --user" if bus == USER else ""
+        super().__init__(
+            f"unit {name!r} not found on the {bus} manager; check the name with `systemctl{flag} status {name}`"
+        )
+        self.name = name
+
+
+@dataclass(frozen=True)
+class ExecCommand:
+    """One ExecStart=/ExecStartPre= command, with its last run as the manager recorded it."""
+
+    path: str
+    argv: tuple[str, ...]
+    ignore_errors: bool
+    pid: int  # 0: not run yet (in this invocation)
+    code: int  # siginfo si_code: 1 exited, 2 killed, 3 dumped
+    status: int  # exit status, or the signal number when killed
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """The settings and state of one unit; service-only fields are empty for other unit types."""
+
+    name: str
+    load_state: str  # loaded, not-found, masked, error, ...
+    active_state: str  # active, inactive, failed, activating, deactivating, reloading
+    sub_state: str
+    unit_file_state: str  # enabled, disabled, static, ... ("" for transient/unknown)
+    control_group: str  # "" when it has no cgroup (inactive)
+    invocation_id: str  # hex, "" when never started
+    triggered_by: tuple[str, ...]  # units that start this one: its .socket, .path, .timer units
+    main_pid: int = 0
+    timeout_start_usec: int = 0  # 2**64-1 is infinity
+    kill_mode: str = ""
+    n_restarts: int = 0
+    result: str = ""  # success, exit-code, timeout, signal, core-dump, ...
+    exec_main_status: int = 0
+    exec_start: tuple[ExecCommand, ...] = ()
+    exec_start_pre: tuple[ExecCommand, ...] = ()
+    environment: tuple[str, ...] = ()
+    environment_files: tuple[tuple[str, bool], ...] = ()  # (path, may be missing)
+    user: str = ""
+
+    @property
+    def sockets(self) -> tuple[str, ...]:
+        """The .socket units that pass this service its sockets (its own: "never both")."""
+        return tuple(u for u in self.triggered_by if u.endswith(".socket"))
+
+    @property
+    def timeout_start_sec(self) -> float | None:
+        """TimeoutStartSec= in seconds, None for infinity (or 0, which also disables it)."""
+        if self.timeout_start_usec in (0, 2**64 - 1):
+            return None
+        return self.timeout_start_usec / 1_000_000
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One network entry of a socket unit's Listen property, e.g. ("Stream", "[::]:80")."""
+
+    type: str  # Stream, Datagram, SequentialPacket
+    address: str
+
+
+@dataclass(frozen=True)
+class SocketUnit:
+    """A .socket unit with network addresses, listening now or able to (loaded or enabled)."""
+
+    name: str
+    load_state: str
+    active_state: str  # active (listening), inactive, failed, ...
+    unit_file_state: str
+    listens: tuple[Listen, ...]  # network entries only; AF_UNIX, netlink, FIFOs, ... left out
+    bind_ipv6_only: str  # default, both, ipv6-only
+    reuse_port: bool
+    triggers: tuple[str, ...]  # the service(s) it starts
+
+    @property
+    def listening(self) -> bool:
+        return self.active_state in ("active", "reloading", "deactivating")
+
+
+def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """USER or SYSTEM: --user/--system (True/False) decide; otherwise MANAGERPID in the environment
+    means we run under a manager, which is the system one when it is PID 1 and a user one otherwise."""
+    if user is not None:
+        return USER if user else SYSTEM
+    environ = os.environ if environ is None else environ
+    manager = environ.get("MANAGERPID", "")
+    if manager.isdigit() and int(manager) != 1:
+        return USER
+    return SYSTEM
+
+
+def unit_from_cgroup(path: str) -> str | None:
+    """The unit a cgroup path belongs to: its deepest part that names a unit with processes.
+
+    /system.slice/nginx.service -> nginx.service; a user unit
+    /user.slice/user-1000.slice/user@1000.service/app.slice/web.service -> web.service;
+    a delegated subtree /system.slice/docker.service/x or a control process of a
+    Delegate=yes unit (/system.slice/foo.service/.control) -> the service.
+    """
+    for part in reversed(path.strip("/").split("/")):
+        if part.endswith(_PROCESS_UNIT_SUFFIXES) and not part.startswith("."):
+            return part
+    return None
+
+
+def cgroup_of_pid(pid: int | str = "self") -> str | None:
+    """The cgroup path systemd manages the process under: the unified hierarchy's, else name=systemd's."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    unified = named = None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        elif controllers == "name=systemd":
+            named = path
+    if unified and unified != "/" and unit_from_cgroup(unified):
+        return unified
+    return named or unified
+
+
+def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:
+    """The Endpoint a socket unit's Listen entry binds, and whether it is IPv6-only.
+
+    ListenStream= is TCP, ListenDatagram= UDP; other types raise AddressError. Listen shows `[::]:P` for a dual-stack socket as
+    for a v6-only one: BindIPv6Only= decides, `default` meaning the sysctl net.ipv6.bindv6only
+    (read from /proc unless given). A bare port cannot appear in Listen, but parses as [::]:P.
+    """
+    proto = {"Stream": TCP, "Datagram": UDP}.get(listen.type)
+    if proto is None:
+        raise AddressError(f"{listen.type}={listen.address}: not a TCP or UDP socket")
+    endpoint = parse_listen(listen.address, default_proto=proto)
+    if endpoint.family != socket.AF_INET6:
+        return endpoint, False
+    if bind_ipv6_only == "ipv6-only":
+        return endpoint, True
+    if bind_ipv6_only == "both":
+        return endpoint, False
+    return endpoint, host_bindv6only() if bindv6only is None else bindv6only
+
+
+def _is_network_listen(kind: str, address: str) -> bool:
+    if kind not in ("Stream", "Datagram"):
+        return False
+    try:
+        parse_listen(address)
+    except AddressError:
+        return False
+    return True
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _exec_commands(value) -> tuple[ExecCommand, ...]:
+    # a(sasbttttuii): path, argv, ignore errors, 4 timestamps, pid, code, status
+    return tuple(
+        ExecCommand(_text(path), tuple(_text(a) for a in argv), bool(ignore), int(pid), int(code), int(status))
+        for path, argv, ignore, _t1, _t2, _t3, _t4, pid, code, status in value or ()
+    )
+
+
+class Systemd:
+    """A connection to one manager (SYSTEM or USER bus). Use as a context manager.
+
+    Raises SystemdUnavailable when the bus cannot be opened or the manager does not answer.
+    `timeout` caps each call (it sets SYSTEMD_BUS_TIMEOUT for sd-bus unless already set).
+    """
+
+    def __init__(self, bus: str = SYSTEM, timeout: float = 5.0) -> None:
+        if bus not in (SYSTEM, USER):
+            raise ValueError(f"bus must be {SYSTEM!r} or {USER!r}, not {bus!r}")
+        self.bus = bus
+        os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", f"{timeout:g}s")
+        try:
+            from pystemd.dbuslib import DBus
+        except ImportError as exc:
+            raise SystemdUnavailable(f"cannot talk to the {bus} bus: pystemd is not installed ({exc})") from None
+        self._dbus = DBus(user_mode=bus == USER)
+        try:
+            self._dbus.open()
+        except Exception as exc:
+            raise SystemdUnavailable(f"cannot connect to the {bus} bus: {self._why(exc)}") from None
+        self._open = True
+
+    def __enter__(self) -> Systemd:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._open:
+            self._dbus.close()
+            self._open = False
+
+    def _address(self) -> str:
+        if self.bus == USER:
+            runtime = os.environ.get("XDG_RUNTIME_DIR", "$XDG_RUNTIME_DIR")
+            return os.environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path={runtime}/bus"
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
+
+    def _why(self, exc: Exception) -> str:
+        code = getattr(exc, "errno", 0)
+        if isinstance(code, int) and code < 0:  # sd-bus reports -errno
+            reason = os.strerror(-code)
+            if -code in (errno.ENOENT, errno.ECONNREFUSED):
+                reason += f" (no {'session' if self.bus == USER else 'system'} bus at {self._address()})"
+            return reason
+        message = getattr(exc, "err_message", b"") or str(exc)
+        return _text(message).strip() or type(exc).__name__
+
+    def _failed(self, exc: Exception, what: str) -> Exception:
+        if _is_unreachable(exc):
+            return SystemdUnavailable(f"the {self.bus} manager did not answer {what}: {self._why(exc)}")
+        return exc
+
+    def _call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: Iterable = ()):
+        from pystemd.dbuslib import apply_signature
+
+        call_args = apply_signature(signature, list(args)) if signature else None
+        try:
+            return self._dbus.call_method(_DEST, path, interface, method, call_args).body
+        except Exception as exc:
+            raise self._failed(exc, method.decode()) from None
+
+    def _get(self, path: bytes, interface: bytes, name: bytes, signature: bytes):
+        try:
+            return self._dbus.get_property(_DEST, path, interface, name, signature)
+        except Exception as exc:
+            raise self._failed(exc, f"{interface.decode()}.{name.decode()}") from None
+
+    # --- the manager ---------------------------------------------------------------------
+
+    def manager_pid(self) -> int:
+        """The manager's PID: the bus owner of org.freedesktop.systemd1 (1 for the system manager)."""
+        try:
+            body = self._dbus.call_method(
+                b"org.freedesktop.DBus", b"/org/freedesktop/DBus", b"org.freedesktop.DBus",
+                b"GetConnectionUnixProcessID", [(ord("s"), _DEST)],
+            ).body
+        except Exception as exc:
+            raise self._failed(exc, "GetConnectionUnixProcessID") from None
+        return int(body)
+
+    def reload(self) -> None:
+        """daemon-reload: re-read every unit file and drop-in (Manager.Reload, waits for it)."""
+        self._call(_MANAGER_PATH, _MANAGER, b"Reload")
+
+    # --- units ---------------------------------------------------------------------------
+
+    def unit_of_pid(self, pid: int) -> str | None:
+        """The unit a process belongs to (GetUnitByPID), or None when it is in none."""
+        try:
+            path = self._dbus.call_method(
+                _DEST, _MANAGER_PATH, _MANAGER, b"GetUnitByPID", [(ord("u"), pid)]
+            ).body
+        except Exception as exc:
+            if _is_unreachable(exc):
+                raise self._failed(exc, "GetUnitByPID") from None
+            return None  # org.freedesktop.systemd1.NoUnitForPID, or no such process
+        from pystemd.dbuslib import path_decode
+
+        return _text(path_decode(path, _UNIT_PATH_PREFIX))
+
+    def unit(self, name: str) -> UnitInfo:
+        """A unit's state and settings (loading it if needed). Raises UnitNotFound for an unknown name.
+
+        One LoadUnit, then one Get per property: cheaper than GetAll, which marshals the
+        service interface's ~250 properties (measured: 0.06 ms per Get, 2 ms per GetAll).
+        """
+        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        load_state = _text(self._get(path, _UNIT, b"LoadState", b"s"))
+        if load_state == "not-found":
+            raise UnitNotFound(name, self.bus)
+        unit = {field: self._get(path, _UNIT, prop, sig) for field, prop, sig in _UNIT_PROPERTIES}
+        info: dict = dict(
+            name=_text(unit["name"]),
+            load_state=load_state,
+            active_state=_text(unit["active_state"]),
+            sub_state=_text(unit["sub_state"]),
+            unit_file_state=_text(unit["unit_file_state"]),
+            control_group="",
+            invocation_id=bytes(unit["invocation_id"] or b"").hex(),
+            triggered_by=tuple(_text(t) for t in unit["triggered_by"] or ()),
+        )
+        kind = info["name"].rsplit(".", 1)[-1]
+        if kind == "service":
+            s = {field: self._get(path, _SERVICE, prop, sig) for field, prop, sig in _SERVICE_PROPERTIES}
+            info.update(
+                control_group=_text(s["control_group"]),
+                main_pid=int(s["main_pid"]),
+                timeout_start_usec=int(s["timeout_start_usec"]),
+                kill_mode=_text(s["kill_mode"]),
+                n_restarts=int(s["n_restarts"]),
+                result=_text(s["result"]),
+                exec_main_status=int(s["exec_main_status"]),
+                exec_start=_exec_commands(s["exec_start"]),
+                exec_start_pre=_exec_commands(s["exec_start_pre"]),
+                environment=tuple(_text(e) for e in s["environment"] or ()),
+                environment_files=tuple((_text(p), bool(m)) for p, m in s["environment_files"] or ()),
+                user=_text(s["user"]),
+            )
+        elif kind in ("socket", "scope", "mount", "swap", "slice"):
+            iface = b"org.freedesktop.systemd1." + kind.capitalize().encode()
+            info["control_group"] = _text(self._get(path, iface, b"ControlGroup", b"s"))
+        return UnitInfo(**info)
+
+    def socket_units(self, ports: Iterable[int] | None = None, include_unloaded: bool = True) -> list[SocketUnit]:
+        """The .socket units with TCP/UDP addresses: loaded ones, and (include_unloaded) enabled
+        unit files the manager has not loaded, which listen at the next boot or daemon-reload.
+
+        Cost: one ListUnitsByPatterns, one Listen read per loaded socket unit, four more reads
+        per network one; include_unloaded adds ListUnitFilesByPatterns (the manager reads the
+        unit directories: the dearest call) and a LoadUnit per unloaded enabled one. With
+        `ports`, units on none of these ports are left out before their details are read.
+        """
+        wanted = set(ports) if ports is not None else None
+        loaded = self._call(_MANAGER_PATH, _MANAGER, b"ListUnitsByPatterns", b"asas", [[], [b"*.socket"]])
+        candidates: dict[str, tuple[bytes, str, str, str]] = {}
+        for name, _desc, load, active, _sub, _following, path, *_job in loaded or ():
+            candidates[_text(name)] = (path, _text(load), _text(active), "")
+        if include_unloaded:
+            files = self._call(
+                _MANAGER_PATH, _MANAGER, b"ListUnitFilesByPatterns", b"asas",
+                [[s.encode() for s in sorted(ENABLED_STATES)], [b"*.socket"]],
+            )
+            for file_path, state in files or ():
+                name = os.path.basename(_text(file_path))
+                if name not in candidates and "@" not in name:
+                    path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+                    candidates[name] = (path, "", "", _text(state))
+
+        result = []
+        for name, (path, load, active, file_state) in sorted(candidates.items()):
+            listens = tuple(
+                Listen(_text(kind), _text(address))
+                for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
+                if _is_network_listen(_text(kind), _text(address))
+            )
+            if not listens:
+                continue
+            if wanted is not None and not any(_port_of(entry.address) in wanted for entry in listens):
+                continue
+            result.append(SocketUnit(
+                name=name,
+                load_state=load or _text(self._get(path, _UNIT, b"LoadState", b"s")),
+                active_state=active or _text(self._get(path, _UNIT, b"ActiveState", b"s")),
+                unit_file_state=file_state or _text(self._get(path, _UNIT, b"UnitFileState", b"s")),
+                listens=listens,
+                bind_ipv6_only=_text(self._get(path, _SOCKET, b"BindIPv6Only", b"s")),
+                reuse_port=bool(self._get(path, _SOCKET, b"ReusePort", b"b")),
+                triggers=tuple(_text(t) for t in self._get(path, _UNIT, b"Triggers", b"as") or ()),
+            ))
+        return result
+
+    def guarded_unit(self) -> str | None:
+        """The unit this process runs in: from /proc/self/cgroup, else GetUnitByPID."""
+        return guarded_unit(self)
+
+
+def _port_of(address: str) -> int | None:
+    try:
+        return parse_listen(address).port
+    except AddressError:
+        return None
+
+
+def guarded_unit(systemd: Systemd | None = None) -> str | None:
+    """The unit this process runs in (an ExecStartPre= runs in its service's cgroup).
+
+    /proc/self/cgroup answers without D-Bus; GetUnitByPID is asked only when the cgroup path
+    names no unit and a connection is given.
+    """
+    path = cgroup_of_pid("self")
+    unit = unit_from_cgroup(path) if path else None
+    if unit is None and systemd is not None:
+        unit = systemd.unit_of_pid(os.getpid())
+    return unit

@@ -1,0 +1,49 @@
+"""Run bindguard's socket observation inside a network namespace and print the facts as JSON.
+
+    python observe.py '{"proto": "tcp", "port": 8080, "source": "auto", "mask": null,
+                        "udp_connect": null}'
+
+"mask" replaces the state mask (to ask the kernel for fewer states); "udp_connect":
+[host, port, peer_port] first binds a UDP socket to host:port and connects it to
+host:peer_port, so that a connected UDP socket exists while the query runs.
+Prints {"sockets": [...], "notes": [...]}.
+"""
+
+import dataclasses
+import json
+import socket
+import sys
+
+from bindguard import sockets
+
+
+def encode(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def main():
+    query = json.loads(sys.argv[1])
+    keep = []
+    if query.get("udp_connect"):
+        host, port, peer_port = query["udp_connect"]
+        udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((host, port))
+        udp.connect((host, peer_port))
+        keep.append(udp)
+    notes = []
+    source = query.get("source", "auto")
+    if query.get("port") is None:
+        facts = sockets.listening_sockets(query["proto"], notes, source=source)
+    elif query.get("mask") is not None:
+        facts = sockets._observe(query["proto"], query["port"], query["mask"], notes, source)
+    else:
+        facts = sockets.sockets_on_port(query["proto"], query["port"], notes, source=source)
+    print(json.dumps({"sockets": [encode(f) for f in facts], "notes": notes}))
+
+
+if __name__ == "__main__":
+    main()

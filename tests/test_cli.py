@@ -1,0 +1,131 @@
+"""The command line: exit codes, bad input, output channels. No traceback, ever."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+BINDGUARD = [sys.executable, "-m", "bindguard"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*BINDGUARD, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["check", "0"], "'0': port 0 is out of range"),
+        (["check", "70000"], "'70000': port 70000 is out of range"),
+        (["check", "localhost:80"], "is not an IPv4 address"),
+        (["check", "[::1]"], "[ADDRESS]:PORT"),
+        (["check", "--bogus", "80"], "unrecognized arguments: --bogus"),
+        (["check"], "no address to check"),
+        (["check", "--wait", "-1", "80"], "--wait -1.0: must be 0 or more"),
+        (["check", "--wait", "soon", "80"], "invalid float value: 'soon'"),
+        (["check", "--v6only", "[::ffff:127.0.0.1]:80"], "v4-mapped address cannot be bound on a v6only socket"),
+        (["check", "--daemon-user", "no-such-user-here", "80"], "no such user"),
+        (["check", "udp:/run/x.sock"], "not an IP address"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "usage: bindguard"),
+    ],
+)
+def test_bad_input_is_one_clear_message_and_exit_64(args, says):
+    proc = run(*args)
+    assert proc.returncode == 64, proc.stderr
+    assert says in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_help_teaches_syntax_and_exit_codes():
+    proc = run("check", "--help")
+    assert proc.returncode == 0
+    for text in ("ListenStream=", "udp:[::1]:53", "--reuseport", "--wait", "98", "99", "75", "ExecStartPre=+"):
+        assert text in proc.stdout
+
+
+def test_errors_carry_journal_priority_when_not_on_a_terminal():
+    proc = run("check", "70000")
+    assert proc.stderr.startswith("<3>bindguard: error: ")
+    assert "\n<3>  hint: " in proc.stderr
+
+
+def test_plain_text_on_a_terminal():
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [*BINDGUARD, "check", "70000"])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 64
+    assert out.startswith(b"bindguard: error: ") and b"<3>" not in out
+
+
+def test_systemd_log_level_hides_info():
+    proc = run("check", "70000", env={"SYSTEMD_LOG_LEVEL": "emerg"})
+    assert proc.returncode == 64 and proc.stderr == ""
+
+
+@pytest.mark.integration
+def test_clear_path_json_schema(netns):
+    proc = netns.run([*BINDGUARD, "check", "--json", "8080", "udp:127.0.0.1:8080"])
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) >= {"clear", "verdict", "exit_code", "waited_s", "waited_for", "addresses", "conflicts", "notes"}
+    assert report["clear"] is True and report["verdict"] == "clear" and report["conflicts"] == []
+    assert [a["address"] for a in report["addresses"]] == ["[::]:8080", "udp:127.0.0.1:8080"]
+    assert proc.stderr == "<6>bindguard: clear: [::]:8080, udp:127.0.0.1:8080 can be bound\n"
+
+
+@pytest.mark.integration
+def test_refusal_report_names_holder_and_fix(netns):
+    holder = netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
+    proc = netns.run([*BINDGUARD, "check", "--wait", "0", "8080"])
+    assert proc.returncode == 98
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "<3>bindguard: refusing to start: [::]:8080 in use (exit 98)"
+    assert f"<3>  [::]:8080: listener: 0.0.0.0:8080 LISTEN, PID {holder.pid} (" in proc.stderr
+    assert "<3>    fix: " in proc.stderr and "fuser -k 8080/tcp` is a last resort" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.integration
+def test_explain_shows_everything_on_the_port(netns):
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": True},
+               {"proto": "udp", "host": "::", "port": 8080})
+    proc = netns.run([*BINDGUARD, "explain", "127.0.0.2:8080"])
+    assert proc.returncode == 0, proc.stderr
+    assert "127.0.0.1:8080 LISTEN: PID" in proc.stderr
+    proc = netns.run([*BINDGUARD, "explain", "0.0.0.0:8080", "udp:0.0.0.0:8080"])
+    assert proc.returncode == 98
+    assert "listener" in proc.stderr and "udp:0.0.0.0:8080: bound" in proc.stderr
+
+
+@pytest.mark.integration
+def test_guard_failure_fails_open_or_closed(netns, tmp_path):
+    # A broken observation layer (here: sock_diag and /proc/net both made unreadable by a
+    # module that raises) must not block the start unless --fail-closed is given.
+    shim = tmp_path / "sitecustomize.py"
+    shim.write_text("import bindguard.sockets as s\n"
+                    "def broken(*a, **k):\n    raise RuntimeError('simulated failure')\n"
+                    "s.sockets_on_port = broken\n")
+    netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = netns.run([*BINDGUARD, "check", "--wait", "0", "8080"], env=env)
+    assert proc.returncode == 0 and "internal error" in proc.stderr and "fail-open" in proc.stderr
+    proc = netns.run([*BINDGUARD, "check", "--fail-closed", "--wait", "0", "8080"], env=env)
+    assert proc.returncode == 70 and "Traceback" not in proc.stderr

@@ -1,0 +1,210 @@
+"""bindguard.systemd against a real systemd user manager and its session bus (the rig)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+import pytest
+
+from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
+from bindguard.systemd import (
+    SYSTEM,
+    USER,
+    Listen,
+    Systemd,
+    SystemdUnavailable,
+    UnitNotFound,
+    choose_bus,
+    unit_from_cgroup,
+    listen_endpoint,
+)
+
+
+# --- pure logic ----------------------------------------------------------------------------
+
+def test_choose_bus_follows_flags_then_managerpid():
+    assert choose_bus(True, {}) == USER
+    assert choose_bus(False, {"MANAGERPID": "4242"}) == SYSTEM
+    assert choose_bus(None, {"MANAGERPID": "4242"}) == USER
+    assert choose_bus(None, {"MANAGERPID": "1"}) == SYSTEM
+    assert choose_bus(None, {}) == SYSTEM
+
+
+@pytest.mark.parametrize(
+    "path, unit",
+    [
+        ("/system.slice/nginx.service", "nginx.service"),
+        ("/user.slice/user-1000.slice/user@1000.service/app.slice/web.service", "web.service"),
+        ("/system.slice/docker.service/.control", "docker.service"),
+        ("/system.slice/system-getty.slice/getty@tty1.service", "getty@tty1.service"),
+        ("/system.slice/systemd-fsck@dev-disk-by\\x2duuid-1.service", "systemd-fsck@dev-disk-by\\x2duuid-1.service"),
+        ("/user.slice/user-1000.slice/session-3.scope", "session-3.scope"),
+        ("/user.slice/user-1000.slice", None),
+        ("/", None),
+    ],
+)
+def test_unit_from_cgroup(path, unit):
+    assert unit_from_cgroup(path) == unit
+
+
+def test_listen_endpoint_resolves_protocol_and_dual_stack():
+    any6 = ipaddress.ip_address("::")
+    assert listen_endpoint(Listen("Stream", "[::]:80"), "both", bindv6only=True) == (Endpoint(TCP, any6, 80), False)
+    assert listen_endpoint(Listen("Stream", "[::]:80"), "ipv6-only", bindv6only=False) == (Endpoint(TCP, any6, 80), True)
+    assert listen_endpoint(Listen("Stream", "[::]:80"), "default", bindv6only=True)[1] is True
+    assert listen_endpoint(Listen("Stream", "[::]:80"), "default", bindv6only=False)[1] is False
+    udp, v6only = listen_endpoint(Listen("Datagram", "127.0.0.1:53"), "ipv6-only")
+    assert udp == Endpoint(UDP, ipaddress.ip_address("127.0.0.1"), 53) and v6only is False
+    assert listen_endpoint(Listen("Stream", "8080"), "both")[0].port == 8080  # never in Listen, but robust
+    with pytest.raises(AddressError):
+        listen_endpoint(Listen("SequentialPacket", "/run/x.sock"), "default")
+
+
+# --- under the rig -------------------------------------------------------------------------
+
+@pytest.fixture
+def user_bus(systemd_rig, monkeypatch):
+    """A Systemd connection to the rig's manager, from the test process (the bus is a path)."""
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", systemd_rig.bus_address)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(systemd_rig.runtime_dir))
+    monkeypatch.setenv("SYSTEMD_BUS_TIMEOUT", "10s")
+    with Systemd(USER) as sd:
+        yield sd
+
+
+@pytest.mark.integration
+def test_unit_of_pid_and_unit_settings(systemd_rig, user_bus):
+    rig = systemd_rig
+    rig.write_unit("web.service", f"""\
+[Service]
+Type=notify
+ExecStart={rig.serve({"host": "127.0.0.1", "port": 8080})}
+KillMode=process
+TimeoutStartSec=7
+Environment=A=1 "B=two words"
+EnvironmentFile=-{rig.root}/web.env
+""")
+    assert rig.start("web.service").ok
+    main_pid = rig.main_pid("web.service")
+
+    assert user_bus.manager_pid() == rig.manager_pid
+    assert user_bus.unit_of_pid(main_pid) == "web.service"
+    assert user_bus.unit_of_pid(os.getpid()) is None  # the test process is in no unit of the rig
+    assert user_bus.unit_of_pid(rig.manager_pid) == "init.scope"
+
+    web = user_bus.unit("web.service")
+    assert (web.name, web.load_state, web.active_state, web.sub_state) == ("web.service", "loaded", "active", "running")
+    assert web.main_pid == main_pid
+    assert web.control_group.endswith(f"{rig.name}/app.slice/web.service")
+    assert web.invocation_id == rig.prop("web.service", "InvocationID")
+    assert web.timeout_start_usec == 7_000_000 and web.timeout_start_sec == 7.0
+    assert web.kill_mode == "process"
+    assert web.n_restarts == 0 and web.result == "success"
+    assert web.exec_start[0].argv[:2] == (sys.executable, str(rig.serve({}).split()[1]))
+    assert web.exec_start[0].pid == main_pid
+    assert web.environment == ("A=1", "B=two words")
+    assert web.environment_files == ((f"{rig.root}/web.env", True),)
+    assert web.sockets == ()
+
+    with pytest.raises(UnitNotFound, match="'nope.service' not found on the user manager"):
+        user_bus.unit("nope.service")
+
+
+@pytest.mark.integration
+def test_exec_start_pre_status_is_read_from_the_service(systemd_rig, user_bus):
+    rig = systemd_rig
+    rig.write_unit("refused.service", "[Service]\nExecStartPre=/bin/sh -c 'exit 98'\nExecStart=/bin/true\n")
+    assert not rig.start("refused.service").ok
+    unit = user_bus.unit("refused.service")
+    assert unit.active_state == "failed" and unit.result == "exit-code"
+    assert unit.exec_main_status == 0  # the recipe's finding: the ExecStartPre status is not here
+    assert [(c.code, c.status) for c in unit.exec_start_pre] == [(1, 98)]  # CLD_EXITED
+
+
+@pytest.mark.integration
+def test_socket_units_listening_latent_and_not_yet_loaded(systemd_rig, user_bus):
+    rig = systemd_rig
+    rig.write_unit("demo.socket", """\
+[Socket]
+ListenStream=127.0.0.1:18080
+ListenStream=[::]:18082
+ListenDatagram=[::1]:18081
+ListenStream=%t/demo.sock
+BindIPv6Only=both
+ReusePort=yes
+""", reload=False)
+    rig.write_unit("demo.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit("later.socket", "[Socket]\nListenStream=[::]:19090\nBindIPv6Only=ipv6-only\n"
+                   "[Install]\nWantedBy=sockets.target\n", reload=False)
+    rig.write_unit("later.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit("boot.socket", "[Socket]\nListenStream=0.0.0.0:19091\nService=later.service\n"
+                   "[Install]\nWantedBy=sockets.target\n")
+    assert rig.start("demo.socket").ok
+    assert rig.systemctl("enable", "later.socket").returncode == 0  # loaded (a reload), not started
+    assert rig.systemctl("enable", "--no-reload", "boot.socket").returncode == 0  # not even loaded
+
+    units = {u.name: u for u in user_bus.socket_units()}
+    assert set(units) == {"demo.socket", "later.socket", "boot.socket"}  # gpg-agent & co. are AF_UNIX
+    demo = units["demo.socket"]
+    assert demo.listening and demo.load_state == "loaded"
+    assert demo.listens == (
+        Listen("Stream", "127.0.0.1:18080"), Listen("Stream", "[::]:18082"), Listen("Datagram", "[::1]:18081"),
+    )
+    assert demo.bind_ipv6_only == "both" and demo.reuse_port is True
+    assert demo.triggers == ("demo.service",)
+    assert user_bus.unit("demo.service").sockets == ("demo.socket",)
+
+    later = units["later.socket"]
+    assert (later.load_state, later.active_state, later.unit_file_state) == ("loaded", "inactive", "enabled")
+    assert not later.listening and later.bind_ipv6_only == "ipv6-only" and later.reuse_port is False
+
+    boot = units["boot.socket"]
+    assert (boot.active_state, boot.unit_file_state) == ("inactive", "enabled")
+    assert boot.listens == (Listen("Stream", "0.0.0.0:19091"),) and boot.triggers == ("later.service",)
+
+    assert [u.name for u in user_bus.socket_units(ports=[18081])] == ["demo.socket"]
+    assert {u.name for u in user_bus.socket_units(include_unloaded=False)} == {"demo.socket", "later.socket"}
+
+    # What listen_endpoint makes of the entries is what the kernel shows for the real sockets.
+    listening = rig.run(["ss", "-Hltnu"]).stdout.split()
+    for listen in demo.listens:
+        endpoint, v6only = listen_endpoint(listen, demo.bind_ipv6_only)
+        shown = f"*:{endpoint.port}" if endpoint.is_wildcard and not v6only else endpoint.address()
+        assert shown in listening, (listen, listening)
+
+
+@pytest.mark.integration
+def test_the_guard_in_exec_start_pre_finds_its_unit_and_manager(systemd_rig):
+    rig = systemd_rig
+    out = rig.log("probe.out")
+    probe = ("from bindguard.systemd import *; bus = choose_bus(); sd = Systemd(bus); "
+             "print(guarded_unit(), bus, sd.manager_pid(), sd.unit_of_pid(__import__('os').getpid()))")
+    rig.write_unit("guarded.service", f"""\
+[Service]
+ExecStartPre={sys.executable} -c "{probe}"
+ExecStart=/bin/sleep infinity
+StandardOutput=file:{out}
+StandardError=inherit
+""")
+    run = rig.start("guarded.service")
+    assert run.ok, (run.output, out.read_text())
+    assert out.read_text().split() == ["guarded.service", "user", str(rig.manager_pid), "guarded.service"]
+
+
+@pytest.mark.integration
+def test_no_bus_is_systemd_unavailable_naming_the_bus(systemd_rig, user_bus, monkeypatch):
+    systemd_rig.stop_bus()
+    with pytest.raises(SystemdUnavailable, match="cannot connect to the user bus: .*no session bus at"):
+        Systemd(USER)
+    with pytest.raises(SystemdUnavailable, match="the user manager did not answer"):
+        user_bus.unit_of_pid(systemd_rig.manager_pid)
+    # systemctl still works over the manager's private socket: the manager is fine, the bus is not.
+    assert systemd_rig.systemctl("is-system-running").stdout.strip() in ("running", "degraded")
+
+
+def test_system_bus_absent_is_systemd_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    with pytest.raises(SystemdUnavailable, match=f"cannot connect to the system bus: No such file or directory .no system bus at unix:path={tmp_path}/no-bus"):
+        Systemd(SYSTEM)

@@ -1,0 +1,123 @@
+"""The verdict on recorded evidence: classification, attribution and prediction (pure logic)."""
+
+import errno
+
+from bindguard.endpoints import Bind, SocketOptions, parse_listen
+from bindguard.facts import BOUND, Evidence, ProcessFact, SocketFact, SocketUnitFact, SystemdFacts
+from bindguard.guard import REFUSE, WAIT, WARN, default_action
+from bindguard.verdict import certainly_blocks, conflicts_for, latent_socket_units
+
+ROOT = 0
+
+
+def bind(text, **opts):
+    return Bind(parse_listen(text), SocketOptions(**opts))
+
+
+def sock(text, state="LISTEN", inode=100, uid=0, v6only=False, expires_ms=None):
+    return SocketFact(parse_listen(text), state, uid, inode, v6only=v6only, expires_ms=expires_ms)
+
+
+def proc(pid, ppid=1, unit="web.service", name="webd"):
+    return ProcessFact(pid, ppid, name, (name, "--serve"), f"/usr/bin/{name}", 0, "root", 1.0e9,
+                       f"/system.slice/{unit}" if unit else "/", unit)
+
+
+def evidence(*socks, holders=None, systemd=None):
+    return Evidence(sockets=list(socks), holders=holders or {}, systemd=systemd)
+
+
+def test_listener_with_its_holder():
+    ev = evidence(sock("0.0.0.0:80"), sock("127.0.0.1:81"), holders={100: proc(42)})
+    (c,) = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)
+    assert (c.kind, c.process.pid, c.unit, c.blocking, c.clears) == ("listener", 42, "web.service", True, False)
+
+
+def test_time_wait_clears_and_live_holder_comes_first():
+    ev = evidence(sock("127.0.0.1:80", "TIME_WAIT", inode=0, expires_ms=30000), sock("0.0.0.0:80", BOUND, inode=7),
+                  holders={7: proc(9)})
+    conflicts = conflicts_for(bind("0.0.0.0:80"), errno.EADDRINUSE, None, ev, ROOT)
+    assert [c.kind for c in conflicts] == ["bound", "time-wait"]
+    assert conflicts[1].clears and default_action(conflicts[1]) == WAIT
+    assert default_action(conflicts[0]) == REFUSE
+
+
+def test_unexplained_in_use_still_refuses():
+    (c,) = conflicts_for(bind("80"), errno.EADDRINUSE, None, evidence(), ROOT)
+    assert c.kind == "bound" and c.blocking and "no socket on this port is visible" in c.evidence[0]
+
+
+def test_self_conflict():
+    other = bind("0.0.0.0:80")
+    (c,) = conflicts_for(bind("80"), errno.EADDRINUSE, other, evidence(), ROOT)
+    assert c.kind == "self-conflict" and c.other_bind == other
+
+
+def test_address_unavailable_and_tentative():
+    (c,) = conflicts_for(bind("[2001:db8::1]:80"), errno.EADDRNOTAVAIL, None, evidence(), ROOT)
+    assert c.kind == "address-unavailable" and not c.clears
+    ev = evidence()
+    ev.tentative = frozenset({parse_listen("[2001:db8::1]:80").host})
+    (c,) = conflicts_for(bind("[2001:db8::1]:80"), errno.EADDRNOTAVAIL, None, ev, ROOT)
+    assert c.clears
+
+
+def test_manager_socket_is_a_socket_unit_and_own_one_says_so():
+    units = [SocketUnitFact("web.socket", "active", parse_listen("[::]:80"), False, ("web.service",))]
+    sd = SystemdFacts(manager_pid=1, guarded_unit="web.service", socket_units=units)
+    ev = evidence(sock("[::]:80"), holders={100: proc(1, ppid=0, unit="init.scope", name="systemd")}, systemd=sd)
+    (c,) = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)
+    assert (c.kind, c.socket_unit, c.own_socket_unit) == ("socket-unit", "web.socket", True)
+    sd.guarded_unit = "api.service"
+    (c,) = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)
+    assert not c.own_socket_unit
+
+
+def test_own_instance_and_orphan():
+    sd = SystemdFacts(manager_pid=1, guarded_unit="web.service", unit_states={"old.service": "inactive",
+                                                                              "db.service": "active"})
+    ev = evidence(sock("0.0.0.0:80"), holders={100: proc(50, ppid=1, unit="web.service")}, systemd=sd)
+    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "own-instance"
+    ev.holders = {100: proc(50, ppid=1, unit="old.service")}
+    c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
+    assert c.kind == "orphan" and any("inactive" in e for e in c.evidence)
+    ev.holders = {100: proc(50, ppid=1, unit="session-3.scope")}
+    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "orphan"
+    ev.holders = {100: proc(50, ppid=1, unit="db.service")}  # a running service's main process
+    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "listener"
+    ev.holders = {100: proc(50, ppid=49, unit="old.service")}  # not re-parented: PPID alone decides nothing
+    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "listener"
+
+
+def test_latent_socket_units_warn_but_not_own():
+    units = [
+        SocketUnitFact("other.socket", "inactive", parse_listen("0.0.0.0:80"), False, ("other.service",)),
+        SocketUnitFact("web.socket", "inactive", parse_listen("[::]:80"), False, ("web.service",)),
+        SocketUnitFact("far.socket", "inactive", parse_listen("127.0.0.1:81"), False, ("far.service",)),
+        SocketUnitFact("v6.socket", "inactive", parse_listen("[::]:80"), True, ("v6.service",)),
+    ]
+    ev = evidence(systemd=SystemdFacts(manager_pid=1, guarded_unit="web.service", socket_units=units))
+    found = latent_socket_units([bind("127.0.0.1:80")], ev)
+    assert [c.socket_unit for c in found] == ["other.socket"]
+    assert not found[0].blocking and default_action(found[0]) == WARN
+
+
+def test_prediction_rules():
+    listener = sock("0.0.0.0:80")
+    assert certainly_blocks(bind("0.0.0.0:80"), listener, ROOT) is True
+    assert certainly_blocks(bind("0.0.0.0:80", reuseport=True), listener, ROOT) is None  # its flag is unseen
+    assert certainly_blocks(bind("0.0.0.0:80", reuseport=True), listener, 1000) is True  # other uid
+    assert certainly_blocks(bind("[::]:80", v6only=True), listener, ROOT) is False
+    tw = sock("127.0.0.1:80", "TIME_WAIT", inode=0)
+    assert certainly_blocks(bind("0.0.0.0:80", reuseaddr=False), tw, ROOT) is True
+    assert certainly_blocks(bind("0.0.0.0:80"), tw, ROOT) is None
+    udp = sock("udp:0.0.0.0:53", BOUND)
+    assert certainly_blocks(bind("udp:0.0.0.0:53", reuseaddr=False), udp, ROOT) is True
+    assert certainly_blocks(bind("udp:0.0.0.0:53"), udp, ROOT) is None
+
+
+def test_predicted_conflicts_block_only_when_certain():
+    ev = evidence(sock("0.0.0.0:80"), sock("127.0.0.1:80", "TIME_WAIT", inode=0))
+    conflicts = conflicts_for(bind("0.0.0.0:80"), errno.EACCES, None, ev, ROOT)
+    assert [(c.kind, c.blocking, c.predicted) for c in conflicts] == [
+        ("listener", True, True), ("time-wait", False, True)]
