@@ -10,9 +10,13 @@ What it builds, inside a namespace of its own (`unshare --net`, lo up) that dies
   pipe, /dev/null and its share of the sockets; shares follow a Zipf law (a few big daemons, a
   long tail of small ones; some hold no socket at all), so a /proc fd scan costs what it costs on a
   busy host;
+- services: where the cgroup hierarchies are writable, the processes are spread over cgroups named
+  like systemd services (`bindguard-bench-PID/load-N.service`, about 20 processes each), so that a
+  holder's cgroup names its unit as on a systemd host;
 - three ports for the benchmark: FREE_PORT (nothing on it), HELD_PORT (a dual-stack listener held by
-  the newest process, the last one a PID-ordered /proc scan reaches) and TIMEWAIT_PORT (a fresh
-  TIME_WAIT on [::1], remade by `refresh`).
+  a process alone in `held.service`, given the highest PID there is when /proc/sys/kernel/ns_last_pid
+  allows: the last process a PID-ordered /proc scan reaches) and TIMEWAIT_PORT (a fresh TIME_WAIT on
+  [::1], remade by `refresh`).
 
 TIME_WAIT lasts 60 s in Linux and cannot be made longer, so the bulk is made in six batches and a
 batch is remade once it is 45 s old (`refresh`, between benchmark rounds): the count stays between
@@ -51,6 +55,8 @@ EPHEMERAL_RANGE = "20000 60999"
 TIMEWAIT_BATCHES = 6
 TIMEWAIT_REMAKE_AGE = 45.0
 
+PROCESSES_PER_SERVICE = 20
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 IP_BIND_ADDRESS_NO_PORT = 24
 PR_SET_PDEATHSIG = 1
 LISTENER_HOSTS = ("0.0.0.0", "::", "127.0.0.1", "::1")
@@ -138,6 +144,45 @@ def _listener(host: str, port: int, backlog: int = 4096, reuseaddr: bool = False
     return s
 
 
+def _cgroup_hierarchies() -> list[Path]:
+    """Where systemd keeps track of units: cgroup2 alone, or name=systemd and unified (hybrid)."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT]
+    return [h for h in (CGROUP_ROOT / "systemd", CGROUP_ROOT / "unified") if (h / "cgroup.procs").exists()]
+
+
+class Services:
+    """Cgroups named like services under bindguard-bench-PID in each hierarchy; removed by close()."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.roots: list[Path] = []
+        for hierarchy in _cgroup_hierarchies():
+            root = hierarchy / f"bindguard-bench-{os.getpid()}"
+            try:
+                root.mkdir()
+            except OSError:
+                continue
+            self.roots.append(root)
+            for name in names:
+                (root / name).mkdir()
+
+    def join(self, name: str) -> None:
+        """Move the calling process into the service `name` (in every hierarchy)."""
+        for root in self.roots:
+            (root / name / "cgroup.procs").write_text("0")
+
+    def close(self) -> None:
+        for root in self.roots:
+            for cgroup in [*(c for c in root.iterdir() if c.is_dir()), root]:
+                for _ in range(50):  # a killed process may linger in cgroup.procs for a moment
+                    try:
+                        cgroup.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.02)
+        self.roots.clear()
+
+
 def _peer(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
@@ -157,7 +202,10 @@ class Host:
         self.timewait_counter = 0
         self.source_counter = 0
         self.held_pid = 0
+        self.held_rank = 0
         self.libc = ctypes.CDLL(None, use_errno=True)
+        self.service_names = [f"load-{k}.service" for k in range(max(1, size.processes // PROCESSES_PER_SERVICE))]
+        self.services = Services([*self.service_names, "held.service"])
 
     # -- sockets
 
@@ -207,7 +255,7 @@ class Host:
 
     # -- processes
 
-    def _spawn_holder(self, index: int, sockets: list[socket.socket]) -> int:
+    def _spawn_holder(self, index: int, sockets: list[socket.socket], service: str) -> int:
         fds = [s.fileno() for s in sockets]
         log = self.files / f"proc{index}.log"
         parent = os.getpid()
@@ -217,6 +265,7 @@ class Host:
                 self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != parent:
                     os._exit(1)
+                self.services.join(service)
                 devnull = os.open("/dev/null", os.O_RDWR)
                 for std in (0, 1, 2):
                     os.dup2(devnull, std)
@@ -249,7 +298,8 @@ class Host:
                 u.bind((host, LOAD_PORT_BASE + next_udp))
                 sockets.append(u)
                 next_udp += 1
-            self.children.append(self._spawn_holder(i, sockets))
+            service = self.service_names[self.rng.randrange(len(self.service_names))]
+            self.children.append(self._spawn_holder(i, sockets, service))
         batch = -(-mix.timewait // TIMEWAIT_BATCHES)
         left = mix.timewait
         while left > 0:
@@ -257,8 +307,11 @@ class Host:
             self.timewait_batches.append((time.monotonic(), min(batch, left)))
             left -= batch
         self.timewait_on_benchmark_port()
-        self.held_pid = self._spawn_holder(size.processes, [_listener("::", HELD_PORT, 128)])
+        _ask_for_the_last_pid()
+        self.held_pid = self._spawn_holder(size.processes, [_listener("::", HELD_PORT, 128)], "held.service")
         self.children.append(self.held_pid)
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        self.held_rank = sum(1 for pid in pids if pid <= self.held_pid)
 
     def refresh(self) -> None:
         """Remake TIME_WAIT batches about to expire, and the one on TIMEWAIT_PORT."""
@@ -281,7 +334,17 @@ class Host:
             except ChildProcessError:
                 pass
         self.children.clear()
+        self.services.close()
         shutil.rmtree(self.files, ignore_errors=True)
+
+
+def _ask_for_the_last_pid() -> None:
+    """Make the next fork get pid_max - 1, if free (another fork may race us: then it is only likely)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid_max - 2))
+    except OSError:
+        pass
 
 
 def sockstat() -> dict[str, int]:
@@ -321,6 +384,8 @@ def serve(size: Size) -> None:
             "free_port": FREE_PORT,
             "held_port": HELD_PORT,
             "held_pid": host.held_pid,
+            "held_scan_position": f"{host.held_rank} of {sum(1 for n in os.listdir('/proc') if n.isdigit())}",
+            "services": len(host.service_names) if host.services.roots else 0,
             "timewait_port": TIMEWAIT_PORT,
             "processes": len(host.children),
             "build_seconds": round(time.monotonic() - started, 2),
