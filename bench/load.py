@@ -13,10 +13,10 @@ What it builds, inside a namespace of its own (`unshare --net`, lo up) that dies
 - services: where the cgroup hierarchies are writable, the processes are spread over cgroups named
   like systemd services (`bindguard-bench-PID/load-N.service`, about 20 processes each), so that a
   holder's cgroup names its unit as on a systemd host;
-- three ports for the benchmark: FREE_PORT (nothing on it), HELD_PORT (a dual-stack listener held by
-  a process alone in `held.service`, given the highest PID there is when /proc/sys/kernel/ns_last_pid
-  allows: the last process a PID-ordered /proc scan reaches) and TIMEWAIT_PORT (a fresh TIME_WAIT on
-  [::1], remade by `refresh`).
+- three ports for the benchmark: FREE_PORT (nothing on it); HELD_PORT, a dual-stack listener made by
+  a process alone in `held.service` (so sock_diag reports that cgroup) which gets the highest PID
+  there is when /proc/sys/kernel/ns_last_pid allows (the last process a PID-ordered /proc scan
+  reaches); TIMEWAIT_PORT, a fresh TIME_WAIT on [::1], remade by `refresh`.
 
 TIME_WAIT lasts 60 s in Linux and cannot be made longer, so the bulk is made in six batches and a
 batch is remade once it is 45 s old (`refresh`, between benchmark rounds): the count stays between
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -255,10 +256,13 @@ class Host:
 
     # -- processes
 
-    def _spawn_holder(self, index: int, sockets: list[socket.socket], service: str) -> int:
+    def _spawn_holder(self, index: int, sockets: list[socket.socket], service: str,
+                      make: Callable[[], list[socket.socket]] | None = None) -> int:
+        """A `sleep infinity` in `service` holding `sockets`, and those `make` creates there (in its cgroup)."""
         fds = [s.fileno() for s in sockets]
         log = self.files / f"proc{index}.log"
         parent = os.getpid()
+        made_r, made_w = os.pipe() if make else (-1, -1)
         pid = os.fork()
         if pid == 0:
             try:
@@ -266,17 +270,26 @@ class Host:
                 if os.getppid() != parent:
                     os._exit(1)
                 self.services.join(service)
+                own = make() if make else []
                 devnull = os.open("/dev/null", os.O_RDWR)
                 for std in (0, 1, 2):
                     os.dup2(devnull, std)
-                held = [os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), *os.pipe(), *fds]
+                held = [os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), *os.pipe(), *fds, *(s.fileno() for s in own)]
                 for fd in held:
                     os.set_inheritable(fd, True)
+                if make:
+                    os.write(made_w, b"ok")
                 os.execv("/bin/sleep", ["sleep", "infinity"])
             finally:
                 os._exit(127)
         for s in sockets:
             s.close()
+        if make:
+            os.close(made_w)
+            made = os.read(made_r, 2)
+            os.close(made_r)
+            if made != b"ok":
+                raise RuntimeError(f"load process {index} ({service}) could not make its sockets")
         return pid
 
     def build(self) -> None:
@@ -308,7 +321,8 @@ class Host:
             left -= batch
         self.timewait_on_benchmark_port()
         _ask_for_the_last_pid()
-        self.held_pid = self._spawn_holder(size.processes, [_listener("::", HELD_PORT, 128)], "held.service")
+        self.held_pid = self._spawn_holder(size.processes, [], "held.service",
+                                           lambda: [_listener("::", HELD_PORT, 128)])
         self.children.append(self.held_pid)
         pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
         self.held_rank = sum(1 for pid in pids if pid <= self.held_pid)
