@@ -12,7 +12,6 @@ cProfile run of bindguard.cli.main, sorted by cumulative time. Profiling slows P
 from __future__ import annotations
 
 import argparse
-import cProfile
 import io
 import os
 import pstats

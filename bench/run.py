@@ -61,6 +61,17 @@ class Command:
     expect: tuple[int, ...] = (0,)
     env: dict[str, str] = field(default_factory=dict)
     unavailable: str | None = None
+    agent: object = None  # a UnitAgent: run inside its systemd unit instead of from here
+
+    def timed_run(self) -> tuple[int, int]:
+        if self.agent:
+            return self.agent.timed_run(self.argv, self.env)
+        return timed_run(self.argv, child_env(self.env))
+
+    def peak_rss_kib(self, runs: int) -> int | None:
+        if self.agent:
+            return self.agent.peak_rss_kib(self.argv, self.env, runs)
+        return peak_rss_kib(self.argv, child_env(self.env), runs)
 
 
 def bindguard_argv(explicit: str | None) -> tuple[list[str], dict[str, str]]:
@@ -73,7 +84,7 @@ def bindguard_argv(explicit: str | None) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "bindguard"], {"PYTHONPATH": str(REPO / "src")}
 
 
-def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str]) -> list[Command]:
+def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent) -> list[Command]:
     free, held, timewait = info["free_port"], info["held_port"], info["timewait_port"]
     bg = bindguard
     found = [
@@ -91,8 +102,9 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str]) ->
                 [*bg, "check", "--no-reuseaddr", "--wait", "0", str(timewait)], (EXIT_TEMPFAIL,), bindguard_env),
         Command("noop", "bindguard: every-service drop-in, nothing to check (`check --unit bench-noop.service`)",
                 [*bg, "check", "--unit", "bench-noop.service"], (EXIT_CLEAR,), bindguard_env),
-        Command("unit", "bindguard: clear inside a unit, with the D-Bus checks", [], (EXIT_CLEAR,), bindguard_env,
-                unavailable="needs the systemd rig; not wired into the benchmark yet"),
+        Command("unit", f"bindguard: clear inside a unit, with the D-Bus checks (`check {free}` run by a service)",
+                [*bg, "check", str(free)], (EXIT_CLEAR,), bindguard_env, agent=agent,
+                unavailable=None if agent else "needs the systemd rig (tests/rig.py), which did not start here"),
     ]
     if os.path.realpath(sys.executable) != os.path.realpath(FLOOR_PYTHON) or sys.prefix != sys.base_prefix:
         found.insert(1, Command("venv_floor", f"`python -c pass` ({sys.executable})", [sys.executable, "-c", "pass"]))
@@ -164,54 +176,43 @@ def probe(command: Command) -> dict:
     """Run once with output captured: is it available, and does it exit as expected?"""
     if command.unavailable:
         return {"status": "n/a", "reason": command.unavailable}
-    try:
-        done = subprocess.run(command.argv, env=child_env(command.env), capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"status": "n/a", "reason": f"{type(exc).__name__}: {exc}"}
-    sample = (done.stdout + done.stderr).strip()[:800]
-    if done.returncode in command.expect:
-        return {"status": "ok", "exit": done.returncode, "sample": sample}
-    if done.returncode == EXIT_USAGE and command.key in ("noop", "timewait"):
+    if command.agent:
+        done = command.agent.probe(command.argv, command.env)
+        code, sample = done["exit"], done["sample"]
+    else:
+        try:
+            run = subprocess.run(command.argv, env=child_env(command.env), capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"status": "n/a", "reason": f"{type(exc).__name__}: {exc}"}
+        code, sample = run.returncode, (run.stdout + run.stderr).strip()[:800]
+    if code in command.expect:
+        return {"status": "ok", "exit": code, "sample": sample}
+    if code == EXIT_USAGE and command.key in ("noop", "timewait"):
         return {"status": "n/a", "reason": f"not supported by this bindguard yet: {sample.splitlines()[0]}"}
-    return {"status": "failed", "exit": done.returncode, "expected": list(command.expect), "sample": sample}
+    return {"status": "failed", "exit": code, "expected": list(command.expect), "sample": sample}
 
 
 def measure_size(size: Size, rounds: int, warmup: int, memory_runs: int, bindguard: list[str],
-                 bindguard_env: dict[str, str], log) -> dict:
+                 bindguard_env: dict[str, str], agent, log) -> dict:
     started = time.monotonic()
     with Load(size) as load:
         log(f"{size.label}: built in {load.info['build_seconds']} s: {load.info['sockstat']}")
         result = {"size": {"sockets": size.sockets, "processes": size.processes}, "label": size.label,
                   "build_seconds": load.info["build_seconds"], "mix": load.info["mix"],
-                  "held_pid": load.info["held_pid"], "sockstat_start": load.info["sockstat"],
-                  "host_processes": host_processes(), "load_average": round(os.getloadavg()[0], 2),
-                  "rounds": rounds, "commands": {}}
-        cmds = commands(load.info, bindguard, bindguard_env)
-        with inside(load.netns):
-            load.refresh()
-            for c in cmds:
-                result["commands"][c.key] = {"label": c.label, "argv": c.argv, **probe(c)}
-            active = [c for c in cmds if result["commands"][c.key]["status"] == "ok"]
-            times: dict[str, list[int]] = {c.key: [] for c in active}
-            for c in active:
-                for _ in range(warmup):
-                    timed_run(c.argv, child_env(c.env))
-            sockstats = []
-            gc.disable()
-            try:
-                for r in range(rounds):
-                    sockstats.append(load.refresh())
-                    for c in active[r % len(active):] + active[: r % len(active)]:
-                        elapsed, code = timed_run(c.argv, child_env(c.env))
-                        if code not in c.expect:
-                            raise RuntimeError(f"{c.label} exited {code} in round {r}, expected {c.expect}")
-                        times[c.key].append(elapsed)
-            finally:
-                gc.enable()
-            for c in active:
-                result["commands"][c.key]["peak_rss_kib"] = peak_rss_kib(c.argv, child_env(c.env), memory_runs)
-        result["sockstat_min"] = {k: min(s[k] for s in sockstats) for k in sockstats[0]} if sockstats else {}
-        result["sockstat_max"] = {k: max(s[k] for s in sockstats) for k in sockstats[0]} if sockstats else {}
+                  "held_pid": load.info["held_pid"], "held_scan_position": load.info["held_scan_position"],
+                  "sockstat_start": load.info["sockstat"], "host_processes": host_processes(),
+                  "load_average": round(os.getloadavg()[0], 2), "rounds": rounds, "commands": {}}
+        cmds = commands(load.info, bindguard, bindguard_env, agent)
+        if agent:
+            agent.enter(load.netns)
+        try:
+            with inside(load.netns):
+                times, sockstats = measure_in(load, cmds, result["commands"], rounds, warmup, memory_runs)
+        finally:
+            if agent:
+                agent.enter("-")  # else the agent would keep the load's namespace alive
+    result["sockstat_min"] = {k: min(s[k] for s in sockstats) for k in sockstats[0]} if sockstats else {}
+    result["sockstat_max"] = {k: max(s[k] for s in sockstats) for k in sockstats[0]} if sockstats else {}
     floor = times.get("floor")
     ss_p = times.get("ss_p")
     for key, samples in times.items():
@@ -227,6 +228,35 @@ def measure_size(size: Size, rounds: int, warmup: int, memory_runs: int, bindgua
     result["seconds"] = round(time.monotonic() - started, 1)
     log(f"{size.label}: measured in {result['seconds']} s")
     return result
+
+
+def measure_in(load: Load, cmds: list[Command], entries: dict, rounds: int, warmup: int,
+               memory_runs: int) -> tuple[dict[str, list[int]], list[dict]]:
+    """Probe, warm up, time in interleaved rounds, then measure peak memory; in the load's namespace."""
+    load.refresh()
+    for c in cmds:
+        entries[c.key] = {"label": c.label, "argv": c.argv, **probe(c)}
+    active = [c for c in cmds if entries[c.key]["status"] == "ok"]
+    times: dict[str, list[int]] = {c.key: [] for c in active}
+    for c in active:
+        for _ in range(warmup):
+            c.timed_run()
+    sockstats = []
+    gc.disable()
+    try:
+        for r in range(rounds):
+            sockstats.append(load.refresh())
+            for c in active[r % len(active):] + active[: r % len(active)]:
+                elapsed, code = c.timed_run()
+                if code not in c.expect:
+                    raise RuntimeError(f"{c.label} exited {code} in round {r}, expected {c.expect}")
+                times[c.key].append(elapsed)
+    finally:
+        gc.enable()
+    load.refresh()
+    for c in active:
+        entries[c.key]["peak_rss_kib"] = c.peak_rss_kib(memory_runs)
+    return times, sockstats
 
 
 # ---------------------------------------------------------------- targets (issue 6) and the report
@@ -338,6 +368,17 @@ def machine() -> dict:
     }
 
 
+def start_agent(log):
+    """The in-unit timer (bench/unit_agent.py) in a real user manager, or None if that cannot run here."""
+    from unit_agent import UnitAgent
+
+    try:
+        return UnitAgent()
+    except Exception as exc:  # no systemd, no D-Bus: the in-unit row says n/a
+        log(f"no systemd rig, the in-unit path is not measured: {type(exc).__name__}: {exc}")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny sizes and 3 rounds: proves the script works (CI)")
@@ -346,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timed runs of each command per size (default 21; --small 3)")
     parser.add_argument("--out", type=Path, default=BENCH, help="where results.json (and README.md) go")
     parser.add_argument("--bindguard", help="the bindguard command to time (default: the one next to this python)")
+    parser.add_argument("--no-unit", action="store_true", help="skip the in-unit path (no systemd rig)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces): sudo .venv/bin/python bench/run.py")
@@ -370,8 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     if report["machine"]["interpreter"] != report["machine"]["floor_interpreter"]:
         log(f"warning: bindguard runs on {report['machine']['interpreter']}, the floor on {FLOOR_PYTHON}: "
             "not like with like")
-    for size in sizes:
-        report["sizes"].append(measure_size(size, rounds, warmup, memory_runs, bindguard, bindguard_env, log))
+    agent = None if args.no_unit else start_agent(log)
+    try:
+        for size in sizes:
+            report["sizes"].append(measure_size(size, rounds, warmup, memory_runs, bindguard, bindguard_env, agent, log))
+    finally:
+        if agent:
+            agent.close()
     report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report["targets"] = evaluate(report["sizes"])
     table = render(report)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import need_root
+from conftest import REQUIRE, need_root
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 REFERENCES = ("floor", "ss", "ss_p", "lsof", "psutil")
@@ -32,5 +32,7 @@ def test_small_benchmark_runs_and_cleans_up(tmp_path):
         assert commands[key]["peak_rss_kib"] > 0
     for key in BINDGUARD_PATHS:
         assert commands[key]["status"] in ("ok", "n/a"), commands[key]
+    if REQUIRE:  # CI has the systemd rig: the in-unit path must have run
+        assert commands["unit"]["status"] == "ok", commands["unit"]
     assert "| target | measured | met? |" in done.stdout
     assert not Path(f"/proc/{size['held_pid']}").exists(), "a load process outlived the benchmark"
