@@ -15,6 +15,8 @@ packages=(
 extras=()
 if [ "${1:-}" = "--test" ]; then
     extras=(procps lsof time)   # lsof and GNU time: the benchmark (bench/run.py)
+    # discovery is tested on the configuration files these install (none of them is started)
+    extras+=(nginx libnginx-mod-stream apache2 haproxy openssh-server redis-server postgresql mariadb-server)
 fi
 
 sudo=""
@@ -41,4 +43,5 @@ if [ "${1:-}" = "--test" ]; then
 else
     .venv/bin/pip install -q --disable-pip-version-check -e .
 fi
+.venv/bin/python -m compileall -q src  # ready bytecode: the guard runs before every start
 echo "setup: done; run .venv/bin/bindguard --help" >&2

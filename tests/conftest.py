@@ -115,8 +115,8 @@ def systemd_rig():
     need_root("the systemd rig")
     from rig import SYSTEMD, SystemdRig
 
-    if not os.access(SYSTEMD, os.X_OK) or shutil.which("dbus-daemon") is None:
-        reason = f"the systemd rig needs {SYSTEMD} and dbus-daemon (install systemd, dbus, dbus-user-session)"
+    if not os.access(SYSTEMD, os.X_OK) or not os.path.exists("/usr/lib/systemd/user/dbus.socket"):
+        reason = f"the systemd rig needs {SYSTEMD} and the user unit dbus.socket (install systemd, dbus-user-session)"
         if REQUIRE:
             pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
         pytest.skip(reason)

@@ -1,13 +1,16 @@
 """Run bindguard's socket observation inside a network namespace and print the facts as JSON.
 
-    python observe.py '{"proto": "tcp", "port": 8080, "source": "auto", "mask": null,
+    python observe.py '{"proto": "tcp", "port": 8080, "source": "auto", "states": null,
                         "udp_connect": null}'
 
-"mask" replaces the state mask (to ask the kernel for fewer states); "udp_connect":
+"states" (a list of state names) asks the kernel for those states only; "udp_connect":
 [host, port, peer_port] first binds a UDP socket to host:port and connects it to
 host:peer_port, so that a connected UDP socket exists while the query runs.
-Prints {"sockets": [...], "notes": [...]}.
+Prints {"sockets": [...], "notes": [...]}. Tests call query(ns, ...), which runs this script
+in the namespace and returns the decoded facts and notes.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import json
@@ -25,6 +28,13 @@ def encode(value):
     return str(value)
 
 
+def query(ns, proto: str = "tcp", port: int | None = None, **options) -> tuple[list[dict], list[str]]:
+    result = ns.run([sys.executable, __file__, json.dumps({"proto": proto, "port": port, **options})])
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    return answer["sockets"], answer["notes"]
+
+
 def main():
     query = json.loads(sys.argv[1])
     keep = []
@@ -38,10 +48,8 @@ def main():
     source = query.get("source", "auto")
     if query.get("port") is None:
         facts = sockets.listening_sockets(query["proto"], notes, source=source)
-    elif query.get("mask") is not None:
-        facts = sockets._observe(query["proto"], query["port"], query["mask"], notes, source)
     else:
-        facts = sockets.sockets_on_port(query["proto"], query["port"], notes, source=source)
+        facts = sockets.sockets_on_port(query["proto"], query["port"], notes, states=query.get("states"), source=source)
     print(json.dumps({"sockets": [encode(f) for f in facts], "notes": notes}))
 
 

@@ -193,8 +193,8 @@ class SystemdRig:
         for proc in self.processes:
             self.release(proc)
         if self.manager is not None and self.manager.poll() is None:
-            self.systemctl("exit", timeout=10)
             try:
+                self.systemctl("exit", timeout=10)
                 self.manager.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.manager.kill()
@@ -302,7 +302,14 @@ class SystemdRig:
             raise RigError(f"daemon-reload failed: {done.stderr.strip()}")
 
     def _job(self, verb: str, unit: str, timeout: float) -> UnitRun:
-        done = self.systemctl(verb, unit, timeout=timeout)
+        try:
+            done = self.systemctl(verb, unit, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            status = self.systemctl("status", "--no-pager", "--lines=0", unit, timeout=10)
+            jobs = self.systemctl("list-jobs", "--no-pager", timeout=10)
+            raise RigError(f"systemctl --user {verb} {unit} did not return in {timeout:g} s:\n"
+                           f"{status.stdout}\n{jobs.stdout}\n{self._processes_of(unit)}\n"
+                           f"manager: {self.manager_log()}") from None
         props = self.show(unit, "ActiveState", "Result", "ExecStartPre")
         return UnitRun(
             unit=unit,
@@ -312,6 +319,24 @@ class SystemdRig:
             result=props.get("Result", ""),
             pre_status=_parse_exec_status(props.get("ExecStartPre", "")),
         )
+
+    def _processes_of(self, unit: str) -> str:
+        """The unit's processes with their state and kernel wait channel, to tell where one hangs."""
+        group = self.prop(unit, "ControlGroup").lstrip("/")
+        lines = []
+        for cg in self.cgroups:
+            procs = cg.parent / group / "cgroup.procs"
+            if group and procs.exists():
+                for pid in procs.read_text().split():
+                    try:
+                        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                        wchan = Path(f"/proc/{pid}/wchan").read_text()
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                    except OSError:
+                        continue
+                    lines.append(f"  PID {pid} state {state} wchan {wchan}: {cmd}")
+                break
+        return "processes:\n" + "\n".join(lines)
 
     def start(self, unit: str, timeout: float = 60) -> UnitRun:
         return self._job("start", unit, timeout)
@@ -329,8 +354,8 @@ class SystemdRig:
         result: dict[str, str] = {}
         for line in done.stdout.splitlines():
             key, sep, value = line.partition("=")
-            if sep:
-                result[key] = value
+            if sep:  # a property with several values (ExecStartPre=) comes as several lines
+                result[key] = f"{result[key]}\n{value}" if key in result else value
         return result
 
     def prop(self, unit: str, name: str) -> str:

@@ -36,7 +36,6 @@ def main() -> None:
             s.listen(16)
         keep.append(s)
     if config.get("fork") and os.fork() == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:
             signal.pause()
     notify("READY=1")

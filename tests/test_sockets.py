@@ -10,23 +10,15 @@ import ipaddress
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
+from observe import query as observe
 
 from bindguard import sockets
 
-OBSERVE = Path(__file__).resolve().parent / "observe.py"
 BOUND_INACTIVE_KERNEL = tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 8)
 
 pytestmark = pytest.mark.integration
-
-
-def observe(ns, proto: str = "tcp", port: int | None = None, **query) -> tuple[list[dict], list[str]]:
-    result = ns.run([sys.executable, str(OBSERVE), json.dumps({"proto": proto, "port": port, **query})])
-    assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
-    return answer["sockets"], answer["notes"]
 
 
 def local(fact: dict) -> str:
@@ -67,6 +59,8 @@ def test_port_filter_excludes_other_ports(netns):
     facts, _ = observe(netns, port=9000)
     assert [local(f) for f in facts] == ["127.0.0.1:9000"]
     assert {f["local"]["proto"] for f in facts} == {"tcp"}
+    assert observe(netns, port=9000, states=["LISTEN"])[0] == facts
+    assert observe(netns, port=9000, states=["TIME_WAIT", "BOUND"])[0] == []
 
     everything, _ = observe(netns)  # listening_sockets: every port, LISTEN only
     assert sorted(f["local"]["port"] for f in everything) == [8999, 9000, 9001]
@@ -81,8 +75,15 @@ def test_bound_but_not_listening_needs_bit_13(netns):
     (fact,) = facts
     assert local(fact) == "127.0.0.1:8080" and fact["state"] == "BOUND" and fact["inode"] > 0
 
-    without_bit_13, _ = observe(netns, port=8080, mask=sockets.ALL_TCP_STATES & ~(1 << sockets.TCP_BOUND_INACTIVE))
-    assert without_bit_13 == []
+    without_bit_13 = sockets.state_mask("tcp", None) & ~(1 << sockets.TCP_BOUND_INACTIVE)
+    code = (
+        "import json\n"
+        "from bindguard import sockets\n"
+        f"print(json.dumps([str(f.local) for f in sockets._query_sock_diag('tcp', 8080, {without_bit_13})]))\n"
+    )
+    result = netns.run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
     from_proc, notes = observe(netns, port=8080, source="procfs")
     assert from_proc == []
     assert "bound but not listening" in notes[0]
@@ -188,9 +189,18 @@ def test_bytecode_is_what_the_kernel_accepts():
     assert program[8:12] == bytes([sockets.INET_DIAG_BC_S_LE, 8]) + (12).to_bytes(2, sys.byteorder)
 
 
-def test_unknown_protocol_is_refused():
+def test_unknown_protocol_or_state_is_refused():
     with pytest.raises(ValueError):
         sockets.sockets_on_port("sctp", 80)
+    with pytest.raises(ValueError):
+        sockets.sockets_on_port("udp", 80, states=["LISTEN"])
+
+
+def test_state_masks():
+    assert sockets.state_mask("tcp", None) == 0b11_1111_1111_1110
+    assert sockets.state_mask("tcp", ["BOUND"]) == (1 << 7) | (1 << 13)
+    assert sockets.state_mask("tcp", ["LISTEN", "TIME_WAIT"]) == (1 << 10) | (1 << 6)
+    assert sockets.state_mask("udp", None) == sockets.state_mask("udp", ["BOUND", "ESTABLISHED"]) == (1 << 7) | 2
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="the recorded lines are from a little-endian host")

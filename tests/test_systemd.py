@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bindguard import owners
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
 from bindguard.systemd import (
     SYSTEM,
@@ -17,7 +18,8 @@ from bindguard.systemd import (
     SystemdUnavailable,
     UnitNotFound,
     choose_bus,
-    unit_from_cgroup,
+    enabled_socket_units,
+    known_manager_pid,
     listen_endpoint,
 )
 
@@ -30,6 +32,9 @@ def test_choose_bus_follows_flags_then_managerpid():
     assert choose_bus(None, {"MANAGERPID": "4242"}) == USER
     assert choose_bus(None, {"MANAGERPID": "1"}) == SYSTEM
     assert choose_bus(None, {}) == SYSTEM
+    assert known_manager_pid(SYSTEM, {"MANAGERPID": "4242"}) == 1
+    assert known_manager_pid(USER, {"MANAGERPID": "4242"}) == 4242
+    assert known_manager_pid(USER, {}) is None
 
 
 @pytest.mark.parametrize(
@@ -46,7 +51,7 @@ def test_choose_bus_follows_flags_then_managerpid():
     ],
 )
 def test_unit_from_cgroup(path, unit):
-    assert unit_from_cgroup(path) == unit
+    assert owners.unit_from_cgroup(path) == unit
 
 
 def test_listen_endpoint_resolves_protocol_and_dual_stack():
@@ -60,6 +65,20 @@ def test_listen_endpoint_resolves_protocol_and_dual_stack():
     assert listen_endpoint(Listen("Stream", "8080"), "both")[0].port == 8080  # never in Listen, but robust
     with pytest.raises(AddressError):
         listen_endpoint(Listen("SequentialPacket", "/run/x.sock"), "default")
+
+
+def test_enabled_socket_units_are_the_install_symlinks(tmp_path):
+    etc, run = tmp_path / "etc", tmp_path / "run"
+    (etc / "sockets.target.wants").mkdir(parents=True)
+    (etc / "multi-user.target.requires").mkdir(parents=True)
+    (run / "sockets.target.wants").mkdir(parents=True)
+    for link in ("sockets.target.wants/a.socket", "sockets.target.wants/a.service",
+                 "multi-user.target.requires/b@x.socket", "multi-user.target.requires/c@.socket"):
+        (etc / link).symlink_to("/dev/null")
+    (run / "sockets.target.wants" / "d.socket").symlink_to("/dev/null")
+    (etc / "e.socket").write_text("")  # a unit file, not enabled
+    found = enabled_socket_units([str(etc), str(tmp_path / "missing"), str(run)])
+    assert found == {"a.socket": "enabled", "b@x.socket": "enabled", "d.socket": "enabled"}
 
 
 # --- under the rig -------------------------------------------------------------------------
@@ -107,6 +126,7 @@ EnvironmentFile=-{rig.root}/web.env
     assert web.environment == ("A=1", "B=two words")
     assert web.environment_files == ((f"{rig.root}/web.env", True),)
     assert web.sockets == ()
+    assert web.unit_file_state == "" and user_bus.unit("web.service", file_state=True).unit_file_state == "static"
 
     with pytest.raises(UnitNotFound, match="'nope.service' not found on the user manager"):
         user_bus.unit("nope.service")
@@ -167,10 +187,9 @@ ReusePort=yes
     assert [u.name for u in user_bus.socket_units(ports=[18081])] == ["demo.socket"]
     assert {u.name for u in user_bus.socket_units(include_unloaded=False)} == {"demo.socket", "later.socket"}
 
-    # What listen_endpoint makes of the entries is what the kernel shows for the real sockets.
+    # What the entries resolve to (listen_endpoint) is what the kernel shows for the real sockets.
     listening = rig.run(["ss", "-Hltnu"]).stdout.split()
-    for listen in demo.listens:
-        endpoint, v6only = listen_endpoint(listen, demo.bind_ipv6_only)
+    for listen, endpoint, v6only in demo.endpoints():
         shown = f"*:{endpoint.port}" if endpoint.is_wildcard and not v6only else endpoint.address()
         assert shown in listening, (listen, listening)
 
@@ -179,18 +198,22 @@ ReusePort=yes
 def test_the_guard_in_exec_start_pre_finds_its_unit_and_manager(systemd_rig):
     rig = systemd_rig
     out = rig.log("probe.out")
-    probe = ("from bindguard.systemd import *; bus = choose_bus(); sd = Systemd(bus); "
-             "print(guarded_unit(), bus, sd.manager_pid(), sd.unit_of_pid(__import__('os').getpid()))")
+    probe = ("import os, time; from bindguard.systemd import *; bus = choose_bus(); sd = Systemd(bus); "
+             "me = sd.unit(guarded_unit()); "
+             "print(guarded_unit(), bus, sd.manager_pid(), known_manager_pid(bus), sd.unit_of_pid(os.getpid()), "
+             "me.active_state, round(me.start_deadline() - time.monotonic()))")
     rig.write_unit("guarded.service", f"""\
 [Service]
 ExecStartPre={sys.executable} -c "{probe}"
 ExecStart=/bin/sleep infinity
+TimeoutStartSec=30
 StandardOutput=file:{out}
 StandardError=inherit
 """)
     run = rig.start("guarded.service")
     assert run.ok, (run.output, out.read_text())
-    assert out.read_text().split() == ["guarded.service", "user", str(rig.manager_pid), "guarded.service"]
+    manager = str(rig.manager_pid)
+    assert out.read_text().split() == ["guarded.service", "user", manager, manager, "guarded.service", "activating", "30"]
 
 
 @pytest.mark.integration
@@ -206,5 +229,6 @@ def test_no_bus_is_systemd_unavailable_naming_the_bus(systemd_rig, user_bus, mon
 
 def test_system_bus_absent_is_systemd_unavailable(monkeypatch, tmp_path):
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    monkeypatch.setenv("SYSTEMD_BUS_TIMEOUT", "5s")  # Systemd() would set it for the whole process
     with pytest.raises(SystemdUnavailable, match=f"cannot connect to the system bus: No such file or directory .no system bus at unix:path={tmp_path}/no-bus"):
         Systemd(SYSTEM)

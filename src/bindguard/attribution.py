@@ -87,9 +87,62 @@ class SystemdContext:
         return facts
 
     def start_budget(self) -> float | None:
-        """How long the guard may wait: the unit's TimeoutStartSec= less a safety margin."""
+        """How long the guard may still wait: until the unit's TimeoutStartSec= runs out (counted
+        from the start of this start job, so earlier ExecStartPre= lines are paid for), less a
+        safety margin so that the manager never kills the start mid-wait."""
+        import time
+
         info = self.unit_info()
-        timeout = info.timeout_start_sec if info is not None else None
-        if timeout is None:
+        if info is None or info.timeout_start_sec is None:
             return None
-        return max(timeout - max(2.0, timeout * 0.1), 0.0)
+        margin = max(2.0, info.timeout_start_sec * 0.1)
+        deadline = info.start_deadline()
+        if deadline is None:  # not started by the manager (a person ran check --unit)
+            return max(info.timeout_start_sec - margin, 0.0)
+        return max(deadline - margin - time.monotonic(), 0.0)
+
+    def advice(self, refused: bool) -> list[str]:
+        """What the unit's own settings add to the verdict: settings that leave stale processes
+        holding the ports, and a restart loop into the same refusal."""
+        info = self.unit_info() if self.in_unit else None
+        if info is None:
+            return []
+        lines = []
+        if info.kill_mode in ("process", "none"):
+            lines.append(
+                f"{info.name} has KillMode={info.kill_mode}: stopping it leaves "
+                f"{'its processes' if info.kill_mode == 'none' else 'the processes its main process forked'} "
+                "running, and they keep its ports (own-instance at the next start); KillMode=control-group "
+                "(the default) or mixed ends them")
+        if refused and info.n_restarts > 0:
+            lines.append(
+                f"systemd has restarted {info.name} {info.n_restarts} time(s) into this refusal, as it "
+                "retries a failed ExecStartPre= like any failure: bound the loop with "
+                "StartLimitIntervalSec= and StartLimitBurst= in [Unit], or remove the conflict")
+        return lines
+
+def unit_facts(unit: str, bus_choice: bool | None = None):
+    """What discovery needs from systemd about a unit (discover.UnitFacts), over D-Bus.
+
+    Raises SystemdUnavailable without a bus, and UsageError for a unit systemd does not know.
+    """
+    from bindguard import systemd
+    from bindguard.discover import UnitFacts
+    from bindguard.errors import UsageError
+
+    with systemd.Systemd(systemd.choose_bus(bus_choice)) as conn:
+        try:
+            info = conn.unit(unit)
+        except systemd.UnitNotFound as exc:
+            raise UsageError(str(exc), "give the unit's full name, e.g. nginx.service") from None
+        listens = []
+        if info.sockets:
+            for socket_unit in conn.socket_units():
+                if socket_unit.name in info.sockets:
+                    listens += [(entry.type, entry.address, socket_unit.name) for entry in socket_unit.listens]
+        return UnitFacts(
+            exec_start=[list(cmd.argv) for cmd in info.exec_start],
+            environment=list(info.environment),
+            environment_files=[("-" if optional else "") + path for path, optional in info.environment_files],
+            socket_listens=listens,
+        )

@@ -1,65 +1,15 @@
-"""The command line: parsing, dispatch to one subcommand, and the exit code.
+"""The command line's entry point: the fast path, dispatch to one subcommand, and the exit code.
 
-Only the chosen subcommand's module is imported, so `bindguard check` stays cheap.
+Nothing heavy is imported before the subcommand needs it: `bindguard check` on its common
+paths (see fastpath.py) never imports argparse.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
 
-from bindguard import __version__
-from bindguard.commands import COMMANDS
-from bindguard.errors import EXIT_CODES_HELP, EXIT_INTERNAL, BindguardError, UsageError
-
-DESCRIPTION = """\
-Stop "bind: Address already in use" from taking services down.
-
-Run `bindguard check` from a unit's ExecStartPre= with the addresses the daemon binds.
-It asks the kernel with a trial bind whether the daemon's bind() will succeed, waits out
-a TIME_WAIT that will clear by itself, or refuses the start and says who holds the
-address and how to fix it."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's exit 2 and usage dump -> one line, exit 64
-        raise UsageError(f"{message}", f"see `{self.prog} --help`")
-
-
-def build_parser(only: str | None = None) -> Parser:
-    parser = Parser(
-        prog="bindguard",
-        description=DESCRIPTION,
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"bindguard {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show a traceback when the guard itself fails")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name, (module_name, summary) in COMMANDS.items():
-        if only is not None and name != only:
-            sub.add_parser(name, help=summary, add_help=False)
-            continue
-        module = importlib.import_module(module_name)
-        child = sub.add_parser(
-            name,
-            help=summary,
-            description=module.DESCRIPTION,
-            epilog=getattr(module, "EPILOG", None),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(child)
-        child.set_defaults(run=module.run)
-    return parser
-
-
-def _chosen_command(argv: list[str]) -> str | None:
-    for arg in argv:
-        if not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
-    return None
+from bindguard.errors import EXIT_INTERNAL, EXIT_USAGE, BindguardError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
     from bindguard import output
 
+    args = None
     try:
-        args = build_parser(_chosen_command(argv)).parse_args(argv)
+        if argv[:1] == ["check"]:
+            from bindguard import fastpath
+
+            code = fastpath.check(argv[1:])
+            if code is not None:
+                return code
+        from bindguard.parser import build_parser, chosen_command
+
+        args = build_parser(chosen_command(argv)).parse_args(argv)
         if args.command is None:
             build_parser().print_help(sys.stderr)
-            return 64
+            return EXIT_USAGE
         return args.run(args)
     except BindguardError as exc:
         output.error(exc.message, exc.hint)
@@ -81,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the guard's own failure must not take the service down
         if debug:
             raise
-        fail_closed = "--fail-closed" in argv
+        fail_closed = bool(getattr(args, "fail_closed", False)) or (args is None and "--fail-closed" in argv)
         output.emit(
             output.ERR if fail_closed else output.WARNING,
             f"bindguard: internal error: {type(exc).__name__}: {exc}\n"

@@ -5,10 +5,11 @@ Only the standard library is imported here: this module is on every path.
 
 from __future__ import annotations
 
+import _socket
 import ipaddress
-import os
-import socket
 from dataclasses import dataclass
+
+from bindguard.host import host_bindv6only, ipv6_supported  # noqa: F401 (this module's API too)
 
 TCP = "tcp"
 UDP = "udp"
@@ -31,7 +32,7 @@ class Endpoint:
 
     @property
     def family(self) -> int:
-        return socket.AF_INET6 if self.host.version == 6 else socket.AF_INET
+        return _socket.AF_INET6 if self.host.version == 6 else _socket.AF_INET
 
     @property
     def is_wildcard(self) -> bool:
@@ -45,11 +46,11 @@ class Endpoint:
         return self.host
 
     def sockaddr(self) -> tuple:
-        if self.family == socket.AF_INET:
+        if self.family == _socket.AF_INET:
             return (str(self.host), self.port)
         scope_id = 0
         if self.scope:
-            scope_id = int(self.scope) if self.scope.isdigit() else socket.if_nametoindex(self.scope)
+            scope_id = int(self.scope) if self.scope.isdigit() else _socket.if_nametoindex(self.scope)
         return (str(self.host), self.port, 0, scope_id)
 
     def address(self) -> str:
@@ -84,23 +85,10 @@ class Bind:
 
     @property
     def v6only(self) -> bool:
-        return self.endpoint.family == socket.AF_INET6 and self.options.v6only
+        return self.endpoint.family == _socket.AF_INET6 and self.options.v6only
 
     def __str__(self) -> str:
         return str(self.endpoint)
-
-
-def ipv6_supported() -> bool:
-    return os.path.exists("/proc/net/if_inet6")
-
-
-def host_bindv6only() -> bool:
-    """The namespace's default for IPV6_V6ONLY on new sockets (net.ipv6.bindv6only)."""
-    try:
-        with open("/proc/sys/net/ipv6/bindv6only") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
 
 
 def _parse_port(text: str, original: str) -> int:

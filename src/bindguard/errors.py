@@ -1,4 +1,4 @@
-"""Exit codes (named so that RestartPreventExitStatus= can list them) and user-facing errors."""
+"""Exit codes (errno- and sysexits-like, for scripts and `systemctl status`) and user-facing errors."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ exit codes:
   78  configuration error (a YAML file)
   98  held by something that will not go away by itself (as errno EADDRINUSE)
   99  the address is on no interface (as errno EADDRNOTAVAIL)
-Use RestartPreventExitStatus=98 99 in the unit to stop a restart loop on a conflict."""
+With Restart=, systemd retries a refused start like any failure (RestartPreventExitStatus=
+does not apply to ExecStartPre=): bound the loop with StartLimitIntervalSec=/StartLimitBurst=."""
 
 
 class BindguardError(Exception):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bindguard.endpoints import Endpoint
+import errno
+
+from bindguard.endpoints import Bind, Endpoint
 
 # TCP states as the kernel numbers them (include/net/tcp_states.h).
 TCP_STATES = {
@@ -92,3 +94,21 @@ class Evidence:
     systemd: SystemdFacts | None = None
     tentative: frozenset = frozenset()  # IPv6 addresses still in duplicate-address detection
     notes: list[str] = field(default_factory=list)  # what could not be observed, and why
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The kernel's answer to the trial bind of one socket."""
+
+    bind: Bind
+    error: int = 0  # errno of the failing step, 0 when the socket bound (and listened)
+    step: str = ""  # "bind" or "listen" when it failed there
+    collides_with: Bind | None = None  # another socket of the same request, when that is the obstacle
+
+    @property
+    def ok(self) -> bool:
+        return self.error == 0
+
+    @property
+    def error_name(self) -> str:
+        return errno.errorcode.get(self.error, str(self.error)) if self.error else ""

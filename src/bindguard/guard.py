@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from bindguard import errors
 from bindguard.endpoints import Bind
 from bindguard.attribution import SystemdContext
-from bindguard.facts import Evidence
-from bindguard.probe import ProbeResult, probe
+from bindguard.facts import Evidence, ProbeResult
+from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
     LATENT_SOCKET_UNIT,
@@ -43,6 +43,7 @@ class Request:
     wait: float = DEFAULT_WAIT
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
     policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
+    guesses: frozenset[Bind] = frozenset()  # discovered by a guess: never enough to refuse, only warn
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
@@ -104,7 +105,7 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Reque
         evidence.tentative = _tentative_addresses()
     inodes = {s.inode for s in evidence.sockets if s.inode}
     if inodes:
-        found = owners.find_holders(inodes)
+        found = owners.find_holders(inodes, first_pids=owners.socket_cgroup_pids(evidence.sockets))
         for inode, pids in found.items():
             for pid in pids:
                 facts = owners.process_facts(pid)
@@ -116,6 +117,14 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Reque
                 "some processes could not be inspected (permission denied): run as root, or with "
                 "the + prefix in ExecStartPre=, to name every holder")
     return evidence
+
+
+def _action(conflict: Conflict, request: Request) -> str:
+    action = request.policy.get(conflict.kind) or default_action(conflict)
+    if conflict.bind in request.guesses and action in (REFUSE, WAIT):
+        conflict.evidence.append("the address is a guess from the unit's command line: a warning only")
+        return WARN
+    return action
 
 
 def _investigate(request: Request, systemd_cache: dict) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
@@ -195,7 +204,7 @@ def run(request: Request) -> Outcome:
     while True:
         results, evidence, conflicts = _investigate(request, systemd_cache)
         evidence.notes.extend(notes)
-        actions = {id(c): request.policy.get(c.kind) or default_action(c) for c in conflicts}
+        actions = {id(c): _action(c, request) for c in conflicts}
         refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
         waiting = [c for c in conflicts if actions[id(c)] == WAIT]
         shown = [c for c in conflicts if actions[id(c)] != IGNORE]

@@ -224,7 +224,7 @@ def _headline(outcome: Outcome) -> tuple[int, str]:
     return output.ERR, f"bindguard: refusing to start: {addrs} in use (exit {code})"
 
 
-def write_human(outcome: Outcome, explain: bool = False) -> None:
+def write_human(outcome: Outcome, explain: bool = False, warnings: tuple[str, ...] | list[str] = ()) -> None:
     priority, headline = _headline(outcome)
     output.emit(priority, headline)
     for line in outcome.reaped:
@@ -238,9 +238,10 @@ def write_human(outcome: Outcome, explain: bool = False) -> None:
         lines.append(f"    fix: {remedy(c)}")
         output.emit(level, "\n".join(lines))
     for note in outcome.evidence.notes:
-        output.emit(output.NOTICE, f"  note: {note}")
-    if not outcome.clear and outcome.exit_code == errors.EXIT_INUSE and not explain:
-        output.emit(output.INFO, "  (RestartPreventExitStatus=98 stops systemd from restarting into the same conflict)")
+        if note in warnings:
+            output.emit(output.WARNING, f"  warning: {note}")
+        else:
+            output.emit(output.NOTICE, f"  note: {note}")
 
 
 def write_observed(outcome: Outcome) -> None:

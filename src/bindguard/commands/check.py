@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
+from dataclasses import dataclass, field, replace
 
+from bindguard import output
 from bindguard.endpoints import AddressError, Bind, SocketOptions, host_bindv6only, parse_listen
-from bindguard.errors import EXIT_CODES_HELP, UsageError
+from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, UsageError
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
@@ -25,24 +26,28 @@ LISTEN is written as in ListenStream=/ListenDatagram= of systemd.socket(5):
   [fe80::1%eth0]:8080                     a link-local address on an interface
   udp:[::1]:53    a datagram socket (tcp: may be written; TCP is the default)
 
-example (in a unit):
-  ExecStartPre=+/usr/bin/bindguard check --unit %n 0.0.0.0:80 [::]:443"""
+examples (in a unit):
+  ExecStartPre=+/usr/bin/bindguard check --unit %n --v6only 0.0.0.0:80 [::]:80
+  ExecStartPre=+/usr/bin/bindguard check --unit %n    (addresses from /etc/bindguard/UNIT.yaml
+                                                        or discovered from nginx, sshd, ...)"""
 
 EPILOG = EXIT_CODES_HELP
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("listen", nargs="*", metavar="LISTEN", help="an address the daemon binds (see above)")
+    parser.add_argument("listen", nargs="*", metavar="LISTEN",
+                        help="an address the daemon binds (see above); none with --unit: the unit's YAML "
+                             "file, else discovery from its daemon's configuration")
     opts = parser.add_argument_group("the daemon's socket options (they change the kernel's answer)")
-    opts.add_argument("--reuseaddr", dest="reuseaddr", action="store_true", default=True,
+    opts.add_argument("--reuseaddr", dest="reuseaddr", action="store_true", default=None,
                       help="the daemon sets SO_REUSEADDR (default: nearly every server does)")
     opts.add_argument("--no-reuseaddr", dest="reuseaddr", action="store_false",
                       help="the daemon does not set SO_REUSEADDR")
-    opts.add_argument("--reuseport", action="store_true", help="the daemon sets SO_REUSEPORT")
+    opts.add_argument("--reuseport", action="store_true", default=None, help="the daemon sets SO_REUSEPORT")
     opts.add_argument("--v6only", dest="v6only", action="store_true", default=None,
                       help="IPv6 sockets are IPV6_V6ONLY (default: the host's net.ipv6.bindv6only)")
     opts.add_argument("--no-v6only", dest="v6only", action="store_false", help="IPv6 sockets are dual-stack")
-    opts.add_argument("--freebind", action="store_true",
+    opts.add_argument("--freebind", action="store_true", default=None,
                       help="the daemon sets IP_FREEBIND (may bind an address no interface has yet)")
     opts.add_argument("--daemon-user", metavar="USER",
                       help="create the trial sockets as this user (the unit's User=), as the kernel shares "
@@ -64,6 +69,8 @@ def add_systemd_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_request_arguments(parser)
     add_systemd_arguments(parser)
+    parser.add_argument("--config", metavar="FILE",
+                        help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--reap-stale", action="store_true",
                         help="end a holder proven to be a stale instance of the guarded unit (in its cgroup, "
                              "or an orphan running its executable): SIGTERM, SIGKILL after 5 s; nothing else")
@@ -84,12 +91,19 @@ def _uid_of(user: str) -> int:
         raise UsageError(f"--daemon-user {user!r}: no such user", "give a user name from /etc/passwd or a numeric uid") from None
 
 
-def build_binds(args: argparse.Namespace) -> list[Bind]:
+def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The socket options given on the command line; they win over a configuration file's."""
+    return {name: getattr(args, name) for name in ("reuseaddr", "reuseport", "v6only", "freebind")
+            if getattr(args, name) is not None}
+
+
+def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:
     if not args.listen:
         raise UsageError("no address to check", "give at least one LISTEN address, e.g. `bindguard check 8080`")
-    v6only = args.v6only if args.v6only is not None else host_bindv6only()
-    options = SocketOptions(reuseaddr=args.reuseaddr, reuseport=args.reuseport, v6only=v6only,
-                            freebind=args.freebind)
+    merged = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
+    merged |= (base or {}) | explicit_options(args)
+    v6only = merged["v6only"]
+    options = SocketOptions(**merged)
     binds = []
     for text in args.listen:
         try:
@@ -121,30 +135,112 @@ def systemd_context(args: argparse.Namespace):
     return SystemdContext(bus_choice=args.user_bus, unit_name=args.unit)
 
 
-def daemon_uid(args: argparse.Namespace, ctx) -> int | None:
+def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
     """--daemon-user; else, where SO_REUSEPORT makes the uid matter, the unit's User=."""
     if args.daemon_user:
         return _uid_of(args.daemon_user)
-    if args.reuseport and ctx is not None and ctx.in_unit:
+    if any(b.options.reuseport for b in binds) and ctx is not None and ctx.in_unit:
         info = ctx.unit_info()
         if info is not None and info.user:
             return _uid_of(info.user)
     return None
 
 
+@dataclass
+class Plan:
+    """What to check and how, from the command line, the unit's YAML file and discovery."""
+
+    binds: list[Bind]
+    guesses: frozenset[Bind] = frozenset()
+    policy: dict[str, str] = field(default_factory=dict)
+    wait: float | None = None
+    reap_stale: bool = False
+    sources: list[str] = field(default_factory=list)  # where discovered addresses came from
+
+
+def plan(args: argparse.Namespace, ctx) -> Plan | None:
+    """None when a unit has nothing to guard: no address given, no file, nothing discovered.
+
+    That is the path of the every-service drop-in, so it costs a few stat() calls: no YAML parser
+    unless a file exists, and D-Bus only for units that bindguard can discover something about.
+    """
+    from bindguard import config
+
+    unit = config.normalize_unit(args.unit) if args.unit else None
+    if unit is None and args.config is None and not args.listen and ctx is not None:
+        unit = ctx.guarded_unit()
+    unit_config = config.load_unit_config(unit, args.config) if unit or args.config else None
+    if unit_config is not None:
+        args.fail_closed = args.fail_closed or unit_config.fail_closed
+    base = dict(unit_config.options) if unit_config else {}
+    settings = dict(
+        policy=dict(unit_config.policy) if unit_config else {},
+        wait=unit_config.wait if unit_config else None,
+        reap_stale=bool(unit_config and unit_config.reap_stale),
+    )
+    if args.listen:
+        return Plan(build_binds(args, base), **settings)
+    if unit_config is not None and unit_config.listen is not None:
+        binds = unit_config.binds()
+        overrides = explicit_options(args)
+        binds = [Bind(b.endpoint, replace(b.options, **overrides)) for b in binds]
+        return Plan(binds, **settings)
+    if unit is None:
+        raise UsageError("no address to check", "give LISTEN addresses, --unit NAME or --config FILE")
+    findings = discovered(unit, unit_config, ctx)
+    if not findings:
+        return None
+    overrides = explicit_options(args)
+    binds = [Bind(f.bind.endpoint, replace(f.bind.options, **overrides)) for f in findings]
+    guesses = frozenset(b for b, f in zip(binds, findings) if not f.confident)
+    sources = [f"{f.bind} from {f.source}" + ("" if f.confident else " (a guess)") for f in findings]
+    return Plan(binds, guesses, sources=sources, **settings)
+
+
+def discovered(unit: str, unit_config, ctx) -> list:
+    """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units')."""
+    from bindguard import discover
+
+    sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
+    if not sources or (unit_config is None and discover.daemon_for_unit_name(unit) is None):
+        return []
+    from bindguard.attribution import unit_facts
+    from bindguard.systemd import SystemdUnavailable
+
+    try:
+        result = discover.discover_unit(unit, lambda name: unit_facts(name, ctx.bus_choice if ctx else None),
+                                        list(sources))
+    except SystemdUnavailable as exc:
+        output.warning(f"cannot discover what {unit} binds: {exc}; nothing checked")
+        return []
+    for warning in result.warnings:
+        output.warning(warning)
+    return [f for f in result.findings if f.socket_unit is None]
+
+
 def run(args: argparse.Namespace) -> int:
     from bindguard import guard, report
 
     ctx = systemd_context(args)
+    checks = plan(args, ctx)
+    if checks is None:
+        output.emit(output.DEBUG, f"bindguard: nothing to guard for {ctx.unit_name if ctx else args.unit}")
+        return EXIT_CLEAR
+    for line in checks.sources:
+        output.emit(output.INFO, f"bindguard: checking {line}")
     request = guard.Request(
-        binds=build_binds(args),
-        wait=validate_wait(args.wait),
-        daemon_uid=daemon_uid(args, ctx),
+        binds=checks.binds,
+        wait=validate_wait(args.wait if args.wait is not None else checks.wait),
+        daemon_uid=daemon_uid(args, ctx, checks.binds),
+        policy=checks.policy,
+        guesses=checks.guesses,
         systemd=ctx,
-        reap_stale=args.reap_stale,
+        reap_stale=args.reap_stale or checks.reap_stale,
     )
     outcome = guard.run(request)
+    advice = ctx.advice(refused=not outcome.clear) if ctx is not None else []
+    outcome.evidence.notes.extend(advice)
     if args.json:
         report.write_json(outcome)
-    report.write_human(outcome)
+    report.write_human(outcome, warnings=advice)
     return outcome.exit_code

@@ -34,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from bindguard import guard, report
 
     ctx = systemd_context(args)
+    binds = build_binds(args)
     request = guard.Request(
-        binds=build_binds(args),
+        binds=binds,
         wait=0,
-        daemon_uid=daemon_uid(args, ctx),
+        daemon_uid=daemon_uid(args, ctx, binds),
         observe_always=True,
         systemd=ctx,
     )

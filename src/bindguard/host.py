@@ -1,0 +1,18 @@
+"""Facts about this network namespace that change how an address is read. Standard library only."""
+
+from __future__ import annotations
+
+import os
+
+
+def ipv6_supported() -> bool:
+    return os.path.exists("/proc/net/if_inet6")
+
+
+def host_bindv6only() -> bool:
+    """The namespace's default for IPV6_V6ONLY on new sockets (net.ipv6.bindv6only)."""
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False

@@ -1,0 +1,237 @@
+"""The drop-in that puts `bindguard check` in a unit's ExecStartPre=, and writing or removing it.
+
+bindguard owns one file per unit, `UNIT.d/bindguard.conf`, recognised by its first line. It
+never overwrites or removes a file it did not write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bindguard import __version__
+from bindguard.errors import ConfigError, UsageError
+
+DROPIN_NAME = "bindguard.conf"
+MARKER = "# Written by `bindguard install`"
+SYSTEM_DIR = Path("/etc/systemd/system")
+UNIT_SUFFIXES = (".service", ".socket", ".mount", ".swap", ".target", ".timer", ".path", ".scope", ".slice")
+
+# Characters that need no quoting in an ExecStartPre= argument (after % and $ are doubled).
+_PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./\[\]$-]+")
+
+PRIVILEGE_NOTE = """\
+The "+" prefix runs the check with full privileges, whatever User=, Group= and capability
+settings the service has: a trial bind of a port below 1024 needs CAP_NET_BIND_SERVICE, and
+naming the process that holds an address means reading /proc/PID/fd of other users'
+processes. The price: the check runs as root (it only reads, and binds and closes test
+sockets). It still runs in the unit's network namespace (PrivateNetwork=), where the daemon
+will bind (seen with systemd 252). Drop the "+" when the service runs as root anyway, or when
+its ports are 1024 and up and a diagnosis without the holder's name will do."""
+USER_PRIVILEGE_NOTE = """\
+Under a user manager the check runs as you with or without the "+", which only frees it
+from the unit's capability and system call restrictions."""
+
+
+@dataclass(frozen=True)
+class DropIn:
+    unit: str
+    path: Path
+    text: str
+
+
+def normalize_unit(name: str) -> str:
+    """A unit name as systemctl takes it: `nginx` means nginx.service."""
+    name = name.strip()
+    if not name or "/" in name or any(c.isspace() for c in name):
+        raise UsageError(f"{name!r} is not a unit name", "write a unit name such as nginx.service")
+    if not name.endswith(UNIT_SUFFIXES):
+        name += ".service"
+    if not name.endswith(".service"):
+        raise UsageError(
+            f"{name}: bindguard guards services (it runs in ExecStartPre=)",
+            f"install it on the service the socket belongs to, e.g. {name.rsplit('.', 1)[0]}.service",
+        )
+    return name
+
+
+def unit_dir(user: bool, environ: os._Environ | dict | None = None) -> Path:
+    """Where the administrator's unit files and drop-ins go: /etc/systemd/system, or for the
+    user manager $XDG_CONFIG_HOME/systemd/user (~/.config/systemd/user)."""
+    if not user:
+        return SYSTEM_DIR
+    environ = os.environ if environ is None else environ
+    config = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return Path(config) / "systemd" / "user"
+
+
+def dropin_path(unit: str, user: bool, environ: os._Environ | dict | None = None) -> Path:
+    return unit_dir(user, environ) / f"{unit}.d" / DROPIN_NAME
+
+
+def bindguard_command() -> list[str]:
+    """How to run this bindguard from a unit: its console script, else `python -m bindguard`."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.name == "bindguard" and script.is_file():
+        return [str(script.resolve())]
+    return [sys.executable, "-m", "bindguard"]
+
+
+def exec_quote(arg: str) -> str:
+    """One argument of an Exec*= line: specifiers (%) and variables ($) doubled, quoted if needed."""
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if _PLAIN.fullmatch(escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check_arguments(listens: list[str], user: bool, check_args: list[str]) -> list[str]:
+    """What follows `check --unit %n` in the drop-in."""
+    return [*(["--user"] if user else []), *check_args, *listens]
+
+
+def render(unit: str, listens: list[str], user: bool, check_args: list[str], command: list[str]) -> str:
+    argv = [*map(exec_quote, command), "check", "--unit", "%n",
+            *map(exec_quote, check_arguments(listens, user, check_args))]
+    flag = " --user" if user else ""
+    note = "\n".join(f"# {line}" for line in (USER_PRIVILEGE_NOTE if user else PRIVILEGE_NOTE).splitlines())
+    return f"""\
+{MARKER} (bindguard {__version__}); `bindguard uninstall{flag} {unit}` removes it.
+# Put your own settings in another drop-in: this file is bindguard's and is rewritten.
+#
+# Before {unit} starts, bindguard checks that the addresses below can be bound: the start
+# goes on, waits out a TIME_WAIT within the unit's start timeout, or fails with exit status
+# 98 naming whoever holds an address. It runs after the unit's own ExecStartPre= lines.
+#
+{note}
+#
+# With Restart=, a refused start is retried like any failure: RestartPreventExitStatus= does
+# not see ExecStartPre= exit codes (systemd checks only the main process). The start rate
+# limit bounds the retries; in the unit or another drop-in:
+#   [Unit]
+#   StartLimitIntervalSec=60
+#   StartLimitBurst=3
+# Never list 98 in SuccessExitStatus=: the daemon would start despite the refusal.
+[Service]
+ExecStartPre=+{" ".join(argv)}
+"""
+
+
+def parse_check_args(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"--check-args {text!r}: {exc}", "quote it as one shell word, e.g. --check-args='--wait 10'")
+
+
+def validate_check_args(listens: list[str], user: bool, check_args: list[str]) -> None:
+    """Parse the generated check command line with check's own parser, so a typo fails now and
+    not at the next start."""
+    from bindguard.parser import build_parser
+
+    parser = build_parser("check")
+    try:
+        parser.parse_args(["check", "--unit", "x.service", *check_arguments(listens, user, check_args)])
+    except UsageError as exc:
+        raise UsageError(f"check options {' '.join(check_args)!r}: {exc.message}", "see `bindguard check --help`")
+
+
+def owned_by_bindguard(path: Path) -> bool:
+    try:
+        with open(path) as f:
+            return f.readline().startswith(MARKER)
+    except OSError:
+        return False
+
+
+def _refuse_foreign(path: Path, unit: str) -> None:
+    raise ConfigError(
+        f"{path} exists and was not written by bindguard; leaving it alone",
+        f"add bindguard's ExecStartPre= line to that file yourself (see `bindguard install --print {unit} ...`), "
+        "or move the file away and run install again",
+    )
+
+
+def _write_error(path: Path, exc: OSError, user: bool) -> ConfigError:
+    hint = "run it as root (sudo)" if not user and exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "check the directory and its permissions"
+    return ConfigError(f"cannot write {path}: {exc.strerror}", hint)
+
+
+def write(dropin: DropIn, user: bool) -> bool:
+    """Write the drop-in; False when an identical one is already there."""
+    path = dropin.path
+    if path.exists() or path.is_symlink():
+        if not owned_by_bindguard(path) or path.is_symlink():
+            _refuse_foreign(path, dropin.unit)
+        if path.read_text() == dropin.text:
+            return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(dropin.text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc, user) from None
+    return True
+
+
+def remove(unit: str, path: Path, user: bool) -> bool:
+    """Remove bindguard's drop-in (and the UNIT.d directory if it is left empty); False if absent."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if path.is_symlink() or not owned_by_bindguard(path):
+        _refuse_foreign(path, unit)
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise _write_error(path, exc, user) from None
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return True
+
+
+def daemon_reload(user: bool) -> str | None:
+    """Make the manager read the change: Manager.Reload over D-Bus, else `systemctl daemon-reload`
+    (which also reaches a manager without a bus through its private socket). Returns None on
+    success, or why neither worked."""
+    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdUnavailable
+
+    try:
+        with Systemd(USER if user else SYSTEM, timeout=90) as sd:
+            sd.reload()
+        return None
+    except SystemdUnavailable as exc:
+        why = str(exc)
+    argv = ["systemctl", *(["--user"] if user else []), "daemon-reload"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{why}; {' '.join(argv)}: {exc}"
+    if done.returncode == 0:
+        return None
+    return f"{why}; {' '.join(argv)}: {done.stderr.strip() or f'exit status {done.returncode}'}"
+
+
+def known_to_manager(unit: str, user: bool) -> bool | None:
+    """Whether the manager knows the unit; None when it cannot be asked."""
+    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdUnavailable, UnitNotFound
+
+    try:
+        with Systemd(USER if user else SYSTEM) as sd:
+            sd.unit(unit)
+        return True
+    except UnitNotFound:
+        return False
+    except SystemdUnavailable:
+        return None

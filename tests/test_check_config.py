@@ -1,0 +1,84 @@
+"""`check` with the unit's YAML file, discovery's guesses, and the every-service no-op path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BINDGUARD = [sys.executable, "-m", "bindguard"]
+HEAVY = ("yaml", "psutil", "pystemd")
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_noop_path_imports_nothing_heavy(tmp_path):
+    code = (
+        "import sys\nfrom bindguard.cli import main\n"
+        "rc = main(['check', '--unit', 'cron.service'])\n"
+        f"print(rc, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path)}
+    env.pop("INVOCATION_ID", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.stdout.strip() == "0 []", proc.stderr
+    assert proc.stderr == ""
+
+
+def test_broken_config_is_exit_78_with_position(tmp_path):
+    write(tmp_path / "web.service.yaml", "listen: [8080\n")
+    env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path)}
+    proc = subprocess.run([*BINDGUARD, "check", "--unit", "web.service"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 78
+    assert f"{tmp_path}/web.service.yaml:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_unit_config_supplies_listen_options_and_policy(netns, tmp_path):
+    write(tmp_path / "web.service.yaml", """\
+        listen:
+          - 127.0.0.1:8080
+          - udp:127.0.0.1:8080
+        options:
+          reuseaddr: false
+        policy:
+          time-wait: refuse
+        """)
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": True, "mode": "timewait-server"})
+    env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path)}
+    proc = netns.run([*BINDGUARD, "check", "--json", "--unit", "web.service", "--no-systemd"], env=env)
+    report = json.loads(proc.stdout)
+    assert [a["address"] for a in report["addresses"]] == ["127.0.0.1:8080", "udp:127.0.0.1:8080"]
+    assert report["addresses"][0]["reuseaddr"] is False
+    # the TIME_WAIT blocks a daemon without SO_REUSEADDR, and the policy refuses rather than waits
+    assert proc.returncode == 75 and report["waited_s"] < 1, proc.stderr
+    # the command line wins over the file
+    proc = netns.run([*BINDGUARD, "check", "--json", "--unit", "web.service", "--no-systemd", "--reuseaddr"], env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.integration
+def test_fail_closed_from_the_file(netns, tmp_path):
+    write(tmp_path / "web.service.yaml", "listen: [8080]\nfail: closed\n")
+    shim = write(tmp_path / "shim" / "sitecustomize.py",
+                 "import bindguard.probe as p\ndef broken(*a, **k):\n    raise RuntimeError('simulated')\np.probe = broken\n")
+    env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path),
+           "PYTHONPATH": f"{shim.parent}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = netns.run([*BINDGUARD, "check", "--unit", "web.service", "--no-systemd"], env=env)
+    assert proc.returncode == 70 and "failing closed" in proc.stderr
+
+
+@pytest.mark.integration
+def test_explicit_config_file(netns, tmp_path):
+    config = write(tmp_path / "any.yaml", "listen: ['0.0.0.0:8080']\n")
+    netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
+    proc = netns.run([*BINDGUARD, "check", "--config", str(config), "--wait", "0", "--no-systemd"])
+    assert proc.returncode == 98 and "0.0.0.0:8080: listener" in proc.stderr

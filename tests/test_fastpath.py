@@ -1,0 +1,78 @@
+"""The fast path gives the full command's answer, or none: never a different one."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+COMPARE = r"""
+import contextlib, io, json, sys
+from bindguard import cli, fastpath
+
+def run(args, fast):
+    err = io.StringIO()
+    real = fastpath.check
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        if fast:
+            code = real(args)
+        else:
+            fastpath.check = lambda a: None
+            try:
+                code = cli.main(["check", *args])
+            finally:
+                fastpath.check = real
+    return code, err.getvalue()
+
+out = []
+for args in json.loads(sys.argv[1]):
+    out.append([args, run(args, True), run(args, False)])
+print(json.dumps(out))
+"""
+
+ANSWERED = [  # the fast path must answer these itself
+    ["8080"],
+    ["udp:8080"],
+    ["0.0.0.0:8080"],
+    ["127.0.0.1:8080", "udp:[::1]:8080"],
+    ["[::1]:8080"],
+    ["[::ffff:127.0.0.1]:8080"],
+    ["--v6only", "[::]:8080", "0.0.0.0:8080"],
+    ["--no-reuseaddr", "--reuseport", "--freebind", "127.0.0.1:8080"],
+    ["--wait", "3", "TCP:8080"],
+    ["--wait=0", "--no-systemd", "--unit", "cron", "8080"],
+    ["--unit", "cron.service"],
+    ["--unit=systemd-journald.service", "--user"],
+]
+DEFERRED = [  # these go to the full command, which knows better
+    ["[::]:8080", "0.0.0.0:8080"],  # collides with itself
+    ["127.000.0.1:8080"],
+    ["0"],
+    ["70000"],
+    ["[2001:db8::1]:8080"],
+    ["--unit", "nginx.service"],  # discovery knows nginx
+    ["--unit", "web.service", "8080"],  # inside a unit: socket units are checked over D-Bus
+    ["--json", "8080"],
+    ["--wait", "-1", "8080"],
+    ["--v6only", "[::ffff:127.0.0.1]:8080"],
+    ["[fe80::1%lo]:8080"],
+    ["--daemon-user", "nobody", "8080"],
+    ["8080", "--bogus"],
+]
+
+
+@pytest.mark.integration
+def test_fast_path_agrees_with_the_full_command(netns, tmp_path):
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
+    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(ANSWERED + DEFERRED)],
+                     env={"BINDGUARD_CONFIG_PATH": str(tmp_path), "PATH": "/usr/bin:/bin",
+                          "PYTHONPATH": ":".join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    for args, (fast_code, fast_err), (full_code, full_err) in json.loads(proc.stdout):
+        if args in ANSWERED:
+            assert fast_code == 0, (args, fast_err, full_err)
+        else:
+            assert fast_code is None, (args, fast_err)
+        if fast_code is not None:
+            assert (fast_code, fast_err) == (full_code, full_err), args

@@ -1,0 +1,181 @@
+"""bindguard install/uninstall: the drop-in's text, and the round trip under a real user manager."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bindguard import install
+from bindguard.errors import UsageError
+
+BINDGUARD = [sys.executable, "-m", "bindguard"]
+
+
+# --- pure logic ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "arg, quoted",
+    [
+        ("0.0.0.0:80", "0.0.0.0:80"),
+        ("[::]:80", "[::]:80"),
+        ("[fe80::1%eth0]:80", "[fe80::1%%eth0]:80"),  # %e would be a specifier
+        ("--wait=10", "--wait=10"),
+        ("$HOME", "$$HOME"),  # no variable expansion
+        ("two words", '"two words"'),
+        ('say "hi"\\', '"say \\"hi\\"\\\\"'),
+    ],
+)
+def test_exec_quote(arg, quoted):
+    assert install.exec_quote(arg) == quoted
+
+
+def test_unit_names():
+    assert install.normalize_unit("nginx") == "nginx.service"
+    assert install.normalize_unit("getty@tty1.service") == "getty@tty1.service"
+    for bad in ("", "a b.service", "../x.service", "nginx.socket"):
+        with pytest.raises(UsageError):
+            install.normalize_unit(bad)
+
+
+def test_dropin_paths():
+    assert install.dropin_path("nginx.service", False) == Path("/etc/systemd/system/nginx.service.d/bindguard.conf")
+    env = {"HOME": "/home/ann", "XDG_CONFIG_HOME": "/home/ann/cfg"}
+    assert install.dropin_path("web.service", True, env) == Path("/home/ann/cfg/systemd/user/web.service.d/bindguard.conf")
+    assert install.dropin_path("web.service", True, {"HOME": "/home/ann"}) == Path(
+        "/home/ann/.config/systemd/user/web.service.d/bindguard.conf"
+    )
+
+
+def test_rendered_dropin():
+    text = install.render("nginx.service", ["0.0.0.0:80", "[::]:80"], False, ["--wait", "10"], ["/usr/bin/bindguard"])
+    assert text.startswith(install.MARKER)
+    assert "[Service]\nExecStartPre=+/usr/bin/bindguard check --unit %n --wait 10 0.0.0.0:80 [::]:80\n" in text
+    assert "CAP_NET_BIND_SERVICE" in text and "StartLimitBurst=3" in text
+    user = install.render("web.service", ["8080"], True, [], ["/usr/bin/bindguard"])
+    assert "ExecStartPre=+/usr/bin/bindguard check --unit %n --user 8080\n" in user
+    assert "uninstall --user web.service" in user
+
+
+def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "PYTHONPATH": ":".join(sys.path)}
+    for argv, needle in (
+        (["install", "--user", "web.service", "127.0.0.1:80x"], "port '80x' is not a number"),
+        (["install", "--user", "web.service", "[::1]"], "[ADDRESS]:PORT"),
+        (["install", "--user", "web.socket", "80"], "bindguard guards services"),
+        (["install", "--user", "web.service", "80", "--check-args", "'unclosed"], "--check-args"),
+        (["install", "--user", "web.service", "80", "--check-args=--bogus"], "check options '--bogus'"),
+    ):
+        done = subprocess.run([*BINDGUARD, *argv], capture_output=True, text=True, env=env)
+        assert done.returncode == 64, (argv, done.stderr)
+        assert needle in done.stderr and "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# --- under the rig -------------------------------------------------------------------------
+
+WEB = "[Service]\nExecStart=/bin/sleep infinity\n"
+
+
+@pytest.mark.integration
+def test_install_uninstall_round_trip_on_a_user_unit(systemd_rig):
+    rig = systemd_rig
+    rig.write_unit("web.service", WEB)
+    dropin = rig.unit_dir / "web.service.d" / "bindguard.conf"
+
+    done = rig.bindguard("install", "--user", "web", "127.0.0.1:8080", "[::1]:8080")
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {dropin}" in done.stderr
+    assert dropin.read_text().startswith(install.MARKER)
+    cat = rig.systemctl("cat", "web.service").stdout
+    assert f"# {dropin}" in cat and "check --unit %n --user 127.0.0.1:8080 [::1]:8080" in cat
+    # The manager has read it (daemon-reload over D-Bus), with %n filled in.
+    shown = rig.show("web.service", "DropInPaths", "NeedDaemonReload", "ExecStartPre")
+    assert str(dropin) in shown["DropInPaths"] and shown["NeedDaemonReload"] == "no"
+    assert "--unit web.service --user 127.0.0.1:8080 [::1]:8080" in shown["ExecStartPre"].replace(" ; ", " ")
+    assert "flags=privileged" in rig.prop("web.service", "ExecStartPreEx")  # the "+"
+
+    again = rig.bindguard("install", "--user", "web.service", "127.0.0.1:8080", "[::1]:8080")
+    assert again.returncode == 0 and "already in place" in again.stderr
+
+    changed = rig.bindguard("install", "--user", "web.service", "127.0.0.1:9090")
+    assert changed.returncode == 0 and "127.0.0.1:9090" in dropin.read_text()
+
+    theirs = rig.write_dropin("web.service", "override.conf", "[Service]\nEnvironment=KEEP=1\n")
+    done = rig.bindguard("uninstall", "--user", "web.service")
+    assert done.returncode == 0, done.stderr
+    assert not dropin.exists() and theirs.exists()
+    assert rig.show("web.service", "DropInPaths")["DropInPaths"] == str(theirs)
+
+    done = rig.bindguard("uninstall", "--user", "web.service")
+    assert done.returncode == 0 and "nothing to remove" in done.stderr
+
+
+@pytest.mark.integration
+def test_a_file_bindguard_did_not_write_is_left_alone(systemd_rig):
+    rig = systemd_rig
+    rig.write_unit("web.service", WEB)
+    foreign = rig.write_dropin("web.service", "bindguard.conf", "[Service]\nExecStartPre=/bin/true\n")
+    before = foreign.read_text()
+
+    done = rig.bindguard("install", "--user", "web.service", "8080")
+    assert done.returncode == 78
+    assert f"{foreign} exists and was not written by bindguard" in done.stderr and "hint:" in done.stderr
+    assert foreign.read_text() == before
+
+    done = rig.bindguard("uninstall", "--user", "web.service")
+    assert done.returncode == 78 and foreign.read_text() == before
+
+
+@pytest.mark.integration
+def test_install_reloads_through_systemctl_when_the_bus_is_down(systemd_rig):
+    rig = systemd_rig
+    rig.write_unit("web.service", WEB)
+    rig.stop_bus()
+    done = rig.bindguard("install", "--user", "web.service", "8080")
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    assert rig.show("web.service", "NeedDaemonReload")["NeedDaemonReload"] == "no"
+    assert "bindguard.conf" in rig.show("web.service", "DropInPaths")["DropInPaths"]
+
+
+@pytest.mark.integration
+def test_install_warns_about_a_unit_the_manager_does_not_know(systemd_rig):
+    done = systemd_rig.bindguard("install", "--user", "later.service", "8080")
+    assert done.returncode == 0
+    assert "knows no unit later.service yet" in done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "example, listens",
+    [
+        ("systemd/bindguard.conf.example", "--v6only 0.0.0.0:80 [::]:80"),
+        ("examples/nginx/bindguard.conf", "--v6only 0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443"),
+        ("examples/ssh/bindguard.conf", "--v6only 0.0.0.0:22 [::]:22"),
+        ("examples/user-web/web.service.d/bindguard.conf", "--user 127.0.0.1:8080"),
+    ],
+)
+def test_shipped_dropins_parse_as_systemd_reads_them(systemd_rig, example, listens):
+    rig = systemd_rig
+    rig.write_unit("ex.service", WEB, reload=False)
+    text = (Path(__file__).parents[1] / example).read_text()
+    rig.write_dropin("ex.service", "bindguard.conf", text)
+    shown = rig.show("ex.service", "ExecStartPre", "ExecStartPreEx", "LoadState")
+    assert shown["LoadState"] == "loaded"
+    assert f"argv[]=/usr/bin/bindguard check --unit ex.service {listens} ;" in shown["ExecStartPre"]
+    assert "flags=privileged" in shown["ExecStartPreEx"], shown["ExecStartPreEx"]
+
+
+@pytest.mark.integration
+def test_user_web_example_unit_loads_with_its_dropin(systemd_rig):
+    rig = systemd_rig
+    example = Path(__file__).parents[1] / "examples" / "user-web"
+    rig.write_unit("web.service", (example / "web.service").read_text(), reload=False)
+    rig.write_dropin("web.service", "bindguard.conf", (example / "web.service.d" / "bindguard.conf").read_text())
+    shown = rig.show("web.service", "LoadState", "StartLimitBurst", "Restart", "ExecStartPre", "ExecStart")
+    assert shown["LoadState"] == "loaded" and shown["StartLimitBurst"] == "3" and shown["Restart"] == "on-failure"
+    assert "check --unit web.service --user 127.0.0.1:8080" in shown["ExecStartPre"]
+    assert f"--directory {rig.home}/public_html" in shown["ExecStart"]
