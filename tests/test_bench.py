@@ -11,7 +11,7 @@ from conftest import REQUIRE, need_root
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 REFERENCES = ("floor", "ss", "ss_p", "lsof", "psutil")
-BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "unit")
+BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit")
 
 
 def test_small_benchmark_runs_and_cleans_up(tmp_path):
@@ -26,13 +26,13 @@ def test_small_benchmark_runs_and_cleans_up(tmp_path):
     assert size["sockstat_start"]["total"] >= 300
     assert size["sockstat_start"]["timewait"] > 0
     commands = size["commands"]
-    for key in REFERENCES + ("clear", "held"):
+    for key in REFERENCES + ("clear", "held", "timewait", "noop"):
         assert commands[key]["status"] == "ok", commands[key]
         assert len(commands[key]["times_ms"]) == 2
         assert commands[key]["peak_rss_kib"] > 0
     for key in BINDGUARD_PATHS:
         assert commands[key]["status"] in ("ok", "n/a"), commands[key]
-    if REQUIRE:  # CI has the systemd rig: the in-unit path must have run
-        assert commands["unit"]["status"] == "ok", commands["unit"]
+    if REQUIRE:  # CI has the systemd rig: the in-unit paths must have run
+        assert commands["unit"]["status"] == commands["noop_unit"]["status"] == "ok", commands["unit"]
     assert "| target | measured | met? |" in done.stdout
     assert not Path(f"/proc/{size['held_pid']}").exists(), "a load process outlived the benchmark"
