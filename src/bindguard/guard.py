@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 from bindguard import errors
-from bindguard.endpoints import Bind
 from bindguard.attribution import SystemdContext
+from bindguard.endpoints import Bind
 from bindguard.facts import Evidence, ProbeResult
 from bindguard.probe import probe
 from bindguard.verdict import (
@@ -26,7 +26,6 @@ from bindguard.verdict import (
 )
 
 REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
-ACTIONS = (REFUSE, WAIT, WARN, IGNORE)
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
 POLL_INTERVAL = 0.1
 
@@ -57,7 +56,6 @@ class Outcome:
     evidence: Evidence
     waited: float = 0.0
     waited_for: list[str] = field(default_factory=list)
-    deadline_hit: bool = False
     reaped: list[str] = field(default_factory=list)
 
     @property
@@ -81,7 +79,7 @@ def _tentative_addresses() -> frozenset:
     return frozenset(found)
 
 
-def observe(binds: list[Bind], results: list[ProbeResult] | None, request: Request) -> Evidence:
+def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
     """Gather the evidence about the ports that failed (all of them when results is None)."""
     from bindguard import owners, sockets
 
@@ -132,7 +130,7 @@ def _investigate(request: Request, systemd_cache: dict) -> tuple[list[ProbeResul
     failed = [r for r in results if not r.ok]
     evidence = Evidence()
     if failed or request.observe_always:
-        evidence = observe(request.binds, None if request.observe_always else results, request)
+        evidence = observe(request.binds, None if request.observe_always else results)
     ctx = request.systemd
     if ctx is not None and (ctx.in_unit or request.observe_always or evidence.holders):
         holder_pids = frozenset(p.pid for p in evidence.holders.values())
@@ -229,6 +227,5 @@ def run(request: Request) -> Outcome:
         clears_in = _seconds_until_clear(waiting)
         hopeless = clears_in is not None and now + clears_in > deadline + 1.0
         if now >= deadline or hopeless:
-            return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for,
-                           deadline_hit=True, reaped=reaped)
+            return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for, reaped=reaped)
         time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))

@@ -170,10 +170,9 @@ def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]
     return conflicts
 
 
-def conflicts_for(result_bind: Bind, error: int, collides_with: Bind | None, evidence: Evidence,
+def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: Evidence,
                   daemon_uid: int) -> list[Conflict]:
     """The conflicts that explain one bind's outcome in the trial (error 0: none)."""
-    bind = result_bind
     if error == 0:
         return []
     name = errno.errorcode.get(error, str(error))
