@@ -8,8 +8,9 @@ network namespace it is told to, and times whole processes there exactly as benc
 (posix_spawn, wait4, perf_counter_ns), with the unit's own environment and cgroup.
 
 Protocol, one line each way over two FIFOs: `ns PATH` -> `ok` (`ns -`: back to the rig's own); `run JOB` -> `NS EXITCODE`;
-`probe JOB` -> JSON {exit, sample}; `rss JOB` -> peak RSS in KiB (GNU time); a JOB is JSON
-{"argv": [...], "env": {...}}, env added to the unit's own.
+`probe JOB` -> JSON {exit, sample} (the output, its first "limit" characters, default 800);
+`rss JOB` -> peak RSS in KiB (GNU time); a JOB is JSON {"argv": [...], "env": {...}, "limit": N},
+env added to the unit's own.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class UnitAgent:
         elapsed, code = self._ask("run " + json.dumps({"argv": argv, "env": env})).split()
         return int(elapsed), int(code)
 
-    def probe(self, argv: list[str], env: dict[str, str]) -> dict:
-        return json.loads(self._ask("probe " + json.dumps({"argv": argv, "env": env})))
+    def probe(self, argv: list[str], env: dict[str, str], limit: int = 800) -> dict:
+        return json.loads(self._ask("probe " + json.dumps({"argv": argv, "env": env, "limit": limit})))
 
     def peak_rss_kib(self, argv: list[str], env: dict[str, str], runs: int) -> int | None:
         return max(int(self._ask("rss " + json.dumps({"argv": argv, "env": env}))) for _ in range(runs)) or None
@@ -147,7 +148,8 @@ def agent(requests: str, answers: str) -> None:
                     answer = str(_peak(argv, env))
                 else:
                     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-                    answer = json.dumps({"exit": done.returncode, "sample": (done.stdout + done.stderr).strip()[:800]})
+                    output = (done.stdout + done.stderr).strip()[: job.get("limit", 800)]
+                    answer = json.dumps({"exit": done.returncode, "sample": output})
             else:
                 answer = f"error unknown request {verb!r}"
             outbox.write(answer + "\n")
