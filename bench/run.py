@@ -8,8 +8,9 @@ For each size, bench/load.py builds the host in a network namespace; this proces
 and times whole processes: os.posix_spawn, then os.wait4, between two time.perf_counter_ns() reads,
 stdout and stderr to /dev/null. Every command runs twice to warm the caches, then once per round in
 interleaved rounds (the order rotates each round); TIME_WAIT is remade between rounds, never inside
-one. Peak memory is a separate pass under GNU time (%M, the child's ru_maxrss): a child spawned by
-this Python process would inherit its memory high-water mark across exec.
+one. The in-unit rows are timed the same way by a service of a real user manager (unit_agent.py).
+Peak memory is a separate pass under GNU time (%M, the child's ru_maxrss): a child spawned by this
+Python process would inherit its memory high-water mark across exec.
 """
 
 from __future__ import annotations
