@@ -17,6 +17,10 @@ if [ "${1:-}" = "--test" ]; then
     extras=(procps lsof time)   # lsof and GNU time: the benchmark (bench/run.py)
     # discovery is tested on the configuration files these install (none of them is started)
     extras+=(nginx libnginx-mod-stream apache2 haproxy openssh-server redis-server postgresql mariadb-server)
+    # the fleet example: ansible-playbook, and the Debian packages its hosts install bindguard on
+    # (the test builds the wheel with Debian's setuptools and wheel); promtool checks the alert rules
+    extras+=(ansible-core python3-apt python3-psutil python3-yaml python3-pystemd python3-setuptools python3-wheel)
+    extras+=(prometheus)
 fi
 
 sudo=""

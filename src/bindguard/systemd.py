@@ -459,6 +459,30 @@ class Systemd:
         """The unit this process runs in: from /proc/self/cgroup, else GetUnitByPID."""
         return guarded_unit(self)
 
+    def list_units(self, pattern: str) -> list[tuple[str, str, str]]:
+        """(name, load state, active state) of each unit the manager has loaded whose name matches the glob."""
+        units = self._call(_MANAGER_PATH, _MANAGER, b"ListUnitsByPatterns", b"asas", [[], [pattern.encode()]])
+        return sorted((_text(name), _text(load), _text(active)) for name, _d, load, active, *_rest in units or ())
+
+    def socket_listens(self, name: str) -> list[Listen]:
+        """The network entries of one .socket unit's Listen property."""
+        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        return [Listen(_text(kind), _text(address)) for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
+                if _is_network_listen(_text(kind), _text(address))]
+
+    def unit_facts(self, name: str, info: UnitInfo | None = None):
+        """A service's settings as discovery takes them (bindguard.discover.UnitFacts)."""
+        from bindguard.discover import UnitFacts
+
+        info = info or self.unit(name)
+        return UnitFacts(
+            exec_start=[list(command.argv) for command in info.exec_start],
+            environment=list(info.environment),
+            environment_files=[("-" if optional else "") + path for path, optional in info.environment_files],
+            socket_listens=[(entry.type, entry.address, socket_unit)
+                            for socket_unit in info.sockets for entry in self.socket_listens(socket_unit)],
+        )
+
 
 def _port_of(address: str) -> int | None:
     try:

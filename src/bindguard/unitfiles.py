@@ -93,3 +93,19 @@ def config_files(unit: str) -> list[str]:
     files = [main] if main is not None and _is_file(main) else []
     files += [dropins[name] for name in sorted(dropins) if _is_file(dropins[name])]
     return files
+
+
+def configured_units() -> list[str]:
+    """Every unit with a configuration file or drop-in directory in the search path (templates left out)."""
+    units: set[str] = set()
+    for directory in search_path():
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry[: -len(".yaml")] if entry.endswith(".yaml") else entry[: -len(".yaml.d")] \
+                if entry.endswith(".yaml.d") else None
+            if name and name.endswith(UNIT_SUFFIXES) and not name.split(".")[0].endswith("@"):
+                units.add(name)
+    return sorted(units)

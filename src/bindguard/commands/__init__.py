@@ -10,4 +10,6 @@ COMMANDS = {
     "discover": ("bindguard.commands.discover", "what a unit will bind, from its daemon's configuration and its unit"),
     "install": ("bindguard.commands.install", "add the guard to a unit as a drop-in (ExecStartPre=), then daemon-reload"),
     "uninstall": ("bindguard.commands.uninstall", "remove the drop-in `bindguard install` wrote"),
+    "scan": ("bindguard.commands.scan", "every listener, socket unit and declared address on this host; what needs attention"),
+    "verify": ("bindguard.commands.verify", "after the start: the unit's own processes listen where intended (ExecStartPost=)"),
 }

@@ -1,0 +1,706 @@
+"""The host's port map and what in it needs attention.
+
+What listens now (sock_diag, with each socket's holder and unit), what every .socket unit listens
+on, and what every service declares (its YAML file) or is discovered to bind (its daemon's
+configuration); then the findings, each with its evidence and its fix:
+
+  unit-collision         two services, or two .socket units, that will bind overlapping addresses
+  socket-unit-collision  a service that binds an address a .socket unit of another service binds
+  unclaimed-listener     a listener whose process belongs to no running unit
+  ephemeral-port         a declared port inside net.ipv4.ip_local_port_range, not reserved
+  restart-loop           a service restarting after a bind conflict (exit status 98)
+  config-error           a unit's bindguard YAML file that cannot be used
+
+Overlap is endpoints.addresses_overlap (wildcards, dual-stack), as in the guard.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from bindguard import output
+from bindguard.endpoints import TCP, UDP, Bind, Endpoint, SocketOptions, addresses_overlap, host_bindv6only
+from bindguard.errors import EXIT_INUSE
+from bindguard.facts import ProcessFact, SocketFact
+
+UNIT_COLLISION = "unit-collision"
+SOCKET_UNIT_COLLISION = "socket-unit-collision"
+UNCLAIMED_LISTENER = "unclaimed-listener"
+EPHEMERAL_PORT = "ephemeral-port"
+RESTART_LOOP = "restart-loop"
+CONFIG_ERROR = "config-error"
+FINDING_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION, UNCLAIMED_LISTENER, EPHEMERAL_PORT, RESTART_LOOP,
+                 CONFIG_ERROR)
+CONFLICT_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION)
+
+EXIT_ATTENTION = 1
+BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
+ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
+RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
+
+# Sources of a claim.
+CONFIG = "config"
+DISCOVERED = "discovered"
+SOCKET_UNIT = "socket-unit"
+LISTENING = "listening"
+
+
+@dataclass
+class Listener:
+    """A listening socket (TCP LISTEN, or an unconnected bound UDP socket) and who holds it."""
+
+    socket: SocketFact
+    process: ProcessFact | None = None
+    unit: str | None = None  # the holder's unit (GetUnitByPID, else its cgroup)
+    by_manager: bool = False  # held by the service manager: a .socket unit
+    socket_unit: str | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return self.socket_unit or self.unit
+
+
+@dataclass
+class Claim:
+    """An address a unit binds or will bind, and where that is known from."""
+
+    unit: str
+    bind: Bind
+    source: str  # CONFIG, DISCOVERED, SOCKET_UNIT or LISTENING
+    detail: str  # file:line:column, the daemon's file, "nginx -T", ...
+    will_run: bool | None = None  # active or enabled; None when not known (no systemd)
+    confident: bool = True
+    triggers: tuple[str, ...] = ()  # a .socket unit: the services it passes its sockets to
+
+    def describe(self) -> str:
+        ep = self.bind.endpoint
+        stack = " dual-stack" if ep.family == socket.AF_INET6 and ep.is_wildcard and not self.bind.v6only else ""
+        reuse = " SO_REUSEPORT" if self.bind.options.reuseport else ""
+        what = {CONFIG: "declares", DISCOVERED: "binds", SOCKET_UNIT: "listens on", LISTENING: "listens on"}[self.source]
+        guess = ", a guess" if not self.confident else ""
+        return f"{self.unit} {what} {ep}{stack}{reuse} ({self.detail}{guess})"
+
+
+@dataclass
+class Finding:
+    kind: str
+    summary: str
+    evidence: list[str]
+    fix: str
+    proto: str | None = None
+    port: int | None = None
+    units: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass
+class UnitState:
+    """A service as the scan saw it: where its addresses came from and how it runs."""
+
+    name: str
+    active_state: str = ""
+    unit_file_state: str = ""
+    source: str = ""  # CONFIG, DISCOVERED or "" (nothing known)
+    n_restarts: int = 0
+    result: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Scan:
+    listeners: list[Listener] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    units: list[UnitState] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    port_range: tuple[int, int] | None = None
+    reserved: str = ""
+    bus: str | None = None  # the manager asked, None without systemd
+    scanned_at: float = field(default_factory=time.time)
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ATTENTION if self.findings else 0
+
+    def count(self, kind: str) -> int:
+        return sum(1 for f in self.findings if f.kind == kind)
+
+
+# --- port ranges ---------------------------------------------------------------------------
+
+
+def parse_port_ranges(text: str) -> list[tuple[int, int]]:
+    """`8080,9000-9010` (the format of ip_local_reserved_ports) as sorted, merged (low, high) ranges."""
+    ranges = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        ranges.append((int(low), int(high or low)))
+    return merge_ranges(ranges)
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def format_port_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+def reserved_with(current: str, ports: list[int]) -> str:
+    """The ip_local_reserved_ports value that keeps what is reserved now and adds ports."""
+    return format_port_ranges(merge_ranges(parse_port_ranges(current) + [(p, p) for p in ports]))
+
+
+def _read_sysctl(name: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{name.replace('.', '/')}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+# --- gathering -------------------------------------------------------------------------------
+
+
+def _listeners(scan: Scan) -> list[Listener]:
+    from bindguard import owners, sockets
+
+    found: list[SocketFact] = []
+    for proto in (TCP, UDP):
+        try:
+            found += sockets.listening_sockets(proto, scan.notes)
+        except sockets.ObservationError as exc:
+            scan.notes.append(f"could not list the {proto} listeners: {exc}")
+    inodes = {s.inode for s in found if s.inode}
+    holders = owners.find_holders(inodes, owners.socket_cgroup_pids(found)) if inodes else owners.Holders()
+    if holders.unreadable and len(holders) < len(inodes):
+        scan.notes.append("some processes could not be inspected (permission denied): run as root to name every holder")
+    facts: dict[int, ProcessFact | None] = {}
+    listeners = []
+    for s in found:
+        pids = holders.get(s.inode, [])
+        process = None
+        if pids:
+            if pids[0] not in facts:
+                facts[pids[0]] = owners.process_facts(pids[0])
+            process = facts[pids[0]]
+        listeners.append(Listener(s, process, process.unit if process else None))
+    return listeners
+
+
+def _connect(bus_choice: bool | None, scan: Scan):
+    from bindguard import systemd
+
+    bus = systemd.choose_bus(bus_choice)
+    try:
+        connection = systemd.Systemd(bus)
+        scan.bus = bus
+        return connection
+    except systemd.SystemdUnavailable as exc:
+        scan.notes.append(f"{exc}; units are named from cgroups, and only units with a bindguard file are checked")
+        return None
+
+
+def _manager_pid(connection, bus_choice: bool | None) -> int | None:
+    from bindguard import systemd
+
+    if connection is not None:
+        return connection.manager_pid()
+    if systemd.choose_bus(bus_choice) == systemd.SYSTEM:
+        return 1
+    manager = os.environ.get("MANAGERPID", "")
+    return int(manager) if manager.isdigit() else None
+
+
+def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket_units) -> None:
+    from bindguard import systemd
+
+    endpoints = [(unit.name, endpoint) for unit in socket_units for listen in unit.listens
+                 for endpoint in [systemd.listen_endpoint(listen, unit.bind_ipv6_only)[0]]]
+    units_of_pids: dict[int, str | None] = {}
+    for listener in scan.listeners:
+        process = listener.process
+        if process is None:
+            continue
+        if connection is not None:
+            if process.pid not in units_of_pids:
+                units_of_pids[process.pid] = connection.unit_of_pid(process.pid)
+            listener.unit = units_of_pids[process.pid] or listener.unit
+        if process.pid == manager_pid or (manager_pid is None and listener.unit == "init.scope"):
+            listener.by_manager = True
+            local = listener.socket.local
+            listener.socket_unit = next((name for name, ep in endpoints if (ep.proto, ep.host, ep.port)
+                                         == (local.proto, local.host, local.port)), None)
+
+
+def _will_run(info, live_sockets: set[str]) -> bool:
+    """Running, enabled, or activated by a .socket unit that listens (or will, being enabled)."""
+    return (info.active_state in ACTIVE_STATES or info.unit_file_state in ENABLED_STATES
+            or any(unit in live_sockets for unit in info.sockets))
+
+
+def _service_claims(scan: Scan, connection, socket_units) -> list:
+    """Claims of every loaded service and every unit with a bindguard file; returns the UnitInfos read."""
+    from bindguard import config, discover, systemd, unitfiles
+    from bindguard.errors import ConfigError
+
+    live_sockets = {u.name for u in socket_units if u.listening or u.unit_file_state in ENABLED_STATES}
+    names = {u for u in unitfiles.configured_units() if u.endswith(".service")}
+    if connection is not None:
+        names |= {name for name, load, _ in connection.list_units("*.service") if load == "loaded"}
+    infos = []
+    for name in sorted(names):
+        info = None
+        if connection is not None:
+            try:
+                info = connection.unit(name, file_state=True)
+            except systemd.UnitNotFound:
+                info = None
+            if info is not None and info.load_state != "loaded":
+                info = None
+        state = UnitState(name)
+        if info is not None:
+            infos.append(info)
+            state.active_state, state.unit_file_state = info.active_state, info.unit_file_state
+            state.n_restarts, state.result = info.n_restarts, info.result
+        will_run = _will_run(info, live_sockets) if info is not None else None
+        try:
+            unit_config = config.load_unit_config(name)
+        except ConfigError as exc:
+            problems = getattr(exc, "problems", None) or [exc.message]
+            scan.findings.append(Finding(
+                CONFIG_ERROR, f"{name}: its bindguard configuration cannot be used", problems,
+                f"fix the file, then `bindguard config check {name}`; until then its addresses are discovered",
+                units=(name,)))
+            unit_config = None
+        if unit_config is not None and unit_config.listen is not None:
+            state.source = CONFIG
+            for entry, bind in zip(unit_config.listen, unit_config.binds()):
+                scan.claims.append(Claim(name, bind, CONFIG, str(entry.origin), will_run))
+        elif info is not None:
+            sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
+            found = discover.discover_unit(name, lambda _: connection.unit_facts(name, info),
+                                           [s for s in discover.SOURCES if s in sources])
+            state.warnings = found.warnings
+            daemon_binds = [f for f in found.findings if f.socket_unit is None]
+            if daemon_binds:
+                state.source = DISCOVERED
+            for f in daemon_binds:
+                scan.claims.append(Claim(name, f.bind, DISCOVERED, f.source, will_run, f.confident))
+        scan.units.append(state)
+    return infos
+
+
+def _socket_unit_claims(scan: Scan, socket_units) -> None:
+    from bindguard import systemd
+
+    for unit in socket_units:
+        will_run = unit.listening or unit.unit_file_state in ENABLED_STATES
+        for listen in unit.listens:
+            endpoint, v6only = systemd.listen_endpoint(listen, unit.bind_ipv6_only)
+            bind = Bind(endpoint, SocketOptions(reuseport=unit.reuse_port, v6only=v6only))
+            detail = f"Listen{listen.type}={listen.address}, {unit.active_state}"
+            scan.claims.append(Claim(unit.name, bind, SOCKET_UNIT, detail, will_run, triggers=unit.triggers))
+
+
+def _listening_claims(scan: Scan) -> None:
+    """A running service's listeners count as its claims where nothing declares them."""
+    for listener in scan.listeners:
+        unit = listener.unit
+        if listener.by_manager or not unit or not unit.endswith(".service"):
+            continue
+        local = listener.socket.local
+        if any(c.unit == unit and c.bind.endpoint == local for c in scan.claims):
+            continue
+        v6only = listener.socket.v6only if listener.socket.v6only is not None else host_bindv6only()
+        bind = Bind(local, SocketOptions(v6only=local.family == socket.AF_INET6 and v6only))
+        pid = listener.process.pid if listener.process else "?"
+        scan.claims.append(Claim(unit, bind, LISTENING, f"PID {pid}, now", True))
+
+
+# --- findings ----------------------------------------------------------------------------------
+
+
+def _collisions(scan: Scan) -> None:
+    groups: dict[tuple, list[tuple[Claim, Claim]]] = {}
+    claims = [c for c in scan.claims if c.will_run is not False and c.confident]
+    for i, a in enumerate(claims):
+        for b in claims[i + 1:]:
+            ea, eb = a.bind.endpoint, b.bind.endpoint
+            if a.unit == b.unit or ea.port != eb.port or ea.proto != eb.proto:
+                continue
+            if not addresses_overlap(ea, a.bind.v6only, eb, b.bind.v6only):
+                continue
+            sockets_a, sockets_b = a.source == SOCKET_UNIT, b.source == SOCKET_UNIT
+            if sockets_a != sockets_b:
+                sock, service = (a, b) if sockets_a else (b, a)
+                if service.unit in sock.triggers:
+                    continue  # its own socket unit passes it the socket
+                kind = SOCKET_UNIT_COLLISION
+            else:
+                kind = UNIT_COLLISION
+            key = (kind, ea.proto, ea.port, tuple(sorted((a.unit, b.unit))))
+            groups.setdefault(key, []).append((a, b))
+    for (kind, proto, port, units), pairs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][1], g[0][3])):
+        evidence = list(dict.fromkeys(c.describe() for pair in pairs for c in pair))
+        addresses = tuple(dict.fromkeys(str(c.bind.endpoint) for pair in pairs for c in pair))
+        if kind == SOCKET_UNIT_COLLISION:
+            sock = next(c for pair in pairs for c in pair if c.source == SOCKET_UNIT)
+            service = next(c for pair in pairs for c in pair if c.source != SOCKET_UNIT)
+            owner = ", ".join(sock.triggers) or "its service"
+            summary = f"{service.unit} and {sock.unit} both bind port {port}/{proto}"
+            fix = (f"never both: {sock.unit} binds it for {owner}. Either `systemctl disable --now {sock.unit}` "
+                   f"if {service.unit} should serve it, or move {service.unit} to another address "
+                   f"(or let it take the socket from systemd: Sockets={sock.unit} in {service.unit})")
+        else:
+            summary = f"{units[0]} and {units[1]} will collide on port {port}/{proto}"
+            fix = (f"give each its own address: change one of them ({units[1]}'s configuration or ListenStream=), "
+                   f"or make them specific addresses that do not overlap (a [::] socket is dual-stack unless "
+                   f"IPV6_V6ONLY / BindIPv6Only=ipv6-only); if only one should run, `systemctl disable --now` the other")
+        if any(c.bind.options.reuseport for pair in pairs for c in pair):
+            evidence.append("SO_REUSEPORT lets sockets of one uid share the port: the kernel then splits "
+                            "connections between unrelated daemons, which is almost never meant")
+        scan.findings.append(Finding(kind, summary, evidence, fix, proto, port, units, addresses))
+
+
+def _active_state(connection, unit: str) -> str | None:
+    from bindguard import systemd
+
+    try:
+        return connection.unit(unit).active_state
+    except systemd.UnitNotFound:
+        return None
+
+
+def _unclaimed(scan: Scan, connection) -> None:
+    states: dict[str, str] = {u.name: u.active_state for u in scan.units}
+    for listener in scan.listeners:
+        if listener.by_manager:
+            continue
+        s, p, unit = listener.socket, listener.process, listener.unit
+        if unit and unit.endswith(".service"):
+            state = states.get(unit)
+            if state is None and connection is not None:
+                state = _active_state(connection, unit)
+            if state is None or state in ACTIVE_STATES:
+                continue
+        evidence = []
+        if p is not None:
+            evidence.append(f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), user {p.user}, PPID {p.ppid}, "
+                            f"cgroup {p.cgroup or '?'}")
+            if unit is None:
+                evidence.append("its cgroup names no unit")
+            elif not unit.endswith(".service"):
+                evidence.append(f"it runs in {unit}, not in a service")
+            else:
+                evidence.append(f"its unit {unit} is {states.get(unit) or 'not running'}: a stray copy")
+        else:
+            evidence.append(f"no process found holding it (socket inode {s.inode}, uid {s.uid})")
+        for claim in scan.claims:
+            if claim.source != LISTENING and claim.unit != unit and addresses_overlap(
+                    claim.bind.endpoint, claim.bind.v6only, s.local, s.v6only):
+                evidence.append(f"{claim.describe()}: it cannot start while this holds the address")
+        if p is not None:
+            fix = (f"if it should run, run it as a unit (a service file, or `systemd-run --unit NAME ...`) so that "
+                   f"it is managed and restarted; if it is a leftover, check it with `ps -o pid,ppid,lstart,cmd "
+                   f"-p {p.pid}` and stop it: `kill -TERM {p.pid}`")
+        else:
+            fix = f"find the holder as root: `ss -lntup 'sport = :{s.local.port}'`"
+        scan.findings.append(Finding(
+            UNCLAIMED_LISTENER, f"{s.local} is served by no unit", evidence, fix, s.local.proto, s.local.port,
+            (unit,) if unit else (), (str(s.local),)))
+
+
+def _ephemeral(scan: Scan) -> None:
+    text = _read_sysctl("net.ipv4.ip_local_port_range")
+    if text is None:
+        scan.notes.append("cannot read net.ipv4.ip_local_port_range: the ephemeral range is not checked")
+        return
+    low, high = (int(x) for x in text.split())
+    scan.port_range = (low, high)
+    scan.reserved = _read_sysctl("net.ipv4.ip_local_reserved_ports") or ""
+    reserved = parse_port_ranges(scan.reserved)
+    ports: dict[int, list[Claim]] = {}
+    for claim in scan.claims:
+        port = claim.bind.endpoint.port
+        if claim.source == LISTENING or not claim.confident or claim.will_run is False:
+            continue
+        if low <= port <= high and not any(a <= port <= b for a, b in reserved):
+            ports.setdefault(port, []).append(claim)
+    if not ports:
+        return
+    merged = reserved_with(scan.reserved, sorted(ports))
+    already = f"what is reserved now ({scan.reserved})" if scan.reserved else "nothing (none is reserved now)"
+    fix = (f"reserve it: `sysctl -w net.ipv4.ip_local_reserved_ports={merged}` now, and the line "
+           f"`net.ipv4.ip_local_reserved_ports = {merged}` in {RESERVED_PORTS_FILE} for the next boot. "
+           f"The value replaces the list, so it keeps {already}; merge it with any other sysctl.d file "
+           f"that sets it. Or move the service below {low}")
+    for port, claims in sorted(ports.items()):
+        units = tuple(dict.fromkeys(c.unit for c in claims))
+        evidence = [c.describe() for c in claims] + [
+            f"net.ipv4.ip_local_port_range is {low} {high}; ip_local_reserved_ports is {scan.reserved or 'empty'}",
+            "an outgoing connection may draw this port as its source port at any moment, and then the "
+            "daemon's bind() fails with EADDRINUSE (intermittently, typically at a restart)"]
+        scan.findings.append(Finding(
+            EPHEMERAL_PORT, f"port {port} of {', '.join(units)} is in the ephemeral port range", evidence, fix,
+            claims[0].bind.endpoint.proto, port, units, tuple(dict.fromkeys(str(c.bind.endpoint) for c in claims))))
+
+
+def bind_failure(info) -> str | None:
+    """How the unit's last run failed on a bind conflict (exit status 98), or None."""
+    for command in info.exec_start_pre:
+        if command.code == 1 and command.status == BIND_FAILURE_STATUS:
+            return f"ExecStartPre={' '.join(command.argv) or command.path} exited {command.status}"
+    if info.result == "exit-code" and info.exec_main_status == BIND_FAILURE_STATUS:
+        return f"the main process exited {info.exec_main_status}"
+    return None
+
+
+def _restart_loops(scan: Scan, infos) -> None:
+    for info in infos:
+        if info.n_restarts < 1 or (info.active_state == "active" and info.sub_state == "running"):
+            continue
+        why = bind_failure(info)
+        if why is None:
+            continue
+        addresses = tuple(str(c.bind.endpoint) for c in scan.claims if c.unit == info.name)
+        evidence = [f"NRestarts={info.n_restarts}, ActiveState={info.active_state} ({info.sub_state}), "
+                    f"Result={info.result}", f"{why}: EADDRINUSE, an address is in use"]
+        probe = f"`bindguard explain {' '.join(addresses)}`" if addresses else "`bindguard explain ADDRESS`"
+        if why.startswith("ExecStartPre="):
+            stop = ("RestartPreventExitStatus= does not see ExecStartPre= exit codes (systemd checks only the main "
+                    "process): bound the retries with StartLimitIntervalSec= and StartLimitBurst= in [Unit]")
+        else:
+            stop = "add RestartPreventExitStatus=98 to the unit so that systemd stops restarting into the same conflict"
+        fix = (f"see who holds the address with {probe} and `systemctl status {info.name}`; {stop}; then "
+               f"`systemctl reset-failed {info.name}` once it is resolved")
+        scan.findings.append(Finding(RESTART_LOOP, f"{info.name} restarts on a bind conflict", evidence, fix,
+                                     units=(info.name,), addresses=addresses,
+                                     port=min((c.bind.endpoint.port for c in scan.claims if c.unit == info.name),
+                                              default=None)))
+
+
+def run(bus_choice: bool | None = None, use_systemd: bool = True) -> Scan:
+    """One scan of this host (this network namespace), with systemd over D-Bus unless use_systemd is False."""
+    scan = Scan()
+    scan.listeners = _listeners(scan)
+    connection = _connect(bus_choice, scan) if use_systemd else None
+    try:
+        from bindguard import systemd
+
+        socket_units = []
+        infos = []
+        try:
+            manager_pid = _manager_pid(connection, bus_choice)
+            if connection is not None:
+                socket_units = connection.socket_units()
+            _attribute_listeners(scan, connection, manager_pid, socket_units)
+            _socket_unit_claims(scan, socket_units)
+            infos = _service_claims(scan, connection, socket_units)
+        except systemd.SystemdUnavailable as exc:
+            scan.notes.append(f"{exc}; the scan is incomplete")
+        _listening_claims(scan)
+        _collisions(scan)
+        _unclaimed(scan, connection)
+        _ephemeral(scan)
+        _restart_loops(scan, infos)
+    finally:
+        if connection is not None:
+            connection.close()
+    scan.findings.sort(key=lambda f: (f.port if f.port is not None else 70000, f.proto or "", f.kind))
+    return scan
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def _command(process: ProcessFact | None) -> str:
+    if process is None:
+        return "-"
+    return " ".join(process.cmdline) or process.name
+
+
+def table_rows(scan: Scan) -> list[tuple[str, ...]]:
+    """PORT, ADDRESS, STATE, PID, UNIT, DECLARED BY, COMMAND; one row per listener or unserved claim."""
+    rows: list[tuple[tuple, tuple[str, ...]]] = []
+    served: set[tuple[str, Endpoint]] = set()
+    for listener in scan.listeners:
+        s, p = listener.socket, listener.process
+        owner = listener.owner
+        declared = sorted({c.unit + ("" if c.source == SOCKET_UNIT else f" ({c.source})") for c in scan.claims
+                           if c.source != LISTENING and c.bind.endpoint == s.local})
+        served.update((c.unit, c.bind.endpoint) for c in scan.claims if c.bind.endpoint == s.local)
+        state = "LISTEN" if s.local.proto == TCP else "UDP"
+        unit = owner or "-"
+        if listener.by_manager:
+            unit = f"{owner or '?'} (systemd)"
+        rows.append(((s.local.port, s.local.proto, str(s.local)),
+                     (f"{s.local.port}/{s.local.proto}", s.local.address(), state, str(p.pid) if p else "-",
+                      unit, ", ".join(declared) or "-", _command(p))))
+    for claim in scan.claims:
+        ep = claim.bind.endpoint
+        if claim.source == LISTENING or (claim.unit, ep) in served:
+            continue
+        served.add((claim.unit, ep))
+        state = "not running" if claim.will_run is False else "not listening"
+        rows.append(((ep.port, ep.proto, str(ep)),
+                     (f"{ep.port}/{ep.proto}", ep.address(), state, "-", claim.unit,
+                      f"{claim.source}: {claim.detail}" + ("" if claim.confident else " (guess)"), "-")))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
+def write_table(scan: Scan, stream) -> None:
+    header = ("PORT", "ADDRESS", "STATE", "PID", "UNIT", "DECLARED BY", "COMMAND")
+    rows = table_rows(scan)
+    if not rows:
+        stream.write("nothing listens, and no unit declares an address\n")
+        return
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        command = row[-1] if len(row[-1]) <= 60 else row[-1][:57] + "..."
+        stream.write("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + command + "\n")
+    stream.flush()
+
+
+def write_findings(scan: Scan) -> None:
+    for f in scan.findings:
+        where = f" on {f.port}/{f.proto}" if f.port is not None and f.proto else ""
+        lines = [f"bindguard: scan: {f.kind}{where}: {f.summary}"]
+        lines += [f"    evidence: {e}" for e in f.evidence]
+        lines.append(f"    fix: {f.fix}")
+        output.emit(output.WARNING, "\n".join(lines))
+    for note in scan.notes:
+        output.emit(output.NOTICE, f"  note: {note}")
+    if scan.findings:
+        kinds = ", ".join(f"{scan.count(k)} {k}" for k in FINDING_KINDS if scan.count(k))
+        output.emit(output.WARNING, f"bindguard: scan: {len(scan.findings)} finding(s) need attention ({kinds})")
+    else:
+        output.emit(output.INFO, f"bindguard: scan: nothing needs attention ({len(scan.listeners)} listeners, "
+                                 f"{len([c for c in scan.claims if c.source != LISTENING])} declared addresses)")
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def scan_json(scan: Scan) -> dict:
+    def listener(item: Listener) -> dict:
+        s, p = item.socket, item.process
+        return {
+            "proto": s.local.proto, "address": s.local.address(), "port": s.local.port,
+            "state": s.state, "v6only": s.v6only, "inode": s.inode or None, "uid": s.uid,
+            "pid": p.pid if p else None, "ppid": p.ppid if p else None, "command": _command(p) if p else None,
+            "user": p.user if p else None, "cgroup": p.cgroup if p else None,
+            "started": _iso(p.started) if p else None, "unit": item.unit,
+            "socket_unit": item.socket_unit, "held_by_manager": item.by_manager,
+        }
+
+    return {
+        "host": socket.gethostname(),
+        "scanned_at": _iso(scan.scanned_at),
+        "needs_attention": scan.needs_attention,
+        "exit_code": scan.exit_code,
+        "systemd_bus": scan.bus,
+        "ephemeral_port_range": list(scan.port_range) if scan.port_range else None,
+        "reserved_ports": scan.reserved,
+        "counts": {kind: scan.count(kind) for kind in FINDING_KINDS} | {
+            "conflicts": sum(scan.count(k) for k in CONFLICT_KINDS), "listeners": len(scan.listeners)},
+        "listeners": [listener(item) for item in sorted(
+            scan.listeners, key=lambda i: (i.socket.local.port, i.socket.local.proto, str(i.socket.local)))],
+        "claims": [{
+            "unit": c.unit, "proto": c.bind.endpoint.proto, "address": c.bind.endpoint.address(),
+            "port": c.bind.endpoint.port, "v6only": c.bind.v6only if c.bind.endpoint.family == socket.AF_INET6 else None,
+            "reuseport": c.bind.options.reuseport, "source": c.source, "detail": c.detail,
+            "confident": c.confident, "will_run": c.will_run, "triggers": list(c.triggers),
+        } for c in sorted(scan.claims, key=lambda c: (c.bind.endpoint.port, c.bind.endpoint.proto, c.unit))],
+        "units": [{
+            "unit": u.name, "active_state": u.active_state or None, "unit_file_state": u.unit_file_state or None,
+            "addresses_from": u.source or None, "n_restarts": u.n_restarts, "result": u.result or None,
+            "warnings": u.warnings,
+        } for u in scan.units],
+        "findings": [{
+            "kind": f.kind, "proto": f.proto, "port": f.port, "units": list(f.units),
+            "addresses": list(f.addresses), "summary": f.summary, "evidence": f.evidence, "fix": f.fix,
+        } for f in scan.findings],
+        "notes": scan.notes,
+    }
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus_text(scan: Scan) -> str:
+    """The scan as node_exporter's textfile collector reads it (text exposition format 0.0.4)."""
+    lines: list[str] = []
+
+    def metric(name: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} gauge")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            number = str(int(value)) if float(value).is_integer() else repr(float(value))
+            lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
+
+    metric("bindguard_conflicts", "Address conflicts between units that the last scan found, by kind.",
+           [({"kind": kind}, scan.count(kind)) for kind in CONFLICT_KINDS])
+    metric("bindguard_findings", "Everything the last scan found that needs attention, by kind.",
+           [({"kind": kind}, scan.count(kind)) for kind in FINDING_KINDS])
+    metric("bindguard_listeners", "Listening sockets (TCP LISTEN, bound UDP) seen by the last scan.",
+           [({}, len(scan.listeners))])
+    metric("bindguard_listeners_without_unit", "Listeners whose process belongs to no running unit.",
+           [({}, scan.count(UNCLAIMED_LISTENER))])
+    metric("bindguard_ports_in_ephemeral_range",
+           "Declared ports inside net.ipv4.ip_local_port_range and not in ip_local_reserved_ports.",
+           [({}, scan.count(EPHEMERAL_PORT))])
+    metric("bindguard_restart_loops", "Services restarting after a bind conflict (exit status 98).",
+           [({}, scan.count(RESTART_LOOP))])
+    loops = [f for f in scan.findings if f.kind == RESTART_LOOP]
+    restarts = {u.name: u.n_restarts for u in scan.units}
+    if loops:
+        metric("bindguard_restart_loop_restarts", "NRestarts of each service in a restart loop on a bind conflict.",
+               [({"unit": f.units[0]}, restarts.get(f.units[0], 0)) for f in loops])
+    ephemeral = [f for f in scan.findings if f.kind == EPHEMERAL_PORT]
+    if ephemeral:
+        metric("bindguard_ephemeral_port", "A declared port in the ephemeral range, by port and unit.",
+               [({"port": str(f.port), "unit": unit}, 1) for f in ephemeral for unit in f.units])
+    metric("bindguard_last_scan_timestamp_seconds", "When the last scan ran, in seconds since the epoch.",
+           [({}, round(scan.scanned_at, 3))])
+    return "\n".join(lines) + "\n"
+
+
+def write_prometheus(scan: Scan, path: str) -> None:
+    """Write the metrics file atomically: a temporary file in the same directory, then rename(2)."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(prometheus_text(scan))
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
