@@ -1,0 +1,475 @@
+"""Time `bindguard check` on its paths against the reference commands, on loaded hosts, side by side.
+
+    sudo ./setup.sh --test                      # once: .venv from Debian's python3, lsof, GNU time
+    sudo .venv/bin/python bench/run.py          # 1k/100, 20k/2000, 100k/2000: bench/results.json + README.md
+    sudo .venv/bin/python bench/run.py --small --out /tmp/bench   # CI: proves it works, asserts nothing
+
+For each size, bench/load.py builds the host in a network namespace; this process enters it (setns)
+and times whole processes: os.posix_spawn, then os.wait4, between two time.perf_counter_ns() reads,
+stdout and stderr to /dev/null. Every command runs twice to warm the caches, then once per round in
+interleaved rounds (the order rotates each round); TIME_WAIT is remade between rounds, never inside
+one. The in-unit rows are timed the same way by a service of a real user manager (unit_agent.py).
+Peak memory is a separate pass under GNU time (%M, the child's ru_maxrss): a child spawned by this
+Python process would inherit its memory high-water mark across exec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from load import Load, Size  # noqa: E402
+from unit_agent import UNIT as UNIT_AGENT  # noqa: E402
+
+FULL_SIZES = (Size(1000, 100), Size(20000, 2000), Size(100000, 2000))
+SMALL_SIZES = (Size(300, 20), Size(1000, 50))
+FLOOR_PYTHON = "/usr/bin/python3"
+QUICK_MS = 50
+GNU_TIME = "/usr/bin/time"
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CLONE_NEWNET = 0x40000000
+RESULTS_START = "<!-- results:start (written by bench/run.py) -->"
+RESULTS_END = "<!-- results:end -->"
+PSUTIL_SNIPPET = (
+    "import psutil, sys; port = int(sys.argv[1]); "
+    "print([c for c in psutil.net_connections() if c.laddr and c.laddr.port == port])"
+)
+
+EXIT_CLEAR, EXIT_TEMPFAIL, EXIT_INUSE, EXIT_USAGE = 0, 75, 98, 64
+NO_RIG = "needs the systemd rig (tests/rig.py), which did not start here"
+
+
+@dataclass
+class Command:
+    key: str
+    label: str
+    argv: list[str]
+    expect: tuple[int, ...] = (0,)
+    env: dict[str, str] = field(default_factory=dict)
+    unavailable: str | None = None
+    agent: object = None  # a UnitAgent: run inside its systemd unit instead of from here
+
+    def timed_run(self) -> tuple[int, int]:
+        if self.agent:
+            return self.agent.timed_run(self.argv, self.env)
+        return timed_run(self.argv, child_env(self.env))
+
+    def peak_rss_kib(self, runs: int) -> int | None:
+        if self.agent:
+            return self.agent.peak_rss_kib(self.argv, self.env, runs)
+        return peak_rss_kib(self.argv, child_env(self.env), runs)
+
+
+def bindguard_argv(explicit: str | None) -> tuple[list[str], dict[str, str]]:
+    """The installed console script next to this interpreter, else `python -m bindguard` on src/."""
+    if explicit:
+        return shlex.split(explicit), {}
+    script = Path(sys.executable).parent / "bindguard"
+    if script.exists():
+        return [str(script)], {}
+    return [sys.executable, "-m", "bindguard"], {"PYTHONPATH": str(REPO / "src")}
+
+
+def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent) -> list[Command]:
+    free, held, timewait = info["free_port"], info["held_port"], info["timewait_port"]
+    bg = bindguard
+    found = [
+        Command("floor", f"`python3 -c pass` ({FLOOR_PYTHON})", [FLOOR_PYTHON, "-c", "pass"]),
+        Command("ss", f"`ss -Htln 'sport = :{held}'`", ["ss", "-Htln", f"sport = :{held}"]),
+        Command("ss_p", f"`ss -Htlnp 'sport = :{held}'`", ["ss", "-Htlnp", f"sport = :{held}"]),
+        Command("lsof", f"`lsof -nP -iTCP:{held} -sTCP:LISTEN`", ["lsof", "-nP", f"-iTCP:{held}", "-sTCP:LISTEN"]),
+        Command("psutil", "`psutil.net_connections()` filtered to the port", [sys.executable, "-c", PSUTIL_SNIPPET,
+                                                                             str(held)]),
+        Command("clear", f"bindguard: clear (`check {free}`)", [*bg, "check", str(free)], (EXIT_CLEAR,),
+                bindguard_env),
+        Command("held", f"bindguard: held by a listener (`check {held}`, exit 98)", [*bg, "check", str(held)],
+                (EXIT_INUSE,), bindguard_env),
+        Command("timewait", f"bindguard: TIME_WAIT (`check --no-reuseaddr --wait 0 {timewait}`, exit 75)",
+                [*bg, "check", "--no-reuseaddr", "--wait", "0", str(timewait)], (EXIT_TEMPFAIL,), bindguard_env),
+        Command("noop", "bindguard: every-service drop-in, nothing to check (`check --unit bench-noop.service`)",
+                [*bg, "check", "--unit", "bench-noop.service"], (EXIT_CLEAR,), bindguard_env),
+        Command("noop_unit", "bindguard: the same, run by a service as the drop-in runs it (`check --unit %n`)",
+                [*bg, "check", "--unit", UNIT_AGENT], (EXIT_CLEAR,), bindguard_env, agent=agent,
+                unavailable=None if agent else NO_RIG),
+        Command("unit", f"bindguard: clear inside a unit, with the D-Bus checks (`check {free}` run by a service)",
+                [*bg, "check", str(free)], (EXIT_CLEAR,), bindguard_env, agent=agent,
+                unavailable=None if agent else NO_RIG),
+        Command("held_unit", f"bindguard: held, inside a unit, with the D-Bus checks (`check {held}` run by a service)",
+                [*bg, "check", str(held)], (EXIT_INUSE,), bindguard_env, agent=agent,
+                unavailable=None if agent else NO_RIG),
+    ]
+    if os.path.realpath(sys.executable) != os.path.realpath(FLOOR_PYTHON) or sys.prefix != sys.base_prefix:
+        found.insert(1, Command("venv_floor", f"`python -c pass` ({sys.executable})", [sys.executable, "-c", "pass"]))
+    return found
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@contextmanager
+def inside(netns: str):
+    """Run the block in another network namespace; children spawned there inherit it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(netns, os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({netns})")
+        yield
+    finally:
+        if libc.setns(home, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back to the original network namespace")
+        os.close(target)
+        os.close(home)
+
+
+def host_processes() -> int:
+    """Every process a /proc scan walks, the load's and the rest of the machine's."""
+    return sum(1 for name in os.listdir("/proc") if name.isdigit())
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    return {"PATH": CHILD_PATH, "LANG": "C.UTF-8", **extra}
+
+
+def timed_run(argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    """(wall time in ns, exit code) of one whole process, output discarded."""
+    actions = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    start = time.perf_counter_ns()
+    pid = os.posix_spawn(argv[0] if "/" in argv[0] else _which(argv[0]), argv, env, file_actions=actions)
+    _, status, _ = os.wait4(pid, 0)
+    elapsed = time.perf_counter_ns() - start
+    return elapsed, os.waitstatus_to_exitcode(status)
+
+
+def _which(name: str) -> str:
+    for directory in CHILD_PATH.split(":"):
+        candidate = Path(directory, name)
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(name)
+
+
+def peak_rss_kib(argv: list[str], env: dict[str, str], runs: int) -> int | None:
+    """The largest ru_maxrss over runs, measured by GNU time (which forks from a small process)."""
+    if not Path(GNU_TIME).exists():
+        return None
+    peak = 0
+    with tempfile.NamedTemporaryFile("r") as out:
+        for _ in range(runs):
+            subprocess.run([GNU_TIME, "-f", "%M", "-o", out.name, *argv], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out.seek(0)
+            peak = max(peak, int(out.read().split()[-1]))
+    return peak
+
+
+def probe(command: Command) -> dict:
+    """Run once with output captured: is it available, and does it exit as expected?"""
+    if command.unavailable:
+        return {"status": "n/a", "reason": command.unavailable}
+    if command.agent:
+        done = command.agent.probe(command.argv, command.env)
+        code, sample = done["exit"], done["sample"]
+    else:
+        try:
+            run = subprocess.run(command.argv, env=child_env(command.env), capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"status": "n/a", "reason": f"{type(exc).__name__}: {exc}"}
+        code, sample = run.returncode, (run.stdout + run.stderr).strip()[:800]
+    if code in command.expect:
+        return {"status": "ok", "exit": code, "sample": sample}
+    if code == EXIT_USAGE and command.key in ("noop", "noop_unit", "timewait"):
+        return {"status": "n/a", "reason": f"not supported by this bindguard yet: {sample.splitlines()[0]}"}
+    return {"status": "failed", "exit": code, "expected": list(command.expect), "sample": sample}
+
+
+def measure_size(size: Size, rounds: int, warmup: int, memory_runs: int, quick_passes: int,
+                 bindguard: list[str], bindguard_env: dict[str, str], agent, log) -> dict:
+    started = time.monotonic()
+    with Load(size) as load:
+        log(f"{size.label}: built in {load.info['build_seconds']} s: {load.info['sockstat']}")
+        result = {"size": {"sockets": size.sockets, "processes": size.processes}, "label": size.label,
+                  "build_seconds": load.info["build_seconds"], "mix": load.info["mix"],
+                  "held_pid": load.info["held_pid"], "held_scan_position": load.info["held_scan_position"],
+                  "sockstat_start": load.info["sockstat"], "host_processes": host_processes(),
+                  "load_average": round(os.getloadavg()[0], 2), "rounds": rounds, "commands": {}}
+        cmds = commands(load.info, bindguard, bindguard_env, agent)
+        if agent:
+            agent.enter(load.netns)
+        try:
+            with inside(load.netns):
+                times, sockstats = measure_in(load, cmds, result["commands"], rounds, warmup, memory_runs,
+                                              quick_passes)
+        finally:
+            if agent:
+                agent.enter("-")  # else the agent would keep the load's namespace alive
+    result["sockstat_min"] = {k: min(s[k] for s in sockstats) for k in sockstats[0]} if sockstats else {}
+    result["sockstat_max"] = {k: max(s[k] for s in sockstats) for k in sockstats[0]} if sockstats else {}
+    floor = times.get("floor")
+    ss_p = times.get("ss_p")
+    for key, samples in times.items():
+        entry = result["commands"][key]
+        entry["times_ms"] = [round(ns / 1e6, 3) for ns in samples]
+        entry["median_ms"] = round(statistics.median(samples) / 1e6, 3)
+        entry["max_ms"] = round(max(samples) / 1e6, 3)
+        entry["min_ms"] = round(min(samples) / 1e6, 3)
+        if floor:
+            entry["ratio_floor"] = round(statistics.median(samples) / statistics.median(floor), 2)
+        if ss_p:
+            entry["ratio_ss_p"] = round(statistics.median(samples) / statistics.median(ss_p), 3)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    log(f"{size.label}: measured in {result['seconds']} s")
+    return result
+
+
+def measure_in(load: Load, cmds: list[Command], entries: dict, rounds: int, warmup: int,
+               memory_runs: int, quick_passes: int = 0) -> tuple[dict[str, list[int]], list[dict]]:
+    """Probe, warm up, time in interleaved rounds, then measure peak memory; in the load's namespace.
+
+    Each round runs every command once, then the quick ones (under QUICK_MS when warm) quick_passes
+    more times: they are the ones whose medians a few milliseconds of noise would move.
+    """
+    load.refresh()
+    for c in cmds:
+        entries[c.key] = {"label": c.label, "argv": c.argv, **probe(c)}
+    active = [c for c in cmds if entries[c.key]["status"] == "ok"]
+    times: dict[str, list[int]] = {c.key: [] for c in active}
+    warm: dict[str, int] = {}
+    for c in active:
+        warm[c.key] = max(c.timed_run()[0] for _ in range(max(warmup, 1)))
+    quick = [c for c in active if warm[c.key] < QUICK_MS * 1_000_000]
+    sockstats = []
+    gc.disable()
+    try:
+        for r in range(rounds):
+            sockstats.append(load.refresh())
+            passes = [active] + [quick] * quick_passes
+            for p, group in enumerate(passes):
+                turn = (r + p) % len(group) if group else 0
+                for c in group[turn:] + group[:turn]:
+                    elapsed, code = c.timed_run()
+                    if code not in c.expect:
+                        raise RuntimeError(f"{c.label} exited {code} in round {r}, expected {c.expect}")
+                    times[c.key].append(elapsed)
+    finally:
+        gc.enable()
+    load.refresh()
+    for c in active:
+        entries[c.key]["peak_rss_kib"] = c.peak_rss_kib(memory_runs)
+    return times, sockstats
+
+
+# ---------------------------------------------------------------- targets (issue 6) and the report
+
+TARGETS = (
+    ("clear", "floor", 1.5, "clear, kernel-only check ≤ 1.5× `python3 -c pass`"),
+    ("noop_unit", "floor", 1.2, "no-op path of the every-service drop-in (run by a service) ≤ 1.2× `python3 -c pass`"),
+    ("unit", "floor", 4.0, "clear inside a unit, with the default systemd checks ≤ 4× `python3 -c pass`"),
+    ("held", "ss_p", 0.5, "held by a listener, with PID, command and unit ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
+    ("held_unit", "ss_p", 0.5, "the same, inside a unit (with the D-Bus checks) ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
+)
+GROWTH_LIMIT = 1.10
+MEMORY_LIMIT_BYTES = 40_000_000
+BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit")
+
+
+def target_sizes(sizes: list[dict]) -> list[dict]:
+    """The sizes issue 6 sets its targets at (>= 20k sockets, 2,000 processes), else the largest measured."""
+    chosen = [s for s in sizes if s["size"]["sockets"] >= 20000 and s["size"]["processes"] >= 2000]
+    return chosen or sizes[-1:]
+
+
+def _median(size: dict, key: str) -> float | None:
+    entry = size["commands"].get(key, {})
+    return entry.get("median_ms") if entry.get("status") == "ok" else None
+
+
+def evaluate(sizes: list[dict]) -> list[dict]:
+    verdicts = []
+    for key, base, limit, text in TARGETS:
+        values = []
+        for size in target_sizes(sizes):
+            a, b = _median(size, key), _median(size, base)
+            values.append((size["label"], None if a is None or b is None else round(a / b, 2)))
+        known = [v for _, v in values if v is not None]
+        met = None if len(known) < len(values) else all(v <= limit for v in known)
+        verdicts.append({"target": text, "values": values, "met": met})
+    first, last = sizes[0], sizes[-1]
+    a, b = _median(first, "clear"), _median(last, "clear")
+    fa, fb = _median(first, "floor"), _median(last, "floor")
+    raw = normalized = None
+    if None not in (a, b, fa, fb) and first is not last:
+        raw, normalized = round(b / a, 2), round((b / fb) / (a / fa), 2)
+    verdicts.append({"target": f"clear path grows ≤ 10% from {first['label']} to {last['label']} (its ratio to "
+                               "the floor measured in the same rounds, which takes out the machine's own drift)",
+                     "values": [("growth", normalized), ("raw medians", raw)],
+                     "met": None if normalized is None else normalized <= GROWTH_LIMIT})
+    peaks = [(s["label"], s["commands"][k].get("peak_rss_kib")) for s in sizes for k in BINDGUARD_PATHS
+             if s["commands"].get(k, {}).get("status") == "ok"]
+    known = [p for _, p in peaks if p is not None]
+    peak_mb = round(max(known) * 1024 / 1e6, 1) if known else None
+    verdicts.append({"target": "peak memory of bindguard ≤ 40 MB (any path, any size)",
+                     "values": [("peak MB", peak_mb)],
+                     "met": None if peak_mb is None else max(known) * 1024 <= MEMORY_LIMIT_BYTES})
+    return verdicts
+
+
+def _fmt(value, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.1f}{suffix}" if value >= 10 else f"{value:,.2f}{suffix}"
+    return f"{value:,}{suffix}"
+
+
+def render(report: dict) -> str:
+    lines = [f"Run of {report['finished']} on {report['machine']['summary']}; {report['method']}", ""]
+    for size in report["sizes"]:
+        st = size["sockstat_start"]
+        lines += [f"### {size['label']}",
+                  "",
+                  f"{st['total']:,} sockets in the namespace at the start ({st['tcp']:,} TCP, {st['timewait']:,} "
+                  f"TIME_WAIT, {st['udp']:,} UDP); {size['host_processes']:,} processes on the machine; "
+                  f"load average {size['load_average']}; built in {size['build_seconds']} s; {size['rounds']} rounds.",
+                  "",
+                  "| what | runs | median ms | max ms | × python3 -c pass | × ss -Htlnp | peak RSS MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for entry in size["commands"].values():
+            if entry["status"] != "ok":
+                lines.append(f"| {entry['label']} | {entry['status']}: {entry.get('reason', entry.get('sample', ''))}"
+                             " | | | | | |")
+                continue
+            rss = entry.get("peak_rss_kib")
+            lines.append(f"| {entry['label']} | {len(entry['times_ms'])} | {_fmt(entry['median_ms'])} | "
+                         f"{_fmt(entry['max_ms'])} | {_fmt(entry.get('ratio_floor'), '×')} | "
+                         f"{_fmt(entry.get('ratio_ss_p'), '×')} | "
+                         f"{_fmt(None if rss is None else round(rss * 1024 / 1e6, 1))} |")
+        lines.append("")
+    lines += ["### Targets (issue 6)", "", "| target | measured | met? |", "|---|---|---|"]
+    for v in report["targets"]:
+        measured = "; ".join(f"{label}: {_fmt(value)}" for label, value in v["values"])
+        verdict = {True: "met", False: "**not met**", None: "n/a (not measured)"}[v["met"]]
+        lines.append(f"| {v['target']} | {measured} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(readme: Path, table: str) -> None:
+    text = readme.read_text() if readme.exists() else f"{RESULTS_START}\n{RESULTS_END}\n"
+    before, _, rest = text.partition(RESULTS_START)
+    _, _, after = rest.partition(RESULTS_END)
+    readme.write_text(f"{before}{RESULTS_START}\n{table}{RESULTS_END}{after}")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    mem_gib = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    load1 = os.getloadavg()[0]
+    interp = os.path.realpath(sys.executable)
+    return {
+        "cpu": cpu, "cpus": os.cpu_count(), "memory_gib": round(mem_gib, 1), "kernel": platform.release(),
+        "python": platform.python_version(), "interpreter": interp, "floor_interpreter": os.path.realpath(FLOOR_PYTHON),
+        "load_average_at_start": load1,
+        "summary": f"{os.cpu_count()} × {cpu}, {mem_gib:.0f} GiB, Linux {platform.release()}, "
+                   f"Python {platform.python_version()} ({interp}), load average {load1:.2f} at the start",
+    }
+
+
+def start_agent(log):
+    """The in-unit timer (bench/unit_agent.py) in a real user manager, or None if that cannot run here."""
+    from unit_agent import UnitAgent  # the rig: imported only when the in-unit paths run
+
+    try:
+        return UnitAgent()
+    except Exception as exc:  # no systemd, no D-Bus: the in-unit row says n/a
+        log(f"no systemd rig, the in-unit path is not measured: {type(exc).__name__}: {exc}")
+        return None
+
+
+def publish(report: dict, out: Path) -> None:
+    """Judge the targets, write results.json and the README's tables, print the tables."""
+    report["targets"] = evaluate(report["sizes"])
+    table = render(report)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    readme = out / "README.md"
+    if readme.exists() or out == BENCH:
+        write_readme(readme, table)
+    print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny sizes and 3 rounds: proves the script works (CI)")
+    parser.add_argument("--size", dest="sizes", action="append", type=Size.parse, metavar="SOCKETS:PROCESSES",
+                        help="a load size, e.g. 20k:2000 (repeatable; default 1k:100, 20k:2000, 100k:2000)")
+    parser.add_argument("--rounds", type=int, help="timed runs of each command per size (default 21; --small 3)")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where results.json (and README.md) go")
+    parser.add_argument("--bindguard", help="the bindguard command to time (default: the one next to this python)")
+    parser.add_argument("--no-unit", action="store_true", help="skip the in-unit path (no systemd rig)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the tables from OUT/results.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        publish(json.loads((args.out / "results.json").read_text()), args.out)
+        return 0
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces): sudo .venv/bin/python bench/run.py")
+    sizes = args.sizes or list(SMALL_SIZES if args.small else FULL_SIZES)
+    rounds = args.rounds or (3 if args.small else 21)
+    warmup, memory_runs, quick_passes = (1, 1, 0) if args.small else (2, 3, 4)
+    bindguard, bindguard_env = bindguard_argv(args.bindguard)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    report = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "method": (f"whole processes, posix_spawn + wait4 timed with perf_counter_ns, {warmup} warm-up runs, "
+                   f"{rounds} interleaved rounds, commands under {QUICK_MS} ms {1 + quick_passes} times a round; "
+                   "peak RSS by GNU time"),
+        "bindguard": bindguard,
+        "small": args.small,
+        "sizes": [],
+    }
+    if report["machine"]["interpreter"] != report["machine"]["floor_interpreter"]:
+        log(f"warning: bindguard runs on {report['machine']['interpreter']}, the floor on {FLOOR_PYTHON}: "
+            "not like with like")
+    agent = None if args.no_unit else start_agent(log)
+    try:
+        for size in sizes:
+            report["sizes"].append(measure_size(size, rounds, warmup, memory_runs, quick_passes, bindguard,
+                                                bindguard_env, agent, log))
+    finally:
+        if agent:
+            agent.close()
+    report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    publish(report, args.out)
+    failed = [f"{s['label']}: {e['label']} exited {e['exit']}" for s in report["sizes"]
+              for e in s["commands"].values() if e["status"] == "failed"]
+    for line in failed:
+        log(f"unexpected exit: {line}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

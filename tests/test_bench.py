@@ -1,0 +1,39 @@
+"""The benchmark runs end to end on a tiny load and leaves nothing behind (it asserts nothing about time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REQUIRE, need_root
+
+RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+REFERENCES = ("floor", "ss", "ss_p", "lsof", "psutil")
+BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit")
+
+
+def test_small_benchmark_runs_and_cleans_up(tmp_path):
+    need_root("the benchmark's loaded namespaces")
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--small", "--size", "300:20", "--rounds", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "results.json").read_text())
+    [size] = report["sizes"]
+    assert size["sockstat_start"]["total"] >= 300
+    assert size["sockstat_start"]["timewait"] > 0
+    commands = size["commands"]
+    for key in REFERENCES + ("clear", "held", "timewait", "noop"):
+        assert commands[key]["status"] == "ok", commands[key]
+        assert len(commands[key]["times_ms"]) == 2
+        assert commands[key]["peak_rss_kib"] > 0
+    for key in BINDGUARD_PATHS:
+        assert commands[key]["status"] in ("ok", "n/a"), commands[key]
+    if REQUIRE:  # CI has the systemd rig: the in-unit paths must have run
+        for key in ("unit", "noop_unit", "held_unit"):
+            assert commands[key]["status"] == "ok", commands[key]
+    assert "| target | measured | met? |" in done.stdout
+    assert not Path(f"/proc/{size['held_pid']}").exists(), "a load process outlived the benchmark"
