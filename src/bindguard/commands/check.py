@@ -192,7 +192,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     findings = discovered(unit, unit_config, ctx)
     if not findings:
         return None
-    overrides = explicit_options(args)
+    overrides = base | explicit_options(args)  # the file's options, then the command line's, over discovery's
     binds = [Bind(f.bind.endpoint, replace(f.bind.options, **overrides)) for f in findings]
     trusted = bool(unit_config and unit_config.trust_guesses)
     guesses = frozenset() if trusted else frozenset(b for b, f in zip(binds, findings) if not f.confident)
