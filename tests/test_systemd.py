@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
 import sys
 
 import pytest
@@ -230,5 +231,14 @@ def test_no_bus_is_systemd_unavailable_naming_the_bus(systemd_rig, user_bus, mon
 def test_system_bus_absent_is_systemd_unavailable(monkeypatch, tmp_path):
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
     monkeypatch.setenv("SYSTEMD_BUS_TIMEOUT", "5s")  # Systemd() would set it for the whole process
-    with pytest.raises(SystemdUnavailable, match=f"cannot connect to the system bus: No such file or directory .no system bus at unix:path={tmp_path}/no-bus"):
+    with pytest.raises(SystemdUnavailable, match=f"cannot connect to the system bus: no socket at {tmp_path}/no-bus"):
         Systemd(SYSTEM)
+
+
+def test_no_bus_socket_costs_no_pystemd_import(tmp_path):
+    code = ("import sys\nfrom bindguard.systemd import Systemd, SystemdUnavailable\n"
+            "try:\n    Systemd('system')\nexcept SystemdUnavailable as exc:\n    print(exc)\n"
+            "print(any(m.startswith('pystemd') for m in sys.modules))\n")
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.splitlines() == [f"cannot connect to the system bus: no socket at {tmp_path}/no-bus", "False"]

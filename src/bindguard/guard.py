@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bindguard import errors
 from bindguard.attribution import SystemdContext
-from bindguard.endpoints import Bind
+from bindguard.endpoints import TCP, Bind
 from bindguard.facts import Evidence, ProbeResult
 from bindguard.probe import probe
 from bindguard.verdict import (
@@ -22,6 +22,7 @@ from bindguard.verdict import (
     TIME_WAIT,
     Conflict,
     conflicts_for,
+    could_block,
     latent_socket_units,
 )
 
@@ -80,6 +81,22 @@ def _tentative_addresses() -> frozenset:
     return frozenset(found)
 
 
+def _sockets_explaining(proto: str, port: int, failed: list[Bind], notes: list[str]) -> list:
+    """The sockets on the port: listeners alone when they explain every refused bind there.
+
+    Asking sock_diag for LISTEN only spares the kernel a walk of every connection in the
+    namespace (0.3 ms against 70 ms at 100k sockets); the other states are asked for only
+    when a listener does not explain the refusal, and always for explain."""
+    from bindguard import sockets
+
+    # With SO_REUSEPORT a listener may be a group the daemon would join, and not the obstacle.
+    if proto == TCP and failed and not any(bind.options.reuseport for bind in failed):
+        listeners = sockets.sockets_on_port(proto, port, notes, states=["LISTEN"])
+        if all(any(could_block(bind, s) for s in listeners) for bind in failed):
+            return listeners
+    return sockets.sockets_on_port(proto, port, notes)
+
+
 def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
     """Gather the evidence about the ports that failed (all of them when results is None)."""
     from bindguard import owners, sockets
@@ -91,8 +108,10 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
         wanted = {(r.bind.endpoint.proto, r.bind.endpoint.port) for r in results
                   if r.error in (errno.EADDRINUSE, errno.EACCES) and r.collides_with is None}
     for proto, port in sorted(wanted):
+        failed = [r.bind for r in results or () if r.bind.endpoint.port == port and r.bind.endpoint.proto == proto
+                  and r.error == errno.EADDRINUSE and r.collides_with is None]
         try:
-            evidence.sockets.extend(sockets.sockets_on_port(proto, port, evidence.notes))
+            evidence.sockets.extend(_sockets_explaining(proto, port, failed, evidence.notes))
         except sockets.ObservationError as exc:
             evidence.notes.append(f"could not list the sockets on port {port}: {exc}")
     for port in sorted({r.bind.endpoint.port for r in results or () if r.error == errno.EACCES}):
