@@ -109,10 +109,10 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
         Command("noop_unit", "bindguard: the same, run by a service as the drop-in runs it (`check --unit %n`)",
                 [*bg, "check", "--unit", UNIT_AGENT], (EXIT_CLEAR,), bindguard_env, agent=agent,
                 unavailable=None if agent else NO_RIG),
-        Command("unit", f"bindguard: clear inside a unit, with the D-Bus checks (`check {free}` run by a service)",
+        Command("unit", f"bindguard: clear inside a unit, with its default systemd checks (`check {free}` run by a service)",
                 [*bg, "check", str(free)], (EXIT_CLEAR,), bindguard_env, agent=agent,
                 unavailable=None if agent else NO_RIG),
-        Command("held_unit", f"bindguard: held, inside a unit, with the D-Bus checks (`check {held}` run by a service)",
+        Command("held_unit", f"bindguard: held, inside a unit, named over D-Bus (`check {held}` run by a service)",
                 [*bg, "check", str(held)], (EXIT_INUSE,), bindguard_env, agent=agent,
                 unavailable=None if agent else NO_RIG),
     ]
@@ -285,7 +285,7 @@ TARGETS = (
     ("noop_unit", "floor", 1.2, "no-op path of the every-service drop-in (run by a service) ≤ 1.2× `python3 -c pass`"),
     ("unit", "floor", 4.0, "clear inside a unit, with the default systemd checks ≤ 4× `python3 -c pass`"),
     ("held", "ss_p", 0.5, "held by a listener, with PID, command and unit ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
-    ("held_unit", "ss_p", 0.5, "the same, inside a unit (with the D-Bus checks) ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
+    ("held_unit", "ss_p", 0.5, "the same, inside a unit (holder and units named over D-Bus) ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
 )
 GROWTH_LIMIT = 1.10
 MEMORY_LIMIT_BYTES = 40_000_000
