@@ -173,15 +173,19 @@ def test_redis_debian_default_live(netns, tmp_path):
     assert run_daemon(netns, argv, want) == want
 
 
-@pytest.fixture
-def postgres_dir():
-    """A directory the postgres user owns (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="bindguard-pg-"))
-    shutil.chown(path, "postgres")
+def owned_tmpdir(user: str):
+    """A directory `user` owns (pytest's tmp_path is private to root), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=f"bindguard-{user}-"))
+    shutil.chown(path, user)
     try:
         yield path
     finally:
         shutil.rmtree(path)
+
+
+@pytest.fixture
+def postgres_dir():
+    yield from owned_tmpdir("postgres")
 
 
 def test_postgres_live(netns, postgres_dir):
@@ -212,13 +216,7 @@ def test_postgres_live(netns, postgres_dir):
 
 @pytest.fixture
 def mysql_dir():
-    """A directory the mysql user owns (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="bindguard-my-"))
-    shutil.chown(path, "mysql")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
+    yield from owned_tmpdir("mysql")
 
 
 def test_mariadb_live(netns, mysql_dir):
