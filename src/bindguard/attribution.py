@@ -81,7 +81,7 @@ class SystemdContext:
                 if unit:
                     facts.unit_of_pid[process.pid] = unit
                     if unit not in facts.unit_states:
-                        facts.unit_states[unit] = conn.unit(unit).active_state
+                        facts.unit_states[unit] = conn.active_state(unit)
         except systemd.SystemdUnavailable as exc:
             self.notes.append(f"{exc}; the verdict stands on the kernel's answer")
         return facts

@@ -351,6 +351,11 @@ class Systemd:
 
         return _text(path_decode(path, _UNIT_PATH_PREFIX))
 
+    def active_state(self, name: str) -> str:
+        """A unit's ActiveState alone: one LoadUnit and one Get, where unit() reads ~20 properties."""
+        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        return _text(self._get(path, _UNIT, b"ActiveState", b"s"))
+
     def unit(self, name: str, file_state: bool = False) -> UnitInfo:
         """A unit's state and settings (loading it if needed). Raises UnitNotFound for an unknown name.
 
