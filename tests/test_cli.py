@@ -112,7 +112,9 @@ def test_explain_shows_everything_on_the_port(netns):
     assert "127.0.0.1:8080 LISTEN: PID" in proc.stderr
     proc = netns.run([*BINDGUARD, "explain", "0.0.0.0:8080", "udp:0.0.0.0:8080"])
     assert proc.returncode == 98
+    assert proc.stderr.startswith("<3>bindguard: a start now would be refused: 0.0.0.0:8080, udp:0.0.0.0:8080 in use")
     assert "listener" in proc.stderr and "udp:0.0.0.0:8080: bound" in proc.stderr
+    assert "already receives on this UDP port" in proc.stderr
 
 
 @pytest.mark.integration

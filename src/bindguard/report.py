@@ -108,6 +108,10 @@ def remedy(c: Conflict) -> str:
                     f"`sysctl -w net.ipv4.ip_local_reserved_ports={ep.port}` and the same line in "
                     "/etc/sysctl.d/, then restart the service once that connection is gone")
         who = f"PID {pid}" if pid else "a process"
+        if ep.proto != TCP:
+            return (f"{who} already receives on this UDP port. If it is the rightful owner, do not start a "
+                    f"second one; otherwise stop it cleanly after checking {check_pid}, or move this service "
+                    "to another port (two daemons that both set SO_REUSEADDR would share it silently)")
         return (f"{who} has the port bound without listening on it. Find out why with {check_pid}; stop it, "
                 "or give this service another port")
     return "see `bindguard explain` for the details"
@@ -206,11 +210,14 @@ def describe_holder(c: Conflict) -> str:
         parts.append(f"socket unit {c.socket_unit}")
     if c.other_bind is not None:
         parts.append(f"the request's own {c.other_bind}")
+    if not parts and c.kind == ADDRESS_UNAVAILABLE:
+        return "IPv6 is not available here" if c.error == "EAFNOSUPPORT" else f"no interface has {c.bind.endpoint.host}"
     return ", ".join(parts) if parts else "no holder visible"
 
 
-def _headline(outcome: Outcome) -> tuple[int, str]:
+def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     blocking = [c for c in outcome.conflicts if c.blocking]
+    refusing = "a start now would be refused" if explain else "refusing to start"
     addrs = ", ".join(dict.fromkeys(str(c.bind) for c in blocking))
     code = outcome.exit_code
     if code == errors.EXIT_CLEAR:
@@ -220,15 +227,15 @@ def _headline(outcome: Outcome) -> tuple[int, str]:
     if code == errors.EXIT_TEMPFAIL:
         left = [c.socket.expires_ms for c in blocking if c.socket is not None and c.socket.expires_ms is not None]
         past_budget = f"; it clears in {max(left) / 1000:.1f} s, past the wait budget" if left else ""
-        return output.ERR, (f"bindguard: refusing to start: {addrs} still blocked by TIME_WAIT after "
+        return output.ERR, (f"bindguard: {refusing}: {addrs} still blocked by TIME_WAIT after "
                             f"{outcome.waited:.1f} s{past_budget} (exit {code})")
     if code == errors.EXIT_NOTAVAIL:
-        return output.ERR, f"bindguard: refusing to start: {addrs} not available on any interface (exit {code})"
-    return output.ERR, f"bindguard: refusing to start: {addrs} in use (exit {code})"
+        return output.ERR, f"bindguard: {refusing}: {addrs} not available on any interface (exit {code})"
+    return output.ERR, f"bindguard: {refusing}: {addrs} in use (exit {code})"
 
 
 def write_human(outcome: Outcome, explain: bool = False, warnings: tuple[str, ...] | list[str] = ()) -> None:
-    priority, headline = _headline(outcome)
+    priority, headline = _headline(outcome, explain)
     output.emit(priority, headline)
     for line in outcome.reaped:
         output.emit(output.WARNING, f"  reaped: {line}")

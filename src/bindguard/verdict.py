@@ -177,8 +177,7 @@ def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: 
         return []
     name = errno.errorcode.get(error, str(error))
     if collides_with is not None:
-        return [Conflict(bind, SELF_CONFLICT, other_bind=collides_with, error=name,
-                         evidence=[f"the request's own {collides_with} overlaps it"])]
+        return [Conflict(bind, SELF_CONFLICT, other_bind=collides_with, error=name)]
     if error == errno.EAFNOSUPPORT:
         return [Conflict(bind, ADDRESS_UNAVAILABLE, error=name,
                          evidence=["IPv6 is not available in this network namespace"])]
