@@ -219,16 +219,19 @@ def test_scan_under_systemd_units_socket_units_and_restart_loops(systemd_rig, tm
     rig.write_unit("act.socket", "[Socket]\nListenStream=127.0.0.1:40100\n", reload=False)
     rig.write_unit("act.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
     (config / "act.service.yaml").write_text('listen: ["127.0.0.1:40100"]\n')
-    # loop.service is refused by its ExecStartPre= (exit 98) and restarts again and again.
-    rig.write_unit("loop.service", "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStartPre=/bin/sh -c 'exit 98'\n"
-                   "ExecStart=/bin/sleep infinity\nRestart=on-failure\nRestartSec=200ms\n")
+    # loop.service is refused by its ExecStartPre= (exit 98) and restarts until the start limit
+    # stops it, so that the scan does not race a restart in progress.
+    rig.write_unit("loop.service", "[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=3\n[Service]\n"
+                   "ExecStartPre=/bin/sh -c 'exit 98'\nExecStart=/bin/sleep infinity\nRestart=on-failure\n"
+                   "RestartSec=200ms\n")
     rig.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 50000"], check=True)
     assert rig.start("web.service").ok and rig.start("demo.socket").ok and rig.start("act.socket").ok
     assert rig.systemctl("enable", "other.service", "rogue.service").returncode == 0
     assert rig.systemctl("start", "--no-block", "loop.service").returncode == 0
     deadline = time.monotonic() + 20
-    while int(rig.prop("loop.service", "NRestarts") or 0) < 2 and time.monotonic() < deadline:
+    while rig.prop("loop.service", "ActiveState") != "failed" and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert int(rig.prop("loop.service", "NRestarts")) >= 2
     stray = rig.hold({"host": "127.0.0.1", "port": 18070})
 
     done = rig.run(["env", f"BINDGUARD_CONFIG_PATH={config}", *BINDGUARD, "scan", "--user", "--json",
