@@ -62,8 +62,7 @@ class SystemdContext:
     def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
         from bindguard import systemd
 
-        manager_env = os.environ.get("MANAGERPID", "")
-        facts = SystemdFacts(manager_pid=int(manager_env) if manager_env.isdigit() else 1,
+        facts = SystemdFacts(manager_pid=systemd.known_manager_pid(systemd.choose_bus(self.bus_choice)) or 1,
                              guarded_unit=self.guarded_unit())
         conn = self.connection()
         if conn is None:

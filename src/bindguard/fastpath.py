@@ -104,9 +104,7 @@ def check(args: list[str]) -> int | None:
 
     from bindguard import output, unitfiles
 
-    if user_bus is None:  # systemd.choose_bus(), without importing the D-Bus module
-        manager = os.environ.get("MANAGERPID", "")
-        user_bus = manager.isdigit() and int(manager) != 1
+    user_bus = unitfiles.user_manager(user_bus)
     if unit is None and not no_systemd and os.environ.get("INVOCATION_ID"):
         cgroup = unitfiles.process_cgroup("self")
         unit = unitfiles.unit_from_cgroup(cgroup) if cgroup else None

@@ -222,10 +222,7 @@ def _manager_pid(connection, bus_choice: bool | None) -> int | None:
 
     if connection is not None:
         return connection.manager_pid()
-    if systemd.choose_bus(bus_choice) == systemd.SYSTEM:
-        return 1
-    manager = os.environ.get("MANAGERPID", "")
-    return int(manager) if manager.isdigit() else None
+    return systemd.known_manager_pid(systemd.choose_bus(bus_choice))
 
 
 def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket_units) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bindguard.unitexec import enabled_socket_units
+from bindguard.unitfiles import manager_pid_from_env, user_manager
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint, host_bindv6only, parse_listen
 
 SYSTEM = "system"
@@ -174,24 +175,13 @@ class SocketUnit:
 
 
 def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """USER or SYSTEM: --user/--system (True/False) decide; otherwise MANAGERPID in the environment
-    means we run under a manager, which is the system one when it is PID 1 and a user one otherwise."""
-    if user is not None:
-        return USER if user else SYSTEM
-    environ = os.environ if environ is None else environ
-    manager = environ.get("MANAGERPID", "")
-    if manager.isdigit() and int(manager) != 1:
-        return USER
-    return SYSTEM
+    """USER or SYSTEM: --user/--system (True/False) decide, else $MANAGERPID (unitfiles.user_manager)."""
+    return USER if user_manager(user, environ) else SYSTEM
 
 
 def known_manager_pid(bus: str, environ: Mapping[str, str] | None = None) -> int | None:
-    """The manager's PID without asking D-Bus: 1 for the system manager, $MANAGERPID (set for
-    the processes a manager starts) for a user manager; None when nothing tells."""
-    if bus == SYSTEM:
-        return 1
-    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
-    return int(manager) if manager.isdigit() else None
+    """The manager's PID without asking D-Bus: 1 for the system manager, $MANAGERPID for a user one."""
+    return manager_pid_from_env(bus == USER, environ)
 
 
 def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:

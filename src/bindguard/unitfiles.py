@@ -31,6 +31,24 @@ UNIT_NAMES = {
 }
 
 
+def user_manager(choice: bool | None = None, environ=None) -> bool:
+    """Whether to talk to a user manager: --user/--system (True/False) decide; otherwise
+    $MANAGERPID, which a manager sets for what it starts, other than 1 means a user manager."""
+    if choice is not None:
+        return choice
+    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
+    return manager.isdigit() and int(manager) != 1
+
+
+def manager_pid_from_env(user: bool, environ=None) -> int | None:
+    """The manager's PID without asking D-Bus: 1 for the system manager, $MANAGERPID for a user
+    manager; None when nothing tells."""
+    if not user:
+        return 1
+    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
+    return int(manager) if manager.isdigit() else None
+
+
 def search_path() -> list[str]:
     value = os.environ.get(SEARCH_PATH_ENV)
     if value is None:

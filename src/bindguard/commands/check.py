@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field, replace
 
 from bindguard import output
 from bindguard.endpoints import AddressError, Bind, SocketOptions, host_bindv6only, parse_listen
 from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, UsageError
+from bindguard.unitfiles import user_manager
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
@@ -201,14 +201,6 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     return Plan(binds, guesses, survivable, sources=sources, **settings)
 
 
-def _user_manager(ctx) -> bool:
-    """systemd.choose_bus() == USER, without importing the D-Bus module on the every-service path."""
-    if ctx is not None and ctx.bus_choice is not None:
-        return ctx.bus_choice
-    manager = os.environ.get("MANAGERPID", "")
-    return manager.isdigit() and int(manager) != 1
-
-
 def discovered(unit: str, unit_config, ctx) -> list:
     """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units').
 
@@ -222,7 +214,7 @@ def discovered(unit: str, unit_config, ctx) -> list:
     sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
     if not sources:
         return []
-    facts = unit_facts_from_files(unit, _user_manager(ctx))
+    facts = unit_facts_from_files(unit, user_manager(ctx.bus_choice if ctx else None))
     result = discover.discover_unit(unit, lambda name: facts, list(sources))
     if not facts.exec_start:
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
