@@ -19,23 +19,14 @@ from dataclasses import dataclass, field
 
 from bindguard.endpoints import AddressError, Bind, Endpoint, SocketOptions, host_bindv6only, parse_listen
 from bindguard.errors import ConfigError
+from bindguard.verdict import ACTIONS, KINDS, LATENT_SOCKET_UNIT, REFUSE, TIME_WAIT, WAIT, WARN
 from bindguard.unitfiles import _is_file, config_files, normalize_unit, search_path  # noqa: F401 (API too)
 
 
-# Conflict kinds and actions, as the verdict and the guard name them.
-CONFLICT_KINDS = (
-    "listener",
-    "bound",
-    "time-wait",
-    "address-unavailable",
-    "self-conflict",
-    "socket-unit",
-    "latent-socket-unit",
-    "own-instance",
-    "orphan",
-)
-ACTIONS = ("refuse", "wait", "warn", "ignore")
-DEFAULT_POLICY = {kind: "refuse" for kind in CONFLICT_KINDS} | {"time-wait": "wait", "latent-socket-unit": "warn"}
+CONFLICT_KINDS = KINDS
+# What `config show` states as the default action of each kind (guard.default_action decides
+# from the conflict itself: an address in duplicate address detection is waited for, too).
+DEFAULT_POLICY = {kind: REFUSE for kind in KINDS} | {TIME_WAIT: WAIT, LATENT_SOCKET_UNIT: WARN}
 
 FAIL_MODES = ("open", "closed")
 DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")

@@ -18,6 +18,10 @@ from bindguard.facts import Evidence, ProbeResult
 from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
+    IGNORE,
+    REFUSE,
+    WAIT,
+    WARN,
     LATENT_SOCKET_UNIT,
     TIME_WAIT,
     Conflict,
@@ -26,7 +30,6 @@ from bindguard.verdict import (
     latent_socket_units,
 )
 
-REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
 POLL_INTERVAL = 0.1
 

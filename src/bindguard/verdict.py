@@ -35,6 +35,10 @@ KINDS = (
     ORPHAN,
 )
 
+# What the guard may do about a conflict (a unit's YAML `policy` names them per kind).
+REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
+ACTIONS = (REFUSE, WAIT, WARN, IGNORE)
+
 # States of a socket no process holds any more; the kernel ends them by a timer.
 CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
 ACTIVE_UNIT_STATES = {"active", "activating", "reloading", "deactivating"}
