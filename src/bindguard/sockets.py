@@ -53,9 +53,7 @@ INET_DIAG_CGROUP_ID = 21
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 TCP_ESTABLISHED = 1
-TCP_TIME_WAIT = 6
 TCP_CLOSE = 7
-TCP_LISTEN = 10
 TCP_BOUND_INACTIVE = 13
 
 ALL_TCP_STATES = sum(1 << state for state in TCP_STATES)  # bits 1..13
@@ -277,8 +275,6 @@ def _state_name(proto: str, state: int) -> str:
 
 
 # /proc/net fallback
-
-PROC_TIMER_TIME_WAIT = 3
 
 
 def _read_proc_net(proto: str, port: int | None, states: int) -> list[SocketFact]:

@@ -30,7 +30,6 @@ from bindguard.endpoints import TCP, UDP, Endpoint
 
 DEFAULT_CONF = "/etc/nginx/nginx.conf"
 DEFAULT_PREFIX = "/usr/share/nginx"
-NAMES = ("nginx",)
 GROUPS = ("http", "stream", "mail")
 IMPLY_BIND = ("bind", "deferred", "reuseport")
 IMPLY_BIND_PREFIXES = ("backlog=", "rcvbuf=", "sndbuf=", "setfib=", "fastopen=", "accept_filter=", "ipv6only=",
