@@ -94,6 +94,7 @@ class Evidence:
     systemd: SystemdFacts | None = None
     tentative: frozenset = frozenset()  # IPv6 addresses still in duplicate-address detection
     notes: list[str] = field(default_factory=list)  # what could not be observed, and why
+    observed_at: float = 0.0  # time.monotonic() when the sockets were read
 
 
 @dataclass(frozen=True)
