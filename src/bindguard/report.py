@@ -167,7 +167,7 @@ def outcome_json(outcome: Outcome) -> dict:
                 "failed_at": r.step or None,
                 "reuseaddr": r.bind.options.reuseaddr,
                 "reuseport": r.bind.options.reuseport,
-                "v6only": r.bind.v6only if r.bind.endpoint.family == 10 else None,
+                "v6only": r.bind.v6only if r.bind.endpoint.host.version == 6 else None,
                 "freebind": r.bind.options.freebind,
             }
             for r in outcome.results

@@ -12,7 +12,8 @@ from bindguard.unitfiles import user_manager
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
-in this network namespace and as the daemon's uid. If an address is blocked, bindguard
+in this network namespace (and, with SO_REUSEPORT, as the daemon's uid: --daemon-user, or
+the unit's User=). If an address is blocked, bindguard
 finds the socket in the way (sock_diag), the process and unit holding it, and then
   - passes (exit 0) when every address can be bound,
   - waits, up to --wait seconds, while only a TIME_WAIT is in the way (it clears by itself),
