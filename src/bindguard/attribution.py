@@ -71,8 +71,7 @@ class SystemdContext:
             facts.manager_pid = conn.manager_pid()
             ports = {b.endpoint.port for b in binds}
             for unit in conn.socket_units(ports):
-                for listen in unit.listens:
-                    endpoint, v6only = systemd.listen_endpoint(listen, unit.bind_ipv6_only)
+                for _, endpoint, v6only in unit.endpoints():
                     facts.socket_units.append(
                         SocketUnitFact(unit.name, unit.active_state, endpoint, v6only, unit.triggers))
             for process in holders:

@@ -226,10 +226,7 @@ def _manager_pid(connection, bus_choice: bool | None) -> int | None:
 
 
 def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket_units) -> None:
-    from bindguard import systemd
-
-    endpoints = [(unit.name, endpoint) for unit in socket_units for listen in unit.listens
-                 for endpoint in [systemd.listen_endpoint(listen, unit.bind_ipv6_only)[0]]]
+    endpoints = [(unit.name, endpoint) for unit in socket_units for _, endpoint, _ in unit.endpoints()]
     units_of_pids: dict[int, str | None] = {}
     for listener in scan.listeners:
         process = listener.process
@@ -305,12 +302,9 @@ def _service_claims(scan: Scan, connection, socket_units) -> list:
 
 
 def _socket_unit_claims(scan: Scan, socket_units) -> None:
-    from bindguard import systemd
-
     for unit in socket_units:
         will_run = unit.listening or unit.unit_file_state in ENABLED_STATES
-        for listen in unit.listens:
-            endpoint, v6only = systemd.listen_endpoint(listen, unit.bind_ipv6_only)
+        for listen, endpoint, v6only in unit.endpoints():
             bind = Bind(endpoint, SocketOptions(reuseport=unit.reuse_port, v6only=v6only))
             detail = f"Listen{listen.type}={listen.address}, {unit.active_state}"
             scan.claims.append(Claim(unit.name, bind, SOCKET_UNIT, detail, will_run, triggers=unit.triggers))
