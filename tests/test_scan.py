@@ -141,7 +141,7 @@ def test_scan_finds_collisions_unclaimed_listeners_and_ephemeral_ports(netns, tm
     listeners = {(entry["proto"], entry["address"]): entry for entry in report["listeners"]}
     assert set(listeners) == {("tcp", "0.0.0.0:5555"), ("udp", "[::1]:5353")}
     holder = listeners[("tcp", "0.0.0.0:5555")]
-    assert holder["pid"] == netns.processes[-1].pid or "holder.py" in holder["command"]
+    assert holder["pid"] == netns.processes[-1].pid and "holder.py" in holder["command"]
     unclaimed = sorted(f["addresses"][0] for f in report["findings"] if f["kind"] == "unclaimed-listener")
     if _own_service() is None:
         assert unclaimed == ["0.0.0.0:5555", "udp:[::1]:5353"]
