@@ -47,8 +47,9 @@ class Request:
     wait: float = DEFAULT_WAIT
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
     policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
-    guesses: frozenset[Bind] = frozenset()  # discovered by a guess: never enough to refuse, only warn
-    survivable: dict[Bind, tuple[str, ...]] = field(default_factory=dict)  # kinds the daemon starts despite
+    # Binds where some conflicts only warn: bind -> (conflict kinds, "*" for all; why). A guessed
+    # address never refuses; a daemon that starts without one of its sockets is not stopped for it.
+    warn_only: dict[Bind, tuple[tuple[str, ...], str]] = field(default_factory=dict)
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
@@ -143,12 +144,9 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
 
 def _action(conflict: Conflict, request: Request) -> str:
     action = request.policy.get(conflict.kind) or default_action(conflict)
-    if conflict.bind in request.guesses and action in (REFUSE, WAIT):
-        conflict.evidence.append("the address is a guess from the unit's command line: a warning only")
-        return WARN
-    survives = request.survivable.get(conflict.bind, ())
-    if (conflict.kind in survives or "*" in survives) and action in (REFUSE, WAIT):
-        conflict.evidence.append("the daemon starts without this socket: a warning only")
+    kinds, why = request.warn_only.get(conflict.bind, ((), ""))
+    if (conflict.kind in kinds or "*" in kinds) and action in (REFUSE, WAIT):
+        conflict.evidence.append(f"{why}: a warning only")
         return WARN
     return action
 

@@ -249,8 +249,8 @@ def run(args: argparse.Namespace) -> int:
         wait=validate_wait(args.wait if args.wait is not None else checks.wait),
         daemon_uid=daemon_uid(args, ctx, checks.binds),
         policy=checks.policy,
-        guesses=checks.guesses,
-        survivable=checks.survivable,
+        warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
+        | {b: (("*",), "the address is a guess from the unit's command line") for b in checks.guesses},
         systemd=ctx,
         reap_stale=args.reap_stale or checks.reap_stale,
     )
