@@ -233,11 +233,17 @@ def run(request: Request) -> Outcome:
     """Decide, waiting within request.wait seconds for what the policy says to wait for."""
     start = time.monotonic()
     deadline = None
+    waiting_since = None  # when the first sleep began: Outcome.waited is time slept, not time spent
     cache: dict = {}
     waited_for: list[str] = []
     notes: list[str] = []
     reaped: list[str] = []
     reaped_pids: set[int] = set()
+
+    def outcome(code: int) -> Outcome:
+        waited = now - waiting_since if waiting_since is not None else 0.0
+        return Outcome(code, shown, results, evidence, waited, waited_for, reaped=reaped)
+
     while True:
         results, evidence, conflicts = _investigate(request, cache)
         evidence.notes.extend(notes)
@@ -247,17 +253,12 @@ def run(request: Request) -> Outcome:
         shown = [c for c in conflicts if actions[id(c)] != IGNORE]
         now = time.monotonic()
         if not refusing and not waiting:
-            return Outcome(errors.EXIT_CLEAR, shown, results, evidence, now - start, waited_for, reaped=reaped)
+            return outcome(errors.EXIT_CLEAR)
         if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
             cache.pop("observed", None)  # the holders have changed: look again
             continue
         if refusing:
-            return Outcome(_exit_code(refusing + waiting), shown, results, evidence, now - start, waited_for,
-                           reaped=reaped)
-        for c in waiting:
-            label = f"{c.kind} on {c.bind}"
-            if label not in waited_for:
-                waited_for.append(label)
+            return outcome(_exit_code(refusing + waiting))
         if deadline is None:
             budget, note = _wait_budget(request)
             deadline = start + budget
@@ -269,5 +270,11 @@ def run(request: Request) -> Outcome:
             clears_in -= now - evidence.observed_at  # the timer has run on since the evidence was read
         hopeless = clears_in is not None and now + clears_in > deadline + 1.0
         if now >= deadline or hopeless:
-            return Outcome(_exit_code(waiting), shown, results, evidence, now - start, waited_for, reaped=reaped)
+            return outcome(_exit_code(waiting))
+        for c in waiting:
+            label = f"{c.kind} on {c.bind}"
+            if label not in waited_for:
+                waited_for.append(label)
+        if waiting_since is None:
+            waiting_since = now
         time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))

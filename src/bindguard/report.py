@@ -226,9 +226,13 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
         return output.INFO, f"bindguard: clear: {all_addrs} can be bound{waited}"
     if code == errors.EXIT_TEMPFAIL:
         left = [c.socket.expires_ms for c in blocking if c.socket is not None and c.socket.expires_ms is not None]
-        past_budget = f"; it clears in {max(left) / 1000:.1f} s, past the wait budget" if left else ""
-        return output.ERR, (f"bindguard: {refusing}: {addrs} still blocked by TIME_WAIT after "
-                            f"{outcome.waited:.1f} s{past_budget} (exit {code})")
+        clears = f"it clears by itself in {max(left) / 1000:.1f} s" if left else "it clears by itself"
+        if explain:  # explain never waits: say what a guard would meet, not what happened to one
+            return output.ERR, (f"bindguard: {addrs} blocked by TIME_WAIT now; {clears} (`check` waits for it "
+                                f"within --wait; exit {code})")
+        waited = f"after waiting {outcome.waited:.1f} s" if outcome.waited else "without waiting"
+        return output.ERR, (f"bindguard: {refusing}: {addrs} still blocked by TIME_WAIT {waited}; {clears}, "
+                            f"past the wait budget (exit {code})")
     if code == errors.EXIT_NOTAVAIL:
         return output.ERR, f"bindguard: {refusing}: {addrs} not available on any interface (exit {code})"
     return output.ERR, f"bindguard: {refusing}: {addrs} in use (exit {code})"

@@ -36,19 +36,28 @@ examples (in a unit):
 EPILOG = EXIT_CODES_HELP
 
 
-def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("listen", nargs="*", metavar="LISTEN",
-                        help="an address the daemon binds (see above); none with --unit: the unit's YAML "
-                             "file, else discovery from its daemon's configuration")
+LISTEN_SYNTAX = "in ListenStream= syntax: 8080, 0.0.0.0:8080, [::1]:8080, udp:[::1]:53"
+
+
+def add_listen_argument(parser: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    parser.add_argument("listen", nargs="+" if required else "*", metavar="LISTEN", help=help)
+
+
+def add_v6only_arguments(group) -> None:
+    group.add_argument("--v6only", dest="v6only", action="store_true", default=None,
+                       help="IPv6 sockets are IPV6_V6ONLY (default: the host's net.ipv6.bindv6only)")
+    group.add_argument("--no-v6only", dest="v6only", action="store_false", help="IPv6 sockets are dual-stack")
+
+
+def add_socket_arguments(parser: argparse.ArgumentParser) -> None:
+    """The daemon's socket options and uid: what changes the kernel's answer to a trial bind."""
     opts = parser.add_argument_group("the daemon's socket options (they change the kernel's answer)")
     opts.add_argument("--reuseaddr", dest="reuseaddr", action="store_true", default=None,
                       help="the daemon sets SO_REUSEADDR (default: nearly every server does)")
     opts.add_argument("--no-reuseaddr", dest="reuseaddr", action="store_false",
                       help="the daemon does not set SO_REUSEADDR")
     opts.add_argument("--reuseport", action="store_true", default=None, help="the daemon sets SO_REUSEPORT")
-    opts.add_argument("--v6only", dest="v6only", action="store_true", default=None,
-                      help="IPv6 sockets are IPV6_V6ONLY (default: the host's net.ipv6.bindv6only)")
-    opts.add_argument("--no-v6only", dest="v6only", action="store_false", help="IPv6 sockets are dual-stack")
+    add_v6only_arguments(opts)
     opts.add_argument("--freebind", action="store_true", default=None,
                       help="the daemon sets IP_FREEBIND (may bind an address no interface has yet)")
     opts.add_argument("--daemon-user", metavar="USER",
@@ -56,10 +65,12 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                            "SO_REUSEPORT only within one uid (default: the guard's own user)")
 
 
-def add_systemd_arguments(parser: argparse.ArgumentParser) -> None:
+def add_systemd_arguments(parser: argparse.ArgumentParser, unit: bool = True) -> None:
+    """--unit (for the commands about one unit), the bus to ask, and --no-systemd."""
     sd = parser.add_argument_group("systemd")
-    sd.add_argument("--unit", metavar="NAME",
-                    help="the unit being guarded (%%n in a drop-in; default: the unit the guard runs in)")
+    if unit:
+        sd.add_argument("--unit", metavar="NAME",
+                        help="the unit being guarded (%%n in a drop-in; default: the unit the guard runs in)")
     bus = sd.add_mutually_exclusive_group()
     bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
                      help="talk to the user manager (default when run by one: MANAGERPID is set)")
@@ -69,7 +80,9 @@ def add_systemd_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_request_arguments(parser)
+    add_listen_argument(parser, f"an address the daemon binds ({LISTEN_SYNTAX}; see above); none with --unit: "
+                                "the unit's YAML file, else discovery from its daemon's configuration")
+    add_socket_arguments(parser)
     add_systemd_arguments(parser)
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
@@ -96,7 +109,7 @@ def _uid_of(user: str) -> int:
 def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
     """The socket options given on the command line; they win over a configuration file's."""
     return {name: getattr(args, name) for name in ("reuseaddr", "reuseport", "v6only", "freebind")
-            if getattr(args, name) is not None}
+            if getattr(args, name, None) is not None}
 
 
 def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:

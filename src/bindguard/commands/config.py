@@ -97,7 +97,7 @@ def _show(unit: str, explicit: str | None) -> int:
         rows.append((text, str(origin) if origin else default))
 
     if loaded.listen is None:
-        row("listen: (not set: from --listen or discovery)", "listen")
+        row("listen: (not set: from the LISTEN arguments or discovery)", "listen")
     else:
         row("listen:" + (" []" if not loaded.listen else ""), "listen")
         for entry in loaded.listen:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from bindguard.commands.check import (
-    add_request_arguments,
+    LISTEN_SYNTAX,
+    add_listen_argument,
+    add_socket_arguments,
     add_systemd_arguments,
     build_binds,
     daemon_uid,
@@ -25,7 +27,9 @@ EPILOG = EXIT_CODES_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_request_arguments(parser)
+    add_listen_argument(parser, f"an address to look at ({LISTEN_SYNTAX}; the table is in "
+                                "`bindguard check --help`)", required=True)
+    add_socket_arguments(parser)
     add_systemd_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

@@ -45,7 +45,7 @@ exit codes:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_systemd_arguments(parser)
+    add_systemd_arguments(parser, unit=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     parser.add_argument("--prometheus", metavar="FILE",
                         help="also write the metrics for node_exporter's textfile collector to FILE (*.prom), "
@@ -67,8 +67,6 @@ def _check_prometheus_path(path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from bindguard import output, scan
 
-    if args.unit:
-        raise UsageError("scan looks at every unit; --unit does not apply", "use `bindguard explain` for one unit")
     if args.prometheus:
         _check_prometheus_path(args.prometheus)
         if not args.prometheus.endswith(".prom"):

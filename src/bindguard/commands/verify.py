@@ -56,7 +56,9 @@ POLL_INTERVAL = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    check.add_request_arguments(parser)
+    check.add_listen_argument(parser, f"an address the unit must serve ({check.LISTEN_SYNTAX}); none: the "
+                                      "unit's bindguard file, else discovery from its daemon's configuration")
+    check.add_v6only_arguments(parser.add_argument_group("the daemon's IPv6 sockets (how [::] must be bound)"))
     check.add_systemd_arguments(parser)
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
