@@ -63,6 +63,9 @@ DEFERRED = [  # these go to the full command, which knows better
     ["[fe80::1%lo]:8080"],
     ["--daemon-user", "nobody", "8080"],
     ["8080", "--bogus"],
+    ["--unit", "a/b", "8080"],  # not a unit name: 64
+    ["--unit", "-x", "8080"],  # argparse takes -x for an option: 64
+    ["--unit", "foo@", "8080"],  # a template, never the unit a guard runs for
 ]
 
 

@@ -32,14 +32,6 @@ def test_exec_quote(arg, quoted):
     assert install.exec_quote(arg) == quoted
 
 
-def test_unit_names():
-    assert install.normalize_unit("nginx") == "nginx.service"
-    assert install.normalize_unit("getty@tty1.service") == "getty@tty1.service"
-    for bad in ("", "a b.service", "../x.service", "nginx.socket"):
-        with pytest.raises(UsageError):
-            install.normalize_unit(bad)
-
-
 def test_dropin_paths():
     assert install.dropin_path("nginx.service", False) == Path("/etc/systemd/system/nginx.service.d/bindguard.conf")
     env = {"HOME": "/home/ann", "XDG_CONFIG_HOME": "/home/ann/cfg"}

@@ -3,11 +3,17 @@ drop-ins, masking, templates and specifiers in a private unit path."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from bindguard import install, unitfiles
+from bindguard.errors import UsageError
 from bindguard.discover import discover
 from bindguard.discover.common import hosts_file_addresses
 from bindguard.endpoints import parse_listen
@@ -112,3 +118,69 @@ def test_runs_known_daemon_without_imports(unit_path, tmp_path):
     write(lib / "d.service", "[Service]\nExecStart=/usr/bin/sleep infinity\n")
     assert [unitexec.runs_known_daemon(u) for u in ("a.service", "b.service", "c.service", "d.service",
                                                     "nothere.service")] == [True, True, True, False, False]
+
+
+# --- unit names: one normaliser, as systemd's unit_name_is_valid() and systemctl take them --------
+
+@pytest.mark.parametrize("text, name", [
+    ("web", "web.service"),  # no type: a service, as systemctl takes it
+    ("web.service", "web.service"),
+    ("web.socket", "web.socket"),
+    ("sda.device", "sda.device"),
+    ("home.automount", "home.automount"),
+    ("web.foo", "web.foo.service"),  # .foo is no unit type
+    ("getty@tty1", "getty@tty1.service"),
+    ("a@b@c.service", "a@b@c.service"),  # only the first @ starts the instance
+    ("foo\\x2dbar", "foo\\x2dbar.service"),  # systemd-escape's escapes are characters a name may have
+    ("x" * 247, "x" * 247 + ".service"),  # 255 characters in all
+])
+def test_unit_names_systemd_accepts(text, name):
+    assert unitfiles.unit_name(text) == unitfiles.normalize_unit(text) == name
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a/b", "'/' cannot be in a unit name"),
+    ("a b", "' ' cannot be in a unit name"),
+    ("web\n.service", "'\\n' cannot be in a unit name"),
+    ("\u00b2", "'\u00b2' cannot be in a unit name"),  # only ASCII letters and digits
+    ("", "the name before its type is empty"),
+    (".service", "the name before its type is empty"),
+    ("x" * 248, "longer than 255 characters"),
+    ("@foo.service", "it starts with '@'"),
+    ("foo@", "foo@.service is a template"),
+])
+def test_unit_names_systemd_rejects(text, why):
+    assert unitfiles.unit_name(text) is None
+    with pytest.raises(UsageError, match=re.escape(why)) as raised:
+        unitfiles.normalize_unit(text)
+    assert raised.value.exit_code == 64 and repr(text[:80]) in raised.value.message
+
+
+def test_a_template_is_a_unit_name_where_one_is_asked_for():
+    assert unitfiles.normalize_unit("foo@", template=True) == "foo@.service"
+    assert unitfiles.unit_name("foo@.service", template=True) == "foo@.service"
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "--no-systemd", "--unit", "a/b", "127.0.0.1:8080"],
+    ["check", "--unit", "a/b", "127.0.0.1:8080"],
+    ["check", "--unit", "a/b"],
+    ["install", "--print", "a/b", "127.0.0.1:8080"],
+    ["uninstall", "a/b"],
+    ["config", "check", "@x"],
+    ["discover", "a b"],
+])
+def test_a_bad_unit_name_is_a_usage_error_from_every_command(args):
+    done = subprocess.run([sys.executable, "-m", "bindguard", *args], capture_output=True, text=True,
+                          env={**os.environ, "BINDGUARD_CONFIG_PATH": "/nonexistent"})
+    assert done.returncode == 64, done.stderr
+    assert "is not a unit name" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_install_takes_services_and_their_templates():
+    assert install.service_name("nginx") == "nginx.service"
+    assert install.service_name("getty@tty1.service") == "getty@tty1.service"
+    assert install.service_name("getty@") == "getty@.service"  # a drop-in for every instance
+    for bad in ("", "a b.service", "../x.service", "nginx.socket"):
+        with pytest.raises(UsageError):
+            install.service_name(bad)

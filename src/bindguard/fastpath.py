@@ -90,7 +90,7 @@ def check(args: list[str]) -> int | None:
             user_bus = arg == "--user"
         elif name in ("--unit", "--wait"):
             if not eq:
-                if not rest:
+                if not rest or rest[0].startswith("-"):  # argparse takes it for an option: a usage error
                     return None
                 value = rest.pop(0)
             if name == "--unit":
@@ -111,9 +111,9 @@ def check(args: list[str]) -> int | None:
         if unit is None:
             return None
     if unit is not None:
-        if not unit or "/" in unit:
+        unit = unitfiles.unit_name(unit)
+        if unit is None:  # the full command says what is wrong with it
             return None
-        unit = unitfiles.normalize_unit(unit)
         if unitfiles.config_files(unit):
             return None
         if not listen:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from bindguard import __version__
 from bindguard.errors import ConfigError, UsageError
+from bindguard.unitfiles import normalize_unit
 
 DROPIN_NAME = "bindguard.conf"
 MARKER = "# Written by `bindguard install`"
 SYSTEM_DIR = Path("/etc/systemd/system")
-UNIT_SUFFIXES = (".service", ".socket", ".mount", ".swap", ".target", ".timer", ".path", ".scope", ".slice")
 
 # Characters that need no quoting in an ExecStartPre= argument (after % and $ are doubled).
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./\[\]$-]+")
@@ -46,13 +46,10 @@ class DropIn:
     text: str
 
 
-def normalize_unit(name: str) -> str:
-    """A unit name as systemctl takes it: `nginx` means nginx.service."""
-    name = name.strip()
-    if not name or "/" in name or any(c.isspace() for c in name):
-        raise UsageError(f"{name!r} is not a unit name", "write a unit name such as nginx.service")
-    if not name.endswith(UNIT_SUFFIXES):
-        name += ".service"
+def service_name(text: str) -> str:
+    """The service a drop-in is for: a unit name as systemctl takes it (`nginx` means
+    nginx.service; a template foo@.service guards every instance), and a service."""
+    name = normalize_unit(text, template=True)
     if not name.endswith(".service"):
         raise UsageError(
             f"{name}: bindguard guards services (it runs in ExecStartPre=)",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from bindguard.unitfiles import template_of
+
 SYSTEM_UNIT_PATH = (
     "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
     "/run/systemd/generator.early", "/etc/systemd/system", "/etc/systemd/system.attached",
@@ -65,13 +67,6 @@ def unit_path(user: bool = False) -> tuple[str, ...]:
     if override:
         return tuple(d for d in override.split(":") if d)
     return user_unit_path() if user else SYSTEM_UNIT_PATH
-
-
-def template_of(name: str) -> str | None:
-    prefix, at, rest = name.partition("@")
-    if not at or rest.startswith("."):
-        return None
-    return f"{prefix}@{rest[rest.rfind('.'):]}"
 
 
 def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None, list[str]]:

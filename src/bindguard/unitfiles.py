@@ -10,7 +10,12 @@ import os
 
 DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
 SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
-UNIT_SUFFIXES = (".service", ".socket", ".target", ".mount", ".timer", ".path", ".scope", ".slice", ".swap")
+# The unit types systemd knows (unit_type_from_string) and the characters a name may have before
+# its type (VALID_CHARS_WITH_AT in systemd's unit-name.c); systemd's UNIT_NAME_MAX (256) counts the NUL.
+UNIT_TYPES = ("service", "socket", "target", "device", "mount", "automount", "swap", "timer", "path", "slice", "scope")
+UNIT_SUFFIXES = tuple("." + kind for kind in UNIT_TYPES)
+UNIT_NAME_MAX = 255
+UNIT_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:-_.\\@")
 PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")  # units whose cgroup holds processes
 
 # Unit names of Debian's packaged daemons -> the discovery module that knows them. For these,
@@ -56,13 +61,53 @@ def search_path() -> list[str]:
     return [d for d in value.split(":") if d]
 
 
-def normalize_unit(unit: str) -> str:
-    """`nginx` -> `nginx.service`, as systemctl does for a name without a type suffix."""
-    if not unit or "/" in unit:
-        from bindguard.errors import ConfigError
+def unit_name(text: str, template: bool = False) -> str | None:
+    """The unit name systemctl makes of text (`nginx` -> nginx.service, `getty@tty1` ->
+    getty@tty1.service), or None where systemd rejects it (normalize_unit says why)."""
+    name = _with_type(text)
+    return None if _unit_name_problem(name, template) else name
 
-        raise ConfigError(f"{unit!r} is not a unit name", "write a unit name such as nginx.service")
-    return unit if unit.endswith(UNIT_SUFFIXES) else unit + ".service"
+
+def normalize_unit(text: str, template: bool = False) -> str:
+    """unit_name(), or a UsageError (exit 64) naming the input and what systemd accepts.
+
+    A template (foo@.service) is a unit name only where template=True: a drop-in may apply to
+    every instance, but a guard always runs for one instance (%n).
+    """
+    name = _with_type(text)
+    problem = _unit_name_problem(name, template)
+    if problem is None:
+        return name
+    from bindguard.errors import UsageError
+
+    shown = repr(text[:80]) + ("..." if len(text) > 80 else "")
+    hint = ("name one instance, e.g. foo@NAME.service" if problem.endswith("template") else
+            "write a unit name such as nginx.service; `systemd-escape` makes one from a path or other text")
+    raise UsageError(f"{shown} is not a unit name: {problem}", hint)
+
+
+def _with_type(text: str) -> str:
+    """text with .service appended when it names no unit type, as systemctl does."""
+    return text if text.endswith(UNIT_SUFFIXES) else text + ".service"
+
+
+def _unit_name_problem(name: str, template: bool) -> str | None:
+    """What systemd's unit_name_is_valid() finds wrong with a name that has a type suffix, or None."""
+    prefix = name[: name.rfind(".")]
+    if not prefix:
+        return "the name before its type is empty"
+    if len(name) > UNIT_NAME_MAX:
+        return f"it is longer than {UNIT_NAME_MAX} characters"
+    bad = sorted(set(prefix) - UNIT_NAME_CHARS)
+    if bad:
+        return (f"{', '.join(repr(c) for c in bad[:5])} cannot be in a unit name "
+                "(ASCII letters, digits and : - _ . \\ @ can)")
+    at = prefix.find("@")
+    if at == 0:
+        return "it starts with '@'"
+    if at == len(prefix) - 1 and not template:
+        return f"{name} is a template"
+    return None
 
 
 def daemon_for_unit_name(unit: str) -> str | None:
@@ -70,13 +115,18 @@ def daemon_for_unit_name(unit: str) -> str | None:
     return UNIT_NAMES.get(unit.rsplit(".", 1)[0].split("@", 1)[0])
 
 
+def template_of(name: str) -> str | None:
+    """The template of an instance (foo@bar.service -> foo@.service); None for any other name."""
+    prefix, at, rest = name.partition("@")
+    if not at or rest.startswith("."):
+        return None
+    return f"{prefix}@{rest[rest.rfind('.'):]}"
+
+
 def _names(unit: str) -> list[str]:
     """The unit's own name and, for an instance foo@bar.service, its template foo@.service."""
-    names = [unit]
-    prefix, at, rest = unit.partition("@")
-    if at and not rest.startswith("."):
-        names.append(f"{prefix}@{rest[rest.rfind('.'):]}")
-    return names
+    template = template_of(unit)
+    return [unit, template] if template else [unit]
 
 
 def _is_file(path: str) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from bindguard import output
 from bindguard.endpoints import AddressError, Bind, SocketOptions, host_bindv6only, parse_listen
 from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, UsageError
-from bindguard.unitfiles import user_manager
+from bindguard.unitfiles import normalize_unit, user_manager
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
@@ -143,11 +143,13 @@ def validate_wait(wait: float | None) -> float:
 
 
 def systemd_context(args: argparse.Namespace):
+    """What systemd is asked, for --unit as systemctl takes it (`web` is web.service); None with --no-systemd."""
     from bindguard.attribution import SystemdContext
 
+    unit = normalize_unit(args.unit) if args.unit else None  # a bad name is a usage error even with --no-systemd
     if args.no_systemd:
         return None
-    return SystemdContext(bus_choice=args.user_bus, unit_name=args.unit)
+    return SystemdContext(bus_choice=args.user_bus, unit_name=unit)
 
 
 def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
@@ -182,7 +184,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     """
     from bindguard import config
 
-    unit = config.normalize_unit(args.unit) if args.unit else None
+    unit = normalize_unit(args.unit) if args.unit else None
     if unit is None and args.config is None and not args.listen and ctx is not None:
         unit = ctx.guarded_unit()
     unit_config = config.load_unit_config(unit, args.config) if unit or args.config else None

@@ -8,6 +8,7 @@ import sys
 
 from bindguard import config, output
 from bindguard.errors import EXIT_CLEAR, EXIT_CONFIG, ConfigError, UsageError
+from bindguard.unitfiles import normalize_unit
 
 DESCRIPTION = """\
 Validate bindguard's YAML configuration files, or show a unit's merged configuration.
@@ -59,7 +60,7 @@ def _check(target: str | None) -> int:
         files = [target]
         what = target
     else:
-        unit = config.normalize_unit(target)
+        unit = normalize_unit(target)
         files = config.config_files(unit)
         what = f"for {unit}"
     problems = [p for path in files for p in config.validate_file(path)]
@@ -83,7 +84,7 @@ def _value(value) -> str:
 
 
 def _show(unit: str, explicit: str | None) -> int:
-    unit = config.normalize_unit(unit)
+    unit = normalize_unit(unit)
     loaded = config.load_unit_config(unit, explicit)
     if loaded is None:
         print(f"# {unit}: no configuration file in {', '.join(config.search_path())}; built-in defaults apply")

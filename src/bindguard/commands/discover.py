@@ -9,6 +9,7 @@ import sys
 
 from bindguard import output
 from bindguard.errors import EXIT_CLEAR, BindguardError, UsageError
+from bindguard.unitfiles import normalize_unit
 
 DESCRIPTION = """\
 Print each address a unit will bind, with its source and a confidence:
@@ -86,7 +87,7 @@ def _discover(args: argparse.Namespace):
     if args.unit:
         from bindguard import config
 
-        unit = config.normalize_unit(args.unit)
+        unit = normalize_unit(args.unit)
         unit_config = config.load_unit_config(unit)
         if unit_config is not None:
             sources = [s for s in discover.SOURCES if s in unit_config.discovery_sources]

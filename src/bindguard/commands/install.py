@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    unit = install.normalize_unit(args.unit)
+    unit = install.service_name(args.unit)
     listens = []
     for text in args.listen:
         try:

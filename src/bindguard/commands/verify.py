@@ -13,6 +13,7 @@ from bindguard.commands import check
 from bindguard.endpoints import TCP, Bind, addresses_overlap
 from bindguard.errors import EXIT_INUSE, UsageError
 from bindguard.facts import BOUND, ProcessFact, SocketFact
+from bindguard.unitfiles import normalize_unit
 
 DESCRIPTION = """\
 After the daemon started: does each address have exactly one intended listener (or a
@@ -98,7 +99,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool]:
     if not unit:
         raise UsageError("verify needs the unit whose processes must own the addresses",
                          "run it from the unit's ExecStartPost=, or give --unit NAME")
-    args.unit = config.normalize_unit(unit)
+    args.unit = normalize_unit(unit)
     if not args.listen and args.no_systemd and args.config is None and config.load_unit_config(args.unit) is None:
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, and no bindguard file",
                          "give the addresses, e.g. `bindguard verify 0.0.0.0:80`")
