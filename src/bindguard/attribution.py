@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from bindguard.endpoints import Bind
 from bindguard.facts import ProcessFact, SocketUnitFact, SystemdFacts
+from bindguard.verdict import OWN_INSTANCE
 
 
 @dataclass
@@ -99,25 +100,31 @@ class SystemdContext:
             return max(info.timeout_start_sec - margin, 0.0)
         return max(deadline - margin - time.monotonic(), 0.0)
 
-    def advice(self, refused: bool) -> list[str]:
-        """What the unit's own settings add to the verdict: settings that leave stale processes
-        holding the ports, and a restart loop into the same refusal."""
-        info = self.unit_info() if self.in_unit else None
+    def advice(self, conflicts: list, refused: bool) -> list[str]:
+        """What the guarded unit's own settings add to conflicts actually found: how its own stale
+        process came to hold the address, and a restart loop into the same refusal. Nothing on a
+        clear start, and never a change to a setting the unit may have on purpose (Debian's
+        ssh.service keeps KillMode=process so that a restart keeps open sessions)."""
+        info = self.unit_info() if self.in_unit and conflicts else None
         if info is None:
             return []
         lines = []
-        if info.kill_mode in ("process", "none"):
+        own = [c for c in conflicts if c.kind == OWN_INSTANCE and c.process is not None]
+        if own and info.kill_mode in ("process", "none"):
+            left = "every process of the unit" if info.kill_mode == "none" else "the processes its main process forked"
+            pids = ", ".join(dict.fromkeys(f"PID {c.process.pid} on {c.bind}" for c in own))
             lines.append(
-                f"{info.name} has KillMode={info.kill_mode}: stopping it leaves "
-                f"{'its processes' if info.kill_mode == 'none' else 'the processes its main process forked'} "
-                "running, and they keep its ports (own-instance at the next start); KillMode=control-group "
-                "(the default) or mixed ends them")
+                f"{info.name} has KillMode={info.kill_mode}: a stop leaves {left} running, and one of them "
+                f"still holds the address ({pids}). Some units rely on that setting (sshd keeps open sessions "
+                "across a restart), so leave it; end only that process, once its PID and command show it is "
+                "an old listener of the unit")
         if refused and info.n_restarts > 0:
             lines.append(
                 f"systemd has restarted {info.name} {info.n_restarts} time(s) into this refusal, as it "
                 "retries a failed ExecStartPre= like any failure: bound the loop with "
                 "StartLimitIntervalSec= and StartLimitBurst= in [Unit], or remove the conflict")
         return lines
+
 
 def unit_facts(unit: str, bus_choice: bool | None = None):
     """What discovery needs from systemd about a unit (discover.UnitFacts), over D-Bus.

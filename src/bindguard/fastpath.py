@@ -149,13 +149,13 @@ def check(args: list[str]) -> int | None:
 
 
 def _unit_needs_a_closer_look(unit: str, user: bool, listen: list[str]) -> bool:
-    """Inside a unit the guard also warns about its KillMode= and about socket units that will
-    claim its ports. Both are read here from the unit files; only a unit where either may apply
-    goes to the full command (which asks systemd over D-Bus and compares addresses exactly)."""
+    """Inside a unit the guard also warns about socket units that will claim its ports (a
+    latent-socket-unit conflict, which no trial bind shows). They are read here from the unit
+    files; only a unit where one may apply goes to the full command (which asks systemd over
+    D-Bus and compares addresses exactly). The unit's own settings (KillMode=, ...) matter only
+    to explain a conflict actually found, never on a clear path."""
     from bindguard import unitexec
 
-    if unitexec.kill_mode(unit, user) in ("process", "none"):
-        return True
     ports = {_port_of(text) for text in listen}
     dirs = unitexec.unit_path(user)
     return any(_port_of(value) in ports

@@ -46,6 +46,24 @@ def _port_ref(c: Conflict) -> str:
     return f"{ep.port}/{ep.proto}"
 
 
+def _self_conflict_remedy(c: Conflict) -> str:
+    """Two sockets of the request overlap: most often a dual-stack [::] written for a daemon whose
+    IPv6 socket is v6only (nginx's and sshd's are by default), so the request, not the daemon, is
+    wrong; only a daemon that really binds both fails too."""
+    pair = [b for b in (c.bind, c.other_bind) if b is not None]
+    dual = next((b for b in pair if b.endpoint.host.version == 6 and b.endpoint.is_wildcard and not b.v6only), None)
+    if dual is None:
+        return (f"the daemon's own sockets overlap: {c.other_bind} already covers {c.bind}. Check the addresses "
+                "given to the guard; if the daemon binds both, it fails too: bind only one of them")
+    ipv4 = next((b for b in pair if b is not dual), None)
+    return (f"{dual} was given to the guard as dual-stack, so it covers {ipv4} too. If the daemon makes its "
+            "IPv6 sockets IPV6_V6ONLY (nginx and sshd do by default), tell the guard: --v6only on its command "
+            "line (or `options: {v6only: true}` in the unit's bindguard file), or give no addresses and let "
+            "`check --unit` discover them with their options. Only a daemon that really binds "
+            f"{dual} dual-stack beside {ipv4} fails as well: then bind one of them (nginx: drop "
+            "`ipv6only=off`; socket units: BindIPv6Only=ipv6-only)")
+
+
 def remedy(c: Conflict) -> str:
     """What a careful administrator does about this kind of conflict, with the concrete names."""
     ep = c.bind.endpoint
@@ -53,9 +71,7 @@ def remedy(c: Conflict) -> str:
     pid = p.pid if p else None
     check_pid = f"`ps -o pid,ppid,lstart,cmd -p {pid}`" if pid else "`ss -tanup 'sport = :%d'`" % ep.port
     if c.kind == SELF_CONFLICT:
-        return (f"the daemon's own sockets overlap: {c.other_bind} already covers {c.bind}. Bind only one "
-                f"of them, or make the IPv6 socket v6only (nginx: `listen [::]:{ep.port} ipv6only=on`; "
-                "socket units: BindIPv6Only=ipv6-only)")
+        return _self_conflict_remedy(c)
     if c.kind == ADDRESS_UNAVAILABLE:
         if c.error == "EAFNOSUPPORT":
             return ("the kernel has no IPv6 here (booted with ipv6.disable=1, or no IPv6 module): configure "
@@ -86,18 +102,21 @@ def remedy(c: Conflict) -> str:
                 "ListenStream=/ListenDatagram=")
     if c.kind == OWN_INSTANCE:
         unit = c.unit or "the unit"
-        return (f"a previous run of {unit} is still in its cgroup holding the port (KillMode=process or none "
-                f"leaves such processes). Confirm with `systemctl status {unit}` and {check_pid}, then "
-                f"`kill -TERM {pid}`; or run the guard with --reap-stale to do exactly that; and set "
-                "KillMode=control-group")
+        if pid is None:
+            return (f"a process still in {unit}'s own cgroup holds the port: find it with `systemctl status {unit}` "
+                    "and confirm it is an old listener of the unit before ending it")
+        return (f"PID {pid} is still in {unit}'s own cgroup from an earlier run, holding the port. Confirm "
+                f"with {check_pid} and `systemctl status {unit}` that it is an old listener of {unit} (not a "
+                f"process the unit keeps on purpose), then `kill -TERM {pid}`; --reap-stale does exactly "
+                "that, for processes proven to be the unit's own")
     if c.kind == ORPHAN:
         return (f"PID {pid} was re-parented to the service manager and belongs to no running unit: a stray "
                 f"copy. Confirm it is stale with {check_pid} and `ls -l /proc/{pid}/exe`, then "
                 f"`kill -TERM {pid}` (and `kill -KILL {pid}` only if it ignores that)")
     if c.kind == LISTENER:
         who = f"{c.unit}" if c.unit else f"PID {pid}" if pid else "the listener"
-        stop = f"`systemctl stop {c.unit}`" if c.unit and c.unit.endswith(".service") else (
-            f"`kill -TERM {pid}` after checking {check_pid}" if pid else "stop it")
+        stop = (f"`systemctl stop {c.unit}`" if c.unit and c.unit.endswith(".service") else
+                f"the way it was started, after finding out what it is with {check_pid}")
         return (f"{who} already serves this address. If it is the rightful owner, do not start a second "
                 f"one; otherwise stop it cleanly ({stop}) or move this service to a free port or another "
                 f"address. `fuser -k {_port_ref(c)}` is a last resort: it kills whatever has the port open")
@@ -110,10 +129,11 @@ def remedy(c: Conflict) -> str:
         who = f"PID {pid}" if pid else "a process"
         if ep.proto != TCP:
             return (f"{who} already receives on this UDP port. If it is the rightful owner, do not start a "
-                    f"second one; otherwise stop it cleanly after checking {check_pid}, or move this service "
-                    "to another port (two daemons that both set SO_REUSEADDR would share it silently)")
-        return (f"{who} has the port bound without listening on it. Find out why with {check_pid}; stop it, "
-                "or give this service another port")
+                    f"second one; otherwise find out what it is with {check_pid} and stop it cleanly, or move "
+                    "this service to another port (two daemons that both set SO_REUSEADDR would share it "
+                    "silently)")
+        return (f"{who} has the port bound without listening on it. Find out why with {check_pid}; stop it "
+                "cleanly, or give this service another port")
     return "see `bindguard explain` for the details"
 
 

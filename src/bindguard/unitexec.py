@@ -163,12 +163,6 @@ def service_settings(unit: str, user: bool = False) -> dict[str, list[str]]:
     return unit_settings(unit, user)
 
 
-def kill_mode(unit: str, user: bool = False) -> str:
-    """KillMode= as the unit files set it (the last assignment wins), "" when unset."""
-    values = unit_settings(unit, user, keys=("KillMode",))["KillMode"]
-    return values[-1] if values else ""
-
-
 def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
     """Socket units enabled in these unit directories (the manager's UnitPath): the symlinks in
     their `*.wants/`, `*.requires/` and `*.upholds/` directories that `systemctl enable` makes.

@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
         reap_stale=args.reap_stale or checks.reap_stale,
     )
     outcome = guard.run(request)
-    advice = ctx.advice(refused=not outcome.clear) if ctx is not None else []
+    blocking = [c for c in outcome.conflicts if c.blocking]
+    advice = ctx.advice(blocking, refused=not outcome.clear) if ctx is not None else []
     outcome.evidence.notes.extend(advice)
     if args.json:
         report.write_json(outcome)

@@ -191,7 +191,8 @@ def assess(bind: Bind, sockets_on_port: list[SocketFact], holders: dict[int, Hol
         check.evidence = [f"held outside {unit}: {_who(h)}" for h in foreign]
         p = next((h.processes[0] for h in foreign if h.processes), None)
         stop = (f"`systemctl stop {p.unit}`" if p and p.unit and p.unit.endswith(".service")
-                else f"`kill -TERM {p.pid}` after checking `ps -o pid,ppid,lstart,cmd -p {p.pid}`" if p
+                else f"the way it was started, after finding out what it is with "
+                     f"`ps -o pid,ppid,lstart,cmd -p {p.pid}`" if p
                 else f"find it as root with `ss -lntup 'sport = :{ep.port}'`")
         check.fix = (f"{unit} does not own {ep}: stop the holder ({stop}) and restart {unit}; a "
                      f"`bindguard check` in ExecStartPre= refuses such a start up front")
