@@ -171,7 +171,7 @@ def test_every_problem_with_its_position(tmp_path):
     path = write(tmp_path / "x.yaml", BAD)
     problems = config.validate_file(path)
     assert problems == [
-        f"{path}:4:49: unknown key 'mtu'; known keys: address, reuseaddr, reuseport, v6only, freebind",
+        f"{path}:4:49: unknown key 'mtu'; known keys: address, reuseaddr, reuseport, v6only, freebind, optional",
         f"{path}:5:5: duplicate listen entry {parse_listen('80')} (also at line 2)",
         f"{path}:6:5: bad listen address: '300.1.1.1:80': '300.1.1.1' is not an IPv4 address "
         "(host names are not resolved; write the address)",
@@ -284,8 +284,130 @@ def test_no_file_does_not_import_yaml(dirs):
     assert proc.stdout.strip() == "[]"
 
 
-def test_kinds_and_actions_are_the_guards():
-    from bindguard import guard, verdict
+# --- hostile or broken files: a file:line problem (78) each, never an internal error ------------
 
-    assert config.CONFLICT_KINDS == verdict.KINDS
-    assert config.ACTIONS == (guard.REFUSE, guard.WAIT, guard.WARN, guard.IGNORE)
+UNREADABLE_VALUES = [
+    ("wait: !foo 3\n", "1:7: unsupported tag '!foo'; write plain values (strings, numbers, true/false)"),
+    ("wait: !!int abc\n", "1:7: 'abc' is not a valid !!int"),
+    ("wait: !!float x\n", "1:7: 'x' is not a valid !!float"),
+    ("wait: 1" + "0" * 5000 + "\n", "1:7: the number '1000000000000000000000000000000000000000...' is too large"),
+    ("listen: [!!binary aGVsbG8=]\n",
+     "1:10: unsupported tag '!!binary'; write plain values (strings, numbers, true/false)"),
+    ("wait: !!timestamp 2001-01-01\n",
+     "1:7: unsupported tag '!!timestamp'; write plain values (strings, numbers, true/false)"),
+    ("options: !!set {reuseport}\n", "1:10: unsupported tag '!!set'; write a plain list or mapping"),
+    ("fail: closed\nx: !!python/object/apply:os.system [true]\n",
+     "2:4: unsupported tag '!!python/object/apply:os.system'; write a plain list or mapping"),
+    ("listen: " + "[" * 2000 + "]" * 2000 + "\n", "1:40: YAML syntax error: nested deeper than 32 levels"),
+]
+
+
+@pytest.mark.parametrize("text, expected", UNREADABLE_VALUES)
+def test_unreadable_values_are_problems_at_their_position(tmp_path, text, expected):
+    path = write(tmp_path / "x.yaml", text)
+    assert config.validate_file(path) == [f"{path}:{expected}"]
+
+
+def test_unreadable_values_exit_78_from_check_and_config_check(tmp_path):
+    """They were "internal error", exit 0, even in a file that says `fail: closed`."""
+    for n, (text, expected) in enumerate(UNREADABLE_VALUES):
+        path = write(tmp_path / f"{n}.yaml", "fail: closed\n" + text if not text.startswith("fail:") else text)
+        for args in (("config", "check", str(path)), ("check", "--no-systemd", "--config", str(path), "127.0.0.1:9")):
+            proc = bindguard(*args)
+            assert proc.returncode == 78, (args, proc.stderr)
+            assert str(path) in proc.stderr and "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("listen: [1:20]\n", "1:10: bad listen address: '1:20': '1' is not an IPv4 address "
+                         "(host names are not resolved; write the address)"),  # YAML 1.1: 80 (base 60)
+    ("listen: [\"٨٠\"]\n", "1:10: bad listen address: '٨٠': port '٨٠' is not a number; write a port from 1 to 65535"),
+    ("listen: [８０]\n", "1:10: bad listen address: '８０': port '８０' is not a number; write a port from 1 to 65535"),
+    ("listen: [0x50]\n", "1:10: bad listen address: '0x50': missing port; write ADDRESS:PORT, "
+                         "e.g. 127.0.0.1:8080, or a bare port"),
+    ("wait: 1:30\n", "1:7: wait must be a number of seconds, 0 or more, found '1:30'"),
+    ("wait: .inf\n", "1:7: wait must be a number of seconds, 0 or more, found .inf"),
+])
+def test_no_yaml_11_numbers_and_only_ascii_ports(tmp_path, text, expected):
+    path = write(tmp_path / "x.yaml", text)
+    assert config.validate_file(path) == [f"{path}:{expected}"]
+
+
+def test_a_leading_zero_is_decimal(dirs):
+    write(dirs["etc"] / "web.service.yaml", "listen: [010, \"127.0.0.1:0080\"]\nwait: 010\n")
+    loaded = config.load_unit_config("web.service")
+    assert [e.endpoint.port for e in loaded.listen] == [10, 80] and loaded.wait == 10  # YAML 1.1: 8
+
+
+def _non_files(etc: Path) -> dict:
+    """What can stand at a configuration path other than a file, made for real."""
+    return {
+        "dangling link": lambda p: p.symlink_to(etc / "nowhere.yaml"),
+        "looping link": lambda p: p.symlink_to(p.name),
+        "directory": lambda p: p.mkdir(),
+        "FIFO": lambda p: os.mkfifo(p),
+        "link to /dev/zero": lambda p: p.symlink_to("/dev/zero"),
+    }
+
+
+@pytest.mark.parametrize("what", list(_non_files(Path("/"))))
+def test_a_non_file_is_a_problem_and_does_not_mask(dirs, what):
+    """It masked the packaged file (even `fail: closed`): exit 0, nothing said, `config check` ok."""
+    write(dirs["lib"] / "web.service.yaml", "fail: closed\nlisten: [\"127.0.0.1:9\"]\n")
+    path = dirs["etc"] / "web.service.yaml"
+    _non_files(dirs["etc"])[what](path)
+    with pytest.raises(ConfigError) as caught:
+        config.load_unit_config("web.service")
+    assert caught.value.message.startswith(f"{path}: ")
+    search = os.environ[unitfiles.SEARCH_PATH_ENV]
+    for args in (("check", "--unit", "web.service", "--no-systemd"), ("config", "check", "web.service"),
+                 ("config", "check"), ("config", "check", str(path))):
+        proc = bindguard(*args, env_path=search)
+        assert proc.returncode == 78, (args, proc.stderr)
+        assert f"{path}: " in proc.stderr
+
+
+def test_a_non_file_drop_in_is_a_problem_and_dev_null_masks_one(dirs):
+    write(dirs["lib"] / "web.service.yaml.d" / "10.yaml", "wait: 1\n")
+    write(dirs["lib"] / "web.service.yaml.d" / "20.yaml", "wait: 2\n")
+    (dirs["etc"] / "web.service.yaml.d").mkdir()
+    (dirs["etc"] / "web.service.yaml.d" / "20.yaml").symlink_to("/dev/null")
+    assert config.load_unit_config("web.service").wait == 1
+    os.mkfifo(dirs["etc"] / "web.service.yaml.d" / "10.yaml")
+    with pytest.raises(ConfigError, match="10.yaml: a FIFO, not a YAML file"):
+        config.load_unit_config("web.service")
+
+
+def test_size_and_problem_count_are_bounded(tmp_path):
+    """400,000 unknown keys took 24 s and 633 MB; a 50 MB comment 27 s."""
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * (config.MAX_FILE_BYTES + 1))
+    assert config.validate_file(big) == [f"{big}: {config.MAX_FILE_BYTES + 1} bytes, over the limit of "
+                                         f"{config.MAX_FILE_BYTES}; a bindguard file is a few lines"]
+    many = write(tmp_path / "many.yaml", "".join(f"lisen{i}: 1\n" for i in range(20000)))
+    problems = config.validate_file(many)
+    assert len(problems) == config.MAX_PROBLEMS + 1
+    assert problems[-1] == f"{many}: more problems; only the first {config.MAX_PROBLEMS} are listed"
+
+
+def _run_with_a_fault_in(target: str, *args: str, env_path: str) -> subprocess.CompletedProcess:
+    """bindguard with one of its own functions broken, as a bug or a botched upgrade would."""
+    module, name = target.rsplit(".", 1)
+    code = (f"import sys, importlib; m = importlib.import_module({module!r}); "
+            f"setattr(m, {name!r}, lambda *a, **k: 1 / 0); "
+            "from bindguard.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, **{unitfiles.SEARCH_PATH_ENV: env_path})
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_fail_closed_in_the_file_holds_for_a_fault_while_reading_it(dirs):
+    write(dirs["lib"] / "web.service.yaml", "listen: [\"127.0.0.1:9\"]\nfail: closed\n")
+    search = os.environ[unitfiles.SEARCH_PATH_ENV]
+    for broken in ("bindguard.config._merge", "bindguard.guard.run"):
+        proc = _run_with_a_fault_in(broken, "check", "--unit", "web.service", "--no-systemd", env_path=search)
+        assert proc.returncode == 70, (broken, proc.stderr)
+        assert "internal error: ZeroDivisionError" in proc.stderr and "failing closed" in proc.stderr
+    write(dirs["etc"] / "web.service.yaml.d" / "open.yaml", "fail: 'open'\n")  # a later file wins
+    proc = _run_with_a_fault_in("bindguard.config._merge", "check", "--unit", "web.service", "--no-systemd",
+                                env_path=search)
+    assert proc.returncode == 0 and "letting the start go on" in proc.stderr

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the guard's own failure must not take the service down
         if debug:
             raise
-        fail_closed = bool(getattr(args, "fail_closed", False)) or (args is None and "--fail-closed" in argv)
+        fail_closed = bool(getattr(args, "fail_closed", False)) or (args is None and "--fail-closed" in argv) \
+            or _config_says_fail_closed(args)
         output.emit(
             output.ERR if fail_closed else output.WARNING,
             f"bindguard: internal error: {type(exc).__name__}: {exc}\n"
@@ -48,3 +49,16 @@ def main(argv: list[str] | None = None) -> int:
                "rerun with --debug for a traceback"),
         )
         return EXIT_INTERNAL if fail_closed else 0
+
+
+def _config_says_fail_closed(args) -> bool:
+    """`fail: closed` in the unit's YAML (or --config) holds whatever failed, even reading that file."""
+    unit, explicit = getattr(args, "unit", None), getattr(args, "config", None)
+    if not (unit or explicit) or getattr(args, "command", None) not in ("check", "verify"):
+        return False
+    try:
+        from bindguard.config import declares_fail_closed
+
+        return declares_fail_closed(unit, explicit)
+    except Exception:  # a broken install: the fault being handled is reported as it is
+        return False

@@ -15,12 +15,13 @@ and os.listdir are used until a file exists; PyYAML is imported only to read one
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from bindguard.endpoints import AddressError, Bind, Endpoint, SocketOptions, host_bindv6only, parse_listen
 from bindguard.errors import ConfigError
 from bindguard.verdict import ACTIONS, KINDS, LATENT_SOCKET_UNIT, REFUSE, TIME_WAIT, WAIT, WARN
-from bindguard.unitfiles import _is_file, config_files, normalize_unit, search_path  # noqa: F401 (API too)
+from bindguard.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
 
 
 CONFLICT_KINDS = KINDS
@@ -32,7 +33,7 @@ FAIL_MODES = ("open", "closed")
 DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
 TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses")
-LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES
+LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES + ("optional",)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ListenEntry:
     endpoint: Endpoint
     options: dict[str, bool]  # per-address options, over the unit's options
     origin: Origin
+    optional: bool = False  # the daemon starts without this socket: a conflict on it only warns
 
 
 @dataclass
@@ -94,6 +96,27 @@ class UnitConfig:
 
 # --- reading and validating one file -------------------------------------------------------------
 
+# Bounds on what one file can make the guard do (it runs as root before every start): a real
+# configuration is a few hundred bytes; PyYAML reads about half a MiB a second.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32  # nesting of lists and mappings; PyYAML composes recursively
+MAX_PROBLEMS = 20  # per file; the rest are counted, not described
+MAX_DIGITS = 18  # an integer setting (a port, seconds) never needs more
+EXCERPT = 40  # characters of a value quoted in a message
+
+_TAG = "tag:yaml.org,2002:"
+STR, INT, FLOAT, BOOL, NULL, SEQ, MAP = (_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map"))
+# YAML 1.1's words for booleans (a boolean setting may say yes/no/on/off); only a boolean key accepts one.
+BOOLS = {w: True for w in ("yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON")} | \
+        {w: False for w in ("no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")}
+NULLS = ("", "~", "null", "Null", "NULL")
+_INT = r"[-+]?[0-9]+"
+_FLOAT = r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+
+
+class _Stop(Exception):
+    """Enough problems reported: read no further."""
+
 
 @dataclass
 class _Values:
@@ -110,53 +133,165 @@ class _Values:
     trust_guesses: tuple[bool, Origin] | None = None
 
 
+def _loader_class():
+    """A SafeLoader that resolves only decimal numbers, booleans and null, and bounds nesting.
+
+    YAML 1.1 would read `1:20` as the number 80 (base 60), `010` as 8 and `0x50` as 80; here
+    they stay strings, which no numeric setting takes and no address parses as a port.
+    """
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers: dict = {}
+
+        def __init__(self, stream) -> None:
+            super().__init__(stream)
+            self.depth = 0
+
+        def compose_node(self, parent, index):
+            if self.depth >= MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    # Nothing else is resolved implicitly: a value is a string unless it is one of these.
+    Loader.add_implicit_resolver(NULL, re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+    Loader.add_implicit_resolver(BOOL, re.compile(f"^(?:{'|'.join(BOOLS)})$"), list("yYnNtTfFoO"))
+    Loader.add_implicit_resolver(INT, re.compile(f"^(?:{_INT})$"), list("-+0123456789"))
+    Loader.add_implicit_resolver(FLOAT, re.compile(f"^(?:{_FLOAT})$"), list("-+0123456789."))
+    return Loader
+
+
+class _BadValue(ValueError):
+    pass
+
+
+def _excerpt(text: str) -> str:
+    """A value as a message quotes it: control characters escaped, at most EXCERPT characters."""
+    shown = text if len(text) <= EXCERPT else text[:EXCERPT] + "..."
+    return repr(shown)
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
+
+
+def _construct(node):
+    """The value of a scalar node, from its tag; raises _BadValue for a tag or value this reader
+    does not take (every other tag: PyYAML's !!binary, !!timestamp, !!set, local !tags, ...)."""
+    import re
+
+    tag, text = node.tag, node.value
+    if tag == STR:
+        return text
+    if tag == NULL and text in NULLS:
+        return None
+    if tag == BOOL and text in BOOLS:
+        return BOOLS[text]
+    if tag == INT and re.fullmatch(_INT, text, re.ASCII):
+        if len(text.lstrip("+-")) > MAX_DIGITS:
+            raise _BadValue(f"the number {_excerpt(text)} is too large")
+        return int(text)
+    if tag == FLOAT and re.fullmatch(f"{_FLOAT}|{_INT}", text, re.ASCII):
+        return float(text.replace(".", "", 1) if text.lstrip("+-").lower() in (".inf", ".nan") else text)
+    if tag in (STR, NULL, BOOL, INT, FLOAT):
+        raise _BadValue(f"{_excerpt(text)} is not a valid {_short_tag(tag)}")
+    raise _BadValue(f"unsupported tag {_excerpt(_short_tag(tag))}; write plain values (strings, numbers, "
+                    "true/false)")
+
+
 class _FileReader:
     def __init__(self, path: str) -> None:
-        import yaml
-
         self.path = path
         self.problems: list[str] = []
-        self.constructor = yaml.SafeLoader("")
+        self.hidden = 0  # problems past MAX_PROBLEMS
 
     def origin(self, node) -> Origin:
         return Origin(self.path, node.start_mark.line + 1, node.start_mark.column + 1)
 
+    def _add(self, problem: str) -> None:
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise _Stop
+        self.problems.append(problem)
+
     def problem(self, node, message: str) -> None:
-        self.problems.append(f"{self.origin(node)}: {message}")
+        self._add(f"{self.origin(node)}: {message}")
 
     def read(self) -> _Values:
-        import yaml
-
         values = _Values()
         try:
-            with open(self.path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            self.problems.append(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}")
-            return values
+            self._read(values)
+        except _Stop:
+            self.problems.append(f"{self.path}: more problems; only the first {MAX_PROBLEMS} are listed")
+        return values
+
+    def _read(self, values: _Values) -> None:
+        import yaml
+
         try:
-            nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+            text = read_regular_file(self.path, MAX_FILE_BYTES).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._add(f"{self.path}: not UTF-8 text (byte {exc.start}); a configuration is a YAML file")
+            return
+        except ConfigError as exc:
+            self._add(exc.message)
+            return
+        try:
+            nodes = list(yaml.compose_all(text, Loader=_loader_class()))
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             where = f"{self.path}:{mark.line + 1}:{mark.column + 1}" if mark else self.path
             what = " ".join(part for part in (exc.context, exc.problem) if part)
-            self.problems.append(f"{where}: YAML syntax error: {what}")
-            return values
+            self._add(f"{where}: YAML syntax error: {what}")
+            return
         except yaml.YAMLError as exc:
-            self.problems.append(f"{self.path}: YAML error: {exc}")
-            return values
+            self._add(f"{self.path}: YAML error: {exc}")
+            return
         nodes = [n for n in nodes if n is not None]
         if len(nodes) > 1:
             self.problem(nodes[1], "a second YAML document; write one document per file (remove the '---')")
-        if not nodes or _is_null(nodes[0]):
-            return values
+        if not nodes:
+            return
+        if not self._all_values_readable(nodes[0]) or _is_null(nodes[0]):
+            return
         root = nodes[0]
         if not isinstance(root, yaml.MappingNode):
             self.problem(root, f"expected a mapping of settings ({', '.join(TOP_KEYS)}), found {_kind(root)}")
-            return values
+            return
         for key_node, value_node in self._mapping_items(root, TOP_KEYS):
             getattr(self, "_read_" + key_node.value)(value_node, values)
-        return values
+
+    def _all_values_readable(self, root) -> bool:
+        """Report every tag and value that cannot be read (each node once, aliases included);
+        a document with one is not interpreted further."""
+        import yaml
+
+        before = len(self.problems)
+        seen: set[int] = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.ScalarNode):
+                try:
+                    _construct(node)
+                except _BadValue as exc:
+                    self.problem(node, str(exc))
+            elif node.tag not in (SEQ, MAP):
+                self.problem(node, f"unsupported tag {_excerpt(_short_tag(node.tag))}; write a plain list or mapping")
+            elif isinstance(node, yaml.MappingNode):
+                stack.extend(n for pair in reversed(node.value) for n in reversed(pair))
+            else:
+                stack.extend(reversed(node.value))
+        return len(self.problems) == before
 
     def _mapping_items(self, node, allowed: tuple[str, ...]):
         """The (key, value) pairs of a mapping with known, unique keys; reports the others."""
@@ -171,14 +306,15 @@ class _FileReader:
                 continue
             key = key_node.value
             if key in seen:
-                self.problem(key_node, f"duplicate key {key!r} (first set at line {seen[key].start_mark.line + 1})")
+                self.problem(key_node, f"duplicate key {_excerpt(key)} (first set at line {seen[key].start_mark.line + 1})")
                 continue
             seen[key] = key_node
             if key not in allowed:
                 spellings = {a.replace("_", "-"): a for a in allowed}
-                close = difflib.get_close_matches(key.replace("_", "-"), list(spellings), 1)
+                close = difflib.get_close_matches(key.replace("_", "-"), list(spellings), 1) \
+                    if len(key) <= EXCERPT else []
                 hint = f"did you mean {spellings[close[0]]!r}?" if close else f"known keys: {', '.join(allowed)}"
-                self.problem(key_node, f"unknown key {key!r}; {hint}")
+                self.problem(key_node, f"unknown key {_excerpt(key)}; {hint}")
                 continue
             yield key_node, value_node
 
@@ -187,7 +323,7 @@ class _FileReader:
 
         if not isinstance(node, yaml.ScalarNode):
             return _NOT_SCALAR
-        return self.constructor.construct_object(node)
+        return _construct(node)  # readable: _all_values_readable checked every node
 
     def _bool(self, node, what: str) -> bool | None:
         value = self._scalar(node)
@@ -210,16 +346,21 @@ class _FileReader:
         seen: dict[Endpoint, Origin] = {}
         for item in node.value:
             options: dict[str, bool] = {}
+            optional = False
             address_node = item
             if isinstance(item, yaml.MappingNode):
                 address_node = None
                 for key_node, value_node in self._mapping_items(item, LISTEN_ENTRY_KEYS):
                     if key_node.value == "address":
                         address_node = value_node
+                        continue
+                    flag = self._bool(value_node, f"listen option {key_node.value!r}")
+                    if flag is None:
+                        continue
+                    if key_node.value == "optional":
+                        optional = flag
                     else:
-                        flag = self._bool(value_node, f"listen option {key_node.value!r}")
-                        if flag is not None:
-                            options[key_node.value] = flag
+                        options[key_node.value] = flag
                 if address_node is None:
                     self.problem(item, "a listen entry written as a mapping needs 'address', "
                                        "e.g. {address: 80, reuseport: true}")
@@ -232,7 +373,7 @@ class _FileReader:
                 self.problem(address_node, f"duplicate listen entry {endpoint} (also at line {seen[endpoint].line})")
                 continue
             seen[endpoint] = origin
-            entries.append(ListenEntry(endpoint, options, origin))
+            entries.append(ListenEntry(endpoint, options, origin, optional))
         values.listen = entries
 
     def _address(self, node) -> Endpoint | None:
@@ -261,7 +402,7 @@ class _FileReader:
 
     def _read_wait(self, node, values: _Values) -> None:
         value = self._scalar(node)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             self.problem(node, f"wait must be a number of seconds, 0 or more, found {_describe(node, value)}")
             return
         values.wait = (float(value), self.origin(node))
@@ -328,7 +469,7 @@ _NOT_SCALAR = object()
 
 
 def _is_null(node) -> bool:
-    return node.tag == "tag:yaml.org,2002:null"
+    return node.tag == NULL
 
 
 def _kind(node) -> str:
@@ -338,7 +479,7 @@ def _kind(node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    return f"{node.value!r}"
+    return _excerpt(node.value)
 
 
 def _describe(node, value) -> str:
@@ -346,7 +487,54 @@ def _describe(node, value) -> str:
         return _kind(node)
     if value is None:
         return "nothing"
-    return repr(node.value) if isinstance(value, str) else str(node.value)
+    return _excerpt(node.value) if isinstance(value, str) else _excerpt(node.value)[1:-1]
+
+
+_FILE_TYPES = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most limit bytes; ConfigError naming the path otherwise.
+
+    Nothing else is opened for reading (a FIFO would block, /dev/zero never ends, a device may act
+    on open): stat() first, then a non-blocking open and fstat() of what was opened.
+    """
+    def refuse(mode: int) -> ConfigError:
+        what = _FILE_TYPES.get(stat.S_IFMT(mode), "not a regular file")
+        return ConfigError(f"{path}: {what}, not a YAML file (only a link to /dev/null masks a file)",
+                           "replace it with a YAML file, or remove it")
+
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise refuse(mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        why = "a link to nothing (dangling)" if os.path.islink(path) and not os.path.exists(path) else exc.strerror
+        raise ConfigError(f"{path}: cannot read: {why}", "check the path and its permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(st.st_mode)
+        if st.st_size > limit:
+            raise ConfigError(f"{path}: {st.st_size} bytes, over the limit of {limit}; "
+                              "a bindguard file is a few lines", "check that this is the right file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError(f"{path}: over the limit of {limit} bytes; a bindguard file is a few lines",
+                              "check that this is the right file")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", "check the path and its permissions") from None
+    finally:
+        os.close(fd)
 
 
 def _read(path: str) -> tuple[_Values, list[str]]:
@@ -365,6 +553,9 @@ def _merge(unit: str, files: list[str]) -> tuple[UnitConfig, list[str]]:
     config = UnitConfig(unit=unit, files=list(files))
     problems: list[str] = []
     for path in files:
+        if len(problems) >= MAX_PROBLEMS:
+            problems.append(f"{path} and the files after it not read: too many problems before them")
+            break
         values, file_problems = _read(path)
         problems += file_problems
         if values.listen is not None:
@@ -399,7 +590,7 @@ def load_unit_config(unit: str | None, explicit: str | os.PathLike | None = None
     if explicit is not None:
         path = os.fspath(explicit)
         unit = normalize_unit(unit) if unit else os.path.basename(path)
-        if not _is_file(path):
+        if not os.path.lexists(path):
             raise ConfigError(f"{path}: no such configuration file", "check the path given to --config")
         files = [path]
     else:
@@ -411,3 +602,52 @@ def load_unit_config(unit: str | None, explicit: str | os.PathLike | None = None
     if problems:
         _raise(problems, f"the configuration of {unit}")
     return config
+
+
+def declares_fail_closed(unit: str | None, explicit: str | os.PathLike | None = None) -> bool:
+    """Whether the unit's files say `fail: closed`, read so that it holds when reading them fully
+    fails: the top-level `fail:` of each file from YAML events alone (no composing, no values
+    built), the last file's winning as in _merge. Never raises; False when nothing says so.
+
+    The guard's own failure honours this (cli.py), whatever stage the failure came from.
+    """
+    try:
+        if explicit is not None:
+            files = [os.fspath(explicit)]
+        elif unit:
+            files = config_files(normalize_unit(unit))
+        else:
+            return False
+        mode = None
+        for path in files:
+            mode = _top_level_fail(path) or mode
+        return mode == "closed"
+    except Exception:  # a fault here must not hide the fault being handled
+        return False
+
+
+def _top_level_fail(path: str) -> str | None:
+    import yaml
+
+    found = None
+    try:
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
+        depth, is_key, key = 0, True, None
+        for event in yaml.parse(text, Loader=_loader_class()):
+            if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent)) and depth == 1:
+                if is_key:
+                    key = event.value if isinstance(event, yaml.ScalarEvent) else None
+                elif key == "fail" and isinstance(event, yaml.ScalarEvent):
+                    found = event.value
+                is_key = not is_key
+            if isinstance(event, yaml.CollectionStartEvent):
+                if depth == 0 and not isinstance(event, yaml.MappingStartEvent):
+                    break
+                depth += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                if depth == 0:
+                    break  # one document per file
+    except (ConfigError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    return found

@@ -92,11 +92,13 @@ class Bind:
 
 
 def _parse_port(text: str, original: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit() is true of '٨٠' and '８０' too
         raise AddressError(f"{original!r}: port {text!r} is not a number; write a port from 1 to 65535")
-    port = int(text)
+    short = len(text.lstrip("0")) <= 5  # int() of 4,300 digits raises
+    port = int(text) if short else 0
     if not 1 <= port <= 65535:
-        raise AddressError(f"{original!r}: port {port} is out of range; write a port from 1 to 65535")
+        shown = port if short else text[:8] + "..."
+        raise AddressError(f"{original!r}: port {shown} is out of range; write a port from 1 to 65535")
     return port
 
 

@@ -7,6 +7,7 @@ has nothing to guard must cost a few stat() calls and nothing more.
 from __future__ import annotations
 
 import os
+import stat
 
 DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
 SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
@@ -129,11 +130,14 @@ def _names(unit: str) -> list[str]:
     return [unit, template] if template else [unit]
 
 
-def _is_file(path: str) -> bool:
+def masks_with_nothing(path: str) -> bool:
+    """A link to /dev/null (the null device): the file masks the same name below with nothing.
+    Anything else that is not a regular file is read, and reported, as a configuration."""
     try:
-        return os.path.isfile(path)
+        st = os.stat(path)
     except (OSError, ValueError):
         return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
 
 
 def config_files(unit: str) -> list[str]:
@@ -159,8 +163,8 @@ def config_files(unit: str) -> list[str]:
             for entry in entries:
                 if entry.endswith(".yaml"):
                     dropins[entry] = os.path.join(dropin_dir, entry)
-    files = [main] if main is not None and _is_file(main) else []
-    files += [dropins[name] for name in sorted(dropins) if _is_file(dropins[name])]
+    files = [main] if main is not None and not masks_with_nothing(main) else []
+    files += [dropins[name] for name in sorted(dropins) if not masks_with_nothing(dropins[name])]
     return files
 
 

@@ -186,7 +186,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
 
     unit = normalize_unit(args.unit) if args.unit else None
     if unit is None and args.config is None and not args.listen and ctx is not None:
-        unit = ctx.guarded_unit()
+        unit = args.unit = ctx.guarded_unit()  # the unit whose `fail:` holds if the guard fails
     unit_config = config.load_unit_config(unit, args.config) if unit or args.config else None
     if unit_config is not None:
         args.fail_closed = args.fail_closed or unit_config.fail_closed

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _all_files() -> list[str]:
+    """Every file in the search path: whatever is named *.yaml is checked (a FIFO or a dangling
+    link is a problem there), except links to /dev/null, which mask."""
     files = []
     for directory in config.search_path():
         try:
@@ -42,21 +44,26 @@ def _all_files() -> list[str]:
             continue
         for entry in entries:
             path = os.path.join(directory, entry)
-            if entry.endswith(".yaml") and os.path.isfile(path):
+            if entry.endswith(".yaml"):
                 files.append(path)
             elif entry.endswith(".yaml.d") and os.path.isdir(path):
-                files += [os.path.join(path, e) for e in sorted(os.listdir(path))
-                          if e.endswith(".yaml") and os.path.isfile(os.path.join(path, e))]
-    return files
+                try:
+                    files += [os.path.join(path, e) for e in sorted(os.listdir(path)) if e.endswith(".yaml")]
+                except OSError:
+                    continue
+    return [f for f in files if not config.masks_with_nothing(f)]
 
 
 def _check(target: str | None) -> int:
     if target is None:
         files = _all_files()
         what = "in " + ", ".join(config.search_path())
-    elif os.sep in target or target.endswith(".yaml") or os.path.isfile(target):
-        if not os.path.isfile(target):
+    elif os.sep in target or target.endswith(".yaml") or os.path.lexists(target):
+        if not os.path.lexists(target):
             raise UsageError(f"{target}: no such file", "name an existing file, or a unit such as nginx.service")
+        if config.masks_with_nothing(target):
+            print(f"{target}: a link to /dev/null: masks the same name in the directories below")
+            return EXIT_CLEAR
         files = [target]
         what = target
     else:
