@@ -82,3 +82,45 @@ def test_explicit_config_file(netns, tmp_path):
     netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
     proc = netns.run([*BINDGUARD, "check", "--config", str(config), "--wait", "0", "--no-systemd"])
     assert proc.returncode == 98 and "0.0.0.0:8080: listener" in proc.stderr
+
+
+@pytest.mark.integration
+def test_optional_addresses_only_warn(netns, tmp_path):
+    """Redis's Debian default `bind 127.0.0.1 -::1` starts without IPv6 on lo; the guard refused it (99)."""
+    netns.sysctl("net.ipv6.conf.lo.disable_ipv6", "1")
+    required = [*BINDGUARD, "check", "--no-systemd", "--wait", "0", "127.0.0.1:6379"]
+    proc = netns.run([*required, "[::1]:6379"])
+    assert proc.returncode == 99, proc.stderr
+    proc = netns.run([*required, "--optional", "[::1]:6379"])
+    assert proc.returncode == 0, proc.stderr
+    assert "[::1]:6379" in proc.stderr and "the daemon starts without this socket: a warning only" in proc.stderr
+    write(tmp_path / "redis-server.service.yaml", """\
+        listen:
+          - 127.0.0.1:6379
+          - {address: "[::1]:6379", optional: true}
+        """)
+    env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path)}
+    proc = netns.run([*BINDGUARD, "check", "--unit", "redis-server", "--no-systemd", "--wait", "0"], env=env)
+    assert proc.returncode == 0 and "a warning only" in proc.stderr, proc.stderr
+    # and the real daemon does start there, as the guard said
+    redis = subprocess.Popen(netns.argv(["redis-server", "--port", "6379", "--bind", "127.0.0.1 -::1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(tmp_path)]),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in redis.stdout:
+            if "Ready to accept connections" in line:
+                break
+        assert redis.poll() is None
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+    # a conflict on a required address still refuses; one on an optional address warns
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 6380, "reuseaddr": True})
+    proc = netns.run([*BINDGUARD, "check", "--no-systemd", "--wait", "0", "127.0.0.1:6379", "--optional",
+                      "127.0.0.1:6380"])
+    assert proc.returncode == 0 and "127.0.0.1:6380" in proc.stderr, proc.stderr
+    proc = netns.run([*BINDGUARD, "check", "--no-systemd", "--wait", "0", "127.0.0.1:6380", "--optional",
+                      "127.0.0.1:6379"])
+    assert proc.returncode == 98, proc.stderr
+    proc = netns.run([*BINDGUARD, "check", "--no-systemd", "127.0.0.1:6379", "--optional", "127.0.0.1:6379"])
+    assert proc.returncode == 64 and "both as LISTEN and as --optional" in proc.stderr

@@ -84,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "the unit's YAML file, else discovery from its daemon's configuration")
     add_socket_arguments(parser)
     add_systemd_arguments(parser)
+    parser.add_argument("--optional", metavar="LISTEN", action="append",
+                        help="an address the daemon starts without if it cannot bind it (Redis's `bind -::1`, "
+                             "one of several sshd ListenAddress lines): checked, but a conflict on it only "
+                             "warns; repeat for more")
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--reap-stale", action="store_true",
@@ -113,14 +117,16 @@ def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:
-    if not args.listen:
+    """The command line's addresses: LISTEN, then each --optional one (where check has it)."""
+    texts = [*args.listen, *optional_addresses(args)]
+    if not texts:
         raise UsageError("no address to check", "give at least one LISTEN address, e.g. `bindguard check 8080`")
     merged = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
     merged |= (base or {}) | explicit_options(args)
     v6only = merged["v6only"]
     options = SocketOptions(**merged)
     binds = []
-    for text in args.listen:
+    for text in texts:
         try:
             endpoint = parse_listen(text)
         except AddressError as exc:
@@ -130,6 +136,13 @@ def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -
                              f"write it as IPv4 ({endpoint.host.ipv4_mapped}:{endpoint.port}) or drop --v6only")
         binds.append(Bind(endpoint, options))
     return binds
+
+
+def optional_addresses(args: argparse.Namespace) -> list[str]:
+    return getattr(args, "optional", None) or []  # verify and explain have no --optional
+
+
+OPTIONAL = ("*",)  # the conflict kinds that only warn on an optional address: all
 
 
 def validate_wait(wait: float | None) -> float:
@@ -196,13 +209,18 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
         wait=unit_config.wait if unit_config else None,
         reap_stale=bool(unit_config and unit_config.reap_stale),
     )
-    if args.listen:
-        return Plan(build_binds(args, base), **settings)
+    if args.listen or optional_addresses(args):
+        binds = build_binds(args, base)
+        required, optional = binds[:len(args.listen)], binds[len(args.listen):]
+        for bind in set(required) & set(optional):
+            raise UsageError(f"{bind} is given both as LISTEN and as --optional", "give it once")
+        return Plan(binds, survivable={b: OPTIONAL for b in optional}, **settings)
     if unit_config is not None and unit_config.listen is not None:
         binds = unit_config.binds()
         overrides = explicit_options(args)
         binds = [Bind(b.endpoint, replace(b.options, **overrides)) for b in binds]
-        return Plan(binds, **settings)
+        optional = {b: OPTIONAL for b, entry in zip(binds, unit_config.listen) if entry.optional}
+        return Plan(binds, survivable=optional, **settings)
     if unit is None:
         raise UsageError("no address to check", "give LISTEN addresses, --unit NAME or --config FILE")
     findings = discovered(unit, unit_config, ctx)
