@@ -469,7 +469,13 @@ class Systemd:
             environment=list(info.environment),
             environment_files=[("-" if optional else "") + path for path, optional in info.environment_files],
             socket_listens=[entry for socket_unit in info.sockets for entry in self.socket_listens(socket_unit)],
+            user=info.user,
+            group=self._service_group(name) if info.user else "",  # without User= it runs as root
         )
+
+    def _service_group(self, name: str) -> str:
+        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        return _text(self._get(path, _SERVICE, b"Group", b"s"))
 
 def _port_of(address: str) -> int | None:
     try:

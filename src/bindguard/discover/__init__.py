@@ -14,8 +14,10 @@ Sources, each of which a unit's YAML configuration can allow or not (`discovery:
   socket-units   the unit's .socket units: systemd binds those, and the daemon inherits them.
 
 A daemon configuration that cannot be read gives a warning naming the file and no findings
-from it: discovery never makes a start fail because a file could not be read.
-Only the finder of the daemon found is imported.
+from it: discovery never makes a start fail because a file could not be read. Files are read by
+one reader (common.read_text: regular files only, size-capped) within one budget of files, bytes
+and time per discovery; a daemon's dump runs only as dump.py allows (never as root on anything
+another user controls). Only the finder of the daemon found is imported.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bindguard.discover.common import CONFIDENT, GUESS, Finding
+from bindguard.discover.common import CONFIDENT, GUESS, DaemonConfigError, Finding, Service, discovery_scope, read_text
 from bindguard.unitexec import DAEMONS, SHELLS
 from bindguard.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
@@ -41,6 +43,8 @@ class UnitFacts:
     environment: list[str] = field(default_factory=list)  # Environment=, "NAME=value" each
     environment_files: list[str] = field(default_factory=list)  # EnvironmentFile=, "-" prefix for optional
     socket_listens: list[tuple[str, ...]] = field(default_factory=list)  # (type, address[, socket unit])
+    user: str = ""  # User=, "" when unset (root)
+    group: str = ""  # Group=, "" when unset
 
 
 UnitFactsSource = Callable[[str], UnitFacts]
@@ -63,8 +67,7 @@ class Discovery:
 def read_environment_file(path: str) -> dict[str, str]:
     """KEY=VALUE lines as systemd reads an EnvironmentFile= (comments, quotes, `export ` ignored)."""
     values: dict[str, str] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read().replace("\\\n", "")
+    text = read_text(path).replace("\\\n", "")
     for line in text.splitlines():
         line = line.strip()
         if not line or line[0] in "#;":
@@ -92,11 +95,12 @@ def unit_environment(environment: Sequence[str], environment_files: Sequence[str
     for entry in environment_files:
         optional = entry.startswith("-")
         path = entry[1:] if optional else entry
+        if optional and not os.path.lexists(path):
+            continue
         try:
             env.update(read_environment_file(path))
-        except OSError as exc:
-            if not optional:
-                warnings.append(f"EnvironmentFile={path}: cannot read: {exc.strerror or exc}")
+        except DaemonConfigError as exc:
+            warnings.append(f"EnvironmentFile={exc}")
     return env
 
 
@@ -174,17 +178,33 @@ def _finder(module: str):
     return importlib.import_module(f"bindguard.discover.{module}")
 
 
+def _as_systemd_runs_it(argv: list[str]) -> list[str]:
+    """An ExecStart= argv with a bare program name resolved as systemd resolves it (never by $PATH)."""
+    from bindguard.discover.dump import systemd_resolved
+
+    if argv and "/" not in argv[0]:
+        return [systemd_resolved(argv[0]) or argv[0], *argv[1:]]
+    return argv
+
+
 def discover(exec_start: Sequence[Sequence[str]], environment: Sequence[str], environment_files: Sequence[str],
              socket_listens: Sequence[tuple[str, ...]], unit_name: str,
-             sources: Sequence[str] = SOURCES) -> Discovery:
+             sources: Sequence[str] = SOURCES, user: str = "", group: str = "") -> Discovery:
     """Everything a unit will bind that can be learnt from its unit settings and its daemon's files.
 
     socket_listens: (type, address) as the Listen property of its .socket units gives them
     ("Stream", "[::]:80"), optionally with the socket unit's name as a third item.
+    user, group: the unit's User= and Group= ("" when unset): whom a daemon's dump may run as.
     """
+    service = Service(user, group, tuple(f.lstrip("-") for f in environment_files))
+    with discovery_scope(service):
+        return _discover(exec_start, environment, environment_files, socket_listens, unit_name, sources)
+
+
+def _discover(exec_start, environment, environment_files, socket_listens, unit_name, sources) -> Discovery:
     result = Discovery()
     env = unit_environment(environment, environment_files, result.warnings)
-    commands = [c for argv in exec_start for c in _commands(expand_argv(argv, env), env)]
+    commands = [c for argv in exec_start for c in _commands(_as_systemd_runs_it(expand_argv(argv, env)), env)]
     if "daemon-config" in sources:
         for argv in commands:
             module = daemon_of(argv)
@@ -219,7 +239,8 @@ def discover_daemon(daemon: str, argv: Sequence[str] = (), config: str | None = 
     name = DAEMONS.get(daemon) or (daemon if daemon in set(DAEMONS.values()) else None)
     if name is None:
         raise ValueError(daemon)
-    found = _finder(name).find(list(argv) or [daemon], dict(os.environ), config)
+    with discovery_scope():
+        found = _finder(name).find(_as_systemd_runs_it(list(argv) or [daemon]), dict(os.environ), config)
     return Discovery(found.findings, found.warnings, [found.daemon])
 
 
@@ -227,7 +248,7 @@ def discover_unit(unit: str, unit_facts: UnitFactsSource, sources: Sequence[str]
     """discover() for a unit by name, its facts asked of unit_facts (the systemd module's D-Bus reader)."""
     facts = unit_facts(unit)
     return discover(facts.exec_start, facts.environment, facts.environment_files, facts.socket_listens, unit,
-                    sources)
+                    sources, facts.user, facts.group)
 
 
 __all__ = ["CONFIDENT", "GUESS", "DAEMONS", "SOURCES", "Discovery", "Finding", "UnitFacts", "UnitFactsSource",

@@ -20,9 +20,11 @@ from bindguard.discover.common import (
     DaemonConfigError,
     Findings,
     any_dual,
+    bounded,
     endpoint,
     expand_glob,
     host_addresses,
+    list_directory,
     read_text,
 )
 from bindguard.endpoints import ipv6_supported
@@ -99,7 +101,7 @@ class _Config:
                 matches = expand_glob(self.path(args[0].strip("\"'")), "/")
                 for included in matches:
                     if os.path.isdir(included):
-                        included_files = sorted(os.path.join(included, n) for n in os.listdir(included))
+                        included_files = [os.path.join(included, n) for n in list_directory(included)]
                     else:
                         included_files = [included]
                     for file in included_files:
@@ -142,6 +144,7 @@ def _envvars(confdir: str) -> dict[str, str]:
     return values
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("apache")
     name = os.path.basename(argv[0]) if argv else "apache2"

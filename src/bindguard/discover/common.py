@@ -1,9 +1,16 @@
-"""What every daemon finder shares: findings, addresses, includes, host names, running a dump."""
+"""What every daemon finder shares: findings, addresses, includes, host names, and the one reader
+of daemon configuration files with the budget of one discovery."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import ipaddress
+import itertools
 import os
+import stat
+import time
 from dataclasses import dataclass, field, replace
 
 from bindguard.endpoints import (
@@ -19,7 +26,15 @@ from bindguard.endpoints import (
 
 CONFIDENT = "confident"
 GUESS = "guess"
-DUMP_TIMEOUT = 10.0
+
+# What one discovery (one unit, or one `bindguard discover`) may cost. A daemon's configuration
+# can belong to its service's user (Debian's /etc/redis/redis.conf belongs to redis), so every
+# include is hostile input to the root guard. Debian's default trees are 1 to 60 files of a few
+# KiB each: these bounds are far above them and far below what would delay a start.
+MAX_FILE_BYTES = 1 << 20  # one file
+MAX_FILES = 1000  # files read, and entries of each include glob or directory
+MAX_BYTES = 16 << 20  # all files read, and a daemon's dump
+MAX_SECONDS = 10.0  # reading, parsing and a daemon's dump together
 
 
 class DaemonConfigError(Exception):
@@ -125,38 +140,181 @@ def host_addresses(host: str, findings: Findings, where: str) -> list[str]:
     return addresses
 
 
+class BudgetExceeded(DaemonConfigError):
+    """Discovery has read as many files or bytes, or spent as long, as one discovery may."""
+
+
+class Budget:
+    """Files, bytes and time left to one discovery; spending past them raises BudgetExceeded."""
+
+    def __init__(self, files: int = MAX_FILES, size: int = MAX_BYTES, seconds: float = MAX_SECONDS) -> None:
+        self.files_left = files
+        self.bytes_left = size
+        self.deadline = time.monotonic() + seconds
+        self.limits = (files, size, seconds)
+
+    def seconds_left(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def spend(self, path: str, files: int = 0, size: int = 0) -> None:
+        files_limit, bytes_limit, seconds_limit = self.limits
+        if time.monotonic() > self.deadline:
+            raise BudgetExceeded(f"{path}: discovery stopped after {seconds_limit:g} s (an include loop, or "
+                                 f"files that include each other many times?)")
+        self.files_left -= files
+        if self.files_left < 0:
+            raise BudgetExceeded(f"{path}: discovery stopped after {files_limit} files (an include loop, or "
+                                 f"files that include each other many times?)")
+        self.bytes_left -= size
+        if self.bytes_left < 0:
+            raise BudgetExceeded(f"{path}: discovery stopped after {bytes_limit >> 20} MiB read")
+
+
+@dataclass(frozen=True)
+class Service:
+    """Whom a discovery is for: the unit's User= and Group= ("": root, as systemd runs it) and its
+    EnvironmentFile=s, which decide as whom a daemon's dump may run (bindguard.discover.dump)."""
+
+    user: str = ""
+    group: str = ""
+    environment_files: tuple[str, ...] = ()
+
+
+@dataclass
+class _Scope:
+    budget: Budget
+    service: Service
+
+
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("bindguard_discovery", default=None)
+
+
+@contextlib.contextmanager
+def discovery_scope(service: Service | None = None):
+    """One discovery: one budget for everything read inside the block, and the service it is for.
+    Inside an enclosing discovery, that one's budget and service."""
+    if _scope.get() is not None:
+        yield
+        return
+    token = _scope.set(_Scope(Budget(), service or Service()))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+def bounded(find):
+    """A finder's entry point, run as one discovery (its caller's, if it runs in one)."""
+    @functools.wraps(find)
+    def wrapper(*args, **kwargs):
+        with discovery_scope():
+            return find(*args, **kwargs)
+    return wrapper
+
+
+def current_budget() -> Budget:
+    """The budget of the discovery under way; outside one, a fresh one for this call alone."""
+    scope = _scope.get()
+    return scope.budget if scope else Budget()
+
+
+def current_service() -> Service:
+    scope = _scope.get()
+    return scope.service if scope else Service()
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of path (symlinks followed) only if it is a regular file.
+
+    The path is opened with O_PATH first, which never runs a device's open() and never blocks on
+    a FIFO; once fstat() says it is a regular file, that same inode is opened for reading through
+    /proc/self/fd, so nothing swapped in at the path between the two opens is ever read.
+    """
+    handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise DaemonConfigError(f"{path}: {_file_kind(info.st_mode)}, not a regular file; not read")
+        if info.st_size > MAX_FILE_BYTES:
+            raise DaemonConfigError(f"{path}: {info.st_size} bytes, more than the {MAX_FILE_BYTES >> 20} MiB "
+                                    f"bindguard reads of one file; not read")
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            return os.open(f"/proc/self/fd/{handle}", flags)
+        except FileNotFoundError:  # no /proc: open the path again and make sure it is the same file
+            fd = os.open(path, flags)
+            again = os.fstat(fd)
+            if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
+                os.close(fd)
+                raise DaemonConfigError(f"{path}: replaced while being read; not read") from None
+            return fd
+    finally:
+        os.close(handle)
+
+
+def read_text(path: str) -> str:
+    """A daemon configuration file's text, as every finder reads one: only a regular file (never a
+    FIFO, a device or a directory), at most MAX_FILE_BYTES of it, within the discovery's budget.
+    Raises DaemonConfigError (BudgetExceeded once the budget is spent) naming the file."""
+    budget = current_budget()
+    budget.spend(path, files=1)
+    try:
+        fd = _open_regular(path)
+    except OSError as exc:
+        raise DaemonConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        chunks, size = [], 0
+        while size <= MAX_FILE_BYTES:  # the file may grow after fstat(): never more than the cap
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise DaemonConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_BYTES:
+        raise DaemonConfigError(f"{path}: more than the {MAX_FILE_BYTES >> 20} MiB bindguard reads of one file; "
+                                f"not read")
+    budget.spend(path, size=size)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _at_most(paths, where: str) -> list[str]:
+    """At most MAX_FILES entries of an include glob or directory, else BudgetExceeded."""
+    found = list(itertools.islice(paths, MAX_FILES + 1))
+    if len(found) > MAX_FILES:
+        raise BudgetExceeded(f"{where}: more than {MAX_FILES} entries; discovery does not read that many")
+    current_budget().spend(where)
+    return found
+
+
 def expand_glob(pattern: str, base: str) -> list[str]:
     """An include pattern relative to base, its matches sorted as the daemons' glob() sorts them."""
     import glob
 
     path = pattern if os.path.isabs(pattern) else os.path.join(base, pattern)
     if glob.has_magic(path):
-        return sorted(glob.glob(path))
+        return sorted(_at_most(glob.iglob(path), path))
     return [path]
 
 
-def read_text(path: str) -> str:
+def list_directory(directory: str) -> list[str]:
+    """The names in an included directory, sorted; DaemonConfigError when it cannot be listed."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        with os.scandir(directory) as entries:
+            return sorted(_at_most((e.name for e in entries), directory))
     except OSError as exc:
-        raise DaemonConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-def run_dump(argv: list[str], env: dict[str, str] | None = None) -> tuple[bool, str, str]:
-    """Run a daemon's own configuration dump; (ok, stdout, the first line of the complaint)."""
-    import subprocess
-
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=DUMP_TIMEOUT,
-                              env=env, stdin=subprocess.DEVNULL, errors="replace")
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, "", f"{' '.join(argv)}: {exc}"
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        why = next((line for line in lines if "emerg" in line or "rror" in line), lines[0] if lines else "")
-        return False, proc.stdout, f"{' '.join(argv)} failed (exit {proc.returncode}): {why.strip()}"
-    return True, proc.stdout, ""
+        raise DaemonConfigError(f"{directory}: cannot list: {exc.strerror or exc}") from None
 
 
 def parse_port(text: str, where: str) -> int:
@@ -166,7 +324,7 @@ def parse_port(text: str, where: str) -> int:
 
 
 __all__ = [
-    "AddressError", "CONFIDENT", "GUESS", "DaemonConfigError", "Finding", "Findings", "any_dual", "endpoint",
-    "expand_glob", "host_addresses", "hosts_file_addresses", "is_ip", "parse_port", "read_text", "run_dump",
-    "wildcard",
+    "AddressError", "CONFIDENT", "GUESS", "Budget", "BudgetExceeded", "DaemonConfigError", "Finding", "Findings",
+    "Service", "any_dual", "bounded", "current_budget", "current_service", "discovery_scope", "endpoint", "expand_glob", "host_addresses",
+    "hosts_file_addresses", "is_ip", "list_directory", "parse_port", "read_text", "wildcard",
 ]

@@ -17,8 +17,10 @@ from bindguard.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    bounded,
     endpoint,
     host_addresses,
+    list_directory,
     read_text,
 )
 from bindguard.endpoints import TCP, UDP
@@ -53,7 +55,7 @@ def _files(argv: list[str], config: str | None) -> tuple[list[str], bool]:
     files = []
     for path in paths or [DEFAULT_CONF]:
         if os.path.isdir(path):
-            files += sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".cfg"))
+            files += [os.path.join(path, n) for n in list_directory(path) if n.endswith(".cfg")]
         else:
             files.append(path)
     return files, no_reuseport
@@ -63,11 +65,12 @@ def _expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{([A-Za-z_]\w*)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), "")), text)
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("haproxy")
-    files, no_reuseport = _files(argv, config)
     binds: list[tuple[str, list[str], str]] = []
     try:
+        files, no_reuseport = _files(argv, config)
         for path in files:
             section = None
             for number, line in enumerate(read_text(path).splitlines(), 1):

@@ -21,8 +21,10 @@ from bindguard.discover.common import (
     DaemonConfigError,
     Findings,
     any_dual,
+    bounded,
     endpoint,
     host_addresses,
+    list_directory,
     parse_port,
     read_text,
 )
@@ -63,11 +65,9 @@ class _Options:
                 continue
             if line.startswith("!includedir "):
                 directory = line.split(None, 1)[1].strip()
-                try:
-                    names = sorted(os.listdir(directory))
-                except OSError:
+                if not os.path.isdir(directory):
                     continue
-                for name in names:
+                for name in list_directory(directory):
                     if name.endswith(".cnf") and os.path.isfile(os.path.join(directory, name)):
                         self.read(os.path.join(directory, name))
                 continue
@@ -92,6 +92,7 @@ def _flag(value: str) -> bool:
     return value.lower() not in ("0", "off", "false", "no")
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     binary = argv[0] if argv else "mysqld"
     mariadb = "mariadb" in os.path.basename(binary) or "mariadb" in os.path.basename(os.path.realpath(binary))

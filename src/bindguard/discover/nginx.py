@@ -1,7 +1,10 @@
 """nginx: every `listen` in http, stream and mail servers, through `include`s.
 
-Prefers the files as `nginx -T` dumps them (nginx itself resolved the includes and found the
-configuration valid); reads them from disk when nginx is not installed or `nginx -T` fails.
+Reads the files from disk first (which files, and which modules they load), then prefers them as
+`nginx -T` dumps them (nginx itself resolved the includes and found the configuration valid) when
+discover.dump allows the dump: nginx runs as the unit's User=, or as root only when root alone
+controls nginx, every file read and every module loaded. Otherwise, or when `nginx -T` fails, what
+was read from disk stands.
 Socket options as nginx sets them (ngx_open_listening_sockets): SO_REUSEADDR on every listening
 socket, SO_REUSEPORT with `reuseport`, IPV6_V6ONLY on unless `ipv6only=off` (the default since 1.3.4).
 Like nginx, a specific address on a port where the same server group also listens on the wildcard
@@ -13,18 +16,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 
+from bindguard.discover import dump
 from bindguard.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    bounded,
     endpoint,
     expand_glob,
     host_addresses,
     read_text,
-    run_dump,
 )
 from bindguard.endpoints import TCP, UDP, Endpoint
 
@@ -87,14 +90,18 @@ def _tokens(text: str, path: str):
 
 
 class _Parser:
-    def __init__(self, prefix: str, files: dict[str, str] | None, label: str, findings: Findings) -> None:
-        self.prefix = prefix
+    def __init__(self, prefix: str, files: dict[str, str] | None, label: str, findings: Findings,
+                 module_prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix  # of include paths: the configuration file's directory
+        self.module_prefix = module_prefix  # of load_module paths: nginx's -p, else its compiled-in prefix
         self.files = files  # from `nginx -T`; None: read from disk
         self.label = label
         self.findings = findings
         self.listens: list[_Listen] = []
         self.server_listens: list[int] = []  # listen directives seen in each open server block
         self.depth = 0
+        self.read: list[str] = []  # every file parsed
+        self.modules: list[str] = []  # every load_module path
 
     def text(self, path: str) -> str:
         if self.files is not None:
@@ -107,6 +114,7 @@ class _Parser:
         self.depth += 1
         if self.depth > 50:
             raise DaemonConfigError(f"{path}: includes nested more than 50 deep (an include loop?)")
+        self.read.append(path)
         tokens = _tokens(self.text(path), path)
         self._block(tokens, path, contexts, closing=False)
         self.depth -= 1
@@ -145,6 +153,8 @@ class _Parser:
             if name == "include" and args:
                 for included in self._includes(args[0]):
                     self.parse_file(included, contexts)
+            elif name == "load_module" and args:
+                self.modules.append(os.path.join(self.module_prefix, args[0]))
             elif name == "listen" and args and contexts[-1] == "server" and len(contexts) >= 2:
                 group = contexts[-2]
                 if group in GROUPS:
@@ -255,6 +265,7 @@ def _options(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
     return conf, prefix, globals_
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("nginx")
     conf, prefix, globals_ = _options(argv)
@@ -262,24 +273,46 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
     if not os.path.isabs(conf):
         conf = os.path.join(prefix or DEFAULT_PREFIX, conf)
     conf_prefix = os.path.dirname(conf)
-    binary = argv[0] if argv and os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK) else shutil.which("nginx")
-    files = None
-    label = ""
-    if binary and os.path.isfile(conf):
-        dump = [binary, "-T", "-q", "-c", conf] + (["-p", prefix] if prefix else [])
-        dump += [a for g in globals_ for a in ("-g", g)]
-        ok, out, why = run_dump(dump)
-        if ok:
-            files = _split_dump(out)
-            label = " (nginx -T)"
-        else:
-            why = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ", r"\1 ", why)
-            findings.warn(f"{why}; reading {conf} directly")
-    parser = _Parser(conf_prefix, files, label, findings)
+    on_disk = _Parser(conf_prefix, None, "", Findings("nginx"), prefix or DEFAULT_PREFIX)
+    try:
+        on_disk.parse_file(conf, ["main"])
+        problem = None
+    except DaemonConfigError as exc:
+        problem = exc
+    parser = _dumped(argv, conf, prefix, globals_, on_disk if problem is None else None, findings)
+    if parser is None:
+        if problem is not None:
+            findings.warn(f"nginx configuration: {problem}; its listen addresses are not known")
+            return findings
+        parser = on_disk
+        findings.warnings += on_disk.findings.warnings
+    _merge(parser, findings)
+    return findings
+
+
+def _dumped(argv: list[str], conf: str, prefix: str | None, globals_: list[str], on_disk: _Parser | None,
+            findings: Findings) -> _Parser | None:
+    """The configuration as `nginx -T` dumps it, parsed; None when the dump may not run or failed
+    (the reason is a warning), or is not needed (no nginx)."""
+    if not os.path.isfile(conf):
+        return None
+    program = argv[0] if argv else ""
+    runs_as, refused = dump.allowed(program, None if on_disk is None else [*on_disk.read, *on_disk.modules])
+    if refused:
+        findings.warn(f"nginx -T not run: {refused}; reading {conf} directly")
+    if runs_as is None:
+        return None
+    command = [program, "-T", "-q", "-c", conf] + (["-p", prefix] if prefix else [])
+    command += [a for g in globals_ for a in ("-g", g)]
+    ok, out, why = dump.run(command, runs_as)
+    if not ok:
+        why = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ", r"\1 ", why)
+        findings.warn(f"{why}; reading {conf} directly")
+        return None
+    parser = _Parser(os.path.dirname(conf), _split_dump(out), " (nginx -T)", findings)
     try:
         parser.parse_file(conf, ["main"])
     except DaemonConfigError as exc:
-        findings.warn(f"nginx configuration: {exc}; its listen addresses are not known")
-        return findings
-    _merge(parser, findings)
-    return findings
+        findings.warn(f"nginx -T: {exc}; reading {conf} directly")
+        return None
+    return parser

@@ -18,6 +18,7 @@ from bindguard.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    bounded,
     endpoint,
     expand_glob,
     host_addresses,
@@ -123,6 +124,7 @@ def _command_line(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], s
     return datadir, settings, conf
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("postgres")
     datadir, cli, conf = _command_line(argv)

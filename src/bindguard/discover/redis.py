@@ -16,6 +16,7 @@ from bindguard.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    bounded,
     endpoint,
     parse_port,
     read_text,
@@ -55,6 +56,7 @@ class _Settings:
         self.depth -= 1
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("redis")
     settings = _Settings()

@@ -1,8 +1,10 @@
 """OpenSSH sshd: Port, ListenAddress and AddressFamily.
 
-Prefers `sshd -T` (sshd's own effective configuration: it prints one `listenaddress` per socket).
-sshd -T needs the host keys and the privilege separation directory (/run/sshd, which the unit's
-RuntimeDirectory= creates); where it cannot run, sshd_config and its Includes are read.
+Reads sshd_config and its Includes, then prefers `sshd -T` (sshd's own effective configuration: it
+prints one `listenaddress` per socket) when discover.dump allows it: as the unit's User=, or as
+root only when root alone controls sshd, every file read and each EnvironmentFile=. sshd -T needs
+the host keys and the privilege separation directory (/run/sshd, which the unit's
+RuntimeDirectory= creates); where it cannot run, what was read from the files stands.
 sshd sets SO_REUSEADDR on its listeners and IPV6_V6ONLY on the IPv6 ones (sshd.c, listen_on_addrs).
 """
 
@@ -10,18 +12,18 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 
+from bindguard.discover import dump
 from bindguard.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    bounded,
     endpoint,
     expand_glob,
     host_addresses,
     parse_port,
     read_text,
-    run_dump,
 )
 
 DEFAULT_CONF = "/etc/ssh/sshd_config"
@@ -85,12 +87,14 @@ class _Config:
         self.listen: list[tuple[str, str | None, str]] = []
         self.family: str | None = None
         self.depth = 0
+        self.files: list[str] = []  # every file read
 
     def read(self, path: str, in_match: bool = False) -> bool:
         """Read a file; returns whether it ended inside a Match block."""
         self.depth += 1
         if self.depth > 16:
             raise DaemonConfigError(f"{path}: Include nested more than 16 deep")
+        self.files.append(path)
         for number, line in enumerate(read_text(path).splitlines(), 1):
             try:
                 words = shlex.split(line, comments=True)
@@ -123,9 +127,8 @@ class _Config:
         return in_match
 
 
-def _from_files(findings: Findings, conf: str, cli_options: list[str], cli_ports: list[str],
+def _from_files(findings: Findings, config: _Config, conf: str, cli_options: list[str], cli_ports: list[str],
                 family: str | None) -> None:
-    config = _Config()
     for option in cli_options:  # -o comes first: for most keywords the first value wins
         key, _, value = option.replace("=", " ", 1).partition(" ")
         if key.lower() == "addressfamily":
@@ -144,24 +147,34 @@ def _from_files(findings: Findings, conf: str, cli_options: list[str], cli_ports
                 _add(findings, host, port, where if config.listen else port_where, family)
 
 
+@bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("sshd")
     conf, options, ports, family = _options(argv)
     conf = config or conf or DEFAULT_CONF
-    binary = argv[0] if argv and os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK) else shutil.which("sshd")
-    if binary:
-        dump = [binary, "-T", "-f", conf] + [a for o in options for a in ("-o", o)]
-        dump += [a for p in ports for a in ("-p", p)] + ({"inet": ["-4"], "inet6": ["-6"]}.get(family or "", []))
-        ok, out, why = run_dump(dump)
+    from_files, read = Findings("sshd"), _Config()
+    try:
+        _from_files(from_files, read, conf, options, ports, family)
+        problem = None
+    except DaemonConfigError as exc:
+        problem = exc
+    program = argv[0] if argv else ""
+    runs_as, refused = dump.allowed(program, None if problem else read.files)
+    if refused:
+        findings.warn(f"sshd -T not run: {refused}; reading {conf} instead")
+    if runs_as is not None:
+        command = [program, "-T", "-f", conf] + [a for o in options for a in ("-o", o)]
+        command += [a for p in ports for a in ("-p", p)] + ({"inet": ["-4"], "inet6": ["-6"]}.get(family or "", []))
+        ok, out, why = dump.run(command, runs_as)
         if ok:
             _from_dump(findings, out)
             findings.all_survivable("sshd starts if at least one of its addresses binds")
             return findings
         findings.warn(f"{why}; reading {conf} instead")
-    try:
-        _from_files(findings, conf, options, ports, family)
-    except DaemonConfigError as exc:
-        findings.warn(f"sshd configuration: {exc}; its listen addresses are not known")
-        findings.findings.clear()
+    if problem is not None:
+        findings.warn(f"sshd configuration: {problem}; its listen addresses are not known")
+        return findings
+    findings.findings += from_files.findings
+    findings.warnings += from_files.warnings
     findings.all_survivable("sshd starts if at least one of its addresses binds")
     return findings

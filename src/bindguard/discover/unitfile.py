@@ -1,5 +1,5 @@
-"""A service's ExecStart=, Environment= and EnvironmentFile= as discovery's UnitFacts, from its
-unit files (bindguard.unitexec finds them, os only), without D-Bus.
+"""A service's ExecStart=, Environment=, EnvironmentFile=, User= and Group= as discovery's
+UnitFacts, from its unit files (bindguard.unitexec finds them, os only), without D-Bus.
 
 Here the values are split as systemd splits them (quotes, the -@:+! prefixes of ExecStart=, `@`
 naming argv[0]) and specifiers are resolved: %n %N %p %P %i %I %j %J %f %% and the fixed
@@ -14,7 +14,7 @@ import re
 import shlex
 
 from bindguard.discover import UnitFacts
-from bindguard.unitexec import service_settings, unit_files
+from bindguard.unitexec import LIST_KEYS, unit_files, unit_settings
 
 
 def _unescape(text: str) -> str:
@@ -65,11 +65,13 @@ def unit_fragment(unit: str, user: bool = False) -> str | None:
 
 def unit_facts_from_files(unit: str, user: bool = False) -> UnitFacts:
     """UnitFacts of a service from its unit files; empty when it has no fragment (or is masked)."""
-    settings = service_settings(unit, user)
+    settings = unit_settings(unit, user, keys=LIST_KEYS + ("User", "Group"))
     specifiers = _specifiers(unit, user)
     resolved = {key: [_resolve(v, specifiers) for v in values] for key, values in settings.items()}
     return UnitFacts(
         exec_start=[argv for argv in map(_exec_argv, resolved["ExecStart"]) if argv],
         environment=[word for value in resolved["Environment"] for word in _split(value)],
         environment_files=resolved["EnvironmentFile"],
+        user=resolved["User"][-1] if resolved["User"] else "",
+        group=resolved["Group"][-1] if resolved["Group"] else "",
     )
