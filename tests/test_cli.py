@@ -32,6 +32,16 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["check", "--v6only", "[::ffff:127.0.0.1]:80"], "v4-mapped address cannot be bound on a v6only socket"),
         (["check", "--daemon-user", "no-such-user-here", "80"], "no such user"),
         (["check", "udp:/run/x.sock"], "not an IP address"),
+        (["check", "²"], "'²': port '²' is not a number"),  # str.isdigit() takes it, int() raises
+        (["check", "127.0.0.1:²"], "'127.0.0.1:²': port '²' is not a number"),
+        (["check", "٨٠"], "'٨٠': port '٨٠' is not a number"),  # int() reads these as 80
+        (["check", "[::1]:８０"], "'[::1]:８０': port '８０' is not a number"),
+        (["check", "udp:127.0.0.1:٨٠"], "port '٨٠' is not a number"),
+        (["check", "9" * 4301], "(4301 digits) is out of range"),  # past int()'s 4,300-digit limit
+        (["check", "--daemon-user", "²", "80"], "--daemon-user '²': no such user"),
+        (["check", "--daemon-user", "", "80"], "--daemon-user '': not a user name, nor a uid from 0 to 4294967294"),
+        (["check", "--daemon-user", "4294967295", "80"], "nor a uid from 0 to 4294967294"),
+        (["check", "--daemon-user", "9" * 4301, "80"], "nor a uid from 0 to 4294967294"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "usage: bindguard"),
     ],
@@ -73,6 +83,14 @@ def test_plain_text_on_a_terminal():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 64
     assert out.startswith(b"bindguard: error: ") and b"<3>" not in out
+
+
+@pytest.mark.parametrize("env", [{"SYSTEMD_LOG_LEVEL": "²"}, {"SYSTEMD_LOG_LEVEL": "9" * 4301},
+                                 {"MANAGERPID": "²"}, {"MANAGERPID": "9" * 4301}])
+def test_odd_digits_in_the_environment_are_not_numbers(env):
+    proc = run("check", "--no-systemd", "--unit", "cron.service", "70000", env=env)
+    assert proc.returncode == 64 and "port 70000 is out of range" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
 
 def test_systemd_log_level_hides_info():

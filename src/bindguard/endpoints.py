@@ -50,7 +50,8 @@ class Endpoint:
             return (str(self.host), self.port)
         scope_id = 0
         if self.scope:
-            scope_id = int(self.scope) if self.scope.isdigit() else _socket.if_nametoindex(self.scope)
+            number = ascii_number(self.scope, 10)
+            scope_id = number if number is not None else _socket.if_nametoindex(self.scope)
         return (str(self.host), self.port, 0, scope_id)
 
     def address(self) -> str:
@@ -91,13 +92,23 @@ class Bind:
         return str(self.endpoint)
 
 
+def ascii_number(text: str, digits: int = 20) -> int | None:
+    """The number text writes in at most `digits` ASCII digits, else None.
+
+    str.isdigit() alone also takes '²', on which int() raises, and '٨٠' or '８０', which int()
+    reads as 80; and int() refuses more than 4,300 digits. Leading zeros count as digits.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > digits:
+        return None
+    return int(text)
+
+
 def _parse_port(text: str, original: str) -> int:
-    if not (text.isascii() and text.isdigit()):  # str.isdigit() is true of '٨٠' and '８０' too
+    if not (text.isascii() and text.isdigit()):  # str.isdigit() is true of '²', '٨٠' and '８０' too
         raise AddressError(f"{original!r}: port {text!r} is not a number; write a port from 1 to 65535")
-    short = len(text.lstrip("0")) <= 5  # int() of 4,300 digits raises
-    port = int(text) if short else 0
-    if not 1 <= port <= 65535:
-        shown = port if short else text[:8] + "..."
+    port = ascii_number(text.lstrip("0") or "0", 5)  # leading zeros as systemd takes them
+    if port is None or not 1 <= port <= 65535:
+        shown = port if port is not None else f"{text[:12]}... ({len(text)} digits)"
         raise AddressError(f"{original!r}: port {shown} is out of range; write a port from 1 to 65535")
     return port
 
@@ -122,7 +133,7 @@ def parse_listen(text: str, default_proto: str = TCP) -> Endpoint:
         raise AddressError(
             f"{original!r}: not an IP address; bindguard guards IPv4/IPv6 ports, not AF_UNIX or vsock sockets"
         )
-    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):
+    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):  # a bare port; _parse_port judges it
         port = _parse_port(text, original)
         host = "::" if ipv6_supported() else "0.0.0.0"
         return Endpoint(proto, ipaddress.ip_address(host), port)

@@ -36,7 +36,7 @@ def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
         text = text[4:]
         if prefix == "udp:":
             kind, shown_proto = _socket.SOCK_DGRAM, "udp:"
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         family, host, port = (_socket.AF_INET6, "::", text) if ipv6 else (_socket.AF_INET, "0.0.0.0", text)
     elif text.startswith("["):
         close = text.find("]")
@@ -48,7 +48,9 @@ def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
         if not colon or ":" in port:
             return None
         family = _socket.AF_INET
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    # Only ASCII digits make a port (int() reads '٨٠' as 80, raises on '²' and on 4,301 digits);
+    # anything unusual, leading zeros beyond five digits included, goes to the full parser.
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
         return None
     try:
         packed = _socket.inet_pton(family, host)
@@ -167,7 +169,7 @@ def _port_of(listen_value: str) -> str:
     """The port of a Listen value as written ("8080", "0.0.0.0:8080", "[::]:8080", "udp:..."): its
     digits after the last colon; a path or vsock address gives something no port equals."""
     digits = listen_value.rpartition(":")[2].strip()
-    return str(int(digits)) if digits.isdigit() else listen_value
+    return str(int(digits)) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else listen_value
 
 
 def _is_wait(value: str) -> bool:

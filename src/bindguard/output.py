@@ -17,7 +17,7 @@ _LEVEL_NAMES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "error": 3, "warnin
 
 def _max_level() -> int:
     value = os.environ.get("SYSTEMD_LOG_LEVEL", "").strip().lower()
-    if value.isdigit():
+    if value.isascii() and value.isdigit() and len(value) <= 20:  # int() raises on '²', reads '٧' as 7
         return min(int(value), DEBUG)
     return _LEVEL_NAMES.get(value, INFO)
 

@@ -42,8 +42,8 @@ def user_manager(choice: bool | None = None, environ=None) -> bool:
     $MANAGERPID, which a manager sets for what it starts, other than 1 means a user manager."""
     if choice is not None:
         return choice
-    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
-    return manager.isdigit() and int(manager) != 1
+    manager = _env_manager_pid(environ)
+    return manager is not None and manager != 1
 
 
 def manager_pid_from_env(user: bool, environ=None) -> int | None:
@@ -51,8 +51,13 @@ def manager_pid_from_env(user: bool, environ=None) -> int | None:
     manager; None when nothing tells."""
     if not user:
         return 1
+    return _env_manager_pid(environ)
+
+
+def _env_manager_pid(environ) -> int | None:
+    """$MANAGERPID in ASCII digits (int() reads '٥' as 5 and raises on '²'), else None."""
     manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
-    return int(manager) if manager.isdigit() else None
+    return int(manager) if manager.isascii() and manager.isdigit() and len(manager) <= 10 else None
 
 
 def search_path() -> list[str]:

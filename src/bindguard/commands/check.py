@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field, replace
 
 from bindguard import output
-from bindguard.endpoints import AddressError, Bind, SocketOptions, host_bindv6only, parse_listen
+from bindguard.endpoints import AddressError, Bind, SocketOptions, ascii_number, host_bindv6only, parse_listen
 from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, UsageError
 from bindguard.unitfiles import normalize_unit, user_manager
 
@@ -101,11 +101,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the guard itself fails, exit 70 instead of letting the start go on")
 
 
+MAX_UID = 4294967294  # (uid_t) -1 is no uid: chown(2) reads it as "leave unchanged"
+
+
 def _uid_of(user: str) -> int:
     import pwd
 
+    uid = ascii_number(user)
+    if uid is not None and uid <= MAX_UID:
+        return uid
+    if not user or (user.isascii() and user.isdigit()) or "\0" in user:
+        raise UsageError(f"--daemon-user {user!r}: not a user name, nor a uid from 0 to {MAX_UID}",
+                         "give a user name from /etc/passwd or a numeric uid")
     try:
-        return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        return pwd.getpwnam(user).pw_uid
     except KeyError:
         raise UsageError(f"--daemon-user {user!r}: no such user", "give a user name from /etc/passwd or a numeric uid") from None
 
@@ -167,7 +176,7 @@ def systemd_context(args: argparse.Namespace):
 
 def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
     """--daemon-user; else, where SO_REUSEPORT makes the uid matter, the unit's User=."""
-    if args.daemon_user:
+    if args.daemon_user is not None:
         return _uid_of(args.daemon_user)
     if any(b.options.reuseport for b in binds) and ctx is not None and ctx.in_unit:
         info = ctx.unit_info()
