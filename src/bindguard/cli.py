@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bindguard.errors import EXIT_INTERNAL, EXIT_USAGE, BindguardError
+from bindguard.errors import EXIT_INTERNAL, EXIT_USAGE, BindguardError, GuardFailure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         fail_closed = bool(getattr(args, "fail_closed", False)) or (args is None and "--fail-closed" in argv) \
             or _config_says_fail_closed(args)
+        own = isinstance(exc, GuardFailure)
         output.emit(
             output.ERR if fail_closed else output.WARNING,
-            f"bindguard: internal error: {type(exc).__name__}: {exc}\n"
-            + ("  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open); "
-               "rerun with --debug for a traceback"),
+            (f"bindguard: cannot check: {exc}\n" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}\n")
+            + ("  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
+               + ("" if own else "; rerun with --debug for a traceback")),
         )
         return EXIT_INTERNAL if fail_closed else 0
 

@@ -23,6 +23,11 @@ With Restart=, systemd retries a refused start like any failure (RestartPreventE
 does not apply to ExecStartPre=): bound the loop with StartLimitIntervalSec=/StartLimitBurst=."""
 
 
+class GuardFailure(Exception):
+    """The guard itself could not do its work (out of file descriptors, ...): the start goes on,
+    or exit 70 when failing closed. Not a fault in the input, and not the kernel's answer."""
+
+
 class BindguardError(Exception):
     """An error a person can fix: one line saying what is wrong, one hint saying what to do."""
 

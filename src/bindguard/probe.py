@@ -1,7 +1,8 @@
 """The trial bind: ask the kernel itself whether the daemon's sockets can be bound.
 
 Every requested socket is created with the daemon's options, bound and (TCP) listened, and
-all are held open together, as the daemon holds them, then closed. A listening socket that
+the sockets on one port are held open together, as the daemon holds them, then closed (only
+sockets on the same port can collide with each other). A listening socket that
 never accepted a connection closes without leaving TIME_WAIT behind.
 
 Only _socket and errno are imported at module level: `trial()` is the clear path's whole cost.
@@ -74,14 +75,64 @@ def _attempt(spec: Spec, held: list, socket_uid: int | None) -> tuple[int, str]:
     return 0, ""
 
 
-def trial(specs: list[Spec], socket_uid: int | None = None) -> list[tuple[int, str]]:
-    """Bind (and listen) every socket together; (errno, failing step) for each, (0, "") if it worked."""
+def _held_together(specs: list[Spec], socket_uid: int | None) -> list[tuple[int, str]]:
     held: list = []
     try:
         return [_attempt(spec, held, socket_uid) for spec in specs]
     finally:
         for sock in held:
             sock.close()
+
+
+def _same_port_groups(specs: list[Spec]) -> list[list[int]]:
+    """Indices of the specs by protocol and port, in order: only sockets on one port can collide
+    with each other, so only they need to be held together."""
+    groups: dict[tuple, list[int]] = {}
+    for index, spec in enumerate(specs):
+        groups.setdefault((spec[1], spec[2][1]), []).append(index)
+    return list(groups.values())
+
+
+def trial(specs: list[Spec], socket_uid: int | None = None) -> list[tuple[int, str]]:
+    """Bind (and listen) every socket, those on one port together; (errno, failing step) for each,
+    (0, "") if it worked. Sockets are held no longer than their port's group needs: another
+    guard checking the same address meanwhile is less likely to meet them, and a request of a
+    thousand ports needs a few file descriptors, not a thousand."""
+    results: list = [None] * len(specs)
+    for group in _same_port_groups(specs):
+        outcome = _held_together([specs[i] for i in group], socket_uid)
+        if any(error == errno.EMFILE for error, _ in outcome) and _raise_fd_limit():
+            outcome = _held_together([specs[i] for i in group], socket_uid)
+        for index, answer in zip(group, outcome):
+            results[index] = answer
+    return results
+
+
+_fd_limit_raised = False
+
+
+def _raise_fd_limit() -> bool:
+    """Raise the soft RLIMIT_NOFILE to the hard one, once; True if that gave more room."""
+    global _fd_limit_raised
+    if _fd_limit_raised:
+        return False
+    _fd_limit_raised = True
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def fd_limits() -> tuple[int, int]:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def effective_uid(socket_uid: int | None) -> int | None:
@@ -93,26 +144,55 @@ def effective_uid(socket_uid: int | None) -> int | None:
     return socket_uid
 
 
+# The guard's own failures, not the kernel's answer about an address: out of file descriptors
+# (the process's, the system's), out of buffer space or memory.
+OWN_FAILURES = {
+    errno.EMFILE: "the guard is out of file descriptors",
+    errno.ENFILE: "the system's file table is full (fs.file-max)",
+    errno.ENOBUFS: "the kernel has no buffer space left for a socket",
+    errno.ENOMEM: "the kernel has no memory left for a socket",
+}
+
+
 def probe(binds: list, socket_uid: int | None = None) -> list:
-    """Try every Bind of the request together; one facts.ProbeResult per bind, in order.
+    """Try every Bind of the request (those on one port together); one facts.ProbeResult per bind.
 
     An address in use that binds fine alone is blocked by the request itself (say `0.0.0.0:80`
-    beside a dual-stack `[::]:80`); its result names the earlier bind that is in the way.
-    `socket_uid`: create the sockets as this uid (the daemon's User=) when running as root.
+    beside a dual-stack `[::]:80`); its result names the earlier bind on its port that is in the
+    way. `socket_uid`: create the sockets as this uid (the daemon's User=) when running as root.
+    Raises GuardFailure when the guard itself could not ask the kernel (EMFILE, ENOBUFS, ...).
     """
     from bindguard.facts import ProbeResult
 
     socket_uid = effective_uid(socket_uid)
     specs = [_spec(b) for b in binds]
+    answers = trial(specs, socket_uid)
+    _raise_own_failure(binds, answers)
     results = []
-    for index, (bind, (error, step)) in enumerate(zip(binds, trial(specs, socket_uid))):
+    for index, (bind, (error, step)) in enumerate(zip(binds, answers)):
         collides_with = None
-        if error == errno.EADDRINUSE and index > 0 and trial([specs[index]], socket_uid)[0][0] == 0:
-            collides_with = _first_blocker(binds[:index], specs[:index], specs[index], socket_uid)
+        earlier = [i for i in range(index) if specs[i][1] == specs[index][1] and specs[i][2][1] == specs[index][2][1]]
+        if error == errno.EADDRINUSE and earlier and trial([specs[index]], socket_uid)[0][0] == 0:
+            collides_with = _first_blocker([binds[i] for i in earlier], [specs[i] for i in earlier], specs[index],
+                                           socket_uid)
             if collides_with is None:  # the obstacle left between the two tries
                 error, step = 0, ""
         results.append(ProbeResult(bind, error, step, collides_with))
     return results
+
+
+def _raise_own_failure(binds: list, answers: list[tuple[int, str]]) -> None:
+    for bind, (error, _) in zip(binds, answers):
+        if error in OWN_FAILURES:
+            from bindguard.errors import GuardFailure
+
+            name = errno.errorcode[error]
+            limit = ""
+            if error == errno.EMFILE:
+                soft, hard = fd_limits()
+                limit = f", RLIMIT_NOFILE {soft}:{hard}; the unit's LimitNOFILE= sets it"
+            raise GuardFailure(f"{OWN_FAILURES[error]} ({name}{limit}), so the kernel could not be asked "
+                               f"about {bind}: this says nothing about the address")
 
 
 def _spec(bind) -> Spec:
@@ -126,8 +206,14 @@ def _spec(bind) -> Spec:
 
 
 def _first_blocker(earlier: list, earlier_specs: list[Spec], spec: Spec, socket_uid: int | None):
+    """The earlier bind that spec collides with: the pair fails twice in a row, so that a socket
+    someone else held for a moment (another guard's trial) is not taken for the request's own."""
     for other, other_spec in zip(earlier, earlier_specs):
-        outcome = trial([other_spec, spec], socket_uid)
-        if outcome[0][0] == 0 and outcome[1][0] == errno.EADDRINUSE:
+        if all(_pair_collides(other_spec, spec, socket_uid) for _ in range(2)):
             return other
     return None
+
+
+def _pair_collides(first: Spec, second: Spec, socket_uid: int | None) -> bool:
+    outcome = _held_together([first, second], socket_uid)
+    return outcome[0][0] == 0 and outcome[1][0] == errno.EADDRINUSE
