@@ -74,18 +74,47 @@ def test_manager_socket_is_a_socket_unit_and_own_one_says_so():
 
 
 def test_own_instance_and_orphan():
-    sd = SystemdFacts(manager_pid=1, guarded_unit="web.service", unit_states={"old.service": "inactive",
-                                                                              "db.service": "active"})
+    """Only the manager's word makes these: the unit it places a PID in, and that unit's state."""
+    sd = SystemdFacts(manager_pid=1, manager_proof="PID 1 is systemd", guarded_unit="web.service",
+                      guarded_instance_running=False, guarded_state="activating (start-pre)",
+                      unit_states={"old.service": "inactive", "db.service": "active", "session-3.scope": "active"},
+                      unit_of_pid={50: "web.service"})
     ev = evidence(sock("0.0.0.0:80"), holders={100: proc(50, ppid=1, unit="web.service")}, systemd=sd)
-    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "own-instance"
+    c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
+    assert (c.kind, c.unit, c.unit_status) == ("own-instance", "web.service", "manager")
+    sd.guarded_instance_running, sd.guarded_state = True, "active (running)"  # `check --unit` by hand
+    c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
+    assert c.kind == "listener" and "its running instance" in c.evidence[0]
+
+    sd.unit_of_pid = {50: "old.service"}
     ev.holders = {100: proc(50, ppid=1, unit="old.service")}
     c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
     assert c.kind == "orphan" and any("inactive" in e for e in c.evidence)
+    sd.unit_of_pid = {50: None}
+    c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
+    assert (c.kind, c.unit, c.unit_status) == ("orphan", None, "no-unit")
+    sd.unit_of_pid = {50: "session-3.scope"}  # `sudo nginx` in a login session, adopted by PID 1
     ev.holders = {100: proc(50, ppid=1, unit="session-3.scope")}
-    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "orphan"
+    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "listener"
+    sd.unit_of_pid = {50: "db.service"}
     ev.holders = {100: proc(50, ppid=1, unit="db.service")}  # a running service's main process
     assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "listener"
+    sd.unit_of_pid = {50: "old.service"}
     ev.holders = {100: proc(50, ppid=49, unit="old.service")}  # not re-parented: PPID alone decides nothing
+    assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "listener"
+
+
+def test_without_the_managers_word_nothing_is_own_instance_or_orphan():
+    """No bus: a cgroup path's unit name is reported as such, never taken for proof; no proven
+    manager: PPID 1 is a fact, not a re-parenting."""
+    sd = SystemdFacts(manager_pid=1, manager_proof="PID 1 is systemd", guarded_unit="web.service")
+    ev = evidence(sock("0.0.0.0:80"), holders={100: proc(50, ppid=1, unit="web.service")}, systemd=sd)
+    c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
+    assert (c.kind, c.unit, c.unit_status) == ("listener", "web.service", "cgroup")
+    ev.holders = {100: proc(50, ppid=1, unit=None)}
+    c = conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0]
+    assert (c.kind, c.unit, c.unit_status) == ("listener", None, "unknown")
+    sd.manager_pid, sd.unit_of_pid = None, {50: None}
     assert conflicts_for(bind("80"), errno.EADDRINUSE, None, ev, ROOT)[0].kind == "listener"
 
 

@@ -1,7 +1,8 @@
 """systemd's side of the evidence, gathered at most once per run and only when needed.
 
-Over D-Bus when the bus answers; otherwise from /proc alone (the manager's PID from
-MANAGERPID or 1, units from cgroup paths), with a note saying what is missing. A missing
+Over D-Bus when the bus answers; otherwise from /proc alone, with a note saying what is
+missing. Without a bus the manager is known only where /proc proves it (proven_manager), and
+a unit only as the name a cgroup path bears, which the report marks as unconfirmed. A missing
 bus never changes the kernel's verdict.
 """
 
@@ -12,7 +13,50 @@ from dataclasses import dataclass, field
 
 from bindguard.endpoints import Bind
 from bindguard.facts import ProcessFact, SocketUnitFact, SystemdFacts
+from bindguard.unitfiles import manager_pid_from_env
 from bindguard.verdict import OWN_INSTANCE
+
+# Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
+SYSTEMD_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
+# A service between runs: stopped, or starting but not yet past ExecCondition=/ExecStartPre= (the
+# guard's own phase), or waiting to restart. Processes in its cgroup then are left from a run before.
+STOPPED_STATES = ("inactive", "failed")
+NOT_YET_STARTED_SUB_STATES = ("condition", "start-pre", "auto-restart")
+
+
+def _runs_systemd(pid: int) -> bool:
+    """Whether /proc shows PID running systemd's own binary (a name is no proof: any process can
+    call itself "systemd"; only root or the process's owner may read its exe link)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return exe.removesuffix(" (deleted)") in SYSTEMD_BINARIES  # (deleted): upgraded while running
+
+
+def proven_manager(user: bool) -> tuple[int, str] | None:
+    """The service manager's PID as /proc proves it without D-Bus, and the proof; None without proof.
+
+    The system manager: PID 1 runs systemd and /run/systemd/system exists (as sd_booted() checks).
+    In a container, in CI or under `unshare --pid` PID 1 is something else, and a process whose
+    parent is PID 1 was not re-parented to any service manager. A user manager: $MANAGERPID, which
+    the manager sets for what it starts, names a live process running systemd.
+    """
+    if user:
+        pid = manager_pid_from_env(True)
+        if pid and _runs_systemd(pid):
+            return pid, f"$MANAGERPID {pid} runs systemd"
+        return None
+    if os.path.isdir("/run/systemd/system") and _runs_systemd(1):
+        return 1, "PID 1 is systemd"
+    return None
+
+
+def instance_running(active_state: str, sub_state: str) -> bool:
+    """Whether a unit in this state runs an instance now (its processes are that instance)."""
+    if active_state in STOPPED_STATES:
+        return False
+    return not (active_state == "activating" and sub_state in NOT_YET_STARTED_SUB_STATES)
 
 
 @dataclass
@@ -61,26 +105,41 @@ class SystemdContext:
         return self._unit_info
 
     def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
+        """What the manager says about the holders, and who the manager is, as far as proven."""
         from bindguard import systemd
 
-        facts = SystemdFacts(manager_pid=systemd.known_manager_pid(systemd.choose_bus(self.bus_choice)) or 1,
+        user = systemd.choose_bus(self.bus_choice) == systemd.USER
+        proven = proven_manager(user)
+        facts = SystemdFacts(manager_pid=proven[0] if proven else None, manager_proof=proven[1] if proven else "",
                              guarded_unit=self.guarded_unit())
         conn = self.connection()
         if conn is None:
+            if proven is None:
+                self.notes.append(
+                    "no service manager is proven here (" + ("$MANAGERPID names no running systemd" if user else
+                                                              "PID 1 is not systemd, or /run/systemd/system is "
+                                                              "missing") +
+                    ", and the bus did not answer): each holder is described by its PPID and cgroup, and none "
+                    "is judged stale")
             return facts
         try:
-            facts.manager_pid = conn.manager_pid()
+            facts.manager_pid, facts.manager_proof = conn.manager_pid(), "the bus names it"
+            info = self.unit_info()
+            if info is not None:
+                facts.guarded_instance_running = instance_running(info.active_state, info.sub_state)
+                facts.guarded_state = f"{info.active_state} ({info.sub_state})"
             ports = {b.endpoint.port for b in binds}
             for unit in conn.socket_units(ports):
                 for _, endpoint, v6only in unit.endpoints():
                     facts.socket_units.append(
                         SocketUnitFact(unit.name, unit.active_state, endpoint, v6only, unit.triggers))
             for process in holders:
+                if process.pid == facts.manager_pid:
+                    continue  # the manager's own sockets are its socket units'
                 unit = conn.unit_of_pid(process.pid)
-                if unit:
-                    facts.unit_of_pid[process.pid] = unit
-                    if unit not in facts.unit_states:
-                        facts.unit_states[unit] = conn.active_state(unit)
+                facts.unit_of_pid[process.pid] = unit
+                if unit and unit not in facts.unit_states:
+                    facts.unit_states[unit] = conn.active_state(unit)
         except systemd.SystemdUnavailable as exc:
             self.notes.append(f"{exc}; the verdict stands on the kernel's answer")
         return facts

@@ -76,13 +76,24 @@ class SocketUnitFact:
 
 @dataclass
 class SystemdFacts:
-    """systemd's view: who the manager is, which unit is guarded, which units claim addresses."""
+    """systemd's view: who the manager is, which unit is guarded, which units claim addresses.
 
-    manager_pid: int
+    Only what was proven is here: manager_pid is None unless the bus named the manager, or
+    /proc showed a systemd process where $MANAGERPID or PID 1 points (attribution.proven_manager);
+    unit_of_pid holds the manager's own answers (GetUnitByPID), None meaning "in no unit", and
+    a PID missing from it means nobody asked the manager (no bus).
+    """
+
+    manager_pid: int | None
+    manager_proof: str = ""  # how the manager is known, for the evidence ("the bus", "$MANAGERPID", ...)
     guarded_unit: str | None = None
+    # Whether the guarded unit runs an instance now (its main process, or the start past ExecStartPre=):
+    # False means whatever sits in its cgroup is left from an earlier run; None: not known (no bus).
+    guarded_instance_running: bool | None = None
+    guarded_state: str = ""  # "inactive (dead)", "activating (start-pre)", ...: the evidence for the above
     socket_units: list[SocketUnitFact] = field(default_factory=list)
     unit_states: dict[str, str] = field(default_factory=dict)  # unit -> ActiveState
-    unit_of_pid: dict[int, str] = field(default_factory=dict)  # from GetUnitByPID
+    unit_of_pid: dict[int, str | None] = field(default_factory=dict)  # GetUnitByPID; None: in no unit
 
 
 @dataclass

@@ -208,11 +208,10 @@ def _reap(refusing: list[Conflict], request: Request, evidence: Evidence, reaped
     from bindguard import reap
 
     info = request.systemd.unit_info() if request.systemd is not None else None
-    executables = {cmd.path for cmd in info.exec_start} if info is not None else set()
-    manager_pid = evidence.systemd.manager_pid if evidence.systemd is not None else 1
+    control_group = info.control_group if info is not None else ""
     ended = False
     for c in refusing:
-        reason = reap.why_reapable(c, executables, manager_pid)
+        reason = reap.why_reapable(c, evidence.systemd, control_group)
         if reason and c.process.pid not in reaped_pids:
             reaped_pids.add(c.process.pid)
             reaped.append(reap.terminate(c, reason))

@@ -1,10 +1,14 @@
 """--reap-stale: end a process proven to be a stale instance of the guarded unit, and nothing else.
 
-Proven means: it sits in the guarded unit's own cgroup (a run left behind by KillMode=process
-or none), or it is an orphan (re-parented to the manager, in no running unit) running the
-very executable of the unit's ExecStart=. Never the manager, never PID 1, never the guard
-or its parent. The process is addressed through a pidfd, so a PID reused in the meantime
-cannot be hit; SIGTERM first, SIGKILL only after the grace period; every step is logged.
+Proven means all of: the conflict is own-instance (the guarded unit runs no instance now: it is
+stopped, or its start is still in ExecStartPre=); the manager itself, asked over a working bus
+(GetUnitByPID), places the process in the guarded unit; and the process's full cgroup path is
+the unit's ControlGroup (or below it). A cgroup path that merely ends in the unit's name proves
+nothing (another user's manager may run a unit of that name), nor does the executable (python3,
+java run everything). Never the manager, never PID 1, never the guard or its parent. The process
+is addressed through a pidfd opened before anything is checked; its start time and cgroup are
+read again through it, so a PID reused in the meantime cannot be hit. SIGTERM first, SIGKILL only
+after the grace period; every step is logged.
 """
 
 from __future__ import annotations
@@ -14,21 +18,31 @@ import signal
 import time
 
 from bindguard import output
-from bindguard.verdict import ORPHAN, OWN_INSTANCE, Conflict
+from bindguard.facts import SystemdFacts
+from bindguard.verdict import OWN_INSTANCE, Conflict
 
 GRACE_SECONDS = 5.0
 
 
-def why_reapable(conflict: Conflict, unit_executables: set[str], manager_pid: int) -> str | None:
-    """The proof that this holder is a stale instance of the guarded unit, or None."""
+def _within(cgroup: str, control_group: str) -> bool:
+    return bool(control_group) and (cgroup == control_group or cgroup.startswith(control_group.rstrip("/") + "/"))
+
+
+def why_reapable(conflict: Conflict, facts: SystemdFacts | None, control_group: str) -> str | None:
+    """The proof that this holder is a stale instance of the guarded unit, or None.
+
+    control_group: the guarded unit's ControlGroup as the manager reported it ("" if unknown).
+    """
     p = conflict.process
-    if p is None or p.pid in (1, manager_pid, os.getpid(), os.getppid()):
+    if p is None or facts is None or conflict.kind != OWN_INSTANCE:
         return None
-    if conflict.kind == OWN_INSTANCE:
-        return f"it is in the guarded unit's own cgroup {p.cgroup}"
-    if conflict.kind == ORPHAN and p.exe and p.exe in unit_executables:
-        return f"it is an orphan running the unit's own executable {p.exe}"
-    return None
+    if p.pid in (1, facts.manager_pid, os.getpid(), os.getppid()):
+        return None
+    unit = facts.guarded_unit
+    if unit is None or facts.unit_of_pid.get(p.pid) != unit or not _within(p.cgroup, control_group):
+        return None
+    return (f"the manager places it in {unit}, its cgroup {p.cgroup} is the unit's own ({control_group}), and "
+            f"{unit} is {facts.guarded_state}")
 
 
 def _alive(pidfd: int) -> bool:
@@ -37,6 +51,20 @@ def _alive(pidfd: int) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return not poller.poll(0)  # a pidfd turns readable when its process exits
+
+
+def _same_process(pidfd: int, pid: int, started: float, cgroup: str) -> bool:
+    """Whether the process behind pidfd is the one observed: same start time, same cgroup. /proc/PID
+    is read after the pidfd was opened and checked alive after: then it was the pidfd's process."""
+    import psutil
+
+    from bindguard.owners import process_cgroup
+
+    try:
+        same = abs(psutil.Process(pid).create_time() - started) <= 0.01 and process_cgroup(pid) == cgroup
+    except psutil.Error:
+        return False
+    return same and _alive(pidfd)
 
 
 def terminate(conflict: Conflict, reason: str, grace: float = GRACE_SECONDS) -> str:
@@ -48,14 +76,8 @@ def terminate(conflict: Conflict, reason: str, grace: float = GRACE_SECONDS) -> 
     except ProcessLookupError:
         return f"{label} had already exited"
     try:
-        # The PID may have been reused since it was observed: check it is still the same process.
-        import psutil
-
-        try:
-            if abs(psutil.Process(p.pid).create_time() - p.started) > 0.01:
-                return f"{label} is no longer the process that was observed; left alone"
-        except psutil.NoSuchProcess:
-            return f"{label} had already exited"
+        if not _same_process(pidfd, p.pid, p.started, p.cgroup):
+            return f"{label} is no longer the process that was observed (exited, or moved); left alone"
         output.emit(output.WARNING, f"bindguard: reaping stale {label} holding {conflict.bind}: {reason}; SIGTERM")
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         deadline = time.monotonic() + grace

@@ -19,7 +19,11 @@ from bindguard.verdict import (
     SELF_CONFLICT,
     SOCKET_UNIT,
     TIME_WAIT,
+    UNIT_BY_CGROUP,
+    UNIT_BY_MANAGER,
     Conflict,
+    attribution,
+    unit_phrase,
 )
 
 VERDICTS = {
@@ -114,9 +118,13 @@ def remedy(c: Conflict) -> str:
                 f"copy. Confirm it is stale with {check_pid} and `ls -l /proc/{pid}/exe`, then "
                 f"`kill -TERM {pid}` (and `kill -KILL {pid}` only if it ignores that)")
     if c.kind == LISTENER:
-        who = f"{c.unit}" if c.unit else f"PID {pid}" if pid else "the listener"
-        stop = (f"`systemctl stop {c.unit}`" if c.unit and c.unit.endswith(".service") else
-                f"the way it was started, after finding out what it is with {check_pid}")
+        who = c.unit if c.unit and c.unit_status == UNIT_BY_MANAGER else f"PID {pid}" if pid else "the listener"
+        if c.unit and c.unit.endswith(".service") and c.unit_status in (UNIT_BY_MANAGER, UNIT_BY_CGROUP):
+            stop = f"`systemctl stop {c.unit}`"
+            if c.unit_status == UNIT_BY_CGROUP:
+                stop += f" once `systemctl status {c.unit}` lists PID {pid}: only its cgroup path names that unit"
+        else:
+            stop = f"the way it was started, after finding out what it is with {check_pid}"
         return (f"{who} already serves this address. If it is the rightful owner, do not start a second "
                 f"one; otherwise stop it cleanly ({stop}) or move this service to a free port or another "
                 f"address. `fuser -k {_port_ref(c)}` is a last resort: it kills whatever has the port open")
@@ -163,6 +171,7 @@ def conflict_json(c: Conflict) -> dict:
         "started_ago_s": round(time.time() - p.started, 1) if p else None,
         "cgroup": p.cgroup if p else None,
         "unit": c.unit,
+        "unit_status": c.unit_status,
         "socket_unit": c.socket_unit,
         "own_socket_unit": c.own_socket_unit if c.socket_unit else None,
         "other_address": str(c.other_bind) if c.other_bind else None,
@@ -224,10 +233,12 @@ def describe_holder(c: Conflict) -> str:
         parts.append(f"started {_ago(p.started)}")
     elif s is not None and s.inode:
         parts.append(f"uid {s.uid}, holder not found")
-    if c.unit:
-        parts.append(f"unit {c.unit}")
     if c.socket_unit:
         parts.append(f"socket unit {c.socket_unit}")
+    elif c.kind == SOCKET_UNIT:
+        parts.append("socket unit unknown")
+    elif c.unit_status:
+        parts.append(unit_phrase(c.unit, c.unit_status))
     if c.other_bind is not None:
         parts.append(f"the request's own {c.other_bind}")
     if not parts and c.kind == ADDRESS_UNAVAILABLE:
@@ -290,7 +301,9 @@ def write_observed(outcome: Outcome) -> None:
     output.emit(output.INFO, "  on these ports now:")
     for s in outcome.evidence.sockets:
         p = outcome.evidence.holders.get(s.inode)
-        who = f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), unit {p.unit or '-'}" if p else (
+        held = attribution(s, outcome.evidence)
+        where = f"socket unit {held.socket_unit}" if held.socket_unit else unit_phrase(held.unit, held.unit_status)
+        who = f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), {where}" if p else (
             "no process (kernel timer)" if not s.inode else f"uid {s.uid}")
         proto = "" if s.local.proto == TCP else "udp "
         output.emit(output.INFO, f"    {proto}{s.local.address()} {s.state}: {who}")

@@ -43,6 +43,12 @@ ACTIONS = (REFUSE, WAIT, WARN, IGNORE)
 CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
 ACTIVE_UNIT_STATES = {"active", "activating", "reloading", "deactivating"}
 
+# Where a conflict's `unit` comes from (the JSON `unit_status`): the manager's word (GetUnitByPID, or
+# its socket unit), the name the holder's cgroup path bears when no bus answered (unconfirmed), the
+# manager's word that the holder is in no unit, or nothing known (no bus, and the path names no unit).
+UNIT_BY_MANAGER, UNIT_BY_CGROUP, NO_UNIT, UNIT_UNKNOWN = "manager", "cgroup", "no-unit", "unknown"
+UNIT_STATUSES = (UNIT_BY_MANAGER, UNIT_BY_CGROUP, NO_UNIT, UNIT_UNKNOWN)
+
 
 @dataclass
 class Conflict:
@@ -52,7 +58,8 @@ class Conflict:
     clears: bool = False  # goes away by itself (TIME_WAIT, an address in DAD)
     socket: SocketFact | None = None
     process: ProcessFact | None = None
-    unit: str | None = None
+    unit: str | None = None  # the unit to act on: the holder's, or the socket unit whose socket it is
+    unit_status: str | None = None  # UNIT_STATUSES: how `unit` is known; None without a holder process
     socket_unit: str | None = None
     own_socket_unit: bool = False  # the socket unit activates the guarded service itself
     other_bind: Bind | None = None  # the request's own socket in the way (self-conflict)
@@ -99,48 +106,86 @@ def _kind_of_socket(sock: SocketFact | None) -> tuple[str, bool]:
     return BOUND_KIND, False
 
 
-def _attribute(conflict: Conflict, evidence: Evidence) -> None:
-    """Refine a conflict with its holder: which process, which unit, and what systemd says."""
-    sock = conflict.socket
-    if sock is None or not sock.inode:
-        return
-    process = evidence.holders.get(sock.inode)
-    conflict.process = process
+def unit_phrase(unit: str | None, status: str | None) -> str:
+    """How the report says where a holder belongs, keeping "in no unit" apart from "not known"."""
+    if status == UNIT_BY_MANAGER:
+        return f"unit {unit}"
+    if status == UNIT_BY_CGROUP:
+        return f"unit {unit} (named by its cgroup path only; no bus confirmed it)"
+    if status == NO_UNIT:
+        return "in no unit"
+    return "unit unknown (no answer from the manager)" if status == UNIT_UNKNOWN else ""
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Who holds a socket, and what the evidence proves about it (the Conflict's holder fields)."""
+
+    process: ProcessFact | None = None
+    kind: str | None = None  # socket-unit, own-instance or orphan when proven; None: the socket's kind
+    unit: str | None = None
+    unit_status: str | None = None
+    socket_unit: str | None = None
+    own_socket_unit: bool = False
+    evidence: tuple[str, ...] = ()
+
+
+def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
+    """Which process holds sock, which unit it is in, and what it is, claiming only what is proven.
+
+    The manager's PID, a process's unit and a unit's state count only as the manager or /proc
+    proved them (SystemdFacts). A cgroup path's name proves nothing (another user's manager has
+    its own nginx.service), and neither does PPID 1 where PID 1 is no service manager.
+    """
+    process = evidence.holders.get(sock.inode) if sock.inode else None
     if process is None:
-        return
+        return Attribution()
     sd = evidence.systemd
-    conflict.unit = (sd.unit_of_pid.get(process.pid) if sd else None) or process.unit
-    if sd is None:
-        return
-    if process.pid == sd.manager_pid:
-        conflict.kind = SOCKET_UNIT
+    manager = sd.manager_pid if sd is not None else None
+    if manager is not None and process.pid == manager:
         owner = _socket_unit_for(sock, sd.socket_units, active=True)
-        if owner is not None:
-            conflict.socket_unit = owner.name
-            conflict.own_socket_unit = sd.guarded_unit in owner.triggers
-            conflict.evidence.append(f"{owner.name} listens on {owner.endpoint.address()}")
-        conflict.evidence.append(f"held by the service manager itself (PID {process.pid})")
-        return
-    if sd.guarded_unit and conflict.unit == sd.guarded_unit:
-        conflict.kind = OWN_INSTANCE
-        conflict.evidence.append(f"PID {process.pid} is in {sd.guarded_unit}'s own cgroup ({process.cgroup})")
-        return
-    # On a systemd host every service's main process has the manager as its parent: PPID alone
-    # proves nothing. An orphan is re-parented AND in no unit that is running.
-    unit_state = sd.unit_states.get(conflict.unit or "")
-    if process.ppid == sd.manager_pid and (
-        conflict.unit is None
-        or conflict.unit.endswith(".scope")
-        or (unit_state is not None and unit_state not in ACTIVE_UNIT_STATES)
-    ):
-        conflict.kind = ORPHAN
-        conflict.evidence.append(f"its parent is the service manager (PPID {process.ppid})")
-        if conflict.unit is None:
-            conflict.evidence.append("it belongs to no unit")
-        elif conflict.unit.endswith(".scope"):
-            conflict.evidence.append(f"it sits in {conflict.unit}, a scope, not a service")
-        else:
-            conflict.evidence.append(f"its unit {conflict.unit} is {unit_state}")
+        held = f"held by the service manager itself (PID {process.pid}: {sd.manager_proof})"
+        if owner is None:
+            return Attribution(process, SOCKET_UNIT, unit_status=UNIT_UNKNOWN, evidence=(held,))
+        return Attribution(process, SOCKET_UNIT, owner.name, UNIT_BY_MANAGER, owner.name,
+                      sd.guarded_unit in owner.triggers,
+                      (f"{owner.name} listens on {owner.endpoint.address()}", held))
+    if sd is not None and process.pid in sd.unit_of_pid:
+        unit = sd.unit_of_pid[process.pid]
+        if unit is not None and unit.endswith(".slice"):  # a slice holds no processes of a unit
+            unit = None
+        status = UNIT_BY_MANAGER if unit else NO_UNIT
+    else:
+        unit = process.unit
+        status = UNIT_BY_CGROUP if unit else UNIT_UNKNOWN
+    if status == UNIT_BY_MANAGER and unit == sd.guarded_unit:
+        if sd.guarded_instance_running is False:
+            return Attribution(process, OWN_INSTANCE, unit, status, evidence=(
+                f"the manager places PID {process.pid} in {unit}, whose cgroup is {process.cgroup}",
+                f"{unit} is {sd.guarded_state}: it runs no instance, so this one is left from an earlier run"))
+        if sd.guarded_instance_running:
+            return Attribution(process, None, unit, status, evidence=(
+                f"{unit} is {sd.guarded_state}: this is its running instance",))
+    if manager is not None and process.ppid == manager and status in (UNIT_BY_MANAGER, NO_UNIT):
+        parent = f"its parent is the service manager (PPID {process.ppid}: {sd.manager_proof})"
+        if status == NO_UNIT:
+            return Attribution(process, ORPHAN, None, status, evidence=(
+                parent, f"the manager places it in no unit (cgroup {process.cgroup or '?'})"))
+        state = sd.unit_states.get(unit)
+        if state is not None and state not in ACTIVE_UNIT_STATES:
+            return Attribution(process, ORPHAN, unit, status, evidence=(parent, f"its unit {unit} is {state}"))
+    return Attribution(process, None, unit, status)
+
+
+def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error: str = "",
+                     blocking: bool = True, predicted: bool = False, notes: tuple[str, ...] = ()) -> Conflict:
+    """The conflict sock makes for bind, with its holder: the kind decided before it is built."""
+    kind, clears = _kind_of_socket(sock)
+    holder = attribution(sock, evidence)
+    return Conflict(bind, holder.kind or kind, blocking=blocking, clears=clears, socket=sock,
+                    process=holder.process, unit=holder.unit, unit_status=holder.unit_status,
+                    socket_unit=holder.socket_unit, own_socket_unit=holder.own_socket_unit,
+                    predicted=predicted, error=error, evidence=[*notes, *holder.evidence])
 
 
 def _socket_unit_for(sock: SocketFact, units: list[SocketUnitFact], active: bool) -> SocketUnitFact | None:
@@ -196,10 +241,7 @@ def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: 
     conflicts = []
     for sock in evidence.sockets:
         if could_block(bind, sock):
-            kind, clears = _kind_of_socket(sock)
-            conflict = Conflict(bind, kind, clears=clears, socket=sock, error=name)
-            _attribute(conflict, evidence)
-            conflicts.append(conflict)
+            conflicts.append(_holder_conflict(bind, sock, evidence, error=name))
     if not conflicts:
         conflicts.append(Conflict(bind, BOUND_KIND, error=name, evidence=[
             "no socket on this port is visible: a bound, never-listened socket on a kernel older "
@@ -216,10 +258,7 @@ def _predicted(bind: Bind, evidence: Evidence, daemon_uid: int) -> list[Conflict
         certain = certainly_blocks(bind, sock, daemon_uid)
         if certain is False:
             continue
-        kind, clears = _kind_of_socket(sock)
-        conflict = Conflict(bind, kind, blocking=bool(certain), clears=clears, socket=sock, predicted=True)
-        if certain is None:
-            conflict.evidence.append("it depends on that socket's SO_REUSEADDR/SO_REUSEPORT, which no tool shows")
-        _attribute(conflict, evidence)
-        conflicts.append(conflict)
+        unsure = ("it depends on that socket's SO_REUSEADDR/SO_REUSEPORT, which no tool shows",)
+        conflicts.append(_holder_conflict(bind, sock, evidence, blocking=bool(certain), predicted=True,
+                                          notes=unsure if certain is None else ()))
     return conflicts
