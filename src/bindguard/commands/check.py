@@ -91,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--reap-stale", action="store_true",
-                        help="end a holder proven to be a stale instance of the guarded unit (in its cgroup, "
-                             "or an orphan running its executable): SIGTERM, SIGKILL after 5 s; nothing else")
+                        help="end a holder the manager confirms is a stale instance of the guarded unit (over the "
+                             "bus, in the unit's own ControlGroup while the unit runs no instance): SIGTERM, "
+                             "SIGKILL after 5 s; nothing else")
     parser.add_argument("--wait", type=float, metavar="SECONDS", default=None,
                         help="wait at most this long while only TIME_WAIT is in the way; 0 never waits "
                              "(default: 65, a full TIME_WAIT, capped by the unit's start timeout)")
