@@ -11,12 +11,15 @@ import pytest
 
 from bindguard import owners
 from bindguard.unitexec import enabled_socket_units
+from bindguard.unitfiles import unit_name
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
 from bindguard.systemd import (
     SYSTEM,
     USER,
     Listen,
     Systemd,
+    SystemdError,
+    SystemdRefused,
     SystemdUnavailable,
     UnitNotFound,
     choose_bus,
@@ -242,3 +245,31 @@ def test_no_bus_socket_costs_no_pystemd_import(tmp_path):
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.stdout.splitlines() == [f"cannot connect to the system bus: no socket at {tmp_path}/no-bus", "False"]
+
+
+@pytest.mark.integration
+def test_unit_names_are_valid_where_the_manager_takes_them(user_bus):
+    """unitfiles.unit_name() rejects exactly what the manager's LoadUnit rejects ("Unit name ... is
+    not valid"): a valid name it does not know is UnitNotFound, an invalid one SystemdRefused."""
+    names = ["plain.service", "a@b@c.service", "foo\\x2dbar.service", "-x.service", "a:b_c.d-e.service",
+             "sda.device", "home.automount", "x" * 247 + ".service",  # valid, and unknown to the manager
+             "a/b.service", "a b.service", "\u00e9.service", "x" * 248 + ".service", "@x.service",
+             "foo@.service", ".service", "nosuffix"]
+    for name in names:
+        try:
+            user_bus.unit(name)
+            accepted = True
+        except UnitNotFound:
+            accepted = True
+        except SystemdRefused as exc:
+            assert "Unit name" in str(exc), exc  # "... is not valid", "... is missing the instance name"
+            accepted = False
+        assert accepted == (unit_name(name) == name), name
+
+
+@pytest.mark.integration
+def test_every_failure_is_a_systemd_error(user_bus):
+    with pytest.raises(SystemdRefused, match="the user manager refused LoadUnit: Unit name a/b is not valid"):
+        user_bus.active_state("a/b")
+    assert issubclass(SystemdRefused, SystemdError) and issubclass(UnitNotFound, SystemdError)
+    assert issubclass(SystemdUnavailable, SystemdError)

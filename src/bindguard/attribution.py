@@ -66,7 +66,9 @@ class SystemdContext:
     notes: list[str] = field(default_factory=list)
     _connection: object = None
     _tried: bool = False
+    _unavailable: str = ""  # why connection() is None
     _unit_info: object = None
+    _unit_info_tried: bool = False
 
     def connection(self):
         """The open Systemd connection, or None (with a note) when the bus is unavailable."""
@@ -77,9 +79,18 @@ class SystemdContext:
             bus = systemd.choose_bus(self.bus_choice)
             try:
                 self._connection = systemd.Systemd(bus)
-            except systemd.SystemdUnavailable as exc:
+            except systemd.SystemdError as exc:
+                self._unavailable = str(exc)
                 self.notes.append(f"{exc}; units are named from cgroups only, socket units are not checked")
         return self._connection
+
+    def unit_facts(self, unit: str):
+        """unit_facts() over this run's connection, so that one deadline covers all of a run's D-Bus."""
+        from bindguard import systemd
+
+        if self.connection() is None:
+            raise systemd.SystemdUnavailable(self._unavailable)
+        return unit_facts(unit, connection=self._connection)
 
     @property
     def in_unit(self) -> bool:
@@ -94,14 +105,19 @@ class SystemdContext:
         return self.unit_name
 
     def unit_info(self):
-        """The guarded unit's settings (UnitInfo), or None without a unit or a bus."""
-        if self._unit_info is None and self.guarded_unit() and self.connection() is not None:
+        """The guarded unit's settings (UnitInfo), or None without a unit or a bus, or when the
+        manager knows no such unit (a note says so: the verdict is the kernel's either way)."""
+        if self._unit_info is None and not self._unit_info_tried and self.guarded_unit() \
+                and self.connection() is not None:
             from bindguard import systemd
 
+            self._unit_info_tried = True
             try:
                 self._unit_info = self._connection.unit(self.unit_name)
-            except systemd.SystemdUnavailable as exc:
-                self.notes.append(str(exc))
+            except systemd.UnitNotFound as exc:
+                self.notes.append(f"{exc}; checked without its settings (TimeoutStartSec=, User=, KillMode=)")
+            except systemd.SystemdError as exc:
+                self.notes.append(f"{exc}; checked without {self.unit_name}'s settings")
         return self._unit_info
 
     def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
@@ -140,7 +156,7 @@ class SystemdContext:
                 facts.unit_of_pid[process.pid] = unit
                 if unit and unit not in facts.unit_states:
                     facts.unit_states[unit] = conn.active_state(unit)
-        except systemd.SystemdUnavailable as exc:
+        except systemd.SystemdError as exc:
             self.notes.append(f"{exc}; the verdict stands on the kernel's answer")
         return facts
 
@@ -185,16 +201,20 @@ class SystemdContext:
         return lines
 
 
-def unit_facts(unit: str, bus_choice: bool | None = None):
-    """What discovery needs from systemd about a unit (discover.UnitFacts), over D-Bus.
+def unit_facts(unit: str, bus_choice: bool | None = None, connection=None):
+    """What discovery needs from systemd about a unit (discover.UnitFacts), over D-Bus: over
+    `connection` when given, else over a connection of its own.
 
-    Raises SystemdUnavailable without a bus, and UsageError for a unit systemd does not know.
+    Raises SystemdError (SystemdUnavailable without a bus), and UsageError for a unit systemd
+    does not know.
     """
     from bindguard import systemd
     from bindguard.errors import UsageError
 
-    with systemd.Systemd(systemd.choose_bus(bus_choice)) as conn:
-        try:
-            return conn.unit_facts(unit)
-        except systemd.UnitNotFound as exc:
-            raise UsageError(str(exc), "give the unit's full name, e.g. nginx.service") from None
+    if connection is None:
+        with systemd.Systemd(systemd.choose_bus(bus_choice)) as own:
+            return unit_facts(unit, connection=own)
+    try:
+        return connection.unit_facts(unit)
+    except systemd.UnitNotFound as exc:
+        raise UsageError(str(exc), "give the unit's full name, e.g. nginx.service") from None

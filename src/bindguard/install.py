@@ -202,13 +202,13 @@ def daemon_reload(user: bool) -> str | None:
     """Make the manager read the change: Manager.Reload over D-Bus, else `systemctl daemon-reload`
     (which also reaches a manager without a bus through its private socket). Returns None on
     success, or why neither worked."""
-    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdUnavailable
+    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdError
 
     try:
         with Systemd(USER if user else SYSTEM, timeout=90) as sd:
             sd.reload()
         return None
-    except SystemdUnavailable as exc:
+    except SystemdError as exc:
         why = str(exc)
     argv = ["systemctl", *(["--user"] if user else []), "daemon-reload"]
     try:
@@ -222,7 +222,7 @@ def daemon_reload(user: bool) -> str | None:
 
 def known_to_manager(unit: str, user: bool) -> bool | None:
     """Whether the manager knows the unit; None when it cannot be asked."""
-    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdUnavailable, UnitNotFound
+    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdError, UnitNotFound
 
     try:
         with Systemd(USER if user else SYSTEM) as sd:
@@ -230,5 +230,5 @@ def known_to_manager(unit: str, user: bool) -> bool | None:
         return True
     except UnitNotFound:
         return False
-    except SystemdUnavailable:
+    except SystemdError:
         return None

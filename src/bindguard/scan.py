@@ -212,7 +212,7 @@ def _connect(bus_choice: bool | None, scan: Scan):
         connection = systemd.Systemd(bus)
         scan.bus = bus
         return connection
-    except systemd.SystemdUnavailable as exc:
+    except systemd.SystemdError as exc:
         scan.notes.append(f"{exc}; units are named from cgroups, and only units with a bindguard file are checked")
         return None
 
@@ -504,7 +504,7 @@ def run(bus_choice: bool | None = None, use_systemd: bool = True) -> Scan:
             _attribute_listeners(scan, connection, manager_pid, socket_units)
             _socket_unit_claims(scan, socket_units)
             infos = _service_claims(scan, connection, socket_units)
-        except systemd.SystemdUnavailable as exc:
+        except systemd.SystemdError as exc:
             scan.notes.append(f"{exc}; the scan is incomplete")
         _listening_claims(scan)
         _collisions(scan)

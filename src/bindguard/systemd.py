@@ -3,8 +3,9 @@
 Plain method calls and property reads with known signatures through pystemd's sd-bus binding
 (pystemd.dbuslib), never per-object introspection: reading one property is one round trip.
 pystemd is imported only when a bus is opened, so the check path pays nothing until it needs
-systemd. A missing bus is not an error of the guard: SystemdUnavailable says which bus and why,
-and the caller falls back to what /proc tells.
+systemd. Every failure leaves this module as a SystemdError (SystemdUnavailable: which bus and
+why; UnitNotFound; SystemdRefused), never as pystemd's own exception, and the caller falls back
+to what /proc tells.
 """
 
 from __future__ import annotations
@@ -72,11 +73,23 @@ _SERVICE_PROPERTIES = (
 )
 
 
-class SystemdUnavailable(Exception):
+class SystemdError(Exception):
+    """Any failure to learn something from systemd over D-Bus: the one root callers catch.
+
+    What systemd would have told is evidence about a conflict, never the verdict itself, so a
+    caller that catches this keeps the kernel's answer and says what it could not learn.
+    """
+
+
+class SystemdUnavailable(SystemdError):
     """The bus or the manager cannot be reached; the message names the bus and the reason."""
 
 
-class UnitNotFound(LookupError):
+class SystemdRefused(SystemdError):
+    """The manager answered a question with an error (an invalid argument, an unknown property)."""
+
+
+class UnitNotFound(SystemdError):
     """systemd knows no unit by this name (no unit file, not loaded)."""
 
     def __init__(self, name: str, bus: str) -> None:
@@ -288,16 +301,17 @@ class Systemd:
         message = getattr(exc, "err_message", b"") or str(exc)
         return _text(message).strip() or type(exc).__name__
 
-    def _failed(self, exc: Exception, what: str) -> Exception:
+    def _failed(self, exc: Exception, what: str) -> SystemdError:
         if _is_unreachable(exc):
             return SystemdUnavailable(f"the {self.bus} manager did not answer {what}: {self._why(exc)}")
-        return exc
+        answer = _text(getattr(exc, "err_message", b"") or b"").strip()  # the manager's own words
+        return SystemdRefused(f"the {self.bus} manager refused {what}: {answer or self._why(exc)}")
 
     def _call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: Iterable = ()):
         from pystemd.dbuslib import apply_signature
 
-        call_args = apply_signature(signature, list(args)) if signature else None
         try:
+            call_args = apply_signature(signature, list(args)) if signature else None
             return self._dbus.call_method(_DEST, path, interface, method, call_args).body
         except Exception as exc:
             raise self._failed(exc, method.decode()) from None

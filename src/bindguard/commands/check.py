@@ -263,13 +263,15 @@ def discovered(unit: str, unit_config, ctx) -> list:
     if not facts.exec_start:
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
             return []
-        from bindguard.attribution import unit_facts
-        from bindguard.systemd import SystemdUnavailable
+        if ctx is None:
+            output.warning(f"cannot discover what {unit} binds: no unit file of that name, and --no-systemd; "
+                           "nothing checked")
+            return []
+        from bindguard.systemd import SystemdError
 
         try:
-            result = discover.discover_unit(unit, lambda name: unit_facts(name, ctx.bus_choice if ctx else None),
-                                            list(sources))
-        except SystemdUnavailable as exc:
+            result = discover.discover_unit(unit, ctx.unit_facts, list(sources))
+        except SystemdError as exc:
             output.warning(f"cannot discover what {unit} binds: {exc}; nothing checked")
             return []
     for warning in result.warnings:
@@ -301,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     blocking = [c for c in outcome.conflicts if c.blocking]
     advice = ctx.advice(blocking, refused=not outcome.clear) if ctx is not None else []
     outcome.evidence.notes.extend(advice)
+    if ctx is not None:  # what asking for the advice could not learn (an unknown unit, a bus gone quiet)
+        outcome.evidence.notes.extend(n for n in ctx.notes if n not in outcome.evidence.notes)
     if args.json:
         report.write_json(outcome)
     report.write_human(outcome, warnings=advice)

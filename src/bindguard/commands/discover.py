@@ -54,7 +54,7 @@ def _read_unit(unit: str, user_bus: bool | None, sources):
 
     try:
         return discover.discover_unit(unit, lambda name: unit_facts(name, user_bus), sources)
-    except systemd.SystemdUnavailable as exc:
+    except systemd.SystemdError as exc:
         user = systemd.choose_bus(user_bus) == systemd.USER
         if unit_fragment(unit, user) is None:
             raise BindguardError(f"cannot read {unit} from systemd ({exc}), and no unit file of that name was found",
