@@ -21,7 +21,7 @@ The drop-in runs `ExecStartPre=+bindguard check --unit %n ...`.
 
 EPILOG = """\
 examples:
-  bindguard install nginx.service 0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443
+  bindguard install nginx.service 0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443 --check-args=--v6only
   bindguard install ssh.service 22 --check-args='--wait 10'
   bindguard install --user web.service 127.0.0.1:8080
   bindguard install --print nginx.service 80      # show the drop-in, write nothing
