@@ -50,6 +50,8 @@ class Request:
     # Binds where some conflicts only warn: bind -> (conflict kinds, "*" for all; why). A guessed
     # address never refuses; a daemon that starts without one of its sockets is not stopped for it.
     warn_only: dict[Bind, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    # The daemon's own (not guessed) binds: it starts without some of them, never without all.
+    needs_one_of: frozenset[Bind] = frozenset()
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
@@ -142,10 +144,13 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
     return evidence
 
 
-def _action(conflict: Conflict, request: Request) -> str:
+def _action(conflict: Conflict, request: Request, none_left: bool) -> str:
     action = request.policy.get(conflict.kind) or default_action(conflict)
     kinds, why = request.warn_only.get(conflict.bind, ((), ""))
     if (conflict.kind in kinds or "*" in kinds) and action in (REFUSE, WAIT):
+        if none_left and conflict.bind in request.needs_one_of:
+            conflict.evidence.append(f"{why}, but not without every one: none of its addresses can be bound")
+            return action
         conflict.evidence.append(f"{why}: a warning only")
         return WARN
     return action
@@ -246,7 +251,9 @@ def run(request: Request) -> Outcome:
     while True:
         results, evidence, conflicts = _investigate(request, cache)
         evidence.notes.extend(notes)
-        actions = {id(c): _action(c, request) for c in conflicts}
+        blocked = {c.bind for c in conflicts if c.blocking}
+        none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
+        actions = {id(c): _action(c, request, none_left) for c in conflicts}
         refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
         waiting = [c for c in conflicts if actions[id(c)] == WAIT]
         shown = [c for c in conflicts if actions[id(c)] != IGNORE]

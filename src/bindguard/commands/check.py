@@ -296,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         policy=checks.policy,
         warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
         | {b: (("*",), "the address is a guess from the unit's command line") for b in checks.guesses},
+        needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
         systemd=ctx,
         reap_stale=args.reap_stale or checks.reap_stale,
     )
