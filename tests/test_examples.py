@@ -225,10 +225,6 @@ def starts_free_and_is_refused_when_held(rig, unit: str, port: int, held: list[d
         rig.release(holder)
 
 
-def _documented_installs(unit: str) -> list[list[str]]:
-    return [a for a in documented() if a[0] == "install" and unit in a[1:]]
-
-
 def _install_as_documented(rig, argv: list[str]) -> None:
     """Run a documented install in the rig (with --user: the rig is a user manager); a --print
     one's output becomes the drop-in, as the documentation suggests."""
@@ -242,6 +238,23 @@ def _install_as_documented(rig, argv: list[str]) -> None:
         return
     done = rig.bindguard("install", "--user", *argv[1:])
     assert done.returncode == 0, done.stderr
+
+
+def each_shipped_way_starts_free_and_is_refused_when_held(rig, unit: str, dropins: list[Path], port: int,
+                                                          held: list[dict], log: Path) -> None:
+    """The unit under each shipped drop-in in turn, then under each drop-in a documented install
+    of it writes."""
+    for path in dropins:
+        rig.write_dropin(unit, "bindguard.conf", shipped_dropin(path))
+        starts_free_and_is_refused_when_held(rig, unit, port, held, log)
+    if dropins:
+        (rig.unit_dir / f"{unit}.d" / "bindguard.conf").unlink()
+    installs = [a for a in documented() if a[0] == "install" and unit in a[1:]]
+    assert installs, f"the documentation shows no install of {unit}"
+    for argv in installs:
+        _install_as_documented(rig, argv)
+        starts_free_and_is_refused_when_held(rig, unit, port, held, log)
+        assert rig.bindguard("uninstall", "--user", unit).returncode == 0
 
 
 NGINX_HELD = [{"proto": "tcp", "host": "0.0.0.0", "port": 80, "reuseaddr": True}]
@@ -258,16 +271,7 @@ def test_nginx_with_every_shipped_dropin_and_documented_install(daemons):
     debian_unit(rig, "nginx.service")
     log = guard_log(rig, "nginx.service")
     dropins = [ROOT / "examples" / "nginx" / "bindguard.conf", ROOT / "systemd" / "bindguard.conf.example"]
-    for path in dropins:
-        rig.write_dropin("nginx.service", "bindguard.conf", shipped_dropin(path))
-        starts_free_and_is_refused_when_held(rig, "nginx.service", 80, NGINX_HELD, log)
-    (rig.unit_dir / "nginx.service.d" / "bindguard.conf").unlink()
-    installs = _documented_installs("nginx.service")
-    assert installs
-    for argv in installs:
-        _install_as_documented(rig, argv)
-        starts_free_and_is_refused_when_held(rig, "nginx.service", 80, NGINX_HELD, log)
-        assert rig.bindguard("uninstall", "--user", "nginx.service").returncode == 0
+    each_shipped_way_starts_free_and_is_refused_when_held(rig, "nginx.service", dropins, 80, NGINX_HELD, log)
 
 
 @pytest.mark.integration
@@ -320,15 +324,8 @@ def test_ssh_with_the_shipped_dropin_and_documented_installs(daemons):
     debian_unit(rig, "ssh.service")
     assert "KillMode=process" in (rig.unit_dir / "ssh.service").read_text()
     log = guard_log(rig, "ssh.service")
-    rig.write_dropin("ssh.service", "bindguard.conf", shipped_dropin(ROOT / "examples" / "ssh" / "bindguard.conf"))
-    starts_free_and_is_refused_when_held(rig, "ssh.service", 22, SSH_HELD, log)
-    (rig.unit_dir / "ssh.service.d" / "bindguard.conf").unlink()
-    installs = _documented_installs("ssh.service")
-    assert installs
-    for argv in installs:
-        _install_as_documented(rig, argv)
-        starts_free_and_is_refused_when_held(rig, "ssh.service", 22, SSH_HELD, log)
-        assert rig.bindguard("uninstall", "--user", "ssh.service").returncode == 0
+    each_shipped_way_starts_free_and_is_refused_when_held(rig, "ssh.service", [ROOT / "examples" / "ssh" / "bindguard.conf"],
+                                                          22, SSH_HELD, log)
 
 
 @pytest.mark.integration
@@ -340,14 +337,8 @@ def test_the_user_web_example_its_install_and_verify(daemons):
     rig.write_unit("web.service", (ROOT / "examples" / "user-web" / "web.service").read_text(), reload=False)
     log = guard_log(rig, "web.service")
     web = [{"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": True}]
-    rig.write_dropin("web.service", "bindguard.conf",
-                     shipped_dropin(ROOT / "examples" / "user-web" / "web.service.d" / "bindguard.conf"))
-    starts_free_and_is_refused_when_held(rig, "web.service", 8080, web, log)
-    (rig.unit_dir / "web.service.d" / "bindguard.conf").unlink()
-    for argv in _documented_installs("web.service"):
-        _install_as_documented(rig, argv)
-        starts_free_and_is_refused_when_held(rig, "web.service", 8080, web, log)
-        assert rig.bindguard("uninstall", "--user", "web.service").returncode == 0
+    each_shipped_way_starts_free_and_is_refused_when_held(
+        rig, "web.service", [ROOT / "examples" / "user-web" / "web.service.d" / "bindguard.conf"], 8080, web, log)
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```ini\n(\[Service\]\nExecStartPre=.*?)```", readme, re.S).group(1)
     assert "ExecStartPost=" in block and "verify" in block, block
