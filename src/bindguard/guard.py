@@ -14,12 +14,13 @@ from dataclasses import dataclass, field, replace
 from bindguard import errors
 from bindguard.attribution import SystemdContext
 from bindguard.endpoints import TCP, Bind
-from bindguard.facts import Evidence, ProbeResult
+from bindguard.facts import Evidence, ProbeResult, ProcessFact
 from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
     IGNORE,
     REFUSE,
+    SELF_CONFLICT,
     WAIT,
     WARN,
     LATENT_SOCKET_UNIT,
@@ -32,6 +33,10 @@ from bindguard.verdict import (
 
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
 POLL_INTERVAL = 0.1
+# Another guard's trial socket holds an address for microseconds: probe again, every 10-20 ms,
+# for at most this long before a socket whose holder is a guard, or gone, is reported.
+SETTLE_BUDGET = 1.0
+SETTLE_INTERVAL = 0.01
 OBSERVE_INTERVAL = 1.0
 
 
@@ -233,6 +238,35 @@ def _wait_budget(request: Request) -> tuple[float, str | None]:
     return budget, None
 
 
+def is_guard(process: ProcessFact) -> bool:
+    """Whether a process is a bindguard run (`bindguard ...`, `python3 [-I] -m bindguard ...`)."""
+    words = process.cmdline[:4]
+    return any(os.path.basename(w) == "bindguard" for w in words) or any(
+        a == "-m" and b == "bindguard" for a, b in zip(words, words[1:]))
+
+
+def _fleeting(c: Conflict) -> bool:
+    """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
+    or the socket was gone (or had no process left) when looked at. Trial sockets live for
+    microseconds; a probe again a moment later tells them from holders."""
+    if c.predicted or c.error != "EADDRINUSE" or c.kind == SELF_CONFLICT or c.clears:
+        return False
+    if c.process is not None:
+        return c.process.pid != os.getpid() and is_guard(c.process)
+    return c.socket is None or bool(c.socket.inode)
+
+
+def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
+    for c in fleeting:
+        if c.process is None or c.socket is None:
+            continue
+        where = f"{c.process.unit}'s guard" if c.process.unit else "another guard"
+        note = (f"{where} (PID {c.process.pid}) was checking {c.socket.local} at the same moment, so the "
+                f"address was probed again; if both daemons bind it, only the first to start can")
+        if note not in notes:
+            notes.append(note)
+
+
 def run(request: Request) -> Outcome:
     """Decide, waiting within request.wait seconds for what the policy says to wait for."""
     start = time.monotonic()
@@ -243,6 +277,7 @@ def run(request: Request) -> Outcome:
     notes: list[str] = []
     reaped: list[str] = []
     reaped_pids: set[int] = set()
+    settle_until = None  # while only fleeting sockets refuse: when to stop probing again
 
     def outcome(code: int) -> Outcome:
         waited = now - waiting_since if waiting_since is not None else 0.0
@@ -260,6 +295,13 @@ def run(request: Request) -> Outcome:
         now = time.monotonic()
         if not refusing and not waiting:
             return outcome(errors.EXIT_CLEAR)
+        fleeting = [c for c in refusing if _fleeting(c)]
+        settle_until = (settle_until or now + SETTLE_BUDGET) if fleeting else None
+        if fleeting and now < settle_until:
+            _note_other_guards(fleeting, notes)
+            cache.pop("observed", None)
+            time.sleep(SETTLE_INTERVAL * (1 + os.urandom(1)[0] / 255))  # jitter: guards out of step
+            continue
         if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
             cache.pop("observed", None)  # the holders have changed: look again
             continue
