@@ -142,6 +142,16 @@ def test_a_daemon_in_a_running_scope_is_a_listener_and_never_reaped(systemd_rig)
 # --- issue 9.5: a cgroup's name is no proof ------------------------------------------------------------------
 
 
+def fake_unit_cgroup(rig, pid: int, path: str = "user.slice/user-65534.slice/user@65534.service/app.slice/web.service"):
+    """Move pid into a cgroup under the rig's own whose path merely ends in a unit's name."""
+    assert rig.cgroups, "the rig has its own cgroup"
+    for hierarchy in rig.cgroups:
+        group = hierarchy / path
+        group.mkdir(parents=True, exist_ok=True)
+        (group / "cgroup.procs").write_text(str(pid))
+    assert path in Path(f"/proc/{pid}/cgroup").read_text()
+
+
 def test_a_cgroup_path_that_only_ends_in_the_units_name_is_not_reaped(systemd_rig):
     """Another user's manager has its own nginx.service: a process of uid 65534 in
     .../user@65534.service/app.slice/web.service is not the guarded web.service's stale instance.
@@ -149,12 +159,7 @@ def test_a_cgroup_path_that_only_ends_in_the_units_name_is_not_reaped(systemd_ri
     rig = systemd_rig
     rig.hold(SPEC, uid=65534)
     pid = listener_pid(rig.run)
-    assert rig.cgroups, "the rig has its own cgroup"
-    for hierarchy in rig.cgroups:
-        group = hierarchy / "user.slice/user-65534.slice/user@65534.service/app.slice/web.service"
-        group.mkdir(parents=True)
-        (group / "cgroup.procs").write_text(str(pid))
-    assert "user@65534.service/app.slice/web.service" in Path(f"/proc/{pid}/cgroup").read_text()
+    fake_unit_cgroup(rig, pid)
 
     log = guarded(rig, "--reap-stale")
     rig.stop_bus()
@@ -207,3 +212,61 @@ def test_in_no_unit_is_told_from_unit_unknown(systemd_rig):
     assert (conflict["unit"], conflict["unit_status"]) == (None, "unknown"), conflict
     said = rig.bindguard("check", "--user", ADDRESS).stderr
     assert "unit unknown" in said and "in no unit" not in said
+
+
+def test_a_pid_1_that_is_not_a_manager_holding_a_socket_is_no_socket_unit(netns):
+    """PID 1 of a container holds the socket itself: check and scan say so, not "the service manager"."""
+    program = f"""
+import json, socket, subprocess, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", {PORT}))
+s.listen()
+run = lambda *args: subprocess.run([sys.executable, "-m", "bindguard", *args], capture_output=True, text=True)
+print(json.dumps({{"check": run("check", "--json", "{ADDRESS}").stdout, "scan": run("scan", "--json").stdout}}))
+"""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(SRC), "LANG": "C.UTF-8"}
+    done = netns.run(["unshare", "--pid", "--fork", "--mount-proc", "--", sys.executable, "-c", program],
+                     env=env, timeout=60)
+    out = json.loads(done.stdout)
+    (conflict,) = json.loads(out["check"])["conflicts"]
+    assert (conflict["pid"], conflict["kind"], conflict["unit_status"]) == (1, "listener", "unknown"), conflict
+    (listener,) = json.loads(out["scan"])["listeners"]
+    assert (listener["pid"], listener["held_by_manager"], listener["unit_status"]) == (1, False, "unknown")
+
+
+def test_verify_takes_the_managers_word_not_a_cgroup_name(systemd_rig):
+    """verify: a process of another user's web.service does not serve the guarded web.service."""
+    rig = systemd_rig
+    rig.write_unit("web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+    rig.hold(SPEC, uid=65534)
+    pid = listener_pid(rig.run)
+    fake_unit_cgroup(rig, pid)
+    done = rig.bindguard("verify", "--user", "--json", "--timeout", "0", "--unit", "web.service", ADDRESS)
+    assert done.returncode == 98, done.stderr
+    (address,) = json.loads(done.stdout)["addresses"]
+    assert address["kind"] == "foreign-owner" and address["listeners"][0]["unit_statuses"] == ["no-unit"]
+    assert "in no unit" in address["evidence"][0]
+
+
+def test_scan_tells_a_scope_no_unit_and_unknown_apart(systemd_rig):
+    rig = systemd_rig
+    start_in_scope(rig)
+    rig.hold({"host": "127.0.0.1", "port": PORT + 1})  # outside the manager's tree
+
+    report = json.loads(rig.bindguard("scan", "--user", "--json").stdout)
+    listeners = {entry["port"]: entry for entry in report["listeners"]}
+    assert (listeners[PORT]["unit"], listeners[PORT]["unit_status"]) == ("session-3.scope", "manager")
+    assert (listeners[PORT + 1]["unit"], listeners[PORT + 1]["unit_status"]) == (None, "no-unit")
+    unclaimed = {f["port"]: f for f in report["findings"] if f["kind"] == "unclaimed-listener"}
+    assert unclaimed[PORT]["summary"].endswith("is served by no running service")
+    assert "it runs in session-3.scope, not in a service" in unclaimed[PORT]["evidence"]
+    assert "the manager places it in no unit" in unclaimed[PORT + 1]["evidence"]
+    table = rig.bindguard("scan", "--user").stdout
+    assert "(no unit)" in table
+
+    rig.stop_bus()
+    report = json.loads(rig.bindguard("scan", "--user", "--json").stdout)
+    listeners = {entry["port"]: entry for entry in report["listeners"]}
+    assert (listeners[PORT]["unit"], listeners[PORT]["unit_status"]) == ("session-3.scope", "cgroup")
+    assert (listeners[PORT + 1]["unit"], listeners[PORT + 1]["unit_status"]) == (None, "unknown")

@@ -42,7 +42,7 @@ def test_assess_each_kind():
     assert _assess("127.0.0.1:80", _listener("127.0.0.2:80", 1, "web.service")).kind == WRONG_ADDRESS
     assert _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "other.service")).kind == FOREIGN_OWNER
     foreign_wildcard = _assess("127.0.0.1:80", _listener("[::]:80", 1, None, v6only=False))
-    assert foreign_wildcard.kind == FOREIGN_OWNER and "unit none" in foreign_wildcard.evidence[0]
+    assert foreign_wildcard.kind == FOREIGN_OWNER and "unit unknown" in foreign_wildcard.evidence[0]
     shared = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, None))
     assert shared.kind == SHARED and "kill" not in shared.fix
     # a v6only listener on [::] does not overlap 127.0.0.1: it is not in the way

@@ -52,6 +52,30 @@ def proven_manager(user: bool) -> tuple[int, str] | None:
     return None
 
 
+def ask_units(conn, pids, answers: dict[int, str | None]) -> dict[int, str | None]:
+    """The manager's answer (GetUnitByPID) for each PID, None for "in no unit", into answers (kept
+    as far as they came when the bus fails: SystemdError). The manager answers "no unit" for
+    a process that has exited too: that answer is kept only for a process still there after it."""
+    for pid in dict.fromkeys(pids):
+        if pid not in answers:
+            unit = conn.unit_of_pid(pid)
+            if unit is not None or os.path.exists(f"/proc/{pid}"):
+                answers[pid] = unit
+    return answers
+
+
+def own_unit_cgroup(unit: str) -> str | None:
+    """The cgroup of unit when this process runs in it (an ExecStartPre=/ExecStartPost= of the
+    unit): the kernel's word, without D-Bus. None when this process is not in unit."""
+    from bindguard.unitfiles import process_cgroup
+
+    parts = (process_cgroup("self") or "").split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == unit or (parts[i].startswith("_") and parts[i][1:] == unit):
+            return "/".join(parts[: i + 1])
+    return None
+
+
 def instance_running(active_state: str, sub_state: str) -> bool:
     """Whether a unit in this state runs an instance now (its processes are that instance)."""
     if active_state in STOPPED_STATES:
@@ -149,13 +173,10 @@ class SystemdContext:
                 for _, endpoint, v6only in unit.endpoints():
                     facts.socket_units.append(
                         SocketUnitFact(unit.name, unit.active_state, endpoint, v6only, unit.triggers))
-            for process in holders:
-                if process.pid == facts.manager_pid:
-                    continue  # the manager's own sockets are its socket units'
-                unit = conn.unit_of_pid(process.pid)
-                facts.unit_of_pid[process.pid] = unit
-                if unit and unit not in facts.unit_states:
-                    facts.unit_states[unit] = conn.active_state(unit)
+            # the manager's own sockets are its socket units'
+            ask_units(conn, [p.pid for p in holders if p.pid != facts.manager_pid], facts.unit_of_pid)
+            for unit in dict.fromkeys(u for u in facts.unit_of_pid.values() if u):
+                facts.unit_states[unit] = conn.active_state(unit)
         except systemd.SystemdError as exc:
             self.notes.append(f"{exc}; the verdict stands on the kernel's answer")
         return facts

@@ -19,13 +19,10 @@ import time
 
 from bindguard import output
 from bindguard.facts import SystemdFacts
+from bindguard.owners import cgroup_within
 from bindguard.verdict import OWN_INSTANCE, Conflict
 
 GRACE_SECONDS = 5.0
-
-
-def _within(cgroup: str, control_group: str) -> bool:
-    return bool(control_group) and (cgroup == control_group or cgroup.startswith(control_group.rstrip("/") + "/"))
 
 
 def why_reapable(conflict: Conflict, facts: SystemdFacts | None, control_group: str) -> str | None:
@@ -39,7 +36,7 @@ def why_reapable(conflict: Conflict, facts: SystemdFacts | None, control_group: 
     if p.pid in (1, facts.manager_pid, os.getpid(), os.getppid()):
         return None
     unit = facts.guarded_unit
-    if unit is None or facts.unit_of_pid.get(p.pid) != unit or not _within(p.cgroup, control_group):
+    if unit is None or facts.unit_of_pid.get(p.pid) != unit or not cgroup_within(p.cgroup, control_group):
         return None
     return (f"the manager places it in {unit}, its cgroup {p.cgroup} is the unit's own ({control_group}), and "
             f"{unit} is {facts.guarded_state}")

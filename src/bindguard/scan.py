@@ -25,6 +25,7 @@ from bindguard import output
 from bindguard.endpoints import TCP, UDP, Bind, Endpoint, SocketOptions, addresses_overlap, host_bindv6only
 from bindguard.errors import EXIT_INUSE
 from bindguard.facts import ProcessFact, SocketFact
+from bindguard.verdict import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER, UNIT_UNKNOWN, holder_unit
 
 UNIT_COLLISION = "unit-collision"
 SOCKET_UNIT_COLLISION = "socket-unit-collision"
@@ -55,8 +56,9 @@ class Listener:
 
     socket: SocketFact
     process: ProcessFact | None = None
-    unit: str | None = None  # the holder's unit (GetUnitByPID, else its cgroup)
-    by_manager: bool = False  # held by the service manager: a .socket unit
+    unit: str | None = None  # the holder's unit (GetUnitByPID, else its cgroup); held by the manager: its socket unit
+    unit_status: str | None = None  # how `unit` is known: verdict.UNIT_STATUSES; None without a holder
+    by_manager: bool = False  # held by the proven service manager: a .socket unit
     socket_unit: str | None = None
 
     @property
@@ -200,7 +202,7 @@ def _listeners(scan: Scan) -> list[Listener]:
             if pids[0] not in facts:
                 facts[pids[0]] = owners.process_facts(pids[0])
             process = facts[pids[0]]
-        listeners.append(Listener(s, process, process.unit if process else None))
+        listeners.append(Listener(s, process))
     return listeners
 
 
@@ -218,29 +220,36 @@ def _connect(bus_choice: bool | None, scan: Scan):
 
 
 def _manager_pid(connection, bus_choice: bool | None) -> int | None:
+    """The manager's PID from the bus, else where /proc proves it (attribution.proven_manager)."""
     from bindguard import systemd
+    from bindguard.attribution import proven_manager
 
     if connection is not None:
         return connection.manager_pid()
-    return systemd.known_manager_pid(systemd.choose_bus(bus_choice))
+    proven = proven_manager(systemd.choose_bus(bus_choice) == systemd.USER)
+    return proven[0] if proven else None
 
 
 def _attribute_listeners(scan: Scan, connection, manager_pid: int | None, socket_units) -> None:
+    """Each listener's unit as the check's attribution knows it (verdict.holder_unit): the manager's
+    answer where a bus is open, else the name the cgroup path bears, marked as such."""
+    from bindguard.attribution import ask_units
+
     endpoints = [(unit.name, endpoint) for unit in socket_units for _, endpoint, _ in unit.endpoints()]
-    units_of_pids: dict[int, str | None] = {}
-    for listener in scan.listeners:
-        process = listener.process
-        if process is None:
-            continue
-        if connection is not None:
-            if process.pid not in units_of_pids:
-                units_of_pids[process.pid] = connection.unit_of_pid(process.pid)
-            listener.unit = units_of_pids[process.pid] or listener.unit
-        if process.pid == manager_pid or (manager_pid is None and listener.unit == "init.scope"):
+    held = [listener for listener in scan.listeners if listener.process is not None]
+    answered: dict[int, str | None] = {}
+    if connection is not None:
+        ask_units(connection, [l.process.pid for l in held if l.process.pid != manager_pid], answered)
+    for listener in held:
+        if listener.process.pid == manager_pid:
             listener.by_manager = True
             local = listener.socket.local
             listener.socket_unit = next((name for name, ep in endpoints if (ep.proto, ep.host, ep.port)
                                          == (local.proto, local.host, local.port)), None)
+            listener.unit = listener.socket_unit
+            listener.unit_status = UNIT_BY_MANAGER if listener.socket_unit else UNIT_UNKNOWN
+        else:
+            listener.unit, listener.unit_status = holder_unit(listener.process, answered)
 
 
 def _will_run(info, live_sockets: set[str]) -> bool:
@@ -380,12 +389,18 @@ def _active_state(connection, unit: str) -> str | None:
 
 
 def _unclaimed(scan: Scan, connection) -> None:
-    states: dict[str, str] = {u.name: u.active_state for u in scan.units}
+    """Listeners no running service serves, said as far as known: the manager's word on a unit and
+    its state where a bus answered; without one, only what the cgroup path names, marked as such."""
+    states: dict[str, str] = {u.name: u.active_state for u in scan.units if u.active_state}
     for listener in scan.listeners:
         if listener.by_manager:
             continue
-        s, p, unit = listener.socket, listener.process, listener.unit
-        if unit and unit.endswith(".service"):
+        s, p, unit, status = listener.socket, listener.process, listener.unit, listener.unit_status
+        service = bool(unit and unit.endswith(".service"))
+        if service and status == UNIT_BY_CGROUP:
+            continue  # no bus: whether that unit runs, and whether it is really this one, is not known
+        state = None
+        if service:
             state = states.get(unit)
             if state is None and connection is not None:
                 state = _active_state(connection, unit)
@@ -395,12 +410,16 @@ def _unclaimed(scan: Scan, connection) -> None:
         if p is not None:
             evidence.append(f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), user {p.user}, PPID {p.ppid}, "
                             f"cgroup {p.cgroup or '?'}")
-            if unit is None:
-                evidence.append("its cgroup names no unit")
-            elif not unit.endswith(".service"):
+            if status == NO_UNIT:
+                evidence.append("the manager places it in no unit")
+            elif status == UNIT_UNKNOWN:
+                evidence.append("its cgroup path names no unit, and no manager was asked")
+            elif status == UNIT_BY_CGROUP:
+                evidence.append(f"its cgroup path names {unit}, not a service (no manager confirmed it)")
+            elif not service:
                 evidence.append(f"it runs in {unit}, not in a service")
             else:
-                evidence.append(f"its unit {unit} is {states.get(unit) or 'not running'}: a stray copy")
+                evidence.append(f"its unit {unit} is {state}: a stray copy")
         else:
             evidence.append(f"no process found holding it (socket inode {s.inode}, uid {s.uid})")
         for claim in scan.claims:
@@ -414,8 +433,8 @@ def _unclaimed(scan: Scan, connection) -> None:
         else:
             fix = f"find the holder as root: `ss -lntup 'sport = :{s.local.port}'`"
         scan.findings.append(Finding(
-            UNCLAIMED_LISTENER, f"{s.local} is served by no unit", evidence, fix, s.local.proto, s.local.port,
-            (unit,) if unit else (), (str(s.local),)))
+            UNCLAIMED_LISTENER, f"{s.local} is served by no running service", evidence, fix, s.local.proto,
+            s.local.port, (unit,) if unit else (), (str(s.local),)))
 
 
 def _ephemeral(scan: Scan) -> None:
@@ -527,6 +546,18 @@ def _command(process: ProcessFact | None) -> str:
     return " ".join(process.cmdline) or process.name
 
 
+def _unit_column(listener: Listener) -> str:
+    """The UNIT column: "(no unit)" when the manager says so, "?" when nobody asked it, and a name
+    only its cgroup path bears marked "(cgroup)"."""
+    if listener.by_manager:
+        return f"{listener.owner or '?'} (systemd)"
+    if listener.unit_status == UNIT_BY_MANAGER:
+        return listener.unit
+    if listener.unit_status == UNIT_BY_CGROUP:
+        return f"{listener.unit} (cgroup)"
+    return "(no unit)" if listener.unit_status == NO_UNIT else "?"
+
+
 def table_rows(scan: Scan) -> list[tuple[str, ...]]:
     """PORT, ADDRESS, STATE, PID, UNIT, DECLARED BY, COMMAND; one row per listener or unserved claim."""
     rows: list[tuple[tuple, tuple[str, ...]]] = []
@@ -538,9 +569,7 @@ def table_rows(scan: Scan) -> list[tuple[str, ...]]:
                            if c.source != LISTENING and c.bind.endpoint == s.local})
         served.update((c.unit, c.bind.endpoint) for c in scan.claims if c.bind.endpoint == s.local)
         state = "LISTEN" if s.local.proto == TCP else "UDP"
-        unit = owner or "-"
-        if listener.by_manager:
-            unit = f"{owner or '?'} (systemd)"
+        unit = _unit_column(listener)
         rows.append(((s.local.port, s.local.proto, str(s.local)),
                      (f"{s.local.port}/{s.local.proto}", s.local.address(), state, str(p.pid) if p else "-",
                       unit, ", ".join(declared) or "-", _command(p))))
@@ -598,7 +627,7 @@ def scan_json(scan: Scan) -> dict:
             "state": s.state, "v6only": s.v6only, "inode": s.inode or None, "uid": s.uid,
             "pid": p.pid if p else None, "ppid": p.ppid if p else None, "command": _command(p) if p else None,
             "user": p.user if p else None, "cgroup": p.cgroup if p else None,
-            "started": _iso(p.started) if p else None, "unit": item.unit,
+            "started": _iso(p.started) if p else None, "unit": item.unit, "unit_status": item.unit_status,
             "socket_unit": item.socket_unit, "held_by_manager": item.by_manager,
         }
 

@@ -8,6 +8,7 @@ the evidence, and such conflicts are marked as predictions.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bindguard.endpoints import TCP, Bind, addresses_overlap
@@ -106,6 +107,17 @@ def _kind_of_socket(sock: SocketFact | None) -> tuple[str, bool]:
     return BOUND_KIND, False
 
 
+def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, str]:
+    """A process's unit and how it is known (UNIT_STATUSES), from the manager's answers (GetUnitByPID,
+    None meaning no unit) where it was asked, else from the name its cgroup path bears."""
+    if process.pid in answered:
+        unit = answered[process.pid]
+        if unit is not None and unit.endswith(".slice"):  # a slice holds no process of a unit
+            unit = None
+        return unit, UNIT_BY_MANAGER if unit else NO_UNIT
+    return process.unit, UNIT_BY_CGROUP if process.unit else UNIT_UNKNOWN
+
+
 def unit_phrase(unit: str | None, status: str | None) -> str:
     """How the report says where a holder belongs, keeping "in no unit" apart from "not known"."""
     if status == UNIT_BY_MANAGER:
@@ -150,14 +162,7 @@ def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
         return Attribution(process, SOCKET_UNIT, owner.name, UNIT_BY_MANAGER, owner.name,
                       sd.guarded_unit in owner.triggers,
                       (f"{owner.name} listens on {owner.endpoint.address()}", held))
-    if sd is not None and process.pid in sd.unit_of_pid:
-        unit = sd.unit_of_pid[process.pid]
-        if unit is not None and unit.endswith(".slice"):  # a slice holds no processes of a unit
-            unit = None
-        status = UNIT_BY_MANAGER if unit else NO_UNIT
-    else:
-        unit = process.unit
-        status = UNIT_BY_CGROUP if unit else UNIT_UNKNOWN
+    unit, status = holder_unit(process, sd.unit_of_pid if sd is not None else {})
     if status == UNIT_BY_MANAGER and unit == sd.guarded_unit:
         if sd.guarded_instance_running is False:
             return Attribution(process, OWN_INSTANCE, unit, status, evidence=(

@@ -13,12 +13,14 @@ from bindguard.commands import check
 from bindguard.endpoints import TCP, Bind, addresses_overlap
 from bindguard.errors import EXIT_INUSE, UsageError
 from bindguard.facts import BOUND, ProcessFact, SocketFact
+from bindguard.verdict import NO_UNIT, UNIT_BY_MANAGER, holder_unit, unit_phrase
 from bindguard.unitfiles import normalize_unit
 
 DESCRIPTION = """\
 After the daemon started: does each address have exactly one intended listener (or a
-SO_REUSEPORT group of them), owned by the unit's own processes (its cgroup), on the intended
-local address, with nothing else bound to it? verify polls sock_diag until every address has
+SO_REUSEPORT group of them), owned by the unit's own processes (as the manager places them;
+without a bus, in verify's own cgroup), on the intended local address, with nothing else bound
+to it? verify polls sock_diag until every address has
 a listener or --timeout runs out, then reports and exits non-zero if anything is wrong, so
 that the start fails and `systemctl status` shows why:
 
@@ -75,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Holder:
     socket: SocketFact
     processes: list[ProcessFact]
-    in_unit: bool
+    in_unit: bool  # one of the processes is proven to be in the verified unit (see _in_unit)
+    units: list[tuple[str | None, str]] = field(default_factory=list)  # each process's verdict.holder_unit
 
 
 @dataclass
@@ -91,8 +94,9 @@ class Check:
         return self.kind is None
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool]:
-    """The unit, its addresses (as `check` plans them), and whether IPV6_V6ONLY was stated."""
+def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool, object]:
+    """The unit, its addresses (as `check` plans them), whether IPV6_V6ONLY was stated, and the
+    SystemdContext that asks the manager (None with --no-systemd)."""
     from bindguard import config, systemd
 
     unit = args.unit or systemd.guarded_unit()
@@ -103,7 +107,8 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool]:
     if not args.listen and args.no_systemd and args.config is None and config.load_unit_config(args.unit) is None:
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, and no bindguard file",
                          "give the addresses, e.g. `bindguard verify 0.0.0.0:80`")
-    plan = check.plan(args, check.systemd_context(args))
+    ctx = check.systemd_context(args)
+    plan = check.plan(args, ctx)
     if plan is None or not plan.binds:
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, no listen: in its bindguard file, "
                          "and discovery found none", "give the addresses as LISTEN arguments")
@@ -113,7 +118,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool]:
     if not binds:
         raise UsageError(f"discovery only guessed the addresses of {args.unit}; verify does not judge on guesses",
                          "give the addresses as LISTEN arguments, or a listen: list in its bindguard file")
-    return args.unit, binds, args.v6only is not None or not args.listen
+    return args.unit, binds, args.v6only is not None or not args.listen, ctx
 
 
 def _observe(binds: list[Bind], notes: list[str]) -> dict[tuple[str, int], list[SocketFact]]:
@@ -144,8 +149,21 @@ def wait_for_listeners(binds: list[Bind], timeout: float, notes: list[str]) -> t
         time.sleep(min(POLL_INTERVAL, max(timeout - elapsed, 0.0)))
 
 
-def _holders(observed: dict, unit: str, notes: list[str]) -> dict[int, Holder]:
-    from bindguard import owners
+def _in_unit(unit: str, process: ProcessFact, named: tuple[str | None, str], own_cgroup: str | None) -> bool:
+    """Whether process belongs to unit: the manager's word where it answered; else the kernel's,
+    where verify runs in the unit itself (ExecStartPost=: the same cgroup); else only the name its
+    cgroup path bears, which the evidence marks as unconfirmed."""
+    from bindguard.owners import cgroup_within
+
+    name, status = named
+    if status in (UNIT_BY_MANAGER, NO_UNIT) or own_cgroup is None:
+        return name == unit
+    return cgroup_within(process.cgroup, own_cgroup)
+
+
+def _holders(observed: dict, unit: str, notes: list[str], ctx=None) -> dict[int, Holder]:
+    from bindguard import owners, systemd
+    from bindguard.attribution import ask_units, own_unit_cgroup
 
     all_sockets = [s for socks in observed.values() for s in socks]
     inodes = {s.inode for s in all_sockets if s.inode}
@@ -154,15 +172,26 @@ def _holders(observed: dict, unit: str, notes: list[str]) -> dict[int, Holder]:
         notes.append("some processes could not be inspected (permission denied): run verify as root "
                      "(ExecStartPost=+...) to see every holder")
     facts: dict[int, ProcessFact | None] = {}
-    result = {}
-    for s in all_sockets:
-        processes = []
-        for pid in found.get(s.inode, []):
+    for pids in found.values():
+        for pid in pids:
             if pid not in facts:
                 facts[pid] = owners.process_facts(pid)
-            if facts[pid] is not None:
-                processes.append(facts[pid])
-        result[s.inode] = Holder(s, processes, any(p.unit == unit for p in processes))
+    answered: dict[int, str | None] = {}
+    connection = ctx.connection() if ctx is not None and facts else None
+    if connection is not None:
+        try:
+            ask_units(connection, [pid for pid, fact in facts.items() if fact is not None], answered)
+        except systemd.SystemdError as exc:
+            notes.append(f"{exc}; units are named from cgroup paths")
+    if ctx is not None:
+        notes.extend(n for n in ctx.notes if n not in notes)
+    own_cgroup = own_unit_cgroup(unit)
+    result = {}
+    for s in all_sockets:
+        processes = [facts[pid] for pid in found.get(s.inode, []) if facts[pid] is not None]
+        units = [holder_unit(p, answered) for p in processes]
+        in_unit = any(_in_unit(unit, p, named, own_cgroup) for p, named in zip(processes, units))
+        result[s.inode] = Holder(s, processes, in_unit, units)
     return result
 
 
@@ -170,9 +199,10 @@ def _who(holder: Holder) -> str:
     if not holder.processes:
         return f"{holder.socket.local} {holder.socket.state} (holder not found, uid {holder.socket.uid})"
     p = holder.processes[0]
+    unit, status = holder.units[0] if holder.units else holder_unit(p, {})
     more = f" and {len(holder.processes) - 1} more" if len(holder.processes) > 1 else ""
     return (f"{holder.socket.local} {holder.socket.state}: PID {p.pid} ({' '.join(p.cmdline) or p.name}){more}, "
-            f"unit {p.unit or 'none'}, cgroup {p.cgroup or '?'}")
+            f"{unit_phrase(unit, status)}, cgroup {p.cgroup or '?'}")
 
 
 def assess(bind: Bind, sockets_on_port: list[SocketFact], holders: dict[int, Holder], unit: str,
@@ -189,8 +219,10 @@ def assess(bind: Bind, sockets_on_port: list[SocketFact], holders: dict[int, Hol
     if not ours and foreign:
         check.kind = FOREIGN_OWNER
         check.evidence = [f"held outside {unit}: {_who(h)}" for h in foreign]
-        p = next((h.processes[0] for h in foreign if h.processes), None)
-        stop = (f"`systemctl stop {p.unit}`" if p and p.unit and p.unit.endswith(".service")
+        h = next((h for h in foreign if h.processes), None)
+        p = h.processes[0] if h else None
+        named = (h.units[0] if h.units else holder_unit(p, {})) if h else (None, "")
+        stop = (f"`systemctl stop {named[0]}`" if named[1] == UNIT_BY_MANAGER and named[0].endswith(".service")
                 else f"the way it was started, after finding out what it is with "
                      f"`ps -o pid,ppid,lstart,cmd -p {p.pid}`" if p
                 else f"find it as root with `ss -lntup 'sport = :{ep.port}'`")
@@ -262,7 +294,8 @@ def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[
             "listeners": [{
                 "local_address": str(h.socket.local), "state": h.socket.state, "v6only": h.socket.v6only,
                 "in_unit": h.in_unit, "pids": [p.pid for p in h.processes],
-                "units": sorted({p.unit for p in h.processes if p.unit}),
+                "units": sorted({unit for unit, _ in h.units if unit}),
+                "unit_statuses": [status for _, status in h.units],
                 "command": " ".join(h.processes[0].cmdline) if h.processes else None,
             } for h in c.holders],
             "evidence": c.evidence,
@@ -275,10 +308,10 @@ def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[
 def run(args: argparse.Namespace) -> int:
     if not args.timeout >= 0:
         raise UsageError(f"--timeout {args.timeout}: must be 0 or more seconds", "e.g. --timeout 5")
-    unit, binds, v6only_stated = _resolve(args)
+    unit, binds, v6only_stated, ctx = _resolve(args)
     notes: list[str] = []
     observed, waited = wait_for_listeners(binds, args.timeout, notes)
-    holders = _holders(observed, unit, notes)
+    holders = _holders(observed, unit, notes, ctx)
     checks = [assess(b, observed[(b.endpoint.proto, b.endpoint.port)], holders, unit, v6only_stated, waited)
               for b in binds]
     kinds = {c.kind for c in checks if not c.ok}
