@@ -116,6 +116,14 @@ class SystemdContext:
             raise systemd.SystemdUnavailable(self._unavailable)
         return unit_facts(unit, connection=self._connection)
 
+    def socket_units_may_claim(self, binds: list[Bind]) -> bool:
+        """Whether an enabled .socket unit's files list one of these ports: on a clear start in a
+        unit, the one reason to ask the manager anything (a latent socket unit). No D-Bus."""
+        from bindguard import systemd, unitexec
+
+        user = systemd.choose_bus(self.bus_choice) == systemd.USER
+        return unitexec.socket_units_may_claim({b.endpoint.port for b in binds}, user)
+
     @property
     def in_unit(self) -> bool:
         """Guarding a unit: named with --unit, or running under a manager (INVOCATION_ID is set)."""

@@ -158,18 +158,7 @@ def _unit_needs_a_closer_look(unit: str, user: bool, listen: list[str]) -> bool:
     to explain a conflict actually found, never on a clear path."""
     from bindguard import unitexec
 
-    ports = {_port_of(text) for text in listen}
-    dirs = unitexec.unit_path(user)
-    return any(_port_of(value) in ports
-               for socket_unit in unitexec.enabled_socket_units(dirs)
-               for value in unitexec.socket_listen_values(socket_unit, user))
-
-
-def _port_of(listen_value: str) -> str:
-    """The port of a Listen value as written ("8080", "0.0.0.0:8080", "[::]:8080", "udp:..."): its
-    digits after the last colon; a path or vsock address gives something no port equals."""
-    digits = listen_value.rpartition(":")[2].strip()
-    return str(int(digits)) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else listen_value
+    return unitexec.socket_units_may_claim({unitexec.listen_port(text) for text in listen}, user)
 
 
 def _is_wait(value: str) -> bool:

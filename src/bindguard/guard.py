@@ -181,7 +181,8 @@ def _investigate(request: Request, cache: dict) -> tuple[list[ProbeResult], Evid
     if failed or request.observe_always:
         evidence = _observe_again_or_not(request, results, cache)
     ctx = request.systemd
-    if ctx is not None and (ctx.in_unit or request.observe_always or evidence.holders):
+    if ctx is not None and (request.observe_always or evidence.holders
+                            or ctx.in_unit and (failed or ctx.socket_units_may_claim(request.binds))):
         holder_pids = frozenset(p.pid for p in evidence.holders.values())
         if cache.get("pids") != holder_pids:
             cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(evidence.holders.values())))

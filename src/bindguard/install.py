@@ -202,10 +202,10 @@ def daemon_reload(user: bool) -> str | None:
     """Make the manager read the change: Manager.Reload over D-Bus, else `systemctl daemon-reload`
     (which also reaches a manager without a bus through its private socket). Returns None on
     success, or why neither worked."""
-    from bindguard.systemd import SYSTEM, USER, Systemd, SystemdError
+    from bindguard.systemd import CONNECT_TIMEOUT, SYSTEM, USER, Systemd, SystemdError
 
-    try:
-        with Systemd(USER if user else SYSTEM, timeout=90) as sd:
+    try:  # a reload of many units takes a while, and a person waits for it anyway
+        with Systemd(USER if user else SYSTEM, budget=CONNECT_TIMEOUT + 90, call_timeout=90) as sd:
             sd.reload()
         return None
     except SystemdError as exc:

@@ -42,6 +42,7 @@ BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit w
 ACTIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
 ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
 RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
+SCAN_BUS_BUDGET = 30.0  # seconds of D-Bus: a scan asks about every service, and no start waits for it
 
 # Sources of a claim.
 CONFIG = "config"
@@ -211,7 +212,7 @@ def _connect(bus_choice: bool | None, scan: Scan):
 
     bus = systemd.choose_bus(bus_choice)
     try:
-        connection = systemd.Systemd(bus)
+        connection = systemd.Systemd(bus, budget=SCAN_BUS_BUDGET)
         scan.bus = bus
         return connection
     except systemd.SystemdError as exc:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -240,32 +242,124 @@ def _exec_commands(value) -> tuple[ExecCommand, ...]:
     )
 
 
-class Systemd:
-    """A connection to one manager (SYSTEM or USER bus). Use as a context manager.
+def _address_escape(path: str) -> bytes:
+    return b"".join(bytes([b]) if b in _ADDRESS_PLAIN else b"%%%02x" % b for b in os.fsencode(path))
 
-    Raises SystemdUnavailable when the bus cannot be opened or the manager does not answer.
-    `timeout` caps each call (it sets SYSTEMD_BUS_TIMEOUT for sd-bus unless already set).
+
+def _address_unescape(value: str) -> str:
+    raw, i = bytearray(), 0
+    data = value.encode("utf-8", "surrogateescape")
+    while i < len(data):
+        if data[i] == ord("%") and i + 3 <= len(data):
+            try:
+                raw.append(int(data[i + 1:i + 3], 16))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        raw.append(data[i])
+        i += 1
+    return os.fsdecode(bytes(raw))
+
+
+def _check_bus_socket(bus: str, path: str) -> None:
+    """The bus socket exists, is a socket, and belongs to root or to this user: a socket someone
+    else made (named by an environment a service's user wrote) would let them answer for systemd."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {path}"
+                                 + ("" if exc.errno == errno.ENOENT else f" ({exc.strerror})")) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not a socket")
+    if st.st_uid not in (0, os.geteuid()):
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} belongs to uid {st.st_uid}, "
+                                 "neither root nor this user")
+
+
+def _answers(bus: str, path: str, timeout: float) -> None:
+    """Raise SystemdUnavailable unless the bus at path answers an authentication request within
+    timeout: sd-bus itself would wait 90 s (its authentication timeout) on a bus that never answers."""
+    deadline = time.monotonic() + timeout
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(timeout)
+        probe.connect(path)
+        probe.sendall(b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n")
+        answer = b""
+        while b"\n" not in answer and len(answer) < 512:
+            probe.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = probe.recv(512)
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        raise SystemdUnavailable(f"the {bus} bus at {path} did not answer within {timeout:g} s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            reason += f" (no {'session' if bus == USER else 'system'} bus at {path})"
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {reason}") from None
+    finally:
+        probe.close()
+    if not answer.startswith((b"OK", b"REJECTED")):  # REJECTED: it answers, and offers other mechanisms
+        raise SystemdUnavailable(f"the {bus} bus at {path} did not answer as a D-Bus bus does")
+
+
+# The guard runs before every start, and a bus can accept connections and never answer (at boot
+# dbus.socket listens before dbus-daemon runs; a wedged dbus-daemon or manager): sd-bus would wait
+# 90 s for its authentication, as long as the default TimeoutStartSec=. So a connection gets a
+# budget of time spent on D-Bus: the bus must answer the connection within CONNECT_TIMEOUT, each
+# question within CALL_TIMEOUT, and no question starts that could take the total past the budget.
+BUS_BUDGET = 3.0
+CONNECT_TIMEOUT = 1.0
+CALL_TIMEOUT = 1.0
+# Bytes a D-Bus address value may hold unescaped (the D-Bus specification's "optionally escaped").
+_ADDRESS_PLAIN = frozenset(b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_/.\\*")
+
+
+class Systemd:
+    """A connection to one manager (SYSTEM or USER bus), within a budget of time. Use as a context manager.
+
+    The bus is a unix socket (`unix:path=` in $DBUS_SYSTEM_BUS_ADDRESS, $DBUS_SESSION_BUS_ADDRESS,
+    else the standard path) owned by root or by this user; sd-bus's other transports (one of
+    them runs a program) are never used. Before pystemd connects, the socket must answer the
+    authentication's first line within CONNECT_TIMEOUT. Raises SystemdUnavailable when the bus
+    cannot be opened, does not answer, or the budget is spent.
     """
 
-    def __init__(self, bus: str = SYSTEM, timeout: float = 5.0) -> None:
+    def __init__(self, bus: str = SYSTEM, budget: float = BUS_BUDGET, call_timeout: float = CALL_TIMEOUT) -> None:
         if bus not in (SYSTEM, USER):
             raise ValueError(f"bus must be {SYSTEM!r} or {USER!r}, not {bus!r}")
         self.bus = bus
-        socket_path = self._socket_path()
-        if socket_path is not None and not os.path.exists(socket_path):
-            # Say so before paying for pystemd's import (30-40 ms): early boot, containers.
-            raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {socket_path}")
-        os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", f"{timeout:g}s")
+        self._open = False
+        self._budget = budget
+        self._call_timeout = min(call_timeout, budget)
+        started = time.monotonic()
+        self._gave_up: str | None = None  # why no more questions are asked
+        path = self._socket_path()
+        _check_bus_socket(bus, path)  # before paying for pystemd's import (30-40 ms): early boot, containers
+        _answers(bus, path, min(CONNECT_TIMEOUT, self._call_timeout))
         try:
-            from pystemd.dbuslib import DBus
+            from pystemd.dbuslib import DBusAddress
         except ImportError as exc:
             raise SystemdUnavailable(f"cannot talk to the {bus} bus: pystemd is not installed ({exc})") from None
-        self._dbus = DBus(user_mode=bus == USER)
+        self._dbus = DBusAddress(b"unix:path=" + _address_escape(path))
+        # sd-bus reads SYSTEMD_BUS_TIMEOUT once, for the Hello that open() queues, and keeps it for
+        # every call on this connection; a value from the unit's environment must not stretch it.
+        saved = os.environ.get("SYSTEMD_BUS_TIMEOUT")
+        os.environ["SYSTEMD_BUS_TIMEOUT"] = f"{int(self._call_timeout * 1_000_000)}us"
         try:
             self._dbus.open()
         except Exception as exc:
             raise SystemdUnavailable(f"cannot connect to the {bus} bus: {self._why(exc)}") from None
+        finally:
+            if saved is None:
+                del os.environ["SYSTEMD_BUS_TIMEOUT"]
+            else:
+                os.environ["SYSTEMD_BUS_TIMEOUT"] = saved
         self._open = True
+        self._spent = time.monotonic() - started  # seconds spent on D-Bus so far
 
     def __enter__(self) -> Systemd:
         return self
@@ -284,12 +378,19 @@ class Systemd:
             return os.environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path={runtime}/bus"
         return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
 
-    def _socket_path(self) -> str | None:
-        """The bus's socket file when its address is a plain unix:path=, else None (no check)."""
+    def _socket_path(self) -> str:
+        """The socket file of the bus address's first `unix:path=` entry (its %XX escapes undone)."""
         address = self._address()
-        if not address.startswith("unix:path=") or ";" in address:
-            return None
-        return address[len("unix:path="):].split(",", 1)[0]
+        for entry in address.split(";"):
+            transport, _, pairs = entry.partition(":")
+            if transport != "unix":
+                continue
+            for pair in pairs.split(","):
+                key, _, value = pair.partition("=")
+                if key == "path" and value:
+                    return _address_unescape(value)
+        raise SystemdUnavailable(f"cannot connect to the {self.bus} bus: its address {address!r} names no "
+                                 "unix:path= socket, the only kind bindguard uses")
 
     def _why(self, exc: Exception) -> str:
         code = getattr(exc, "errno", 0)
@@ -307,33 +408,45 @@ class Systemd:
         answer = _text(getattr(exc, "err_message", b"") or b"").strip()  # the manager's own words
         return SystemdRefused(f"the {self.bus} manager refused {what}: {answer or self._why(exc)}")
 
-    def _call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: Iterable = ()):
+    def _ask(self, what: str, question):
+        """question(): one round trip, within the budget. Once the manager has not answered, or
+        the budget has no room for another CALL_TIMEOUT, nothing more is asked."""
+        if self._gave_up is None and self._spent + self._call_timeout > self._budget:
+            self._gave_up = (f"stopped asking the {self.bus} manager before {what}: {self._spent:.1f} s of "
+                             f"bindguard's {self._budget:g} s for D-Bus are spent")
+        if self._gave_up is not None:
+            raise SystemdUnavailable(self._gave_up)
+        started = time.monotonic()
+        try:
+            return question()
+        except Exception as exc:
+            error = self._failed(exc, what)
+            if isinstance(error, SystemdUnavailable):
+                self._gave_up = str(error)
+            raise error from None
+        finally:
+            self._spent += time.monotonic() - started
+
+    def _call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: Iterable = (),
+              destination: bytes = _DEST):
         from pystemd.dbuslib import apply_signature
 
-        try:
+        def question():
             call_args = apply_signature(signature, list(args)) if signature else None
-            return self._dbus.call_method(_DEST, path, interface, method, call_args).body
-        except Exception as exc:
-            raise self._failed(exc, method.decode()) from None
+            return self._dbus.call_method(destination, path, interface, method, call_args).body
+
+        return self._ask(method.decode(), question)
 
     def _get(self, path: bytes, interface: bytes, name: bytes, signature: bytes):
-        try:
-            return self._dbus.get_property(_DEST, path, interface, name, signature)
-        except Exception as exc:
-            raise self._failed(exc, f"{interface.decode()}.{name.decode()}") from None
+        return self._ask(f"{interface.decode()}.{name.decode()}",
+                         lambda: self._dbus.get_property(_DEST, path, interface, name, signature))
 
     # --- the manager ---------------------------------------------------------------------
 
     def manager_pid(self) -> int:
         """The manager's PID: the bus owner of org.freedesktop.systemd1 (1 for the system manager)."""
-        try:
-            body = self._dbus.call_method(
-                b"org.freedesktop.DBus", b"/org/freedesktop/DBus", b"org.freedesktop.DBus",
-                b"GetConnectionUnixProcessID", [(ord("s"), _DEST)],
-            ).body
-        except Exception as exc:
-            raise self._failed(exc, "GetConnectionUnixProcessID") from None
-        return int(body)
+        return int(self._call(b"/org/freedesktop/DBus", b"org.freedesktop.DBus", b"GetConnectionUnixProcessID",
+                              b"s", [_DEST], destination=b"org.freedesktop.DBus"))
 
     def reload(self) -> None:
         """daemon-reload: re-read every unit file and drop-in (Manager.Reload, waits for it)."""
@@ -344,12 +457,8 @@ class Systemd:
     def unit_of_pid(self, pid: int) -> str | None:
         """The unit a process belongs to (GetUnitByPID), or None when it is in none."""
         try:
-            path = self._dbus.call_method(
-                _DEST, _MANAGER_PATH, _MANAGER, b"GetUnitByPID", [(ord("u"), pid)]
-            ).body
-        except Exception as exc:
-            if _is_unreachable(exc):
-                raise self._failed(exc, "GetUnitByPID") from None
+            path = self._call(_MANAGER_PATH, _MANAGER, b"GetUnitByPID", b"u", [pid])
+        except SystemdRefused:
             return None  # org.freedesktop.systemd1.NoUnitForPID, or no such process
         from pystemd.dbuslib import path_decode
 

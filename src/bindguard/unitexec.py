@@ -193,6 +193,22 @@ def socket_listen_values(unit: str, user: bool = False) -> list[str]:
     return values["ListenStream"] + values["ListenDatagram"]
 
 
+def listen_port(value: str) -> int | None:
+    """The port of a Listen value or LISTEN argument as written ("8080", "0.0.0.0:8080",
+    "[::]:8080", "udp:..."): its digits after the last colon; None for a path or vsock address."""
+    digits = value.rpartition(":")[2].strip()
+    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
+
+
+def socket_units_may_claim(ports: set[int | None], user: bool = False) -> bool:
+    """Whether the unit files of an enabled .socket unit list one of these ports: on a clear
+    start the one thing that needs the manager (a latent socket unit), read without D-Bus."""
+    ports = ports - {None}
+    return any(listen_port(value) in ports
+               for socket_unit in enabled_socket_units(unit_path(user))
+               for value in socket_listen_values(socket_unit, user))
+
+
 def _command_names(exec_start: str) -> list[str]:
     """The names of the programs an ExecStart= value runs: its binary, and inside `sh -c` the words."""
     words = exec_start.replace("'", " ").replace('"', " ").split()
