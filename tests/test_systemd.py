@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bindguard import owners
+from bindguard.attribution import proven_manager
 from bindguard.unitexec import enabled_socket_units
 from bindguard.unitfiles import unit_name
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
@@ -23,7 +24,6 @@ from bindguard.systemd import (
     SystemdUnavailable,
     UnitNotFound,
     choose_bus,
-    known_manager_pid,
     listen_endpoint,
 )
 
@@ -36,9 +36,9 @@ def test_choose_bus_follows_flags_then_managerpid():
     assert choose_bus(None, {"MANAGERPID": "4242"}) == USER
     assert choose_bus(None, {"MANAGERPID": "1"}) == SYSTEM
     assert choose_bus(None, {}) == SYSTEM
-    assert known_manager_pid(SYSTEM, {"MANAGERPID": "4242"}) == 1
-    assert known_manager_pid(USER, {"MANAGERPID": "4242"}) == 4242
-    assert known_manager_pid(USER, {}) is None
+    # $MANAGERPID is a claim: only a live process running systemd's binary proves a manager
+    assert proven_manager(True, {"MANAGERPID": str(os.getpid())}) is None
+    assert proven_manager(True, {}) is None
 
 
 @pytest.mark.parametrize(
@@ -202,9 +202,9 @@ ReusePort=yes
 def test_the_guard_in_exec_start_pre_finds_its_unit_and_manager(systemd_rig):
     rig = systemd_rig
     out = rig.log("probe.out")
-    probe = ("import os, time; from bindguard.systemd import *; bus = choose_bus(); sd = Systemd(bus); "
+    probe = ("import os, time; from bindguard.systemd import *; from bindguard.attribution import proven_manager; bus = choose_bus(); sd = Systemd(bus); "
              "me = sd.unit(guarded_unit()); "
-             "print(guarded_unit(), bus, sd.manager_pid(), known_manager_pid(bus), sd.unit_of_pid(os.getpid()), "
+             "print(guarded_unit(), bus, sd.manager_pid(), proven_manager(bus == USER)[0], sd.unit_of_pid(os.getpid()), "
              "me.active_state, round(me.start_deadline() - time.monotonic()))")
     rig.write_unit("guarded.service", f"""\
 [Service]

@@ -34,7 +34,7 @@ def _runs_systemd(pid: int) -> bool:
     return exe.removesuffix(" (deleted)") in SYSTEMD_BINARIES  # (deleted): upgraded while running
 
 
-def proven_manager(user: bool) -> tuple[int, str] | None:
+def proven_manager(user: bool, environ=None) -> tuple[int, str] | None:
     """The service manager's PID as /proc proves it without D-Bus, and the proof; None without proof.
 
     The system manager: PID 1 runs systemd and /run/systemd/system exists (as sd_booted() checks).
@@ -43,7 +43,7 @@ def proven_manager(user: bool) -> tuple[int, str] | None:
     the manager sets for what it starts, names a live process running systemd.
     """
     if user:
-        pid = manager_pid_from_env(True)
+        pid = manager_pid_from_env(environ)
         if pid and _runs_systemd(pid):
             return pid, f"$MANAGERPID {pid} runs systemd"
         return None

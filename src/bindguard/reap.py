@@ -19,7 +19,7 @@ import time
 
 from bindguard import output
 from bindguard.facts import SystemdFacts
-from bindguard.owners import cgroup_within
+from bindguard.owners import cgroup_within, unit_from_cgroup
 from bindguard.verdict import OWN_INSTANCE, Conflict
 
 GRACE_SECONDS = 5.0
@@ -37,6 +37,8 @@ def why_reapable(conflict: Conflict, facts: SystemdFacts | None, control_group: 
         return None
     unit = facts.guarded_unit
     if unit is None or facts.unit_of_pid.get(p.pid) != unit or not cgroup_within(p.cgroup, control_group):
+        return None
+    if unit_from_cgroup(control_group) != unit:  # the kernel's path and the manager's word must agree
         return None
     return (f"the manager places it in {unit}, its cgroup {p.cgroup} is the unit's own ({control_group}), and "
             f"{unit} is {facts.guarded_state}")

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bindguard.unitexec import enabled_socket_units
-from bindguard.unitfiles import manager_pid_from_env, user_manager
+from bindguard.unitfiles import user_manager
 from bindguard.endpoints import TCP, UDP, AddressError, Endpoint, host_bindv6only, parse_listen
 
 SYSTEM = "system"
@@ -192,11 +192,6 @@ class SocketUnit:
 def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = None) -> str:
     """USER or SYSTEM: --user/--system (True/False) decide, else $MANAGERPID (unitfiles.user_manager)."""
     return USER if user_manager(user, environ) else SYSTEM
-
-
-def known_manager_pid(bus: str, environ: Mapping[str, str] | None = None) -> int | None:
-    """The manager's PID without asking D-Bus: 1 for the system manager, $MANAGERPID for a user one."""
-    return manager_pid_from_env(bus == USER, environ)
 
 
 def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:

@@ -46,11 +46,9 @@ def user_manager(choice: bool | None = None, environ=None) -> bool:
     return manager is not None and manager != 1
 
 
-def manager_pid_from_env(user: bool, environ=None) -> int | None:
-    """The manager's PID without asking D-Bus: 1 for the system manager, $MANAGERPID for a user
-    manager; None when nothing tells."""
-    if not user:
-        return 1
+def manager_pid_from_env(environ=None) -> int | None:
+    """$MANAGERPID, the PID a user manager names for what it starts; None when unset. A claim only:
+    attribution.proven_manager checks that it is systemd."""
     return _env_manager_pid(environ)
 
 
