@@ -80,12 +80,13 @@ def hold(spec, keep):
         raise SystemExit(f"unknown mode {mode!r}")
 
 
-def start(wrap, specs, uid=None) -> subprocess.Popen:
-    """Run this script (through `wrap`, which enters a namespace) holding specs; wait for "ready"."""
+def start(wrap, specs, uid=None, extra_argv=()) -> subprocess.Popen:
+    """Run this script (through `wrap`, which enters a namespace) holding specs; wait for "ready".
+    extra_argv: more arguments, ignored, that show in its command line (hostile text, say)."""
     config = {"sockets": list(specs)}
     if uid is not None:
         config["uid"] = uid
-    proc = subprocess.Popen(wrap([sys.executable, os.path.abspath(__file__), json.dumps(config)]),
+    proc = subprocess.Popen(wrap([sys.executable, os.path.abspath(__file__), json.dumps(config), *extra_argv]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         own = isinstance(exc, GuardFailure)
         output.emit(
             output.ERR if fail_closed else output.WARNING,
-            (f"bindguard: cannot check: {exc}\n" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}\n")
-            + ("  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
-               + ("" if own else "; rerun with --debug for a traceback")),
+            [f"bindguard: cannot check: {exc}" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}",
+             "  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
+             + ("" if own else "; rerun with --debug for a traceback")],
         )
         return EXIT_INTERNAL if fail_closed else 0
 

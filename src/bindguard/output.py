@@ -22,20 +22,47 @@ def _max_level() -> int:
     return _LEVEL_NAMES.get(value, INFO)
 
 
-def emit(priority: int, text: str, stream=None) -> None:
-    """Write text (one or more lines) at a priority, unless SYSTEMD_LOG_LEVEL hides it."""
+# Every control character (C0, DEL, C1) as an escape: \n, \r, \t, else \xNN.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
+    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def escape(text: str) -> str:
+    """Text the guard does not control (a process's argv or name, a unit name from a cgroup, a
+    file's contents or name) made one harmless line: every control character is written as an
+    escape (a newline as \\n, ESC as \\x1b), so that it can neither start a journal entry of its
+    own (a forged "clear") nor drive a terminal. Every line emit() writes goes through it; text
+    written to stdout some other way must be passed through it first."""
+    return text.translate(_ESCAPES)
+
+
+def excerpt(text: str, limit: int = 40) -> str:
+    """At most `limit` characters of a file's (or any untrusted) text, escaped and quoted, for an
+    error message that must name what it could not use without printing the whole file."""
+    cut = text[:limit]
+    return "'" + escape(cut) + ("'..." if len(text) > limit else "'")
+
+
+def emit(priority: int, text: str | list[str] | tuple[str, ...], stream=None) -> None:
+    """Write at a priority, unless SYSTEMD_LOG_LEVEL hides it: a str is one line, a list one line
+    per item. A newline inside a line is escaped like every control character (see escape()):
+    only the structure the guard itself gives its message makes lines."""
     if priority > _max_level():
         return
+    lines = [escape(line) for line in ([text] if isinstance(text, str) else text)]
     stream = stream or sys.stderr
     if stream.isatty():
-        stream.write(text.rstrip("\n") + "\n")
+        stream.write("".join(f"{line}\n" for line in lines))
     else:
-        stream.write("".join(f"<{priority}>{line}\n" for line in text.rstrip("\n").split("\n")))
+        stream.write("".join(f"<{priority}>{line}\n" for line in lines))
     stream.flush()
 
 
 def error(message: str, hint: str | None = None) -> None:
-    emit(ERR, f"bindguard: error: {message}" + (f"\n  hint: {hint}" if hint else ""))
+    """A BindguardError: its message's lines are the guard's own (several problems of one file,
+    one a line); what they quote from elsewhere is quoted with excerpt() or repr()."""
+    lines = message.rstrip("\n").split("\n")
+    emit(ERR, [f"bindguard: error: {lines[0]}", *lines[1:], *([f"  hint: {hint}"] if hint else [])])
 
 
 def warning(message: str) -> None:

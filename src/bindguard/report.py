@@ -281,7 +281,7 @@ def write_human(outcome: Outcome, explain: bool = False, warnings: tuple[str, ..
         if explain or c.evidence:
             lines += [f"    evidence: {e}" for e in c.evidence]
         lines.append(f"    fix: {remedy(c)}")
-        output.emit(level, "\n".join(lines))
+        output.emit(level, lines)
     for note in outcome.evidence.notes:
         if note in warnings:
             output.emit(output.WARNING, f"  warning: {note}")

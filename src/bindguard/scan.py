@@ -588,7 +588,7 @@ def table_rows(scan: Scan) -> list[tuple[str, ...]]:
 
 def write_table(scan: Scan, stream) -> None:
     header = ("PORT", "ADDRESS", "STATE", "PID", "UNIT", "DECLARED BY", "COMMAND")
-    rows = table_rows(scan)
+    rows = [tuple(output.escape(cell) for cell in row) for row in table_rows(scan)]
     if not rows:
         stream.write("nothing listens, and no unit declares an address\n")
         return
@@ -605,7 +605,7 @@ def write_findings(scan: Scan) -> None:
         lines = [f"bindguard: scan: {f.kind}{where}: {f.summary}"]
         lines += [f"    evidence: {e}" for e in f.evidence]
         lines.append(f"    fix: {f.fix}")
-        output.emit(output.WARNING, "\n".join(lines))
+        output.emit(output.WARNING, lines)
     for note in scan.notes:
         output.emit(output.NOTICE, f"  note: {note}")
     if scan.findings:

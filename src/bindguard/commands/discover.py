@@ -124,9 +124,11 @@ def run(args: argparse.Namespace) -> int:
         print()
         return EXIT_CLEAR
     if not result.findings:
-        print("nothing found" + (f" ({', '.join(result.daemons)}: no listen address)" if result.daemons else ""))
+        print("nothing found" + (f" ({output.escape(', '.join(result.daemons))}: no listen address)"
+                                 if result.daemons else ""))
         return EXIT_CLEAR
-    rows = [(str(f.bind.endpoint), f.confidence, f.source, _options_text(f.bind), f.note) for f in result.findings]
+    rows = [(str(f.bind.endpoint), f.confidence, output.escape(f.source), _options_text(f.bind), output.escape(f.note))
+            for f in result.findings]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for address, confidence, source, options, note in rows:
         line = f"{address:<{widths[0]}}  {confidence:<{widths[1]}}  {source:<{widths[2]}}  {options}"

@@ -267,7 +267,7 @@ def _report(unit: str, checks: list[Check], code: int, waited: float, notes: lis
         output.emit(output.INFO, f"bindguard: verify: {unit} serves {', '.join(str(c.bind) for c in checks)} "
                                  f"as intended")
         for c in checks:
-            output.emit(output.INFO, "\n".join(f"  {c.bind}: {e}" for e in c.evidence))
+            output.emit(output.INFO, [f"  {c.bind}: {e}" for e in c.evidence])
     else:
         wrong = ", ".join(str(c.bind) for c in checks if not c.ok)
         output.emit(output.ERR, f"bindguard: verify: {unit} does not serve {wrong} as intended (exit {code})")
@@ -276,7 +276,7 @@ def _report(unit: str, checks: list[Check], code: int, waited: float, notes: lis
                 output.emit(output.INFO, f"  {c.bind}: ok")
                 continue
             lines = [f"  {c.bind}: {c.kind}"] + [f"    evidence: {e}" for e in c.evidence] + [f"    fix: {c.fix}"]
-            output.emit(output.ERR, "\n".join(lines))
+            output.emit(output.ERR, lines)
     for note in notes:
         output.emit(output.NOTICE, f"  note: {note}")
 

@@ -1,0 +1,109 @@
+"""Untrusted text never reaches the journal or a terminal raw: a holder whose command line holds a
+newline, a forged "clear" line and a terminal escape is reported on one line per message, with
+the newline and ESC written as \\n and \\x1b (output.escape, used by every renderer)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import sys
+
+import pytest
+
+import holder
+from bindguard import output
+from bindguard.endpoints import parse_listen
+from bindguard.facts import ProcessFact, SocketFact
+from bindguard.scan import Listener, Scan, write_table
+
+PORT = 18533
+FORGED = "\nbindguard: clear: [::]:80 can be bound\n\x1b[2J"
+BINDGUARD = [sys.executable, "-m", "bindguard"]
+
+
+@pytest.fixture
+def hostile(netns):
+    proc = holder.start(netns.argv, [{"proto": "tcp", "host": "127.0.0.1", "port": PORT, "reuseaddr": True}],
+                        extra_argv=[FORGED])
+    netns.processes.append(proc)
+    return proc
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": ":".join(sys.path), "BINDGUARD_CONFIG_PATH": "/nonexistent"}
+
+
+def assert_one_line_per_message(text: str, holding_lines: int) -> None:
+    assert "\x1b" not in text and "\r" not in text, repr(text)
+    lines = text.splitlines()
+    assert all(line.startswith("<") for line in lines), lines  # every line has its priority prefix
+    assert not any(line.split(">", 1)[1].startswith("bindguard: clear") for line in lines), lines
+    named = [line for line in lines if "holder.py" in line]
+    assert len(named) == holding_lines, lines
+    assert all("\\nbindguard: clear: [::]:80 can be bound\\n\\x1b[2J" in line for line in named), named
+
+
+@pytest.mark.integration
+def test_check_and_explain_escape_a_holder_s_command_line(netns, hostile):
+    for command, holding_lines in (("check", 1), ("explain", 2)):  # explain also lists what is on the port
+        proc = netns.run([*BINDGUARD, command, "--no-systemd", f"127.0.0.1:{PORT}"], env=env())
+        assert proc.returncode == 98, proc.stderr
+        assert_one_line_per_message(proc.stderr, holding_lines)
+
+
+@pytest.mark.integration
+def test_json_keeps_the_command_line_exact(netns, hostile):
+    proc = netns.run([*BINDGUARD, "check", "--json", "--no-systemd", f"127.0.0.1:{PORT}"], env=env())
+    (conflict,) = json.loads(proc.stdout)["conflicts"]
+    assert conflict["command"].endswith(FORGED)  # JSON escapes it itself; the value stays exact
+
+
+@pytest.mark.integration
+def test_scan_findings_escape_it(netns, hostile):
+    proc = netns.run([*BINDGUARD, "scan", "--no-systemd"], env=env())
+    assert proc.returncode == 1, proc.stderr
+    assert "\x1b" not in proc.stdout
+    assert_one_line_per_message(proc.stderr, 1)
+
+
+def test_scan_table_escapes_every_cell():
+    """The table on recorded evidence (a live command line is cut at 60 characters before its
+    hostile part would show): a command and a unit name from a cgroup with control characters."""
+    hostile = ProcessFact(4242, 1, "x\x1b]0;owned\x07", ("\x1b[2Jd\naemon",), "/usr/bin/daemon", 0, "root", 1.0e9,
+                          "/system.slice/evil\nunit.service", "evil\nunit.service")
+    scan = Scan(listeners=[Listener(SocketFact(parse_listen("127.0.0.1:8080"), "LISTEN", 0, 7), hostile,
+                                    unit="evil\nunit.service")])
+    out = io.StringIO()
+    write_table(scan, out)
+    (header, row) = out.getvalue().splitlines()
+    assert "\x1b" not in row and "evil\\nunit.service" in row and "\\x1b[2Jd\\naemon" in row, row
+
+
+@pytest.mark.integration
+def test_explain_on_a_terminal_gets_no_escape_sequence(netns, hostile):
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve("/usr/bin/nsenter", [*netns.argv([*BINDGUARD, "explain", "--no-systemd", f"127.0.0.1:{PORT}"])],
+                  env())
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode()
+    assert f"PID {hostile.pid}" in text, text
+    assert b"\x1b" not in out, text
+    assert "\\x1b[2J" in text
+
+
+def test_escape_and_excerpt():
+    assert output.escape("a\nb\x1b[2J\r\t\x7f\x9bc é") == "a\\nb\\x1b[2J\\r\\t\\x7f\\x9bc é"
+    assert output.excerpt("root:x:0:0:root:/root:/bin/bash\nnext line", 12) == "'root:x:0:0:r'..."
+    assert output.excerpt("a\nb") == "'a\\nb'"
