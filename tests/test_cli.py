@@ -67,10 +67,11 @@ def test_errors_carry_journal_priority_when_not_on_a_terminal():
     assert "\n<3>  hint: " in proc.stderr
 
 
-def test_plain_text_on_a_terminal():
+def on_a_terminal(argv: list[str], env: dict | None = None) -> tuple[int, bytes]:
+    """Run argv with a pty as its terminal: its exit code and all it wrote there."""
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(sys.executable, [*BINDGUARD, "check", "70000"])
+        os.execvpe(argv[0], argv, env if env is not None else os.environ)
     out = b""
     while True:
         try:
@@ -81,7 +82,12 @@ def test_plain_text_on_a_terminal():
             break
         out += chunk
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 64
+    return os.waitstatus_to_exitcode(status), out
+
+
+def test_plain_text_on_a_terminal():
+    code, out = on_a_terminal([*BINDGUARD, "check", "70000"])
+    assert code == 64
     assert out.startswith(b"bindguard: error: ") and b"<3>" not in out
 
 

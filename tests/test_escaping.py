@@ -7,16 +7,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import pty
 import sys
 
 import pytest
 
 import holder
+from test_cli import on_a_terminal
 from bindguard import output
 from bindguard.endpoints import parse_listen
 from bindguard.facts import ProcessFact, SocketFact
 from bindguard.scan import Listener, Scan, write_table
+from bindguard.verdict import UNIT_BY_CGROUP
 
 PORT = 18533
 FORGED = "\nbindguard: clear: [::]:80 can be bound\n\x1b[2J"
@@ -74,7 +75,7 @@ def test_scan_table_escapes_every_cell():
     hostile = ProcessFact(4242, 1, "x\x1b]0;owned\x07", ("\x1b[2Jd\naemon",), "/usr/bin/daemon", 0, "root", 1.0e9,
                           "/system.slice/evil\nunit.service", "evil\nunit.service")
     scan = Scan(listeners=[Listener(SocketFact(parse_listen("127.0.0.1:8080"), "LISTEN", 0, 7), hostile,
-                                    unit="evil\nunit.service")])
+                                    unit="evil\nunit.service", unit_status=UNIT_BY_CGROUP)])
     out = io.StringIO()
     write_table(scan, out)
     (header, row) = out.getvalue().splitlines()
@@ -83,20 +84,8 @@ def test_scan_table_escapes_every_cell():
 
 @pytest.mark.integration
 def test_explain_on_a_terminal_gets_no_escape_sequence(netns, hostile):
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve("/usr/bin/nsenter", [*netns.argv([*BINDGUARD, "explain", "--no-systemd", f"127.0.0.1:{PORT}"])],
-                  env())
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.waitpid(pid, 0)
+    code, out = on_a_terminal(netns.argv([*BINDGUARD, "explain", "--no-systemd", f"127.0.0.1:{PORT}"]), env())
+    assert code == 98
     text = out.decode()
     assert f"PID {hostile.pid}" in text, text
     assert b"\x1b" not in out, text
