@@ -113,6 +113,18 @@ def _parse_port(text: str, original: str) -> int:
     return port
 
 
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+
+
+def _is_scope(scope: str) -> bool:
+    """An IPv6 zone as the kernel takes it: an interface index, or a name dev_valid_name() accepts
+    (printable ASCII here: nothing that could end a line or a word where the address is written)."""
+    if scope.isascii() and scope.isdigit():
+        return len(scope) <= 10
+    return (len(scope) <= IFNAME_MAX and scope not in (".", "..")
+            and all("!" <= c <= "~" and c not in "/:%[]" for c in scope))
+
+
 def parse_listen(text: str, default_proto: str = TCP) -> Endpoint:
     """Parse one address as systemd.socket(5) writes it, with an optional tcp:/udp: prefix.
 
@@ -147,6 +159,9 @@ def parse_listen(text: str, default_proto: str = TCP) -> Endpoint:
             inner, scope = inner.split("%", 1)
             if not scope:
                 raise AddressError(f"{original!r}: empty interface after '%'; write e.g. [fe80::1%eth0]:8080")
+            if not _is_scope(scope):
+                raise AddressError(f"{original!r}: {scope[:20]!r} is not an interface name (at most "
+                                   f"{IFNAME_MAX} characters, no spaces, '/' or ':') or index")
         try:
             host = ipaddress.IPv6Address(inner)
         except ValueError:

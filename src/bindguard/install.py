@@ -10,8 +10,10 @@ import errno
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +95,17 @@ def check_arguments(listens: list[str], user: bool, check_args: list[str]) -> li
     return [*(["--user"] if user else []), *check_args, *listens]
 
 
+def refuse_control_characters(args: list[str]) -> None:
+    """An argument with a control character could end the ExecStartPre= line and start another
+    (a newline) or hide text on a terminal; systemd's quoting cannot carry it safely."""
+    for arg in args:
+        if any(unicodedata.category(c) == "Cc" for c in arg):
+            raise UsageError(f"{arg[:60]!r}: a control character (a newline, a tab, an escape) cannot be "
+                             "written into a unit", "give each address and option without one")
+
+
 def render(unit: str, listens: list[str], user: bool, check_args: list[str], command: list[str]) -> str:
+    refuse_control_characters([*command, *check_arguments(listens, user, check_args)])
     argv = [*map(exec_quote, command), "check", "--unit", "%n",
             *map(exec_quote, check_arguments(listens, user, check_args))]
     flag = " --user" if user else ""
@@ -129,24 +141,30 @@ def parse_check_args(text: str | None) -> list[str]:
         raise UsageError(f"--check-args {text!r}: {exc}", "quote it as one shell word, e.g. --check-args='--wait 10'")
 
 
-def validate_check_args(listens: list[str], user: bool, check_args: list[str]) -> None:
+def validate_check_args(listens: list[str], user: bool, check_args: list[str]):
     """Parse the generated check command line with check's own parser, so a typo fails now and
-    not at the next start."""
+    not at the next start; the parsed arguments."""
     from bindguard.parser import build_parser
 
     parser = build_parser("check")
     try:
-        parser.parse_args(["check", "--unit", "x.service", *check_arguments(listens, user, check_args)])
+        return parser.parse_args(["check", "--unit", "x.service", *check_arguments(listens, user, check_args)])
     except UsageError as exc:
         raise UsageError(f"check options {' '.join(check_args)!r}: {exc.message}", "see `bindguard check --help`")
 
 
 def owned_by_bindguard(path: Path) -> bool:
+    """A regular file (not a link, never a FIFO that would block) whose first line is MARKER."""
     try:
-        with open(path) as f:
-            return f.readline().startswith(MARKER)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.read(fd, len(MARKER)).decode("utf-8", "replace") == MARKER
+    finally:
+        os.close(fd)
 
 
 def _refuse_foreign(path: Path, unit: str) -> None:
@@ -162,19 +180,36 @@ def _write_error(path: Path, exc: OSError, user: bool) -> ConfigError:
     return ConfigError(f"cannot write {path}: {exc.strerror}", hint)
 
 
+def _refuse_outside(path: Path) -> None:
+    """A UNIT.d that is a link out of the unit directory is not followed: bindguard writes and
+    removes only inside the directory it names."""
+    directory = path.parent
+    if not directory.is_symlink():
+        return
+    real, base = os.path.realpath(directory), os.path.realpath(directory.parent)
+    if os.path.commonpath([real, base]) != base or real == base:
+        raise ConfigError(f"{directory} is a link to {real}, outside {directory.parent}; leaving it alone",
+                          f"make {directory.name} a directory of its own, or link it within {directory.parent}")
+
+
 def write(dropin: DropIn, user: bool) -> bool:
     """Write the drop-in; False when an identical one is already there."""
     path = dropin.path
-    if path.exists() or path.is_symlink():
-        if not owned_by_bindguard(path) or path.is_symlink():
+    _refuse_outside(path)
+    if os.path.lexists(path):
+        if not owned_by_bindguard(path):
             _refuse_foreign(path, dropin.unit)
         if path.read_text() == dropin.text:
             return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(dropin.text)
-        os.chmod(tmp, 0o644)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # left by an install that was interrupted
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(dropin.text)
         os.replace(tmp, path)
     except OSError as exc:
         raise _write_error(path, exc, user) from None
@@ -183,9 +218,10 @@ def write(dropin: DropIn, user: bool) -> bool:
 
 def remove(unit: str, path: Path, user: bool) -> bool:
     """Remove bindguard's drop-in (and the UNIT.d directory if it is left empty); False if absent."""
-    if not path.exists() and not path.is_symlink():
+    _refuse_outside(path)
+    if not os.path.lexists(path):
         return False
-    if path.is_symlink() or not owned_by_bindguard(path):
+    if not owned_by_bindguard(path):
         _refuse_foreign(path, unit)
     try:
         path.unlink()
