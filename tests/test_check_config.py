@@ -91,13 +91,14 @@ def test_optional_addresses_only_warn(netns, tmp_path):
     required = [*BINDGUARD, "check", "--no-systemd", "--wait", "0", "127.0.0.1:6379"]
     proc = netns.run([*required, "[::1]:6379"])
     assert proc.returncode == 99, proc.stderr
-    proc = netns.run([*required, "--optional", "[::1]:6379"])
-    assert proc.returncode == 0, proc.stderr
-    assert "[::1]:6379" in proc.stderr and "the daemon starts without this socket: a warning only" in proc.stderr
+    for flag in ("--optional", "--if-available"):
+        proc = netns.run([*required, flag, "[::1]:6379"])
+        assert proc.returncode == 0, proc.stderr
+        assert "[::1]:6379" in proc.stderr and "the daemon starts without this socket: a warning only" in proc.stderr
     write(tmp_path / "redis-server.service.yaml", """\
         listen:
           - 127.0.0.1:6379
-          - {address: "[::1]:6379", optional: true}
+          - {address: "[::1]:6379", optional: if-available}
         """)
     env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path)}
     proc = netns.run([*BINDGUARD, "check", "--unit", "redis-server", "--no-systemd", "--wait", "0"], env=env)
@@ -122,5 +123,9 @@ def test_optional_addresses_only_warn(netns, tmp_path):
     proc = netns.run([*BINDGUARD, "check", "--no-systemd", "--wait", "0", "127.0.0.1:6380", "--optional",
                       "127.0.0.1:6379"])
     assert proc.returncode == 98, proc.stderr
+    # Redis's `-` skips an address no interface has, not one another process holds
+    proc = netns.run([*BINDGUARD, "check", "--no-systemd", "--wait", "0", "127.0.0.1:6379", "--if-available",
+                      "127.0.0.1:6380"])
+    assert proc.returncode == 98, proc.stderr
     proc = netns.run([*BINDGUARD, "check", "--no-systemd", "127.0.0.1:6379", "--optional", "127.0.0.1:6379"])
-    assert proc.returncode == 64 and "both as LISTEN and as --optional" in proc.stderr
+    assert proc.returncode == 64 and "127.0.0.1:6379 is given twice" in proc.stderr

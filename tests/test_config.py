@@ -134,6 +134,18 @@ def test_binds_resolve_options(dirs):
     assert loaded.discovery_sources == {"socket-units"}
 
 
+def test_optional_listen_entries(dirs):
+    write(dirs["etc"] / "redis-server.service.yaml", """
+        listen:
+          - 127.0.0.1:6379
+          - {address: "[::1]:6379", optional: if-available}
+          - {address: "127.0.0.2:6379", optional: yes}
+          - {address: "127.0.0.3:6379", optional: false}
+        """)
+    loaded = config.load_unit_config("redis-server")
+    assert [e.optional for e in loaded.listen] == [False, "if-available", True, False]
+
+
 def test_discovery_false_and_empty_file(dirs):
     write(dirs["etc"] / "a.service.yaml", "discovery: false\n")
     assert config.load_unit_config("a.service").discovery_sources == frozenset()
@@ -209,6 +221,8 @@ def test_every_problem_with_its_position(tmp_path):
     ("zzz: 1\n", "1:1: unknown key 'zzz'; known keys: listen, options, wait, policy, fail, reap_stale, discovery, "
                 "trust_guesses"),
     ("trust_guesses: sometimes\n", "1:16: trust_guesses must be true or false, found 'sometimes'"),
+    ("listen: [{address: 80, optional: maybe}]\n",
+     "1:34: optional must be true, false or if-available, found 'maybe'"),
 ])
 def test_one_problem(tmp_path, text, expected):
     path = write(tmp_path / "one.yaml", text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,101 @@ def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):
         assert done.returncode == 64, (argv, done.stderr)
         assert needle in done.stderr and "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+INJECTED = "ExecStartPre=/bin/touch /tmp/INJECTED"
+
+
+@pytest.mark.parametrize("argv", [
+    ["web.service", f"[fe80::1%lo\n{INJECTED}\n#]:8080"],
+    ["web.service", "8080", "--check-args", f"--daemon-user 'x\n{INJECTED}'"],
+    ["web.service", "8080", "--optional", f"[fe80::1%lo\n{INJECTED}\n#]:8081"],
+    ["web.service", "8080", "--check-args", "--daemon-user 'a\x1b[2Jb'"],
+    ["web.service", "[fe80::1%" + "x" * 16 + "]:8080"],  # no interface name is that long
+])
+def test_control_characters_are_refused_before_anything_is_written(tmp_path, argv):
+    """install --print rendered an extra ExecStartPre= line from a newline in an argument."""
+    env = {"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "PYTHONPATH": ":".join(sys.path)}
+    for mode in (["--print"], ["--user"]):
+        done = subprocess.run([*BINDGUARD, "install", *mode, *argv], capture_output=True, text=True, env=env)
+        assert done.returncode == 64, done.stdout + done.stderr
+        assert done.stdout == "" and "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_unit_d_linked_out_of_the_unit_directory_is_not_followed(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PYTHONPATH": ":".join(sys.path)}
+    units = tmp_path / "cfg" / "systemd" / "user"
+    units.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (units / "web.service.d").symlink_to(elsewhere)
+    done = subprocess.run([*BINDGUARD, "install", "--user", "web.service", "8080"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 78 and f"is a link to {elsewhere}" in done.stderr, done.stderr
+    assert not any(elsewhere.iterdir())
+    done = subprocess.run([*BINDGUARD, "uninstall", "--user", "web.service"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 78
+    # a FIFO where the drop-in goes is not bindguard's, and reading it must not block
+    (units / "web.service.d").unlink()
+    (units / "web.service.d").mkdir()
+    os.mkfifo(units / "web.service.d" / "bindguard.conf")
+    done = subprocess.run([*BINDGUARD, "install", "--user", "web.service", "8080"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert done.returncode == 78 and "was not written by bindguard" in done.stderr
+
+
+# --- what discovery knows, carried into the drop-in (Debian's own unit files and configurations) --
+
+def _exec_start_pre(text: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith("ExecStartPre=+"))
+    return shlex.split(line[len("ExecStartPre=+"):])
+
+
+def test_install_takes_socket_options_and_optional_addresses_from_discovery():
+    """`install nginx.service 0.0.0.0:80 [::]:80` was refused at every start (self-conflict): nginx
+    sets ipv6only=on; Redis's `bind 127.0.0.1 -::1` makes ::1 optional."""
+    nginx = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "0.0.0.0:80", "[::]:80"],
+                           capture_output=True, text=True, timeout=60)
+    assert nginx.returncode == 0, nginx.stderr
+    assert _exec_start_pre(nginx.stdout)[-5:] == ["--unit", "%n", "--v6only", "0.0.0.0:80", "[::]:80"]
+    assert "--v6only for nginx.service, from /etc/nginx/" in nginx.stderr
+    stated = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "0.0.0.0:80", "[::]:80",
+                             "--check-args=--no-v6only"], capture_output=True, text=True, timeout=60)
+    assert _exec_start_pre(stated.stdout)[-4:] == ["%n", "--no-v6only", "0.0.0.0:80", "[::]:80"]  # not both
+    redis = subprocess.run([*BINDGUARD, "install", "--print", "redis-server.service", "127.0.0.1:6379", "[::1]:6379"],
+                           capture_output=True, text=True, timeout=60)
+    assert redis.returncode == 0, redis.stderr
+    assert _exec_start_pre(redis.stdout)[-4:] == ["--v6only", "--if-available", "[::1]:6379", "127.0.0.1:6379"]
+    bare = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service"], capture_output=True, text=True,
+                          timeout=60)
+    assert bare.returncode == 0, bare.stderr
+    assert _exec_start_pre(bare.stdout)[-3:] == ["check", "--unit", "%n"]
+    assert "now [::]:80 from /etc/nginx/" in bare.stderr
+    nothing = subprocess.run([*BINDGUARD, "install", "--print", "nothing-known.service"], capture_output=True,
+                             text=True, timeout=60)
+    assert nothing.returncode == 64 and "no address to guard for nothing-known.service" in nothing.stderr
+    twice = subprocess.run([*BINDGUARD, "install", "--print", "web.service", "80", "--optional", "80"],
+                           capture_output=True, text=True, timeout=60)
+    assert twice.returncode == 64 and "given twice" in twice.stderr
+
+
+@pytest.mark.integration
+def test_the_rendered_redis_and_nginx_lines_pass_where_the_daemons_start(netns):
+    """Run the drop-in's own command line, as systemd would, on a host without IPv6 on lo."""
+    netns.sysctl("net.ipv6.conf.lo.disable_ipv6", "1")
+    redis = subprocess.run([*BINDGUARD, "install", "--print", "redis-server.service", "127.0.0.1:6379", "[::1]:6379"],
+                           capture_output=True, text=True, timeout=60)
+    argv = [a.replace("%n", "redis-server.service") for a in _exec_start_pre(redis.stdout)]
+    done = netns.run([*argv, "--no-systemd", "--wait", "0"])
+    assert done.returncode == 0 and "a warning only" in done.stderr, done.stderr
+    netns.sysctl("net.ipv6.conf.lo.disable_ipv6", "0")
+    nginx = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "0.0.0.0:80", "[::]:80"],
+                           capture_output=True, text=True, timeout=60)
+    argv = [a.replace("%n", "nginx.service") for a in _exec_start_pre(nginx.stdout)]
+    done = netns.run([*argv, "--no-systemd", "--wait", "0"])
+    assert done.returncode == 0, done.stderr
 
 
 # --- under the rig -------------------------------------------------------------------------
@@ -171,3 +268,21 @@ def test_user_web_example_unit_loads_with_its_dropin(systemd_rig):
     assert shown["LoadState"] == "loaded" and shown["StartLimitBurst"] == "3" and shown["Restart"] == "on-failure"
     assert "check --unit web.service --user 127.0.0.1:8080" in shown["ExecStartPre"]
     assert f"--directory {rig.home}/public_html" in shown["ExecStart"]
+
+
+@pytest.mark.integration
+def test_hard_arguments_reach_systemd_as_given_and_nothing_more(systemd_rig):
+    """Quotes, backslashes, $, % and spaces are carried as one argument each; a newline is refused."""
+    rig = systemd_rig
+    rig.write_unit("web.service", WEB)
+    user = 'a "b" \\c $HOME %n'
+    done = rig.bindguard("install", "--user", "web.service", "[fe80::1%lo]:8080",
+                         "--check-args", shlex.join(["--daemon-user", user]))
+    assert done.returncode == 0, done.stderr
+    pre = rig.show("web.service", "ExecStartPre")["ExecStartPre"]
+    assert pre.count("argv[]=") == 1 and "INJECTED" not in pre
+    # as systemd keeps it: %% became %, and $$ stays until the command runs, when it becomes $
+    assert f"--daemon-user {user.replace('$', '$$')} [fe80::1%lo]:8080 ;" in pre, pre
+    refused = rig.bindguard("install", "--user", "web.service", f"[fe80::1%lo\n{INJECTED}\n#]:8080")
+    assert refused.returncode == 64
+    assert rig.show("web.service", "ExecStartPre")["ExecStartPre"] == pre

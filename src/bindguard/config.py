@@ -34,6 +34,7 @@ DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
 TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses")
 LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES + ("optional",)
+IF_AVAILABLE = "if-available"  # optional: only when no interface has the address (Redis's `bind -::1`)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class ListenEntry:
     endpoint: Endpoint
     options: dict[str, bool]  # per-address options, over the unit's options
     origin: Origin
-    optional: bool = False  # the daemon starts without this socket: a conflict on it only warns
+    # The daemon starts without this socket: True, whatever kept it from binding (a conflict on
+    # it only warns); IF_AVAILABLE, only when no interface has the address.
+    optional: bool | str = False
 
 
 @dataclass
@@ -354,12 +357,11 @@ class _FileReader:
                     if key_node.value == "address":
                         address_node = value_node
                         continue
-                    flag = self._bool(value_node, f"listen option {key_node.value!r}")
-                    if flag is None:
-                        continue
                     if key_node.value == "optional":
-                        optional = flag
-                    else:
+                        optional = self._optional(value_node)
+                        continue
+                    flag = self._bool(value_node, f"listen option {key_node.value!r}")
+                    if flag is not None:
                         options[key_node.value] = flag
                 if address_node is None:
                     self.problem(item, "a listen entry written as a mapping needs 'address', "
@@ -375,6 +377,13 @@ class _FileReader:
             seen[endpoint] = origin
             entries.append(ListenEntry(endpoint, options, origin, optional))
         values.listen = entries
+
+    def _optional(self, node) -> bool | str:
+        value = self._scalar(node)
+        if isinstance(value, bool) or value == IF_AVAILABLE:
+            return value
+        self.problem(node, f"optional must be true, false or {IF_AVAILABLE}, found {_describe(node, value)}")
+        return False
 
     def _address(self, node) -> Endpoint | None:
         value = self._scalar(node)

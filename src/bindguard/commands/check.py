@@ -9,6 +9,7 @@ from bindguard import output
 from bindguard.endpoints import AddressError, Bind, SocketOptions, ascii_number, host_bindv6only, parse_listen
 from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, UsageError
 from bindguard.unitfiles import normalize_unit, user_manager
+from bindguard.verdict import ADDRESS_UNAVAILABLE
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
@@ -85,9 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_socket_arguments(parser)
     add_systemd_arguments(parser)
     parser.add_argument("--optional", metavar="LISTEN", action="append",
-                        help="an address the daemon starts without if it cannot bind it (Redis's `bind -::1`, "
-                             "one of several sshd ListenAddress lines): checked, but a conflict on it only "
-                             "warns; repeat for more")
+                        help="an address the daemon starts without, whatever keeps it from binding it (one of "
+                             "several sshd ListenAddress lines or PostgreSQL listen_addresses): checked, but any "
+                             "conflict on it only warns; repeat for more")
+    parser.add_argument("--if-available", metavar="LISTEN", action="append",
+                        help="an address the daemon skips when no interface has it (Redis's `bind -::1`): "
+                             "checked; that it is unavailable only warns, a holder on it still refuses; "
+                             "repeat for more")
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--reap-stale", action="store_true",
@@ -127,8 +132,8 @@ def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:
-    """The command line's addresses: LISTEN, then each --optional one (where check has it)."""
-    texts = [*args.listen, *optional_addresses(args)]
+    """The command line's addresses: LISTEN, then each optional one (where check has them)."""
+    texts = [*args.listen, *(text for text, _ in optional_addresses(args))]
     if not texts:
         raise UsageError("no address to check", "give at least one LISTEN address, e.g. `bindguard check 8080`")
     merged = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
@@ -148,11 +153,17 @@ def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -
     return binds
 
 
-def optional_addresses(args: argparse.Namespace) -> list[str]:
-    return getattr(args, "optional", None) or []  # verify and explain have no --optional
+# The conflict kinds that only warn on an optional address: any (--optional, `optional: true`),
+# or only that no interface has it (--if-available, `optional: if-available`).
+OPTIONAL = ("*",)
+IF_AVAILABLE = (ADDRESS_UNAVAILABLE,)
 
 
-OPTIONAL = ("*",)  # the conflict kinds that only warn on an optional address: all
+def optional_addresses(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
+    """(address, conflict kinds that only warn) for --optional and --if-available; verify and
+    explain have neither."""
+    return [(text, OPTIONAL) for text in getattr(args, "optional", None) or []] + \
+           [(text, IF_AVAILABLE) for text in getattr(args, "if_available", None) or []]
 
 
 def validate_wait(wait: float | None) -> float:
@@ -222,14 +233,16 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     if args.listen or optional_addresses(args):
         binds = build_binds(args, base)
         required, optional = binds[:len(args.listen)], binds[len(args.listen):]
-        for bind in set(required) & set(optional):
-            raise UsageError(f"{bind} is given both as LISTEN and as --optional", "give it once")
-        return Plan(binds, survivable={b: OPTIONAL for b in optional}, **settings)
+        for twice in (b for b in optional if binds.count(b) > 1):
+            raise UsageError(f"{twice} is given twice", "give each address once: as LISTEN, --optional or --if-available")
+        kinds = [kinds for _, kinds in optional_addresses(args)]
+        return Plan(binds, survivable=dict(zip(optional, kinds)), **settings)
     if unit_config is not None and unit_config.listen is not None:
         binds = unit_config.binds()
         overrides = explicit_options(args)
         binds = [Bind(b.endpoint, replace(b.options, **overrides)) for b in binds]
-        optional = {b: OPTIONAL for b, entry in zip(binds, unit_config.listen) if entry.optional}
+        optional = {b: IF_AVAILABLE if entry.optional == config.IF_AVAILABLE else OPTIONAL
+                    for b, entry in zip(binds, unit_config.listen) if entry.optional}
         return Plan(binds, survivable=optional, **settings)
     if unit is None:
         raise UsageError("no address to check", "give LISTEN addresses, --unit NAME or --config FILE")
@@ -245,7 +258,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     return Plan(binds, guesses, survivable, sources=sources, **settings)
 
 
-def discovered(unit: str, unit_config, ctx) -> list:
+def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked") -> list:
     """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units').
 
     The unit's command line is read from its unit files (no D-Bus), whatever the unit is called;
@@ -272,7 +285,7 @@ def discovered(unit: str, unit_config, ctx) -> list:
         try:
             result = discover.discover_unit(unit, ctx.unit_facts, list(sources))
         except SystemdError as exc:
-            output.warning(f"cannot discover what {unit} binds: {exc}; nothing checked")
+            output.warning(f"cannot discover what {unit} binds: {exc}; {unavailable}")
             return []
     for warning in result.warnings:
         output.warning(warning)

@@ -110,6 +110,7 @@ def _show(unit: str, explicit: str | None) -> int:
         row("listen:" + (" []" if not loaded.listen else ""), "listen")
         for entry in loaded.listen:
             extra = "".join(f" {k}={_value(v)}" for k, v in entry.options.items())
+            extra += f" optional={_value(entry.optional)}" if entry.optional else ""
             rows.append((f"  - {entry.endpoint}{extra}", str(entry.origin)))
     rows.append(("options:", ""))
     bindv6only = config.host_bindv6only()
