@@ -15,7 +15,6 @@ and os.listdir are used until a file exists; PyYAML is imported only to read one
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 
 from bindguard.endpoints import AddressError, Bind, Endpoint, SocketOptions, host_bindv6only, parse_listen
@@ -238,10 +237,7 @@ class _FileReader:
         import yaml
 
         try:
-            text = read_regular_file(self.path, MAX_FILE_BYTES).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            self._add(f"{self.path}: not UTF-8 text (byte {exc.start}); a configuration is a YAML file")
-            return
+            text = _read_text(self.path)
         except ConfigError as exc:
             self._add(exc.message)
             return
@@ -499,51 +495,23 @@ def _describe(node, value) -> str:
     return _excerpt(node.value) if isinstance(value, str) else _excerpt(node.value)[1:-1]
 
 
-_FILE_TYPES = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
-def read_regular_file(path: str, limit: int) -> bytes:
-    """The bytes of a regular file of at most limit bytes; ConfigError naming the path otherwise.
-
-    Nothing else is opened for reading (a FIFO would block, /dev/zero never ends, a device may act
-    on open): stat() first, then a non-blocking open and fstat() of what was opened.
-    """
-    def refuse(mode: int) -> ConfigError:
-        what = _FILE_TYPES.get(stat.S_IFMT(mode), "not a regular file")
-        return ConfigError(f"{path}: {what}, not a YAML file (only a link to /dev/null masks a file)",
-                           "replace it with a YAML file, or remove it")
+def _read_text(path: str) -> str:
+    """A configuration file's text: a regular file (files.read_regular: a FIFO, a device
+    or a directory is never read) of at most MAX_FILE_BYTES of UTF-8; ConfigError otherwise."""
+    from bindguard import files
 
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise refuse(mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        return files.read_regular(path, MAX_FILE_BYTES).decode("utf-8")
+    except files.Refused as exc:
+        raise ConfigError(f"{path}: {exc}; a configuration is a YAML file (only a link to /dev/null masks one)",
+                          "replace it with a YAML file, or remove it") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a configuration is a YAML file",
+                          "save it as UTF-8") from None
     except OSError as exc:
-        why = "a link to nothing (dangling)" if os.path.islink(path) and not os.path.exists(path) else exc.strerror
+        dangling = os.path.islink(path) and not os.path.exists(path)
+        why = "a link to nothing (dangling)" if dangling else exc.strerror
         raise ConfigError(f"{path}: cannot read: {why}", "check the path and its permissions") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise refuse(st.st_mode)
-        if st.st_size > limit:
-            raise ConfigError(f"{path}: {st.st_size} bytes, over the limit of {limit}; "
-                              "a bindguard file is a few lines", "check that this is the right file")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise ConfigError(f"{path}: over the limit of {limit} bytes; a bindguard file is a few lines",
-                              "check that this is the right file")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}", "check the path and its permissions") from None
-    finally:
-        os.close(fd)
 
 
 def _read(path: str) -> tuple[_Values, list[str]]:
@@ -640,7 +608,7 @@ def _top_level_fail(path: str) -> str | None:
 
     found = None
     try:
-        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
+        text = _read_text(path)
         depth, is_key, key = 0, True, None
         for event in yaml.parse(text, Loader=_loader_class()):
             if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent)) and depth == 1:
@@ -657,6 +625,6 @@ def _top_level_fail(path: str) -> str | None:
                 depth -= 1
                 if depth == 0:
                     break  # one document per file
-    except (ConfigError, UnicodeDecodeError, yaml.YAMLError):
+    except (ConfigError, yaml.YAMLError):
         pass
     return found

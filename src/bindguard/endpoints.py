@@ -119,8 +119,8 @@ IFNAME_MAX = 15  # IFNAMSIZ - 1
 def _is_scope(scope: str) -> bool:
     """An IPv6 zone as the kernel takes it: an interface index, or a name dev_valid_name() accepts
     (printable ASCII here: nothing that could end a line or a word where the address is written)."""
-    if scope.isascii() and scope.isdigit():
-        return len(scope) <= 10
+    if ascii_number(scope) is not None:
+        return True
     return (len(scope) <= IFNAME_MAX and scope not in (".", "..")
             and all("!" <= c <= "~" and c not in "/:%[]" for c in scope))
 

@@ -9,10 +9,10 @@ import functools
 import ipaddress
 import itertools
 import os
-import stat
 import time
 from dataclasses import dataclass, field, replace
 
+from bindguard import files
 from bindguard.endpoints import (
     TCP,
     AddressError,
@@ -223,43 +223,6 @@ def current_service() -> Service:
     return scope.service if scope else Service()
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _open_regular(path: str) -> int:
-    """A read-only descriptor of path (symlinks followed) only if it is a regular file.
-
-    The path is opened with O_PATH first, which never runs a device's open() and never blocks on
-    a FIFO; once fstat() says it is a regular file, that same inode is opened for reading through
-    /proc/self/fd, so nothing swapped in at the path between the two opens is ever read.
-    """
-    handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        info = os.fstat(handle)
-        if not stat.S_ISREG(info.st_mode):
-            raise DaemonConfigError(f"{path}: {_file_kind(info.st_mode)}, not a regular file; not read")
-        if info.st_size > MAX_FILE_BYTES:
-            raise DaemonConfigError(f"{path}: {info.st_size} bytes, more than the {MAX_FILE_BYTES >> 20} MiB "
-                                    f"bindguard reads of one file; not read")
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-        try:
-            return os.open(f"/proc/self/fd/{handle}", flags)
-        except FileNotFoundError:  # no /proc: open the path again and make sure it is the same file
-            fd = os.open(path, flags)
-            again = os.fstat(fd)
-            if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
-                os.close(fd)
-                raise DaemonConfigError(f"{path}: replaced while being read; not read") from None
-            return fd
-    finally:
-        os.close(handle)
-
-
 def read_text(path: str) -> str:
     """A daemon configuration file's text, as every finder reads one: only a regular file (never a
     FIFO, a device or a directory), at most MAX_FILE_BYTES of it, within the discovery's budget.
@@ -267,26 +230,13 @@ def read_text(path: str) -> str:
     budget = current_budget()
     budget.spend(path, files=1)
     try:
-        fd = _open_regular(path)
+        data = files.read_regular(path, MAX_FILE_BYTES)
+    except files.Refused as exc:
+        raise DaemonConfigError(f"{path}: {exc}; not read") from None
     except OSError as exc:
         raise DaemonConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        chunks, size = [], 0
-        while size <= MAX_FILE_BYTES:  # the file may grow after fstat(): never more than the cap
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise DaemonConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_FILE_BYTES:
-        raise DaemonConfigError(f"{path}: more than the {MAX_FILE_BYTES >> 20} MiB bindguard reads of one file; "
-                                f"not read")
-    budget.spend(path, size=size)
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    budget.spend(path, size=len(data))
+    return data.decode("utf-8", errors="replace")
 
 
 def _at_most(paths, where: str) -> list[str]:
