@@ -133,6 +133,12 @@ def test_install_takes_socket_options_and_optional_addresses_from_discovery():
                            capture_output=True, text=True, timeout=60)
     assert redis.returncode == 0, redis.stderr
     assert _exec_start_pre(redis.stdout)[-4:] == ["--v6only", "--if-available", "[::1]:6379", "127.0.0.1:6379"]
+    whole = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "80"], capture_output=True,
+                           text=True, timeout=60)  # a bare port is the whole port: dual-stack, as written
+    assert _exec_start_pre(whole.stdout)[-3:] == ["--unit", "%n", "80"] and "warning" not in whole.stderr
+    partial = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "0.0.0.0:80"], capture_output=True,
+                             text=True, timeout=60)
+    assert "nginx.service also binds [::]:80" in partial.stderr and "the guard will not check it" in partial.stderr
     bare = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service"], capture_output=True, text=True,
                           timeout=60)
     assert bare.returncode == 0, bare.stderr

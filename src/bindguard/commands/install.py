@@ -23,7 +23,8 @@ refuses when neither gives an address. With LISTEN, for a daemon discovery knows
 says about those addresses is written into the drop-in: --v6only/--reuseport/--freebind where
 every matching address agrees (nginx's ipv6only=on), and --optional or --if-available for an
 address the daemon starts without (sshd's, PostgreSQL's; Redis's `bind -::1`). --check-args
-wins over both.
+wins over both. A bare port (80) is the whole port, dual-stack, and takes nothing from discovery;
+an address the daemon binds that LISTEN leaves out is named in a warning.
 
 The drop-in runs `ExecStartPre=+bindguard check --unit %n ...`.
 {install.PRIVILEGE_NOTE}"""
@@ -35,7 +36,7 @@ examples:
   bindguard install redis-server.service 127.0.0.1:6379 --if-available [::1]:6379
   bindguard install ssh.service 22 --check-args='--wait 10'
   bindguard install --user web.service 127.0.0.1:8080
-  bindguard install --print nginx.service 80      # show the drop-in, write nothing
+  bindguard install --print nginx.service         # show the drop-in, write nothing
 
 exit codes:
   0   the drop-in is in place (a failed daemon-reload is a warning: run it yourself)
@@ -110,7 +111,16 @@ def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[lis
 
     found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user),
                                                     unavailable="the addresses are taken as given")}
-    matched = {text: found[_address(text)] for text in listens if _address(text) in found}
+    # A bare port stands for the whole port (dual-stack [::]:PORT): nothing is carried over to it.
+    whole = {(e.proto, e.port) for text, e in zip(listens, map(_address, listens))
+             if text.lower().removeprefix(e.proto + ":").isdigit()}
+    matched = {text: found[_address(text)] for text in listens
+               if _address(text) in found and (_address(text).proto, _address(text).port) not in whole}
+    for f in found.values():
+        endpoint = f.bind.endpoint
+        if endpoint not in set(map(_address, listens)) and (endpoint.proto, endpoint.port) not in whole:
+            output.warning(f"{unit} also binds {f.bind} ({f.source}), which is not given: the guard will not "
+                           "check it; add it, or install without addresses to check what the daemon binds")
     optional = {}
     for text, f in matched.items():
         flag = {OPTIONAL: "--optional", IF_AVAILABLE: "--if-available"}.get(f.survives)
