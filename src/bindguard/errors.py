@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 EXIT_CLEAR = 0
+EXIT_NOPERM = 13  # EACCES: the daemon may not bind a port below net.ipv4.ip_unprivileged_port_start
 EXIT_USAGE = 64  # EX_USAGE: bad command line
 EXIT_INTERNAL = 70  # EX_SOFTWARE: the guard itself failed and --fail-closed was asked for
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: only TIME_WAIT was in the way, and the wait ran out
@@ -13,6 +14,8 @@ EXIT_NOTAVAIL = 99  # EADDRNOTAVAIL: the address is on no interface
 EXIT_CODES_HELP = """\
 exit codes:
   0   clear: every address can be bound (or the guard failed and fails open)
+  13  the daemon's user lacks CAP_NET_BIND_SERVICE for a port below
+      net.ipv4.ip_unprivileged_port_start (as errno EACCES)
   64  usage error: a malformed address or option
   70  the guard itself failed and --fail-closed was given
   75  still only TIME_WAIT in the way when the wait ran out (EX_TEMPFAIL)

@@ -96,6 +96,22 @@ class SystemdFacts:
     unit_of_pid: dict[int, str | None] = field(default_factory=dict)  # GetUnitByPID; None: in no unit
 
 
+@dataclass(frozen=True)
+class BindPrivilege:
+    """What the guard proved about the daemon's right to bind below net.ipv4.ip_unprivileged_port_start
+    (bindguard.privilege): that it lacks CAP_NET_BIND_SERVICE, unless `unproven` says why not."""
+
+    unprivileged_port_start: int
+    user: str  # the daemon's User= as written ("" for root or unset)
+    bounding_set: bool = False  # CapabilityBoundingSet= leaves the capability out
+    facts: tuple[str, ...] = ()  # the checked facts, as evidence sentences
+    unproven: str | None = None  # why the daemon might still get the capability: nothing is claimed
+
+    @property
+    def denied(self) -> bool:
+        return self.unproven is None
+
+
 @dataclass
 class Evidence:
     """Everything observed about the requested ports, gathered once."""
@@ -105,6 +121,7 @@ class Evidence:
     systemd: SystemdFacts | None = None
     tentative: frozenset = frozenset()  # IPv6 addresses still in duplicate-address detection
     notes: list[str] = field(default_factory=list)  # what could not be observed, and why
+    privilege: BindPrivilege | None = None  # the daemon's right to privileged ports, where proven
     observed_at: float = 0.0  # time.monotonic() when the sockets were read
 
 

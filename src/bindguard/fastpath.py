@@ -144,6 +144,11 @@ def check(args: list[str]) -> int | None:
         spec, address = parsed
         specs.append(spec[:3] + (options["reuseaddr"], options["reuseport"], spec[5], options["freebind"]))
         shown.append(address)
+    if unit is not None and min(spec[2][1] for spec in specs) < host.unprivileged_port_start():
+        from bindguard import privilege
+
+        if privilege.worth_a_look(unit, user_bus):
+            return None  # the unit's User= may be denied a port the guard can bind
     if any(error for error, _ in probe.trial(specs)):
         return None
     output.emit(output.INFO, f"bindguard: clear: {', '.join(shown)} can be bound")

@@ -19,6 +19,7 @@ from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
     IGNORE,
+    PERMISSION_DENIED,
     REFUSE,
     SELF_CONFLICT,
     WAIT,
@@ -29,6 +30,7 @@ from bindguard.verdict import (
     conflicts_for,
     could_block,
     latent_socket_units,
+    permission_denied,
 )
 
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
@@ -60,6 +62,10 @@ class Request:
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
+    # The guarded unit, when the guard may run inside it: its credentials and settings can prove
+    # that the daemon will be denied a privileged port (bindguard.privilege).
+    privilege_unit: str | None = None
+    user_manager: bool = False
 
 
 @dataclass
@@ -126,11 +132,6 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
             evidence.sockets.extend(_sockets_explaining(proto, port, failed, evidence.notes))
         except sockets.ObservationError as exc:
             evidence.notes.append(f"could not list the sockets on port {port}: {exc}")
-    for port in sorted({r.bind.endpoint.port for r in results or () if r.error == errno.EACCES}):
-        evidence.notes.append(
-            f"no trial bind for port {port}: it is below net.ipv4.ip_unprivileged_port_start and the guard "
-            "lacks CAP_NET_BIND_SERVICE, so the verdict is a prediction from the sockets on the port "
-            "(run the guard as root, `ExecStartPre=+...`, for the kernel's own answer)")
     if results is not None and any(r.error == errno.EADDRNOTAVAIL for r in results):
         evidence.tentative = _tentative_addresses()
     inodes = {s.inode for s in evidence.sockets if s.inode}
@@ -188,18 +189,56 @@ def _investigate(request: Request, cache: dict) -> tuple[list[ProbeResult], Evid
             cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(evidence.holders.values())))
         evidence.systemd = cache["facts"]
         evidence.notes.extend(n for n in ctx.notes if n not in evidence.notes)
+    evidence.privilege = _privilege(request, results, cache)
+    _note_denied_ports(request, results, evidence)
     uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
     conflicts: list[Conflict] = []
     for r in results:
+        conflicts.extend(permission_denied(r.bind, r.error, evidence))
         conflicts.extend(conflicts_for(r.bind, r.error, r.collides_with, evidence, uid))
     conflicts.extend(latent_socket_units(request.binds, evidence))
     return results, evidence, conflicts
 
 
+def _privilege(request: Request, results: list[ProbeResult], cache: dict):
+    """What the guard can prove about the daemon's right to privileged ports; asked once a run."""
+    if request.privilege_unit is None:
+        return None
+    denied_to_guard = any(r.error == errno.EACCES for r in results)
+    key = ("privilege", denied_to_guard)
+    if key not in cache:
+        from bindguard import privilege
+
+        ports = {r.bind.endpoint.port for r in results}
+        cache[key] = privilege.assess(request.privilege_unit, request.user_manager, ports, denied_to_guard)
+    return cache[key]
+
+
+def _note_denied_ports(request: Request, results: list[ProbeResult], evidence: Evidence) -> None:
+    """Where the kernel denied the guard a port, say what the verdict rests on instead."""
+    privilege = evidence.privilege
+    for port in sorted({r.bind.endpoint.port for r in results if r.error == errno.EACCES}):
+        if privilege is not None and privilege.denied:
+            continue  # a permission-denied conflict says it
+        if privilege is not None:
+            note = (f"no trial bind for port {port}: the guard runs with {request.privilege_unit}'s credentials "
+                    "and the kernel denied it the port (EACCES); the daemon will be denied too unless its "
+                    f"program gains CAP_NET_BIND_SERVICE when it runs, which cannot be ruled out "
+                    f"({privilege.unproven}), so the verdict is a prediction from the sockets on the port")
+        else:
+            note = (f"no trial bind for port {port}: it is below net.ipv4.ip_unprivileged_port_start and the "
+                    "guard lacks CAP_NET_BIND_SERVICE, so the verdict is a prediction from the sockets on the "
+                    "port (run the guard as root, `ExecStartPre=+...`, for the kernel's own answer)")
+        if note not in evidence.notes:
+            evidence.notes.append(note)
+
+
 def _exit_code(blocking: list[Conflict]) -> int:
     kinds = {c.kind for c in blocking}
-    if kinds - {TIME_WAIT, ADDRESS_UNAVAILABLE}:
+    if kinds - {TIME_WAIT, ADDRESS_UNAVAILABLE, PERMISSION_DENIED}:
         return errors.EXIT_INUSE
+    if PERMISSION_DENIED in kinds:
+        return errors.EXIT_NOPERM
     if ADDRESS_UNAVAILABLE in kinds:
         return errors.EXIT_NOTAVAIL
     return errors.EXIT_TEMPFAIL

@@ -16,3 +16,13 @@ def host_bindv6only() -> bool:
             return f.read().strip() == "1"
     except OSError:
         return False
+
+
+def unprivileged_port_start() -> int:
+    """net.ipv4.ip_unprivileged_port_start: ports below it need CAP_NET_BIND_SERVICE (1024 when
+    unreadable, the kernel's default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1024

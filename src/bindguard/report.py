@@ -16,6 +16,7 @@ from bindguard.verdict import (
     LISTENER,
     ORPHAN,
     OWN_INSTANCE,
+    PERMISSION_DENIED,
     SELF_CONFLICT,
     SOCKET_UNIT,
     TIME_WAIT,
@@ -31,6 +32,7 @@ VERDICTS = {
     errors.EXIT_INUSE: "in-use",
     errors.EXIT_NOTAVAIL: "address-unavailable",
     errors.EXIT_TEMPFAIL: "time-wait",
+    errors.EXIT_NOPERM: "permission-denied",
 }
 
 
@@ -68,6 +70,18 @@ def _self_conflict_remedy(c: Conflict) -> str:
             "`ipv6only=off`; socket units: BindIPv6Only=ipv6-only)")
 
 
+def _permission_remedy(c: Conflict) -> str:
+    start = c.privilege.unprivileged_port_start
+    if c.privilege.bounding_set:
+        grant = ("add CAP_NET_BIND_SERVICE to the unit's CapabilityBoundingSet= (and to AmbientCapabilities= "
+                 "if the daemon runs as a user other than root)")
+    else:
+        grant = "give the daemon the capability: `AmbientCapabilities=CAP_NET_BIND_SERVICE` in [Service]"
+    return (f"the daemon's bind() of port {c.bind.endpoint.port} will fail with EACCES (Permission denied): "
+            f"{grant}; or let systemd bind the port, in a .socket unit, if the daemon takes its sockets from "
+            f"systemd; or use a port at or above {start} (net.ipv4.ip_unprivileged_port_start)")
+
+
 def remedy(c: Conflict) -> str:
     """What a careful administrator does about this kind of conflict, with the concrete names."""
     ep = c.bind.endpoint
@@ -76,6 +90,8 @@ def remedy(c: Conflict) -> str:
     check_pid = f"`ps -o pid,ppid,lstart,cmd -p {pid}`" if pid else "`ss -tanup 'sport = :%d'`" % ep.port
     if c.kind == SELF_CONFLICT:
         return _self_conflict_remedy(c)
+    if c.kind == PERMISSION_DENIED and c.privilege is not None:
+        return _permission_remedy(c)
     if c.kind == ADDRESS_UNAVAILABLE:
         if c.error == "EAFNOSUPPORT":
             return ("the kernel has no IPv6 here (booted with ipv6.disable=1, or no IPv6 module): configure "
@@ -241,6 +257,10 @@ def describe_holder(c: Conflict) -> str:
         parts.append(unit_phrase(c.unit, c.unit_status))
     if c.other_bind is not None:
         parts.append(f"the request's own {c.other_bind}")
+    if not parts and c.kind == PERMISSION_DENIED and c.privilege is not None:
+        who = f"User={c.privilege.user}" if c.privilege.user else "its user"
+        return (f"the daemon ({who}) lacks CAP_NET_BIND_SERVICE, which ports below "
+                f"{c.privilege.unprivileged_port_start} need")
     if not parts and c.kind == ADDRESS_UNAVAILABLE:
         return "IPv6 is not available here" if c.error == "EAFNOSUPPORT" else f"no interface has {c.bind.endpoint.host}"
     return ", ".join(parts) if parts else "no holder visible"
@@ -266,6 +286,8 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
                             f"past the wait budget (exit {code})")
     if code == errors.EXIT_NOTAVAIL:
         return output.ERR, f"bindguard: {refusing}: {addrs} not available on any interface (exit {code})"
+    if code == errors.EXIT_NOPERM:
+        return output.ERR, f"bindguard: {refusing}: {addrs} denied to the daemon (exit {code})"
     return output.ERR, f"bindguard: {refusing}: {addrs} in use (exit {code})"
 
 

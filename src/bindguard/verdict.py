@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bindguard.endpoints import TCP, Bind, addresses_overlap
-from bindguard.facts import Evidence, ProcessFact, SocketFact, SocketUnitFact
+from bindguard.facts import BindPrivilege, Evidence, ProcessFact, SocketFact, SocketUnitFact
 
 LISTENER = "listener"
 BOUND_KIND = "bound"
@@ -23,6 +23,7 @@ SOCKET_UNIT = "socket-unit"
 LATENT_SOCKET_UNIT = "latent-socket-unit"
 OWN_INSTANCE = "own-instance"
 ORPHAN = "orphan"
+PERMISSION_DENIED = "permission-denied"
 
 KINDS = (
     LISTENER,
@@ -34,6 +35,7 @@ KINDS = (
     LATENT_SOCKET_UNIT,
     OWN_INSTANCE,
     ORPHAN,
+    PERMISSION_DENIED,
 )
 
 # What the guard may do about a conflict (a unit's YAML `policy` names them per kind).
@@ -67,6 +69,7 @@ class Conflict:
     predicted: bool = False
     error: str = ""  # the kernel's errno name for this bind, when probed
     evidence: list[str] = field(default_factory=list)
+    privilege: BindPrivilege | None = None  # permission-denied: what was proven about the daemon
 
 
 def could_block(bind: Bind, sock: SocketFact) -> bool:
@@ -222,6 +225,20 @@ def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]
                     )
                 )
     return conflicts
+
+
+def permission_denied(bind: Bind, error: int, evidence: Evidence) -> list[Conflict]:
+    """The daemon's own EACCES, where the guard proved that its process lacks CAP_NET_BIND_SERVICE
+    (evidence.privilege) and the port is below net.ipv4.ip_unprivileged_port_start. From the
+    guard's own EACCES with the daemon's credentials it is the kernel's answer; from the unit's
+    settings (the guard could bind) it is a prediction."""
+    privilege = evidence.privilege
+    if privilege is None or not privilege.denied or bind.endpoint.port >= privilege.unprivileged_port_start \
+            or error == errno.EAFNOSUPPORT:
+        return []
+    by_kernel = error == errno.EACCES
+    return [Conflict(bind, PERMISSION_DENIED, predicted=not by_kernel, error="EACCES" if by_kernel else "",
+                     evidence=list(privilege.facts), privilege=privilege)]
 
 
 def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: Evidence,

@@ -18,7 +18,7 @@ the unit's User=). If an address is blocked, bindguard
 finds the socket in the way (sock_diag), the process and unit holding it, and then
   - passes (exit 0) when every address can be bound,
   - waits, up to --wait seconds, while only a TIME_WAIT is in the way (it clears by itself),
-  - refuses (exit 98, 99 or 75) with who holds what and how to fix it.
+  - refuses (exit 98, 99, 75 or 13) with who holds what and how to fix it.
 The report goes to stderr with journald priority prefixes (plain on a terminal);
 stdout carries only --json.
 
@@ -292,6 +292,14 @@ def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked"
     return [f for f in result.findings if f.socket_unit is None and (f.confident or unit_config is not None)]
 
 
+def privilege_unit(args: argparse.Namespace, ctx) -> str | None:
+    """The unit whose credentials and settings may prove a privileged port denied to its daemon
+    (only while the guard runs inside it: bindguard.privilege checks that)."""
+    if args.unit:
+        return normalize_unit(args.unit)
+    return ctx.guarded_unit() if ctx is not None else None
+
+
 def run(args: argparse.Namespace) -> int:
     from bindguard import guard, report
 
@@ -312,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
         needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
         systemd=ctx,
         reap_stale=args.reap_stale or checks.reap_stale,
+        privilege_unit=privilege_unit(args, ctx),
+        user_manager=user_manager(ctx.bus_choice if ctx else args.user_bus),
     )
     outcome = guard.run(request)
     blocking = [c for c in outcome.conflicts if c.blocking]
