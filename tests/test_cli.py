@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -42,6 +44,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["check", "--daemon-user", "", "80"], "--daemon-user '': not a user name, nor a uid from 0 to 4294967294"),
         (["check", "--daemon-user", "4294967295", "80"], "nor a uid from 0 to 4294967294"),
         (["check", "--daemon-user", "9" * 4301, "80"], "nor a uid from 0 to 4294967294"),
+        (["verify", "--unit", "web.service", "--timeout", "inf", "80"], "--timeout inf: must be 0 or more seconds, and finite"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "usage: bindguard"),
     ],
@@ -155,3 +158,43 @@ def test_guard_failure_fails_open_or_closed(netns, tmp_path):
     assert proc.returncode == 0 and "internal error" in proc.stderr and "fail-open" in proc.stderr
     proc = netns.run([*BINDGUARD, "check", "--fail-closed", "--wait", "0", "8080"], env=env)
     assert proc.returncode == 70 and "Traceback" not in proc.stderr
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    # `bindguard ... | head`: the reader goes away; like other tools, no complaint about it
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*BINDGUARD, "check", "--help"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def _catches(pid: int, signum: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signum - 1)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum, says", [
+    (signal.SIGTERM, "<3>bindguard: stopped by SIGTERM before it finished (exit 143)\n"),
+    (signal.SIGHUP, "<3>bindguard: stopped by SIGHUP before it finished (exit 129)\n"),
+    (signal.SIGINT, "<3>bindguard: interrupted (SIGINT) before it finished (exit 130)\n"),
+])
+def test_a_signal_ends_the_command_with_a_line_saying_so(netns, signum, says):
+    # verify polls for a listener that never comes: a command that is busy when the signal arrives
+    proc = subprocess.Popen(netns.argv([*BINDGUARD, "verify", "--unit", "web.service", "--no-systemd", "--timeout", "60",
+                                        "127.0.0.1:9"]), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err) == (128 + signum, says)

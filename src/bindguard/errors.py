@@ -1,7 +1,5 @@
 """Exit codes (errno- and sysexits-like, for scripts and `systemctl status`) and user-facing errors."""
 
-from __future__ import annotations
-
 EXIT_CLEAR = 0
 EXIT_NOPERM = 13  # EACCES: the daemon may not bind a port below net.ipv4.ip_unprivileged_port_start
 EXIT_USAGE = 64  # EX_USAGE: bad command line
@@ -22,6 +20,8 @@ exit codes:
   78  configuration error (a YAML file)
   98  held by something that will not go away by itself (as errno EADDRINUSE)
   99  the address is on no interface (as errno EADDRNOTAVAIL)
+  129, 130, 143  ended by SIGHUP, SIGINT or SIGTERM before it finished (128 + the signal)
+  141 the reader of stdout or stderr went away (`| head`): a quiet end
 With Restart=, systemd retries a refused start like any failure (RestartPreventExitStatus=
 does not apply to ExecStartPre=): bound the loop with StartLimitIntervalSec=/StartLimitBurst=."""
 

@@ -306,8 +306,8 @@ def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.timeout >= 0:
-        raise UsageError(f"--timeout {args.timeout}: must be 0 or more seconds", "e.g. --timeout 5")
+    if not 0 <= args.timeout < float("inf"):  # inf would poll for ever, nan compares false
+        raise UsageError(f"--timeout {args.timeout}: must be 0 or more seconds, and finite", "e.g. --timeout 5")
     unit, binds, v6only_stated, ctx = _resolve(args)
     notes: list[str] = []
     observed, waited = wait_for_listeners(binds, args.timeout, notes)
