@@ -11,8 +11,6 @@ the authority on syntax and the one that explains. tests/test_fastpath.py holds 
 the same answers.
 """
 
-from __future__ import annotations
-
 import os
 import _socket
 

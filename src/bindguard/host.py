@@ -1,7 +1,5 @@
 """Facts about this network namespace that change how an address is read. Standard library only."""
 
-from __future__ import annotations
-
 import os
 
 

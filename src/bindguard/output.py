@@ -5,8 +5,6 @@ Not on a terminal (as under systemd), each line starts with a syslog priority pr
 SYSTEMD_LOG_LEVEL (err, warning, notice, info, debug, or 0-7) hides the less important lines.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 

@@ -8,8 +8,6 @@ never accepted a connection closes without leaving TIME_WAIT behind.
 Only _socket and errno are imported at module level: `trial()` is the clear path's whole cost.
 """
 
-from __future__ import annotations
-
 import errno
 import _socket
 

@@ -10,8 +10,6 @@ directory masking the same name below, applied in lexical order of file name; an
 assignment resets a list. Specifiers and quoting are left to bindguard.discover.unitfile.
 """
 
-from __future__ import annotations
-
 import os
 
 from bindguard.unitfiles import template_of

@@ -4,8 +4,6 @@ This is on the path of every start the every-service drop-in guards, so finding 
 has nothing to guard must cost a few stat() calls and nothing more.
 """
 
-from __future__ import annotations
-
 import os
 import stat
 

@@ -1,0 +1,174 @@
+"""The installed command, bin/bindguard, as the every-service drop-in runs it: as root, with the
+unit's environment. Its interpreter is isolated from that environment, and a broken install
+(a package that does not load, no interpreter at all) lets every service start and says why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+SHIPPED_DROPIN = REPO / "systemd" / "service.d" / "bindguard.conf"
+VENV_LAUNCHER = Path(sys.executable).parent / "bindguard"  # as pip installed it in .venv/bin
+
+
+def installed_launcher() -> Path:
+    """The venv's bin/bindguard, which must be bin/bindguard as it is now (pip copies it at install)."""
+    if not VENV_LAUNCHER.is_file() or VENV_LAUNCHER.read_bytes() != (REPO / "bin" / "bindguard").read_bytes():
+        pytest.fail(f"{VENV_LAUNCHER} is not this tree's bin/bindguard: rerun ./setup.sh --test to install it")
+    return VENV_LAUNCHER
+
+
+def copy_install(root: Path) -> Path:
+    """A second install of this tree: a venv of the same interpreter (Debian's psutil, PyYAML and
+    pystemd from the system site), the package copied into it, and the launcher. Returns its bin/."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(root)], check=True)
+    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    shutil.copytree(SRC / "bindguard", site / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "bin" / "bindguard", root / "bin" / "bindguard")
+    return root / "bin"
+
+
+def break_install(bin_dir: Path, how: str) -> None:
+    site = next(bin_dir.parent.glob("lib/python3*/site-packages"))
+    if how == "syntax error":
+        with open(site / "bindguard" / "cli.py", "a") as f:
+            f.write("\ndef (\n")
+    elif how == "missing module":
+        (site / "bindguard" / "fastpath.py").unlink()
+    elif how == "no interpreter":  # the venv's python3 gone (an upgrade), and /usr/bin/python3 as well
+        for python in bin_dir.glob("python*"):
+            python.unlink()
+        launcher = bin_dir / "bindguard"
+        launcher.write_text(launcher.read_text().replace("/usr/bin/python3", "/nonexistent/python3"))
+
+
+def test_the_installed_launcher_is_bin_bindguard():
+    assert installed_launcher().stat().st_mode & 0o111
+
+
+@pytest.mark.integration
+def test_the_units_environment_does_not_reach_the_interpreter(systemd_rig):
+    """ExecStartPre=+ keeps the unit's Environment= and WorkingDirectory=: with PYTHONPATH naming
+    a directory of the service's, its bindguard/ and sitecustomize.py would run as root."""
+    launcher = installed_launcher()
+    rig = systemd_rig
+    planted, marker = rig.root / "planted", rig.root / "marker"
+    user_site = planted / "userbase" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    for directory in (planted / "bindguard", user_site):
+        directory.mkdir(parents=True)
+    payload = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\nraise SystemExit(0)\n"
+    for name in ("bindguard/__init__.py", "sitecustomize.py", "usercustomize.py", "planted_warning.py"):
+        (planted / name).write_text(payload)
+    (user_site / "usercustomize.py").write_text(payload)
+    log = rig.log("web.log")
+    rig.write_unit("web.service", f"""[Service]
+Environment=PYTHONPATH={planted} PYTHONUSERBASE={planted}/userbase PYTHONSTARTUP={planted}/sitecustomize.py
+Environment=PYTHONWARNINGS=ignore::planted_warning.Warning PYTHONINSPECT=1
+WorkingDirectory={planted}
+ExecStartPre=+{launcher} check --wait 0 127.0.0.1:18090
+ExecStart=/bin/sleep infinity
+StandardError=append:{log}
+""")
+    holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18090, "reuseaddr": True})
+    refused = rig.start("web.service")
+    assert refused.pre_status == [98], (refused, log.read_text())
+    assert "127.0.0.1:18090 in use" in log.read_text()
+    assert not marker.exists(), marker.read_text()
+    rig.release(holder)
+    assert rig.start("web.service").ok, log.read_text()
+    assert "bindguard: clear: 127.0.0.1:18090 can be bound" in log.read_text()
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.integration
+def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig):
+    rig = systemd_rig
+    cases = {  # how the install is broken -> what the unit's log says
+        "whole": "bindguard: nothing to guard for whole.service",
+        "syntax error": "bindguard: cannot load the bindguard package with {bin}/python3 (SyntaxError: invalid "
+                        "syntax (cli.py, line",
+        "missing module": "bindguard: internal error: ImportError: cannot import name 'fastpath' from 'bindguard' "
+                          "({bin.parent}/lib/",
+        "no interpreter": "bindguard: no Python interpreter at {bin}/python3 nor /nonexistent/python3; "
+                          "nothing was checked, failing open",
+    }
+    shipped = SHIPPED_DROPIN.read_text()
+    assert "ExecStartPre=+/usr/bin/bindguard check --unit %n\n" in shipped
+    for how, says in cases.items():
+        unit = how.replace(" ", "-") + ".service"
+        bin_dir = copy_install(rig.root / unit.replace(".service", ""))
+        break_install(bin_dir, how)
+        rig.write_dropin("service", "bindguard.conf", shipped.replace("/usr/bin/bindguard", str(bin_dir / "bindguard")),
+                         reload=False)
+        log = rig.log(unit.replace(".service", ".log"))
+        rig.write_unit(unit, f"[Service]\nEnvironment=SYSTEMD_LOG_LEVEL=debug\nExecStart=/bin/sleep infinity\n"
+                             f"StandardError=append:{log}\n", reload=False)
+        rig.write_unit("plain.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+        for name in (unit, "plain.service"):
+            started = rig.start(name)
+            assert started.ok and started.pre_status == [0], (how, started, log.read_text())
+            rig.stop(name)
+        text = log.read_text()
+        expected = says.format(bin=bin_dir)
+        if how != "whole":
+            expected = "<4>" + expected
+        assert expected in text, (how, text)
+        # the package's own handler (cli.main) words a module missing below it in two lines
+        assert "Traceback" not in text and len(text.splitlines()) == (2 if how == "missing module" else 1), (how, text)
+
+
+def test_python_m_bindguard_fails_open_on_a_broken_package(tmp_path):
+    shutil.copytree(SRC / "bindguard", tmp_path / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "bindguard" / "cli.py").write_text("def (\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
+    opened = subprocess.run([sys.executable, "-m", "bindguard", "check", "80"], capture_output=True, text=True, env=env)
+    assert opened.returncode == 0 and opened.stdout == "", opened.stderr
+    assert opened.stderr.startswith("<4>bindguard: cannot load the bindguard package with ")
+    assert opened.stderr.endswith("; nothing was checked, failing open\n") and opened.stderr.count("\n") == 1
+    closed = subprocess.run([sys.executable, "-m", "bindguard", "check", "--fail-closed", "80"],
+                            capture_output=True, text=True, env=env)
+    assert closed.returncode == 70 and closed.stderr.startswith("<3>bindguard: cannot load")
+    assert closed.stderr.endswith("failing closed (--fail-closed)\n")
+
+
+def test_no_interpreter_fails_closed_when_asked(tmp_path):
+    launcher = tmp_path / "bindguard"
+    launcher.write_text((REPO / "bin" / "bindguard").read_text().replace("/usr/bin/python3", "/nonexistent/python3"))
+    launcher.chmod(0o755)
+    opened = subprocess.run([str(launcher), "check", "80"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert (opened.returncode, opened.stderr) == (0, f"<4>bindguard: no Python interpreter at {tmp_path}/python3 nor "
+                                                     "/nonexistent/python3; nothing was checked, failing open\n")
+    closed = subprocess.run([str(launcher), "check", "--fail-closed", "80"], capture_output=True, text=True)
+    assert closed.returncode == 70 and closed.stderr.startswith("<3>bindguard: no Python interpreter at ")
+    assert closed.stderr.endswith("failing closed (--fail-closed)\n")
+
+
+def test_a_symlink_to_the_launcher_finds_its_interpreter(tmp_path):
+    (tmp_path / "bindguard").symlink_to(installed_launcher())
+    proc = subprocess.run([str(tmp_path / "bindguard"), "--version"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout.startswith("bindguard "), proc.stderr
+
+
+@pytest.mark.integration
+def test_a_guard_stopped_under_exec_start_pre_says_so(systemd_rig):
+    """systemd ends a start that runs out of TimeoutStartSec= with SIGTERM: the guard's line is
+    what the journal (here the unit's stderr log) keeps of it."""
+    rig = systemd_rig
+    log = rig.log("slow.log")
+    rig.write_unit("slow.service", f"""[Service]
+ExecStartPre=+{installed_launcher()} verify --unit %n --no-systemd --timeout 60 127.0.0.1:18092
+ExecStart=/bin/sleep infinity
+TimeoutStartSec=2
+StandardError=append:{log}
+""")
+    started = rig.start("slow.service")
+    assert not started.ok and started.result == "timeout", started
+    assert log.read_text() == "<3>bindguard: stopped by SIGTERM before it finished (exit 143)\n"
