@@ -75,11 +75,12 @@ def dropin_path(unit: str, user: bool, environ: os._Environ | dict | None = None
 
 
 def bindguard_command() -> list[str]:
-    """How to run this bindguard from a unit: its console script, else `python -m bindguard`."""
+    """How to run this bindguard from a unit: its launcher, else `python -I -m bindguard` (as
+    root with the unit's environment: -I, or its PYTHONPATH would choose the code that runs)."""
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if script is not None and script.name == "bindguard" and script.is_file():
         return [str(script.resolve())]
-    return [sys.executable, "-m", "bindguard"]
+    return [sys.executable, "-I", "-m", "bindguard"]
 
 
 def exec_quote(arg: str) -> str:
