@@ -163,8 +163,8 @@ def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
         if owner is None:
             return Attribution(process, SOCKET_UNIT, unit_status=UNIT_UNKNOWN, evidence=(held,))
         return Attribution(process, SOCKET_UNIT, owner.name, UNIT_BY_MANAGER, owner.name,
-                      sd.guarded_unit in owner.triggers,
-                      (f"{owner.name} listens on {owner.endpoint.address()}", held))
+                           sd.guarded_unit in owner.triggers,
+                           (f"{owner.name} listens on {owner.endpoint.address()}", held))
     unit, status = holder_unit(process, sd.unit_of_pid if sd is not None else {})
     if status == UNIT_BY_MANAGER and unit == sd.guarded_unit:
         if sd.guarded_instance_running is False:
