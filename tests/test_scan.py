@@ -73,10 +73,11 @@ def test_write_prometheus_replaces_the_file_atomically(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
 
-    def spy(source, destination):
-        renames.append((os.path.dirname(source), os.path.basename(source), destination))
+    def spy(source, destination, *, src_dir_fd, dst_dir_fd):  # names within one directory descriptor
+        directory = os.readlink(f"/proc/self/fd/{src_dir_fd}")
+        renames.append((directory, source, os.path.join(os.readlink(f"/proc/self/fd/{dst_dir_fd}"), destination)))
         assert target.read_text() == "old\n"  # the reader sees the old file until the rename
-        real_replace(source, destination)
+        real_replace(source, destination, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", spy)
     scan.write_prometheus(_sample_scan(), str(target))

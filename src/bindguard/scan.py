@@ -707,21 +707,76 @@ def prometheus_text(scan: Scan) -> str:
 
 
 def write_prometheus(scan: Scan, path: str) -> None:
-    """Write the metrics file atomically: a temporary file in the same directory, then rename(2)."""
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    """Write the metrics file atomically: a temporary file in the same directory, then rename(2),
+    both relative to a descriptor of the directory that open_directory() reached safely."""
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = open_directory(directory)
+    temporary = f".{name}.{os.urandom(6).hex()}.tmp"
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(prometheus_text(scan))
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=dir_fd)
         try:
-            os.unlink(temporary)
-        except OSError:
-            pass
+            with os.fdopen(fd, "w") as f:
+                f.write(prometheus_text(scan))
+                f.flush()
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(temporary, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+class UntrustedLink(OSError):
+    """A symlink on the way to a directory that neither root nor this process's user owns."""
+
+
+def open_directory(path: str) -> int:
+    """An O_PATH descriptor of the directory `path`, reached one component at a time from `/`.
+
+    A symlink on the way is followed only if root or this process's user owns it: any other
+    owner of a directory on the way (node_exporter's textfile directory belongs to prometheus)
+    could swap a subdirectory for a link to /etc, and root would write there. Once a component
+    is open, swapping its name changes nothing. Raises UntrustedLink, or OSError as open(2) does.
+    """
+    import errno
+    import stat
+
+    trusted = {0, os.geteuid()}
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    fd = os.open("/" if path.startswith("/") else ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked, links = "/" if path.startswith("/") else ".", 0
+    try:
+        while pending:
+            part = pending.pop(0)
+            try:
+                child = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                info = os.stat(part, dir_fd=fd, follow_symlinks=False) if exc.errno in (errno.ENOTDIR, errno.ELOOP) \
+                    else None
+                if info is None or not stat.S_ISLNK(info.st_mode):
+                    raise
+                shown = os.path.join(walked, part)
+                if info.st_uid not in trusted:
+                    raise UntrustedLink(errno.ELOOP, f"{shown} is a symlink owned by uid {info.st_uid}") from None
+                links += 1
+                if links > 40:  # as the kernel's MAXSYMLINKS
+                    raise OSError(errno.ELOOP, f"too many symlinks on the way to {path}") from None
+                target = os.readlink(part, dir_fd=fd)
+                pending[:0] = [p for p in target.split("/") if p not in ("", ".")]
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                    walked = "/"
+                continue
+            os.close(fd)
+            fd, walked = child, os.path.join(walked, part)
+        return fd
+    except BaseException:
+        os.close(fd)
         raise

@@ -40,7 +40,8 @@ EPILOG = """\
 exit codes:
   0   nothing needs attention
   1   at least one finding (the kinds above)
-  64  usage error (a bad option, or --prometheus in a directory that does not exist)
+  64  usage error (a bad option, or --prometheus in a directory that does not exist or that
+      another user's symlink leads to)
   70  the scan itself failed"""
 
 
@@ -55,11 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_prometheus_path(path: str) -> None:
+    """The checks write_prometheus() makes again when it writes, made before the scan's work."""
+    from bindguard.scan import UntrustedLink, open_directory
+
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    try:
+        os.close(open_directory(directory))
+    except UntrustedLink as exc:
+        raise UsageError(f"--prometheus {path}: {exc.strerror}; refusing to write through it as uid {os.geteuid()}",
+                         "make the directory and every directory above it reachable without another "
+                         "user's symlink, or run the scan as that user") from None
+    except (FileNotFoundError, NotADirectoryError):
         raise UsageError(f"--prometheus {path}: directory {directory} does not exist",
                          "give a file in node_exporter's --collector.textfile.directory, "
-                         "e.g. /var/lib/prometheus/node-exporter/bindguard.prom")
+                         "e.g. /var/lib/prometheus/node-exporter/bindguard.prom") from None
+    except OSError as exc:
+        raise UsageError(f"--prometheus {path}: cannot open {directory}: {exc.strerror}",
+                         "run as a user who may, or as root") from None
     if not os.access(directory, os.W_OK):
         raise UsageError(f"--prometheus {path}: cannot write in {directory}", "run as a user who may, or as root")
 
