@@ -5,10 +5,10 @@ The daemons are Debian's packages under their own unit files, copied as they are
 /usr/lib/systemd/system into the user manager of the rig (tests/rig.py), with Debian's default
 configurations as installed. What a user manager cannot apply is adapted, and only that:
   - the rig's mount namespace gets private directories where the daemons write (a tmpfs over
-    /run, /var/log/nginx, /var/lib/nginx, /var/log/redis, /var/lib/redis), so that nothing they
-    write reaches the host and two rigs at once do not share a PID file. /run/sshd is made by
-    hand: ssh.service's RuntimeDirectory=sshd makes it in /run under the system manager, but a
-    user manager makes it under $XDG_RUNTIME_DIR, where sshd does not look;
+    /run, /var/log/nginx, /var/lib/nginx, /var/log/redis, /var/lib/redis, /var/lib/prometheus),
+    so that nothing they write reaches the host and two rigs at once do not share a PID file.
+    /run/sshd is made by hand: ssh.service's RuntimeDirectory=sshd makes it in /run under the
+    system manager, but a user manager makes it under $XDG_RUNTIME_DIR, where sshd does not look;
   - redis-server.service loses User=/Group= with CapabilityBoundingSet= and PrivateUsers= (a
     user manager runs its units as its own user; redis as root without capabilities could not
     write its own directories), PrivateTmp= (the rig's runtime directory, with the manager's
@@ -17,9 +17,10 @@ configurations as installed. What a user manager cannot apply is adapted, and on
     an address redis binds;
   - the rig has a network namespace of its own, so the daemons' own ports (80, 22, 6379) are
     free there and nothing is moved;
-  - each shipped drop-in is installed verbatim, with only the program path replaced (the
-    package's /usr/bin/bindguard is this checkout's `python -m bindguard`), and the guard's
-    stderr goes to a file through a second drop-in (the rig has no journal).
+  - each shipped drop-in and unit is installed verbatim, with only the program path replaced
+    (the package's /usr/bin/bindguard, pip's /usr/local/bin/bindguard, is this checkout's
+    `python -m bindguard`), and the guard's stderr goes to a file through a second drop-in (the
+    rig has no journal).
 The `bindguard install` commands of the documentation are run as written, with --user added
 (the rig is a user manager).
 """
@@ -55,7 +56,9 @@ PLACEHOLDER = re.compile(r"^(\[-.*|\[[A-Z].*|<.*>|[A-Z][A-Z_]+(\.\.\.)?\]?|.*\.\
 PRIVATE_DIRS = ("mount -t tmpfs -o mode=755 tmpfs /run && mkdir -p /run/systemd/system /run/sshd /run/redis"
                 " && chown redis:redis /run/redis"
                 " && for d in /var/log/nginx /var/lib/nginx /var/log/redis /var/lib/redis; do"
-                " mount -t tmpfs tmpfs $d || exit 1; done && chown redis:redis /var/log/redis /var/lib/redis")
+                " mount -t tmpfs tmpfs $d || exit 1; done && chown redis:redis /var/log/redis /var/lib/redis"
+                " && if [ -d /var/lib/prometheus ]; then mount -t tmpfs tmpfs /var/lib/prometheus"
+                " && mkdir /var/lib/prometheus/node-exporter; fi")
 REDIS_NOT_FOR_A_USER_MANAGER = ("User", "Group", "CapabilityBoundingSet", "PrivateUsers", "PrivateTmp",
                                 "ProtectHome", "ProtectKernelLogs", "ProtectKernelTunables")
 
@@ -344,3 +347,36 @@ def test_the_user_web_example_its_install_and_verify(daemons):
     assert "ExecStartPost=" in block and "verify" in block, block
     rig.write_dropin("web.service", "bindguard.conf", block.replace(INSTALLED, GUARD))
     starts_free_and_is_refused_when_held(rig, "web.service", 8080, web, log)
+
+
+@pytest.mark.integration
+def test_redis_with_the_documented_installs(daemons):
+    """Debian's redis-server.service (its `bind 127.0.0.1 -::1`) under each documented install."""
+    need_package("redis-server", "/usr/bin/redis-server")
+    rig = daemons
+    debian_unit(rig, "redis-server.service")
+    log = guard_log(rig, "redis-server.service")
+    each_shipped_way_starts_free_and_is_refused_when_held(rig, "redis-server.service", [], 6379, REDIS_HELD, log)
+
+
+@pytest.mark.integration
+def test_the_prometheus_scan_service_and_timer(daemons):
+    """examples/prometheus: the oneshot scan writes node_exporter's file where Debian's
+    prometheus-node-exporter reads it, with nginx running; its timer starts."""
+    need_package("prometheus", "/usr/bin/promtool")
+    need_package("nginx", "/usr/sbin/nginx")
+    rig = daemons
+    debian_unit(rig, "nginx.service")
+    for name in ("bindguard-scan.service", "bindguard-scan.timer"):
+        text = (ROOT / "examples" / "prometheus" / name).read_text()
+        rig.write_unit(name, text.replace("/usr/local/bin/bindguard", GUARD), reload=False)
+    log = guard_log(rig, "bindguard-scan.service")
+    assert rig.start("nginx.service").ok
+    scanned = rig.start("bindguard-scan.service")
+    assert scanned.ok, (scanned, log.read_text())
+    metrics = rig.run(["cat", "/var/lib/prometheus/node-exporter/bindguard.prom"])
+    assert metrics.returncode == 0 and "bindguard_listeners 2" in metrics.stdout, (metrics, log.read_text())
+    checked = rig.run(["promtool", "check", "metrics"], input=metrics.stdout)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert rig.start("bindguard-scan.timer").ok
+    assert rig.prop("bindguard-scan.timer", "ActiveState") == "active"
