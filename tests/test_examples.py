@@ -268,13 +268,21 @@ REDIS_HELD = [{"proto": "tcp", "host": "127.0.0.1", "port": 6379, "reuseaddr": T
 
 
 @pytest.mark.integration
-def test_nginx_with_every_shipped_dropin_and_documented_install(daemons):
-    need_package("nginx", "/usr/sbin/nginx")
+@pytest.mark.parametrize("unit, binary, dropins, port, held", [
+    ("nginx.service", "/usr/sbin/nginx", ["examples/nginx/bindguard.conf", "systemd/bindguard.conf.example"],
+     80, NGINX_HELD),
+    # Debian's ssh.service keeps KillMode=process (a restart keeps open sessions): it starts under
+    # the guard with no advice to change that (starts_free_and_is_refused_when_held checks)
+    ("ssh.service", "/usr/sbin/sshd", ["examples/ssh/bindguard.conf"], 22, SSH_HELD),
+    ("redis-server.service", "/usr/bin/redis-server", [], 6379, REDIS_HELD),
+])
+def test_debian_s_daemons_with_the_shipped_dropins_and_documented_installs(daemons, unit, binary, dropins, port,
+                                                                           held):
+    need_package(unit.split(".")[0], binary)
     rig = daemons
-    debian_unit(rig, "nginx.service")
-    log = guard_log(rig, "nginx.service")
-    dropins = [ROOT / "examples" / "nginx" / "bindguard.conf", ROOT / "systemd" / "bindguard.conf.example"]
-    each_shipped_way_starts_free_and_is_refused_when_held(rig, "nginx.service", dropins, 80, NGINX_HELD, log)
+    debian_unit(rig, unit)
+    log = guard_log(rig, unit)
+    each_shipped_way_starts_free_and_is_refused_when_held(rig, unit, [ROOT / d for d in dropins], port, held, log)
 
 
 @pytest.mark.integration
@@ -319,19 +327,6 @@ def test_the_yaml_example_with_nginx(daemons, tmp_path):
 
 
 @pytest.mark.integration
-def test_ssh_with_the_shipped_dropin_and_documented_installs(daemons):
-    """Debian's ssh.service keeps KillMode=process (a restart keeps open sessions): it starts under
-    the guard with no advice to change that, and is refused when port 22 is held."""
-    need_package("openssh-server", "/usr/sbin/sshd")
-    rig = daemons
-    debian_unit(rig, "ssh.service")
-    assert "KillMode=process" in (rig.unit_dir / "ssh.service").read_text()
-    log = guard_log(rig, "ssh.service")
-    each_shipped_way_starts_free_and_is_refused_when_held(rig, "ssh.service", [ROOT / "examples" / "ssh" / "bindguard.conf"],
-                                                          22, SSH_HELD, log)
-
-
-@pytest.mark.integration
 def test_the_user_web_example_its_install_and_verify(daemons):
     """examples/user-web: the unit and its drop-in as shipped; the documented install; and the
     README's ExecStartPre= check with ExecStartPost= verify."""
@@ -347,16 +342,6 @@ def test_the_user_web_example_its_install_and_verify(daemons):
     assert "ExecStartPost=" in block and "verify" in block, block
     rig.write_dropin("web.service", "bindguard.conf", block.replace(INSTALLED, GUARD))
     starts_free_and_is_refused_when_held(rig, "web.service", 8080, web, log)
-
-
-@pytest.mark.integration
-def test_redis_with_the_documented_installs(daemons):
-    """Debian's redis-server.service (its `bind 127.0.0.1 -::1`) under each documented install."""
-    need_package("redis-server", "/usr/bin/redis-server")
-    rig = daemons
-    debian_unit(rig, "redis-server.service")
-    log = guard_log(rig, "redis-server.service")
-    each_shipped_way_starts_free_and_is_refused_when_held(rig, "redis-server.service", [], 6379, REDIS_HELD, log)
 
 
 @pytest.mark.integration
