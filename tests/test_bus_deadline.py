@@ -136,3 +136,21 @@ def test_a_wedged_manager_costs_the_budget_at_most(systemd_rig):
     assert f"PID {pid}" in done.stderr and "other.service" in done.stderr  # named from its cgroup
     assert "the user manager did not answer" in done.stderr
     assert took < BUS_BUDGET + MARGIN, (took, done.stderr)
+
+
+def test_reuseport_takes_the_units_user_from_its_files(netns, tmp_path, silent_bus):
+    """SO_REUSEPORT shares a port within one uid, so the trial socket is made as the unit's User=:
+    read from its unit files, not asked of a bus that does not answer."""
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "asroot.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (units / "asnobody.service").write_text("[Service]\nExecStart=/bin/true\nUser=nobody\n")
+    env = dict(guard_env(tmp_path, silent_bus), SYSTEMD_UNIT_PATH=str(units))
+    netns.hold({**SPEC, "proto": "tcp", "reuseaddr": True, "reuseport": True})  # root's SO_REUSEPORT group
+    shared = netns.run([sys.executable, "-m", "bindguard", "check", "--reuseport", "--unit", "asroot", ADDRESS],
+                       env=env, timeout=BUS_BUDGET + 30)
+    assert shared.returncode == 0, shared.stderr
+    assert not silent_bus.connected(), shared.stderr
+    refused = netns.run([sys.executable, "-m", "bindguard", "check", "--reuseport", "--unit", "asnobody", ADDRESS],
+                        env=env, timeout=BUS_BUDGET + 30)
+    assert refused.returncode == 98, refused.stderr

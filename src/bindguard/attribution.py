@@ -152,6 +152,21 @@ class SystemdContext:
                 self.notes.append(f"{exc}; checked without {self.unit_name}'s settings")
         return self._unit_info
 
+    def unit_user(self) -> str:
+        """The guarded unit's User= ("" runs as root): from its unit files, without D-Bus, when it
+        has any; else from the manager."""
+        from bindguard import systemd
+        from bindguard.discover.unitfile import unit_facts_from_files, unit_fragment
+
+        unit = self.guarded_unit()
+        if not unit:
+            return ""
+        user_manager = systemd.choose_bus(self.bus_choice) == systemd.USER
+        if unit_fragment(unit, user_manager) is not None:
+            return unit_facts_from_files(unit, user_manager).user
+        info = self.unit_info()
+        return info.user if info is not None else ""
+
     def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
         """What the manager says about the holders, and who the manager is, as far as proven."""
         from bindguard import systemd

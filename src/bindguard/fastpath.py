@@ -129,6 +129,8 @@ def check(args: list[str]) -> int | None:
         return None
     if unit is not None and not no_systemd and _unit_needs_a_closer_look(unit, user_bus, listen):
         return None
+    if unit is not None and not no_systemd and options["reuseport"]:
+        return None  # SO_REUSEPORT shares a port within one uid: the trial needs the unit's User=
 
     from bindguard import host, probe
 

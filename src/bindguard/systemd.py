@@ -321,6 +321,10 @@ class Systemd:
     them runs a program) are never used. Before pystemd connects, the socket must answer the
     authentication's first line within CONNECT_TIMEOUT. Raises SystemdUnavailable when the bus
     cannot be opened, does not answer, or the budget is spent.
+
+    What is left unbounded: a bus that answers that first line and falls silent a moment later
+    holds pystemd's first call for sd-bus's authentication timeout (90 s). pystemd offers no way
+    to bound it (no sd_bus_set_method_call_timeout, and its calls hold the GIL).
     """
 
     def __init__(self, bus: str = SYSTEM, budget: float = BUS_BUDGET, call_timeout: float = CALL_TIMEOUT) -> None:

@@ -191,9 +191,9 @@ def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
     if args.daemon_user is not None:
         return _uid_of(args.daemon_user)
     if any(b.options.reuseport for b in binds) and ctx is not None and ctx.in_unit:
-        info = ctx.unit_info()
-        if info is not None and info.user:
-            return _uid_of(info.user)
+        user = ctx.unit_user()
+        if user:
+            return _uid_of(user)
     return None
 
 
