@@ -103,6 +103,13 @@ def ascii_number(text: str, digits: int = 20) -> int | None:
     return int(text)
 
 
+def ascii_port(text: str) -> int | None:
+    """The number 0-65535 that text writes in ASCII digits, leading zeros allowed as daemons and
+    systemd take them; else None (see ascii_number)."""
+    port = ascii_number(text.lstrip("0") or "0", 5) if text.isascii() else None
+    return port if port is not None and port <= 65535 else None
+
+
 def _parse_port(text: str, original: str) -> int:
     if not (text.isascii() and text.isdigit()):  # str.isdigit() is true of '²', '٨٠' and '８０' too
         raise AddressError(f"{original!r}: port {text!r} is not a number; write a port from 1 to 65535")

@@ -27,7 +27,7 @@ from bindguard.discover.common import (
     list_directory,
     read_text,
 )
-from bindguard.endpoints import ipv6_supported
+from bindguard.endpoints import ascii_port, ipv6_supported
 
 STATIC_MODULES = {"core_module", "so_module", "watchdog_module", "http_module", "log_config_module",
                   "logio_module", "version_module", "unixd_module", "core.c", "mod_so.c", "mod_watchdog.c",
@@ -185,17 +185,17 @@ def _emit(parsed: _Config, findings: Findings) -> None:
     dual_ports = set()
     pending = []
     for address, where, certain, note in parsed.listens:
-        if address.isdigit():
+        if address.isascii() and address.isdigit():
             host, port_text = "", address
         elif address.startswith("["):
             host, _, rest = address[1:].partition("]")
             port_text = rest[1:]
         else:
             host, _, port_text = address.rpartition(":")
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        port = ascii_port(port_text)
+        if not port:
             findings.warn(f"{where}: Listen {address}: no valid port; Apache refuses it")
             continue
-        port = int(port_text)
         if (host, port) in seen:
             findings.warn(f"{where}: Listen {address} repeats {seen[(host, port)]}; Apache refuses to start")
             continue

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from bindguard import files
 from bindguard.endpoints import (
+    ascii_port,
     TCP,
     AddressError,
     Bind,
@@ -268,9 +269,10 @@ def list_directory(directory: str) -> list[str]:
 
 
 def parse_port(text: str, where: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    port = ascii_port(text)
+    if port is None:
         raise DaemonConfigError(f"{where}: {text!r} is not a port number")
-    return int(text)
+    return port
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 
 from bindguard.discover.common import AddressError, Findings, any_dual, endpoint, is_ip
-from bindguard.endpoints import TCP, UDP, Endpoint, parse_listen
+from bindguard.endpoints import TCP, UDP, Endpoint, ascii_port, parse_listen
 
 ADDRESS_WORDS = {"port", "listen", "bind"}
 HOST_OPTIONS = {"host", "address", "addr", "bind-address", "bind-addr", "listen-host"}
@@ -33,19 +33,20 @@ def parse_value(value: str) -> list[Endpoint]:
         part = SCHEME.sub("", part).rstrip("/")
         if not part:
             continue
-        if part.isdigit():
-            if 1 <= int(part) <= 65535:
-                endpoints.append(any_dual(int(part)))
+        if part.isascii() and part.isdigit():
+            if ascii_port(part):
+                endpoints.append(any_dual(ascii_port(part)))
             continue
-        host, sep, port = part.rpartition(":")
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        host, sep, port_text = part.rpartition(":")
+        port = ascii_port(port_text)
+        if not sep or not port:
             continue
         host = host.strip("[]")
         try:
             if host in ("", "*"):
-                endpoints.append(any_dual(int(port)))
+                endpoints.append(any_dual(port))
             elif is_ip(host):
-                endpoints.append(endpoint(host, int(port)))
+                endpoints.append(endpoint(host, port))
         except AddressError:
             continue
     return endpoints

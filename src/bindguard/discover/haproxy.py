@@ -23,7 +23,7 @@ from bindguard.discover.common import (
     list_directory,
     read_text,
 )
-from bindguard.endpoints import TCP, UDP
+from bindguard.endpoints import TCP, UDP, ascii_port
 
 DEFAULT_CONF = "/etc/haproxy/haproxy.cfg"
 SECTIONS = {"global", "defaults", "frontend", "backend", "listen", "peers", "resolvers", "userlist", "cache",
@@ -116,10 +116,10 @@ def _bind(findings: Findings, address: str, where: str, **options) -> None:
     if host in ("", "*"):
         host = "::" if version == 6 else "0.0.0.0"
     low, _, high = ports.partition("-")
-    if not low.isdigit() or (high and not high.isdigit()):
+    first, last = ascii_port(low), ascii_port(high or low)
+    if first is None or last is None:
         findings.warn(f"{where}: bind {address}: no valid port")
         return
-    first, last = int(low), int(high or low)
     if last - first >= MAX_RANGE:
         findings.warn(f"{where}: bind {address}: a range of more than {MAX_RANGE} ports; only the first are checked")
         last = first + MAX_RANGE - 1

@@ -29,7 +29,7 @@ from bindguard.discover.common import (
     host_addresses,
     read_text,
 )
-from bindguard.endpoints import TCP, UDP, Endpoint
+from bindguard.endpoints import TCP, UDP, Endpoint, ascii_port
 
 DEFAULT_CONF = "/etc/nginx/nginx.conf"
 DEFAULT_PREFIX = "/usr/share/nginx"
@@ -199,8 +199,8 @@ class _Parser:
             close = address.find("]")
             host, rest = address[1:close], address[close + 1:]
             port_text = rest[1:] if rest.startswith(":") else ""
-        elif address.isdigit():
-            return "0.0.0.0", int(address)
+        elif ascii_port(address) is not None:
+            return "0.0.0.0", ascii_port(address)
         elif ":" in address:
             host, port_text = address.rsplit(":", 1)
         else:
@@ -212,10 +212,11 @@ class _Parser:
                 self.findings.warn(f"{source}: listen {address} has no port; nginx refuses it")
                 return host, None
             return host, default_port
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        port = ascii_port(port_text)
+        if not port:
             self.findings.warn(f"{source}: listen {address}: {port_text!r} is not a port")
             return host, None
-        return host, int(port_text)
+        return host, port
 
 
 def _merge(parser: _Parser, findings: Findings) -> None:

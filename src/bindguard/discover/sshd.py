@@ -25,6 +25,7 @@ from bindguard.discover.common import (
     parse_port,
     read_text,
 )
+from bindguard.endpoints import ascii_port
 
 DEFAULT_CONF = "/etc/ssh/sshd_config"
 
@@ -135,7 +136,7 @@ def _from_files(findings: Findings, config: _Config, conf: str, cli_options: lis
             config.family = value.strip().lower()
     config.read(conf)
     family = family or config.family or "any"
-    ports = ([(int(p), "sshd -p") for p in cli_ports if p.isdigit()] or config.ports
+    ports = ([(ascii_port(p), "sshd -p") for p in cli_ports if ascii_port(p)] or config.ports
              or [(22, f"{conf} (default Port 22)")])
     listens = config.listen or [(host, None, where) for host in ("0.0.0.0", "::")
                                 for where in [f"{conf} (no ListenAddress: all addresses)"]]
