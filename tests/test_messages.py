@@ -78,6 +78,20 @@ def test_explain_help_does_not_promise_addresses_from_the_unit():
     assert proc.returncode == 64 and "LISTEN" in proc.stderr, proc.stderr
 
 
+def test_explain_help_lists_only_the_exit_codes_explain_gives():
+    text = run("explain", "--help").stdout
+    codes = text.split("exit codes:", 1)[1]
+    for what in ("70 ", "78 ", "when the wait ran out", "Restart="):
+        assert what not in codes, f"explain --help: {what!r}"
+    assert "75" in codes and "98" in codes
+
+
+def test_verify_s_unit_is_not_called_guarded():
+    text = run("verify", "--help").stdout
+    unit = text.split("--unit NAME  ", 1)[1].split("--user", 1)[0]
+    assert "guard" not in unit and "verify runs in" in unit, unit
+
+
 @pytest.mark.parametrize("args", [
     ["verify", "--reuseport", "80"],
     ["verify", "--freebind", "80"],

@@ -66,12 +66,15 @@ def add_socket_arguments(parser: argparse.ArgumentParser) -> None:
                            "SO_REUSEPORT only within one uid (default: the guard's own user)")
 
 
-def add_systemd_arguments(parser: argparse.ArgumentParser, unit: bool = True) -> None:
-    """--unit (for the commands about one unit), the bus to ask, and --no-systemd."""
+UNIT_HELP = "the unit being guarded (%%n in a drop-in; default: the unit the guard runs in)"
+
+
+def add_systemd_arguments(parser: argparse.ArgumentParser, unit_help: str | None = UNIT_HELP) -> None:
+    """--unit (for the commands about one unit, with what it means to each), the bus to ask, and
+    --no-systemd."""
     sd = parser.add_argument_group("systemd")
-    if unit:
-        sd.add_argument("--unit", metavar="NAME",
-                        help="the unit being guarded (%%n in a drop-in; default: the unit the guard runs in)")
+    if unit_help:
+        sd.add_argument("--unit", metavar="NAME", help=unit_help)
     bus = sd.add_mutually_exclusive_group()
     bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
                      help="talk to the user manager (default when run by one: MANAGERPID is set)")

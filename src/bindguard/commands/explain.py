@@ -18,12 +18,30 @@ from bindguard.errors import EXIT_CODES_HELP
 DESCRIPTION = """\
 What is on these addresses now, who holds them (PID, command, user, unit), what kind of
 conflict each one is, and the fix for that kind, whether or not the daemon could start.
-Nothing is waited for, changed or killed. Exit codes are those of `bindguard check`.
+Nothing is waited for, changed or killed. The exit code is the one `bindguard check --wait 0`
+would give now (below).
 
 example:
   bindguard explain 80 443 udp:[::]:53"""
 
-EPILOG = EXIT_CODES_HELP
+
+
+def _exit_codes() -> str:
+    """check's exit codes as they apply to explain: it never waits (75 is TIME_WAIT now), has no
+    --fail-closed (no 70), reads no YAML file (no 78), and runs at a terminal, not in
+    ExecStartPre= (no Restart= advice)."""
+    lines = []
+    for line in EXIT_CODES_HELP.split("\nWith Restart=")[0].splitlines():
+        code = line.split()[0] if line.startswith("  ") and not line.startswith("   ") else None
+        if code in ("70", "78"):  # no --fail-closed, and no YAML file is read
+            continue
+        if code == "75":
+            line = "  75  only TIME_WAIT is in the way now: it clears by itself (`check` waits for it)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+EPILOG = _exit_codes()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

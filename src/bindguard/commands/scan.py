@@ -46,7 +46,7 @@ exit codes:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_systemd_arguments(parser, unit=False)
+    add_systemd_arguments(parser, unit_help=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     parser.add_argument("--prometheus", metavar="FILE",
                         help="also write the metrics for node_exporter's textfile collector to FILE (*.prom), "

@@ -20,9 +20,9 @@ DESCRIPTION = """\
 After the daemon started: does each address have exactly one intended listener (or a
 SO_REUSEPORT group of them), owned by the unit's own processes (as the manager places them;
 without a bus, in verify's own cgroup), on the intended local address, with nothing else bound
-to it? verify polls sock_diag until every address has
-a listener or --timeout runs out, then reports and exits non-zero if anything is wrong, so
-that the start fails and `systemctl status` shows why:
+to it? verify polls sock_diag until every address has a listener or --timeout runs out, then
+reports and exits non-zero if anything is wrong, so that the start fails and `systemctl
+status` shows why:
 
   not-listening   nothing listens on the address: the daemon never reached listen()
   wrong-address   the unit listens on this port, but on another address (or on [::] with
@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_listen_argument(parser, f"an address the unit must serve ({check.LISTEN_SYNTAX}); none: the "
                                       "unit's bindguard file, else discovery from its daemon's configuration")
     check.add_v6only_arguments(parser.add_argument_group("the daemon's IPv6 sockets (how [::] must be bound)"))
-    check.add_systemd_arguments(parser)
+    check.add_systemd_arguments(parser, unit_help="the unit whose processes must serve the addresses (%%n in "
+                                                  "a drop-in; default: the unit verify runs in)")
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
