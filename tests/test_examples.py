@@ -365,3 +365,15 @@ def test_the_prometheus_scan_service_and_timer(daemons):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert rig.start("bindguard-scan.timer").ok
     assert rig.prop("bindguard-scan.timer", "ActiveState") == "active"
+
+
+@pytest.mark.integration
+def test_the_readme_s_first_check_says_what_the_readme_says(netns, tmp_path):
+    """README: 'exits 0 when all three can be bound, 98 when something holds one (an sshd on port
+    22, say: the report names its PID, command and unit)'."""
+    (argv,) = [a for a in documented() if a[0] == "check" and "22" in a and "8080" in a]
+    assert run_bindguard(argv, tmp_path, netns).returncode == 0
+    held = netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 22, "reuseaddr": True})
+    done = run_bindguard(argv, tmp_path, netns)
+    assert done.returncode == 98, done.stderr
+    assert f"PID {held.pid} (" in done.stderr and "holder.py" in done.stderr and "unit" in done.stderr, done.stderr
