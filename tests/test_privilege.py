@@ -58,6 +58,10 @@ def test_what_may_give_a_program_the_capability(tmp_path):
     assert "runs sh" in privilege._may_gain(["/bin/sh -c 'exec daemon'"], settings())
     assert "authbind" in privilege._may_gain(["/usr/bin/authbind --deep /usr/sbin/daemon"], settings())
     assert "not an absolute path" in privilege._may_gain(["daemon"], settings())
+    script = tmp_path / "start-daemon"
+    script.write_text("#!/bin/sh\nexec authbind --deep /usr/sbin/daemon\n")
+    script.chmod(0o755)
+    assert "is a script" in privilege._may_gain([str(script)], settings())
     assert "LD_PRELOAD" in privilege._may_gain(["/bin/true"], settings(Environment=["LD_PRELOAD=/x.so"]))
     env_file = tmp_path / "env"
     env_file.write_text("LD_PRELOAD=/usr/lib/authbind/libauthbind.so.1\n")

@@ -279,10 +279,10 @@ def _wait_budget(request: Request) -> tuple[float, str | None]:
 
 
 def is_guard(process: ProcessFact) -> bool:
-    """Whether a process is a bindguard run (`bindguard ...`, `python3 [-I] -m bindguard ...`)."""
-    words = process.cmdline[:4]
-    return any(os.path.basename(w) == "bindguard" for w in words) or any(
-        a == "-m" and b == "bindguard" for a, b in zip(words, words[1:]))
+    """Whether a process is a bindguard run: `bindguard` among its first words (`/usr/bin/bindguard
+    check ...`, `python3 -I -m bindguard check ...`). A process may call itself that to look like
+    one: that buys it only the bounded re-probing, never a pass."""
+    return any(os.path.basename(w) == "bindguard" for w in process.cmdline[:4])
 
 
 def _fleeting(c: Conflict) -> bool:

@@ -12,8 +12,8 @@ namespace, so the same net.ipv4.ip_unprivileged_port_start):
     "+" on its line), or the unit's User= is not root and AmbientCapabilities= lacks it; and
   - the daemon cannot gain it when it runs: NoNewPrivileges=yes, or every ExecStart= binary is
     an absolute path to a regular file with no setuid/setgid bit and no file capabilities, not
-    a program that runs others with privileges (sudo, authbind, a shell, ...), and no
-    LD_PRELOAD is set.
+    a script (#!) nor a program that runs others with privileges (sudo, authbind, a shell,
+    ...), and no LD_PRELOAD is set.
 Only os and pwd: read when a requested port is below the start.
 """
 
@@ -126,7 +126,20 @@ def _may_gain(exec_start: list[str], settings: dict[str, list[str]]) -> str | No
             return f"{path} has file capabilities"
         except OSError:
             pass
+        if _is_script(path):
+            return f"{path} is a script (#!), which may run anything, authbind or sudo among them"
     return None
+
+
+def _is_script(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return True  # unreadable: not known not to be one
+    try:
+        return not stat.S_ISREG(os.fstat(fd).st_mode) or os.read(fd, 2) == b"#!"
+    finally:
+        os.close(fd)
 
 
 def _mentions_preload(path: str) -> bool:
@@ -199,6 +212,6 @@ def assess(unit: str, user_manager: bool, ports: set[int], denied_to_guard: bool
         facts.append("NoNewPrivileges=yes: its programs cannot gain privileges when they run")
     else:
         programs = ", ".join(dict.fromkeys(_exec_prefix_and_path(v)[1] for v in exec_start))
-        facts.append(f"{programs} has no setuid/setgid bit and no file capabilities, so the daemon cannot gain "
-                     "the capability when it runs")
+        facts.append(f"{programs}: no setuid/setgid bit, no file capabilities, not a script, so the daemon "
+                     "cannot gain the capability when it runs")
     return BindPrivilege(start, shown, facts=tuple(facts))
