@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -96,3 +97,24 @@ def test_escape_and_excerpt():
     assert output.escape("a\nb\x1b[2J\r\t\x7f\x9bc é") == "a\\nb\\x1b[2J\\r\\t\\x7f\\x9bc é"
     assert output.excerpt("root:x:0:0:root:/root:/bin/bash\nnext line", 12) == "'root:x:0:0:r'..."
     assert output.excerpt("a\nb") == "'a\\nb'"
+
+
+def test_a_path_with_a_newline_stays_on_the_error_s_line(tmp_path):
+    forged = str(tmp_path / "x\nbindguard: clear: [::]:80 can be bound")
+    proc = subprocess.run([*BINDGUARD, "check", "--config", forged, "80"], capture_output=True, text=True,
+                          env=env(), timeout=60)
+    assert proc.returncode == 78, proc.stderr
+    (line, hint) = proc.stderr.splitlines()
+    assert line.startswith("<3>bindguard: error: ") and "x\\nbindguard: clear" in line, proc.stderr
+    assert hint.startswith("<3>  hint: ")
+
+
+def test_several_problems_of_one_file_are_one_line_each(tmp_path):
+    config = tmp_path / "web.yaml"
+    config.write_text("lisen: [80]\nwiat: 3\n")
+    proc = subprocess.run([*BINDGUARD, "check", "--config", str(config), "80"], capture_output=True, text=True,
+                          env=env(), timeout=60)
+    assert proc.returncode == 78, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("<3>bindguard: error: 2 problems") and len(lines) == 4, lines
+    assert "lisen" in lines[1] and "wiat" in lines[2] and lines[3].startswith("<3>  hint: "), lines

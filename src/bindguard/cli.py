@@ -71,7 +71,7 @@ def _main(argv: list[str]) -> int:
         from bindguard.errors import EXIT_INTERNAL, BindguardError, GuardFailure
 
         if isinstance(exc, BindguardError):
-            output.error(exc.message, exc.hint)
+            output.error(exc.message, exc.hint, getattr(exc, "problems", ()))
             return exc.exit_code
         if isinstance(exc, BrokenPipeError) and _reader_gone():
             _discard_output()  # `| head`: a quiet end, as for other tools

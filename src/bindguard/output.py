@@ -56,10 +56,10 @@ def emit(priority: int, text: str | list[str] | tuple[str, ...], stream=None) ->
     stream.flush()
 
 
-def error(message: str, hint: str | None = None) -> None:
-    """A BindguardError: its message's lines are the guard's own (several problems of one file,
-    one a line); what they quote from elsewhere is quoted with excerpt() or repr()."""
-    lines = message.rstrip("\n").split("\n")
+def error(message: str, hint: str | None = None, problems: list[str] | tuple[str, ...] = ()) -> None:
+    """A BindguardError on one line (a path or name in it with a newline stays on it, escaped);
+    a configuration error with several problems: its first line, then one line per problem."""
+    lines = [message] if len(problems) < 2 else [message.split("\n", 1)[0], *problems]
     emit(ERR, [f"bindguard: error: {lines[0]}", *lines[1:], *([f"  hint: {hint}"] if hint else [])])
 
 
