@@ -14,6 +14,7 @@ and os.listdir are used until a file exists; PyYAML is imported only to read one
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -135,6 +136,7 @@ class _Values:
     trust_guesses: tuple[bool, Origin] | None = None
 
 
+@functools.cache
 def _loader_class():
     """A SafeLoader that resolves only decimal numbers, booleans and null, and bounds nesting.
 
