@@ -222,7 +222,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     from bindguard import config
 
     unit = normalize_unit(args.unit) if args.unit else None
-    if unit is None and args.config is None and not args.listen and ctx is not None:
+    if unit is None and args.config is None and not (args.listen or optional_addresses(args)) and ctx is not None:
         unit = args.unit = ctx.guarded_unit()  # the unit whose `fail:` holds if the guard fails
     unit_config = config.load_unit_config(unit, args.config) if unit or args.config else None
     if unit_config is not None:
@@ -235,7 +235,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     )
     if args.listen or optional_addresses(args):
         binds = build_binds(args, base)
-        required, optional = binds[:len(args.listen)], binds[len(args.listen):]
+        optional = binds[len(args.listen):]
         for twice in (b for b in optional if binds.count(b) > 1):
             raise UsageError(f"{twice} is given twice", "give each address once: as LISTEN, --optional or --if-available")
         kinds = [kinds for _, kinds in optional_addresses(args)]
