@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 
@@ -273,3 +274,33 @@ def test_every_failure_is_a_systemd_error(user_bus):
         user_bus.active_state("a/b")
     assert issubclass(SystemdRefused, SystemdError) and issubclass(UnitNotFound, SystemdError)
     assert issubclass(SystemdUnavailable, SystemdError)
+
+
+@pytest.mark.parametrize("address, why", [
+    ("tcp:host=127.0.0.1,port=1", "names no unix:path= socket, the only kind bindguard uses"),
+    ("unixexec:path=/bin/true", "names no unix:path= socket, the only kind bindguard uses"),  # would run a program
+    ("unix:abstract=bus", "names no unix:path= socket"),
+])
+def test_only_a_unix_path_is_a_bus(monkeypatch, address, why):
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+    with pytest.raises(SystemdUnavailable, match=why):
+        Systemd(SYSTEM)
+
+
+def test_a_bus_socket_of_another_user_is_not_asked(monkeypatch, tmp_path):
+    """A socket someone else made could answer for systemd: only root's or our own is used."""
+    path = tmp_path / "a bus"  # a space: escaped as %20 in the address
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    try:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={str(path).replace(' ', '%20')},guid=0")
+        if os.geteuid() == 0:  # as any other user, a socket of its own cannot be given away
+            os.chown(path, 65534, 65534)
+            with pytest.raises(SystemdUnavailable, match=f"{path} belongs to uid 65534, neither root nor this user"):
+                Systemd(SYSTEM)
+            os.chown(path, 0, 0)
+        with pytest.raises(SystemdUnavailable, match=f"the system bus at {path} did not answer within 1 s"):
+            Systemd(SYSTEM)
+    finally:
+        server.close()
