@@ -1,0 +1,203 @@
+"""Discovery's work is bounded, whatever a daemon's configuration holds (issue 9, item 6).
+
+A configuration can belong to the service's user (Debian's /etc/redis/redis.conf belongs to
+redis): a FIFO must not hang the guard, /dev/zero or a huge sparse file must not eat memory,
+includes that multiply must not run on for minutes. Each case runs `bindguard discover` in a
+child with a 1 GiB address-space limit and a timeout, so the guard before the fix fails the test
+instead of hanging it or the machine; each must answer with a warning, exit 0 (fail open), and
+stay small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_discover import need_package
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+MEMORY_LIMIT = 1 << 30
+SMALL_KIB = 200_000  # a discovery's peak RSS: ~30 MB here; reading /dev/zero took 2.9 GB
+CHILD = textwrap.dedent(f"""
+    import resource, runpy, sys
+    resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
+    sys.argv = ["bindguard", *sys.argv[1:]]
+    try:
+        runpy.run_module("bindguard", run_name="__main__")
+    finally:
+        print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+""")
+
+
+def bounded_discover(*args: str) -> tuple[int, dict, int]:
+    """(exit code, the JSON printed, peak RSS in KiB) of `bindguard discover ARGS --json`."""
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    proc = subprocess.run([sys.executable, "-c", CHILD, "discover", *args, "--json"], capture_output=True,
+                          text=True, timeout=30, env=env)
+    rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("maxrss ")]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout or "{}"), rss[0] if rss else 0
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A FIFO, a symlink to /dev/zero and a 1 GiB sparse file."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(1 << 30)
+    return tmp_path
+
+
+WHY = {"fifo": "a FIFO, not a regular file", "zero": "a character device, not a regular file",
+       "/dev/zero": "a character device, not a regular file", "sparse": "more than the 1 MiB"}
+
+# daemon -> (its binary, its configuration naming BAD as an include, argv naming CONF)
+INCLUDES = {
+    "nginx": ("/usr/sbin/nginx", "events {}\ninclude BAD;\nhttp { server { listen 127.0.0.1:8080; } }\n",
+              "/usr/sbin/nginx -c CONF"),
+    "redis": ("/usr/bin/redis-server", "port 7000\ninclude BAD\n", "/usr/bin/redis-server CONF"),
+    "sshd": ("/usr/sbin/sshd", "Port 2222\nInclude BAD\n", "/usr/sbin/sshd -D -f CONF"),
+    "postgres": ("/usr/lib/postgresql", "port = 5433\ninclude 'BAD'\n", "/usr/lib/postgresql/15/bin/postgres "
+                                                                         "-c config_file=CONF"),
+    "mariadb": ("/usr/sbin/mariadbd", "[mysqld]\nport = 3307\n!include BAD\n", "/usr/sbin/mariadbd "
+                                                                               "--defaults-file=CONF"),
+}
+# daemon -> argv naming BAD as its main configuration file
+MAIN_FILES = {
+    "nginx": "/usr/sbin/nginx -c BAD",
+    "apache": "/usr/sbin/apache2 -f BAD",
+    "haproxy": "/usr/sbin/haproxy -f BAD",
+    "sshd": "/usr/sbin/sshd -f BAD",
+    "redis": "/usr/bin/redis-server BAD",
+    "postgres": "/usr/lib/postgresql/15/bin/postgres -c config_file=BAD",
+    "mariadb": "/usr/sbin/mariadbd --defaults-file=BAD",
+}
+
+
+def check_refused(hostile: Path, bad: str, exec_start: str) -> None:
+    path = bad if bad.startswith("/") else str(hostile / bad)
+    code, found, rss = bounded_discover("--exec-start", exec_start)
+    assert code == 0, found
+    assert found["findings"] == [], found
+    assert any(path in w and WHY[bad] in w for w in found["warnings"]), found["warnings"]
+    assert rss < SMALL_KIB, rss
+
+
+@pytest.mark.parametrize("bad", ["fifo", "zero", "/dev/zero", "sparse"])
+@pytest.mark.parametrize("daemon", sorted(INCLUDES))
+def test_an_include_that_is_not_a_small_regular_file(hostile, daemon, bad):
+    binary, text, argv = INCLUDES[daemon]
+    need_package(daemon, binary)
+    path = bad if bad.startswith("/") else str(hostile / bad)
+    conf = hostile / "daemon.conf"
+    conf.write_text(text.replace("BAD", path))
+    check_refused(hostile, bad, argv.replace("CONF", str(conf)))
+
+
+@pytest.mark.parametrize("bad", ["fifo", "zero"])
+@pytest.mark.parametrize("daemon", sorted(MAIN_FILES))
+def test_a_main_file_that_is_not_a_regular_file(hostile, daemon, bad):
+    argv = MAIN_FILES[daemon]
+    need_package(daemon, argv.split()[0])
+    check_refused(hostile, bad, argv.replace("BAD", str(hostile / bad)))
+
+
+READER = textwrap.dedent(f"""
+    import json, resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
+    from bindguard.discover import common
+    outcomes = {{}}
+    for path in sys.argv[1:]:
+        try:
+            outcomes[path] = "read " + repr(common.read_text(path))
+        except common.DaemonConfigError as exc:
+            outcomes[path] = str(exc)
+    print(json.dumps(outcomes))
+""")
+
+
+def test_the_shared_reader(hostile):
+    from bindguard.discover import common
+
+    (hostile / "ok.conf").write_text("fine\n")
+    (hostile / "link.conf").symlink_to(hostile / "ok.conf")  # Debian's sites-enabled/ are symlinks
+    paths = {"fifo": "a FIFO", "zero": "a character device", "sparse": "more than the 1 MiB", ".": "a directory",
+             "link.conf": "read 'fine\\n'"}
+    proc = subprocess.run([sys.executable, "-c", READER, *(str(hostile / p) for p in paths)], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    outcomes = json.loads(proc.stdout)
+    for name, why in paths.items():
+        assert why in outcomes[str(hostile / name)], outcomes
+    with common.discovery_scope():
+        budget = common.current_budget()
+        budget.files_left = 2
+        common.read_text(str(hostile / "ok.conf"))
+        common.read_text(str(hostile / "ok.conf"))
+        with pytest.raises(common.BudgetExceeded, match="after 1000 files"):
+            common.read_text(str(hostile / "ok.conf"))
+    with common.discovery_scope():
+        common.current_budget().bytes_left = 3
+        with pytest.raises(common.BudgetExceeded, match="MiB read"):
+            common.read_text(str(hostile / "ok.conf"))
+    with common.discovery_scope():
+        common.current_budget().deadline = 0
+        with pytest.raises(common.BudgetExceeded, match="stopped after 10 s"):
+            common.read_text(str(hostile / "ok.conf"))
+
+
+def multiplying(directory: Path, line: str, levels: int = 8, fanout: int = 10) -> Path:
+    """level0 includes level1 `fanout` times, ..., within every parser's own depth limit."""
+    for level in range(levels):
+        (directory / f"level{level}.conf").write_text(line.format(directory / f"level{level + 1}.conf") * fanout)
+    (directory / f"level{levels}.conf").write_text("")
+    return directory / "level0.conf"
+
+
+@pytest.mark.parametrize("daemon, line, argv", [
+    ("nginx", "include {};\n", "/usr/sbin/nginx -c CONF"),
+    ("redis", "include {}\n", "/usr/bin/redis-server CONF"),
+    ("sshd", "Include {}\n", "/usr/sbin/sshd -f CONF"),
+])
+def test_includes_that_multiply_stop_at_the_budget(tmp_path, daemon, line, argv):
+    need_package(daemon, argv.split()[0])
+    conf = multiplying(tmp_path, line)
+    code, found, rss = bounded_discover("--exec-start", argv.replace("CONF", str(conf)))
+    assert code == 0 and found["findings"] == [], found
+    assert any("discovery stopped after 1000 files" in w for w in found["warnings"]), found["warnings"]
+    assert rss < SMALL_KIB, rss
+
+
+def test_an_include_glob_of_too_many_files(tmp_path):
+    need_package("nginx", "/usr/sbin/nginx")
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(1001):
+        (many / f"{i}.conf").write_text("")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"events {{}}\ninclude {many}/*.conf;\n")
+    code, found, _ = bounded_discover("--exec-start", f"/usr/sbin/nginx -c {conf}")
+    assert code == 0 and any("more than 1000 entries" in w for w in found["warnings"]), found
+
+
+@pytest.mark.integration
+def test_the_guard_fails_open_on_a_fifo_in_the_units_configuration(systemd_rig, hostile):
+    """Under the every-service guard, a FIFO in nginx's configuration costs a warning, not the start."""
+    need_package("nginx", "/usr/sbin/nginx")
+    rig = systemd_rig
+    conf = hostile / "nginx.conf"
+    conf.write_text(f"events {{}}\ninclude {hostile / 'fifo'};\nhttp {{ server {{ listen 127.0.0.1:18191; }} }}\n")
+    guard = f"/usr/bin/env PYTHONPATH={SRC} {sys.executable} -m bindguard check --unit %n"
+    log = rig.log("web.log")
+    rig.write_unit("web.service", f"[Service]\nExecStartPre=+{guard}\nExecStart=/usr/sbin/nginx -c {conf}\n"
+                                  f"StandardError=append:{log}\n")
+    started = rig.start("web.service", timeout=60)
+    assert started.pre_status[0] == 0, (started, log.read_text())
+    assert f"{hostile / 'fifo'}: a FIFO, not a regular file" in log.read_text()
+    rig.stop("web.service")

@@ -1,0 +1,208 @@
+"""Discovery runs nothing another user controls as root (issue 9, items 1, 2 and 4).
+
+Real parts: units under the systemd user-manager rig guarded by `ExecStartPre=+... check --unit
+%n` (so the guard gets the unit's environment, as the every-service drop-in gives it), files and
+directories owned by `nobody`, Debian's nginx, and an nginx module built here with gcc. Each
+program the guard must not run as root leaves a line with its uid in a marker file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import need_root
+from test_discover import need_package
+
+pytestmark = pytest.mark.integration
+
+NOBODY = 65534
+SRC = Path(__file__).resolve().parent.parent / "src"
+GUARD = f"/usr/bin/env PYTHONPATH={SRC} {sys.executable} -m bindguard check --unit %n"
+MODULE_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void loaded(void) {
+    FILE *f = fopen(MARKER, "a");
+    if (f) { fprintf(f, "%d module\n", (int)geteuid()); fclose(f); }
+}
+"""
+
+
+@pytest.fixture
+def world():
+    """A directory every user can enter (a rig's own root is root's alone), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="bindguard-trust-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def owned_by_nobody(path: Path) -> Path:
+    os.chown(path, NOBODY, NOBODY)
+    return path
+
+
+def nobody_dir(parent: Path, name: str) -> Path:
+    directory = parent / name
+    directory.mkdir(mode=0o755)
+    return owned_by_nobody(directory)
+
+
+def fake_nginx(directory: Path, marker: Path) -> Path:
+    """An executable named nginx that records its uid and arguments, then idles like a daemon."""
+    program = directory / "nginx"
+    program.write_text(f"#!/bin/sh\necho \"$(id -u) $*\" >> {marker}\nexec sleep 300\n")
+    program.chmod(0o755)
+    return program
+
+
+def marker_lines(marker: Path) -> list[str]:
+    return marker.read_text().splitlines() if marker.exists() else []
+
+
+def unit_text(exec_start: str, log: Path, extra: str = "") -> str:
+    return (f"[Service]\n{extra}ExecStartPre=+{GUARD}\nExecStart={exec_start}\n"
+            f"StandardOutput=append:{log}\nStandardError=append:{log}\n")
+
+
+def test_a_binary_the_service_user_owns_is_never_run_as_root(systemd_rig, world):
+    rig = systemd_rig
+    home = nobody_dir(world, "nobody")
+    marker = home / "marker"
+    marker.touch()
+    owned_by_nobody(marker)
+    program = owned_by_nobody(fake_nginx(home, marker))
+    conf = world / "nginx.conf"
+    conf.write_text("events {}\nhttp {\n  server { listen 127.0.0.1:18188; }\n}\n")
+    log = rig.log("web.log")
+    rig.write_unit("web.service", unit_text(f"{program} -c {conf} -g 'daemon off;'", log, "User=nobody\n"))
+    started = rig.start("web.service")
+    assert started.ok and started.pre_status == [0], (started, log.read_text())
+    assert not [line for line in marker_lines(marker) if line.split()[0] == "0"], marker_lines(marker)
+    report = log.read_text()
+    assert "nginx -T not run" in report and f"uid {NOBODY}" in report, report
+    assert "127.0.0.1:18188" in report  # still guarded: the files were read instead
+    # scan discovers every loaded service: it must not run it either
+    scan = rig.bindguard("scan", "--user", "--json")
+    assert scan.returncode in (0, 1), scan.stderr
+    assert not [line for line in marker_lines(marker) if line.split()[0] == "0"], marker_lines(marker)
+    rig.stop("web.service")
+
+
+def build_module(directory: Path, marker: Path) -> Path:
+    source = directory / "evil.c"
+    source.write_text(f'#define MARKER "{marker}"\n' + MODULE_C)
+    module = directory / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(module), str(source)], check=True, timeout=60)
+    return module
+
+
+def test_a_module_the_service_user_configured_is_not_loaded_as_root(systemd_rig, world):
+    need_package("nginx", "/usr/sbin/nginx")
+    rig = systemd_rig
+    home = nobody_dir(world, "nobody")
+    marker = home / "marker"
+    marker.touch()
+    owned_by_nobody(marker)
+    marker.chmod(0o666)
+    module = owned_by_nobody(build_module(home, marker))
+    conf = home / "nginx.conf"
+    conf.write_text(f"load_module {module};\npid {home}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+                    "http {\n  access_log off;\n  server { listen 127.0.0.1:18189; }\n}\n")
+    owned_by_nobody(conf)
+    exec_start = f"/usr/sbin/nginx -c {conf} -g 'daemon off;'"
+
+    # User=nobody: the dump runs as nobody, never as root
+    log = rig.log("web.log")
+    rig.write_unit("web.service", unit_text(exec_start, log, "User=nobody\nGroup=nogroup\n"))
+    started = rig.start("web.service")
+    assert started.pre_status == [0], (started, log.read_text())
+    assert "0 module" not in marker_lines(marker), (marker_lines(marker), log.read_text())
+    assert "127.0.0.1:18189" in log.read_text()
+    rig.stop("web.service")
+
+    # no User=: the service's own user is root, and a configuration nobody can write is not dumped
+    marker.write_text("")
+    rig.write_unit("rootweb.service", unit_text(exec_start, rig.log("rootweb.log")))
+    guard = rig.bindguard("check", "--user", "--unit", "rootweb.service")
+    assert guard.returncode == 0, guard.stderr
+    assert marker_lines(marker) == [], marker_lines(marker)
+    assert "nginx -T not run: it would run as root" in guard.stderr and f"uid {NOBODY}" in guard.stderr, guard.stderr
+    assert "127.0.0.1:18189" in guard.stderr or "127.0.0.1:18189" in guard.stdout
+
+
+def test_a_bare_exec_start_name_is_not_found_through_the_units_path(systemd_rig, world):
+    need_package("nginx", "/usr/sbin/nginx")
+    rig = systemd_rig
+    planted = world / "bin"
+    planted.mkdir()
+    marker = world / "marker"
+    fake_nginx(planted, marker)  # root's own file even: the unit's PATH must not choose the program
+    conf = world / "nginx.conf"
+    conf.write_text(f"pid {world}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+                    "http {\n  access_log off;\n  server { listen 127.0.0.1:18190; }\n}\n")
+    log = rig.log("web.log")
+    rig.write_unit("web.service", unit_text(f"nginx -c {conf} -g 'daemon off;'", log,
+                                            f"Environment=PATH={planted}\n"))
+    started = rig.start("web.service")
+    assert started.pre_status == [0], (started, log.read_text())
+    assert not [line for line in marker_lines(marker) if "-T" in line.split()], marker_lines(marker)
+    report = log.read_text()
+    assert "(nginx -T)" in report or "127.0.0.1:18190" in report, report  # systemd's nginx was dumped
+    rig.stop("web.service")
+
+
+def test_a_dump_gets_a_clean_environment_and_the_units_user(monkeypatch):
+    """The dump's child: the unit's uid, gid and groups, PATH=/usr/sbin:/usr/bin and nothing else."""
+    from bindguard.discover import dump
+
+    need_root("changing user")
+    monkeypatch.setenv("LD_PRELOAD", "/nonexistent.so")
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")
+    runs_as = dump.credentials("nobody", "")
+    assert runs_as == dump.Credentials(NOBODY, NOBODY, (NOBODY,))
+    ok, out, why = dump.run(["/usr/bin/env"], runs_as)
+    assert ok and out.splitlines() == ["PATH=/usr/sbin:/usr/bin"], (why, out)
+    ok, out, why = dump.run(["/usr/bin/sh", "-c", "id -u; id -g; id -G"], runs_as)
+    assert ok and out.split() == [str(NOBODY)] * 3, (why, out)  # uid, gid, and no other group
+    assert isinstance(dump.credentials("no-such-user-here", ""), str)  # DynamicUser=: never run
+
+
+def test_a_dump_is_stopped_at_its_time_and_output_budget(monkeypatch):
+    from bindguard.discover import common, dump
+
+    monkeypatch.setattr(dump, "DUMP_SECONDS", 1.0)
+    ok, out, why = dump.run(["/usr/bin/sleep", "30"], dump.Credentials(None))
+    assert not ok and "no answer in 1.0 s" in why, why
+    with common.discovery_scope():
+        common.current_budget().bytes_left = 1 << 20
+        ok, out, why = dump.run(["/usr/bin/yes"], dump.Credentials(None))
+    assert not ok and "more than 1 MiB of output" in why, why
+
+
+def test_which_paths_are_roots_alone(world):
+    from bindguard.discover import dump
+
+    assert dump.untrusted("/usr/bin/env") is None
+    assert dump.untrusted("/tmp") is None  # world-writable, but sticky and root's
+    mine = world / "prog"
+    mine.write_text("")
+    assert dump.untrusted(str(mine)) is None
+    mine.chmod(0o666)
+    assert "can be written by every user" in dump.untrusted(str(mine))
+    owned_by_nobody(mine)
+    assert f"belongs to uid {NOBODY}" in dump.untrusted(str(mine))
+    link = world / "link"
+    link.symlink_to(mine)  # a root-owned link to a file nobody owns: the file is what counts
+    assert f"belongs to uid {NOBODY}" in dump.untrusted(str(link))
+    assert dump.systemd_resolved("env") in ("/usr/bin/env", "/bin/env")
+    assert dump.systemd_resolved("no-such-program-here") is None
