@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bindguard.discover import discover
 from conftest import need_root
 from test_discover import need_package
 
@@ -206,3 +207,22 @@ def test_which_paths_are_roots_alone(world):
     assert f"belongs to uid {NOBODY}" in dump.untrusted(str(link))
     assert dump.systemd_resolved("env") in ("/usr/bin/env", "/bin/env")
     assert dump.systemd_resolved("no-such-program-here") is None
+
+
+def test_what_decides_a_dump_as_root(tmp_path):
+    """Without User= a dump runs as root only when every file that decides it is root's alone;
+    a missing optional EnvironmentFile= decides nothing."""
+    need_package("nginx", "/usr/sbin/nginx")
+    need_root("ownership")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("events {}\nhttp {\n  server { listen 127.0.0.1:18192; }\n}\n")
+    argv = [["/usr/sbin/nginx", "-c", str(conf)]]
+    clean = discover(argv, [], ["-/nonexistent/default"], [], "web.service")
+    assert clean.warnings == [] and clean.findings[0].source == f"{conf}:3 (nginx -T)"
+    envfile = tmp_path / "env"
+    envfile.write_text("X=1\n")
+    owned_by_nobody(envfile)
+    planted = discover(argv, [], [str(envfile)], [], "web.service")
+    assert planted.findings[0].source == f"{conf}:3"  # read, not dumped
+    assert planted.warnings == [f"nginx -T not run: it would run as root, and {envfile} is not root's alone "
+                                f"({envfile} belongs to uid {NOBODY}, not root); reading {conf} directly"]

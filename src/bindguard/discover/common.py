@@ -277,6 +277,7 @@ def parse_port(text: str, where: str) -> int:
 
 __all__ = [
     "AddressError", "CONFIDENT", "GUESS", "Budget", "BudgetExceeded", "DaemonConfigError", "Finding", "Findings",
-    "Service", "any_dual", "bounded", "current_budget", "current_service", "discovery_scope", "endpoint", "expand_glob", "host_addresses",
-    "hosts_file_addresses", "is_ip", "list_directory", "parse_port", "read_text", "wildcard",
+    "Service", "any_dual", "bounded", "current_budget", "current_service", "discovery_scope", "endpoint",
+    "expand_glob", "host_addresses", "hosts_file_addresses", "is_ip", "list_directory", "parse_port", "read_text",
+    "wildcard",
 ]

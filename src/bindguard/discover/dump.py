@@ -139,7 +139,8 @@ def allowed(program: str, inputs: Iterable[str] | None) -> tuple[Credentials | N
     runs_as = credentials(service.user, service.group)
     if inputs is None and isinstance(runs_as, Credentials) and runs_as.root:
         return None, ""  # the finder says why its configuration could not be read
-    why = refusal(program, runs_as, None if inputs is None else [*inputs, *service.environment_files])
+    present = [path for path in service.environment_files if os.path.lexists(path)]  # "-": maybe missing
+    why = refusal(program, runs_as, None if inputs is None else [*inputs, *present])
     return (None, why) if why else (runs_as, "")
 
 
