@@ -146,12 +146,13 @@ def test_explain_shows_everything_on_the_port(netns):
 
 @pytest.mark.integration
 def test_guard_failure_fails_open_or_closed(netns, tmp_path):
-    # A broken observation layer (here: sock_diag and /proc/net both made unreadable by a
-    # module that raises) must not block the start unless --fail-closed is given.
+    # A guard that breaks before the kernel answered (here: the full path's probe raises) must not
+    # block the start unless --fail-closed is given. (Once the kernel refused, a fault explaining
+    # it keeps the refusal: tests/test_unexplained.py.)
     shim = tmp_path / "sitecustomize.py"
-    shim.write_text("import bindguard.sockets as s\n"
+    shim.write_text("import bindguard.probe as p\n"
                     "def broken(*a, **k):\n    raise RuntimeError('simulated failure')\n"
-                    "s.sockets_on_port = broken\n")
+                    "p.probe = broken\n")
     netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
     proc = netns.run([*BINDGUARD, "check", "--wait", "0", "8080"], env=env)

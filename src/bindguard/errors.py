@@ -9,6 +9,15 @@ EXIT_CONFIG = 78  # EX_CONFIG: a configuration file is wrong
 EXIT_INUSE = 98  # EADDRINUSE: held by something that will not go away by itself
 EXIT_NOTAVAIL = 99  # EADDRNOTAVAIL: the address is on no interface
 
+# The verdict each of the guard's answers is called in JSON (`verdict`); any other code is "error".
+VERDICTS = {
+    EXIT_CLEAR: "clear",
+    EXIT_INUSE: "in-use",
+    EXIT_NOTAVAIL: "address-unavailable",
+    EXIT_TEMPFAIL: "time-wait",
+    EXIT_NOPERM: "permission-denied",
+}
+
 EXIT_CODES_HELP = """\
 exit codes:
   0   clear: every address can be bound (or the guard failed and fails open)

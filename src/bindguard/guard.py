@@ -77,6 +77,7 @@ class Outcome:
     waited: float = 0.0
     waited_for: list[str] = field(default_factory=list)
     reaped: list[str] = field(default_factory=list)
+    unexplained: str = ""  # the fault that kept the guard from explaining the kernel's answer
 
     @property
     def clear(self) -> bool:
@@ -175,8 +176,9 @@ def _observe_again_or_not(request: Request, results: list[ProbeResult], cache: d
     return evidence
 
 
-def _investigate(request: Request, cache: dict) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
+def _investigate(request: Request, cache: dict, answered: list) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
     results = probe(request.binds, request.daemon_uid)
+    answered.append(results)
     failed = [r for r in results if not r.ok]
     evidence = Evidence()
     if failed or request.observe_always:
@@ -307,8 +309,12 @@ def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
             notes.append(note)
 
 
-def run(request: Request) -> Outcome:
-    """Decide, waiting within request.wait seconds for what the policy says to wait for."""
+def run(request: Request, answered: list | None = None) -> Outcome:
+    """Decide, waiting within request.wait seconds for what the policy says to wait for.
+
+    Each answer of the kernel (the probe's results) is appended to `answered` as it comes, before
+    anything explains it: a caller keeps the kernel's verdict when what follows fails (unexplained)."""
+    answered = [] if answered is None else answered
     start = time.monotonic()
     deadline = None
     waiting_since = None  # when the first sleep began: Outcome.waited is time slept, not time spent
@@ -324,7 +330,7 @@ def run(request: Request) -> Outcome:
         return Outcome(code, shown, results, evidence, waited, waited_for, reaped=reaped)
 
     while True:
-        results, evidence, conflicts = _investigate(request, cache)
+        results, evidence, conflicts = _investigate(request, cache, answered)
         evidence.notes.extend(notes)
         blocked = {c.bind for c in conflicts if c.blocking}
         none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
@@ -366,3 +372,27 @@ def run(request: Request) -> Outcome:
         if waiting_since is None:
             waiting_since = now
         time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))
+
+
+def unexplained(request: Request, results: list[ProbeResult], fault: str) -> Outcome:
+    """The kernel's answer alone, where explaining it failed: a refusal stays a refusal.
+
+    Each failed bind is a conflict of the kind its errno gives with no evidence (EADDRINUSE:
+    `bound`, EADDRNOTAVAIL: `address-unavailable`), under the request's policy and optional
+    addresses. Nothing is waited for (without the sockets, TIME_WAIT cannot be told from a
+    holder), and the guard's own EACCES (no trial bind of a privileged port) passes as before a
+    prediction: what the daemon may do there was never the kernel's answer."""
+    evidence = Evidence(notes=[f"the guard could not explain the kernel's answer: {fault}"])
+    uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
+    conflicts: list[Conflict] = []
+    for r in results:
+        for c in conflicts_for(r.bind, r.error, r.collides_with, Evidence(), uid):
+            c.evidence, c.clears = [], False
+            conflicts.append(c)
+    blocked = {c.bind for c in conflicts if c.blocking}
+    none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
+    actions = {id(c): _action(c, request, none_left) for c in conflicts}
+    refusing = [c for c in conflicts if actions[id(c)] in (REFUSE, WAIT)]
+    shown = [c for c in conflicts if actions[id(c)] != IGNORE]
+    code = _exit_code(refusing) if refusing else errors.EXIT_CLEAR
+    return Outcome(code, shown, results, evidence, unexplained=fault)

@@ -27,14 +27,6 @@ from bindguard.verdict import (
     unit_phrase,
 )
 
-VERDICTS = {
-    errors.EXIT_CLEAR: "clear",
-    errors.EXIT_INUSE: "in-use",
-    errors.EXIT_NOTAVAIL: "address-unavailable",
-    errors.EXIT_TEMPFAIL: "time-wait",
-    errors.EXIT_NOPERM: "permission-denied",
-}
-
 
 def _ago(started: float) -> str:
     seconds = max(0, int(time.time() - started))
@@ -199,7 +191,7 @@ def conflict_json(c: Conflict) -> dict:
 def outcome_json(outcome: Outcome) -> dict:
     return {
         "clear": outcome.clear,
-        "verdict": VERDICTS.get(outcome.exit_code, "error"),
+        "verdict": errors.VERDICTS.get(outcome.exit_code, "error"),
         "exit_code": outcome.exit_code,
         "waited_s": round(outcome.waited, 3),
         "waited_for": outcome.waited_for,

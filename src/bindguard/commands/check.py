@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass, field, replace
 
 from bindguard import output
 from bindguard.endpoints import AddressError, Bind, SocketOptions, ascii_number, host_bindv6only, parse_listen
-from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, UsageError
+from bindguard.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
 from bindguard.unitfiles import normalize_unit, user_manager
 from bindguard.verdict import ADDRESS_UNAVAILABLE
 
@@ -326,13 +328,65 @@ def run(args: argparse.Namespace) -> int:
         privilege_unit=privilege_unit(args, ctx),
         user_manager=user_manager(ctx.bus_choice if ctx else args.user_bus),
     )
-    outcome = guard.run(request)
-    blocking = [c for c in outcome.conflicts if c.blocking]
-    advice = ctx.advice(blocking, refused=not outcome.clear) if ctx is not None else []
-    outcome.evidence.notes.extend(advice)
-    if ctx is not None:  # what asking for the advice could not learn (an unknown unit, a bus gone quiet)
-        outcome.evidence.notes.extend(n for n in ctx.notes if n not in outcome.evidence.notes)
-    if args.json:
-        report.write_json(outcome)
-    report.write_human(outcome, warnings=advice)
-    return outcome.exit_code
+    answered: list = []  # the kernel's answers, kept apart from everything that explains them
+    outcome = None
+    json_written = False
+    try:
+        outcome = guard.run(request, answered)
+        blocking = [c for c in outcome.conflicts if c.blocking]
+        advice = ctx.advice(blocking, refused=not outcome.clear) if ctx is not None else []
+        outcome.evidence.notes.extend(advice)
+        if ctx is not None:  # what asking for the advice could not learn (an unknown unit, a bus gone quiet)
+            outcome.evidence.notes.extend(n for n in ctx.notes if n not in outcome.evidence.notes)
+        if args.json:
+            report.write_json(outcome)
+            json_written = True
+        report.write_human(outcome, warnings=advice)
+        return outcome.exit_code
+    except (BindguardError, BrokenPipeError):
+        raise
+    except Exception as exc:
+        # No failure to learn about a conflict turns the kernel's refusal into a pass: once the
+        # trial bind has answered, a fault in observing, attributing or reporting keeps its verdict.
+        # Before that, the fault is the guard's own, and cli.py fails open (or 70, --fail-closed).
+        if not answered:
+            raise
+        if args.debug or os.environ.get("BINDGUARD_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        fault = f"{type(exc).__name__}: {output.excerpt(str(exc), 200)}"
+        if outcome is None:
+            outcome = guard.unexplained(request, answered[-1], fault)
+        else:
+            outcome.unexplained = fault
+        write_unexplained(outcome, json=args.json and not json_written)
+        return outcome.exit_code
+
+
+def write_unexplained(outcome, json: bool) -> None:
+    """The kernel's verdict where the report could not be made: plain lines, nothing but the
+    probe's answers and the fault (the renderer may be what failed)."""
+    failed = [r for r in outcome.results if not r.ok]
+    answers = ", ".join(f"{r.bind} ({r.error_name})" for r in failed)
+    if json:
+        import json as json_module
+
+        json_module.dump({
+            "clear": outcome.clear,
+            "verdict": VERDICTS.get(outcome.exit_code, "error"),
+            "exit_code": outcome.exit_code,
+            "addresses": [{"address": str(r.bind), "bindable": r.ok, "error": r.error_name or None}
+                          for r in outcome.results],
+            "unexplained": outcome.unexplained,
+        }, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    why = f"the guard could not explain the kernel's answer: {outcome.unexplained}"
+    if outcome.clear:
+        passed = f"refused only {answers}, where a conflict only warns" if failed else "refused no address"
+        output.emit(output.WARNING, [f"bindguard: clear: the kernel's trial bind {passed} (exit 0)", f"  note: {why}"])
+        return
+    output.emit(output.ERR, [
+        f"bindguard: refusing to start: the kernel's trial bind refused {answers} (exit {outcome.exit_code})",
+        f"  {why}; `bindguard explain` shows who holds the addresses, --debug a traceback"])
