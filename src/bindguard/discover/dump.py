@@ -181,6 +181,8 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
     budget = current_budget()
     program = os.path.realpath(argv[0])  # what was checked, not a path someone could re-point
     command = " ".join(argv)
+    if budget.seconds_left() <= 0 or budget.bytes_left <= 0:
+        return False, "", f"{command}: not run, discovery has spent its budget"
     identity = {}
     if runs_as.uid is not None:  # the child sets groups, gid, then uid before exec
         identity = dict(user=runs_as.uid, group=runs_as.gid, extra_groups=list(runs_as.groups))
