@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 from bindguard import errors
 from bindguard.attribution import SystemdContext
 from bindguard.endpoints import TCP, Bind
-from bindguard.facts import Evidence, ProbeResult, ProcessFact
+from bindguard.facts import Evidence, ProbeResult
 from bindguard.probe import probe
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
+    GUARD_TRIAL,
     IGNORE,
     PERMISSION_DENIED,
     REFUSE,
@@ -35,10 +36,16 @@ from bindguard.verdict import (
 
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
 POLL_INTERVAL = 0.1
-# Another guard's trial socket holds an address for microseconds: probe again, every 10-20 ms,
-# for at most this long before a socket whose holder is a guard, or gone, is reported.
+# Another guard's trial socket holds an address for microseconds, longer when that guard is
+# preempted on a busy machine, and many guards started together take turns on one address: while
+# only such sockets refuse, probe again, pausing 10 ms at first and twice as long each time up to
+# 160 ms (jittered, so guards fall out of step), for up to SETTLE_BUDGET when the socket was gone
+# or had no holder visible, and up to GUARD_SETTLE_BUDGET while the holder is another guard
+# (within the unit's TimeoutStartSec=).
 SETTLE_BUDGET = 1.0
+GUARD_SETTLE_BUDGET = 5.0
 SETTLE_INTERVAL = 0.01
+SETTLE_INTERVAL_MAX = 0.16
 OBSERVE_INTERVAL = 1.0
 
 
@@ -280,13 +287,6 @@ def _wait_budget(request: Request) -> tuple[float, str | None]:
     return budget, None
 
 
-def is_guard(process: ProcessFact) -> bool:
-    """Whether a process is a bindguard run: `bindguard` among its first words (`/usr/bin/bindguard
-    check ...`, `python3 -I -m bindguard check ...`). A process may call itself that to look like
-    one: that buys it only the bounded re-probing, never a pass."""
-    return any(os.path.basename(w) == "bindguard" for w in process.cmdline[:4])
-
-
 def _fleeting(c: Conflict) -> bool:
     """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
     or the socket was gone (or had no process left) when looked at. Trial sockets live for
@@ -294,8 +294,24 @@ def _fleeting(c: Conflict) -> bool:
     if c.predicted or c.error != "EADDRINUSE" or c.kind == SELF_CONFLICT or c.clears:
         return False
     if c.process is not None:
-        return c.process.pid != os.getpid() and is_guard(c.process)
+        return c.kind == GUARD_TRIAL
     return c.socket is None or bool(c.socket.inode)
+
+
+def _settling(request: Request, fleeting: list[Conflict], since: float, now: float, cache: dict) -> bool:
+    """Whether to probe again rather than report these fleeting conflicts (see SETTLE_BUDGET)."""
+    if now < since + SETTLE_BUDGET:
+        return True
+    if not any(c.kind == GUARD_TRIAL for c in fleeting) or now >= since + GUARD_SETTLE_BUDGET:
+        return False
+    if "start_deadline" not in cache:  # the bus is asked only when a guard holds on past a second
+        budget = request.systemd.start_budget() if request.systemd is not None else None
+        cache["start_deadline"] = None if budget is None else now + budget
+    return cache["start_deadline"] is None or now < cache["start_deadline"]
+
+
+def _settle_pause(pauses: int) -> float:
+    return min(SETTLE_INTERVAL * 2 ** pauses, SETTLE_INTERVAL_MAX) * (1 + os.urandom(1)[0] / 255)
 
 
 def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
@@ -323,7 +339,8 @@ def run(request: Request, answered: list | None = None) -> Outcome:
     notes: list[str] = []
     reaped: list[str] = []
     reaped_pids: set[int] = set()
-    settle_until = None  # while only fleeting sockets refuse: when to stop probing again
+    settling_since = None  # while only fleeting sockets refuse: since when
+    pauses = 0
 
     def outcome(code: int) -> Outcome:
         waited = now - waiting_since if waiting_since is not None else 0.0
@@ -342,12 +359,19 @@ def run(request: Request, answered: list | None = None) -> Outcome:
         if not refusing and not waiting:
             return outcome(errors.EXIT_CLEAR)
         fleeting = [c for c in refusing if _fleeting(c)]
-        settle_until = (settle_until or now + SETTLE_BUDGET) if fleeting else None
-        if fleeting and now < settle_until:
-            _note_other_guards(fleeting, notes)
-            cache.pop("observed", None)
-            time.sleep(SETTLE_INTERVAL * (1 + os.urandom(1)[0] / 255))  # jitter: guards out of step
-            continue
+        if not fleeting or len(fleeting) < len(refusing):  # a holder that stays: no reason to probe again
+            settling_since, pauses = None, 0
+        else:
+            settling_since = now if settling_since is None else settling_since
+            if _settling(request, fleeting, settling_since, now, cache):
+                _note_other_guards(fleeting, notes)
+                cache.pop("observed", None)
+                time.sleep(_settle_pause(pauses))
+                pauses += 1
+                continue
+            for c in fleeting:
+                if c.kind == GUARD_TRIAL:
+                    c.evidence.append(f"it held {c.bind} through every probe again for {now - settling_since:.1f} s")
         if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
             cache.pop("observed", None)  # the holders have changed: look again
             continue

@@ -55,12 +55,17 @@ def _open(spec: Spec, socket_uid: int | None) -> _socket.socket:
     return sock
 
 
-def _attempt(spec: Spec, held: list, socket_uid: int | None) -> tuple[int, str]:
+def _opened(spec: Spec, held: list, socket_uid: int | None) -> int:
+    """Create spec's socket with its options into held (None where that failed); its errno or 0."""
     try:
-        sock = _open(spec, socket_uid)
+        held.append(_open(spec, socket_uid))
     except OSError as exc:  # EAFNOSUPPORT: no IPv6 in this namespace, as the daemon will find too
-        return exc.errno or errno.EIO, "socket"
-    held.append(sock)
+        held.append(None)
+        return exc.errno or errno.EIO
+    return 0
+
+
+def _bound(sock: _socket.socket, spec: Spec) -> tuple[int, str]:
     try:
         sock.bind(spec[2])
     except OSError as exc:
@@ -74,12 +79,17 @@ def _attempt(spec: Spec, held: list, socket_uid: int | None) -> tuple[int, str]:
 
 
 def _held_together(specs: list[Spec], socket_uid: int | None) -> list[tuple[int, str]]:
+    """Every socket is created and given its options first, then bound and listened, then all are
+    closed: the address is taken only from the first bind() to the close, so that another guard
+    checking it meanwhile (units started together) is less likely to meet the trial."""
     held: list = []
     try:
-        return [_attempt(spec, held, socket_uid) for spec in specs]
+        errors = [_opened(spec, held, socket_uid) for spec in specs]
+        return [(error, "socket") if error else _bound(sock, spec) for error, sock, spec in zip(errors, held, specs)]
     finally:
         for sock in held:
-            sock.close()
+            if sock is not None:
+                sock.close()
 
 
 def _same_port_groups(specs: list[Spec]) -> list[list[int]]:

@@ -12,6 +12,7 @@ from bindguard.guard import Outcome
 from bindguard.verdict import (
     ADDRESS_UNAVAILABLE,
     BOUND_KIND,
+    GUARD_TRIAL,
     LATENT_SOCKET_UNIT,
     LISTENER,
     ORPHAN,
@@ -108,6 +109,13 @@ def remedy(c: Conflict) -> str:
                     "systemd, or remove the unit's Sockets=: never both")
         return (f"{name} listens there for socket activation: `systemctl stop {name}` and `systemctl disable "
                 f"{name}` if it should not, or move one of them to another address")
+    if c.kind == GUARD_TRIAL:
+        unit = f" for {c.unit}" if c.unit else ""
+        status = f"; if it is stuck, `systemctl status {c.unit}` shows its start" if c.unit else ""
+        return (f"PID {pid}'s command line is bindguard's: another guard trying this address{unit}, whose trial "
+                "socket held it each time this guard probed again. If both units' daemons bind this address, "
+                "only one of them can run: give them different addresses, or let only one of them start "
+                f"(Conflicts=){status}. If it is no guard ({check_pid}), it is what holds the address")
     if c.kind == LATENT_SOCKET_UNIT:
         return (f"{c.socket_unit} is not listening now but declares this address: it will collide when it "
                 f"starts (at next boot if enabled). `systemctl disable --now {c.socket_unit}`, or change its "

@@ -8,6 +8,7 @@ the evidence, and such conflicts are marked as predictions.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ LATENT_SOCKET_UNIT = "latent-socket-unit"
 OWN_INSTANCE = "own-instance"
 ORPHAN = "orphan"
 PERMISSION_DENIED = "permission-denied"
+GUARD_TRIAL = "guard-trial"
 
 KINDS = (
     LISTENER,
@@ -36,6 +38,7 @@ KINDS = (
     OWN_INSTANCE,
     ORPHAN,
     PERMISSION_DENIED,
+    GUARD_TRIAL,
 )
 
 # What the guard may do about a conflict (a unit's YAML `policy` names them per kind).
@@ -185,12 +188,23 @@ def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
     return Attribution(process, None, unit, status)
 
 
+def is_guard(process: ProcessFact) -> bool:
+    """Whether a process is a bindguard run: `bindguard` among its first words (`/usr/bin/bindguard
+    check ...`, `python3 -I -m bindguard check ...`). A process may call itself that to look like
+    one: that buys it only the bounded re-probing (bindguard.guard), never a pass."""
+    return any(os.path.basename(w) == "bindguard" for w in process.cmdline[:4])
+
+
 def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error: str = "",
                      blocking: bool = True, predicted: bool = False, notes: tuple[str, ...] = ()) -> Conflict:
     """The conflict sock makes for bind, with its holder: the kind decided before it is built."""
     kind, clears = _kind_of_socket(sock)
     holder = attribution(sock, evidence)
-    return Conflict(bind, holder.kind or kind, blocking=blocking, clears=clears, socket=sock,
+    if holder.process is not None and holder.process.pid != os.getpid() and is_guard(holder.process):
+        kind = GUARD_TRIAL  # another guard's trial socket, whatever its state and unit: never a daemon
+    else:
+        kind = holder.kind or kind
+    return Conflict(bind, kind, blocking=blocking, clears=clears, socket=sock,
                     process=holder.process, unit=holder.unit, unit_status=holder.unit_status,
                     socket_unit=holder.socket_unit, own_socket_unit=holder.own_socket_unit,
                     predicted=predicted, error=error, evidence=[*notes, *holder.evidence])
