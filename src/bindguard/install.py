@@ -75,11 +75,13 @@ def dropin_path(unit: str, user: bool, environ: os._Environ | dict | None = None
 
 
 def bindguard_command() -> list[str]:
-    """How to run this bindguard from a unit: its launcher, else `python -I -m bindguard` (as
-    root with the unit's environment: -I, or its PYTHONPATH would choose the code that runs)."""
-    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if script is not None and script.name == "bindguard" and script.is_file():
-        return [str(script.resolve())]
+    """How to run this bindguard from a unit: its launcher (the one that runs us, else the one
+    beside our interpreter: /usr/bin/bindguard for Debian's package run as `python3 -m
+    bindguard`), else `python -I -m bindguard` (as root with the unit's environment: -I, or its
+    PYTHONPATH would choose the code that runs)."""
+    for script in (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard")):
+        if script and os.path.basename(script) == "bindguard" and os.path.isfile(script):
+            return [str(Path(script).resolve())]
     return [sys.executable, "-I", "-m", "bindguard"]
 
 
