@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what bindguard needs on Debian 12 and builds ./.venv with it.
 #   ./setup.sh          the tool: Debian packages, then bindguard in .venv
-#   ./setup.sh --test   the tool and everything the test suite uses
+#   ./setup.sh --test   the tool and everything the test suite uses, and this tree's Debian
+#                       package built (bindguard_VERSION_all.deb) and installed with apt
 # Run as root (or with sudo available): it installs Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,10 @@ if [ "${1:-}" = "--test" ]; then
     # (the test builds the wheel with Debian's setuptools and wheel); promtool checks the alert rules
     extras+=(ansible-core python3-apt python3-psutil python3-yaml python3-pystemd python3-setuptools python3-wheel)
     extras+=(prometheus)
+    # the Debian package (tools/build-deb; tests/test_package.py): its Build-Depends, lintian, and
+    # what its tests read it with: man-db renders the pages, bash-completion loads the completion
+    extras+=(build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
+             python3-argparse-manpage python3-shtab lintian man-db bash-completion)
 fi
 
 sudo=""
@@ -48,4 +53,11 @@ else
     .venv/bin/pip install -q --disable-pip-version-check -e .
 fi
 .venv/bin/python -m compileall -q src  # ready bytecode: the guard runs before every start
+if [ "${1:-}" = "--test" ]; then
+    # The tests run /usr/bin/bindguard from this tree's Debian package too: build it and install
+    # it (it stays installed; `apt-get remove bindguard` takes it away).
+    tools/build-deb >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall ./bindguard_*_all.deb >/dev/null
+    echo "setup: installed $(ls bindguard_*_all.deb): /usr/bin/bindguard" >&2
+fi
 echo "setup: done; run .venv/bin/bindguard --help" >&2

@@ -1,0 +1,179 @@
+"""The Debian package, as `./setup.sh --test` builds it from this tree (tools/build-deb) and
+installs it with apt: /usr/bin/bindguard from the package guards a unit under the packaged
+drop-in, its man pages render, lintian has nothing to say, and bash completes it.
+
+Every test here runs the installed package, never this checkout's code: the tests fail (never
+skip) when the package is missing or older than the tree, with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bindguard.commands import COMMANDS
+from bindguard.parser import build_parser
+from test_discover import need_package
+from test_examples import NGINX_HELD, daemons, debian_unit, guard_log, starts_free_and_is_refused_when_held  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = Path("/usr/bin/bindguard")
+SITE = Path("/usr/lib/python3/dist-packages/bindguard")
+EVERY_SERVICE = Path("/usr/share/bindguard/service.d/bindguard.conf")
+BASH_COMPLETION = Path("/usr/share/bash-completion/completions/bindguard")
+SYSTEM = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+REINSTALL = "rerun ./setup.sh --test (it builds the package from this tree and installs it)"
+
+
+def package_files() -> list[str]:
+    listed = subprocess.run(["dpkg", "-L", "bindguard"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.fail(f"the bindguard package is not installed: {REINSTALL}")
+    return listed.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def installed() -> list[str]:
+    """The package's files, once the package is shown to be this tree's."""
+    files = package_files()
+    stale = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "src" / "bindguard").rglob("*.py"))
+             if not (SITE / path.relative_to(ROOT / "src" / "bindguard")).is_file()
+             or (SITE / path.relative_to(ROOT / "src" / "bindguard")).read_bytes() != path.read_bytes()]
+    assert not stale, f"the installed package is not this tree ({', '.join(stale[:5])} differ): {REINSTALL}"
+    return files
+
+
+def test_the_program_is_the_launcher_on_debian_s_python(installed):
+    assert str(PROGRAM) in installed
+    assert PROGRAM.read_bytes() == (ROOT / "bin" / "bindguard").read_bytes()  # not a pip entry point
+    where = subprocess.run(["/usr/bin/python3", "-I", "-c", "import bindguard, pystemd, psutil, yaml\n"
+                            "print(bindguard.__file__, pystemd.__file__, psutil.__file__, yaml.__file__)"],
+                           capture_output=True, text=True, env=SYSTEM)
+    assert where.returncode == 0, where.stderr
+    assert all(p.startswith("/usr/lib/python3/dist-packages/") for p in where.stdout.split()), where.stdout
+    version = subprocess.run([PROGRAM, "--version"], capture_output=True, text=True, env=SYSTEM)
+    assert version.stdout.startswith("bindguard "), version
+
+
+@pytest.mark.parametrize("argv", [[str(PROGRAM)], ["/usr/bin/python3", "-I", "-m", "bindguard"]])
+def test_install_names_the_installed_program(installed, argv, tmp_path):
+    """Whichever way the package is run, the drop-in runs /usr/bin/bindguard."""
+    printed = subprocess.run([*argv, "install", "--print", "web.service", "127.0.0.1:8080"],
+                             capture_output=True, text=True, env=SYSTEM, cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    assert f"\nExecStartPre=+{PROGRAM} check --unit %n 127.0.0.1:8080\n" in printed.stdout, printed.stdout
+
+
+def test_the_every_service_dropin_is_shipped_but_not_enabled(installed):
+    assert str(EVERY_SERVICE) in installed
+    assert EVERY_SERVICE.read_bytes() == (ROOT / "systemd" / "service.d" / "bindguard.conf").read_bytes()
+    assert not [f for f in installed if "/systemd/" in f and "/service.d/" in f], "it would guard every service"
+    examples = "/usr/share/doc/bindguard/examples/"
+    assert {examples + "nginx/bindguard.conf", examples + "ssh/bindguard.conf",
+            examples + "bindguard.conf.example"} <= set(installed)
+    readme = Path("/usr/share/doc/bindguard/README.Debian").read_text()
+    assert f"ln -s {EVERY_SERVICE} /etc/systemd/system/service.d/bindguard.conf" in readme
+
+
+@pytest.mark.integration
+def test_a_start_is_refused_under_the_packaged_dropin(installed, daemons):
+    """The packaged every-service drop-in, installed verbatim (it runs /usr/bin/bindguard):
+    Debian's nginx starts on a free port 80 and is refused (98) while another process holds it."""
+    need_package("nginx", "/usr/sbin/nginx")
+    rig = daemons
+    debian_unit(rig, "nginx.service")
+    log = guard_log(rig, "nginx.service")
+    rig.write_dropin("service", "bindguard.conf", EVERY_SERVICE.read_text())
+    starts_free_and_is_refused_when_held(rig, "nginx.service", 80, NGINX_HELD, log)
+    assert "0.0.0.0:80 in use" in log.read_text() or ":80" in log.read_text(), log.read_text()
+
+
+def man_pages(installed: list[str]) -> list[str]:
+    return sorted(f for f in installed if f.startswith("/usr/share/man/") and f.endswith(".gz"))
+
+
+def test_every_command_and_the_configuration_file_have_a_page(installed):
+    pages = {os.path.basename(p) for p in man_pages(installed)}
+    expected = {"bindguard.8.gz", "bindguard.yaml.5.gz"} | {f"bindguard-{name}.8.gz" for name in COMMANDS}
+    assert pages == expected
+    found = subprocess.run(["man", "-w", "bindguard"], capture_output=True, text=True, env=SYSTEM)
+    assert found.stdout.strip() == "/usr/share/man/man8/bindguard.8.gz", found
+
+
+def test_every_page_renders_without_warnings(installed):
+    for page in man_pages(installed):
+        rendered = subprocess.run(["man", "--warnings", "-l", page], capture_output=True, text=True,
+                                  env={**SYSTEM, "MANWIDTH": "80"})
+        assert rendered.returncode == 0 and rendered.stdout, (page, rendered.stderr)
+        assert rendered.stderr == "", (page, rendered.stderr)
+
+
+def test_the_pages_say_what_help_says(installed):
+    """Generated from the parser: each command's page lists each of its options."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, child in commands.items():
+        text = subprocess.run(["man", "-l", f"/usr/share/man/man8/bindguard-{name}.8.gz"], capture_output=True,
+                              text=True, env={**SYSTEM, "MANWIDTH": "1000"}).stdout
+        nested = [a.choices.values() for a in child._actions if isinstance(a, argparse._SubParsersAction)]
+        for parser in [child, *(p for choices in nested for p in choices)]:
+            for action in parser._actions:
+                for option in action.option_strings:
+                    assert option in ("-h", "--help") or option in text, (name, option)
+    yaml5 = subprocess.run(["man", "-l", "/usr/share/man/man5/bindguard.yaml.5.gz"], capture_output=True, text=True,
+                           env={**SYSTEM, "MANWIDTH": "1000"}).stdout
+    from bindguard.config import TOP_KEYS
+    assert all(f"\n       {key} (type: " in yaml5 for key in TOP_KEYS), yaml5
+
+
+def test_lintian_is_clean(installed):
+    debs = glob.glob(str(ROOT / "bindguard_*_all.deb"))
+    assert len(debs) == 1, f"expected the one package tools/build-deb built in {ROOT}, found {debs}: {REINSTALL}"
+    done = subprocess.run(["lintian", "--pedantic", "-I", "--fail-on", "error,warning", debs[0]],
+                          capture_output=True, text=True, env=SYSTEM, timeout=300)
+    tags = [line for line in done.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:", "X:")]
+    assert done.returncode == 0 and not tags, done.stdout + done.stderr
+
+
+def complete(words: list[str], run=subprocess.run, env=None) -> list[str]:
+    """What bash offers for the last of `words`, after bash-completion loads bindguard's file as
+    it does on the first Tab."""
+    line = " ".join(words)
+    script = f"""
+source /usr/share/bash-completion/bash_completion
+_completion_loader bindguard
+complete -p bindguard >&2
+COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; COMP_LINE="{line}"; COMP_POINT=${{#COMP_LINE}}
+func=$(complete -p bindguard | sed -n 's/.* -F \\([^ ]*\\) .*/\\1/p')
+"$func" bindguard "{words[-1]}" "{words[-2]}"
+printf '%s\\n' "${{COMPREPLY[@]}}"
+"""
+    done = run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True, text=True,
+               **({"env": env} if env is not None else {}))
+    assert done.returncode == 0, done.stderr
+    assert "complete -o filenames -F _shtab_bindguard bindguard" in done.stderr, done.stderr
+    return done.stdout.split()
+
+
+def test_bash_completes_commands_and_options(installed):
+    assert str(BASH_COMPLETION) in installed
+    assert "/usr/share/zsh/vendor-completions/_bindguard" in installed
+    assert complete(["bindguard", "ch"], env=SYSTEM) == ["check"]
+    assert complete(["bindguard", "check", "--reuse"], env=SYSTEM) == ["--reuseaddr", "--reuseport"]
+    assert "--print" in complete(["bindguard", "install", "--pr"], env=SYSTEM)
+
+
+@pytest.mark.integration
+def test_bash_completes_unit_names_from_the_manager(installed, systemd_rig):
+    """--unit and a command's UNIT take the names the manager lists (--user: the user manager)."""
+    rig = systemd_rig
+    rig.write_unit("completion-probe.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+    assert rig.start("completion-probe.service").ok
+    assert "completion-probe.service" in complete(["bindguard", "check", "--user", "--unit", "completion-"],
+                                                  run=rig.run)
+    assert "completion-probe.service" in complete(["bindguard", "uninstall", "--user", "completion-"], run=rig.run)
