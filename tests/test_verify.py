@@ -15,6 +15,7 @@ from bindguard import owners
 from bindguard.commands.verify import FOREIGN_OWNER, NOT_LISTENING, SHARED, WRONG_ADDRESS, Holder, assess
 from bindguard.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.facts import ProcessFact, SocketFact
+from test_discover import need_package
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
@@ -201,3 +202,55 @@ StandardError=append:{log}
     run = rig.start("nginx.service")
     assert run.ok, (run.output, log.read_text())
     assert "<6>bindguard: verify: nginx.service serves 127.0.0.1:18120 as intended" in log.read_text()
+
+
+@pytest.mark.integration
+def test_verify_lets_redis_start_without_its_optional_ipv6_address(systemd_rig):
+    """Redis's Debian default `bind 127.0.0.1 -::1` on a host without IPv6 on lo: Redis starts on
+    127.0.0.1 alone, and verify, however the address is marked optional, only notes ::1."""
+    need_package("redis-server", "/usr/bin/redis-server")
+    rig = systemd_rig
+    rig.run(["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"], check=True)
+    log = rig.log("verify.log")
+    data = rig.root / "redis"
+    data.mkdir()
+    conf = rig.root / "redis.conf"
+    conf.write_text(f"bind 127.0.0.1 -::1\nport 18379\nsave \"\"\nappendonly no\ndir {data}\n")
+    config = rig.root / "bindguard"
+    config.mkdir()
+    (config / "redis-server.service.yaml").write_text(
+        'listen: ["127.0.0.1:18379", {address: "[::1]:18379", optional: true}]\n')
+    verify = f"{sys.executable} -m bindguard verify --timeout 3"
+    ways = {
+        "--optional": f"{verify} 127.0.0.1:18379 --optional [::1]:18379",
+        "--if-available": f"{verify} 127.0.0.1:18379 --if-available [::1]:18379",
+        "optional: in its bindguard file": f"{verify}",
+        "discovery of `bind 127.0.0.1 -::1`": f"{verify}",
+    }
+    for way, post in ways.items():
+        env = f"Environment=BINDGUARD_CONFIG_PATH={config}\n" if "file" in way else ""
+        rig.write_unit("redis-server.service", f"""\
+[Service]
+ExecStart=/usr/bin/redis-server {conf}
+ExecStartPost={post}
+StandardError=append:{log}
+{env}""")
+        log.write_text("")
+        run = rig.start("redis-server.service")
+        text = log.read_text()
+        assert run.ok and run.active_state == "active", (way, run.output, text)
+        assert _post_status(rig, "redis-server.service") == [0], (way, text)
+        assert "serves 127.0.0.1:18379 as intended" in text, (way, text)
+        assert "note: [::1]:18379: " in text and "an optional address: the daemon starts without it" in text, \
+            (way, text)
+        assert rig.stop("redis-server.service").ok
+    # a required address that is not listened on still fails the start
+    rig.write_unit("redis-server.service", f"""\
+[Service]
+ExecStart=/usr/bin/redis-server {conf}
+ExecStartPost={verify} 127.0.0.1:18379 [::1]:18379
+StandardError=append:{log}
+""")
+    log.write_text("")
+    run = rig.start("redis-server.service")
+    assert not run.ok and _post_status(rig, "redis-server.service") == [1], log.read_text()

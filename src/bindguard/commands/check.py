@@ -137,7 +137,7 @@ def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:
-    """The command line's addresses: LISTEN, then each optional one (where check has them)."""
+    """The command line's addresses: LISTEN, then each optional one (check and verify take them)."""
     texts = [*args.listen, *(text for text, _ in optional_addresses(args))]
     if not texts:
         raise UsageError("no address to check", "give at least one LISTEN address, e.g. `bindguard check 8080`")
@@ -165,8 +165,8 @@ IF_AVAILABLE = (ADDRESS_UNAVAILABLE,)
 
 
 def optional_addresses(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
-    """(address, conflict kinds that only warn) for --optional and --if-available; verify and
-    explain have neither."""
+    """(address, conflict kinds that only warn) for --optional and --if-available (check and
+    verify; explain has neither)."""
     return [(text, OPTIONAL) for text in getattr(args, "optional", None) or []] + \
            [(text, IF_AVAILABLE) for text in getattr(args, "if_available", None) or []]
 

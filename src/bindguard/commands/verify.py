@@ -31,6 +31,10 @@ status` shows why:
                   SO_REUSEADDR for UDP): the kernel splits the traffic between them
   foreign-owner   a process outside the unit owns the address
 
+An address the daemon starts without (--optional, --if-available, `optional:` in the unit's
+bindguard file, or as discovery knows it: Redis's `bind -::1`) is not waited for, and that
+the unit does not hold it (not-listening, wrong-address, foreign-owner) is only a note.
+
 The addresses are planned as `check` plans them: the LISTEN arguments; without them, the
 unit's bindguard file (listen:, or --config), else discovery from its daemon's configuration.
 The unit is --unit, else the unit verify runs in. The report goes to stderr with journald
@@ -54,6 +58,8 @@ NOT_LISTENING = "not-listening"
 WRONG_ADDRESS = "wrong-address"
 SHARED = "shared"
 FOREIGN_OWNER = "foreign-owner"
+# What an optional address may be: the unit does not hold it (a daemon that starts without it).
+NOT_HELD = (NOT_LISTENING, WRONG_ADDRESS, FOREIGN_OWNER)
 DEFAULT_TIMEOUT = 5.0
 POLL_INTERVAL = 0.1
 
@@ -64,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_v6only_arguments(parser.add_argument_group("the daemon's IPv6 sockets (how [::] must be bound)"))
     check.add_systemd_arguments(parser, unit_help="the unit whose processes must serve the addresses (%%n in "
                                                   "a drop-in; default: the unit verify runs in)")
+    for flag, example in (("--optional", "one of several sshd ListenAddress lines"),
+                          ("--if-available", "Redis's `bind -::1`")):
+        parser.add_argument(flag, metavar="LISTEN", action="append",
+                            help=f"an address the daemon starts without ({example}), as given to `check`: "
+                                 "not waited for, and not holding it is only a note; repeat for more")
     parser.add_argument("--config", metavar="FILE",
                         help="read this YAML file instead of the unit's (see `bindguard config --help`)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -89,15 +100,16 @@ class Check:
     holders: list[Holder] = field(default_factory=list)  # every listener overlapping the address
     evidence: list[str] = field(default_factory=list)
     fix: str = ""
+    optional: bool = False  # the daemon starts without this address
 
     @property
     def ok(self) -> bool:
-        return self.kind is None
+        return self.kind is None or self.optional and self.kind in NOT_HELD
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool, object]:
-    """The unit, its addresses (as `check` plans them), whether IPV6_V6ONLY was stated, and the
-    SystemdContext that asks the manager (None with --no-systemd)."""
+def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], frozenset[Bind], bool, object]:
+    """The unit, its addresses (as `check` plans them), those the daemon starts without, whether
+    IPV6_V6ONLY was stated, and the SystemdContext that asks the manager (None with --no-systemd)."""
     from bindguard import config, systemd
 
     unit = args.unit or systemd.guarded_unit()
@@ -105,7 +117,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool, object]:
         raise UsageError("verify needs the unit whose processes must own the addresses",
                          "run it from the unit's ExecStartPost=, or give --unit NAME")
     args.unit = normalize_unit(unit)
-    if not args.listen and args.no_systemd and args.config is None and config.load_unit_config(args.unit) is None:
+    if not (args.listen or check.optional_addresses(args)) and args.no_systemd and args.config is None and config.load_unit_config(args.unit) is None:
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, and no bindguard file",
                          "give the addresses, e.g. `bindguard verify 0.0.0.0:80`")
     ctx = check.systemd_context(args)
@@ -119,7 +131,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], bool, object]:
     if not binds:
         raise UsageError(f"discovery only guessed the addresses of {args.unit}; verify does not judge on guesses",
                          "give the addresses as LISTEN arguments, or a listen: list in its bindguard file")
-    return args.unit, binds, args.v6only is not None or not args.listen, ctx
+    return args.unit, binds, frozenset(plan.survivable), args.v6only is not None or not args.listen, ctx
 
 
 def _observe(binds: list[Bind], notes: list[str]) -> dict[tuple[str, int], list[SocketFact]]:
@@ -138,13 +150,16 @@ def _exact(bind: Bind, sock: SocketFact) -> bool:
     return (local.proto, local.host, local.port) == (ep.proto, ep.host, ep.port)
 
 
-def wait_for_listeners(binds: list[Bind], timeout: float, notes: list[str]) -> tuple[dict, float]:
-    """Poll until every address has a socket on it, or timeout seconds pass; the last observation."""
+def wait_for_listeners(binds: list[Bind], timeout: float, notes: list[str],
+                       optional: frozenset[Bind] = frozenset()) -> tuple[dict, float]:
+    """Poll until every address the daemon needs (all of them, if it needs none) has a socket on
+    it, or timeout seconds pass; the last observation."""
+    awaited = [b for b in binds if b not in optional] or binds
     start = time.monotonic()
     while True:
         observed = _observe(binds, notes)
         elapsed = time.monotonic() - start
-        if all(any(_exact(b, s) for s in observed[(b.endpoint.proto, b.endpoint.port)]) for b in binds) \
+        if all(any(_exact(b, s) for s in observed[(b.endpoint.proto, b.endpoint.port)]) for b in awaited) \
                 or elapsed >= timeout:
             return observed, elapsed
         time.sleep(min(POLL_INTERVAL, max(timeout - elapsed, 0.0)))
@@ -265,21 +280,33 @@ def assess(bind: Bind, sockets_on_port: list[SocketFact], holders: dict[int, Hol
 
 def _report(unit: str, checks: list[Check], code: int, waited: float, notes: list[str]) -> None:
     if code == 0:
-        output.emit(output.INFO, f"bindguard: verify: {unit} serves {', '.join(str(c.bind) for c in checks)} "
-                                 f"as intended")
+        served = [c for c in checks if c.kind is None]
+        what = ", ".join(str(c.bind) for c in served) or "none of its addresses, all optional,"
+        output.emit(output.INFO, f"bindguard: verify: {unit} serves {what} as intended")
         for c in checks:
-            output.emit(output.INFO, [f"  {c.bind}: {e}" for e in c.evidence])
+            if c.kind is None:
+                output.emit(output.INFO, [f"  {c.bind}: {e}" for e in c.evidence])
+            else:
+                _note_optional(c)
     else:
         wrong = ", ".join(str(c.bind) for c in checks if not c.ok)
         output.emit(output.ERR, f"bindguard: verify: {unit} does not serve {wrong} as intended (exit {code})")
         for c in checks:
-            if c.ok:
+            if c.kind is None:
                 output.emit(output.INFO, f"  {c.bind}: ok")
+                continue
+            if c.ok:
+                _note_optional(c)
                 continue
             lines = [f"  {c.bind}: {c.kind}"] + [f"    evidence: {e}" for e in c.evidence] + [f"    fix: {c.fix}"]
             output.emit(output.ERR, lines)
     for note in notes:
         output.emit(output.NOTICE, f"  note: {note}")
+
+
+def _note_optional(c: Check) -> None:
+    output.emit(output.NOTICE, [f"  note: {c.bind}: {c.kind}, an optional address: the daemon starts without it",
+                                *(f"    evidence: {e}" for e in c.evidence)])
 
 
 def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[str]) -> dict:
@@ -292,6 +319,7 @@ def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[
             "address": str(c.bind),
             "ok": c.ok,
             "kind": c.kind,
+            "optional": c.optional,
             "listeners": [{
                 "local_address": str(h.socket.local), "state": h.socket.state, "v6only": h.socket.v6only,
                 "in_unit": h.in_unit, "pids": [p.pid for p in h.processes],
@@ -309,12 +337,14 @@ def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.timeout < float("inf"):  # inf would poll for ever, nan compares false
         raise UsageError(f"--timeout {args.timeout}: must be 0 or more seconds, and finite", "e.g. --timeout 5")
-    unit, binds, v6only_stated, ctx = _resolve(args)
+    unit, binds, optional, v6only_stated, ctx = _resolve(args)
     notes: list[str] = []
-    observed, waited = wait_for_listeners(binds, args.timeout, notes)
+    observed, waited = wait_for_listeners(binds, args.timeout, notes, optional)
     holders = _holders(observed, unit, notes, ctx)
     checks = [assess(b, observed[(b.endpoint.proto, b.endpoint.port)], holders, unit, v6only_stated, waited)
               for b in binds]
+    for c in checks:
+        c.optional = c.bind in optional
     kinds = {c.kind for c in checks if not c.ok}
     code = EXIT_INUSE if kinds & {SHARED, FOREIGN_OWNER} else EXIT_NOT_LISTENING if kinds else 0
     if args.json:
