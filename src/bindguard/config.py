@@ -176,8 +176,21 @@ class _BadValue(ValueError):
     pass
 
 
-def _excerpt(text: str) -> str:
-    """A value as a message quotes it: control characters escaped, at most EXCERPT characters."""
+# Excerpts of unexpected text (an unknown key unlike any known one, a duplicate key, a document
+# that is no mapping) the problems of the file being read may still quote: one per file, so that
+# a file that is no bindguard configuration (`--config /etc/shadow`) shows one short piece of
+# itself, not the start of each of its lines; later problems name the line and column only. The
+# value of a known setting (`wait: x`) and a misspelt known key (`lisen`) are quoted as written.
+_quotes_left = [1]
+
+
+def _excerpt(text: str, budgeted: bool = True) -> str:
+    """A value as a message quotes it: control characters escaped, at most EXCERPT characters;
+    past the file's one excerpt of unexpected text (budgeted), nothing of it."""
+    if budgeted and _quotes_left[0] <= 0:
+        return "(not quoted: one excerpt per file)"
+    if budgeted:
+        _quotes_left[0] -= 1
     shown = text if len(text) <= EXCERPT else text[:EXCERPT] + "..."
     return repr(shown)
 
@@ -229,6 +242,7 @@ class _FileReader:
 
     def read(self) -> _Values:
         values = _Values()
+        _quotes_left[0] = 1
         try:
             self._read(values)
         except _Stop:
@@ -307,7 +321,8 @@ class _FileReader:
                 continue
             key = key_node.value
             if key in seen:
-                self.problem(key_node, f"duplicate key {_excerpt(key)} (first set at line {seen[key].start_mark.line + 1})")
+                self.problem(key_node, f"duplicate key {_excerpt(key, budgeted=key not in allowed)} "
+                                       f"(first set at line {seen[key].start_mark.line + 1})")
                 continue
             seen[key] = key_node
             if key not in allowed:
@@ -315,7 +330,7 @@ class _FileReader:
                 close = difflib.get_close_matches(key.replace("_", "-"), list(spellings), 1) \
                     if len(key) <= EXCERPT else []
                 hint = f"did you mean {spellings[close[0]]!r}?" if close else f"known keys: {', '.join(allowed)}"
-                self.problem(key_node, f"unknown key {_excerpt(key)}; {hint}")
+                self.problem(key_node, f"unknown key {_excerpt(key, budgeted=not close)}; {hint}")
                 continue
             yield key_node, value_node
 
@@ -341,7 +356,8 @@ class _FileReader:
             values.listen = []
             return
         if not isinstance(node, yaml.SequenceNode):
-            self.problem(node, f"listen must be a list of addresses, e.g. [80, \"[::1]:8080\"], found {_kind(node)}")
+            self.problem(node, "listen must be a list of addresses, e.g. [80, \"[::1]:8080\"], "
+                               f"found {_kind(node, budgeted=False)}")
             return
         entries: list[ListenEntry] = []
         seen: dict[Endpoint, Origin] = {}
@@ -400,7 +416,8 @@ class _FileReader:
         if _is_null(node):
             return
         if not isinstance(node, yaml.MappingNode):
-            self.problem(node, f"options must be a mapping such as {{reuseport: true}}, found {_kind(node)}")
+            self.problem(node, "options must be a mapping such as {reuseport: true}, "
+                               f"found {_kind(node, budgeted=False)}")
             return
         for key_node, value_node in self._mapping_items(node, OPTION_NAMES):
             flag = self._bool(value_node, f"option {key_node.value!r}")
@@ -421,7 +438,7 @@ class _FileReader:
             return
         if not isinstance(node, yaml.MappingNode):
             self.problem(node, "policy must map conflict kinds to actions, e.g. {time-wait: wait}, "
-                               f"found {_kind(node)}")
+                               f"found {_kind(node, budgeted=False)}")
             return
         for key_node, value_node in self._mapping_items(node, CONFLICT_KINDS):
             action = self._scalar(value_node)
@@ -479,22 +496,24 @@ def _is_null(node) -> bool:
     return node.tag == NULL
 
 
-def _kind(node) -> str:
+def _kind(node, budgeted: bool = True) -> str:
     import yaml
 
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    return _excerpt(node.value)
+    return _excerpt(node.value, budgeted)
 
 
 def _describe(node, value) -> str:
+    """A known setting's value as a problem quotes it (always: see _quotes_left)."""
     if value is _NOT_SCALAR:
-        return _kind(node)
+        return _kind(node, budgeted=False)
     if value is None:
         return "nothing"
-    return _excerpt(node.value) if isinstance(value, str) else _excerpt(node.value)[1:-1]
+    quoted = _excerpt(node.value, budgeted=False)
+    return quoted if isinstance(value, str) else quoted[1:-1]
 
 
 def _read_text(path: str) -> str:

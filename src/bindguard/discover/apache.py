@@ -28,6 +28,7 @@ from bindguard.discover.common import (
     read_text,
 )
 from bindguard.endpoints import ascii_port, ipv6_supported
+from bindguard.output import excerpt
 
 STATIC_MODULES = {"core_module", "so_module", "watchdog_module", "http_module", "log_config_module",
                   "logio_module", "version_module", "unixd_module", "core.c", "mod_so.c", "mod_watchdog.c",
@@ -75,12 +76,12 @@ class _Config:
             if line.startswith("</"):
                 name = line[2:].rstrip(">").strip().lower()
                 if not stack or stack[-1][0] != name:
-                    raise DaemonConfigError(f"{where}: {line} without a matching <{name}>")
+                    raise DaemonConfigError(f"{where}: {excerpt(line)} without a matching opening section")
                 stack.pop()
                 continue
             if line.startswith("<"):
                 if not line.endswith(">"):
-                    raise DaemonConfigError(f"{where}: section {line!r} is not closed with '>'")
+                    raise DaemonConfigError(f"{where}: section {excerpt(line)} is not closed with '>'")
                 name, _, arg = line[1:-1].strip().partition(" ")
                 stack.append((name.lower(), *self.condition(name.lower(), self.expand(arg.strip().strip("\"'")),
                                                              where), where))

@@ -24,6 +24,7 @@ from bindguard.endpoints import (
     ipv6_supported,
     parse_listen,
 )
+from bindguard.output import excerpt
 
 CONFIDENT = "confident"
 GUESS = "guess"
@@ -136,7 +137,7 @@ def host_addresses(host: str, findings: Findings, where: str) -> list[str]:
         return [host]
     addresses = hosts_file_addresses(host)
     if not addresses:
-        findings.warn(f"{where}: host name {host!r} is not in /etc/hosts and bindguard does not ask DNS; "
+        findings.warn(f"{where}: host name {excerpt(host)} is not in /etc/hosts and bindguard does not ask DNS; "
                       f"that address is left out")
     return addresses
 
@@ -271,7 +272,7 @@ def list_directory(directory: str) -> list[str]:
 def parse_port(text: str, where: str) -> int:
     port = ascii_port(text)
     if port is None:
-        raise DaemonConfigError(f"{where}: {text!r} is not a port number")
+        raise DaemonConfigError(f"{where}: {excerpt(text)} is not a port number")
     return port
 
 

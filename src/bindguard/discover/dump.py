@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bindguard.discover.common import current_budget, current_service
+from bindguard.output import excerpt
 
 # Where systemd looks for an ExecStart= program given by name alone (systemd.service(5): a fixed
 # search path chosen at compile time; Debian's systemd 252 has no ExecSearchPath= default).
@@ -229,5 +230,6 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
     if returncode != 0:
         lines = [line for line in err.decode("utf-8", errors="replace").splitlines() if line.strip()]
         why = next((line for line in lines if "emerg" in line or "rror" in line), lines[0] if lines else "")
-        return False, stdout, f"{command} failed (exit {returncode}): {why.strip()}"
+        # Its complaint may quote the file it was pointed at (a line of it): a short excerpt only.
+        return False, stdout, f"{command} failed (exit {returncode}): {excerpt(why.strip())}"
     return True, stdout, ""

@@ -29,6 +29,7 @@ from bindguard.discover.common import (
     read_text,
 )
 from bindguard.endpoints import ipv6_supported
+from bindguard.output import excerpt
 
 DEFAULT_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", os.path.expanduser("~/.my.cnf"))
 SERVER_GROUPS = re.compile(r"^(mysqld|server|mariadb|mariadbd|client-server|galera)(-[\d.]+)?$")
@@ -73,7 +74,7 @@ class _Options:
                 continue
             if line.startswith("["):
                 if not line.endswith("]"):
-                    raise DaemonConfigError(f"{where}: wrong group definition {line!r}")
+                    raise DaemonConfigError(f"{where}: wrong group definition {excerpt(line)}")
                 group = line[1:-1].strip().lower()
                 continue
             if group is None:

@@ -161,7 +161,8 @@ class _Parser:
                     self.server_listens[-1] += 1
                     self._listen(group, args, f"{path}:{first_line}{self.label}")
         if words:
-            raise DaemonConfigError(f"{path}: unexpected end of file, expecting ';' after {words[0][0]!r}")
+            raise DaemonConfigError(f"{path}: unexpected end of file, expecting ';' after the directive at line "
+                                    f"{words[0][1]}")
         if closing:
             raise DaemonConfigError(f"{path}: unexpected end of file, expecting '}}'")
 
