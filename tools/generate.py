@@ -282,7 +282,11 @@ def completions(parser: argparse.ArgumentParser) -> dict[str, str]:
             if action.dest in UNIT_DESTS:
                 action.complete = {"bash": "_bindguard_units", "zsh": "_bindguard_units"}
             if isinstance(action, argparse._SubParsersAction):
-                for child in action.choices.values():
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, child in action.choices.items():
+                    # zsh shows the first line of a command's description beside it: the
+                    # one-line summary --help lists is the line meant for that
+                    child.description = helps.get(name) or child.description
                     mark(child)
 
     mark(parser)
