@@ -23,9 +23,9 @@ if [ "${1:-}" = "--test" ]; then
     extras+=(ansible-core python3-apt python3-psutil python3-yaml python3-pystemd python3-setuptools python3-wheel)
     extras+=(prometheus)
     # the Debian package (tools/build-deb; tests/test_package.py): its Build-Depends, lintian, and
-    # what its tests read it with: man-db renders the pages, bash-completion loads the completion
+    # what its tests read it with: man-db renders the pages, bash-completion and zsh load the completion
     extras+=(build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
-             python3-argparse-manpage python3-shtab lintian man-db bash-completion)
+             python3-argparse-manpage python3-shtab lintian man-db bash-completion zsh)
 fi
 
 sudo=""

@@ -82,15 +82,20 @@ def test_the_every_service_dropin_is_shipped_but_not_enabled(installed):
 
 @pytest.mark.integration
 def test_a_start_is_refused_under_the_packaged_dropin(installed, daemons):
-    """The packaged every-service drop-in, installed verbatim (it runs /usr/bin/bindguard):
-    Debian's nginx starts on a free port 80 and is refused (98) while another process holds it."""
+    """The packaged every-service drop-in, turned on as README.Debian says (a symlink to it in
+    the manager's service.d/; it runs /usr/bin/bindguard): Debian's nginx starts on a free
+    port 80 and is refused (98) while another process holds it."""
     need_package("nginx", "/usr/sbin/nginx")
     rig = daemons
     debian_unit(rig, "nginx.service")
     log = guard_log(rig, "nginx.service")
-    rig.write_dropin("service", "bindguard.conf", EVERY_SERVICE.read_text())
+    enabled = rig.unit_dir / "service.d" / "bindguard.conf"
+    enabled.parent.mkdir()
+    enabled.symlink_to(EVERY_SERVICE)
+    rig.daemon_reload()
+    assert str(enabled) in rig.show("nginx.service", "DropInPaths")["DropInPaths"].split()
     starts_free_and_is_refused_when_held(rig, "nginx.service", 80, NGINX_HELD, log)
-    assert "0.0.0.0:80 in use" in log.read_text() or ":80" in log.read_text(), log.read_text()
+    assert "in use" in log.read_text() and "nginx" in log.read_text(), log.read_text()
 
 
 def man_pages(installed: list[str]) -> list[str]:
@@ -177,3 +182,14 @@ def test_bash_completes_unit_names_from_the_manager(installed, systemd_rig):
     assert "completion-probe.service" in complete(["bindguard", "check", "--user", "--unit", "completion-"],
                                                   run=rig.run)
     assert "completion-probe.service" in complete(["bindguard", "uninstall", "--user", "completion-"], run=rig.run)
+
+
+def test_zsh_loads_the_completion(installed):
+    """zsh's compinit finds _bindguard in vendor-completions and maps bindguard to it."""
+    zsh = Path("/usr/share/zsh/vendor-completions/_bindguard")
+    assert str(zsh) in installed
+    assert subprocess.run(["zsh", "-n", str(zsh)], capture_output=True, text=True, env=SYSTEM).returncode == 0
+    done = subprocess.run(["zsh", "-f", "-c", 'autoload -Uz compinit && compinit -u -D && print -r -- "$_comps[bindguard]"'
+                           ' && autoload -Uz +X _bindguard && whence -w _bindguard'],
+                          capture_output=True, text=True, env={**SYSTEM, "HOME": "/nonexistent"})
+    assert done.stdout.split("\n")[:2] == ["_bindguard", "_bindguard: function"], done
