@@ -45,6 +45,12 @@ def installed() -> list[str]:
              if not (SITE / path.relative_to(ROOT / "src" / "bindguard")).is_file()
              or (SITE / path.relative_to(ROOT / "src" / "bindguard")).read_bytes() != path.read_bytes()]
     assert not stale, f"the installed package is not this tree ({', '.join(stale[:5])} differ): {REINSTALL}"
+    names = set(files)
+    expected = {"/usr/share/man/man8/bindguard.8.gz", "/usr/share/doc/bindguard/README.Debian", str(BASH_COMPLETION)}
+    # a slim container image tells dpkg not to install man pages and documentation
+    assert expected <= names and all(Path(f).exists() for f in expected), (
+        f"dpkg did not install {sorted(expected - {f for f in names if Path(f).exists()})}: a path-exclude in "
+        f"/etc/dpkg/dpkg.cfg.d/ (a slim image) leaves them out; remove it and {REINSTALL}")
     return files
 
 
