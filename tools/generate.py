@@ -154,7 +154,8 @@ def command_pages(parser: argparse.ArgumentParser) -> dict[str, str]:
     commands = subcommands(parser)
     pages = {}
     others = [f"bindguard-{name}(8)" for name in commands]
-    top = [*header("bindguard", SECTION, parser.description.splitlines()[0].rstrip(".")),
+    summary = parser.description.splitlines()[0].rstrip(".")
+    top = [*header("bindguard", SECTION, summary[:1].lower() + summary[1:]),  # whatis: "bindguard - stop ..."
            *synopsis(parser), ".SH DESCRIPTION", *prose(parser.description.split("\n", 1)[1]),
            *options(parser), ".SH COMMANDS"]
     for name, (_, summary) in commands.items():
