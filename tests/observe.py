@@ -17,7 +17,7 @@ import json
 import socket
 import sys
 
-from bindguard import sockets
+from bindguard.evidence import sockets
 
 
 def encode(value):

@@ -276,10 +276,11 @@ def test_scan_tells_a_scope_no_unit_and_unknown_apart(systemd_rig):
 
 
 def test_why_reapable_needs_the_managers_word_and_the_units_own_cgroup():
-    from bindguard.endpoints import Bind, SocketOptions, parse_listen
-    from bindguard.facts import ProcessFact, SystemdFacts
-    from bindguard.reap import why_reapable
-    from bindguard.verdict import LISTENER, OWN_INSTANCE, Conflict
+    from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+    from bindguard.model.facts import ProcessFact, SystemdFacts
+    from bindguard.action.reap import why_reapable
+    from bindguard.model.kinds import LISTENER, OWN_INSTANCE
+    from bindguard.verdict.conflicts import Conflict
 
     cgroup = "/system.slice/web.service"
     stale = ProcessFact(4242, 1, "webd", ("webd",), "/usr/bin/python3", 0, "root", 1.0e9, cgroup, "web.service")

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from bindguard.systemd import BUS_BUDGET
+from bindguard.systemd.bus import BUS_BUDGET
 from test_discover import need_package
 
 pytestmark = pytest.mark.integration

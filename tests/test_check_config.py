@@ -69,7 +69,7 @@ def test_unit_config_supplies_listen_options_and_policy(netns, tmp_path):
 def test_fail_closed_from_the_file(netns, tmp_path):
     write(tmp_path / "web.service.yaml", "listen: [8080]\nfail: closed\n")
     shim = write(tmp_path / "shim" / "sitecustomize.py",
-                 "import bindguard.probe as p\ndef broken(*a, **k):\n    raise RuntimeError('simulated')\np.probe = broken\n")
+                 "import bindguard.evidence.probe as p\ndef broken(*a, **k):\n    raise RuntimeError('simulated')\np.probe = broken\n")
     env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(tmp_path),
            "PYTHONPATH": f"{shim.parent}:{os.environ.get('PYTHONPATH', '')}"}
     proc = netns.run([*BINDGUARD, "check", "--unit", "web.service", "--no-systemd"], env=env)

@@ -150,7 +150,7 @@ def test_guard_failure_fails_open_or_closed(netns, tmp_path):
     # block the start unless --fail-closed is given. (Once the kernel refused, a fault explaining
     # it keeps the refusal: tests/test_unexplained.py.)
     shim = tmp_path / "sitecustomize.py"
-    shim.write_text("import bindguard.probe as p\n"
+    shim.write_text("import bindguard.evidence.probe as p\n"
                     "def broken(*a, **k):\n    raise RuntimeError('simulated failure')\n"
                     "p.probe = broken\n")
     netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})

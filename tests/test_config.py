@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bindguard import config, unitfiles
-from bindguard.endpoints import parse_listen
-from bindguard.errors import EXIT_CONFIG, ConfigError
+from bindguard.request import config
+from bindguard.systemd import unitfiles
+from bindguard.model.endpoints import parse_listen
+from bindguard.model.errors import EXIT_CONFIG, ConfigError
 
 
 @pytest.fixture
@@ -289,7 +290,7 @@ def test_config_show_cli(dirs):
 # --- the cheap path -----------------------------------------------------------------------------
 
 def test_no_file_does_not_import_yaml(dirs):
-    code = ("import sys; from bindguard import config; "
+    code = ("import sys; from bindguard.request import config; "
             "assert config.load_unit_config('nothing.service') is None; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'pathlib', 'difflib')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -418,11 +419,11 @@ def _run_with_a_fault_in(target: str, *args: str, env_path: str) -> subprocess.C
 def test_fail_closed_in_the_file_holds_for_a_fault_while_reading_it(dirs):
     write(dirs["lib"] / "web.service.yaml", "listen: [\"127.0.0.1:9\"]\nfail: closed\n")
     search = os.environ[unitfiles.SEARCH_PATH_ENV]
-    for broken in ("bindguard.config._merge", "bindguard.guard.run"):
+    for broken in ("bindguard.request.config._merge", "bindguard.action.guard.run"):
         proc = _run_with_a_fault_in(broken, "check", "--unit", "web.service", "--no-systemd", env_path=search)
         assert proc.returncode == 70, (broken, proc.stderr)
         assert "internal error: ZeroDivisionError" in proc.stderr and "failing closed" in proc.stderr
     write(dirs["etc"] / "web.service.yaml.d" / "open.yaml", "fail: 'open'\n")  # a later file wins
-    proc = _run_with_a_fault_in("bindguard.config._merge", "check", "--unit", "web.service", "--no-systemd",
+    proc = _run_with_a_fault_in("bindguard.request.config._merge", "check", "--unit", "web.service", "--no-systemd",
                                 env_path=search)
     assert proc.returncode == 0 and "letting the start go on" in proc.stderr

@@ -112,7 +112,7 @@ def test_a_main_file_that_is_not_a_regular_file(hostile, daemon, bad):
 READER = textwrap.dedent(f"""
     import json, resource, sys
     resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
-    from bindguard.discover import common
+    from bindguard.request.discover import common
     outcomes = {{}}
     for path in sys.argv[1:]:
         try:
@@ -124,7 +124,7 @@ READER = textwrap.dedent(f"""
 
 
 def test_the_shared_reader(hostile):
-    from bindguard.discover import common
+    from bindguard.request.discover import common
 
     (hostile / "ok.conf").write_text("fine\n")
     (hostile / "link.conf").symlink_to(hostile / "ok.conf")  # Debian's sites-enabled/ are symlinks

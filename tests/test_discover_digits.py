@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bindguard.discover import discover
+from bindguard.request.discover import discover
 
 LONG = "9" * 4301
 CONFIGS = {  # daemon -> (configuration file name, its text, the command line reading it)

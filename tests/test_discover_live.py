@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bindguard.discover import discover
+from bindguard.request.discover import discover
 from test_discover import HAPROXY_EXEC, need_package, nginx_tree
 
 pytestmark = pytest.mark.integration
@@ -149,7 +149,7 @@ def test_haproxy_edited_copy_live(netns, tmp_path):
 
 def test_sshd_debian_default_live(netns):
     need_package("openssh-server", "/usr/sbin/sshd")
-    code = ("from bindguard.discover import discover\n"
+    code = ("from bindguard.request.discover import discover\n"
             "r = discover([['/usr/sbin/sshd', '-D']], [], ['-/etc/default/ssh'], [], 'ssh.service')\n"
             "print(r.warnings)\n"
             "for f in r.findings: print(str(f.bind.endpoint) + ('' if f.bind.endpoint.host.version == 4 else "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bindguard.discover import discover
+from bindguard.request.discover import discover
 from conftest import need_root
 from test_discover import need_package
 
@@ -164,7 +164,7 @@ def test_a_bare_exec_start_name_is_not_found_through_the_units_path(systemd_rig,
 
 def test_a_dump_gets_a_clean_environment_and_the_units_user(monkeypatch):
     """The dump's child: the unit's uid, gid and groups, PATH=/usr/sbin:/usr/bin and nothing else."""
-    from bindguard.discover import dump
+    from bindguard.request.discover import dump
 
     need_root("changing user")
     monkeypatch.setenv("LD_PRELOAD", "/nonexistent.so")
@@ -179,7 +179,7 @@ def test_a_dump_gets_a_clean_environment_and_the_units_user(monkeypatch):
 
 
 def test_a_dump_is_stopped_at_its_time_and_output_budget(monkeypatch):
-    from bindguard.discover import common, dump
+    from bindguard.request.discover import common, dump
 
     monkeypatch.setattr(dump, "DUMP_SECONDS", 1.0)
     ok, out, why = dump.run(["/usr/bin/sleep", "30"], dump.Credentials(None))
@@ -191,7 +191,7 @@ def test_a_dump_is_stopped_at_its_time_and_output_budget(monkeypatch):
 
 
 def test_which_paths_are_roots_alone(world):
-    from bindguard.discover import dump
+    from bindguard.request.discover import dump
 
     assert dump.untrusted("/usr/bin/env") is None
     assert dump.untrusted("/tmp") is None  # world-writable, but sticky and root's

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from bindguard.endpoints import TCP, UDP, AddressError, Endpoint, addresses_overlap, parse_listen
+from bindguard.model.endpoints import TCP, UDP, AddressError, Endpoint, addresses_overlap, parse_listen
 
 
 def ep(text: str) -> Endpoint:

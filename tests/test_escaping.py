@@ -1,6 +1,6 @@
 """Untrusted text never reaches the journal or a terminal raw: a holder whose command line holds a
 newline, a forged "clear" line and a terminal escape is reported on one line per message, with
-the newline and ESC written as \\n and \\x1b (output.escape, used by every renderer)."""
+the newline and ESC written as \\n and \\x1b (bindguard.model.text.escape, used by every renderer)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pytest
 
 import holder
 from test_cli import on_a_terminal
-from bindguard import output
-from bindguard.endpoints import parse_listen
-from bindguard.facts import ProcessFact, SocketFact
-from bindguard.scan import Listener, Scan, write_table
-from bindguard.verdict import UNIT_BY_CGROUP
+from bindguard.model.text import escape, excerpt
+from bindguard.model.endpoints import parse_listen
+from bindguard.model.facts import ProcessFact, SocketFact
+from bindguard.action.scan import Listener, Scan
+from bindguard.report.scan import write_table
+from bindguard.model.kinds import UNIT_BY_CGROUP
 
 PORT = 18533
 FORGED = "\nbindguard: clear: [::]:80 can be bound\n\x1b[2J"
@@ -94,9 +95,9 @@ def test_explain_on_a_terminal_gets_no_escape_sequence(netns, hostile):
 
 
 def test_escape_and_excerpt():
-    assert output.escape("a\nb\x1b[2J\r\t\x7f\x9bc é") == "a\\nb\\x1b[2J\\r\\t\\x7f\\x9bc é"
-    assert output.excerpt("root:x:0:0:root:/root:/bin/bash\nnext line", 12) == "'root:x:0:0:r'..."
-    assert output.excerpt("a\nb") == "'a\\nb'"
+    assert escape("a\nb\x1b[2J\r\t\x7f\x9bc é") == "a\\nb\\x1b[2J\\r\\t\\x7f\\x9bc é"
+    assert excerpt("root:x:0:0:root:/root:/bin/bash\nnext line", 12) == "'root:x:0:0:r'..."
+    assert excerpt("a\nb") == "'a\\nb'"
 
 
 def test_a_path_with_a_newline_stays_on_the_error_s_line(tmp_path):

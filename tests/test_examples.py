@@ -123,8 +123,8 @@ def test_the_documentation_shows_commands_to_check():
 
 @pytest.mark.parametrize("argv", documented(), ids=" ".join)
 def test_every_documented_invocation_parses(argv):
-    from bindguard.commands import check
-    from bindguard.parser import build_parser
+    from bindguard.cli.commands import check
+    from bindguard.cli.parser import build_parser
 
     args = build_parser(argv[0]).parse_args(argv)
     if argv[0] in ("check", "explain") and args.listen:

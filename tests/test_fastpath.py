@@ -9,7 +9,8 @@ import pytest
 
 COMPARE = r"""
 import contextlib, io, json, sys
-from bindguard import cli, fastpath
+from bindguard import cli
+from bindguard.cli import fastpath
 
 def run(args, fast):
     err = io.StringIO()
@@ -90,7 +91,7 @@ def test_fast_path_agrees_with_the_full_command(netns, tmp_path):
 
 IN_UNIT = r"""
 import json, sys
-from bindguard import fastpath
+from bindguard.cli import fastpath
 print(json.dumps([fastpath.check(args) for args in json.loads(sys.argv[1])]))
 """
 

@@ -30,7 +30,7 @@ YAML_SECRETS = [
     "api_token_Qm9vX2xpbmUtdHdvLXNlY3JldC12YWx1ZS1oZXJl: x",
     "Tr0ub4dor3HorseBatteryStaple9921: x",
 ]
-EXCERPT = 40  # bindguard.output.excerpt's limit
+EXCERPT = 40  # bindguard.model.text.excerpt's limit
 
 
 def longest_shared(secret: str, text: str) -> int:

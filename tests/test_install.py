@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bindguard import install
-from bindguard.errors import UsageError
+from bindguard.action import install
+from bindguard.model.errors import UsageError
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 

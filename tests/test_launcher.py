@@ -38,10 +38,10 @@ def copy_install(root: Path) -> Path:
 def break_install(bin_dir: Path, how: str) -> None:
     site = next(bin_dir.parent.glob("lib/python3*/site-packages"))
     if how == "syntax error":
-        with open(site / "bindguard" / "cli.py", "a") as f:
+        with open(site / "bindguard" / "cli" / "__init__.py", "a") as f:
             f.write("\ndef (\n")
     elif how == "missing module":
-        (site / "bindguard" / "fastpath.py").unlink()
+        (site / "bindguard" / "cli" / "fastpath.py").unlink()
     elif how == "no interpreter":  # the venv's python3 gone (an upgrade), and /usr/bin/python3 as well
         for python in bin_dir.glob("python*"):
             python.unlink()
@@ -93,8 +93,8 @@ def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig):
     cases = {  # how the install is broken -> what the unit's log says
         "whole": "bindguard: nothing to guard for whole.service",
         "syntax error": "bindguard: cannot load the bindguard package with {bin}/python3 (SyntaxError: invalid "
-                        "syntax (cli.py, line",
-        "missing module": "bindguard: internal error: ImportError: cannot import name 'fastpath' from 'bindguard' "
+                        "syntax (__init__.py, line",
+        "missing module": "bindguard: internal error: ImportError: cannot import name 'fastpath' from 'bindguard.cli' "
                           "({bin.parent}/lib/",
         "no interpreter": "bindguard: no Python interpreter at {bin}/python3 nor /nonexistent/python3; "
                           "nothing was checked, failing open",
@@ -126,7 +126,7 @@ def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig):
 
 def test_python_m_bindguard_fails_open_on_a_broken_package(tmp_path):
     shutil.copytree(SRC / "bindguard", tmp_path / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "bindguard" / "cli.py").write_text("def (\n")
+    (tmp_path / "bindguard" / "cli" / "__init__.py").write_text("def (\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
     opened = subprocess.run([sys.executable, "-m", "bindguard", "check", "80"], capture_output=True, text=True, env=env)
     assert opened.returncode == 0 and opened.stdout == "", opened.stderr

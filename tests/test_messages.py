@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bindguard.parser import build_parser
+from bindguard.cli.parser import build_parser
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 README = Path(__file__).resolve().parent.parent / "README.md"

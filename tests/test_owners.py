@@ -16,9 +16,9 @@ from conftest import HOLDER, REQUIRE, need_root
 from observe import query
 
 import bindguard
-from bindguard import owners
-from bindguard.endpoints import Endpoint
-from bindguard.facts import SocketFact
+from bindguard.evidence import owners
+from bindguard.model.endpoints import Endpoint
+from bindguard.model.facts import SocketFact
 
 
 def inode_of(ns, port: int, proto: str = "tcp") -> int:
@@ -94,7 +94,7 @@ def test_unreadable_processes_are_counted_without_root(netns):
     inode = inode_of(netns, 8080)
     code = (
         "import json, sys\n"
-        "from bindguard import owners\n"
+        "from bindguard.evidence import owners\n"
         f"found = owners.find_holders({{{inode}}})\n"
         "print(json.dumps([dict(found), found.unreadable]))\n"
     )

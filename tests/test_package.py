@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bindguard.commands import COMMANDS
-from bindguard.parser import build_parser
+from bindguard.cli.commands import COMMANDS
+from bindguard.cli.parser import build_parser
 from test_discover import need_package
 from test_examples import NGINX_HELD, daemons, debian_unit, guard_log, starts_free_and_is_refused_when_held  # noqa: F401
 
@@ -138,7 +138,7 @@ def test_the_pages_say_what_help_says(installed):
                     assert option in ("-h", "--help") or option in text, (name, option)
     yaml5 = subprocess.run(["man", "-l", "/usr/share/man/man5/bindguard.yaml.5.gz"], capture_output=True, text=True,
                            env={**SYSTEM, "MANWIDTH": "1000"}).stdout
-    from bindguard.config import TOP_KEYS
+    from bindguard.request.config import TOP_KEYS
     assert all(f"\n       {key} (type: " in yaml5 for key in TOP_KEYS), yaml5
 
 

@@ -1,4 +1,4 @@
-"""What proves a daemon is denied a privileged port (bindguard.privilege), piece by piece: the
+"""What proves a daemon is denied a privileged port (bindguard.evidence.privilege), piece by piece: the
 capability sets as systemd merges their lines, and what may give a program the capability when
 it runs (real files with a setuid bit and with file capabilities). The whole, under a real
 systemd manager, is in test_permission_denied.py."""
@@ -12,10 +12,11 @@ import subprocess
 
 import pytest
 
-from bindguard import privilege
-from bindguard.endpoints import Bind, SocketOptions, parse_listen
-from bindguard.facts import BindPrivilege, Evidence
-from bindguard.verdict import PERMISSION_DENIED, permission_denied
+from bindguard.evidence import privilege
+from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+from bindguard.model.facts import BindPrivilege, Evidence
+from bindguard.model.kinds import PERMISSION_DENIED
+from bindguard.verdict.conflicts import permission_denied
 
 
 @pytest.mark.parametrize("values, unset, expected", [

@@ -9,19 +9,13 @@ import re
 
 import pytest
 
-from bindguard.attribution import SystemdContext
-from bindguard.endpoints import Bind, SocketOptions, parse_listen
-from bindguard.facts import BOUND, ProcessFact, SocketFact
-from bindguard.report import remedy
-from bindguard.systemd import UnitInfo
-from bindguard.verdict import (
-    BOUND_KIND,
-    LISTENER,
-    ORPHAN,
-    OWN_INSTANCE,
-    SELF_CONFLICT,
-    Conflict,
-)
+from bindguard.systemd.context import SystemdContext
+from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+from bindguard.model.facts import BOUND, ProcessFact, SocketFact
+from bindguard.report.outcome import remedy
+from bindguard.systemd.bus import UnitInfo
+from bindguard.model.kinds import BOUND_KIND, LISTENER, ORPHAN, OWN_INSTANCE, SELF_CONFLICT
+from bindguard.verdict.conflicts import Conflict
 
 
 def bind(text, **opts):

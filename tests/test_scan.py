@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from bindguard import owners, scan
-from bindguard.scan import merge_ranges, parse_port_ranges, reserved_with
+from bindguard.evidence import owners
+from bindguard.action import scan
+from bindguard.report import scan as render
+from bindguard.action.scan import merge_ranges, parse_port_ranges, reserved_with
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
@@ -43,7 +45,7 @@ def _sample_scan() -> scan.Scan:
 
 
 def test_prometheus_text_has_help_type_and_every_kind():
-    text = scan.prometheus_text(_sample_scan())
+    text = render.prometheus_text(_sample_scan())
     assert 'bindguard_conflicts{kind="unit-collision"} 1' in text
     assert 'bindguard_conflicts{kind="socket-unit-collision"} 0' in text
     assert "bindguard_listeners_without_unit 0" in text
@@ -62,7 +64,7 @@ def test_prometheus_text_passes_promtool(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool is missing: ./setup.sh --test installs Debian's prometheus package")
-    done = subprocess.run([promtool, "check", "metrics"], input=scan.prometheus_text(_sample_scan()),
+    done = subprocess.run([promtool, "check", "metrics"], input=render.prometheus_text(_sample_scan()),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -80,7 +82,7 @@ def test_write_prometheus_replaces_the_file_atomically(tmp_path, monkeypatch):
         real_replace(source, destination, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", spy)
-    scan.write_prometheus(_sample_scan(), str(target))
+    render.write_prometheus(_sample_scan(), str(target))
     assert renames == [(str(tmp_path), renames[0][1], str(target))]
     assert renames[0][1].startswith(".bindguard.prom.") and renames[0][1].endswith(".tmp")
     assert target.read_text().startswith("# HELP bindguard_conflicts")
@@ -283,7 +285,7 @@ def test_scan_under_systemd_units_socket_units_and_restart_loops(systemd_rig, tm
 
 @pytest.mark.integration
 def test_unit_facts_adapter_reads_what_discovery_needs(systemd_rig, monkeypatch):
-    from bindguard.systemd import USER, Systemd
+    from bindguard.systemd.bus import USER, Systemd
 
     rig = systemd_rig
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", rig.bus_address)

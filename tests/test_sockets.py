@@ -14,7 +14,7 @@ import sys
 import pytest
 from observe import query as observe
 
-from bindguard import sockets
+from bindguard.evidence import sockets
 
 BOUND_INACTIVE_KERNEL = tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 8)
 
@@ -78,7 +78,7 @@ def test_bound_but_not_listening_needs_bit_13(netns):
     without_bit_13 = sockets.state_mask("tcp", None) & ~(1 << sockets.TCP_BOUND_INACTIVE)
     code = (
         "import json\n"
-        "from bindguard import sockets\n"
+        "from bindguard.evidence import sockets\n"
         f"print(json.dumps([str(f.local) for f in sockets._query_sock_diag('tcp', 8080, {without_bit_13})]))\n"
     )
     result = netns.run([sys.executable, "-c", code])
@@ -168,7 +168,7 @@ def test_fallback_when_netlink_is_refused(netns, tmp_path):
         "            raise PermissionError(errno.EPERM, 'denied')\n"
         "        super().__init__(family, *args, **kwargs)\n"
         "socket.socket = Denied\n"
-        "from bindguard import sockets\n"
+        "from bindguard.evidence import sockets\n"
         "notes = []\n"
         "facts = sockets.sockets_on_port('tcp', 8080, notes)\n"
         "print(json.dumps([[str(f.local), f.state] for f in facts] + [notes]))\n"

@@ -1,4 +1,4 @@
-"""bindguard.systemd against a real systemd user manager and its session bus (the rig)."""
+"""bindguard.systemd.bus against a real systemd user manager and its session bus (the rig)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from bindguard import owners
-from bindguard.attribution import proven_manager
-from bindguard.unitexec import enabled_socket_units
-from bindguard.unitfiles import unit_name
-from bindguard.endpoints import TCP, UDP, AddressError, Endpoint
-from bindguard.systemd import (
+from bindguard.evidence import owners
+from bindguard.systemd.context import proven_manager
+from bindguard.systemd.unitexec import enabled_socket_units
+from bindguard.systemd.unitfiles import unit_name
+from bindguard.model.endpoints import TCP, UDP, AddressError, Endpoint
+from bindguard.systemd.bus import (
     SYSTEM,
     USER,
     Listen,
@@ -203,7 +203,7 @@ ReusePort=yes
 def test_the_guard_in_exec_start_pre_finds_its_unit_and_manager(systemd_rig):
     rig = systemd_rig
     out = rig.log("probe.out")
-    probe = ("import os, time; from bindguard.systemd import *; from bindguard.attribution import proven_manager; bus = choose_bus(); sd = Systemd(bus); "
+    probe = ("import os, time; from bindguard.systemd.bus import *; from bindguard.systemd.context import proven_manager; bus = choose_bus(); sd = Systemd(bus); "
              "me = sd.unit(guarded_unit()); "
              "print(guarded_unit(), bus, sd.manager_pid(), proven_manager(bus == USER)[0], sd.unit_of_pid(os.getpid()), "
              "me.active_state, round(me.start_deadline() - time.monotonic()))")
@@ -240,7 +240,7 @@ def test_system_bus_absent_is_systemd_unavailable(monkeypatch, tmp_path):
 
 
 def test_no_bus_socket_costs_no_pystemd_import(tmp_path):
-    code = ("import sys\nfrom bindguard.systemd import Systemd, SystemdUnavailable\n"
+    code = ("import sys\nfrom bindguard.systemd.bus import Systemd, SystemdUnavailable\n"
             "try:\n    Systemd('system')\nexcept SystemdUnavailable as exc:\n    print(exc)\n"
             "print(any(m.startswith('pystemd') for m in sys.modules))\n")
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}

@@ -20,10 +20,10 @@ SECRET = "forged\n<6>bindguard: clear"
 
 # module, function: one per stage that runs after the kernel answered
 STAGES = [
-    ("bindguard.sockets", "sockets_on_port"),  # sock_diag
-    ("bindguard.owners", "process_facts"),  # /proc
-    ("bindguard.verdict", "attribution"),  # who the holder is
-    ("bindguard.report", "write_human"),  # the report
+    ("bindguard.evidence.sockets", "sockets_on_port"),  # sock_diag
+    ("bindguard.evidence.owners", "process_facts"),  # /proc
+    ("bindguard.verdict.conflicts", "attribution"),  # who the holder is
+    ("bindguard.report.outcome", "write_human"),  # the report
 ]
 
 
@@ -51,7 +51,7 @@ def test_a_fault_explaining_a_refusal_keeps_the_refusal(netns, module, function)
 
 def test_the_refusal_is_in_the_json_too(netns):
     netns.hold({"host": "127.0.0.1", "port": PORT, "reuseaddr": True})
-    done = guard_with_fault(netns, "bindguard.sockets", "sockets_on_port", "--json", f"127.0.0.1:{PORT}")
+    done = guard_with_fault(netns, "bindguard.evidence.sockets", "sockets_on_port", "--json", f"127.0.0.1:{PORT}")
     assert done.returncode == 98, done.stderr
     report = json.loads(done.stdout)
     assert report["clear"] is False and report["exit_code"] == 98 and "RuntimeError" in report["unexplained"]
@@ -59,7 +59,7 @@ def test_the_refusal_is_in_the_json_too(netns):
 
 def test_an_optional_address_still_only_warns(netns):
     netns.hold({"host": "127.0.0.1", "port": PORT, "reuseaddr": True})
-    done = guard_with_fault(netns, "bindguard.sockets", "sockets_on_port", f"127.0.0.2:{PORT}",
+    done = guard_with_fault(netns, "bindguard.evidence.sockets", "sockets_on_port", f"127.0.0.2:{PORT}",
                             "--optional", f"127.0.0.1:{PORT}")
     assert done.returncode == 0, done.stderr
     assert "could not explain" in done.stderr, done.stderr
@@ -74,7 +74,7 @@ def test_a_fault_on_a_clear_port_passes(netns, module, function):
 def test_a_fault_before_the_kernel_answered_fails_open_or_closed(netns):
     netns.hold({"host": "127.0.0.1", "port": PORT, "reuseaddr": True})
     for extra, code in (((), 0), (("--fail-closed",), 70)):
-        done = guard_with_fault(netns, "bindguard.guard", "probe", *extra, f"127.0.0.1:{PORT}")
+        done = guard_with_fault(netns, "bindguard.action.guard", "probe", *extra, f"127.0.0.1:{PORT}")
         assert done.returncode == code, done.stderr
         assert "internal error" in done.stderr, done.stderr
 

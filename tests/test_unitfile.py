@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from bindguard import install, unitfiles
-from bindguard.errors import UsageError
-from bindguard.discover import discover
-from bindguard.discover.common import hosts_file_addresses
-from bindguard.endpoints import parse_listen
-from bindguard.discover.unitfile import unit_facts_from_files
+from bindguard.action import install
+from bindguard.systemd import unitfiles
+from bindguard.model.errors import UsageError
+from bindguard.request.discover import discover
+from bindguard.request.discover.common import hosts_file_addresses
+from bindguard.model.endpoints import parse_listen
+from bindguard.systemd.unitfacts import unit_facts_from_files
 from test_discover import need_package
 
 
@@ -108,7 +109,7 @@ def test_template_instance_specifiers_and_masking(unit_path):
 
 
 def test_runs_known_daemon_without_imports(unit_path, tmp_path):
-    from bindguard import unitexec
+    from bindguard.systemd import unitexec
 
     etc, _, lib = unit_path
     write(lib / "a.service", "[Service]\nExecStart=/usr/bin/env LANG=C /usr/sbin/nginx -g 'daemon off;'\n")

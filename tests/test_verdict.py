@@ -2,10 +2,11 @@
 
 import errno
 
-from bindguard.endpoints import Bind, SocketOptions, parse_listen
-from bindguard.facts import BOUND, Evidence, ProcessFact, SocketFact, SocketUnitFact, SystemdFacts
-from bindguard.guard import REFUSE, WAIT, WARN, default_action
-from bindguard.verdict import certainly_blocks, conflicts_for, latent_socket_units
+from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+from bindguard.model.facts import BOUND, Evidence, ProcessFact, SocketFact, SocketUnitFact, SystemdFacts
+from bindguard.model.kinds import REFUSE, WAIT, WARN
+from bindguard.verdict.policy import default_action
+from bindguard.verdict.conflicts import certainly_blocks, conflicts_for, latent_socket_units
 
 ROOT = 0
 

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from bindguard import owners
-from bindguard.commands.verify import FOREIGN_OWNER, NOT_LISTENING, SHARED, WRONG_ADDRESS, Holder, assess
-from bindguard.endpoints import Bind, SocketOptions, parse_listen
-from bindguard.facts import ProcessFact, SocketFact
+from bindguard.evidence import owners
+from bindguard.cli.commands.verify import FOREIGN_OWNER, NOT_LISTENING, SHARED, WRONG_ADDRESS, Holder, assess
+from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+from bindguard.model.facts import ProcessFact, SocketFact
 from test_discover import need_package
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]

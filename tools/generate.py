@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from bindguard import __version__  # noqa: E402
-from bindguard.config import TOP_KEYS  # noqa: E402
-from bindguard.parser import build_parser  # noqa: E402
+from bindguard.request.config import TOP_KEYS  # noqa: E402
+from bindguard.cli.parser import build_parser  # noqa: E402
 
 SECTION = "8"  # run by root, from units: system administration
 SOURCE = f"bindguard {__version__}"

@@ -1,0 +1,416 @@
+"""The policy: probe, explain what blocks, then pass, wait for what clears by itself, or refuse.
+
+Observation is paid for only when the probe fails (or when asked to explain): the clear path
+is one trial bind per address.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from bindguard.evidence.probe import probe
+from bindguard.model import errors
+from bindguard.model.endpoints import TCP, Bind
+from bindguard.model.facts import Evidence, ProbeResult
+from bindguard.model.kinds import (
+    ADDRESS_UNAVAILABLE,
+    GUARD_TRIAL,
+    IGNORE,
+    PERMISSION_DENIED,
+    REFUSE,
+    SELF_CONFLICT,
+    TIME_WAIT,
+    WAIT,
+    WARN,
+)
+from bindguard.systemd.context import SystemdContext
+from bindguard.verdict.conflicts import Conflict, conflicts_for, could_block, latent_socket_units, permission_denied
+from bindguard.verdict.policy import default_action
+
+DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
+POLL_INTERVAL = 0.1
+# Another guard's trial socket holds an address for microseconds, longer when that guard is
+# preempted on a busy machine, and many guards started together take turns on one address: while
+# only such sockets refuse, probe again, pausing 10 ms at first and twice as long each time up to
+# 160 ms (jittered, so guards fall out of step), for up to SETTLE_BUDGET when the socket was gone
+# or had no holder visible, and up to GUARD_SETTLE_BUDGET while the holder is another guard
+# (within the unit's TimeoutStartSec=).
+SETTLE_BUDGET = 1.0
+GUARD_SETTLE_BUDGET = 5.0
+SETTLE_INTERVAL = 0.01
+SETTLE_INTERVAL_MAX = 0.16
+OBSERVE_INTERVAL = 1.0
+
+
+@dataclass
+class Request:
+    binds: list[Bind]
+    wait: float = DEFAULT_WAIT
+    daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
+    policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
+    # Binds where some conflicts only warn: bind -> (conflict kinds, "*" for all; why). A guessed
+    # address never refuses; a daemon that starts without one of its sockets is not stopped for it.
+    warn_only: dict[Bind, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    # The daemon's own (not guessed) binds: it starts without some of them, never without all.
+    needs_one_of: frozenset[Bind] = frozenset()
+    observe_always: bool = False  # explain: look at the ports even when the probe passes
+    systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
+    reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
+    # The guarded unit, when the guard may run inside it: its credentials and settings can prove
+    # that the daemon will be denied a privileged port (bindguard.evidence.privilege).
+    privilege_unit: str | None = None
+    user_manager: bool = False
+    # Where --reap-stale writes each step as it happens: (syslog priority, line), the console's emit.
+    log: Callable[[int, str], None] = lambda priority, line: None
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    conflicts: list[Conflict]  # what blocks (blocking) and what is only worth a warning
+    results: list[ProbeResult]
+    evidence: Evidence
+    waited: float = 0.0
+    waited_for: list[str] = field(default_factory=list)
+    reaped: list[str] = field(default_factory=list)
+    unexplained: str = ""  # the fault that kept the guard from explaining the kernel's answer
+
+    @property
+    def clear(self) -> bool:
+        return self.exit_code == errors.EXIT_CLEAR
+
+
+def _tentative_addresses() -> frozenset:
+    """IPv6 addresses in duplicate address detection (IFA_F_TENTATIVE in /proc/net/if_inet6)."""
+    import ipaddress
+
+    found = set()
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and int(fields[4], 16) & 0x40:
+                    found.add(ipaddress.IPv6Address(int(fields[0], 16)))
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def _sockets_explaining(proto: str, port: int, failed: list[Bind], notes: list[str]) -> list:
+    """The sockets on the port: listeners alone when they explain every refused bind there.
+
+    Asking sock_diag for LISTEN only spares the kernel a walk of every connection in the
+    namespace (0.3 ms against 70 ms at 100k sockets); the other states are asked for only
+    when a listener does not explain the refusal, and always for explain."""
+    from bindguard.evidence import sockets
+
+    # With SO_REUSEPORT a listener may be a group the daemon would join, and not the obstacle.
+    if proto == TCP and failed and not any(bind.options.reuseport for bind in failed):
+        listeners = sockets.sockets_on_port(proto, port, notes, states=["LISTEN"])
+        if all(any(could_block(bind, s) for s in listeners) for bind in failed):
+            return listeners
+    return sockets.sockets_on_port(proto, port, notes)
+
+
+def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
+    """Gather the evidence about the ports that failed (all of them when results is None)."""
+    from bindguard.evidence import owners, sockets
+
+    evidence = Evidence(observed_at=time.monotonic())
+    if results is None:
+        wanted = {(b.endpoint.proto, b.endpoint.port) for b in binds}
+    else:
+        wanted = {(r.bind.endpoint.proto, r.bind.endpoint.port) for r in results
+                  if r.error in (errno.EADDRINUSE, errno.EACCES) and r.collides_with is None}
+    for proto, port in sorted(wanted):
+        failed = [r.bind for r in results or () if r.bind.endpoint.port == port and r.bind.endpoint.proto == proto
+                  and r.error == errno.EADDRINUSE and r.collides_with is None]
+        try:
+            evidence.sockets.extend(_sockets_explaining(proto, port, failed, evidence.notes))
+        except sockets.ObservationError as exc:
+            evidence.notes.append(f"could not list the sockets on port {port}: {exc}")
+    if results is not None and any(r.error == errno.EADDRNOTAVAIL for r in results):
+        evidence.tentative = _tentative_addresses()
+    inodes = {s.inode for s in evidence.sockets if s.inode}
+    if inodes:
+        found = owners.find_holders(inodes, first_pids=owners.socket_cgroup_pids(evidence.sockets))
+        for inode, pids in found.items():
+            for pid in pids:
+                facts = owners.process_facts(pid)
+                if facts is not None:
+                    evidence.holders[inode] = facts
+                    break
+        if found.unreadable and len(found) < len(inodes):
+            evidence.notes.append(
+                "some processes could not be inspected (permission denied): run as root, or with "
+                "the + prefix in ExecStartPre=, to name every holder")
+    return evidence
+
+
+def _action(conflict: Conflict, request: Request, none_left: bool) -> str:
+    action = request.policy.get(conflict.kind) or default_action(conflict)
+    kinds, why = request.warn_only.get(conflict.bind, ((), ""))
+    if (conflict.kind in kinds or "*" in kinds) and action in (REFUSE, WAIT):
+        if none_left and conflict.bind in request.needs_one_of:
+            conflict.evidence.append(f"{why}, but not without every one: none of its addresses can be bound")
+            return action
+        conflict.evidence.append(f"{why}: a warning only")
+        return WARN
+    return action
+
+
+def _observe_again_or_not(request: Request, results: list[ProbeResult], cache: dict) -> Evidence:
+    """The evidence for these results; while waiting, the last one if the kernel's answer has not
+    changed and it is under OBSERVE_INTERVAL old: on a host of 100k sockets every look costs a
+    walk of every connection (70 ms), and a wait probes ten times a second."""
+    answer = [(r.error, r.collides_with) for r in results]
+    last = cache.get("observed")
+    if last is not None and last[0] == answer and time.monotonic() - last[1].observed_at < OBSERVE_INTERVAL:
+        return replace(last[1], notes=list(last[1].notes))
+    evidence = observe(request.binds, None if request.observe_always else results)
+    cache["observed"] = (answer, replace(evidence, notes=list(evidence.notes)))
+    return evidence
+
+
+def _investigate(request: Request, cache: dict, answered: list) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
+    results = probe(request.binds, request.daemon_uid)
+    answered.append(results)
+    failed = [r for r in results if not r.ok]
+    evidence = Evidence()
+    if failed or request.observe_always:
+        evidence = _observe_again_or_not(request, results, cache)
+    ctx = request.systemd
+    if ctx is not None and (request.observe_always or evidence.holders
+                            or ctx.in_unit and (failed or ctx.socket_units_may_claim(request.binds))):
+        holder_pids = frozenset(p.pid for p in evidence.holders.values())
+        if cache.get("pids") != holder_pids:
+            cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(evidence.holders.values())))
+        evidence.systemd = cache["facts"]
+        evidence.notes.extend(n for n in ctx.notes if n not in evidence.notes)
+    evidence.privilege = _privilege(request, results, cache)
+    _note_denied_ports(request, results, evidence)
+    uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
+    conflicts: list[Conflict] = []
+    for r in results:
+        conflicts.extend(permission_denied(r.bind, r.error, evidence))
+        conflicts.extend(conflicts_for(r.bind, r.error, r.collides_with, evidence, uid))
+    conflicts.extend(latent_socket_units(request.binds, evidence))
+    return results, evidence, conflicts
+
+
+def _privilege(request: Request, results: list[ProbeResult], cache: dict):
+    """What the guard can prove about the daemon's right to privileged ports; asked once a run."""
+    if request.privilege_unit is None:
+        return None
+    denied_to_guard = any(r.error == errno.EACCES for r in results)
+    key = ("privilege", denied_to_guard)
+    if key not in cache:
+        from bindguard.evidence import privilege
+
+        ports = {r.bind.endpoint.port for r in results}
+        cache[key] = privilege.assess(request.privilege_unit, request.user_manager, ports, denied_to_guard)
+    return cache[key]
+
+
+def _note_denied_ports(request: Request, results: list[ProbeResult], evidence: Evidence) -> None:
+    """Where the kernel denied the guard a port, say what the verdict rests on instead."""
+    privilege = evidence.privilege
+    for port in sorted({r.bind.endpoint.port for r in results if r.error == errno.EACCES}):
+        if privilege is not None and privilege.denied:
+            continue  # a permission-denied conflict says it
+        if privilege is not None:
+            note = (f"no trial bind for port {port}: the guard runs with {request.privilege_unit}'s credentials "
+                    "and the kernel denied it the port (EACCES); the daemon will be denied too unless its "
+                    f"program gains CAP_NET_BIND_SERVICE when it runs, which cannot be ruled out "
+                    f"({privilege.unproven}), so the verdict is a prediction from the sockets on the port")
+        else:
+            note = (f"no trial bind for port {port}: it is below net.ipv4.ip_unprivileged_port_start and the "
+                    "guard lacks CAP_NET_BIND_SERVICE, so the verdict is a prediction from the sockets on the "
+                    "port (run the guard as root, `ExecStartPre=+...`, for the kernel's own answer)")
+        if note not in evidence.notes:
+            evidence.notes.append(note)
+
+
+def _exit_code(blocking: list[Conflict]) -> int:
+    kinds = {c.kind for c in blocking}
+    if kinds - {TIME_WAIT, ADDRESS_UNAVAILABLE, PERMISSION_DENIED}:
+        return errors.EXIT_INUSE
+    if PERMISSION_DENIED in kinds:
+        return errors.EXIT_NOPERM
+    if ADDRESS_UNAVAILABLE in kinds:
+        return errors.EXIT_NOTAVAIL
+    return errors.EXIT_TEMPFAIL
+
+
+def _seconds_until_clear(conflicts: list[Conflict]) -> float | None:
+    """When the last TIME_WAIT in the way ends, by the kernel's own timer; None if unknown."""
+    times = [c.socket.expires_ms for c in conflicts if c.socket is not None]
+    known = [t for t in times if t is not None]
+    if not times or len(known) < len(times):
+        return None
+    return max(known) / 1000.0
+
+
+def _reap(refusing: list[Conflict], request: Request, evidence: Evidence, reaped: list[str],
+          reaped_pids: set[int]) -> bool:
+    """End the proven stale instances among the holders; True if any was ended (probe again)."""
+    from bindguard.action import reap
+
+    info = request.systemd.unit_info() if request.systemd is not None else None
+    control_group = info.control_group if info is not None else ""
+    ended = False
+    for c in refusing:
+        reason = reap.why_reapable(c, evidence.systemd, control_group)
+        if reason and c.process is not None and c.process.pid not in reaped_pids:
+            reaped_pids.add(c.process.pid)
+            reaped.append(reap.terminate(c, reason, request.log))
+            ended = True
+    return ended
+
+
+def _wait_budget(request: Request) -> tuple[float, str | None]:
+    """--wait, capped so that the manager's TimeoutStartSec= never kills the start mid-wait."""
+    budget = max(request.wait, 0.0)
+    unit_budget = request.systemd.start_budget() if request.systemd is not None and budget > 0 else None
+    if unit_budget is not None and unit_budget < budget:
+        return unit_budget, f"the wait is capped at {unit_budget:.1f} s, within the unit's TimeoutStartSec="
+    return budget, None
+
+
+def _fleeting(c: Conflict) -> bool:
+    """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
+    or the socket was gone (or had no process left) when looked at. Trial sockets live for
+    microseconds; a probe again a moment later tells them from holders."""
+    if c.predicted or c.error != "EADDRINUSE" or c.kind == SELF_CONFLICT or c.clears:
+        return False
+    if c.process is not None:
+        return c.kind == GUARD_TRIAL
+    return c.socket is None or bool(c.socket.inode)
+
+
+def _settling(request: Request, fleeting: list[Conflict], since: float, now: float, cache: dict) -> bool:
+    """Whether to probe again rather than report these fleeting conflicts (see SETTLE_BUDGET)."""
+    if now < since + SETTLE_BUDGET:
+        return True
+    if not any(c.kind == GUARD_TRIAL for c in fleeting) or now >= since + GUARD_SETTLE_BUDGET:
+        return False
+    if "start_deadline" not in cache:  # the bus is asked only when a guard holds on past a second
+        budget = request.systemd.start_budget() if request.systemd is not None else None
+        cache["start_deadline"] = None if budget is None else now + budget
+    return cache["start_deadline"] is None or now < cache["start_deadline"]
+
+
+def _settle_pause(pauses: int) -> float:
+    return min(SETTLE_INTERVAL * 2 ** pauses, SETTLE_INTERVAL_MAX) * (1 + os.urandom(1)[0] / 255)
+
+
+def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
+    for c in fleeting:
+        if c.process is None or c.socket is None:
+            continue
+        where = f"{c.process.unit}'s guard" if c.process.unit else "another guard"
+        note = (f"{where} (PID {c.process.pid}) was checking {c.socket.local} at the same moment, so the "
+                f"address was probed again; if both daemons bind it, only the first to start can")
+        if note not in notes:
+            notes.append(note)
+
+
+def run(request: Request, answered: list | None = None) -> Outcome:
+    """Decide, waiting within request.wait seconds for what the policy says to wait for.
+
+    Each answer of the kernel (the probe's results) is appended to `answered` as it comes, before
+    anything explains it: a caller keeps the kernel's verdict when what follows fails (unexplained)."""
+    answered = [] if answered is None else answered
+    start = time.monotonic()
+    deadline = None
+    waiting_since = None  # when the first sleep began: Outcome.waited is time slept, not time spent
+    cache: dict = {}
+    waited_for: list[str] = []
+    notes: list[str] = []
+    reaped: list[str] = []
+    reaped_pids: set[int] = set()
+    settling_since = None  # while only fleeting sockets refuse: since when
+    pauses = 0
+
+    def outcome(code: int) -> Outcome:
+        waited = now - waiting_since if waiting_since is not None else 0.0
+        return Outcome(code, shown, results, evidence, waited, waited_for, reaped=reaped)
+
+    while True:
+        results, evidence, conflicts = _investigate(request, cache, answered)
+        evidence.notes.extend(notes)
+        blocked = {c.bind for c in conflicts if c.blocking}
+        none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
+        actions = {id(c): _action(c, request, none_left) for c in conflicts}
+        refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
+        waiting = [c for c in conflicts if actions[id(c)] == WAIT]
+        shown = [c for c in conflicts if actions[id(c)] != IGNORE]
+        now = time.monotonic()
+        if not refusing and not waiting:
+            return outcome(errors.EXIT_CLEAR)
+        fleeting = [c for c in refusing if _fleeting(c)]
+        if not fleeting or len(fleeting) < len(refusing):  # a holder that stays: no reason to probe again
+            settling_since, pauses = None, 0
+        else:
+            settling_since = now if settling_since is None else settling_since
+            if _settling(request, fleeting, settling_since, now, cache):
+                _note_other_guards(fleeting, notes)
+                cache.pop("observed", None)
+                time.sleep(_settle_pause(pauses))
+                pauses += 1
+                continue
+            for c in fleeting:
+                if c.kind == GUARD_TRIAL:
+                    c.evidence.append(f"it held {c.bind} through every probe again for {now - settling_since:.1f} s")
+        if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
+            cache.pop("observed", None)  # the holders have changed: look again
+            continue
+        if refusing:
+            return outcome(_exit_code(refusing + waiting))
+        if deadline is None:
+            budget, note = _wait_budget(request)
+            deadline = start + budget
+            if note:
+                notes.append(note)
+                evidence.notes.append(note)
+        clears_in = _seconds_until_clear(waiting)
+        if clears_in is not None:
+            clears_in -= now - evidence.observed_at  # the timer has run on since the evidence was read
+        hopeless = clears_in is not None and now + clears_in > deadline + 1.0
+        if now >= deadline or hopeless:
+            return outcome(_exit_code(waiting))
+        for c in waiting:
+            label = f"{c.kind} on {c.bind}"
+            if label not in waited_for:
+                waited_for.append(label)
+        if waiting_since is None:
+            waiting_since = now
+        time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))
+
+
+def unexplained(request: Request, results: list[ProbeResult], fault: str) -> Outcome:
+    """The kernel's answer alone, where explaining it failed: a refusal stays a refusal.
+
+    Each failed bind is a conflict of the kind its errno gives with no evidence (EADDRINUSE:
+    `bound`, EADDRNOTAVAIL: `address-unavailable`), under the request's policy and optional
+    addresses. Nothing is waited for (without the sockets, TIME_WAIT cannot be told from a
+    holder), and the guard's own EACCES (no trial bind of a privileged port) passes as before a
+    prediction: what the daemon may do there was never the kernel's answer."""
+    evidence = Evidence(notes=[f"the guard could not explain the kernel's answer: {fault}"])
+    uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
+    conflicts: list[Conflict] = []
+    for r in results:
+        for c in conflicts_for(r.bind, r.error, r.collides_with, Evidence(), uid):
+            c.evidence, c.clears = [], False
+            conflicts.append(c)
+    blocked = {c.bind for c in conflicts if c.blocking}
+    none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
+    actions = {id(c): _action(c, request, none_left) for c in conflicts}
+    refusing = [c for c in conflicts if actions[id(c)] in (REFUSE, WAIT)]
+    shown = [c for c in conflicts if actions[id(c)] != IGNORE]
+    code = _exit_code(refusing) if refusing else errors.EXIT_CLEAR
+    return Outcome(code, shown, results, evidence, unexplained=fault)

@@ -1,0 +1,263 @@
+"""The drop-in that puts `bindguard check` in a unit's ExecStartPre=, and writing or removing it.
+
+bindguard owns one file per unit, `UNIT.d/bindguard.conf`, recognised by its first line. It
+never overwrites or removes a file it did not write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from bindguard import __version__
+from bindguard.model.errors import ConfigError, UsageError
+from bindguard.systemd.unitfiles import normalize_unit
+
+DROPIN_NAME = "bindguard.conf"
+MARKER = "# Written by `bindguard install`"
+SYSTEM_DIR = Path("/etc/systemd/system")
+
+# Characters that need no quoting in an ExecStartPre= argument (after % and $ are doubled).
+_PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./\[\]$-]+")
+
+PRIVILEGE_NOTE = """\
+The "+" prefix runs the check with full privileges, whatever User=, Group= and capability
+settings the service has: a trial bind of a port below 1024 needs CAP_NET_BIND_SERVICE, and
+naming the process that holds an address means reading /proc/PID/fd of other users'
+processes. The price: the check runs as root (it only reads, and binds and closes test
+sockets). It still runs in the unit's network namespace (PrivateNetwork=), where the daemon
+will bind (seen with systemd 252). Drop the "+" when the service runs as root anyway, or when
+its ports are 1024 and up and a diagnosis without the holder's name will do."""
+USER_PRIVILEGE_NOTE = """\
+Under a user manager the check runs as you with or without the "+", which only frees it
+from the unit's capability and system call restrictions."""
+
+
+@dataclass(frozen=True)
+class DropIn:
+    unit: str
+    path: Path
+    text: str
+
+
+def service_name(text: str) -> str:
+    """The service a drop-in is for: a unit name as systemctl takes it (`nginx` means
+    nginx.service; a template foo@.service guards every instance), and a service."""
+    name = normalize_unit(text, template=True)
+    if not name.endswith(".service"):
+        raise UsageError(
+            f"{name}: bindguard guards services (it runs in ExecStartPre=)",
+            f"install it on the service the socket belongs to, e.g. {name.rsplit('.', 1)[0]}.service",
+        )
+    return name
+
+
+def unit_dir(user: bool, environ: os._Environ | dict | None = None) -> Path:
+    """Where the administrator's unit files and drop-ins go: /etc/systemd/system, or for the
+    user manager $XDG_CONFIG_HOME/systemd/user (~/.config/systemd/user)."""
+    if not user:
+        return SYSTEM_DIR
+    environ = os.environ if environ is None else environ
+    config = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return Path(config) / "systemd" / "user"
+
+
+def dropin_path(unit: str, user: bool, environ: os._Environ | dict | None = None) -> Path:
+    return unit_dir(user, environ) / f"{unit}.d" / DROPIN_NAME
+
+
+def bindguard_command() -> list[str]:
+    """How to run this bindguard from a unit: its launcher (the one that runs us, else the one
+    beside our interpreter: /usr/bin/bindguard for Debian's package run as `python3 -m
+    bindguard`), else `python -I -m bindguard` (as root with the unit's environment: -I, or its
+    PYTHONPATH would choose the code that runs)."""
+    for script in (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard")):
+        if script and os.path.basename(script) == "bindguard" and os.path.isfile(script):
+            return [str(Path(script).resolve())]
+    return [sys.executable, "-I", "-m", "bindguard"]
+
+
+def exec_quote(arg: str) -> str:
+    """One argument of an Exec*= line: specifiers (%) and variables ($) doubled, quoted if needed."""
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if _PLAIN.fullmatch(escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check_arguments(listens: list[str], user: bool, check_args: list[str]) -> list[str]:
+    """What follows `check --unit %n` in the drop-in."""
+    return [*(["--user"] if user else []), *check_args, *listens]
+
+
+def refuse_control_characters(args: list[str]) -> None:
+    """An argument with a control character could end the ExecStartPre= line and start another
+    (a newline) or hide text on a terminal; systemd's quoting cannot carry it safely."""
+    for arg in args:
+        if any(unicodedata.category(c) == "Cc" for c in arg):
+            raise UsageError(f"{arg[:60]!r}: a control character (a newline, a tab, an escape) cannot be "
+                             "written into a unit", "give each address and option without one")
+
+
+def render(unit: str, listens: list[str], user: bool, check_args: list[str], command: list[str]) -> str:
+    refuse_control_characters([*command, *check_arguments(listens, user, check_args)])
+    argv = [*map(exec_quote, command), "check", "--unit", "%n",
+            *map(exec_quote, check_arguments(listens, user, check_args))]
+    flag = " --user" if user else ""
+    note = "\n".join(f"# {line}" for line in (USER_PRIVILEGE_NOTE if user else PRIVILEGE_NOTE).splitlines())
+    return f"""\
+{MARKER} (bindguard {__version__}); `bindguard uninstall{flag} {unit}` removes it.
+# Put your own settings in another drop-in: this file is bindguard's and is rewritten.
+#
+# Before {unit} starts, bindguard checks that the addresses below can be bound: the start
+# goes on, waits out a TIME_WAIT within the unit's start timeout, or fails with exit status
+# 98 naming whoever holds an address. It runs after the unit's own ExecStartPre= lines.
+#
+{note}
+#
+# With Restart=, a refused start is retried like any failure: RestartPreventExitStatus= does
+# not see ExecStartPre= exit codes (systemd checks only the main process). The start rate
+# limit bounds the retries; in the unit or another drop-in:
+#   [Unit]
+#   StartLimitIntervalSec=60
+#   StartLimitBurst=3
+# Never list 98 in SuccessExitStatus=: the daemon would start despite the refusal.
+[Service]
+ExecStartPre=+{" ".join(argv)}
+"""
+
+
+def parse_check_args(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"--check-args {text!r}: {exc}",
+                         "quote it as one shell word, e.g. --check-args='--wait 10'") from None
+
+
+def owned_by_bindguard(path: Path) -> bool:
+    """A regular file (not a link, never a FIFO that would block) whose first line is MARKER."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.read(fd, len(MARKER)).decode("utf-8", "replace") == MARKER
+    finally:
+        os.close(fd)
+
+
+def _refuse_foreign(path: Path, unit: str) -> None:
+    raise ConfigError(
+        f"{path} exists and was not written by bindguard; leaving it alone",
+        f"add bindguard's ExecStartPre= line to that file yourself (see `bindguard install --print {unit} ...`), "
+        "or move the file away and run install again",
+    )
+
+
+def _write_error(path: Path, exc: OSError, user: bool) -> ConfigError:
+    denied = not user and exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS)
+    hint = "run it as root (sudo)" if denied else "check the directory and its permissions"
+    return ConfigError(f"cannot write {path}: {exc.strerror}", hint)
+
+
+def _refuse_outside(path: Path) -> None:
+    """A UNIT.d that is a link out of the unit directory is not followed: bindguard writes and
+    removes only inside the directory it names."""
+    directory = path.parent
+    if not directory.is_symlink():
+        return
+    real, base = os.path.realpath(directory), os.path.realpath(directory.parent)
+    if os.path.commonpath([real, base]) != base or real == base:
+        raise ConfigError(f"{directory} is a link to {real}, outside {directory.parent}; leaving it alone",
+                          f"make {directory.name} a directory of its own, or link it within {directory.parent}")
+
+
+def write(dropin: DropIn, user: bool) -> bool:
+    """Write the drop-in; False when an identical one is already there."""
+    path = dropin.path
+    _refuse_outside(path)
+    if os.path.lexists(path):
+        if not owned_by_bindguard(path):
+            _refuse_foreign(path, dropin.unit)
+        if path.read_text() == dropin.text:
+            return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # left by an install that was interrupted
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(dropin.text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc, user) from None
+    return True
+
+
+def remove(unit: str, path: Path, user: bool) -> bool:
+    """Remove bindguard's drop-in (and the UNIT.d directory if it is left empty); False if absent."""
+    _refuse_outside(path)
+    if not os.path.lexists(path):
+        return False
+    if not owned_by_bindguard(path):
+        _refuse_foreign(path, unit)
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise _write_error(path, exc, user) from None
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return True
+
+
+def daemon_reload(user: bool) -> str | None:
+    """Make the manager read the change: Manager.Reload over D-Bus, else `systemctl daemon-reload`
+    (which also reaches a manager without a bus through its private socket). Returns None on
+    success, or why neither worked."""
+    from bindguard.systemd.bus import CONNECT_TIMEOUT, SYSTEM, USER, Systemd, SystemdError
+
+    try:  # a reload of many units takes a while, and a person waits for it anyway
+        with Systemd(USER if user else SYSTEM, budget=CONNECT_TIMEOUT + 90, call_timeout=90) as sd:
+            sd.reload()
+        return None
+    except SystemdError as exc:
+        why = str(exc)
+    argv = ["systemctl", *(["--user"] if user else []), "daemon-reload"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{why}; {' '.join(argv)}: {exc}"
+    if done.returncode == 0:
+        return None
+    return f"{why}; {' '.join(argv)}: {done.stderr.strip() or f'exit status {done.returncode}'}"
+
+
+def known_to_manager(unit: str, user: bool) -> bool | None:
+    """Whether the manager knows the unit; None when it cannot be asked."""
+    from bindguard.systemd.bus import SYSTEM, USER, Systemd, SystemdError, UnitNotFound
+
+    try:
+        with Systemd(USER if user else SYSTEM) as sd:
+            sd.unit(unit)
+        return True
+    except UnitNotFound:
+        return False
+    except SystemdError:
+        return None

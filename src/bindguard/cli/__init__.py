@@ -1,0 +1,123 @@
+"""The command line's entry point: the fast path, dispatch to one subcommand, and the exit code.
+The cli stage may import every stage; the stages never import it.
+
+Nothing heavy is imported before the subcommand needs it: `bindguard check` on its common
+paths (see fastpath.py) never imports argparse, nor bindguard.model.errors.
+"""
+
+import _signal
+import os
+import sys
+
+EXIT_BROKEN_PIPE = 128 + 13  # the reader of stdout or stderr went away: as SIGPIPE ends other tools
+STOP_SIGNALS = {_signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP"}
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived (systemd stopping the unit, a terminal closing)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Ended by a signal, the guard says so (under ExecStartPre= the line reaches the journal)
+    # and exits as a shell reports it, 128 + the signal's number; `finally` blocks run first.
+    previous = {signum: _signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    try:
+        return _main(argv)
+    finally:
+        for signum, handler in previous.items():
+            _signal.signal(signum, handler)
+
+
+def _main(argv: list[str]) -> int:
+    debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
+    from bindguard.report import output
+
+    args = None
+    try:
+        try:
+            if argv[:1] == ["check"]:
+                from bindguard.cli import fastpath
+
+                code = fastpath.check(argv[1:])
+                if code is not None:
+                    return code
+            from bindguard.cli.parser import build_parser, chosen_command
+            from bindguard.model.errors import EXIT_USAGE
+
+            args = build_parser(chosen_command(argv)).parse_args(argv)
+            if args.command is None:
+                build_parser().print_help(sys.stderr)
+                return EXIT_USAGE
+            return args.run(args)
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, where a closed pipe can still be told apart
+    except KeyboardInterrupt:
+        output.emit(output.ERR, "bindguard: interrupted (SIGINT) before it finished (exit 130)")
+        return 128 + _signal.SIGINT
+    except Stopped as stop:
+        output.emit(output.ERR, f"bindguard: stopped by {STOP_SIGNALS[stop.signum]} before it finished "
+                                f"(exit {128 + stop.signum})")
+        return 128 + stop.signum
+    except Exception as exc:
+        from bindguard.model.errors import EXIT_INTERNAL, BindguardError, GuardFailure
+
+        if isinstance(exc, BindguardError):
+            output.error(exc.message, exc.hint, getattr(exc, "problems", ()))
+            return exc.exit_code
+        if isinstance(exc, BrokenPipeError) and _reader_gone():
+            _discard_output()  # `| head`: a quiet end, as for other tools
+            return EXIT_BROKEN_PIPE
+        if debug:  # the guard's own failure must not take the service down
+            raise
+        fail_closed = bool(getattr(args, "fail_closed", False)) or (args is None and "--fail-closed" in argv) \
+            or _config_says_fail_closed(args)
+        own = isinstance(exc, GuardFailure)
+        output.emit(
+            output.ERR if fail_closed else output.WARNING,
+            [f"bindguard: cannot check: {exc}" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}",
+             "  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
+             + ("" if own else "; rerun with --debug for a traceback")],
+        )
+        return EXIT_INTERNAL if fail_closed else 0
+
+
+def _config_says_fail_closed(args) -> bool:
+    """`fail: closed` in the unit's YAML (or --config) holds whatever failed, even reading that file."""
+    unit, explicit = getattr(args, "unit", None), getattr(args, "config", None)
+    if not (unit or explicit) or getattr(args, "command", None) not in ("check", "verify"):
+        return False
+    try:
+        from bindguard.request.config import declares_fail_closed
+
+        return declares_fail_closed(unit, explicit)
+    except Exception:  # a broken install: the fault being handled is reported as it is
+        return False
+
+
+def _reader_gone() -> bool:
+    """Whether stdout's or stderr's reader has gone (a pipe or socket with no one at the other end),
+    as opposed to a broken pipe of the guard's own."""
+    import select
+
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_output() -> None:
+    """Point stdout and stderr at /dev/null, so that nothing left in a buffer fails again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)

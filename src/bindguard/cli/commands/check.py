@@ -1,0 +1,400 @@
+"""bindguard check: the ExecStartPre= guard."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field, replace
+
+from bindguard.model.endpoints import AddressError, Bind, SocketOptions, ascii_number, parse_listen
+from bindguard.model.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
+from bindguard.model.host import host_bindv6only
+from bindguard.model.kinds import ADDRESS_UNAVAILABLE
+from bindguard.model.text import excerpt
+from bindguard.report import output
+from bindguard.systemd.unitfiles import normalize_unit, user_manager
+
+DESCRIPTION = """\
+Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
+in this network namespace (and, with SO_REUSEPORT, as the daemon's uid: --daemon-user, or
+the unit's User=). If an address is blocked, bindguard
+finds the socket in the way (sock_diag), the process and unit holding it, and then
+  - passes (exit 0) when every address can be bound,
+  - waits, up to --wait seconds, while only a TIME_WAIT is in the way (it clears by itself),
+  - refuses (exit 98, 99, 75 or 13) with who holds what and how to fix it.
+The report goes to stderr with journald priority prefixes (plain on a terminal);
+stdout carries only --json.
+
+LISTEN is written as in ListenStream=/ListenDatagram= of systemd.socket(5):
+  8080            [::]:8080, dual-stack unless --v6only (0.0.0.0:8080 without IPv6)
+  0.0.0.0:8080    every IPv4 address      127.0.0.1:8080   one IPv4 address
+  [::]:8080       every IPv6 address      [::1]:8080       one IPv6 address
+  [fe80::1%eth0]:8080                     a link-local address on an interface
+  udp:[::1]:53    a datagram socket (tcp: may be written; TCP is the default)
+
+examples (in a unit):
+  ExecStartPre=+/usr/bin/bindguard check --unit %n --v6only 0.0.0.0:80 [::]:80
+  ExecStartPre=+/usr/bin/bindguard check --unit %n    (addresses from /etc/bindguard/UNIT.yaml
+                                                        or discovered from nginx, sshd, ...)"""
+
+EPILOG = EXIT_CODES_HELP
+
+
+LISTEN_SYNTAX = "in ListenStream= syntax: 8080, 0.0.0.0:8080, [::1]:8080, udp:[::1]:53"
+
+
+def add_listen_argument(parser: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    parser.add_argument("listen", nargs="+" if required else "*", metavar="LISTEN", help=help)
+
+
+def add_v6only_arguments(group) -> None:
+    group.add_argument("--v6only", dest="v6only", action="store_true", default=None,
+                       help="IPv6 sockets are IPV6_V6ONLY (default: the host's net.ipv6.bindv6only)")
+    group.add_argument("--no-v6only", dest="v6only", action="store_false", help="IPv6 sockets are dual-stack")
+
+
+def add_socket_arguments(parser: argparse.ArgumentParser) -> None:
+    """The daemon's socket options and uid: what changes the kernel's answer to a trial bind."""
+    opts = parser.add_argument_group("the daemon's socket options (they change the kernel's answer)")
+    opts.add_argument("--reuseaddr", dest="reuseaddr", action="store_true", default=None,
+                      help="the daemon sets SO_REUSEADDR (default: nearly every server does)")
+    opts.add_argument("--no-reuseaddr", dest="reuseaddr", action="store_false",
+                      help="the daemon does not set SO_REUSEADDR")
+    opts.add_argument("--reuseport", action="store_true", default=None, help="the daemon sets SO_REUSEPORT")
+    add_v6only_arguments(opts)
+    opts.add_argument("--freebind", action="store_true", default=None,
+                      help="the daemon sets IP_FREEBIND (may bind an address no interface has yet)")
+    opts.add_argument("--daemon-user", metavar="USER",
+                      help="create the trial sockets as this user (the unit's User=), as the kernel shares "
+                           "SO_REUSEPORT only within one uid (default: the guard's own user)")
+
+
+UNIT_HELP = "the unit being guarded (%%n in a drop-in; default: the unit the guard runs in)"
+
+
+def add_systemd_arguments(parser: argparse.ArgumentParser, unit_help: str | None = UNIT_HELP) -> None:
+    """--unit (for the commands about one unit, with what it means to each), the bus to ask, and
+    --no-systemd."""
+    sd = parser.add_argument_group("systemd")
+    if unit_help:
+        sd.add_argument("--unit", metavar="NAME", help=unit_help)
+    bus = sd.add_mutually_exclusive_group()
+    bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
+                     help="talk to the user manager (default when run by one: MANAGERPID is set)")
+    bus.add_argument("--system", dest="user_bus", action="store_false", help="talk to the system manager")
+    sd.add_argument("--no-systemd", action="store_true",
+                    help="do not ask systemd over D-Bus (units are still named from cgroups)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_listen_argument(parser, f"an address the daemon binds ({LISTEN_SYNTAX}; see above); none with --unit: "
+                                "the unit's YAML file, else discovery from its daemon's configuration")
+    add_socket_arguments(parser)
+    add_systemd_arguments(parser)
+    parser.add_argument("--optional", metavar="LISTEN", action="append",
+                        help="an address the daemon starts without, whatever keeps it from binding it (one of "
+                             "several sshd ListenAddress lines or PostgreSQL listen_addresses): checked, but any "
+                             "conflict on it only warns; repeat for more")
+    parser.add_argument("--if-available", metavar="LISTEN", action="append",
+                        help="an address the daemon skips when no interface has it (Redis's `bind -::1`): "
+                             "checked; that it is unavailable only warns, a holder on it still refuses; "
+                             "repeat for more")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read this YAML file instead of the unit's (see `bindguard config --help`)")
+    parser.add_argument("--reap-stale", action="store_true",
+                        help="end a holder the manager confirms is a stale instance of the guarded unit (over the "
+                             "bus, in the unit's own ControlGroup while the unit runs no instance): SIGTERM, "
+                             "SIGKILL after 5 s; nothing else")
+    parser.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+                        help="wait at most this long while only TIME_WAIT is in the way; 0 never waits "
+                             "(default: 65, a full TIME_WAIT, capped by the unit's start timeout)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (schema in README)")
+    parser.add_argument("--fail-closed", action="store_true",
+                        help="when the guard itself fails, exit 70 instead of letting the start go on")
+
+
+MAX_UID = 4294967294  # (uid_t) -1 is no uid: chown(2) reads it as "leave unchanged"
+
+
+def _uid_of(user: str) -> int:
+    import pwd
+
+    uid = ascii_number(user)
+    if uid is not None and uid <= MAX_UID:
+        return uid
+    if not user or (user.isascii() and user.isdigit()) or "\0" in user:
+        raise UsageError(f"--daemon-user {user!r}: not a user name, nor a uid from 0 to {MAX_UID}",
+                         "give a user name from /etc/passwd or a numeric uid")
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise UsageError(f"--daemon-user {user!r}: no such user",
+                         "give a user name from /etc/passwd or a numeric uid") from None
+
+
+def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The socket options given on the command line; they win over a configuration file's."""
+    return {name: getattr(args, name) for name in ("reuseaddr", "reuseport", "v6only", "freebind")
+            if getattr(args, name, None) is not None}
+
+
+def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:
+    """The command line's addresses: LISTEN, then each optional one (check and verify take them)."""
+    texts = [*args.listen, *(text for text, _ in optional_addresses(args))]
+    if not texts:
+        raise UsageError("no address to check", "give at least one LISTEN address, e.g. `bindguard check 8080`")
+    merged = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
+    merged |= (base or {}) | explicit_options(args)
+    v6only = merged["v6only"]
+    options = SocketOptions(**merged)
+    binds = []
+    for text in texts:
+        try:
+            endpoint = parse_listen(text)
+        except AddressError as exc:
+            raise UsageError(str(exc), "see `bindguard check --help` for the address syntax") from None
+        if endpoint.host.version == 6 and endpoint.host.ipv4_mapped is not None and v6only:
+            raise UsageError(f"{text!r}: a v4-mapped address cannot be bound on a v6only socket",
+                             f"write it as IPv4 ({endpoint.host.ipv4_mapped}:{endpoint.port}) or drop --v6only")
+        binds.append(Bind(endpoint, options))
+    return binds
+
+
+# The conflict kinds that only warn on an optional address: any (--optional, `optional: true`),
+# or only that no interface has it (--if-available, `optional: if-available`).
+OPTIONAL = ("*",)
+IF_AVAILABLE = (ADDRESS_UNAVAILABLE,)
+
+
+def optional_addresses(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
+    """(address, conflict kinds that only warn) for --optional and --if-available (check and
+    verify; explain has neither)."""
+    return [(text, OPTIONAL) for text in getattr(args, "optional", None) or []] + \
+           [(text, IF_AVAILABLE) for text in getattr(args, "if_available", None) or []]
+
+
+def validate_wait(wait: float | None) -> float:
+    from bindguard.action.guard import DEFAULT_WAIT
+
+    if wait is None:
+        return DEFAULT_WAIT
+    if wait < 0 or wait != wait:
+        raise UsageError(f"--wait {wait}: must be 0 or more seconds", "use --wait 0 to never wait")
+    return wait
+
+
+def systemd_context(args: argparse.Namespace):
+    """What systemd is asked, for --unit as systemctl takes it (`web` is web.service); None with --no-systemd."""
+    from bindguard.systemd.context import SystemdContext
+
+    unit = normalize_unit(args.unit) if args.unit else None  # a bad name is a usage error even with --no-systemd
+    if args.no_systemd:
+        return None
+    return SystemdContext(bus_choice=args.user_bus, unit_name=unit)
+
+
+def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
+    """--daemon-user; else, where SO_REUSEPORT makes the uid matter, the unit's User=."""
+    if args.daemon_user is not None:
+        return _uid_of(args.daemon_user)
+    if any(b.options.reuseport for b in binds) and ctx is not None and ctx.in_unit:
+        user = ctx.unit_user()
+        if user:
+            return _uid_of(user)
+    return None
+
+
+@dataclass
+class Plan:
+    """What to check and how, from the command line, the unit's YAML file and discovery."""
+
+    binds: list[Bind]
+    guesses: frozenset[Bind] = frozenset()
+    survivable: dict[Bind, tuple[str, ...]] = field(default_factory=dict)  # conflict kinds the daemon survives
+    policy: dict[str, str] = field(default_factory=dict)
+    wait: float | None = None
+    reap_stale: bool = False
+    sources: list[str] = field(default_factory=list)  # where discovered addresses came from
+
+
+def plan(args: argparse.Namespace, ctx) -> Plan | None:
+    """None when a unit has nothing to guard: no address given, no file, nothing discovered.
+
+    That is the path of the every-service drop-in, so it costs a few stat() calls: no YAML parser
+    unless a file exists, and D-Bus only for units that bindguard can discover something about.
+    """
+    from bindguard.request import config
+
+    unit = normalize_unit(args.unit) if args.unit else None
+    if unit is None and args.config is None and not (args.listen or optional_addresses(args)) and ctx is not None:
+        unit = args.unit = ctx.guarded_unit()  # the unit whose `fail:` holds if the guard fails
+    unit_config = config.load_unit_config(unit, args.config) if unit or args.config else None
+    if unit_config is not None:
+        args.fail_closed = args.fail_closed or unit_config.fail_closed
+    base = dict(unit_config.options) if unit_config else {}
+    settings = Plan(  # the file's settings, whatever the addresses come from
+        [],
+        policy=dict(unit_config.policy) if unit_config else {},
+        wait=unit_config.wait if unit_config else None,
+        reap_stale=bool(unit_config and unit_config.reap_stale),
+    )
+    if args.listen or optional_addresses(args):
+        binds = build_binds(args, base)
+        optional = binds[len(args.listen):]
+        for twice in (b for b in optional if binds.count(b) > 1):
+            raise UsageError(f"{twice} is given twice",
+                             "give each address once: as LISTEN, --optional or --if-available")
+        kinds = [kinds for _, kinds in optional_addresses(args)]
+        return replace(settings, binds=binds, survivable=dict(zip(optional, kinds, strict=True)))
+    if unit_config is not None and unit_config.listen is not None:
+        binds = unit_config.binds()
+        overrides = explicit_options(args)
+        binds = [Bind(b.endpoint, replace(b.options, **overrides)) for b in binds]
+        survivable: dict[Bind, tuple[str, ...]] = {
+            b: IF_AVAILABLE if entry.optional == config.IF_AVAILABLE else OPTIONAL
+            for b, entry in zip(binds, unit_config.listen, strict=True) if entry.optional}
+        return replace(settings, binds=binds, survivable=survivable)
+    if unit is None:
+        raise UsageError("no address to check", "give LISTEN addresses, --unit NAME or --config FILE")
+    findings = discovered(unit, unit_config, ctx)
+    if not findings:
+        return None
+    overrides = base | explicit_options(args)  # the file's options, then the command line's, over discovery's
+    binds = [Bind(f.bind.endpoint, replace(f.bind.options, **overrides)) for f in findings]
+    trusted = bool(unit_config and unit_config.trust_guesses)
+    guesses = frozenset() if trusted else frozenset(b for b, f in zip(binds, findings, strict=True) if not f.confident)
+    survivable = {b: f.survives for b, f in zip(binds, findings, strict=True) if f.survives}
+    sources = [f"{f.bind} from {f.source}" + ("" if f.confident else " (a guess)") for f in findings]
+    return replace(settings, binds=binds, guesses=guesses, survivable=survivable, sources=sources)
+
+
+def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked") -> list:
+    """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units').
+
+    The unit's command line is read from its unit files (no D-Bus), whatever the unit is called;
+    systemd is asked over D-Bus only for a unit not on disk that has a YAML file or a known
+    daemon's name. Guesses count only for a unit with a YAML file.
+    """
+    from bindguard.request import discover
+    from bindguard.systemd.unitfacts import unit_facts_from_files
+
+    sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
+    if not sources:
+        return []
+    facts = unit_facts_from_files(unit, user_manager(ctx.bus_choice if ctx else None))
+    result = discover.discover_unit(unit, lambda name: facts, list(sources))
+    if not facts.exec_start:
+        if unit_config is None and discover.daemon_for_unit_name(unit) is None:
+            return []
+        if ctx is None:
+            output.warning(f"cannot discover what {unit} binds: no unit file of that name, and --no-systemd; "
+                           "nothing checked")
+            return []
+        from bindguard.systemd.bus import SystemdError
+
+        try:
+            result = discover.discover_unit(unit, ctx.unit_facts, list(sources))
+        except SystemdError as exc:
+            output.warning(f"cannot discover what {unit} binds: {exc}; {unavailable}")
+            return []
+    for warning in result.warnings:
+        output.warning(warning)
+    return [f for f in result.findings if f.socket_unit is None and (f.confident or unit_config is not None)]
+
+
+def privilege_unit(args: argparse.Namespace, ctx) -> str | None:
+    """The unit whose credentials and settings may prove a privileged port denied to its daemon
+    (only while the guard runs inside it: bindguard.evidence.privilege checks that)."""
+    if args.unit:
+        return normalize_unit(args.unit)
+    return ctx.guarded_unit() if ctx is not None else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from bindguard.action import guard
+    from bindguard.report import outcome as report
+
+    ctx = systemd_context(args)
+    checks = plan(args, ctx)
+    if checks is None:
+        output.emit(output.DEBUG, f"bindguard: nothing to guard for {ctx.unit_name if ctx else args.unit}")
+        return EXIT_CLEAR
+    for line in checks.sources:
+        output.emit(output.INFO, f"bindguard: checking {line}")
+    request = guard.Request(
+        binds=checks.binds,
+        wait=validate_wait(args.wait if args.wait is not None else checks.wait),
+        daemon_uid=daemon_uid(args, ctx, checks.binds),
+        policy=checks.policy,
+        warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
+        | {b: (("*",), "the address is a guess from the unit's command line") for b in checks.guesses},
+        needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
+        systemd=ctx,
+        reap_stale=args.reap_stale or checks.reap_stale,
+        privilege_unit=privilege_unit(args, ctx),
+        user_manager=user_manager(ctx.bus_choice if ctx else args.user_bus),
+        log=output.emit,
+    )
+    answered: list = []  # the kernel's answers, kept apart from everything that explains them
+    outcome = None
+    json_written = False
+    try:
+        outcome = guard.run(request, answered)
+        blocking = [c for c in outcome.conflicts if c.blocking]
+        advice = ctx.advice(blocking, refused=not outcome.clear) if ctx is not None else []
+        outcome.evidence.notes.extend(advice)
+        if ctx is not None:  # what asking for the advice could not learn (an unknown unit, a bus gone quiet)
+            outcome.evidence.notes.extend(n for n in ctx.notes if n not in outcome.evidence.notes)
+        if args.json:
+            report.write_json(outcome)
+            json_written = True
+        report.write_human(outcome, warnings=advice)
+        return outcome.exit_code
+    except (BindguardError, BrokenPipeError):
+        raise
+    except Exception as exc:
+        # No failure to learn about a conflict turns the kernel's refusal into a pass: once the
+        # trial bind has answered, a fault in observing, attributing or reporting keeps its verdict.
+        # Before that, the fault is the guard's own, and cli.py fails open (or 70, --fail-closed).
+        if not answered:
+            raise
+        if args.debug or os.environ.get("BINDGUARD_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        fault = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
+        if outcome is None:
+            outcome = guard.unexplained(request, answered[-1], fault)
+        else:
+            outcome.unexplained = fault
+        write_unexplained(outcome, json=args.json and not json_written)
+        return outcome.exit_code
+
+
+def write_unexplained(outcome, json: bool) -> None:
+    """The kernel's verdict where the report could not be made: plain lines, nothing but the
+    probe's answers and the fault (the renderer may be what failed)."""
+    failed = [r for r in outcome.results if not r.ok]
+    answers = ", ".join(f"{r.bind} ({r.error_name})" for r in failed)
+    if json:
+        import json as json_module
+
+        json_module.dump({
+            "clear": outcome.clear,
+            "verdict": VERDICTS.get(outcome.exit_code, "error"),
+            "exit_code": outcome.exit_code,
+            "addresses": [{"address": str(r.bind), "bindable": r.ok, "error": r.error_name or None}
+                          for r in outcome.results],
+            "unexplained": outcome.unexplained,
+        }, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    why = f"the guard could not explain the kernel's answer: {outcome.unexplained}"
+    if outcome.clear:
+        passed = f"refused only {answers}, where a conflict only warns" if failed else "refused no address"
+        output.emit(output.WARNING, [f"bindguard: clear: the kernel's trial bind {passed} (exit 0)", f"  note: {why}"])
+        return
+    output.emit(output.ERR, [
+        f"bindguard: refusing to start: the kernel's trial bind refused {answers} (exit {outcome.exit_code})",
+        f"  {why}; `bindguard explain` shows who holds the addresses, --debug a traceback"])

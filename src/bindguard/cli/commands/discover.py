@@ -1,0 +1,138 @@
+"""`bindguard discover`: what a unit will bind, where that was learnt, and how sure it is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from bindguard.model.errors import EXIT_CLEAR, BindguardError, UsageError
+from bindguard.model.text import escape
+from bindguard.report import output
+from bindguard.systemd.unitfiles import normalize_unit
+
+DESCRIPTION = """\
+Print each address a unit will bind, with its source and a confidence:
+
+  bindguard discover nginx.service
+  bindguard discover --exec-start "/usr/sbin/sshd -D -f /etc/ssh/sshd_config"
+  bindguard discover --daemon nginx --config /etc/nginx/nginx.conf
+
+Confident findings come from the daemon's own configuration (nginx, apache2/httpd, haproxy,
+sshd, redis-server, postgres, mariadbd/mysqld) and the unit's .socket units; guesses from
+the common option forms in ExecStart= and the environment (--port 8080, PORT=8080). A file
+that cannot be read is a warning, never an error."""
+EPILOG = ("exit codes: 0 (warnings do not change it), 64 bad arguments or an unknown unit, "
+          "70 systemd cannot be asked, 78 a broken bindguard YAML file")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("unit", nargs="?", metavar="UNIT", help="a unit name, read from systemd")
+    parser.add_argument("--exec-start", action="append", default=[], metavar="CMDLINE",
+                        help="an ExecStart= command line instead of the unit's (repeatable)")
+    parser.add_argument("--environment", action="append", default=[], metavar="NAME=VALUE",
+                        help="an Environment= assignment for --exec-start (repeatable)")
+    parser.add_argument("--environment-file", action="append", default=[], metavar="FILE",
+                        help="an EnvironmentFile= for --exec-start ('-' prefix: optional; repeatable)")
+    parser.add_argument("--socket-listen", action="append", default=[], metavar="ADDRESS",
+                        help="a ListenStream= of the unit's .socket unit (udp: prefix for ListenDatagram=)")
+    parser.add_argument("--daemon", metavar="NAME", help="read this daemon's configuration (nginx, sshd, ...)")
+    parser.add_argument("--config", metavar="FILE", help="with --daemon: the daemon's configuration file")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    bus = parser.add_mutually_exclusive_group()
+    bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
+                     help="read UNIT from the user manager (default when run by one: MANAGERPID is set)")
+    bus.add_argument("--system", dest="user_bus", action="store_false", help="read UNIT from the system manager")
+
+
+def _read_unit(unit: str, user_bus: bool | None, sources):
+    """discover_unit() with the unit's facts from the system (or user) manager over D-Bus; from
+    the unit files when the manager cannot be asked (its .socket units are then not seen)."""
+    from bindguard.request import discover
+    from bindguard.systemd import bus
+    from bindguard.systemd.context import unit_facts
+    from bindguard.systemd.unitfacts import unit_facts_from_files, unit_fragment
+
+    try:
+        return discover.discover_unit(unit, lambda name: unit_facts(name, user_bus), sources)
+    except bus.SystemdError as exc:
+        user = bus.choose_bus(user_bus) == bus.USER
+        if unit_fragment(unit, user) is None:
+            raise BindguardError(f"cannot read {unit} from systemd ({exc}), and no unit file of that name was found",
+                                 "check the name, or give the command line with --exec-start") from None
+        output.warning(f"{exc}; reading {unit}'s unit files instead (its .socket units are not seen)")
+        return discover.discover_unit(unit, lambda name: unit_facts_from_files(name, user), sources)
+
+
+def _options_text(bind) -> str:
+    flags = [name for name in ("reuseaddr", "reuseport", "freebind") if getattr(bind.options, name)]
+    if bind.endpoint.host.version == 6:
+        flags.append("v6only" if bind.options.v6only else "dual-stack")
+    return ",".join(flags)
+
+
+def _discover(args: argparse.Namespace):
+    from bindguard.request import discover
+
+    if args.daemon:
+        if args.unit or args.exec_start:
+            raise UsageError("--daemon reads one daemon's configuration; do not combine it with UNIT or --exec-start")
+        try:
+            return discover.discover_daemon(args.daemon, config=args.config)
+        except ValueError:
+            known = ", ".join(sorted(set(discover.DAEMONS)))
+            raise UsageError(f"--daemon {args.daemon}: not a daemon bindguard knows", f"use one of {known}") from None
+    if args.config:
+        raise UsageError("--config needs --daemon", "e.g. --daemon nginx --config /etc/nginx/nginx.conf")
+    sources = list(discover.SOURCES)
+    if args.unit:
+        from bindguard.request import config
+
+        unit = normalize_unit(args.unit)
+        unit_config = config.load_unit_config(unit)
+        if unit_config is not None:
+            sources = [s for s in discover.SOURCES if s in unit_config.discovery_sources]
+            if unit_config.listen is not None:
+                output.emit(output.NOTICE, f"bindguard: {unit} has a listen list in {unit_config.origins['listen']}; "
+                                           f"`check --unit` uses that, not discovery")
+    if args.exec_start:
+        exec_start = []
+        for line in args.exec_start:
+            try:
+                exec_start.append(shlex.split(line))
+            except ValueError as exc:
+                raise UsageError(f"--exec-start {line!r}: {exc}", "quote the command line as a shell would") from None
+        listens = [("Datagram", a[4:]) if a.lower().startswith("udp:") else ("Stream", a) for a in args.socket_listen]
+        return discover.discover(exec_start, args.environment, args.environment_file, listens,
+                                 args.unit or "command-line.service", sources)
+    if not args.unit:
+        raise UsageError("name a unit, or give --exec-start CMDLINE or --daemon NAME",
+                         "e.g. bindguard discover nginx.service")
+    return _read_unit(unit, args.user_bus, sources)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = _discover(args)
+    for warning in result.warnings:
+        output.warning(warning)
+    if args.json:
+        json.dump({"daemons": result.daemons, "warnings": result.warnings, "findings": [
+            {"address": str(f.bind.endpoint), "proto": f.bind.endpoint.proto, "source": f.source,
+             "confidence": f.confidence, "note": f.note, "socket_unit": f.socket_unit,
+             "reuseaddr": f.bind.options.reuseaddr, "reuseport": f.bind.options.reuseport,
+             "v6only": f.bind.v6only, "freebind": f.bind.options.freebind, "survives": list(f.survives)}
+            for f in result.findings]}, sys.stdout, indent=2)
+        print()
+        return EXIT_CLEAR
+    if not result.findings:
+        print("nothing found" + (f" ({escape(', '.join(result.daemons))}: no listen address)"
+                                 if result.daemons else ""))
+        return EXIT_CLEAR
+    rows = [(str(f.bind.endpoint), f.confidence, escape(f.source), _options_text(f.bind), escape(f.note))
+            for f in result.findings]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for address, confidence, source, options, note in rows:
+        line = f"{address:<{widths[0]}}  {confidence:<{widths[1]}}  {source:<{widths[2]}}  {options}"
+        print(line + (f"  ({note})" if note else ""))
+    return EXIT_CLEAR

@@ -1,0 +1,73 @@
+"""bindguard explain: the same investigation for a person at a terminal, clear or not."""
+
+from __future__ import annotations
+
+import argparse
+
+from bindguard.cli.commands.check import (
+    LISTEN_SYNTAX,
+    add_listen_argument,
+    add_socket_arguments,
+    add_systemd_arguments,
+    build_binds,
+    daemon_uid,
+    systemd_context,
+)
+from bindguard.model.errors import EXIT_CODES_HELP
+
+DESCRIPTION = """\
+What is on these addresses now, who holds them (PID, command, user, unit), what kind of
+conflict each one is, and the fix for that kind, whether or not the daemon could start.
+Nothing is waited for, changed or killed. The exit code is the one `bindguard check --wait 0`
+would give now (below).
+
+example:
+  bindguard explain 80 443 udp:[::]:53"""
+
+
+
+def _exit_codes() -> str:
+    """check's exit codes as they apply to explain: it never waits (75 is TIME_WAIT now), has no
+    --fail-closed (no 70), reads no YAML file (no 78), and runs at a terminal, not in
+    ExecStartPre= (no Restart= advice)."""
+    lines = []
+    for line in EXIT_CODES_HELP.split("\nWith Restart=")[0].splitlines():
+        code = line.split()[0] if line.startswith("  ") and not line.startswith("   ") else None
+        if code in ("70", "78"):  # no --fail-closed, and no YAML file is read
+            continue
+        if code == "75":
+            line = "  75  only TIME_WAIT is in the way now: it clears by itself (`check` waits for it)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+EPILOG = _exit_codes()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_listen_argument(parser, f"an address to look at ({LISTEN_SYNTAX}; the table is in "
+                                "`bindguard check --help`)", required=True)
+    add_socket_arguments(parser)
+    add_systemd_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bindguard.action import guard
+    from bindguard.report import outcome as report
+
+    ctx = systemd_context(args)
+    binds = build_binds(args)
+    request = guard.Request(
+        binds=binds,
+        wait=0,
+        daemon_uid=daemon_uid(args, ctx, binds),
+        observe_always=True,
+        systemd=ctx,
+    )
+    outcome = guard.run(request)
+    if args.json:
+        report.write_json(outcome)
+    report.write_human(outcome, explain=True)
+    report.write_observed(outcome)
+    return outcome.exit_code

@@ -1,0 +1,204 @@
+"""bindguard install: add the guard to a unit as a drop-in, and reload the manager."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bindguard.action import install
+from bindguard.cli.parser import build_parser
+from bindguard.model.endpoints import AddressError, parse_listen
+from bindguard.model.errors import UsageError
+from bindguard.report import output
+
+DESCRIPTION = f"""\
+Add `bindguard check` to a service's ExecStartPre= without editing its unit file: write the
+drop-in UNIT.d/{install.DROPIN_NAME} (in /etc/systemd/system, or with --user in
+$XDG_CONFIG_HOME/systemd/user, by default ~/.config/systemd/user), then daemon-reload.
+LISTEN is each address the daemon binds, in ListenStream= syntax (8080, 0.0.0.0:80, [::]:443,
+udp:[::1]:53). An existing {install.DROPIN_NAME} that bindguard did not write is never touched.
+
+Without LISTEN, the guard reads the addresses at each start from the unit's bindguard file, else
+from its daemon's configuration (nginx, Apache, HAProxy, sshd, Redis, PostgreSQL, MariaDB: see
+`bindguard discover UNIT`), with the socket options and optional addresses found there; install
+refuses when neither gives an address. With LISTEN, for a daemon discovery knows, what discovery
+says about those addresses is written into the drop-in: --v6only/--reuseport/--freebind where
+every matching address agrees (nginx's ipv6only=on), and --optional or --if-available for an
+address the daemon starts without (sshd's, PostgreSQL's; Redis's `bind -::1`). --check-args
+wins over both. A bare port (80) is the whole port, dual-stack, and takes nothing from discovery;
+an address the daemon binds that LISTEN leaves out is named in a warning.
+
+The drop-in runs `ExecStartPre=+bindguard check --unit %n ...`.
+{install.PRIVILEGE_NOTE}"""
+
+EPILOG = """\
+examples:
+  bindguard install nginx.service                 # addresses and options from nginx's configuration
+  bindguard install nginx.service 0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443 --check-args=--v6only
+  bindguard install redis-server.service 127.0.0.1:6379 --if-available [::1]:6379
+  bindguard install ssh.service 22 --check-args='--wait 10'
+  bindguard install --user web.service 127.0.0.1:8080
+  bindguard install --print nginx.service         # show the drop-in, write nothing
+
+exit codes:
+  0   the drop-in is in place (a failed daemon-reload is a warning: run it yourself)
+  64  a malformed address, unit name or check option; a control character in any of them;
+      no LISTEN and no address to be found
+  78  cannot write: a file bindguard did not write is in the way, a UNIT.d that links out of
+      the unit directory, or no permission"""
+
+OPTION_FLAGS = {"reuseaddr": ("--reuseaddr", "--no-reuseaddr"), "reuseport": ("--reuseport", None),
+                "v6only": ("--v6only", "--no-v6only"), "freebind": ("--freebind", None)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("unit", metavar="UNIT", help="the service to guard (nginx means nginx.service)")
+    parser.add_argument("listen", metavar="LISTEN", nargs="*",
+                        help="an address the daemon binds; none: found at each start (see above)")
+    parser.add_argument("--optional", metavar="LISTEN", action="append", default=[],
+                        help="an address the daemon starts without, whatever keeps it from binding it: any "
+                             "conflict on it only warns (check --optional); repeat for more")
+    parser.add_argument("--if-available", metavar="LISTEN", action="append", default=[],
+                        help="an address the daemon skips when no interface has it (Redis's `bind -::1`): "
+                             "only that warns (check --if-available); repeat for more")
+    parser.add_argument("--user", action="store_true", help="a unit of your user manager (systemctl --user)")
+    parser.add_argument(
+        "--check-args", metavar="OPTIONS",
+        help="more `bindguard check` options for the drop-in, as one shell word: --check-args='--wait 10'",
+    )
+    parser.add_argument("--print", action="store_true", help="print the drop-in to stdout and write nothing")
+
+
+def _address(text: str):
+    try:
+        return parse_listen(text)
+    except AddressError as exc:
+        raise UsageError(str(exc), "write each LISTEN as in ListenStream=, e.g. 8080 or 127.0.0.1:8080") from None
+
+
+def _systemd(unit: str, user: bool):
+    """The manager install writes for, to ask about a unit that has no unit file on disk."""
+    from bindguard.systemd.context import SystemdContext
+
+    return SystemdContext(bus_choice=user, unit_name=unit)
+
+
+def _found_at_each_start(unit: str, user: bool) -> None:
+    """Without LISTEN: say what the guard will check now, or refuse when it would find nothing."""
+    from bindguard.cli.commands.check import discovered
+    from bindguard.request import config
+
+    unit_config = config.load_unit_config(unit)
+    if unit_config is not None and unit_config.listen:
+        output.emit(output.INFO, f"bindguard: the guard checks the listen list of {unit_config.origins['listen']}")
+        return
+    findings = discovered(unit, unit_config, _systemd(unit, user), unavailable="install cannot tell what to check")
+    if not findings:
+        raise UsageError(f"no address to guard for {unit}: no LISTEN given, and no listen list in a bindguard "
+                         "file or address in its daemon's configuration was found",
+                         f"give the addresses, e.g. `bindguard install {unit} 0.0.0.0:8080`")
+    for f in findings:
+        optional = " (optional: the daemon starts without it)" if f.survives else ""
+        output.emit(output.INFO, f"bindguard: at each start the guard reads what {unit} binds; now "
+                                 f"{f.bind} from {f.source}{optional}")
+
+
+def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[list[str], dict[str, str]]:
+    """What discovery knows about the given addresses, as check options: the socket options on
+    which every matching address agrees (and the command line does not set), and which addresses
+    the daemon starts without (address -> --optional or --if-available). Nothing for a daemon
+    discovery does not know."""
+    from bindguard.cli.commands.check import IF_AVAILABLE, OPTIONAL, discovered, explicit_options
+    from bindguard.model.host import host_bindv6only
+
+    found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user),
+                                                    unavailable="the addresses are taken as given")}
+    # A bare port stands for the whole port (dual-stack [::]:PORT): nothing is carried over to it.
+    whole = {(e.proto, e.port) for text, e in zip(listens, map(_address, listens), strict=True)
+             if text.lower().removeprefix(e.proto + ":").isdigit()}
+    matched = {text: found[_address(text)] for text in listens
+               if _address(text) in found and (_address(text).proto, _address(text).port) not in whole}
+    for f in found.values():
+        endpoint = f.bind.endpoint
+        if endpoint not in set(map(_address, listens)) and (endpoint.proto, endpoint.port) not in whole:
+            output.warning(f"{unit} also binds {f.bind} ({f.source}), which is not given: the guard will not "
+                           "check it; add it, or install without addresses to check what the daemon binds")
+    optional = {}
+    for text, f in matched.items():
+        flag = {OPTIONAL: "--optional", IF_AVAILABLE: "--if-available"}.get(f.survives)
+        if flag is not None:
+            optional[text] = flag
+            output.emit(output.INFO, f"bindguard: {flag} {text} for {unit}, from {f.source}: {f.note}")
+    flags = []
+    defaults = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
+    stated = explicit_options(given)
+    for name, (on, off) in OPTION_FLAGS.items():
+        relevant = [f for f in matched.values() if name != "v6only" or f.bind.endpoint.host.version == 6]
+        values = {getattr(f.bind.options, name) for f in relevant}
+        if name in stated or len(values) != 1 or values == {defaults[name]}:
+            if len(values) > 1 and name not in stated:
+                output.warning(f"discovery finds {name} set on some of the addresses of {unit} and not on others; "
+                               "the drop-in leaves it at its default (a bindguard file can set it per address)")
+            continue
+        flag = on if values.pop() else off
+        if flag is not None:
+            flags.append(flag)
+            sources = ", ".join(sorted({f.source for f in relevant}))
+            output.emit(output.INFO, f"bindguard: {flag} for {unit}, from {sources}")
+    return flags, optional
+
+
+def validate_check_args(listens: list[str], user: bool, check_args: list[str]):
+    """Parse the generated check command line with check's own parser, so a typo fails now and
+    not at the next start; the parsed arguments."""
+    parser = build_parser("check")
+    try:
+        return parser.parse_args(["check", "--unit", "x.service", *install.check_arguments(listens, user, check_args)])
+    except UsageError as exc:
+        raise UsageError(f"check options {' '.join(check_args)!r}: {exc.message}",
+                         "see `bindguard check --help`") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    unit = install.service_name(args.unit)
+    listens = [text.strip() for text in args.listen]
+    marked = {text.strip(): "--optional" for text in args.optional} | \
+             {text.strip(): "--if-available" for text in args.if_available}
+    endpoints = [_address(text) for text in [*listens, *args.optional, *args.if_available]]
+    for twice in (e for e in endpoints if endpoints.count(e) > 1):
+        raise UsageError(f"{twice} is given twice", "give each address once: as LISTEN, --optional or --if-available")
+    check_args = install.parse_check_args(args.check_args)
+    install.refuse_control_characters([*listens, *marked, *check_args])
+    given = validate_check_args(listens, args.user, check_args)
+    if not listens and not marked:
+        _found_at_each_start(unit, args.user)
+    elif listens:
+        flags, carried = _carried_over(unit, listens, given, args.user)
+        listens = [text for text in listens if text not in carried]
+        marked |= carried
+        check_args += flags
+    for text, flag in marked.items():
+        check_args += [flag, text]
+    validate_check_args(listens, args.user, check_args)
+    path = install.dropin_path(unit, args.user)
+    text = install.render(unit, listens, args.user, check_args, install.bindguard_command())
+    dropin = install.DropIn(unit, path, text)
+    if args.print:
+        sys.stdout.write(dropin.text)
+        return 0
+
+    changed = install.write(dropin, args.user)
+    flag = " --user" if args.user else ""
+    if not changed:
+        output.emit(output.INFO, f"bindguard: {path} is already in place, unchanged")
+        return 0
+    output.emit(output.NOTICE, f"bindguard: wrote {path}")
+    failure = install.daemon_reload(args.user)
+    if failure:
+        output.warning(f"daemon-reload failed ({failure}); run `systemctl{flag} daemon-reload` before the next start")
+    elif install.known_to_manager(unit, args.user) is False:
+        output.warning(f"the{' user' if args.user else ''} manager knows no unit {unit} yet; "
+                       "the drop-in applies once it is installed")
+    else:
+        output.emit(output.INFO, f"bindguard: {unit} is guarded from its next start; see `systemctl{flag} cat {unit}`")
+    return 0

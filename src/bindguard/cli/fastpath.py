@@ -1,0 +1,176 @@
+"""`bindguard check` on its common paths, paying for little more than the interpreter's start.
+
+The guard runs before every start of every unit it guards. Two answers need no argparse, no
+dataclasses, no ipaddress and no D-Bus, so they are given here from os and _socket alone:
+  - the every-service drop-in's unit with nothing to guard (no YAML file, neither its name nor
+    its unit files' ExecStart= name a daemon discovery knows): exit 0 after a few stat() calls;
+  - every address can be bound, outside a unit or with --no-systemd: one trial bind each.
+Anything else (an error, an unusual option, a blocked address, a unit whose socket units must
+be checked) returns None, and the full command runs from the start; it, not this module, is
+the authority on syntax and the one that explains. tests/test_fastpath.py holds the two to
+the same answers.
+"""
+
+import _socket
+import os
+
+SOCKET_FLAGS = {
+    "--reuseaddr": ("reuseaddr", True),
+    "--no-reuseaddr": ("reuseaddr", False),
+    "--reuseport": ("reuseport", True),
+    "--v6only": ("v6only", True),
+    "--no-v6only": ("v6only", False),
+    "--freebind": ("freebind", True),
+}
+BUS_FLAGS = ("--user", "--system")  # which bus to ask: nothing here asks one
+V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
+    """(trial spec, the address as the report shows it), or None to leave it to the full parser."""
+    kind, shown_proto = _socket.SOCK_STREAM, ""
+    prefix = text[:4].lower()
+    if prefix in ("tcp:", "udp:"):
+        text = text[4:]
+        if prefix == "udp:":
+            kind, shown_proto = _socket.SOCK_DGRAM, "udp:"
+    if text.isascii() and text.isdigit():
+        family, host, port = (_socket.AF_INET6, "::", text) if ipv6 else (_socket.AF_INET, "0.0.0.0", text)
+    elif text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            return None
+        family, host, port = _socket.AF_INET6, text[1:close], text[close + 2 :]
+    else:
+        host, colon, port = text.partition(":")
+        if not colon or ":" in port:
+            return None
+        family = _socket.AF_INET
+    # Only ASCII digits make a port (int() reads '٨٠' as 80, raises on '²' and on 4,301 digits);
+    # anything unusual, leading zeros beyond five digits included, goes to the full parser.
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
+        return None
+    try:
+        packed = _socket.inet_pton(family, host)
+    except (OSError, ValueError):
+        return None
+    canonical = _socket.inet_ntop(family, packed)
+    if family == _socket.AF_INET:
+        if canonical != host:
+            return None
+        shown = f"{canonical}:{int(port)}"
+        sockaddr: tuple = (canonical, int(port))
+    else:
+        mapped = packed[:12] == V4_MAPPED_PREFIX
+        link_local = packed[0] == 0xFE and packed[1] & 0xC0 == 0x80
+        if link_local or (mapped and v6only) or ("." in canonical and not mapped):
+            return None
+        shown = f"[{canonical}]:{int(port)}"
+        sockaddr = (canonical, int(port), 0, 0)
+    return (family, kind, sockaddr, None, None, family == _socket.AF_INET6 and v6only, None), shown_proto + shown
+
+
+def check(args: list[str]) -> int | None:
+    """The exit code when it can be given cheaply and surely, else None."""
+    options = {"reuseaddr": True, "reuseport": False, "v6only": None, "freebind": False}
+    unit = None
+    listen: list[str] = []
+    no_systemd = False
+    user_bus = None
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if arg in SOCKET_FLAGS:
+            key, setting = SOCKET_FLAGS[arg]
+            options[key] = setting
+        elif arg == "--no-systemd":
+            no_systemd = True
+        elif arg in BUS_FLAGS:
+            user_bus = arg == "--user"
+        elif name in ("--unit", "--wait"):
+            if not eq:
+                if not rest or rest[0].startswith("-"):  # argparse takes it for an option: a usage error
+                    return None
+                value = rest.pop(0)
+            if name == "--unit":
+                unit = value
+            elif not _is_wait(value):
+                return None
+        elif arg.startswith("-"):
+            return None
+        else:
+            listen.append(arg)
+
+    from bindguard.report import output
+    from bindguard.systemd import unitfiles
+
+    user_bus = unitfiles.user_manager(user_bus)
+    if unit is None and not no_systemd and os.environ.get("INVOCATION_ID"):
+        cgroup = unitfiles.process_cgroup("self")
+        unit = unitfiles.unit_from_cgroup(cgroup) if cgroup else None
+        if unit is None:
+            return None
+    if unit is not None:
+        unit = unitfiles.unit_name(unit)
+        if unit is None:  # the full command says what is wrong with it
+            return None
+        if unitfiles.config_files(unit):
+            return None
+        if not listen:
+            if unitfiles.daemon_for_unit_name(unit) is not None:
+                return None
+            from bindguard.systemd import unitexec
+
+            if unitexec.runs_known_daemon(unit, user_bus):
+                return None
+            output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
+            return 0
+    if not listen:
+        return None
+    if unit is not None and not no_systemd and _unit_needs_a_closer_look(unit, user_bus, listen):
+        return None
+    if unit is not None and not no_systemd and options["reuseport"]:
+        return None  # SO_REUSEPORT shares a port within one uid: the trial needs the unit's User=
+
+    from bindguard.evidence import probe
+    from bindguard.model import host
+
+    v6only = options["v6only"] if options["v6only"] is not None else host.host_bindv6only()
+    ipv6 = host.ipv6_supported()
+    specs, shown = [], []
+    for text in listen:
+        parsed = _parse(text, v6only, ipv6)
+        if parsed is None:
+            return None
+        spec, address = parsed
+        specs.append(spec[:3] + (options["reuseaddr"], options["reuseport"], spec[5], options["freebind"]))
+        shown.append(address)
+    if unit is not None and min(spec[2][1] for spec in specs) < host.unprivileged_port_start():
+        from bindguard.evidence import privilege
+
+        if privilege.worth_a_look(unit, user_bus):
+            return None  # the unit's User= may be denied a port the guard can bind
+    if any(error for error, _ in probe.trial(specs)):
+        return None
+    output.emit(output.INFO, f"bindguard: clear: {', '.join(shown)} can be bound")
+    return 0
+
+
+def _unit_needs_a_closer_look(unit: str, user: bool, listen: list[str]) -> bool:
+    """Inside a unit the guard also warns about socket units that will claim its ports (a
+    latent-socket-unit conflict, which no trial bind shows). They are read here from the unit
+    files; only a unit where one may apply goes to the full command (which asks systemd over
+    D-Bus and compares addresses exactly). The unit's own settings (KillMode=, ...) matter only
+    to explain a conflict actually found, never on a clear path."""
+    from bindguard.systemd import unitexec
+
+    return unitexec.socket_units_may_claim({unitexec.listen_port(text) for text in listen}, user)
+
+
+def _is_wait(value: str) -> bool:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return False
+    return seconds >= 0

@@ -1,0 +1,286 @@
+"""Who holds a socket: inode -> PID through /proc/PID/fd, process facts, cgroup -> systemd unit.
+
+Only the standard library is imported at module level; psutil (process_facts) and ctypes
+(cgroup_path_for_id) are imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+
+from bindguard.model.facts import ProcessFact, SocketFact
+from bindguard.systemd.unitfiles import cgroup_from_proc_file, process_cgroup, unit_from_cgroup  # noqa: F401 (API too)
+
+CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
+CGROUP_V1_SYSTEMD = "/sys/fs/cgroup/systemd"  # name=systemd hierarchy on legacy and hybrid hosts
+
+
+class Holders(dict[int, list[int]]):
+    """inode -> PIDs holding it, plus what the scan could not see.
+
+    `unreadable` counts the processes whose fd table was denied to us (another user's
+    process when not root): an inode missing from the mapping may be held by one of them.
+    `scanned` counts the processes whose fds were read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreadable = 0
+        self.scanned = 0
+
+
+def find_holders(inodes: set[int], first_pids: Iterable[int] = (), *, every_holder: bool = False) -> Holders:
+    """The PIDs whose open files include the socket inodes, read from /proc/PID/fd.
+
+    `first_pids` (a unit's cgroup.procs, say) are searched first, in ascending order, then
+    every other process in ascending PID order. The scan stops as soon as each wanted inode
+    has a holder, so for a socket shared by forked workers (a listener inherited from a
+    master) the PID reported is the lowest one among the first group that holds it: the
+    master, which forked before its workers. `every_holder=True` scans every process and
+    lists all holders of each inode, in the same order.
+
+    Processes that exit during the scan are skipped; those whose fds cannot be read are
+    counted in the result's `unreadable`. Inodes 0 (TIME_WAIT, orphans) are never held.
+    """
+    holders = Holders()
+    wanted = {inode for inode in inodes if inode}
+    remaining = set(wanted)
+    seen: set[int] = set()
+    first = sorted({pid for pid in first_pids if pid > 0})
+    for group in (first, None):
+        pids = group if group is not None else _own_namespace_first(_all_pids())
+        for pid in pids:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            holders.scanned += 1
+            found = _socket_inodes_of(pid, wanted, holders)
+            for inode in found:
+                holders.setdefault(inode, []).append(pid)
+                remaining.discard(inode)
+            if not remaining and not every_holder:
+                return holders
+    return holders
+
+
+def _all_pids() -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _own_namespace_first(pids: list[int]) -> list[int]:
+    """Processes in this network namespace first: a socket's holder nearly always lives where the
+    socket does, and on a host full of containers one stat() per process spares thousands of
+    fd reads. The others follow, for a socket passed across namespaces."""
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return pids
+    here: list[int] = []
+    elsewhere: list[int] = []
+    for pid in pids:
+        try:
+            (here if os.stat(f"/proc/{pid}/ns/net").st_ino == own else elsewhere).append(pid)
+        except OSError:  # gone, or not ours to look at: keep it in the first round
+            here.append(pid)
+    return here + elsewhere
+
+
+def _socket_inodes_of(pid: int, wanted: set[int], holders: Holders) -> set[int]:
+    """Which of the wanted socket inodes process `pid` has open (each counted once)."""
+    try:
+        fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        holders.unreadable += 1
+        return set()
+    except OSError:  # exited, or a kernel thread without an fd table
+        return set()
+    found: set[int] = set()
+    try:
+        for name in os.listdir(fd_dir):
+            try:
+                target = os.readlink(name, dir_fd=fd_dir)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in wanted:
+                    found.add(inode)
+    except PermissionError:
+        holders.unreadable += 1
+    except OSError:
+        pass
+    finally:
+        os.close(fd_dir)
+    return found
+
+
+def process_facts(pid: int) -> ProcessFact | None:
+    """What psutil and /proc/PID/cgroup say about a process; None if it is gone."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            ppid = process.ppid()
+            name = process.name()
+            uid = process.uids().effective
+            started = process.create_time()
+            cmdline = tuple(_or_empty(process.cmdline, []))
+            exe = _or_empty(process.exe, "")
+            user = _or_empty(process.username, str(uid))
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return None
+    cgroup = process_cgroup(pid) or ""
+    return ProcessFact(
+        pid=pid,
+        ppid=ppid,
+        name=name,
+        cmdline=cmdline,
+        exe=exe,
+        uid=uid,
+        user=user,
+        started=started,
+        cgroup=cgroup,
+        unit=unit_from_cgroup(cgroup),
+    )
+
+
+def _or_empty(read, default):
+    import psutil
+
+    try:
+        return read()
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        return default
+
+
+def cgroup_within(cgroup: str, top: str) -> bool:
+    """Whether cgroup path is top or below it (a unit's delegated subgroups are its own)."""
+    return bool(top) and (cgroup == top or cgroup.startswith(top.rstrip("/") + "/"))
+
+
+def cgroup_pids(cgroup_path: str, *, recursive: bool = True) -> list[int]:
+    """The PIDs in a cgroup (and, by default, its descendants), from cgroup.procs.
+
+    Read from the cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid
+    hosts), else from the name=systemd v1 hierarchy. An empty list if the cgroup is gone.
+    """
+    base = _cgroup_dir(cgroup_path)
+    if base is None:
+        return []
+    pids: list[int] = []
+    directories = [base]
+    while directories:
+        directory = directories.pop()
+        try:
+            with open(os.path.join(directory, "cgroup.procs")) as f:
+                pids.extend(int(line) for line in f.read().split())
+            if recursive:
+                with os.scandir(directory) as entries:
+                    directories.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    return pids
+
+
+def _cgroup_dir(cgroup_path: str) -> str | None:
+    relative = cgroup_path.strip("/")
+    for root in (*_cgroup2_roots(), CGROUP_V1_SYSTEMD):
+        directory = os.path.join(root, relative) if relative else root
+        if os.path.exists(os.path.join(directory, "cgroup.procs")):
+            return directory
+    return None
+
+
+def _cgroup2_roots() -> list[str]:
+    return [root for root in CGROUP_ROOTS if os.path.exists(os.path.join(root, "cgroup.controllers"))]
+
+
+def socket_cgroup_pids(sockets: Iterable[SocketFact]) -> list[int]:
+    """The PIDs in the cgroups where these sockets were created: where to look for holders first.
+
+    sock_diag reports each full socket's cgroup, which is the creating process's unit
+    (PID 1's init.scope for a systemd socket unit). Pass the result as find_holders'
+    first_pids: the holder is then usually the first process read, instead of one among
+    thousands. The root cgroup is skipped, as it would name every process.
+    """
+    pids: list[int] = []
+    for cgroup_id in sorted({s.cgroup_id for s in sockets if s.cgroup_id and s.inode}):
+        path = cgroup_path_for_id(cgroup_id)
+        if path is not None and path != "/":
+            pids.extend(cgroup_pids(path))
+    return pids
+
+
+def cgroup_path_for_id(cgroup_id: int) -> str | None:
+    """The cgroup2 path (e.g. /system.slice/nginx.service) of the cgroup sock_diag reported.
+
+    A cgroup's id is its directory's inode number on the cgroup2 mount. With
+    CAP_DAC_READ_SEARCH the kernel resolves it directly (open_by_handle_at with a kernfs
+    file handle: about 0.01 ms, plus 2-4 ms to import ctypes); without it the mount is
+    walked, skipping subtrees created after the cgroup (ids only grow): about 6 ms for
+    320 cgroups, still far cheaper than scanning /proc for the holder.
+    None when there is no cgroup2 mount or no such cgroup (it was removed).
+    """
+    for root in _cgroup2_roots():
+        try:
+            directory = _open_cgroup_by_id(root, cgroup_id)
+        except OSError:
+            directory = _walk_for_cgroup(root, cgroup_id)
+        if directory is not None:
+            relative = os.path.relpath(directory, root)
+            return "/" if relative == "." else "/" + relative
+    return None
+
+
+FILEID_KERNFS = 0xFE
+
+
+def _open_cgroup_by_id(root: str, cgroup_id: int) -> str | None:
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    handle = ctypes.create_string_buffer(struct.pack("=IiQ", 8, FILEID_KERNFS, cgroup_id), 16)
+    mount_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = libc.open_by_handle_at(mount_fd, handle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            if code == errno.ESTALE:  # no such cgroup
+                return None
+            raise OSError(code, os.strerror(code))
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mount_fd)
+
+
+def _walk_for_cgroup(root: str, cgroup_id: int) -> str | None:
+    try:
+        if os.stat(root).st_ino == cgroup_id:
+            return root
+    except OSError:
+        return None
+    directories = [root]
+    while directories:
+        directory = directories.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    inode = entry.inode()
+                    if inode == cgroup_id:
+                        return entry.path
+                    if inode < cgroup_id:
+                        directories.append(entry.path)
+        except OSError:
+            continue
+    return None

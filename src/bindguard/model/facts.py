@@ -1,0 +1,157 @@
+"""The evidence the guard gathers: plain records, no I/O.
+
+The verdict is a pure function of these, so it can be tested on recorded evidence.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass, field
+
+from bindguard.model.endpoints import Bind, Endpoint
+
+# TCP states as the kernel numbers them (include/net/tcp_states.h).
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+    13: "BOUND_INACTIVE",
+}
+# A TCP socket that is bound but never listened comes back from sock_diag as CLOSE
+# (or BOUND_INACTIVE); an unconnected UDP socket as CLOSE too. Both are reported "BOUND".
+BOUND = "BOUND"
+
+
+@dataclass(frozen=True)
+class SocketFact:
+    """One socket on the port in question, as sock_diag (or /proc/net) reports it."""
+
+    local: Endpoint
+    state: str  # LISTEN, BOUND, ESTABLISHED, TIME_WAIT, FIN_WAIT2, ... (UDP: BOUND or ESTABLISHED)
+    uid: int
+    inode: int  # 0 when no process holds it (TIME_WAIT, orphaned FIN_WAIT2)
+    remote: Endpoint | None = None
+    v6only: bool | None = None  # None: not reported (TIME_WAIT) or not IPv6
+    expires_ms: int | None = None  # time left on the socket's timer (TIME_WAIT)
+    interface: int = 0  # SO_BINDTODEVICE ifindex, 0 for none
+    cgroup_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessFact:
+    """A process that holds a socket."""
+
+    pid: int
+    ppid: int
+    name: str
+    cmdline: tuple[str, ...]
+    exe: str
+    uid: int
+    user: str
+    started: float  # seconds since the epoch
+    cgroup: str  # the unified-hierarchy path from /proc/PID/cgroup, e.g. /system.slice/nginx.service
+    unit: str | None = None  # the systemd unit the cgroup path names, if any
+
+
+@dataclass(frozen=True)
+class SocketUnitFact:
+    """One network address of a systemd .socket unit."""
+
+    name: str
+    active_state: str  # active (listening now), inactive, failed, ...
+    endpoint: Endpoint
+    v6only: bool
+    triggers: tuple[str, ...] = ()  # the services it activates
+
+
+@dataclass
+class SystemdFacts:
+    """systemd's view: who the manager is, which unit is guarded, which units claim addresses.
+
+    Only what was proven is here: manager_pid is None unless the bus named the manager, or
+    /proc showed a systemd process where $MANAGERPID or PID 1 points (attribution.proven_manager);
+    unit_of_pid holds the manager's own answers (GetUnitByPID), None meaning "in no unit", and
+    a PID missing from it means nobody asked the manager (no bus).
+    """
+
+    manager_pid: int | None
+    manager_proof: str = ""  # how the manager is known, for the evidence ("the bus", "$MANAGERPID", ...)
+    guarded_unit: str | None = None
+    # Whether the guarded unit runs an instance now (its main process, or the start past ExecStartPre=):
+    # False means whatever sits in its cgroup is left from an earlier run; None: not known (no bus).
+    guarded_instance_running: bool | None = None
+    guarded_state: str = ""  # "inactive (dead)", "activating (start-pre)", ...: the evidence for the above
+    socket_units: list[SocketUnitFact] = field(default_factory=list)
+    unit_states: dict[str, str] = field(default_factory=dict)  # unit -> ActiveState
+    unit_of_pid: dict[int, str | None] = field(default_factory=dict)  # GetUnitByPID; None: in no unit
+
+
+@dataclass(frozen=True)
+class BindPrivilege:
+    """What the guard proved about the daemon's right to bind below net.ipv4.ip_unprivileged_port_start
+    (bindguard.evidence.privilege): that it lacks CAP_NET_BIND_SERVICE, unless `unproven` says why not."""
+
+    unprivileged_port_start: int
+    user: str  # the daemon's User= as written ("" for root or unset)
+    bounding_set: bool = False  # CapabilityBoundingSet= leaves the capability out
+    facts: tuple[str, ...] = ()  # the checked facts, as evidence sentences
+    unproven: str | None = None  # why the daemon might still get the capability: nothing is claimed
+
+    @property
+    def denied(self) -> bool:
+        return self.unproven is None
+
+
+@dataclass
+class Evidence:
+    """Everything observed about the requested ports, gathered once."""
+
+    sockets: list[SocketFact] = field(default_factory=list)
+    holders: dict[int, ProcessFact] = field(default_factory=dict)  # inode -> the holding process
+    systemd: SystemdFacts | None = None
+    tentative: frozenset[ipaddress.IPv6Address] = frozenset()  # IPv6 addresses still in duplicate-address detection
+    notes: list[str] = field(default_factory=list)  # what could not be observed, and why
+    privilege: BindPrivilege | None = None  # the daemon's right to privileged ports, where proven
+    observed_at: float = 0.0  # time.monotonic() when the sockets were read
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The kernel's answer to the trial bind of one socket."""
+
+    bind: Bind
+    error: int = 0  # errno of the failing step, 0 when the socket bound (and listened)
+    step: str = ""  # "bind" or "listen" when it failed there
+    collides_with: Bind | None = None  # another socket of the same request, when that is the obstacle
+
+    @property
+    def ok(self) -> bool:
+        return self.error == 0
+
+    @property
+    def error_name(self) -> str:
+        return errno.errorcode.get(self.error, str(self.error)) if self.error else ""
+
+
+@dataclass
+class UnitFacts:
+    """What systemd says about a unit, as plain data: over D-Bus (systemd.context.unit_facts) or
+    from its unit files (systemd.unitfacts.unit_facts_from_files)."""
+
+    exec_start: list[list[str]] = field(default_factory=list)  # argv of each ExecStart=, unexpanded
+    environment: list[str] = field(default_factory=list)  # Environment=, "NAME=value" each
+    environment_files: list[str] = field(default_factory=list)  # EnvironmentFile=, "-" prefix for optional
+    # (type, address[, socket unit, BindIPv6Only=, ReusePort=])
+    socket_listens: list[tuple[str | bool, ...]] = field(default_factory=list)
+    user: str = ""  # User=, "" when unset (root)
+    group: str = ""  # Group=, "" when unset

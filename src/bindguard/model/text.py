@@ -1,0 +1,25 @@
+"""Untrusted text made safe to show: one line, every control character escaped. Pure, no imports.
+
+The request stage quotes a file's text in its errors and the report stage writes every line
+through escape(): both use this one rule.
+"""
+
+# Every control character (C0, DEL, C1) as an escape: \n, \r, \t, else \xNN.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
+    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def escape(text: str) -> str:
+    """Text the guard does not control (a process's argv or name, a unit name from a cgroup, a
+    file's contents or name) made one harmless line: every control character is written as an
+    escape (a newline as \\n, ESC as \\x1b), so that it can neither start a journal entry of its
+    own (a forged "clear") nor drive a terminal. Every line emit() writes goes through it; text
+    written to stdout some other way must be passed through it first."""
+    return text.translate(_ESCAPES)
+
+
+def excerpt(text: str, limit: int = 40) -> str:
+    """At most `limit` characters of a file's (or any untrusted) text, escaped and quoted, for an
+    error message that must name what it could not use without printing the whole file."""
+    cut = text[:limit]
+    return "'" + escape(cut) + ("'..." if len(text) > limit else "'")

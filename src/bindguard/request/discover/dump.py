@@ -1,0 +1,239 @@
+"""Running a daemon's own configuration dump (`nginx -T`, `sshd -T`) without handing root to anyone.
+
+The guard runs as root before a service starts; the daemon's binary, its configuration and the
+unit's environment may belong to the service's user. A dump runs only when all of this holds,
+else the finder reads the files itself (and says why the dump was not run):
+
+- The program is reached by an absolute path: the one ExecStart= names, or for a bare name the
+  path systemd itself resolves it to (its fixed search path, never the unit's $PATH). A bare name
+  inside `sh -c` or after `env` is resolved by the unit's $PATH: not run.
+- root owns the program and every directory above it, and no one else can write to them (a
+  world-writable directory only with the sticky bit). The resolved path is what is executed.
+- It runs as the unit's User= and Group= (with the user's supplementary groups), set in the child
+  before exec. A User= the system does not know (DynamicUser=) is not run.
+- Without User= the service's own user is root, and so is the dump's. Then every file of the
+  daemon's configuration (each file the finder's own reading reached, each module it loads) and
+  each EnvironmentFile= must be as trusted as the program: root's, with no one else able to write
+  them or a directory above them. A configuration that cannot be read through is not dumped.
+- The child gets an environment of PATH=/usr/sbin:/usr/bin alone, / as working directory, no
+  stdin, a session of its own, and is killed when it outlives the discovery's time budget or
+  writes more than its byte budget.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bindguard.model.text import excerpt
+from bindguard.request.discover.common import current_budget, current_service
+
+# Where systemd looks for an ExecStart= program given by name alone (systemd.service(5): a fixed
+# search path chosen at compile time; Debian's systemd 252 has no ExecSearchPath= default).
+SYSTEMD_SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+DUMP_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin"}
+DUMP_SECONDS = 10.0  # at most; never more than the discovery's time left
+ROOT = 0
+
+
+def systemd_resolved(name: str) -> str | None:
+    """The path systemd runs for a bare ExecStart= name: the first executable in its fixed search path."""
+    if not name or "/" in name:
+        return None
+    for directory in SYSTEMD_SEARCH_PATH:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def untrusted(path: str) -> str | None:
+    """Why path (symlinks followed) is not root's alone, or None when root owns it and every
+    directory above it and no one else can write to any of them."""
+    real = os.path.realpath(path)
+    chain = [real]
+    while chain[-1] != "/":
+        chain.append(os.path.dirname(chain[-1]))
+    for part in chain:
+        try:
+            info = os.lstat(part)
+        except OSError as exc:
+            return f"{part}: {exc.strerror or exc}"
+        if stat.S_ISLNK(info.st_mode):  # swapped in since realpath(): someone could
+            return f"{part} changed while it was checked"
+        if info.st_uid != ROOT:
+            return f"{part} belongs to uid {info.st_uid}, not root"
+        sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & stat.S_IWOTH and not sticky_dir:
+            return f"{part} can be written by every user"
+        if info.st_mode & stat.S_IWGRP and info.st_gid != ROOT and not sticky_dir:
+            return f"{part} can be written by group {info.st_gid}"
+    return None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Whom a dump runs as; uid None: the guard's own (it is not root and cannot change it)."""
+
+    uid: int | None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+
+    @property
+    def root(self) -> bool:
+        return self.uid == ROOT
+
+
+def _uid_and_name(user: str) -> tuple[int, str | None, int | None]:
+    """(uid, name, primary gid) of User=: a name or a number; KeyError when the system does not know it."""
+    import pwd
+
+    if user.isascii() and user.isdigit():
+        uid = int(user)
+        try:
+            entry = pwd.getpwuid(uid)
+            return uid, entry.pw_name, entry.pw_gid
+        except KeyError:
+            return uid, None, None
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_name, entry.pw_gid
+
+
+def _gid(group: str) -> int:
+    import grp
+
+    if group.isascii() and group.isdigit():
+        return int(group)
+    return grp.getgrnam(group).gr_gid
+
+
+def credentials(user: str | None, group: str | None) -> Credentials | str:
+    """Whom a dump for a service with this User= and Group= runs as, or why it cannot run."""
+    if os.geteuid() != ROOT:
+        return Credentials(None)
+    try:
+        uid, name, primary = _uid_and_name(user) if user else (ROOT, None, ROOT)
+    except KeyError:
+        return f"User={user} is not a user this system knows (DynamicUser=?)"
+    try:
+        gid = _gid(group) if group else primary
+    except KeyError:
+        return f"Group={group} is not a group this system knows"
+    if gid is None:
+        return f"User={user} has no group: the dump needs Group="
+    groups = tuple(os.getgrouplist(name, gid)) if name and uid != ROOT else (gid,)
+    return Credentials(uid, gid, groups)
+
+
+def allowed(program: str, inputs: Iterable[str] | None) -> tuple[Credentials | None, str]:
+    """Whom a dump by program runs as for the discovery under way, or why it must not run:
+    (credentials, ""), (None, why), or (None, "") when no program is at that path to run.
+
+    inputs: the files that decide what the dump does (configuration files, modules it loads),
+    None when they are not all known (a configuration that could not be read through).
+    """
+    if not program or (os.path.isabs(program) and not (os.path.isfile(program) and os.access(program, os.X_OK))):
+        return None, ""
+    service = current_service()
+    runs_as = credentials(service.user, service.group)
+    if inputs is None and isinstance(runs_as, Credentials) and runs_as.root:
+        return None, ""  # the finder says why its configuration could not be read
+    present = [path for path in service.environment_files if os.path.lexists(path)]  # "-": maybe missing
+    why = refusal(program, runs_as, None if inputs is None else [*inputs, *present])
+    if why or isinstance(runs_as, str):  # refusal() gives the string credentials() returned as its why
+        return None, why or ""
+    return runs_as, ""
+
+
+def refusal(program: str, runs_as: Credentials | str, root_inputs: Iterable[str] | None) -> str | None:
+    """Why a dump by program, as runs_as, must not run; None when it may.
+
+    root_inputs: every file the dump reads that decides what it does (configuration files,
+    modules, environment files) when it runs as root; None when they are not all known.
+    """
+    if not os.path.isabs(program):
+        return f"{program} is not an absolute path (a bare name in a shell or after env: the unit's PATH finds it)"
+    why = untrusted(program)
+    if why:
+        return f"{program} is not root's alone ({why})"
+    if isinstance(runs_as, str):
+        return runs_as
+    if runs_as.root:
+        if root_inputs is None:
+            return "it would run as root, and its configuration could not be read through first"
+        for path in root_inputs:
+            why = untrusted(path)
+            if why:
+                return f"it would run as root, and {path} is not root's alone ({why})"
+    return None
+
+
+def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
+    """Run a daemon's own configuration dump; (ok, stdout, the first line of the complaint).
+
+    argv[0] must have passed refusal(). Its output counts against the discovery's byte budget,
+    its run time against the time budget: past either, it is killed and the dump has failed.
+    """
+    import selectors
+    import signal
+    import subprocess
+    import time
+
+    budget = current_budget()
+    program = os.path.realpath(argv[0])  # what was checked, not a path someone could re-point
+    command = " ".join(argv)
+    if budget.seconds_left() <= 0 or budget.bytes_left <= 0:
+        return False, "", f"{command}: not run, discovery has spent its budget"
+    switch = runs_as.uid is not None  # the child sets groups, gid, then uid before exec
+    try:
+        proc = subprocess.Popen([program, *argv[1:]], executable=program, env=dict(DUMP_ENVIRONMENT), cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, close_fds=True, user=runs_as.uid,
+                                group=runs_as.gid if switch else None,
+                                extra_groups=list(runs_as.groups) if switch else None)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, "", f"{command}: {exc}"
+    out_pipe, err_pipe = proc.stdout, proc.stderr
+    assert out_pipe is not None and err_pipe is not None  # both are pipes (PIPE above)
+    out, err = bytearray(), bytearray()
+    deadline_left = min(DUMP_SECONDS, budget.seconds_left())
+    limit = max(budget.bytes_left, 0)
+    failure = ""
+    with selectors.DefaultSelector() as selector:
+        selector.register(out_pipe, selectors.EVENT_READ, out)
+        selector.register(err_pipe, selectors.EVENT_READ, err)
+        deadline = time.monotonic() + deadline_left
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failure = f"{command}: no answer in {deadline_left:.1f} s; stopped"
+                break
+            for key, _ in selector.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                key.data.extend(chunk)
+            if len(out) + len(err) > limit:
+                failure = f"{command}: more than {limit >> 20} MiB of output; stopped"
+                break
+    if failure:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the dump and anything it started
+        except ProcessLookupError:
+            pass
+    out_pipe.close()
+    err_pipe.close()
+    returncode = proc.wait()
+    budget.bytes_left -= len(out) + len(err)
+    if failure:
+        return False, "", failure
+    stdout = out.decode("utf-8", errors="replace")
+    if returncode != 0:
+        lines = [line for line in err.decode("utf-8", errors="replace").splitlines() if line.strip()]
+        why = next((line for line in lines if "emerg" in line or "rror" in line), lines[0] if lines else "")
+        # Its complaint may quote the file it was pointed at (a line of it): a short excerpt only.
+        return False, stdout, f"{command} failed (exit {returncode}): {excerpt(why.strip())}"
+    return True, stdout, ""

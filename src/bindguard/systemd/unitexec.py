@@ -1,0 +1,230 @@
+"""A service's [Service] settings from its unit files, with the standard library's os alone.
+
+On the path of every start the every-service drop-in guards: whether a unit runs a daemon that
+discovery knows is answered from its unit files, with no D-Bus round trip and no import beyond os.
+Lookup as systemd does it: the unit search path in order of precedence, the first fragment found
+(a symlink is followed: aliases, /dev/null masks), an instance falls back to its template;
+drop-ins NAME.d/*.conf of the type (service.d), of each dash prefix (foo-.service.d for
+foo-bar.service), of the template and of the unit and its aliases, a file name in a higher
+directory masking the same name below, applied in lexical order of file name; an empty
+assignment resets a list. Specifiers and quoting are left to bindguard.systemd.unitfacts.
+"""
+
+import os
+
+from bindguard.systemd.unitfiles import template_of
+
+SYSTEM_UNIT_PATH = (
+    "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
+    "/run/systemd/generator.early", "/etc/systemd/system", "/etc/systemd/system.attached",
+    "/run/systemd/system", "/run/systemd/system.attached", "/run/systemd/generator",
+    "/usr/local/lib/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system",
+    "/run/systemd/generator.late",
+)
+LIST_KEYS = ("ExecStart", "Environment", "EnvironmentFile")
+
+# The daemons discovery knows, in one table (here, not in bindguard.model: the every-service
+# drop-in's path reads it, and this module is the one that path loads anyway). By unit name,
+# discovery (which asks systemd over D-Bus what the unit runs) is worth its price without a
+# bindguard file; by binary, discovery picks the module that reads the daemon's configuration.
+# discovery module: (unit names, without the .service or @instance; ExecStart= binary names)
+KNOWN_DAEMONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "nginx": (("nginx",), ("nginx",)),
+    "apache": (("apache2", "httpd"), ("apache2", "apachectl", "apache2ctl", "httpd")),
+    "haproxy": (("haproxy",), ("haproxy",)),
+    "sshd": (("ssh", "sshd"), ("sshd",)),
+    "redis": (("redis-server", "redis"), ("redis-server",)),
+    "postgres": (("postgresql",), ("postgres", "postmaster", "pg_ctl", "pg_ctlcluster")),
+    "mysql": (("mariadb", "mysql", "mysqld"), ("mariadbd", "mysqld", "mysqld_safe", "mariadbd-safe")),
+}
+
+# ExecStart= binary name -> the discovery module that knows the daemon.
+DAEMONS = {binary: module for module, (_, binaries) in KNOWN_DAEMONS.items() for binary in binaries}
+# Unit name (postgresql of postgresql@15-main.service) -> the discovery module.
+UNIT_NAMES = {name: module for module, (names, _) in KNOWN_DAEMONS.items() for name in names}
+# Shells whose `-c` script discovery reads as the commands it runs.
+SHELLS = ("sh", "bash", "dash", "zsh")
+
+
+
+def user_unit_path(environ=None) -> tuple[str, ...]:
+    env = os.environ if environ is None else environ
+    home = env.get("HOME", "/root")
+    config = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    data = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    in_runtime = (lambda *names: [os.path.join(runtime, "systemd", n) for n in names]) if runtime else (lambda *n: [])
+    dirs = [os.path.join(config, "systemd", "user.control"),
+            *in_runtime("user.control", "transient", "generator.early"),
+            os.path.join(config, "systemd", "user"), "/etc/systemd/user", *in_runtime("user", "generator"),
+            os.path.join(data, "systemd", "user"), "/usr/local/lib/systemd/user", "/usr/lib/systemd/user",
+            "/lib/systemd/user", *in_runtime("generator.late")]
+    return tuple(dirs)
+
+
+def unit_path(user: bool = False) -> tuple[str, ...]:
+    """$SYSTEMD_UNIT_PATH (colon-separated, as systemd honours it) or the manager's standard path."""
+    override = os.environ.get("SYSTEMD_UNIT_PATH")
+    if override:
+        return tuple(d for d in override.split(":") if d)
+    return user_unit_path() if user else SYSTEM_UNIT_PATH
+
+
+def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """The fragment path, and every name the unit is known by (its aliases through symlinks)."""
+    known = list(names)
+    for name in names:
+        for d in dirs:
+            path = os.path.join(d, name)
+            if not os.path.lexists(path):
+                continue
+            target = os.path.realpath(path)
+            if target == "/dev/null":
+                return None, known
+            alias = os.path.basename(target)
+            if alias not in known:
+                known.append(alias)
+            return (target if os.path.isfile(target) else None), known
+    return None, known
+
+
+def _dropin_dir_names(names: list[str]) -> list[str]:
+    """Drop-in directory names, lowest precedence first: the type, each dash prefix, then the names."""
+    result: list[str] = []
+    for name in names:
+        stem, _, suffix = name.rpartition(".")
+        parts = stem.split("-")
+        for directory in [f"{suffix}.d"] + [f"{'-'.join(parts[:i])}-.{suffix}.d" for i in range(1, len(parts))] \
+                + [f"{name}.d"]:
+            if directory not in result:
+                result.append(directory)
+    return result
+
+
+def unit_files(unit: str, user: bool = False) -> list[str]:
+    """The fragment and its drop-ins, in the order they apply; empty for no unit (or a masked one)."""
+    dirs = unit_path(user)
+    names = [unit] + ([t] if (t := template_of(unit)) else [])
+    fragment, known = _find_fragment(names, dirs)
+    if fragment is None:
+        return []
+    ordered = [n for n in known if n != unit] + [unit]  # the template's drop-ins first
+    chosen: dict[str, str] = {}
+    for dropin_dir in _dropin_dir_names(ordered):
+        for d in reversed(dirs):
+            try:
+                entries = os.listdir(os.path.join(d, dropin_dir))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.endswith(".conf"):
+                    chosen[entry] = os.path.join(d, dropin_dir, entry)
+    return [fragment] + [chosen[e] for e in sorted(chosen) if os.path.isfile(chosen[e])]
+
+
+def _assignments(path: str, section_wanted: str = "Service"):
+    """(key, value) in one section, continuation lines joined."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    section, pending = None, ""
+    for raw in lines:
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == section_wanted and "=" in line:
+            key, _, value = line.partition("=")
+            yield key.strip(), value.strip()
+
+
+def unit_settings(unit: str, user: bool = False, section: str = "Service",
+                  keys: tuple[str, ...] = LIST_KEYS) -> dict[str, list[str]]:
+    """The raw values of list settings in one section, after resets (an empty assignment)."""
+    values: dict[str, list[str]] = {key: [] for key in keys}
+    for path in unit_files(unit, user):
+        for key, value in _assignments(path, section):
+            if key in values:
+                if value:
+                    values[key].append(value)
+                else:
+                    values[key] = []
+    return values
+
+
+def service_settings(unit: str, user: bool = False) -> dict[str, list[str]]:
+    """The raw values of ExecStart=, Environment= and EnvironmentFile=, after resets."""
+    return unit_settings(unit, user)
+
+
+def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Socket units enabled in these unit directories (the manager's UnitPath): the symlinks in
+    their `*.wants/`, `*.requires/` and `*.upholds/` directories that `systemctl enable` makes.
+    Name -> "enabled", or "enabled-runtime" for /run. Unreadable directories are skipped."""
+    found: dict[str, str] = {}
+    for directory in dirs:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.endswith((".wants", ".requires", ".upholds")):
+                continue
+            try:
+                names = [e.name for e in os.scandir(entry.path)]
+            except OSError:
+                continue
+            state = "enabled-runtime" if directory.startswith("/run/") else "enabled"
+            for name in names:
+                if name.endswith(".socket") and not name.endswith("@.socket"):
+                    found.setdefault(name, state)
+    return found
+
+
+def socket_listen_values(unit: str, user: bool = False) -> list[str]:
+    """A .socket unit's ListenStream= and ListenDatagram= values, as written."""
+    values = unit_settings(unit, user, "Socket", ("ListenStream", "ListenDatagram"))
+    return values["ListenStream"] + values["ListenDatagram"]
+
+
+def listen_port(value: str) -> int | None:
+    """The port of a Listen value or LISTEN argument as written ("8080", "0.0.0.0:8080",
+    "[::]:8080", "udp:..."): its digits after the last colon; None for a path or vsock address."""
+    digits = value.rpartition(":")[2].strip()
+    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
+
+
+def socket_units_may_claim(ports: set[int | None], user: bool = False) -> bool:
+    """Whether the unit files of an enabled .socket unit list one of these ports: on a clear
+    start the one thing that needs the manager (a latent socket unit), read without D-Bus."""
+    ports = ports - {None}
+    return any(listen_port(value) in ports
+               for socket_unit in enabled_socket_units(unit_path(user))
+               for value in socket_listen_values(socket_unit, user))
+
+
+def _command_names(exec_start: str) -> list[str]:
+    """The names of the programs an ExecStart= value runs: its binary, and inside `sh -c` the words."""
+    words = exec_start.replace("'", " ").replace('"', " ").split()
+    if not words:
+        return []
+    first = os.path.basename(words[0].lstrip("-@:+!"))
+    if first == "env":
+        rest = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        return [os.path.basename(rest[0])] if rest else []
+    if first in SHELLS and "-c" in words[1:3]:
+        return [os.path.basename(w.strip(";&|()`")) for w in words[words.index("-c") + 1:]]
+    return [first]
+
+
+def runs_known_daemon(unit: str, user: bool = False) -> bool:
+    """Whether an ExecStart= of the unit runs a daemon that discovery knows."""
+    return any(name in DAEMONS for value in service_settings(unit, user)["ExecStart"]
+               for name in _command_names(value))

@@ -1,0 +1,77 @@
+"""A service's ExecStart=, Environment=, EnvironmentFile=, User= and Group= as discovery's
+UnitFacts, from its unit files (bindguard.systemd.unitexec finds them, os only), without D-Bus.
+
+Here the values are split as systemd splits them (quotes, the -@:+! prefixes of ExecStart=, `@`
+naming argv[0]) and specifiers are resolved: %n %N %p %P %i %I %j %J %f %% and the fixed
+directories %t %S %C %L %E %T %V %h. Socket units are not read (whether one is running needs the
+manager): socket_listens stays empty; `bindguard discover UNIT` asks D-Bus for those.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+from bindguard.model.facts import UnitFacts
+from bindguard.systemd.unitexec import LIST_KEYS, unit_files, unit_settings
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text.replace("-", "/"))
+
+
+def _specifiers(unit: str, user: bool) -> dict[str, str]:
+    name = unit.rpartition(".")[0]
+    prefix, at, instance = name.partition("@")
+    last = prefix.rsplit("-", 1)[-1]
+    return {
+        "n": unit, "N": name, "p": prefix, "P": _unescape(prefix), "i": instance, "I": _unescape(instance),
+        "j": last, "J": _unescape(last), "f": "/" + _unescape(instance if at else name),
+        "t": os.environ.get("XDG_RUNTIME_DIR", "/run") if user else "/run", "S": "/var/lib", "C": "/var/cache",
+        "L": "/var/log", "E": "/etc", "T": "/tmp", "V": "/var/tmp", "h": os.path.expanduser("~") if user else "/root",
+        "%": "%",
+    }
+
+
+def _resolve(text: str, specifiers: dict[str, str]) -> str:
+    return re.sub(r"%(.)", lambda m: specifiers.get(m.group(1), m.group(0)), text)
+
+
+def _split(value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
+
+
+def _exec_argv(value: str) -> list[str]:
+    words = _split(value)
+    if not words:
+        return []
+    first = words[0]
+    prefixes = first[:len(first) - len(first.lstrip("-@:+!"))]
+    words[0] = first[len(prefixes):]
+    if "@" in prefixes and len(words) >= 2:
+        words = [words[0]] + words[2:]  # the second word is only argv[0]'s name
+    return words
+
+
+def unit_fragment(unit: str, user: bool = False) -> str | None:
+    """The file a unit is loaded from (following aliases; an instance's template), or None."""
+    files = unit_files(unit, user)
+    return files[0] if files else None
+
+
+def unit_facts_from_files(unit: str, user: bool = False) -> UnitFacts:
+    """UnitFacts of a service from its unit files; empty when it has no fragment (or is masked)."""
+    settings = unit_settings(unit, user, keys=LIST_KEYS + ("User", "Group"))
+    specifiers = _specifiers(unit, user)
+    resolved = {key: [_resolve(v, specifiers) for v in values] for key, values in settings.items()}
+    return UnitFacts(
+        exec_start=[argv for argv in map(_exec_argv, resolved["ExecStart"]) if argv],
+        environment=[word for value in resolved["Environment"] for word in _split(value)],
+        environment_files=resolved["EnvironmentFile"],
+        user=resolved["User"][-1] if resolved["User"] else "",
+        group=resolved["Group"][-1] if resolved["Group"] else "",
+    )

@@ -1,0 +1,218 @@
+"""Unit names, a process's unit from its cgroup, and where a unit's bindguard files are: os alone.
+
+This is on the path of every start the every-service drop-in guards, so finding that a unit
+has nothing to guard must cost a few stat() calls and nothing more.
+"""
+
+import os
+import stat
+
+DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
+SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
+# The unit types systemd knows (unit_type_from_string) and the characters a name may have before
+# its type (VALID_CHARS_WITH_AT in systemd's unit-name.c); systemd's UNIT_NAME_MAX (256) counts the NUL.
+UNIT_TYPES = ("service", "socket", "target", "device", "mount", "automount", "swap", "timer", "path", "slice", "scope")
+UNIT_SUFFIXES = tuple("." + kind for kind in UNIT_TYPES)
+UNIT_NAME_MAX = 255
+UNIT_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:-_.\\@")
+PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")  # units whose cgroup holds processes
+
+
+
+def user_manager(choice: bool | None = None, environ=None) -> bool:
+    """Whether to talk to a user manager: --user/--system (True/False) decide; otherwise
+    $MANAGERPID, which a manager sets for what it starts, other than 1 means a user manager."""
+    if choice is not None:
+        return choice
+    manager = _env_manager_pid(environ)
+    return manager is not None and manager != 1
+
+
+def manager_pid_from_env(environ=None) -> int | None:
+    """$MANAGERPID, the PID a user manager names for what it starts; None when unset. A claim only:
+    attribution.proven_manager checks that it is systemd."""
+    return _env_manager_pid(environ)
+
+
+def _env_manager_pid(environ) -> int | None:
+    """$MANAGERPID in ASCII digits (int() reads '٥' as 5 and raises on '²'), else None."""
+    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
+    return int(manager) if manager.isascii() and manager.isdigit() and len(manager) <= 10 else None
+
+
+def search_path() -> list[str]:
+    value = os.environ.get(SEARCH_PATH_ENV)
+    if value is None:
+        return list(DEFAULT_SEARCH_PATH)
+    return [d for d in value.split(":") if d]
+
+
+def unit_name(text: str, template: bool = False) -> str | None:
+    """The unit name systemctl makes of text (`nginx` -> nginx.service, `getty@tty1` ->
+    getty@tty1.service), or None where systemd rejects it (normalize_unit says why)."""
+    name = _with_type(text)
+    return None if _unit_name_problem(name, template) else name
+
+
+def normalize_unit(text: str, template: bool = False) -> str:
+    """unit_name(), or a UsageError (exit 64) naming the input and what systemd accepts.
+
+    A template (foo@.service) is a unit name only where template=True: a drop-in may apply to
+    every instance, but a guard always runs for one instance (%n).
+    """
+    name = _with_type(text)
+    problem = _unit_name_problem(name, template)
+    if problem is None:
+        return name
+    from bindguard.model.errors import UsageError
+
+    shown = repr(text[:80]) + ("..." if len(text) > 80 else "")
+    hint = ("name one instance, e.g. foo@NAME.service" if problem.endswith("template") else
+            "write a unit name such as nginx.service; `systemd-escape` makes one from a path or other text")
+    raise UsageError(f"{shown} is not a unit name: {problem}", hint)
+
+
+def _with_type(text: str) -> str:
+    """text with .service appended when it names no unit type, as systemctl does."""
+    return text if text.endswith(UNIT_SUFFIXES) else text + ".service"
+
+
+def _unit_name_problem(name: str, template: bool) -> str | None:
+    """What systemd's unit_name_is_valid() finds wrong with a name that has a type suffix, or None."""
+    prefix = name[: name.rfind(".")]
+    if not prefix:
+        return "the name before its type is empty"
+    if len(name) > UNIT_NAME_MAX:
+        return f"it is longer than {UNIT_NAME_MAX} characters"
+    bad = sorted(set(prefix) - UNIT_NAME_CHARS)
+    if bad:
+        return (f"{', '.join(repr(c) for c in bad[:5])} cannot be in a unit name "
+                "(ASCII letters, digits and : - _ . \\ @ can)")
+    at = prefix.find("@")
+    if at == 0:
+        return "it starts with '@'"
+    if at == len(prefix) - 1 and not template:
+        return f"{name} is a template"
+    return None
+
+
+def daemon_for_unit_name(unit: str) -> str | None:
+    """The daemon a unit runs, judged by its name alone (postgresql@15-main.service -> postgres)."""
+    from bindguard.systemd.unitexec import UNIT_NAMES  # the one table of known daemons
+
+    return UNIT_NAMES.get(unit.rsplit(".", 1)[0].split("@", 1)[0])
+
+
+def template_of(name: str) -> str | None:
+    """The template of an instance (foo@bar.service -> foo@.service); None for any other name."""
+    prefix, at, rest = name.partition("@")
+    if not at or rest.startswith("."):
+        return None
+    return f"{prefix}@{rest[rest.rfind('.'):]}"
+
+
+def _names(unit: str) -> list[str]:
+    """The unit's own name and, for an instance foo@bar.service, its template foo@.service."""
+    template = template_of(unit)
+    return [unit, template] if template else [unit]
+
+
+def masks_with_nothing(path: str) -> bool:
+    """A link to /dev/null (the null device): the file masks the same name below with nothing.
+    Anything else that is not a regular file is read, and reported, as a configuration."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
+def config_files(unit: str) -> list[str]:
+    """The files that make up a unit's configuration, in the order they apply."""
+    dirs = search_path()
+    main = None
+    for name in _names(unit):
+        for d in dirs:
+            candidate = os.path.join(d, name + ".yaml")
+            if os.path.lexists(candidate):
+                main = candidate  # a file (even empty, or a link to /dev/null) masks those below
+                break
+        if main is not None:
+            break
+    dropins: dict[str, str] = {}
+    for name in reversed(_names(unit)):  # the instance's drop-ins mask the template's
+        for d in reversed(dirs):  # lower precedence first, so higher ones overwrite
+            dropin_dir = os.path.join(d, name + ".yaml.d")
+            try:
+                entries = os.listdir(dropin_dir)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.endswith(".yaml"):
+                    dropins[entry] = os.path.join(dropin_dir, entry)
+    files = [main] if main is not None and not masks_with_nothing(main) else []
+    files += [dropins[name] for name in sorted(dropins) if not masks_with_nothing(dropins[name])]
+    return files
+
+
+def configured_units() -> list[str]:
+    """Every unit with a configuration file or drop-in directory in the search path (templates left out)."""
+    units: set[str] = set()
+    for directory in search_path():
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry[: -len(".yaml")] if entry.endswith(".yaml") else entry[: -len(".yaml.d")] \
+                if entry.endswith(".yaml.d") else None
+            if name and name.endswith(UNIT_SUFFIXES) and not name.split(".")[0].endswith("@"):
+                units.add(name)
+    return sorted(units)
+
+
+def process_cgroup(pid: int | str) -> str | None:
+    """The cgroup path systemd tracks the process by, from /proc/PID/cgroup.
+
+    The unified (cgroup2, `0::`) line when it names a unit, else the name=systemd (cgroup v1)
+    line: on legacy and hybrid hosts a manager may track its units in the v1 hierarchy while
+    the `0::` line stays elsewhere. None if the process is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return cgroup_from_proc_file(f.read())
+    except OSError:
+        return None
+
+
+def cgroup_from_proc_file(text: str) -> str | None:
+    """The path process_cgroup() picks from the text of a /proc/PID/cgroup file."""
+    unified = systemd_v1 = None
+    for line in text.splitlines():
+        if line.count(":") < 2:
+            continue
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        elif controllers == "name=systemd":
+            systemd_v1 = path
+    if unified is not None and (unit_from_cgroup(unified) or systemd_v1 in (None, "/")):
+        return unified
+    return systemd_v1 if systemd_v1 is not None else unified
+
+
+def unit_from_cgroup(path: str) -> str | None:
+    """The systemd unit a cgroup path names: its innermost component that is a unit holding processes.
+
+    /system.slice/nginx.service -> nginx.service; /system.slice/foo.service/payload ->
+    foo.service; /user.slice/user-1000.slice/user@1000.service/app.slice/web.service ->
+    web.service (a unit of the user manager); /init.scope -> init.scope (PID 1). Slices
+    hold no processes of their own: /system.slice -> None. systemd's cgroup escaping (a
+    leading "_") is undone.
+    """
+    for component in reversed(path.split("/")):
+        name = component[1:] if component.startswith("_") else component
+        for suffix in PROCESS_UNIT_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return name
+    return None

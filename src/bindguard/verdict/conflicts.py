@@ -1,0 +1,281 @@
+"""From the kernel's answer and the evidence to conflicts, each with a kind. Pure: no I/O.
+
+The trial bind decides whether an address is blocked; the evidence says by what. Only where no
+probe was possible (a privileged port without the privilege) are the kernel's rules applied to
+the evidence, and such conflicts are marked as predictions.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bindguard.model.endpoints import TCP, Bind, addresses_overlap
+from bindguard.model.facts import BindPrivilege, Evidence, ProcessFact, SocketFact, SocketUnitFact
+from bindguard.model.kinds import (
+    ADDRESS_UNAVAILABLE,
+    BOUND_KIND,
+    GUARD_TRIAL,
+    LATENT_SOCKET_UNIT,
+    LISTENER,
+    NO_UNIT,
+    ORPHAN,
+    OWN_INSTANCE,
+    PERMISSION_DENIED,
+    SELF_CONFLICT,
+    SOCKET_UNIT,
+    TIME_WAIT,
+    UNIT_BY_CGROUP,
+    UNIT_BY_MANAGER,
+    UNIT_UNKNOWN,
+)
+
+# States of a socket no process holds any more; the kernel ends them by a timer.
+CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
+ACTIVE_UNIT_STATES = {"active", "activating", "reloading", "deactivating"}
+
+
+@dataclass
+class Conflict:
+    bind: Bind  # the requested socket this is about
+    kind: str
+    blocking: bool = True  # the kernel refuses (or, predicted, would refuse) this bind
+    clears: bool = False  # goes away by itself (TIME_WAIT, an address in DAD)
+    socket: SocketFact | None = None
+    process: ProcessFact | None = None
+    unit: str | None = None  # the unit to act on: the holder's, or the socket unit whose socket it is
+    unit_status: str | None = None  # UNIT_STATUSES: how `unit` is known; None without a holder process
+    socket_unit: str | None = None
+    own_socket_unit: bool = False  # the socket unit activates the guarded service itself
+    other_bind: Bind | None = None  # the request's own socket in the way (self-conflict)
+    predicted: bool = False
+    error: str = ""  # the kernel's errno name for this bind, when probed
+    evidence: list[str] = field(default_factory=list)
+    privilege: BindPrivilege | None = None  # permission-denied: what was proven about the daemon
+
+
+def could_block(bind: Bind, sock: SocketFact) -> bool:
+    """Whether sock is among the sockets that can make bind() fail (flags it may have unseen)."""
+    if sock.local.proto != bind.endpoint.proto or sock.local.port != bind.endpoint.port:
+        return False
+    v6only = sock.v6only if sock.inode else None  # unknown for TIME_WAIT: take the wider case
+    return addresses_overlap(bind.endpoint, bind.v6only, sock.local, v6only)
+
+
+def certainly_blocks(bind: Bind, sock: SocketFact, daemon_uid: int) -> bool | None:
+    """The kernel's rule for one existing socket, where flags the evidence cannot show matter.
+
+    True: bind() fails whatever the unseen flags are. False: it cannot fail because of this
+    socket. None: it depends on the existing socket's SO_REUSEADDR/SO_REUSEPORT, not observable.
+    """
+    if not could_block(bind, sock):
+        return False
+    opts = bind.options
+    if bind.endpoint.proto == TCP:
+        if sock.state == "LISTEN":
+            return None if opts.reuseport and sock.uid == daemon_uid else True
+        if sock.inode == 0:  # TIME_WAIT and friends keep the flags of the socket they came from
+            return None if opts.reuseaddr or opts.reuseport else True
+        return None if opts.reuseaddr or (opts.reuseport and sock.uid == daemon_uid) else True
+    if opts.reuseaddr or (opts.reuseport and sock.uid == daemon_uid):
+        return None
+    return True
+
+
+def _kind_of_socket(sock: SocketFact | None) -> tuple[str, bool]:
+    if sock is None:
+        return BOUND_KIND, False
+    if sock.state == "LISTEN":
+        return LISTENER, False
+    if sock.inode == 0 and sock.state in CLOSING_STATES:
+        return TIME_WAIT, True
+    return BOUND_KIND, False
+
+
+def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, str]:
+    """A process's unit and how it is known (UNIT_STATUSES), from the manager's answers (GetUnitByPID,
+    None meaning no unit) where it was asked, else from the name its cgroup path bears."""
+    if process.pid in answered:
+        unit = answered[process.pid]
+        if unit is not None and unit.endswith(".slice"):  # a slice holds no process of a unit
+            unit = None
+        return unit, UNIT_BY_MANAGER if unit else NO_UNIT
+    return process.unit, UNIT_BY_CGROUP if process.unit else UNIT_UNKNOWN
+
+
+def unit_phrase(unit: str | None, status: str | None) -> str:
+    """How the report says where a holder belongs, keeping "in no unit" apart from "not known"."""
+    if status == UNIT_BY_MANAGER:
+        return f"unit {unit}"
+    if status == UNIT_BY_CGROUP:
+        return f"unit {unit} (named by its cgroup path only; no bus confirmed it)"
+    if status == NO_UNIT:
+        return "in no unit"
+    return "unit unknown (no answer from the manager)" if status == UNIT_UNKNOWN else ""
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Who holds a socket, and what the evidence proves about it (the Conflict's holder fields)."""
+
+    process: ProcessFact | None = None
+    kind: str | None = None  # socket-unit, own-instance or orphan when proven; None: the socket's kind
+    unit: str | None = None
+    unit_status: str | None = None
+    socket_unit: str | None = None
+    own_socket_unit: bool = False
+    evidence: tuple[str, ...] = ()
+
+
+def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
+    """Which process holds sock, which unit it is in, and what it is, claiming only what is proven.
+
+    The manager's PID, a process's unit and a unit's state count only as the manager or /proc
+    proved them (SystemdFacts). A cgroup path's name proves nothing (another user's manager has
+    its own nginx.service), and neither does PPID 1 where PID 1 is no service manager.
+    """
+    process = evidence.holders.get(sock.inode) if sock.inode else None
+    if process is None:
+        return Attribution()
+    sd = evidence.systemd
+    manager = sd.manager_pid if sd is not None else None
+    if sd is not None and manager is not None and process.pid == manager:
+        owner = _socket_unit_for(sock, sd.socket_units, active=True)
+        held = f"held by the service manager itself (PID {process.pid}: {sd.manager_proof})"
+        if owner is None:
+            return Attribution(process, SOCKET_UNIT, unit_status=UNIT_UNKNOWN, evidence=(held,))
+        return Attribution(process, SOCKET_UNIT, owner.name, UNIT_BY_MANAGER, owner.name,
+                           sd.guarded_unit is not None and sd.guarded_unit in owner.triggers,
+                           (f"{owner.name} listens on {owner.endpoint.address()}", held))
+    unit, status = holder_unit(process, sd.unit_of_pid if sd is not None else {})
+    if sd is not None and status == UNIT_BY_MANAGER and unit == sd.guarded_unit:
+        if sd.guarded_instance_running is False:
+            return Attribution(process, OWN_INSTANCE, unit, status, evidence=(
+                f"the manager places PID {process.pid} in {unit}, whose cgroup is {process.cgroup}",
+                f"{unit} is {sd.guarded_state}: it runs no instance, so this one is left from an earlier run"))
+        if sd.guarded_instance_running:
+            return Attribution(process, None, unit, status, evidence=(
+                f"{unit} is {sd.guarded_state}: this is its running instance",))
+    if sd is not None and manager is not None and process.ppid == manager and status in (UNIT_BY_MANAGER, NO_UNIT):
+        parent = f"its parent is the service manager (PPID {process.ppid}: {sd.manager_proof})"
+        if status == NO_UNIT:
+            return Attribution(process, ORPHAN, None, status, evidence=(
+                parent, f"the manager places it in no unit (cgroup {process.cgroup or '?'})"))
+        state = sd.unit_states.get(unit) if unit is not None else None
+        if state is not None and state not in ACTIVE_UNIT_STATES:
+            return Attribution(process, ORPHAN, unit, status, evidence=(parent, f"its unit {unit} is {state}"))
+    return Attribution(process, None, unit, status)
+
+
+def is_guard(process: ProcessFact) -> bool:
+    """Whether a process is a bindguard run: `bindguard` among its first words (`/usr/bin/bindguard
+    check ...`, `python3 -I -m bindguard check ...`). A process may call itself that to look like
+    one: that buys it only the bounded re-probing (bindguard.action.guard), never a pass."""
+    return any(os.path.basename(w) == "bindguard" for w in process.cmdline[:4])
+
+
+def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error: str = "",
+                     blocking: bool = True, predicted: bool = False, notes: tuple[str, ...] = ()) -> Conflict:
+    """The conflict sock makes for bind, with its holder: the kind decided before it is built."""
+    kind, clears = _kind_of_socket(sock)
+    holder = attribution(sock, evidence)
+    if holder.process is not None and holder.process.pid != os.getpid() and is_guard(holder.process):
+        kind = GUARD_TRIAL  # another guard's trial socket, whatever its state and unit: never a daemon
+    else:
+        kind = holder.kind or kind
+    return Conflict(bind, kind, blocking=blocking, clears=clears, socket=sock,
+                    process=holder.process, unit=holder.unit, unit_status=holder.unit_status,
+                    socket_unit=holder.socket_unit, own_socket_unit=holder.own_socket_unit,
+                    predicted=predicted, error=error, evidence=[*notes, *holder.evidence])
+
+
+def _socket_unit_for(sock: SocketFact, units: list[SocketUnitFact], active: bool) -> SocketUnitFact | None:
+    for unit in units:
+        if (unit.active_state == "active") == active and unit.endpoint.proto == sock.local.proto \
+                and unit.endpoint.port == sock.local.port and unit.endpoint.host == sock.local.host:
+            return unit
+    return None
+
+
+def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]:
+    """Socket units not listening now whose addresses will collide when they start."""
+    sd = evidence.systemd
+    if sd is None:
+        return []
+    conflicts = []
+    for bind in binds:
+        for unit in sd.socket_units:
+            if unit.active_state == "active" or sd.guarded_unit in unit.triggers:
+                continue
+            if addresses_overlap(bind.endpoint, bind.v6only, unit.endpoint, unit.v6only):
+                conflicts.append(
+                    Conflict(
+                        bind,
+                        LATENT_SOCKET_UNIT,
+                        blocking=False,
+                        socket_unit=unit.name,
+                        evidence=[f"{unit.name} ({unit.active_state}) declares {unit.endpoint}"],
+                    )
+                )
+    return conflicts
+
+
+def permission_denied(bind: Bind, error: int, evidence: Evidence) -> list[Conflict]:
+    """The daemon's own EACCES, where the guard proved that its process lacks CAP_NET_BIND_SERVICE
+    (evidence.privilege) and the port is below net.ipv4.ip_unprivileged_port_start. From the
+    guard's own EACCES with the daemon's credentials it is the kernel's answer; from the unit's
+    settings (the guard could bind) it is a prediction."""
+    privilege = evidence.privilege
+    if privilege is None or not privilege.denied or bind.endpoint.port >= privilege.unprivileged_port_start \
+            or error == errno.EAFNOSUPPORT:
+        return []
+    by_kernel = error == errno.EACCES
+    return [Conflict(bind, PERMISSION_DENIED, predicted=not by_kernel, error="EACCES" if by_kernel else "",
+                     evidence=list(privilege.facts), privilege=privilege)]
+
+
+def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: Evidence,
+                  daemon_uid: int) -> list[Conflict]:
+    """The conflicts that explain one bind's outcome in the trial (error 0: none)."""
+    if error == 0:
+        return []
+    name = errno.errorcode.get(error, str(error))
+    if collides_with is not None:
+        return [Conflict(bind, SELF_CONFLICT, other_bind=collides_with, error=name)]
+    if error == errno.EAFNOSUPPORT:
+        return [Conflict(bind, ADDRESS_UNAVAILABLE, error=name,
+                         evidence=["IPv6 is not available in this network namespace"])]
+    if error in (errno.EADDRNOTAVAIL, errno.ENODEV):
+        tentative = bind.endpoint.host in evidence.tentative
+        return [Conflict(bind, ADDRESS_UNAVAILABLE, clears=tentative, error=name,
+                         evidence=["the address is still in duplicate address detection"] if tentative else [])]
+    if error == errno.EACCES:
+        return _predicted(bind, evidence, daemon_uid)
+    if error != errno.EADDRINUSE:
+        return [Conflict(bind, BOUND_KIND, error=name, evidence=[f"the kernel answered {name}"])]
+    conflicts = []
+    for sock in evidence.sockets:
+        if could_block(bind, sock):
+            conflicts.append(_holder_conflict(bind, sock, evidence, error=name))
+    if not conflicts:
+        conflicts.append(Conflict(bind, BOUND_KIND, error=name, evidence=[
+            "no socket on this port is visible: a bound, never-listened socket on a kernel older "
+            "than 6.8, or a socket this user may not see"]))
+    elif any(not c.clears for c in conflicts):
+        # A live holder is in the way; what clears by itself does not change the verdict.
+        conflicts = [c for c in conflicts if not c.clears] + [c for c in conflicts if c.clears]
+    return conflicts
+
+
+def _predicted(bind: Bind, evidence: Evidence, daemon_uid: int) -> list[Conflict]:
+    conflicts = []
+    for sock in evidence.sockets:
+        certain = certainly_blocks(bind, sock, daemon_uid)
+        if certain is False:
+            continue
+        unsure = ("it depends on that socket's SO_REUSEADDR/SO_REUSEPORT, which no tool shows",)
+        conflicts.append(_holder_conflict(bind, sock, evidence, blocking=bool(certain), predicted=True,
+                                          notes=unsure if certain is None else ()))
+    return conflicts
