@@ -27,6 +27,7 @@ from bindguard.model.kinds import (
     WAIT,
     WARN,
 )
+from bindguard.model.notes import WARNING, Note, notices
 from bindguard.systemd.context import SystemdContext
 from bindguard.verdict.conflicts import Conflict, conflicts_for, could_block, latent_socket_units, permission_denied
 from bindguard.verdict.policy import default_action
@@ -58,6 +59,7 @@ class Request:
     # The daemon's own (not guessed) binds: it starts without some of them, never without all.
     needs_one_of: frozenset[Bind] = frozenset()
     observe_always: bool = False  # explain: look at the ports even when the probe passes
+    advise: bool = False  # check: the guarded unit's own settings' advice about what blocks, as warnings
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
     # The guarded unit, when the guard may run inside it: its credentials and settings can prove
@@ -78,6 +80,7 @@ class Outcome:
     waited_for: list[str] = field(default_factory=list)
     reaped: list[str] = field(default_factory=list)
     unexplained: str = ""  # the fault that kept the guard from explaining the kernel's answer
+    notes: tuple[Note, ...] = ()  # what the report says beside the verdict, each at its priority
 
     @property
     def clear(self) -> bool:
@@ -319,6 +322,18 @@ def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
             notes.append(note)
 
 
+def _notes(request: Request, evidence: Evidence, shown: list[Conflict], code: int) -> tuple[Note, ...]:
+    """The report's notes: what could not be observed; for check, then, what the guarded unit's own
+    settings add about what blocks (warnings), and what asking for that could not learn."""
+    notes = notices(evidence.notes)
+    ctx = request.systemd
+    if ctx is None or not request.advise:
+        return notes
+    advice = ctx.advice([c for c in shown if c.blocking], refused=code != errors.EXIT_CLEAR)
+    unlearned = [n for n in ctx.notes if n not in evidence.notes]  # an unknown unit, a bus gone quiet
+    return (*notes, *(Note(WARNING, line) for line in advice), *notices(unlearned))
+
+
 def run(request: Request, answered: list | None = None) -> Outcome:
     """Decide, waiting within request.wait seconds for what the policy says to wait for.
 
@@ -338,7 +353,8 @@ def run(request: Request, answered: list | None = None) -> Outcome:
 
     def outcome(code: int) -> Outcome:
         waited = now - waiting_since if waiting_since is not None else 0.0
-        return Outcome(code, shown, results, evidence, waited, waited_for, reaped=reaped)
+        return Outcome(code, shown, results, evidence, waited, waited_for, reaped=reaped,
+                       notes=_notes(request, evidence, shown, code))
 
     while True:
         results, evidence, conflicts = _investigate(request, cache, answered)
@@ -413,4 +429,4 @@ def unexplained(request: Request, results: list[ProbeResult], fault: str) -> Out
     refusing = [c for c in conflicts if actions[id(c)] in (REFUSE, WAIT)]
     shown = [c for c in conflicts if actions[id(c)] != IGNORE]
     code = _exit_code(refusing) if refusing else errors.EXIT_CLEAR
-    return Outcome(code, shown, results, evidence, unexplained=fault)
+    return Outcome(code, shown, results, evidence, unexplained=fault, notes=notices(evidence.notes))

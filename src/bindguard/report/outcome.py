@@ -220,7 +220,7 @@ def outcome_json(outcome: Outcome) -> dict:
         "conflicts": [conflict_json(c) for c in outcome.conflicts],
         "unit": outcome.evidence.systemd.guarded_unit if outcome.evidence.systemd else None,
         "reaped": outcome.reaped,
-        "notes": outcome.evidence.notes,
+        "notes": [note.text for note in outcome.notes],
     }
 
 
@@ -292,7 +292,7 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     return output.ERR, f"bindguard: {refusing}: {addrs} in use (exit {code})"
 
 
-def write_human(outcome: Outcome, explain: bool = False, warnings: tuple[str, ...] | list[str] = ()) -> None:
+def write_human(outcome: Outcome, explain: bool = False) -> None:
     priority, headline = _headline(outcome, explain)
     output.emit(priority, headline)
     for line in outcome.reaped:
@@ -305,11 +305,8 @@ def write_human(outcome: Outcome, explain: bool = False, warnings: tuple[str, ..
             lines += [f"    evidence: {e}" for e in c.evidence]
         lines.append(f"    fix: {remedy(c)}")
         output.emit(level, lines)
-    for note in outcome.evidence.notes:
-        if note in warnings:
-            output.emit(output.WARNING, f"  warning: {note}")
-        else:
-            output.emit(output.NOTICE, f"  note: {note}")
+    for note in outcome.notes:
+        output.emit(note.priority, f"  {'warning' if note.priority <= output.WARNING else 'note'}: {note.text}")
 
 
 def write_observed(outcome: Outcome) -> None:

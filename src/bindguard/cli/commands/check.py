@@ -331,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         | {b: (("*",), "the address is a guess from the unit's command line") for b in checks.guesses},
         needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
         systemd=ctx,
+        advise=True,
         reap_stale=args.reap_stale or checks.reap_stale,
         privilege_unit=privilege_unit(args, ctx),
         user_manager=user_manager(ctx.bus_choice if ctx else args.user_bus),
@@ -341,15 +342,10 @@ def run(args: argparse.Namespace) -> int:
     json_written = False
     try:
         outcome = guard.run(request, answered)
-        blocking = [c for c in outcome.conflicts if c.blocking]
-        advice = ctx.advice(blocking, refused=not outcome.clear) if ctx is not None else []
-        outcome.evidence.notes.extend(advice)
-        if ctx is not None:  # what asking for the advice could not learn (an unknown unit, a bus gone quiet)
-            outcome.evidence.notes.extend(n for n in ctx.notes if n not in outcome.evidence.notes)
         if args.json:
             report.write_json(outcome)
             json_written = True
-        report.write_human(outcome, warnings=advice)
+        report.write_human(outcome)
         return outcome.exit_code
     except (BindguardError, BrokenPipeError):
         raise
