@@ -116,3 +116,44 @@ def test_inside_a_unit_the_fast_path_reads_the_unit_files(netns, tmp_path):
     proc = netns.run([sys.executable, "-c", IN_UNIT, json.dumps(cases)], env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [0, None, 0, None]
+
+
+@pytest.mark.integration
+def test_a_socket_unit_with_nothing_held_is_answered_from_its_unit_files(netns, tmp_path):
+    """`check --unit NAME.socket` (the socket.d drop-in) reads the unit's own Listen entries and
+    options from its files and answers a clear start itself, without D-Bus; its own enabled file
+    is no socket unit that will claim its port. What it cannot read as the manager binds goes to
+    the full command."""
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
+    units = tmp_path / "config" / "systemd" / "user"
+    (units / "sockets.target.wants").mkdir(parents=True)
+    files = {
+        "web.socket": "[Socket]\nListenStream=127.0.0.1:8080\nListenDatagram=[::1]:8080\nBindIPv6Only=ipv6-only\n"
+                      "[Install]\nWantedBy=sockets.target\n",
+        "local.socket": "[Socket]\nListenStream=/run/local.sock\n",
+        "held.socket": "[Socket]\nListenStream=127.0.0.1:9000\n",
+        "shared.socket": "[Socket]\nListenStream=8081\nReusePort=yes\n",
+        "later.socket": "[Socket]\nListenStream=0.0.0.0:8082\n[Install]\nWantedBy=sockets.target\n",
+        "clash.socket": "[Socket]\nListenStream=127.0.0.1:8082\n",
+    }
+    for name, text in files.items():
+        (units / name).write_text(text)
+    for name in ("web.socket", "later.socket"):
+        (units / "sockets.target.wants" / name).symlink_to(units / name)
+    cases = [
+        ["--user", "--unit", "web.socket"],  # clear, and its own enabled file does not count
+        ["--user", "--unit", "local.socket"],  # no IP socket: nothing to guard
+        ["--user", "--unit", "held.socket"],  # refused: the full command explains
+        ["--user", "--unit", "shared.socket"],  # ReusePort=: the uid matters, the full command
+        ["--user", "--unit", "clash.socket"],  # an enabled socket unit declares 8082
+        ["--user", "--v6only", "--unit", "web.socket"],  # an option over the unit's: the full command
+    ]
+    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
+    proc = netns.run([sys.executable, "-c", IN_UNIT, json.dumps(cases)], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [0, 0, None, None, None, None]
+    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(cases[:3])], env=env)
+    assert proc.returncode == 0, proc.stderr
+    answers = [(fast[0], full[0]) for _, fast, full in json.loads(proc.stdout)]
+    assert answers == [(0, 0), (0, 0), (None, 98)]

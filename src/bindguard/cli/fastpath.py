@@ -22,6 +22,7 @@ SOCKET_FLAGS = {
     "--no-v6only": ("v6only", False),
     "--freebind": ("freebind", True),
 }
+DEFAULT_OPTIONS = {"reuseaddr": True, "reuseport": False, "v6only": None, "freebind": False}
 BUS_FLAGS = ("--user", "--system")  # which bus to ask: nothing here asks one
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
@@ -72,7 +73,7 @@ def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
 
 def check(args: list[str]) -> int | None:
     """The exit code when it can be given cheaply and surely, else None."""
-    options = {"reuseaddr": True, "reuseport": False, "v6only": None, "freebind": False}
+    options = dict(DEFAULT_OPTIONS)
     unit = None
     listen: list[str] = []
     no_systemd = False
@@ -117,6 +118,16 @@ def check(args: list[str]) -> int | None:
             return None
         if unitfiles.config_files(unit):
             return None
+        if not listen and unit.endswith(".socket"):
+            if any(options[key] != value for key, value in DEFAULT_OPTIONS.items()):
+                return None  # the command line's options over the unit's: the full command
+            socket_listen = _socket_unit_listen(unit, user_bus, options)
+            if socket_listen is None:
+                return None
+            if not socket_listen:
+                output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}: it listens on no IP address")
+                return 0
+            listen = socket_listen
         if not listen:
             if unitfiles.daemon_for_unit_name(unit) is not None:
                 return None
@@ -146,7 +157,8 @@ def check(args: list[str]) -> int | None:
         spec, address = parsed
         specs.append(spec[:3] + (options["reuseaddr"], options["reuseport"], spec[5], options["freebind"]))
         shown.append(address)
-    if unit is not None and min(spec[2][1] for spec in specs) < host.unprivileged_port_start():
+    if unit is not None and not unit.endswith(".socket") \
+            and min(spec[2][1] for spec in specs) < host.unprivileged_port_start():
         from bindguard.evidence import privilege
 
         if privilege.worth_a_look(unit, user_bus):
@@ -165,7 +177,34 @@ def _unit_needs_a_closer_look(unit: str, user: bool, listen: list[str]) -> bool:
     to explain a conflict actually found, never on a clear path."""
     from bindguard.systemd import unitexec
 
-    return unitexec.socket_units_may_claim({unitexec.listen_port(text) for text in listen}, user)
+    return unitexec.socket_units_may_claim({unitexec.listen_port(text) for text in listen}, user, unit)
+
+
+def _socket_unit_listen(unit: str, user: bool, options: dict) -> list[str] | None:
+    """A .socket unit's own IP sockets as LISTEN arguments, its BindIPv6Only=, FreeBind= and
+    Transparent= into options, from its unit files; None for what the full command reads
+    (no Listen entry on disk, specifiers, ReusePort=, BindToDevice=, SocketProtocol=, an IP
+    ListenSequentialPacket=). bindguard.request.socketunit is the authority."""
+    from bindguard.systemd import unitexec
+
+    values = unitexec.socket_unit_settings(unit, user)
+    last = {key: values[key][-1].strip() if values[key] else "" for key in unitexec.SOCKET_OPTION_KEYS}
+    entries = [(key, value.strip()) for key in unitexec.SOCKET_LISTEN_KEYS for value in values[key]]
+    if not entries or unitexec.parse_boolean(last["ReusePort"]) or last["BindToDevice"] or last["SocketProtocol"] \
+            or any("%" in value for _, value in entries):
+        return None
+    listen = []
+    for key, value in entries:
+        if value.startswith(("/", "@")):
+            continue  # a file system or abstract AF_UNIX socket
+        if key == "ListenSequentialPacket":
+            return None
+        listen.append(("udp:" if key == "ListenDatagram" else "") + value)
+    if last["BindIPv6Only"] in ("both", "ipv6-only"):
+        options["v6only"] = last["BindIPv6Only"] == "ipv6-only"
+    if unitexec.parse_boolean(last["FreeBind"]) or unitexec.parse_boolean(last["Transparent"]):
+        options["freebind"] = True
+    return listen
 
 
 def _is_wait(value: str) -> bool:

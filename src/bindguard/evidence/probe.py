@@ -14,7 +14,7 @@ import errno
 IP_FREEBIND = 15
 IPV6_FREEBIND = 78
 
-# One socket to try: (family, type, sockaddr, reuseaddr, reuseport, v6only, freebind)
+# One socket to try: (family, type, sockaddr, reuseaddr, reuseport, v6only, freebind[, device])
 Spec = tuple
 
 
@@ -26,7 +26,7 @@ def _set_fsuid(uid: int) -> int:
 
 
 def _open(spec: Spec, socket_uid: int | None) -> _socket.socket:
-    family, kind, _, reuseaddr, reuseport, v6only, freebind = spec
+    family, kind, _, reuseaddr, reuseport, v6only, freebind, *device = spec
     if socket_uid is None:
         sock = _socket.socket(family, kind)
     else:
@@ -49,6 +49,11 @@ def _open(spec: Spec, socket_uid: int | None) -> _socket.socket:
                 sock.setsockopt(_socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
             else:
                 sock.setsockopt(_socket.IPPROTO_IP, IP_FREEBIND, 1)
+        if device and device[0]:
+            try:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_BINDTODEVICE, device[0].encode())
+            except OSError:
+                pass  # systemd too only warns when BindToDevice= cannot be set, and binds without it
     except BaseException:
         sock.close()
         raise
@@ -211,7 +216,7 @@ def _spec(bind) -> Spec:
         sockaddr = ep.sockaddr()
     except OSError:  # an interface name that does not exist: the kernel would say ENODEV
         sockaddr = (str(ep.host), ep.port, 0, 0xFFFFFFFF)
-    return (ep.family, kind, sockaddr, opts.reuseaddr, opts.reuseport, bind.v6only, opts.freebind)
+    return (ep.family, kind, sockaddr, opts.reuseaddr, opts.reuseport, bind.v6only, opts.freebind, bind.device)
 
 
 def _first_blocker(earlier: list, earlier_specs: list[Spec], spec: Spec, socket_uid: int | None):

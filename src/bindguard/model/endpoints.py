@@ -83,6 +83,7 @@ class Bind:
 
     endpoint: Endpoint
     options: SocketOptions
+    device: str = ""  # SO_BINDTODEVICE (a socket unit's BindToDevice=): "" for none
 
     @property
     def v6only(self) -> bool:

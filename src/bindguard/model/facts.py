@@ -155,3 +155,18 @@ class UnitFacts:
     socket_listens: list[tuple[str | bool, ...]] = field(default_factory=list)
     user: str = ""  # User=, "" when unset (root)
     group: str = ""  # Group=, "" when unset
+
+
+@dataclass(frozen=True)
+class SocketUnitSettings:
+    """A .socket unit's own sockets as its manager will bind them, from its unit files
+    (systemd.unitfacts) or over D-Bus, before it binds them (its ExecStartPre=)."""
+
+    listens: tuple[tuple[str, str], ...] = ()  # (Stream, Datagram or SequentialPacket; address), as written
+    reuse_port: bool = False  # ReusePort=
+    bind_ipv6_only: str = "default"  # BindIPv6Only=: default (net.ipv6.bindv6only), both, ipv6-only
+    free_bind: bool = False  # FreeBind=
+    transparent: bool = False  # Transparent= (IP_TRANSPARENT: binds a non-local address, as FreeBind= does)
+    bind_to_device: str = ""  # BindToDevice=
+    protocol: str = ""  # SocketProtocol=: "" for TCP and UDP, udplite, sctp
+

@@ -214,6 +214,7 @@ def outcome_json(outcome: Outcome) -> dict:
                 "reuseport": r.bind.options.reuseport,
                 "v6only": r.bind.v6only if r.bind.endpoint.host.version == 6 else None,
                 "freebind": r.bind.options.freebind,
+                "device": r.bind.device or None,
             }
             for r in outcome.results
         ],

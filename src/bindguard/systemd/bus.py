@@ -513,6 +513,8 @@ class Systemd:
         elif kind in ("socket", "scope", "mount", "swap", "slice"):
             iface = b"org.freedesktop.systemd1." + kind.capitalize().encode()
             info["control_group"] = _text(self._get(path, iface, b"ControlGroup", b"s"))
+            if kind == "socket":  # TimeoutSec= bounds a socket unit's ExecStartPre= as TimeoutStartSec= a service's
+                info["timeout_start_usec"] = int(self._get(path, _SOCKET, b"TimeoutUSec", b"t"))
         return UnitInfo(**info)
 
     def socket_units(self, ports: Iterable[int] | None = None, include_unloaded: bool = True) -> list[SocketUnit]:
@@ -582,6 +584,29 @@ class Systemd:
         bind_ipv6_only = _text(self._get(path, _SOCKET, b"BindIPv6Only", b"s"))
         reuse_port = bool(self._get(path, _SOCKET, b"ReusePort", b"b"))
         return [(kind, address, name, bind_ipv6_only, reuse_port) for kind, address in listens]
+
+    def socket_unit_settings(self, name: str):
+        """A .socket unit's own Listen entries and the settings that change the kernel's answer to
+        its bind() (bindguard.model.facts.SocketUnitSettings). Raises UnitNotFound for an unknown name."""
+        from bindguard.model.facts import SocketUnitSettings
+
+        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        if _text(self._get(path, _UNIT, b"LoadState", b"s")) == "not-found":
+            raise UnitNotFound(name, self.bus)
+        listens = tuple((_text(kind), _text(address))
+                        for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ())
+        if not any(_is_network_listen("Stream", address) for _, address in listens):
+            return SocketUnitSettings(listens)
+        protocol = int(self._get(path, _SOCKET, b"SocketProtocol", b"i"))
+        return SocketUnitSettings(
+            listens=listens,
+            reuse_port=bool(self._get(path, _SOCKET, b"ReusePort", b"b")),
+            bind_ipv6_only=_text(self._get(path, _SOCKET, b"BindIPv6Only", b"s")),
+            free_bind=bool(self._get(path, _SOCKET, b"FreeBind", b"b")),
+            transparent=bool(self._get(path, _SOCKET, b"Transparent", b"b")),
+            bind_to_device=_text(self._get(path, _SOCKET, b"BindToDevice", b"s")),
+            protocol={132: "sctp", 136: "udplite"}.get(protocol, ""),
+        )
 
     def unit_facts(self, name: str, info: UnitInfo | None = None):
         """A service's settings as discovery takes them (bindguard.model.facts.UnitFacts)."""

@@ -122,7 +122,7 @@ class SystemdContext:
         from bindguard.systemd import bus, unitexec
 
         user = bus.choose_bus(self.bus_choice) == bus.USER
-        return unitexec.socket_units_may_claim({b.endpoint.port for b in binds}, user)
+        return unitexec.socket_units_may_claim({b.endpoint.port for b in binds}, user, self.guarded_unit())
 
     @property
     def in_unit(self) -> bool:

@@ -188,6 +188,27 @@ def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return found
 
 
+# A .socket unit's own sockets, and the [Socket] settings that change the kernel's answer to the
+# manager's bind() (for a setting, the last assignment wins). systemd always sets SO_REUSEADDR.
+SOCKET_LISTEN_KEYS = ("ListenStream", "ListenDatagram", "ListenSequentialPacket")
+SOCKET_OPTION_KEYS = ("ReusePort", "BindIPv6Only", "FreeBind", "Transparent", "BindToDevice", "SocketProtocol")
+
+
+def socket_unit_settings(unit: str, user: bool = False) -> dict[str, list[str]]:
+    """A .socket unit's Listen*= values and its SOCKET_OPTION_KEYS, as written, after resets."""
+    return unit_settings(unit, user, "Socket", SOCKET_LISTEN_KEYS + SOCKET_OPTION_KEYS)
+
+
+def parse_boolean(text: str) -> bool | None:
+    """A boolean as systemd's parse_boolean() reads it; None for anything else."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "y", "true", "t", "on"):
+        return True
+    if lowered in ("0", "no", "n", "false", "f", "off"):
+        return False
+    return None
+
+
 def socket_listen_values(unit: str, user: bool = False) -> list[str]:
     """A .socket unit's ListenStream= and ListenDatagram= values, as written."""
     values = unit_settings(unit, user, "Socket", ("ListenStream", "ListenDatagram"))
@@ -201,12 +222,13 @@ def listen_port(value: str) -> int | None:
     return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
 
 
-def socket_units_may_claim(ports: set[int | None], user: bool = False) -> bool:
+def socket_units_may_claim(ports: set[int | None], user: bool = False, guarded: str | None = None) -> bool:
     """Whether the unit files of an enabled .socket unit list one of these ports: on a clear
-    start the one thing that needs the manager (a latent socket unit), read without D-Bus."""
+    start the one thing that needs the manager (a latent socket unit), read without D-Bus. The
+    guarded unit is not counted: a socket unit's own ports are what its guard checks."""
     ports = ports - {None}
     return any(listen_port(value) in ports
-               for socket_unit in enabled_socket_units(unit_path(user))
+               for socket_unit in enabled_socket_units(unit_path(user)) if socket_unit != guarded
                for value in socket_listen_values(socket_unit, user))
 
 

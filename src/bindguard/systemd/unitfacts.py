@@ -3,8 +3,10 @@ UnitFacts, from its unit files (bindguard.systemd.unitexec finds them, os only),
 
 Here the values are split as systemd splits them (quotes, the -@:+! prefixes of ExecStart=, `@`
 naming argv[0]) and specifiers are resolved: %n %N %p %P %i %I %j %J %f %% and the fixed
-directories %t %S %C %L %E %T %V %h. Socket units are not read (whether one is running needs the
-manager): socket_listens stays empty; `bindguard discover UNIT` asks D-Bus for those.
+directories %t %S %C %L %E %T %V %h. A service's socket units are not read (whether one is running
+needs the manager): socket_listens stays empty; `bindguard discover UNIT` asks D-Bus for those.
+A .socket unit's own Listen*= entries and socket options are (socket_unit_from_files): its guard
+checks them before the manager binds them.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ import os
 import re
 import shlex
 
-from bindguard.model.facts import UnitFacts
-from bindguard.systemd.unitexec import LIST_KEYS, unit_files, unit_settings
+from bindguard.model.facts import SocketUnitSettings, UnitFacts
+from bindguard.systemd.unitexec import (
+    LIST_KEYS,
+    SOCKET_LISTEN_KEYS,
+    parse_boolean,
+    socket_unit_settings,
+    unit_files,
+    unit_settings,
+)
 
 
 def _unescape(text: str) -> str:
@@ -75,3 +84,31 @@ def unit_facts_from_files(unit: str, user: bool = False) -> UnitFacts:
         user=resolved["User"][-1] if resolved["User"] else "",
         group=resolved["Group"][-1] if resolved["Group"] else "",
     )
+
+
+def socket_unit_from_files(unit: str, user: bool = False) -> SocketUnitSettings | None:
+    """A .socket unit's Listen*= entries (specifiers resolved) and the settings that change the
+    kernel's answer to its bind(), from its unit files; None when it has no fragment (or is masked).
+    A setting systemd would reject as written is left at its default, as systemd does."""
+    if unit_fragment(unit, user) is None:
+        return None
+    settings = socket_unit_settings(unit, user)
+    specifiers = _specifiers(unit, user)
+
+    def last(key: str) -> str:
+        return _resolve(settings[key][-1], specifiers) if settings[key] else ""
+
+    def flag(key: str) -> bool:
+        return bool(parse_boolean(last(key)))
+
+    return SocketUnitSettings(
+        listens=tuple((key.removeprefix("Listen"), _resolve(value, specifiers))
+                      for key in SOCKET_LISTEN_KEYS for value in settings[key]),
+        reuse_port=flag("ReusePort"),
+        bind_ipv6_only=last("BindIPv6Only") if last("BindIPv6Only") in ("both", "ipv6-only") else "default",
+        free_bind=flag("FreeBind"),
+        transparent=flag("Transparent"),
+        bind_to_device=last("BindToDevice"),
+        protocol=last("SocketProtocol").lower(),
+    )
+

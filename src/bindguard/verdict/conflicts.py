@@ -207,7 +207,8 @@ def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]
     conflicts = []
     for bind in binds:
         for unit in sd.socket_units:
-            if unit.active_state == "active" or sd.guarded_unit in unit.triggers:
+            # its own sockets are what a socket unit's guard checks, not yet bound
+            if unit.active_state == "active" or sd.guarded_unit in unit.triggers or unit.name == sd.guarded_unit:
                 continue
             if addresses_overlap(bind.endpoint, bind.v6only, unit.endpoint, unit.v6only):
                 conflicts.append(

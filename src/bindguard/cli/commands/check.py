@@ -257,6 +257,8 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
         return replace(settings, binds=binds, survivable=survivable)
     if unit is None:
         raise UsageError("no address to check", "give LISTEN addresses, --unit NAME or --config FILE")
+    if unit.endswith(".socket"):
+        return socket_unit_plan(unit, settings, args, ctx)
     findings = discovered(unit, unit_config, ctx)
     if not findings:
         return None
@@ -267,6 +269,23 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
     survivable = {b: f.survives for b, f in zip(binds, findings, strict=True) if f.survives}
     sources = [f"{f.bind} from {f.source}" + ("" if f.confident else " (a guess)") for f in findings]
     return replace(settings, binds=binds, guesses=guesses, survivable=survivable, sources=sources)
+
+
+def socket_unit_plan(unit: str, settings: Plan, args: argparse.Namespace, ctx) -> Plan | None:
+    """A .socket unit's own IP sockets, as its manager will bind them after its ExecStartPre=
+    (bindguard.request.socketunit); None when it has none, or they cannot be read (a warning)."""
+    from bindguard.request import socketunit
+
+    found, why = socketunit.settings_of(unit, user_manager(ctx.bus_choice if ctx else args.user_bus), ctx)
+    if found is None:
+        output.warning(f"cannot read what {unit} listens on: {why}; nothing checked")
+        return None
+    request = socketunit.binds_of(unit, found, explicit_options(args))
+    for warning in request.warnings:
+        output.warning(warning)
+    if not request.binds:
+        return None
+    return replace(settings, binds=request.binds, sources=request.sources)
 
 
 def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked") -> list:
@@ -306,9 +325,8 @@ def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked"
 def privilege_unit(args: argparse.Namespace, ctx) -> str | None:
     """The unit whose credentials and settings may prove a privileged port denied to its daemon
     (only while the guard runs inside it: bindguard.evidence.privilege checks that)."""
-    if args.unit:
-        return normalize_unit(args.unit)
-    return ctx.guarded_unit() if ctx is not None else None
+    unit = normalize_unit(args.unit) if args.unit else ctx.guarded_unit() if ctx is not None else None
+    return None if unit is None or unit.endswith(".socket") else unit  # the manager binds a socket unit's sockets
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,113 @@
+"""Issue 14.1: the guard in a .socket unit's ExecStartPre=, which runs before the manager binds
+the unit's sockets, under a real systemd user manager (tests/rig.py).
+
+`check --unit %n` with no address reads the socket unit's own ListenStream=/ListenDatagram=
+entries and options; its own, not yet bound, sockets are no conflict, and its service is not
+its own instance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PORT = 18090
+ADDRESS = f"127.0.0.1:{PORT}"
+SPEC = {"host": "127.0.0.1", "port": PORT}
+# A user manager sets no $MANAGERPID for a socket unit's commands (systemd 252): --user says which manager.
+GUARD = f"{sys.executable} -m bindguard check --user --unit %n"
+
+
+def guarded_socket(rig, name: str = "web.socket", listen: str = f"ListenStream={ADDRESS}", extra: str = "") -> Path:
+    """A socket unit guarded by `check --unit %n` (no address), and its service; returns the guard's log."""
+    log = rig.log(f"{name}.log")
+    service = name.removesuffix(".socket") + ".service"
+    rig.write_unit(service, "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit(name, f"""\
+[Socket]
+{listen}
+ExecStartPre=+{GUARD}
+StandardError=append:{log}
+{extra}
+""")
+    return log
+
+
+def text(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def listening(rig) -> str:
+    return rig.run(["ss", "-Hltnp", f"sport = :{PORT}"]).stdout
+
+
+def test_socket_unit_refused_while_a_service_holds_its_port_then_starts_when_free(systemd_rig):
+    rig = systemd_rig
+    rig.write_unit("other.service", f"[Service]\nType=notify\nExecStart={rig.serve(SPEC)}\n", reload=False)
+    log = guarded_socket(rig, extra="[Install]\nWantedBy=sockets.target\n")
+    # enabled: its own file lists the port, which must not count as a socket unit that will claim it
+    assert rig.systemctl("enable", "web.socket").returncode == 0
+    assert rig.start("other.service").ok
+    holder = rig.main_pid("other.service")
+    run = rig.start("web.socket")
+    assert not run.ok and run.pre_status == [98], (run.output, text(log))
+    out = text(log)
+    assert f"refusing to start: {ADDRESS} in use (exit 98)" in out
+    assert f"PID {holder}" in out and "unit other.service" in out
+    assert "systemctl stop other.service" in out
+
+    assert rig.stop("other.service").ok
+    log.unlink()
+    run = rig.start("web.socket")
+    assert run.ok and run.pre_status == [0], (run.output, text(log))
+    assert f"clear: {ADDRESS} can be bound" in text(log)
+    assert "latent-socket-unit" not in text(log) and "own-instance" not in text(log)
+    assert "systemd" in listening(rig)  # the manager bound it after the guard
+
+
+def test_socket_unit_refused_while_another_socket_unit_holds_its_port(systemd_rig):
+    rig = systemd_rig
+    rig.write_unit("other.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit("other.socket", f"[Socket]\nListenStream=0.0.0.0:{PORT}\n", reload=False)
+    log = guarded_socket(rig)
+    assert rig.start("other.socket").ok
+    run = rig.start("web.socket")
+    assert not run.ok and run.pre_status == [98], (run.output, text(log))
+    out = text(log)
+    assert "socket-unit" in out and "socket unit other.socket" in out
+    assert f"PID {rig.manager_pid}" in out and "systemctl stop other.socket" in out
+    assert rig.prop("other.socket", "ActiveState") == "active"
+
+
+def test_socket_unit_refused_while_a_stray_process_holds_its_port(systemd_rig):
+    rig = systemd_rig
+    stray = rig.hold({"proto": "udp", "host": "::1", "port": PORT})
+    log = guarded_socket(rig, listen=f"ListenDatagram=[::1]:{PORT}\nListenStream=/run/unused-{PORT}.sock")
+    run = rig.start("web.socket")
+    assert not run.ok and run.pre_status == [98], (run.output, text(log))
+    out = text(log)
+    assert f"udp:[::1]:{PORT} in use" in out and f"PID {stray.pid}" in out
+    rig.release(stray)
+    log.unlink()
+    run = rig.start("web.socket")
+    assert run.ok and run.pre_status == [0], (run.output, text(log))
+
+
+def test_socket_units_options_are_the_tried_ones(systemd_rig):
+    """BindIPv6Only=ipv6-only beside an IPv4 listener on the same port binds (a dual-stack trial
+    would be refused); the report shows the options tried."""
+    rig = systemd_rig
+    rig.hold({"proto": "tcp", "host": "0.0.0.0", "port": PORT, "reuseaddr": True})
+    guarded_socket(rig, listen=f"ListenStream=[::]:{PORT}", extra="BindIPv6Only=ipv6-only\nFreeBind=yes\n")
+    done = rig.bindguard("check", "--user", "--unit", "web.socket", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [(a["address"], a["v6only"], a["freebind"], a["reuseaddr"]) for a in report["addresses"]] == \
+        [(f"[::]:{PORT}", True, True, True)]
+    run = rig.start("web.socket")
+    assert run.ok and run.pre_status == [0], run.output
