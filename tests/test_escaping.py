@@ -17,7 +17,8 @@ from test_cli import on_a_terminal
 from bindguard.model.text import escape, excerpt
 from bindguard.model.endpoints import parse_listen
 from bindguard.model.facts import ProcessFact, SocketFact
-from bindguard.action.scan import Listener, Scan
+from bindguard.action.scan import Scan
+from bindguard.model.hostmap import Listener
 from bindguard.report.scan import write_table
 from bindguard.model.kinds import UNIT_BY_CGROUP
 

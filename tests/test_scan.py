@@ -15,7 +15,9 @@ import pytest
 from bindguard.evidence import owners
 from bindguard.action import scan
 from bindguard.report import scan as render
-from bindguard.action.scan import merge_ranges, parse_port_ranges, reserved_with
+from bindguard.model.hostmap import UnitState
+from bindguard.verdict import scan as verdict
+from bindguard.verdict.scan import merge_ranges, parse_port_ranges, reserved_with
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
@@ -36,11 +38,11 @@ def test_reserved_ports_are_merged_with_what_is_reserved():
 def _sample_scan() -> scan.Scan:
     result = scan.Scan(scanned_at=1795486567.125)
     result.findings = [
-        scan.Finding(scan.UNIT_COLLISION, "a and b", [], "fix", "tcp", 80, ("a.service", "b.service")),
-        scan.Finding(scan.EPHEMERAL_PORT, "port", [], "fix", "tcp", 40000, ("c.service",)),
-        scan.Finding(scan.RESTART_LOOP, "loop", [], "fix", None, None, ('we"ird.service',)),
+        verdict.Finding(verdict.UNIT_COLLISION, "a and b", (), "fix", "tcp", 80, ("a.service", "b.service")),
+        verdict.Finding(verdict.EPHEMERAL_PORT, "port", (), "fix", "tcp", 40000, ("c.service",)),
+        verdict.Finding(verdict.RESTART_LOOP, "loop", (), "fix", None, None, ('we"ird.service',)),
     ]
-    result.units = [scan.UnitState('we"ird.service', n_restarts=7)]
+    result.units = [UnitState('we"ird.service', n_restarts=7)]
     return result
 
 

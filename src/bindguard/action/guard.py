@@ -138,19 +138,12 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
             evidence.notes.append(f"could not list the sockets on port {port}: {exc}")
     if results is not None and any(r.error == errno.EADDRNOTAVAIL for r in results):
         evidence.tentative = _tentative_addresses()
-    inodes = {s.inode for s in evidence.sockets if s.inode}
-    if inodes:
-        found = owners.find_holders(inodes, first_pids=owners.socket_cgroup_pids(evidence.sockets))
-        for inode, pids in found.items():
-            for pid in pids:
-                facts = owners.process_facts(pid)
-                if facts is not None:
-                    evidence.holders[inode] = facts
-                    break
-        if found.unreadable and len(found) < len(inodes):
-            evidence.notes.append(
-                "some processes could not be inspected (permission denied): run as root, or with "
-                "the + prefix in ExecStartPre=, to name every holder")
+    held = owners.holders_of(evidence.sockets)
+    evidence.holders.update((inode, processes[0]) for inode, processes in held.processes.items())
+    if held.incomplete:
+        evidence.notes.append(
+            "some processes could not be inspected (permission denied): run as root, or with "
+            "the + prefix in ExecStartPre=, to name every holder")
     return evidence
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from bindguard.model.facts import ProcessFact, SocketFact
 from bindguard.systemd.unitfiles import cgroup_from_proc_file, process_cgroup, unit_from_cgroup  # noqa: F401 (API too)
@@ -63,6 +64,51 @@ def find_holders(inodes: set[int], first_pids: Iterable[int] = (), *, every_hold
             if not remaining and not every_holder:
                 return holders
     return holders
+
+
+@dataclass
+class SocketHolders:
+    """Each socket's holders as processes: inode -> ProcessFacts (the first holder whose facts could
+    be read, or every one of them), and whether a holder may be missing because some process's fds
+    were denied to us."""
+
+    processes: dict[int, list[ProcessFact]]
+    incomplete: bool = False
+
+    def first(self, inode: int) -> ProcessFact | None:
+        found = self.processes.get(inode)
+        return found[0] if found else None
+
+
+def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> SocketHolders:
+    """Who holds these sockets: the one routine check, scan and verify use.
+
+    Inode -> PIDs by find_holders, searching first the cgroups sock_diag says the sockets were
+    created in (socket_cgroup_pids), and stopping once each inode has a holder unless
+    `every_holder`; then each PID's process_facts, read once. A process gone meanwhile is passed
+    over for the next holder found."""
+    sockets = list(sockets)
+    inodes = {s.inode for s in sockets if s.inode}
+    if not inodes:
+        return SocketHolders({})
+    found = find_holders(inodes, socket_cgroup_pids(sockets), every_holder=every_holder)
+    facts: dict[int, ProcessFact | None] = {}
+    processes: dict[int, list[ProcessFact]] = {}
+    for inode, pids in found.items():
+        held: list[ProcessFact] = []
+        for pid in pids:
+            if pid not in facts:
+                facts[pid] = process_facts(pid)
+            fact = facts[pid]
+            if fact is not None:
+                held.append(fact)
+                if not every_holder:
+                    break
+        if held:
+            processes[inode] = held
+    # Without every_holder, an inode with no holder found is the one a denied process may hold.
+    incomplete = bool(found.unreadable) and (every_holder or len(found) < len(inodes))
+    return SocketHolders(processes, incomplete)
 
 
 def _all_pids() -> list[int]:

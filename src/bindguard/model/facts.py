@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind, Endpoint
+from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER, UNIT_UNKNOWN
 
 # TCP states as the kernel numbers them (include/net/tcp_states.h).
 TCP_STATES = {
@@ -63,6 +65,17 @@ class ProcessFact:
     unit: str | None = None  # the systemd unit the cgroup path names, if any
 
 
+def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, str]:
+    """A process's unit and how it is known (UNIT_STATUSES), from the manager's answers (GetUnitByPID,
+    None meaning no unit) where it was asked, else from the name its cgroup path bears."""
+    if process.pid in answered:
+        unit = answered[process.pid]
+        if unit is not None and unit.endswith(".slice"):  # a slice holds no process of a unit
+            unit = None
+        return unit, UNIT_BY_MANAGER if unit else NO_UNIT
+    return process.unit, UNIT_BY_CGROUP if process.unit else UNIT_UNKNOWN
+
+
 @dataclass(frozen=True)
 class SocketUnitFact:
     """One network address of a systemd .socket unit."""
@@ -72,6 +85,17 @@ class SocketUnitFact:
     endpoint: Endpoint
     v6only: bool
     triggers: tuple[str, ...] = ()  # the services it activates
+
+
+# systemd's ActiveState= of a unit that runs no instance: stopped, or failed. Every other state
+# (active, activating, deactivating, reloading, and those newer managers add) means its processes
+# may be its own, so nothing is called orphaned or a stray copy on it.
+STOPPED_UNIT_STATES = frozenset({"inactive", "failed"})
+
+
+def unit_active(active_state: str) -> bool:
+    """Whether a unit in this ActiveState= may run processes now (the manager's word)."""
+    return active_state not in STOPPED_UNIT_STATES
 
 
 @dataclass

@@ -8,22 +8,14 @@ import os
 import socket
 import time
 
-from bindguard.action.scan import (
-    CONFLICT_KINDS,
-    EPHEMERAL_PORT,
-    FINDING_KINDS,
-    LISTENING,
-    RESTART_LOOP,
-    SOCKET_UNIT,
-    UNCLAIMED_LISTENER,
-    Listener,
-    Scan,
-)
+from bindguard.action.scan import Scan
 from bindguard.model.endpoints import TCP, Endpoint
 from bindguard.model.facts import ProcessFact
+from bindguard.model.hostmap import LISTENING, SOCKET_UNIT, Listener
 from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER
 from bindguard.model.text import escape
 from bindguard.report import output
+from bindguard.verdict.scan import CONFLICT_KINDS, EPHEMERAL_PORT, FINDING_KINDS, RESTART_LOOP, UNCLAIMED_LISTENER
 
 
 def _command(process: ProcessFact | None) -> str:
@@ -143,7 +135,7 @@ def scan_json(scan: Scan) -> dict:
         } for u in scan.units],
         "findings": [{
             "kind": f.kind, "proto": f.proto, "port": f.port, "units": list(f.units),
-            "addresses": list(f.addresses), "summary": f.summary, "evidence": f.evidence, "fix": f.fix,
+            "addresses": list(f.addresses), "summary": f.summary, "evidence": list(f.evidence), "fix": f.fix,
         } for f in scan.findings],
         "notes": scan.notes,
     }

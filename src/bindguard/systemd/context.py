@@ -12,15 +12,15 @@ import os
 from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind
-from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts
+from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, unit_active
 from bindguard.model.kinds import OWN_INSTANCE
 from bindguard.systemd.unitfiles import manager_pid_from_env
 
 # Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
 SYSTEMD_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
-# A service between runs: stopped, or starting but not yet past ExecCondition=/ExecStartPre= (the
-# guard's own phase), or waiting to restart. Processes in its cgroup then are left from a run before.
-STOPPED_STATES = ("inactive", "failed")
+# A service between runs: stopped (facts.unit_active), or starting but not yet past ExecCondition=/
+# ExecStartPre= (the guard's own phase), or waiting to restart. Processes in its cgroup then are left
+# from a run before.
 NOT_YET_STARTED_SUB_STATES = ("condition", "start-pre", "auto-restart")
 
 
@@ -78,7 +78,7 @@ def own_unit_cgroup(unit: str) -> str | None:
 
 def instance_running(active_state: str, sub_state: str) -> bool:
     """Whether a unit in this state runs an instance now (its processes are that instance)."""
-    if active_state in STOPPED_STATES:
+    if not unit_active(active_state):
         return False
     return not (active_state == "activating" and sub_state in NOT_YET_STARTED_SUB_STATES)
 

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import TCP, Bind, addresses_overlap
-from bindguard.model.facts import BindPrivilege, Evidence, ProcessFact, SocketFact, SocketUnitFact
+from bindguard.model.facts import (
+    BindPrivilege,
+    Evidence,
+    ProcessFact,
+    SocketFact,
+    SocketUnitFact,
+    holder_unit,
+    unit_active,
+)
 from bindguard.model.kinds import (
     ADDRESS_UNAVAILABLE,
     BOUND_KIND,
@@ -34,7 +41,6 @@ from bindguard.model.kinds import (
 
 # States of a socket no process holds any more; the kernel ends them by a timer.
 CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
-ACTIVE_UNIT_STATES = {"active", "activating", "reloading", "deactivating"}
 
 
 @dataclass
@@ -92,17 +98,6 @@ def _kind_of_socket(sock: SocketFact | None) -> tuple[str, bool]:
     if sock.inode == 0 and sock.state in CLOSING_STATES:
         return TIME_WAIT, True
     return BOUND_KIND, False
-
-
-def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, str]:
-    """A process's unit and how it is known (UNIT_STATUSES), from the manager's answers (GetUnitByPID,
-    None meaning no unit) where it was asked, else from the name its cgroup path bears."""
-    if process.pid in answered:
-        unit = answered[process.pid]
-        if unit is not None and unit.endswith(".slice"):  # a slice holds no process of a unit
-            unit = None
-        return unit, UNIT_BY_MANAGER if unit else NO_UNIT
-    return process.unit, UNIT_BY_CGROUP if process.unit else UNIT_UNKNOWN
 
 
 def unit_phrase(unit: str | None, status: str | None) -> str:
@@ -164,7 +159,7 @@ def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
             return Attribution(process, ORPHAN, None, status, evidence=(
                 parent, f"the manager places it in no unit (cgroup {process.cgroup or '?'})"))
         state = sd.unit_states.get(unit) if unit is not None else None
-        if state is not None and state not in ACTIVE_UNIT_STATES:
+        if state is not None and not unit_active(state):
             return Attribution(process, ORPHAN, unit, status, evidence=(parent, f"its unit {unit} is {state}"))
     return Attribution(process, None, unit, status)
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from bindguard.cli.commands import check
 from bindguard.model.endpoints import TCP, Bind, addresses_overlap
 from bindguard.model.errors import EXIT_INUSE, UsageError
-from bindguard.model.facts import BOUND, ProcessFact, SocketFact
+from bindguard.model.facts import BOUND, ProcessFact, SocketFact, holder_unit
 from bindguard.model.kinds import NO_UNIT, UNIT_BY_MANAGER
 from bindguard.report import output
 from bindguard.systemd.unitfiles import normalize_unit
-from bindguard.verdict.conflicts import holder_unit, unit_phrase
+from bindguard.verdict.conflicts import unit_phrase
 
 DESCRIPTION = """\
 After the daemon started: does each address have exactly one intended listener (or a
