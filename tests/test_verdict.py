@@ -156,3 +156,26 @@ def test_predicted_conflicts_block_only_when_certain():
 def test_no_ipv6_in_the_namespace_is_address_unavailable():
     (c,) = conflicts_for(bind("[::]:80"), errno.EAFNOSUPPORT, None, evidence(), ROOT)
     assert c.kind == "address-unavailable" and c.blocking and "IPv6 is not available" in c.evidence[0]
+
+
+def test_a_holder_already_leaving_clears_by_itself_and_is_waited_for():
+    """Issue 14.4: a holder whose unit the manager says is deactivating, or whose process the
+    kernel is ending, keeps its kind (listener) and clears by itself; the same holder in a unit
+    that is active, or known only from its cgroup path, still refuses."""
+    from dataclasses import replace
+
+    def conflict(holder, states, answered=True):
+        sd = SystemdFacts(manager_pid=1, unit_of_pid={holder.pid: holder.unit} if answered else {},
+                          unit_states=states)
+        (c,) = conflicts_for(bind("0.0.0.0:80"), errno.EADDRINUSE, None,
+                             evidence(sock("0.0.0.0:80"), holders={100: holder}, systemd=sd), ROOT)
+        return c
+
+    stopping = conflict(proc(42, ppid=1, unit="old.service"), {"old.service": "deactivating"})
+    assert (stopping.kind, stopping.clears, stopping.leaving) == ("listener", True, "unit-deactivating")
+    assert default_action(stopping) == WAIT and "old.service is deactivating" in stopping.evidence[-1]
+    exiting = conflict(replace(proc(43, ppid=1, unit="old.service"), exiting=True), {"old.service": "active"})
+    assert (exiting.kind, exiting.clears, exiting.leaving) == ("listener", True, "process-exiting")
+    for c in (conflict(proc(44, ppid=1, unit="old.service"), {"old.service": "active"}),
+              conflict(proc(45, ppid=1, unit="old.service"), {"old.service": "deactivating"}, answered=False)):
+        assert (c.clears, c.leaving, default_action(c)) == (False, "", REFUSE)

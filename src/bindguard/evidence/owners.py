@@ -182,6 +182,7 @@ def process_facts(pid: int) -> ProcessFact | None:
         return None
     cgroup = process_cgroup(pid) or ""
     return ProcessFact(
+        exiting=_exiting(pid),
         pid=pid,
         ppid=ppid,
         name=name,
@@ -193,6 +194,22 @@ def process_facts(pid: int) -> ProcessFact | None:
         cgroup=cgroup,
         unit=unit_from_cgroup(cgroup),
     )
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
+def _exiting(pid: int) -> bool:
+    """Whether the kernel is ending the process: its state is zombie or dead, or its flags have
+    PF_EXITING (/proc/PID/stat, fields 3 and 9; the name before them may hold spaces and ')')."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read(4096).rpartition(b")")[2].split()
+    except OSError:
+        return False
+    if len(fields) < 7 or not fields[6].isdigit():
+        return False
+    return fields[0] in (b"Z", b"X", b"x") or bool(int(fields[6]) & PF_EXITING)
 
 
 def _or_empty(read, default):

@@ -63,6 +63,7 @@ class ProcessFact:
     started: float  # seconds since the epoch
     cgroup: str  # the unified-hierarchy path from /proc/PID/cgroup, e.g. /system.slice/nginx.service
     unit: str | None = None  # the systemd unit the cgroup path names, if any
+    exiting: bool = False  # the kernel is ending it: /proc/PID/stat says zombie or dead, or PF_EXITING
 
 
 def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, str]:

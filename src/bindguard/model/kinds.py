@@ -27,6 +27,11 @@ KINDS = (
     GUARD_TRIAL,
 )
 
+# Why a holder is already leaving (a conflict's `leaving`, the JSON's too): its unit is stopping (ExecStop=
+# or TimeoutStopSec= still running, as the manager says), or the kernel is ending its process. Such a
+# conflict clears by itself, as a TIME_WAIT does: the guard waits for it within the start budget.
+UNIT_DEACTIVATING, PROCESS_EXITING = "unit-deactivating", "process-exiting"
+
 # What the guard may do about a conflict (a unit's YAML `policy` names them per kind).
 REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
 ACTIONS = (REFUSE, WAIT, WARN, IGNORE)

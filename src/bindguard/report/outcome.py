@@ -23,6 +23,7 @@ from bindguard.model.kinds import (
     TIME_WAIT,
     UNIT_BY_CGROUP,
     UNIT_BY_MANAGER,
+    UNIT_DEACTIVATING,
 )
 from bindguard.report import output
 from bindguard.verdict.conflicts import Conflict, attribution, unit_phrase
@@ -83,6 +84,13 @@ def remedy(c: Conflict) -> str:
     check_pid = f"`ps -o pid,ppid,lstart,cmd -p {pid}`" if pid else f"`ss -tanup 'sport = :{ep.port}'`"
     if c.kind == SELF_CONFLICT:
         return _self_conflict_remedy(c)
+    if c.leaving:
+        who, how = (c.unit, "is stopping") if c.leaving == UNIT_DEACTIVATING else (f"PID {pid}", "is exiting")
+        return (f"{who} {how}, and holds the address until it has gone: the guard waits for that within this "
+                "unit's start budget (--wait, capped by TimeoutStartSec=, or TimeoutSec= for a socket unit). If "
+                "it takes longer, shorten the holder's stop (its ExecStop=, TimeoutStopSec=) or give this unit "
+                "more time; for a handover between two units, order them (`Conflicts=` and `After=` on the new "
+                "one) so that it starts only once the old one has stopped")
     if c.kind == PERMISSION_DENIED and c.privilege is not None:
         return _permission_remedy(c)
     if c.kind == ADDRESS_UNAVAILABLE:
@@ -190,6 +198,7 @@ def conflict_json(c: Conflict) -> dict:
         "unit_status": c.unit_status,
         "socket_unit": c.socket_unit,
         "own_socket_unit": c.own_socket_unit if c.socket_unit else None,
+        "leaving": c.leaving or None,  # unit-deactivating, process-exiting: clears by itself
         "other_address": str(c.other_bind) if c.other_bind else None,
         "evidence": c.evidence,
         "remedy": remedy(c),
@@ -290,7 +299,8 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
         return output.ERR, f"bindguard: {refusing}: {addrs} not available on any interface (exit {code})"
     if code == errors.EXIT_NOPERM:
         return output.ERR, f"bindguard: {refusing}: {addrs} denied to the daemon (exit {code})"
-    return output.ERR, f"bindguard: {refusing}: {addrs} in use (exit {code})"
+    waited = f" after waiting {outcome.waited:.1f} s" if outcome.waited else ""
+    return output.ERR, f"bindguard: {refusing}: {addrs} in use{waited} (exit {code})"
 
 
 def write_human(outcome: Outcome, explain: bool = False) -> None:

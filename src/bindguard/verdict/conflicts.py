@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bindguard.model.endpoints import TCP, Bind, addresses_overlap
 from bindguard.model.facts import (
@@ -31,11 +31,13 @@ from bindguard.model.kinds import (
     ORPHAN,
     OWN_INSTANCE,
     PERMISSION_DENIED,
+    PROCESS_EXITING,
     SELF_CONFLICT,
     SOCKET_UNIT,
     TIME_WAIT,
     UNIT_BY_CGROUP,
     UNIT_BY_MANAGER,
+    UNIT_DEACTIVATING,
     UNIT_UNKNOWN,
 )
 
@@ -60,6 +62,7 @@ class Conflict:
     error: str = ""  # the kernel's errno name for this bind, when probed
     evidence: list[str] = field(default_factory=list)
     privilege: BindPrivilege | None = None  # permission-denied: what was proven about the daemon
+    leaving: str = ""  # UNIT_DEACTIVATING or PROCESS_EXITING: the holder is on its way out (clears)
 
 
 def could_block(bind: Bind, sock: SocketFact) -> bool:
@@ -122,10 +125,30 @@ class Attribution:
     socket_unit: str | None = None
     own_socket_unit: bool = False
     evidence: tuple[str, ...] = ()
+    leaving: str = ""  # UNIT_DEACTIVATING or PROCESS_EXITING, with its fact in evidence
 
 
 def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
-    """Which process holds sock, which unit it is in, and what it is, claiming only what is proven.
+    """Which process holds sock, which unit it is in, and what it is, claiming only what is proven;
+    and whether it is already leaving: the kernel is ending its process, or the manager says its
+    unit is deactivating (a stop or restart running its ExecStop=, a handover)."""
+    holder = _attribution(sock, evidence)
+    process, sd = holder.process, evidence.systemd
+    if process is None or holder.kind == SOCKET_UNIT:
+        return holder
+    if process.exiting:
+        return replace(holder, leaving=PROCESS_EXITING,
+                       evidence=(*holder.evidence, f"PID {process.pid} is exiting (/proc/{process.pid}/stat)"))
+    state = sd.unit_states.get(holder.unit) if sd is not None and holder.unit else None
+    if holder.unit_status == UNIT_BY_MANAGER and state == "deactivating":
+        return replace(holder, leaving=UNIT_DEACTIVATING, evidence=(
+            *holder.evidence, f"the manager says {holder.unit} is deactivating: it is stopping (its ExecStop= or "
+                              "TimeoutStopSec= still running), and its processes leave when it has stopped"))
+    return holder
+
+
+def _attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
+    """attribution() but for the holder's leaving.
 
     The manager's PID, a process's unit and a unit's state count only as the manager or /proc
     proved them (SystemdFacts). A cgroup path's name proves nothing (another user's manager has
@@ -178,12 +201,14 @@ def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error:
     holder = attribution(sock, evidence)
     if holder.process is not None and holder.process.pid != os.getpid() and is_guard(holder.process):
         kind = GUARD_TRIAL  # another guard's trial socket, whatever its state and unit: never a daemon
+        holder = replace(holder, leaving="")
     else:
         kind = holder.kind or kind
+    clears = clears or bool(holder.leaving)
     return Conflict(bind, kind, blocking=blocking, clears=clears, socket=sock,
                     process=holder.process, unit=holder.unit, unit_status=holder.unit_status,
                     socket_unit=holder.socket_unit, own_socket_unit=holder.own_socket_unit,
-                    predicted=predicted, error=error, evidence=[*notes, *holder.evidence])
+                    predicted=predicted, error=error, evidence=[*notes, *holder.evidence], leaving=holder.leaving)
 
 
 def _socket_unit_for(sock: SocketFact, units: list[SocketUnitFact], active: bool) -> SocketUnitFact | None:

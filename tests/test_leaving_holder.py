@@ -1,0 +1,75 @@
+"""Issue 14.4: a holder that is already leaving, under a real systemd user manager (tests/rig.py).
+
+During a restart or handover the holder's unit is deactivating: its ExecStop= runs while its main
+process still holds the address. The guard waits for it, as for a TIME_WAIT, within the guarded
+unit's start budget, and refuses naming it if it has not left by then.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PORT = 18095
+ADDRESS = f"127.0.0.1:{PORT}"
+SPEC = {"host": "127.0.0.1", "port": PORT}
+GUARD = f"{sys.executable} -m bindguard check --unit %n"
+
+
+def stopping_holder(rig, stop_seconds: int) -> int:
+    """other.service holding ADDRESS, told to stop: its ExecStop= sleeps while its main process
+    keeps the socket. Returns the main PID once the manager says the unit is deactivating."""
+    rig.write_unit("other.service", f"[Service]\nType=notify\nExecStart={rig.serve(SPEC)}\n"
+                                    f"ExecStop=/bin/sleep {stop_seconds}\n")
+    assert rig.start("other.service").ok
+    pid = rig.main_pid("other.service")
+    assert rig.systemctl("stop", "--no-block", "other.service").returncode == 0
+    deadline = time.monotonic() + 5
+    while rig.prop("other.service", "ActiveState") != "deactivating":
+        assert time.monotonic() < deadline, rig.prop("other.service", "ActiveState")
+        time.sleep(0.05)
+    return pid
+
+
+def guarded(rig, extra: str = "") -> Path:
+    log = rig.log("web.service.log")
+    rig.write_unit("web.service", f"""\
+[Service]
+Type=notify
+ExecStartPre=+{GUARD} {ADDRESS}
+ExecStart={rig.serve(SPEC)}
+StandardError=append:{log}
+{extra}
+""")
+    return log
+
+
+def test_a_holder_whose_unit_is_stopping_is_waited_for(systemd_rig):
+    rig = systemd_rig
+    stopping_holder(rig, 3)
+    log = guarded(rig)
+    run = rig.start("web.service")
+    out = log.read_text()
+    assert run.ok and run.pre_status == [0], (run.output, out)
+    assert f"clear: {ADDRESS} can be bound after waiting" in out and f"listener on {ADDRESS}" in out
+    assert rig.prop("other.service", "ActiveState") == "inactive"
+
+
+def test_a_holder_still_stopping_when_the_start_budget_ends_is_named(systemd_rig):
+    rig = systemd_rig
+    pid = stopping_holder(rig, 8)
+    log = guarded(rig, extra="TimeoutStartSec=4")  # a wait of 2 s: TimeoutStartSec= less its margin
+    started = time.monotonic()
+    run = rig.start("web.service")
+    out = log.read_text()
+    assert not run.ok and run.pre_status == [98], (run.output, out)
+    assert time.monotonic() - started < 4
+    assert f"refusing to start: {ADDRESS} in use after waiting" in out
+    assert f"PID {pid}" in out and "unit other.service" in out
+    assert "other.service is deactivating" in out and "other.service is stopping" in out
+    assert rig.prop("other.service", "ActiveState") == "deactivating"
