@@ -15,11 +15,11 @@ SAME_TEXT = "ssh.service has KillMode=process"
 
 def test_each_note_is_written_at_its_own_priority(capsys):
     notes = (Note(NOTICE, SAME_TEXT), Note(WARNING, SAME_TEXT))
-    report.write_human(Outcome(0, [], [], Evidence(), notes=notes))
+    report.write_human(Outcome(0, (), (), Evidence(), notes=notes))
     lines = capsys.readouterr().err.splitlines()
     assert f"<5>  note: {SAME_TEXT}" in lines and f"<4>  warning: {SAME_TEXT}" in lines, lines
 
 
 def test_the_json_lists_the_notes_as_text(capsys):
-    report.write_json(Outcome(0, [], [], Evidence(), notes=(Note(WARNING, "advice"), Note(NOTICE, "no bus"))))
+    report.write_json(Outcome(0, (), (), Evidence(), notes=(Note(WARNING, "advice"), Note(NOTICE, "no bus"))))
     assert json.loads(capsys.readouterr().out)["notes"] == ["advice", "no bus"]

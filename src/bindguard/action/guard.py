@@ -10,27 +10,32 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from bindguard.evidence.probe import probe
 from bindguard.model import errors
 from bindguard.model.endpoints import TCP, Bind
-from bindguard.model.facts import Evidence, ProbeResult
+from bindguard.model.facts import BindPrivilege, Evidence, ProbeResult
 from bindguard.model.kinds import (
     ADDRESS_UNAVAILABLE,
     GUARD_TRIAL,
     IGNORE,
     PERMISSION_DENIED,
     REFUSE,
-    SELF_CONFLICT,
     TIME_WAIT,
     WAIT,
-    WARN,
 )
 from bindguard.model.notes import WARNING, Note, notices
 from bindguard.systemd.context import SystemdContext
-from bindguard.verdict.conflicts import Conflict, conflicts_for, could_block, latent_socket_units, permission_denied
-from bindguard.verdict.policy import default_action
+from bindguard.verdict.conflicts import (
+    Conflict,
+    conflicts_for,
+    could_block,
+    kernel_answer_alone,
+    latent_socket_units,
+    permission_denied,
+)
+from bindguard.verdict.policy import Decision, Rules, decide, fleeting
 
 DEFAULT_WAIT = 65.0  # a full TIME_WAIT (60 s, fixed in the kernel) and the timer's slack
 POLL_INTERVAL = 0.1
@@ -47,17 +52,12 @@ SETTLE_INTERVAL_MAX = 0.16
 OBSERVE_INTERVAL = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     binds: list[Bind]
     wait: float = DEFAULT_WAIT
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
-    policy: dict[str, str] = field(default_factory=dict)  # kind -> action, over the defaults
-    # Binds where some conflicts only warn: bind -> (conflict kinds, "*" for all; why). A guessed
-    # address never refuses; a daemon that starts without one of its sockets is not stopped for it.
-    warn_only: dict[Bind, tuple[tuple[str, ...], str]] = field(default_factory=dict)
-    # The daemon's own (not guessed) binds: it starts without some of them, never without all.
-    needs_one_of: frozenset[Bind] = frozenset()
+    rules: Rules = Rules()  # the unit's policy and the addresses the daemon starts without
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     advise: bool = False  # check: the guarded unit's own settings' advice about what blocks, as warnings
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
@@ -70,16 +70,17 @@ class Request:
     log: Callable[[int, str], None] = lambda priority, line: None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
+    """The guard's answer, built once when it is decided."""
+
     exit_code: int
-    conflicts: list[Conflict]  # what blocks (blocking) and what is only worth a warning
-    results: list[ProbeResult]
+    conflicts: tuple[Conflict, ...]  # what blocks (blocking) and what is only worth a warning
+    results: tuple[ProbeResult, ...]
     evidence: Evidence
     waited: float = 0.0
-    waited_for: list[str] = field(default_factory=list)
-    reaped: list[str] = field(default_factory=list)
-    unexplained: str = ""  # the fault that kept the guard from explaining the kernel's answer
+    waited_for: tuple[str, ...] = ()
+    reaped: tuple[str, ...] = ()
     notes: tuple[Note, ...] = ()  # what the report says beside the verdict, each at its priority
 
     @property
@@ -147,48 +148,44 @@ def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:
     return evidence
 
 
-def _action(conflict: Conflict, request: Request, none_left: bool) -> str:
-    action = request.policy.get(conflict.kind) or default_action(conflict)
-    kinds, why = request.warn_only.get(conflict.bind, ((), ""))
-    if (conflict.kind in kinds or "*" in kinds) and action in (REFUSE, WAIT):
-        if none_left and conflict.bind in request.needs_one_of:
-            conflict.evidence.append(f"{why}, but not without every one: none of its addresses can be bound")
-            return action
-        conflict.evidence.append(f"{why}: a warning only")
-        return WARN
-    return action
+Probe = Callable[[list[Bind], "int | None"], list[ProbeResult]]
+Observe = Callable[[list[Bind], "list[ProbeResult] | None"], Evidence]
 
 
-def _observe_again_or_not(request: Request, results: list[ProbeResult], cache: dict) -> Evidence:
+def _observe_again_or_not(request: Request, results: list[ProbeResult], cache: dict, look: Observe) -> Evidence:
     """The evidence for these results; while waiting, the last one if the kernel's answer has not
     changed and it is under OBSERVE_INTERVAL old: on a host of 100k sockets every look costs a
     walk of every connection (70 ms), and a wait probes ten times a second."""
     answer = [(r.error, r.collides_with) for r in results]
     last = cache.get("observed")
     if last is not None and last[0] == answer and time.monotonic() - last[1].observed_at < OBSERVE_INTERVAL:
-        return replace(last[1], notes=list(last[1].notes))
-    evidence = observe(request.binds, None if request.observe_always else results)
-    cache["observed"] = (answer, replace(evidence, notes=list(evidence.notes)))
+        return last[1]
+    evidence = look(request.binds, None if request.observe_always else results)
+    cache["observed"] = (answer, evidence)
     return evidence
 
 
-def _investigate(request: Request, cache: dict, answered: list) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
-    results = probe(request.binds, request.daemon_uid)
+def _investigate(request: Request, cache: dict, answered: list, trial: Probe,
+                 look: Observe) -> tuple[list[ProbeResult], Evidence, list[Conflict]]:
+    """One probe, and the evidence and conflicts that explain its answer, each built once."""
+    results = trial(request.binds, request.daemon_uid)
     answered.append(results)
     failed = [r for r in results if not r.ok]
-    evidence = Evidence()
-    if failed or request.observe_always:
-        evidence = _observe_again_or_not(request, results, cache)
+    observed = _observe_again_or_not(request, results, cache, look) if failed or request.observe_always \
+        else Evidence()
+    notes = list(observed.notes)
     ctx = request.systemd
-    if ctx is not None and (request.observe_always or evidence.holders
+    systemd = observed.systemd
+    if ctx is not None and (request.observe_always or observed.holders
                             or ctx.in_unit and (failed or ctx.socket_units_may_claim(request.binds))):
-        holder_pids = frozenset(p.pid for p in evidence.holders.values())
+        holder_pids = frozenset(p.pid for p in observed.holders.values())
         if cache.get("pids") != holder_pids:
-            cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(evidence.holders.values())))
-        evidence.systemd = cache["facts"]
-        evidence.notes.extend(n for n in ctx.notes if n not in evidence.notes)
-    evidence.privilege = _privilege(request, results, cache)
-    _note_denied_ports(request, results, evidence)
+            cache.update(pids=holder_pids, facts=ctx.facts(request.binds, list(observed.holders.values())))
+        systemd = cache["facts"]
+        notes += [n for n in ctx.notes if n not in notes]
+    privilege = _privilege(request, results, cache)
+    notes += [n for n in _denied_port_notes(request, results, privilege) if n not in notes]
+    evidence = replace(observed, systemd=systemd, privilege=privilege, notes=notes)
     uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
     conflicts: list[Conflict] = []
     for r in results:
@@ -212,9 +209,9 @@ def _privilege(request: Request, results: list[ProbeResult], cache: dict):
     return cache[key]
 
 
-def _note_denied_ports(request: Request, results: list[ProbeResult], evidence: Evidence) -> None:
-    """Where the kernel denied the guard a port, say what the verdict rests on instead."""
-    privilege = evidence.privilege
+def _denied_port_notes(request: Request, results: list[ProbeResult], privilege: BindPrivilege | None) -> list[str]:
+    """Where the kernel denied the guard a port, what the verdict rests on instead."""
+    notes = []
     for port in sorted({r.bind.endpoint.port for r in results if r.error == errno.EACCES}):
         if privilege is not None and privilege.denied:
             continue  # a permission-denied conflict says it
@@ -227,8 +224,8 @@ def _note_denied_ports(request: Request, results: list[ProbeResult], evidence: E
             note = (f"no trial bind for port {port}: it is below net.ipv4.ip_unprivileged_port_start and the "
                     "guard lacks CAP_NET_BIND_SERVICE, so the verdict is a prediction from the sockets on the "
                     "port (run the guard as root, `ExecStartPre=+...`, for the kernel's own answer)")
-        if note not in evidence.notes:
-            evidence.notes.append(note)
+        notes.append(note)
+    return notes
 
 
 def _exit_code(blocking: list[Conflict]) -> int:
@@ -277,17 +274,6 @@ def _wait_budget(request: Request) -> tuple[float, str | None]:
     return budget, None
 
 
-def _fleeting(c: Conflict) -> bool:
-    """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
-    or the socket was gone (or had no process left) when looked at. Trial sockets live for
-    microseconds; a probe again a moment later tells them from holders."""
-    if c.predicted or c.error != "EADDRINUSE" or c.kind == SELF_CONFLICT or c.clears:
-        return False
-    if c.process is not None:
-        return c.kind == GUARD_TRIAL
-    return c.socket is None or bool(c.socket.inode)
-
-
 def _settling(request: Request, fleeting: list[Conflict], since: float, now: float, cache: dict) -> bool:
     """Whether to probe again rather than report these fleeting conflicts (see SETTLE_BUDGET)."""
     if now < since + SETTLE_BUDGET:
@@ -315,30 +301,40 @@ def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
             notes.append(note)
 
 
-def _notes(request: Request, evidence: Evidence, shown: list[Conflict], code: int) -> tuple[Note, ...]:
-    """The report's notes: what could not be observed; for check, then, what the guarded unit's own
-    settings add about what blocks (warnings), and what asking for that could not learn."""
-    notes = notices(evidence.notes)
+def _notes(request: Request, evidence: Evidence, met: list[str], shown: tuple[Conflict, ...],
+           code: int) -> tuple[Note, ...]:
+    """The report's notes: what could not be observed, and what the loop met (other guards, the
+    wait's cap); for check, then, what the guarded unit's own settings add about what blocks
+    (warnings), and what asking for that could not learn."""
+    said = [*evidence.notes, *met]
     ctx = request.systemd
     if ctx is None or not request.advise:
-        return notes
+        return notices(said)
     advice = ctx.advice([c for c in shown if c.blocking], refused=code != errors.EXIT_CLEAR)
-    unlearned = [n for n in ctx.notes if n not in evidence.notes]  # an unknown unit, a bus gone quiet
-    return (*notes, *(Note(WARNING, line) for line in advice), *notices(unlearned))
+    unlearned = [n for n in ctx.notes if n not in said]  # an unknown unit, a bus gone quiet
+    return (*notices(said), *(Note(WARNING, line) for line in advice), *notices(unlearned))
 
 
-def run(request: Request, answered: list | None = None) -> Outcome:
+def _acting(decisions: tuple[Decision, ...], action: str) -> list[Conflict]:
+    return [d.conflict for d in decisions if d.action == action]
+
+
+def run(request: Request, answered: list | None = None, *, trial: Probe | None = None,
+        look: Observe | None = None) -> Outcome:
     """Decide, waiting within request.wait seconds for what the policy says to wait for.
 
     Each answer of the kernel (the probe's results) is appended to `answered` as it comes, before
-    anything explains it: a caller keeps the kernel's verdict when what follows fails (unexplained)."""
+    anything explains it: a caller keeps the kernel's verdict when what follows fails (unexplained).
+    trial and look stand in for the trial bind (probe) and the look at the ports (observe): tests
+    give recorded ones."""
     answered = [] if answered is None else answered
+    trial, look = trial or probe, look or observe
     start = time.monotonic()
     deadline = None
     waiting_since = None  # when the first sleep began: Outcome.waited is time slept, not time spent
     cache: dict = {}
     waited_for: list[str] = []
-    notes: list[str] = []
+    met: list[str] = []  # notes of the loop's own: other guards met, the wait's cap
     reaped: list[str] = []
     reaped_pids: set[int] = set()
     settling_since = None  # while only fleeting sockets refuse: since when
@@ -346,35 +342,29 @@ def run(request: Request, answered: list | None = None) -> Outcome:
 
     def outcome(code: int) -> Outcome:
         waited = now - waiting_since if waiting_since is not None else 0.0
-        return Outcome(code, shown, results, evidence, waited, waited_for, reaped=reaped,
-                       notes=_notes(request, evidence, shown, code))
+        shown = tuple(d.conflict for d in decisions if d.action != IGNORE)
+        return Outcome(code, shown, tuple(results), evidence, waited, tuple(waited_for), tuple(reaped),
+                       notes=_notes(request, evidence, met, shown, code))
 
     while True:
-        results, evidence, conflicts = _investigate(request, cache, answered)
-        evidence.notes.extend(notes)
-        blocked = {c.bind for c in conflicts if c.blocking}
-        none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
-        actions = {id(c): _action(c, request, none_left) for c in conflicts}
-        refusing = [c for c in conflicts if actions[id(c)] == REFUSE]
-        waiting = [c for c in conflicts if actions[id(c)] == WAIT]
-        shown = [c for c in conflicts if actions[id(c)] != IGNORE]
+        results, evidence, conflicts = _investigate(request, cache, answered, trial, look)
+        decisions = decide(conflicts, request.rules)
+        refusing, waiting = _acting(decisions, REFUSE), _acting(decisions, WAIT)
         now = time.monotonic()
         if not refusing and not waiting:
             return outcome(errors.EXIT_CLEAR)
-        fleeting = [c for c in refusing if _fleeting(c)]
-        if not fleeting or len(fleeting) < len(refusing):  # a holder that stays: no reason to probe again
+        passing = [c for c in refusing if fleeting(c)]
+        if not passing or len(passing) < len(refusing):  # a holder that stays: no reason to probe again
             settling_since, pauses = None, 0
         else:
             settling_since = now if settling_since is None else settling_since
-            if _settling(request, fleeting, settling_since, now, cache):
-                _note_other_guards(fleeting, notes)
+            if _settling(request, passing, settling_since, now, cache):
+                _note_other_guards(passing, met)
                 cache.pop("observed", None)
                 time.sleep(_settle_pause(pauses))
                 pauses += 1
                 continue
-            for c in fleeting:
-                if c.kind == GUARD_TRIAL:
-                    c.evidence.append(f"it held {c.bind} through every probe again for {now - settling_since:.1f} s")
+            decisions = decide(conflicts, request.rules, held_for=now - settling_since)
         if refusing and request.reap_stale and _reap(refusing, request, evidence, reaped, reaped_pids):
             cache.pop("observed", None)  # the holders have changed: look again
             continue
@@ -384,8 +374,7 @@ def run(request: Request, answered: list | None = None) -> Outcome:
             budget, note = _wait_budget(request)
             deadline = start + budget
             if note:
-                notes.append(note)
-                evidence.notes.append(note)
+                met.append(note)
         clears_in = _seconds_until_clear(waiting)
         if clears_in is not None:
             clears_in -= now - evidence.observed_at  # the timer has run on since the evidence was read
@@ -404,22 +393,15 @@ def run(request: Request, answered: list | None = None) -> Outcome:
 def unexplained(request: Request, results: list[ProbeResult], fault: str) -> Outcome:
     """The kernel's answer alone, where explaining it failed: a refusal stays a refusal.
 
-    Each failed bind is a conflict of the kind its errno gives with no evidence (EADDRINUSE:
-    `bound`, EADDRNOTAVAIL: `address-unavailable`), under the request's policy and optional
-    addresses. Nothing is waited for (without the sockets, TIME_WAIT cannot be told from a
-    holder), and the guard's own EACCES (no trial bind of a privileged port) passes as before a
-    prediction: what the daemon may do there was never the kernel's answer."""
+    Each failed bind is a conflict of the kind its errno gives with no evidence
+    (verdict.conflicts.kernel_answer_alone), under the request's policy and optional addresses.
+    Nothing is waited for, and the guard's own EACCES (no trial bind of a privileged port) passes
+    as before a prediction: what the daemon may do there was never the kernel's answer."""
     evidence = Evidence(notes=[f"the guard could not explain the kernel's answer: {fault}"])
     uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
-    conflicts: list[Conflict] = []
-    for r in results:
-        for c in conflicts_for(r.bind, r.error, r.collides_with, Evidence(), uid):
-            c.evidence, c.clears = [], False
-            conflicts.append(c)
-    blocked = {c.bind for c in conflicts if c.blocking}
-    none_left = bool(request.needs_one_of) and request.needs_one_of <= blocked
-    actions = {id(c): _action(c, request, none_left) for c in conflicts}
-    refusing = [c for c in conflicts if actions[id(c)] in (REFUSE, WAIT)]
-    shown = [c for c in conflicts if actions[id(c)] != IGNORE]
+    conflicts = [c for r in results for c in kernel_answer_alone(r.bind, r.error, r.collides_with, uid)]
+    decisions = decide(conflicts, request.rules)
+    refusing = [d.conflict for d in decisions if d.action in (REFUSE, WAIT)]
+    shown = tuple(d.conflict for d in decisions if d.action != IGNORE)
     code = _exit_code(refusing) if refusing else errors.EXIT_CLEAR
-    return Outcome(code, shown, results, evidence, unexplained=fault, notes=notices(evidence.notes))
+    return Outcome(code, shown, tuple(results), evidence, notes=notices(evidence.notes))

@@ -32,6 +32,9 @@ KINDS = (
 # conflict clears by itself, as a TIME_WAIT does: the guard waits for it within the start budget.
 UNIT_DEACTIVATING, PROCESS_EXITING = "unit-deactivating", "process-exiting"
 
+# Every conflict kind, where a rule names the kinds that only warn on an address (an optional one).
+ANY_KIND = "*"
+
 # What the guard may do about a conflict (a unit's YAML `policy` names them per kind).
 REFUSE, WAIT, WARN, IGNORE = "refuse", "wait", "warn", "ignore"
 ACTIONS = (REFUSE, WAIT, WARN, IGNORE)

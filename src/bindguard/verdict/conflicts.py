@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from bindguard.model.endpoints import TCP, Bind, addresses_overlap
 from bindguard.model.facts import (
@@ -45,8 +45,11 @@ from bindguard.model.kinds import (
 CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Conflict:
+    """One reason a requested socket cannot (or, predicted, would not) be bound, built once with its
+    kind decided; what the guard does about it is a verdict.policy.Decision."""
+
     bind: Bind  # the requested socket this is about
     kind: str
     blocking: bool = True  # the kernel refuses (or, predicted, would refuse) this bind
@@ -60,7 +63,7 @@ class Conflict:
     other_bind: Bind | None = None  # the request's own socket in the way (self-conflict)
     predicted: bool = False
     error: str = ""  # the kernel's errno name for this bind, when probed
-    evidence: list[str] = field(default_factory=list)
+    evidence: tuple[str, ...] = ()
     privilege: BindPrivilege | None = None  # permission-denied: what was proven about the daemon
     leaving: str = ""  # UNIT_DEACTIVATING or PROCESS_EXITING: the holder is on its way out (clears)
 
@@ -208,7 +211,7 @@ def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error:
     return Conflict(bind, kind, blocking=blocking, clears=clears, socket=sock,
                     process=holder.process, unit=holder.unit, unit_status=holder.unit_status,
                     socket_unit=holder.socket_unit, own_socket_unit=holder.own_socket_unit,
-                    predicted=predicted, error=error, evidence=[*notes, *holder.evidence], leaving=holder.leaving)
+                    predicted=predicted, error=error, evidence=(*notes, *holder.evidence), leaving=holder.leaving)
 
 
 def _socket_unit_for(sock: SocketFact, units: list[SocketUnitFact], active: bool) -> SocketUnitFact | None:
@@ -237,7 +240,7 @@ def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]
                         LATENT_SOCKET_UNIT,
                         blocking=False,
                         socket_unit=unit.name,
-                        evidence=[f"{unit.name} ({unit.active_state}) declares {unit.endpoint}"],
+                        evidence=(f"{unit.name} ({unit.active_state}) declares {unit.endpoint}",),
                     )
                 )
     return conflicts
@@ -254,7 +257,7 @@ def permission_denied(bind: Bind, error: int, evidence: Evidence) -> list[Confli
         return []
     by_kernel = error == errno.EACCES
     return [Conflict(bind, PERMISSION_DENIED, predicted=not by_kernel, error="EACCES" if by_kernel else "",
-                     evidence=list(privilege.facts), privilege=privilege)]
+                     evidence=privilege.facts, privilege=privilege)]
 
 
 def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: Evidence,
@@ -267,27 +270,36 @@ def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: 
         return [Conflict(bind, SELF_CONFLICT, other_bind=collides_with, error=name)]
     if error == errno.EAFNOSUPPORT:
         return [Conflict(bind, ADDRESS_UNAVAILABLE, error=name,
-                         evidence=["IPv6 is not available in this network namespace"])]
+                         evidence=("IPv6 is not available in this network namespace",))]
     if error in (errno.EADDRNOTAVAIL, errno.ENODEV):
         tentative = bind.endpoint.host in evidence.tentative
         return [Conflict(bind, ADDRESS_UNAVAILABLE, clears=tentative, error=name,
-                         evidence=["the address is still in duplicate address detection"] if tentative else [])]
+                         evidence=("the address is still in duplicate address detection",) if tentative else ())]
     if error == errno.EACCES:
         return _predicted(bind, evidence, daemon_uid)
     if error != errno.EADDRINUSE:
-        return [Conflict(bind, BOUND_KIND, error=name, evidence=[f"the kernel answered {name}"])]
+        return [Conflict(bind, BOUND_KIND, error=name, evidence=(f"the kernel answered {name}",))]
     conflicts = []
     for sock in evidence.sockets:
         if could_block(bind, sock):
             conflicts.append(_holder_conflict(bind, sock, evidence, error=name))
     if not conflicts:
-        conflicts.append(Conflict(bind, BOUND_KIND, error=name, evidence=[
+        conflicts.append(Conflict(bind, BOUND_KIND, error=name, evidence=(
             "no socket on this port is visible: a bound, never-listened socket on a kernel older "
-            "than 6.8, or a socket this user may not see"]))
+            "than 6.8, or a socket this user may not see",)))
     elif any(not c.clears for c in conflicts):
         # A live holder is in the way; what clears by itself does not change the verdict.
         conflicts = [c for c in conflicts if not c.clears] + [c for c in conflicts if c.clears]
     return conflicts
+
+
+def kernel_answer_alone(bind: Bind, error: int, collides_with: Bind | None, daemon_uid: int) -> list[Conflict]:
+    """The conflicts one bind's outcome makes where nothing explains it (the evidence could not be
+    gathered): the kind its errno gives (EADDRINUSE: `bound`, EADDRNOTAVAIL: `address-unavailable`),
+    without evidence, and none that clears by itself (without the sockets, TIME_WAIT cannot be told
+    from a holder)."""
+    return [replace(c, evidence=(), clears=False)
+            for c in conflicts_for(bind, error, collides_with, Evidence(), daemon_uid)]
 
 
 def _predicted(bind: Bind, evidence: Evidence, daemon_uid: int) -> list[Conflict]:

@@ -1,12 +1,79 @@
-"""What the guard does about a conflict when a unit's policy names no action for its kind. Pure."""
+"""What the guard does about each conflict: the unit's policy, else the default for its kind, then
+the addresses the daemon starts without. Pure: each conflict and its action are decided once, in a
+new record, and the guard's loop only reads them.
+"""
 
 from __future__ import annotations
 
-from bindguard.model.kinds import LATENT_SOCKET_UNIT, REFUSE, WAIT, WARN
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from bindguard.model.endpoints import Bind
+from bindguard.model.kinds import ANY_KIND, GUARD_TRIAL, LATENT_SOCKET_UNIT, REFUSE, SELF_CONFLICT, WAIT, WARN
 from bindguard.verdict.conflicts import Conflict
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A unit's rules for conflicts, over the defaults."""
+
+    policy: Mapping[str, str] = field(default_factory=dict)  # kind -> action
+    # Binds where some conflicts only warn: bind -> (conflict kinds, ANY_KIND for all; why). A guessed
+    # address never refuses; a daemon that starts without one of its sockets is not stopped for it.
+    warn_only: Mapping[Bind, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    # The daemon's own (not guessed) binds: it starts without some of them, never without all.
+    needs_one_of: frozenset[Bind] = frozenset()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A conflict and what the guard does about it: refuse, wait, warn or ignore. When the rules
+    turned an action into a warning (or kept it, as no address is left), the conflict's last
+    evidence line says why."""
+
+    conflict: Conflict
+    action: str
 
 
 def default_action(conflict: Conflict) -> str:
     if conflict.kind == LATENT_SOCKET_UNIT or not conflict.blocking:
         return WARN
     return WAIT if conflict.clears else REFUSE
+
+
+def fleeting(c: Conflict) -> bool:
+    """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
+    or the socket was gone (or had no process left) when looked at. Trial sockets live for
+    microseconds; a probe again a moment later tells them from holders."""
+    if c.predicted or c.error != "EADDRINUSE" or c.kind == SELF_CONFLICT or c.clears:
+        return False
+    if c.process is not None:
+        return c.kind == GUARD_TRIAL
+    return c.socket is None or bool(c.socket.inode)
+
+
+def decide(conflicts: list[Conflict], rules: Rules, held_for: float | None = None) -> tuple[Decision, ...]:
+    """Each conflict's action. held_for: how long another guard's trial socket held its address
+    through every probe again (bindguard.action.guard), said in the evidence of the refusal."""
+    blocked = {c.bind for c in conflicts if c.blocking}
+    none_left = bool(rules.needs_one_of) and rules.needs_one_of <= blocked
+    decisions = []
+    for conflict in conflicts:
+        action, why = _action(conflict, rules, none_left)
+        lines: tuple[str, ...] = (why,) if why else ()
+        if held_for is not None and action == REFUSE and conflict.kind == GUARD_TRIAL and fleeting(conflict):
+            lines += (f"it held {conflict.bind} through every probe again for {held_for:.1f} s",)
+        decisions.append(Decision(replace(conflict, evidence=(*conflict.evidence, *lines)) if lines else conflict,
+                                  action))
+    return tuple(decisions)
+
+
+def _action(conflict: Conflict, rules: Rules, none_left: bool) -> tuple[str, str]:
+    """The action, and why the rules changed or kept it ("" when only the policy spoke)."""
+    action = rules.policy.get(conflict.kind) or default_action(conflict)
+    kinds, why = rules.warn_only.get(conflict.bind, ((), ""))
+    if (conflict.kind in kinds or ANY_KIND in kinds) and action in (REFUSE, WAIT):
+        if none_left and conflict.bind in rules.needs_one_of:
+            return action, f"{why}, but not without every one: none of its addresses can be bound"
+        return WARN, f"{why}: a warning only"
+    return action, ""

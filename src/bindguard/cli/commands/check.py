@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, ascii_number, parse_listen
 from bindguard.model.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ADDRESS_UNAVAILABLE
+from bindguard.model.kinds import ADDRESS_UNAVAILABLE, ANY_KIND
 from bindguard.model.text import excerpt
 from bindguard.report import output
 from bindguard.systemd.unitfiles import normalize_unit, user_manager
@@ -163,7 +163,7 @@ def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -
 
 # The conflict kinds that only warn on an optional address: any (--optional, `optional: true`),
 # or only that no interface has it (--if-available, `optional: if-available`).
-OPTIONAL = ("*",)
+OPTIONAL = (ANY_KIND,)
 IF_AVAILABLE = (ADDRESS_UNAVAILABLE,)
 
 
@@ -332,6 +332,7 @@ def privilege_unit(args: argparse.Namespace, ctx) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from bindguard.action import guard
     from bindguard.report import outcome as report
+    from bindguard.verdict.policy import Rules
 
     ctx = systemd_context(args)
     checks = plan(args, ctx)
@@ -344,10 +345,12 @@ def run(args: argparse.Namespace) -> int:
         binds=checks.binds,
         wait=validate_wait(args.wait if args.wait is not None else checks.wait),
         daemon_uid=daemon_uid(args, ctx, checks.binds),
-        policy=checks.policy,
-        warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
-        | {b: (("*",), "the address is a guess from the unit's command line") for b in checks.guesses},
-        needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
+        rules=Rules(
+            policy=checks.policy,
+            warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
+            | {b: ((ANY_KIND,), "the address is a guess from the unit's command line") for b in checks.guesses},
+            needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
+        ),
         systemd=ctx,
         advise=True,
         reap_stale=args.reap_stale or checks.reap_stale,
@@ -380,13 +383,11 @@ def run(args: argparse.Namespace) -> int:
         fault = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
         if outcome is None:
             outcome = guard.unexplained(request, answered[-1], fault)
-        else:
-            outcome.unexplained = fault
-        write_unexplained(outcome, json=args.json and not json_written)
+        write_unexplained(outcome, fault, json=args.json and not json_written)
         return outcome.exit_code
 
 
-def write_unexplained(outcome, json: bool) -> None:
+def write_unexplained(outcome, fault: str, json: bool) -> None:
     """The kernel's verdict where the report could not be made: plain lines, nothing but the
     probe's answers and the fault (the renderer may be what failed)."""
     failed = [r for r in outcome.results if not r.ok]
@@ -400,11 +401,11 @@ def write_unexplained(outcome, json: bool) -> None:
             "exit_code": outcome.exit_code,
             "addresses": [{"address": str(r.bind), "bindable": r.ok, "error": r.error_name or None}
                           for r in outcome.results],
-            "unexplained": outcome.unexplained,
+            "unexplained": fault,
         }, sys.stdout, indent=2)
         sys.stdout.write("\n")
         sys.stdout.flush()
-    why = f"the guard could not explain the kernel's answer: {outcome.unexplained}"
+    why = f"the guard could not explain the kernel's answer: {fault}"
     if outcome.clear:
         passed = f"refused only {answers}, where a conflict only warns" if failed else "refused no address"
         output.emit(output.WARNING, [f"bindguard: clear: the kernel's trial bind {passed} (exit 0)", f"  note: {why}"])

@@ -22,6 +22,7 @@ from bindguard.model.endpoints import (
     parse_listen,
 )
 from bindguard.model.host import host_bindv6only, ipv6_supported
+from bindguard.model.kinds import ANY_KIND
 from bindguard.model.text import excerpt
 from bindguard.request import files
 
@@ -51,7 +52,7 @@ class Finding:
     confidence: str  # CONFIDENT or GUESS
     note: str = ""
     socket_unit: str | None = None  # set when systemd binds it (socket activation): the daemon does not
-    survives: tuple[str, ...] = ()  # conflict kinds the daemon starts despite ("*": any)
+    survives: tuple[str, ...] = ()  # conflict kinds the daemon starts despite (ANY_KIND: any)
 
     @property
     def confident(self) -> bool:
@@ -83,7 +84,7 @@ class Findings:
     def all_survivable(self, note: str) -> None:
         """The daemon starts when at least one of several sockets binds (sshd, PostgreSQL)."""
         if len(self.findings) > 1:
-            self.findings = [replace(f, survives=("*",), note="; ".join(n for n in (f.note, note) if n))
+            self.findings = [replace(f, survives=(ANY_KIND,), note="; ".join(n for n in (f.note, note) if n))
                              for f in self.findings]
 
     def warn(self, message: str) -> None:
