@@ -12,7 +12,18 @@ import time
 import pytest
 
 from bindguard.evidence import owners
-from bindguard.cli.commands.verify import FOREIGN_OWNER, NOT_LISTENING, SHARED, WRONG_ADDRESS, Holder, assess
+from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER
+from bindguard.verdict.verify import (
+    EXIT_NOT_LISTENING,
+    FOREIGN_OWNER,
+    NOT_LISTENING,
+    SHARED,
+    WRONG_ADDRESS,
+    Holder,
+    assess,
+    exit_code,
+    holders,
+)
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import ProcessFact, SocketFact
 from test_discover import need_package
@@ -54,6 +65,52 @@ def test_assess_each_kind():
     assert _assess("[::]:80", dual, v6only=True, stated=True).kind == WRONG_ADDRESS
     loopback = _listener("[::1]:80", 1, "web.service", v6only=True)  # the kernel sets it for a specific address
     assert _assess("[::1]:80", loopback, v6only=False, stated=True).ok
+
+
+def test_holders_belong_to_the_unit_by_the_managers_word_else_by_verifys_own_cgroup():
+    sock = SocketFact(parse_listen("127.0.0.1:80"), "LISTEN", 0, 7)
+    worker = ProcessFact(11, 10, "d", ("d",), "/usr/bin/d", 0, "root", 0.0, "/system.slice/web.service/worker", None)
+    # the manager answered: its word decides, whatever the cgroup path
+    assert holders([sock], {7: [worker]}, {11: "web.service"}, "web.service", None)[7].in_unit
+    other = holders([sock], {7: [worker]}, {11: "other.service"}, "web.service", "/system.slice/web.service")[7]
+    assert not other.in_unit and other.units == (("other.service", UNIT_BY_MANAGER),)
+    # a slice holds no unit's process: in no unit
+    assert holders([sock], {7: [worker]}, {11: "system.slice"}, "web.service", None)[7].units == ((None, NO_UNIT),)
+    # no answer: within verify's own cgroup (ExecStartPost= runs in the unit), delegated subgroups included
+    assert holders([sock], {7: [worker]}, {}, "web.service", "/system.slice/web.service")[7].in_unit
+    assert not holders([sock], {7: [worker]}, {}, "web.service", "/system.slice/web")[7].in_unit
+    # no answer and no own cgroup: the name the cgroup path bears, marked as such
+    named = ProcessFact(11, 10, "d", ("d",), "/usr/bin/d", 0, "root", 0.0, "/system.slice/web.service", "web.service")
+    held = holders([sock], {7: [named]}, {}, "web.service", None)[7]
+    assert held.in_unit and held.units == (("web.service", UNIT_BY_CGROUP),)
+    # no holder found (another user's process, not root)
+    assert holders([sock], {}, {}, "web.service", None)[7] == Holder(sock, (), False, ())
+
+
+def test_optional_addresses_and_the_exit_code():
+    missing = _assess("127.0.0.1:80")
+    taken = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "other.service"))
+    shared = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, None))
+    assert exit_code([]) == 0 and exit_code([_assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"))]) == 0
+    assert exit_code([missing]) == EXIT_NOT_LISTENING
+    assert exit_code([missing, taken]) == exit_code([shared]) == 98
+    bind = Bind(parse_listen("127.0.0.1:80"), SocketOptions())
+    optional = assess(bind, [], {}, "web.service", False, 1.0, optional=True)
+    assert optional.kind == NOT_LISTENING and optional.ok and exit_code([optional]) == 0
+    # an optional address shared with a foreign process is still wrong
+    h = _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, None)
+    assert not assess(bind, [x.socket for x in h], {x.socket.inode: x for x in h}, "web.service", False, 1.0,
+                      optional=True).ok
+
+
+def test_a_foreign_owner_without_a_unit_is_looked_at_before_it_is_stopped():
+    taken = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 4242, None))
+    assert taken.kind == FOREIGN_OWNER and "ps -o pid,ppid,lstart,cmd -p 4242" in taken.fix
+    by_manager = Holder(taken.holders[0].socket, taken.holders[0].processes, False, (("db.service", UNIT_BY_MANAGER),))
+    stopped = _assess("127.0.0.1:80", by_manager)
+    assert "`systemctl stop db.service`" in stopped.fix and "ps -o" not in stopped.fix
+    unknown = Holder(SocketFact(parse_listen("127.0.0.1:80"), "LISTEN", 0, 5), (), False)
+    assert "ss -lntup 'sport = :80'" in _assess("127.0.0.1:80", unknown).fix
 
 
 # --- the command line, in a network namespace --------------------------------------------------

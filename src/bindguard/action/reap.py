@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from syslog import LOG_NOTICE, LOG_WARNING
 
-from bindguard.evidence.owners import cgroup_within, unit_from_cgroup
-from bindguard.model.facts import SystemdFacts
+from bindguard.evidence.owners import unit_from_cgroup
+from bindguard.model.facts import SystemdFacts, cgroup_within
 from bindguard.model.kinds import OWN_INSTANCE
 from bindguard.verdict.conflicts import Conflict
 

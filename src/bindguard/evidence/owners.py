@@ -221,11 +221,6 @@ def _or_empty(read, default):
         return default
 
 
-def cgroup_within(cgroup: str, top: str) -> bool:
-    """Whether cgroup path is top or below it (a unit's delegated subgroups are its own)."""
-    return bool(top) and (cgroup == top or cgroup.startswith(top.rstrip("/") + "/"))
-
-
 def cgroup_pids(cgroup_path: str, *, recursive: bool = True) -> list[int]:
     """The PIDs in a cgroup (and, by default, its descendants), from cgroup.procs.
 

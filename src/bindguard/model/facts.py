@@ -77,6 +77,11 @@ def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tup
     return process.unit, UNIT_BY_CGROUP if process.unit else UNIT_UNKNOWN
 
 
+def cgroup_within(cgroup: str, top: str) -> bool:
+    """Whether cgroup path is top or below it (a unit's delegated subgroups are its own)."""
+    return bool(top) and (cgroup == top or cgroup.startswith(top.rstrip("/") + "/"))
+
+
 @dataclass(frozen=True)
 class SocketUnitFact:
     """One network address of a systemd .socket unit."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 from bindguard.action.guard import Outcome
@@ -235,9 +233,9 @@ def outcome_json(outcome: Outcome) -> dict:
 
 
 def write_json(outcome: Outcome) -> None:
-    json.dump(outcome_json(outcome), sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    from bindguard.report.jsonout import write_json  # json only for --json
+
+    write_json(outcome_json(outcome))
 
 
 def describe_holder(c: Conflict) -> str:

@@ -20,6 +20,7 @@ from bindguard.model.errors import EXIT_INUSE
 from bindguard.model.facts import unit_active
 from bindguard.model.hostmap import LISTENING, SOCKET_UNIT, Claim, HostMap, UnitState
 from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_UNKNOWN
+from bindguard.verdict.remedies import find_holder, inspect_process
 
 UNIT_COLLISION = "unit-collision"
 SOCKET_UNIT_COLLISION = "socket-unit-collision"
@@ -180,10 +181,10 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
                 evidence.append(f"{claim.describe()}: it cannot start while this holds the address")
         if p is not None:
             fix = (f"if it should run, run it as a unit (a service file, or `systemd-run --unit NAME ...`) so that "
-                   f"it is managed and restarted; if it is a leftover, check it with `ps -o pid,ppid,lstart,cmd "
-                   f"-p {p.pid}` and stop it: `kill -TERM {p.pid}`")
+                   f"it is managed and restarted; if it is a leftover, check it with {inspect_process(p.pid)} "
+                   f"and stop it: `kill -TERM {p.pid}`")
         else:
-            fix = f"find the holder as root: `ss -lntup 'sport = :{s.local.port}'`"
+            fix = f"find the holder as root: {find_holder(s.local.port, listening=True)}"
         found.append(Finding(
             UNCLAIMED_LISTENER, f"{s.local} is served by no running service", tuple(evidence), fix, s.local.proto,
             s.local.port, (unit,) if unit else (), (str(s.local),)))

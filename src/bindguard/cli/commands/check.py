@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field, replace
 
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, ascii_number, parse_listen
@@ -393,18 +392,16 @@ def write_unexplained(outcome, fault: str, json: bool) -> None:
     failed = [r for r in outcome.results if not r.ok]
     answers = ", ".join(f"{r.bind} ({r.error_name})" for r in failed)
     if json:
-        import json as json_module
+        from bindguard.report.jsonout import write_json
 
-        json_module.dump({
+        write_json({
             "clear": outcome.clear,
             "verdict": VERDICTS.get(outcome.exit_code, "error"),
             "exit_code": outcome.exit_code,
             "addresses": [{"address": str(r.bind), "bindable": r.ok, "error": r.error_name or None}
                           for r in outcome.results],
             "unexplained": fault,
-        }, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        })
     why = f"the guard could not explain the kernel's answer: {fault}"
     if outcome.clear:
         passed = f"refused only {answers}, where a conflict only warns" if failed else "refused no address"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import sys
 
 from bindguard.model.errors import EXIT_CLEAR, BindguardError, UsageError
 from bindguard.model.text import escape
 from bindguard.report import output
+from bindguard.report.jsonout import write_json
 from bindguard.systemd.unitfiles import normalize_unit
 
 DESCRIPTION = """\
@@ -117,13 +116,12 @@ def run(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         output.warning(warning)
     if args.json:
-        json.dump({"daemons": result.daemons, "warnings": result.warnings, "findings": [
+        write_json({"daemons": result.daemons, "warnings": result.warnings, "findings": [
             {"address": str(f.bind.endpoint), "proto": f.bind.endpoint.proto, "source": f.source,
              "confidence": f.confidence, "note": f.note, "socket_unit": f.socket_unit,
              "reuseaddr": f.bind.options.reuseaddr, "reuseport": f.bind.options.reuseport,
              "v6only": f.bind.v6only, "freebind": f.bind.options.freebind, "survives": list(f.survives)}
-            for f in result.findings]}, sys.stdout, indent=2)
-        print()
+            for f in result.findings]})
         return EXIT_CLEAR
     if not result.findings:
         print("nothing found" + (f" ({escape(', '.join(result.daemons))}: no listen address)"

@@ -98,11 +98,9 @@ def run(args: argparse.Namespace) -> int:
         raise BindguardError(f"the scan failed: {type(exc).__name__}: {exc}",
                              "rerun with --debug for a traceback") from None
     if args.json:
-        import json
+        from bindguard.report.jsonout import write_json
 
-        json.dump(render.scan_json(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        write_json(render.scan_json(result))
     elif not args.quiet:
         render.write_table(result, sys.stdout)
     render.write_findings(result)
