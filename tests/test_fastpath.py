@@ -57,7 +57,7 @@ DEFERRED = [  # these go to the full command, which knows better
     ["0"],
     ["70000"],
     ["[2001:db8::1]:8080"],
-    ["--unit", "nginx.service"],  # discovery knows nginx
+    ["--unit", "nginx.service"],  # discovery knows nginx, and nothing is remembered (forgotten below)
     ["--json", "8080"],
     ["--wait", "-1", "8080"],
     ["--v6only", "[::ffff:127.0.0.1]:8080"],
@@ -72,6 +72,9 @@ DEFERRED = [  # these go to the full command, which knows better
 
 @pytest.mark.integration
 def test_fast_path_agrees_with_the_full_command(netns, tmp_path):
+    from bindguard.request import cache
+
+    cache.forget("nginx.service", False)
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
     proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(ANSWERED + ANSWERED_IN_UNIT + DEFERRED)],
                      env={"BINDGUARD_CONFIG_PATH": str(tmp_path), "PATH": "/usr/bin:/bin",

@@ -74,6 +74,8 @@ def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
 def check(args: list[str]) -> int | None:
     """The exit code when it can be given cheaply and surely, else None."""
     options = dict(DEFAULT_OPTIONS)
+    per_bind: list[tuple] | None = None  # each address's own options, from a remembered discovery
+    told: list[tuple[int, str]] = []  # what the full command says before its verdict
     unit = None
     listen: list[str] = []
     no_systemd = False
@@ -129,19 +131,20 @@ def check(args: list[str]) -> int | None:
                 return 0
             listen = socket_listen
         if not listen:
-            if unitfiles.daemon_for_unit_name(unit) is not None:
-                return None
             from bindguard.systemd import unitexec
 
-            if unitexec.runs_known_daemon(unit, user_bus):
+            if unitfiles.daemon_for_unit_name(unit) is None and not unitexec.runs_known_daemon(unit, user_bus):
+                output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
+                return 0
+            remembered = _remembered(unit, user_bus, options)
+            if remembered is None:
                 return None
-            output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
-            return 0
+            listen, per_bind, told = remembered
     if not listen:
         return None
     if unit is not None and not no_systemd and _unit_needs_a_closer_look(unit, user_bus, listen):
         return None
-    if unit is not None and not no_systemd and options["reuseport"]:
+    if unit is not None and not no_systemd and (options["reuseport"] or any(o[1] for o in per_bind or ())):
         return None  # SO_REUSEPORT shares a port within one uid: the trial needs the unit's User=
 
     from bindguard.evidence import probe
@@ -150,12 +153,20 @@ def check(args: list[str]) -> int | None:
     v6only = options["v6only"] if options["v6only"] is not None else host.host_bindv6only()
     ipv6 = host.ipv6_supported()
     specs, shown = [], []
-    for text in listen:
-        parsed = _parse(text, v6only, ipv6)
-        if parsed is None:
-            return None
-        spec, address = parsed
-        specs.append(spec[:3] + (options["reuseaddr"], options["reuseport"], spec[5], options["freebind"]))
+    for i, text in enumerate(listen):
+        if per_bind is None:
+            parsed = _parse(text, v6only, ipv6)
+            if parsed is None:
+                return None
+            spec, address = parsed
+            specs.append(spec[:3] + (options["reuseaddr"], options["reuseport"], spec[5], options["freebind"]))
+        else:
+            reuseaddr, reuseport, bind_v6only, freebind = per_bind[i]
+            parsed = _parse(text, bind_v6only, ipv6)
+            if parsed is None:
+                return None
+            spec, address = parsed
+            specs.append(spec[:3] + (reuseaddr, reuseport, spec[5], freebind))
         shown.append(address)
     if unit is not None and not unit.endswith(".socket") \
             and min(spec[2][1] for spec in specs) < host.unprivileged_port_start():
@@ -165,8 +176,37 @@ def check(args: list[str]) -> int | None:
             return None  # the unit's User= may be denied a port the guard can bind
     if any(error for error, _ in probe.trial(specs)):
         return None
+    for priority, line in told:
+        output.emit(priority, line)
     output.emit(output.INFO, f"bindguard: clear: {', '.join(shown)} can be bound")
     return 0
+
+
+def _remembered(unit: str, user: bool, options: dict) -> tuple[list[str], list[tuple], list[tuple[int, str]]] | None:
+    """A known daemon's addresses as its last discovery found them, while nothing it read has
+    changed (bindguard.request.cache): (addresses, each one's socket options, the lines the full
+    command writes before its verdict); None for the full command (no usable entry, an option on
+    the command line, a finding the fast path does not judge)."""
+    if options != DEFAULT_OPTIONS:
+        return None  # the command line's options over discovery's: the full command merges them
+    from bindguard.request import cache
+
+    remembered = cache.lookup(unit, user)
+    if remembered is None:
+        return None
+    from bindguard.report import output
+
+    told = [(output.WARNING, f"bindguard: warning: {w}") for w in remembered.warnings]
+    listen, per_bind = [], []
+    for text, flags, confidence, socket_unit, _survives, source, _note in remembered.findings:
+        if socket_unit:
+            continue  # systemd binds it: the full command does not check those for a unit either
+        if confidence != "confident":
+            continue  # a guess counts only with a YAML file, which sends every unit to the full command
+        listen.append(text)
+        per_bind.append(flags)
+        told.append((output.INFO, f"bindguard: checking {text} from {source}"))
+    return (listen, per_bind, told) if listen else None
 
 
 def _unit_needs_a_closer_look(unit: str, user: bool, listen: list[str]) -> bool:

@@ -294,15 +294,13 @@ def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked"
     systemd is asked over D-Bus only for a unit not on disk that has a YAML file or a known
     daemon's name. Guesses count only for a unit with a YAML file.
     """
-    from bindguard.request import discover
-    from bindguard.systemd.unitfacts import unit_facts_from_files
+    from bindguard.request import cache, discover
 
     sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
     if not sources:
         return []
-    facts = unit_facts_from_files(unit, user_manager(ctx.bus_choice if ctx else None))
-    result = discover.discover_unit(unit, lambda name: facts, list(sources))
-    if not facts.exec_start:
+    result = cache.discover_from_files(unit, user_manager(ctx.bus_choice if ctx else None), list(sources))
+    if result is None:  # no ExecStart= in its unit files
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
             return []
         if ctx is None:

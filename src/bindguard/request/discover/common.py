@@ -146,6 +146,13 @@ class BudgetExceeded(DaemonConfigError):
     """Discovery has read as many files or bytes, or spent as long, as one discovery may."""
 
 
+def _cut_short(why: str) -> None:
+    """A discovery that stopped on its budget: its answer depends on more than the files it read."""
+    from bindguard.request.cache import incomplete
+
+    incomplete(why)
+
+
 class Budget:
     """Files, bytes and time left to one discovery; spending past them raises BudgetExceeded."""
 
@@ -161,6 +168,7 @@ class Budget:
     def spend(self, path: str, files: int = 0, size: int = 0) -> None:
         files_limit, bytes_limit, seconds_limit = self.limits
         if time.monotonic() > self.deadline:
+            _cut_short("its time budget")
             raise BudgetExceeded(f"{path}: discovery stopped after {seconds_limit:g} s (an include loop, or "
                                  f"files that include each other many times?)")
         self.files_left -= files

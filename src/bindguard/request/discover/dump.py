@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bindguard.model.text import excerpt
+from bindguard.request.cache import incomplete
 from bindguard.request.discover.common import current_budget, current_service
 
 # Where systemd looks for an ExecStart= program given by name alone (systemd.service(5): a fixed
@@ -144,6 +145,8 @@ def allowed(program: str, inputs: Iterable[str] | None) -> tuple[Credentials | N
     why = refusal(program, runs_as, None if inputs is None else [*inputs, *present])
     if why or isinstance(runs_as, str):  # refusal() gives the string credentials() returned as its why
         return None, why or ""
+    if inputs is None:  # it reads what bindguard could not: its answer may change with no file read changing
+        incomplete("a dump of a configuration not read through")
     return runs_as, ""
 
 
@@ -185,6 +188,7 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
     program = os.path.realpath(argv[0])  # what was checked, not a path someone could re-point
     command = " ".join(argv)
     if budget.seconds_left() <= 0 or budget.bytes_left <= 0:
+        incomplete("a dump not run: the budget was spent")
         return False, "", f"{command}: not run, discovery has spent its budget"
     switch = runs_as.uid is not None  # the child sets groups, gid, then uid before exec
     try:
@@ -220,6 +224,7 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
                 failure = f"{command}: more than {limit >> 20} MiB of output; stopped"
                 break
     if failure:
+        incomplete(failure)  # killed on a budget: another run may finish
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: the dump and anything it started
         except ProcessLookupError:
@@ -232,6 +237,8 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
         return False, "", failure
     stdout = out.decode("utf-8", errors="replace")
     if returncode != 0:
+        # It may fail on more than its configuration (sshd -T on a missing /run/sshd, host keys).
+        incomplete(f"{command} failed")
         lines = [line for line in err.decode("utf-8", errors="replace").splitlines() if line.strip()]
         why = next((line for line in lines if "emerg" in line or "rror" in line), lines[0] if lines else "")
         # Its complaint may quote the file it was pointed at (a line of it): a short excerpt only.

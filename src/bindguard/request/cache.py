@@ -1,0 +1,386 @@
+"""Discovery's answer for a unit, remembered under /run/bindguard/discovery/ until anything it
+looked at changes.
+
+Discovering what a known daemon binds reads its unit files, its configuration tree and often
+runs its own dump (`nginx -T`): tens of milliseconds before every start. The answer depends only
+on what that discovery looked at, so while it runs every path it touches is recorded with its
+state (os.stat/os.lstat are wrapped, and an audit hook sees every open, directory listing and
+program run): inode, size, mode, owner, mtime and ctime of each file and directory (a directory's
+mtime changes with its entries: a glob that gains a file), or the error a missing path gave.
+The next run stats each recorded path again and uses the answer only if every one is unchanged;
+one difference, and discovery runs again. Also part of the key: the unit, which manager, its
+unit search path, the host's net.ipv6.bindv6only and IPv6 support, and bindguard's own code.
+
+Never remembered: a discovery cut short (its time budget, a dump killed), one that used a
+relative path, and one where a file it looked at changed less than FRESH_NS before it began
+(timestamps tick in jiffies, or in seconds on some filesystems: a change within the same tick
+could leave a file's signature as it was, so the signature of a file that fresh proves nothing).
+
+Trust: only root reads or writes entries. /run/bindguard and its discovery/ are created 0700;
+one that is not a directory of root's that no one else can write is not used, nor is an entry
+that is a symlink, not a regular file, not root's, writable by others, too large or malformed.
+Only the os module is imported by a lookup: the every-service drop-in's fast path makes one.
+"""
+
+import os
+import sys
+
+RUN_DIR = "/run/bindguard"
+ENTRIES = RUN_DIR + "/discovery"
+FORMAT = "bindguard-discovery 1"
+MAX_ENTRY_BYTES = 1 << 20
+FRESH_NS = 100_000_000  # 10 jiffies at HZ=100
+COARSE_FRESH_NS = 2_000_000_000  # filesystems with whole (FAT: even) seconds
+NOT_FILES = ("/proc/", "/sys/", "/dev/")  # their signatures say nothing about their contents
+# Read by the C library (users and groups for a dump's credentials), where no audit hook sees it.
+ALWAYS = ("/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
+ROOT = 0
+INCOMPLETE_EVENT = "bindguard.discovery.incomplete"
+
+
+class Remembered:
+    """A discovery as remembered: findings as plain fields (the fast path needs no model classes)."""
+
+    def __init__(self) -> None:
+        # (endpoint text, (reuseaddr, reuseport, v6only, freebind), confidence, socket unit, survives, source, note)
+        self.findings: list[tuple] = []
+        self.warnings: list[str] = []
+        self.daemons: list[str] = []
+
+    def discovery(self):
+        """The remembered answer as a Discovery, as discover() returned it."""
+        from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+        from bindguard.request.discover import Discovery, Finding
+
+        findings = [Finding(Bind(parse_listen(text), SocketOptions(*options)), source, confidence, note,
+                            socket_unit or None, survives)
+                    for text, options, confidence, socket_unit, survives, source, note in self.findings]
+        return Discovery(findings, list(self.warnings), list(self.daemons))
+
+
+# ---------------------------------------------------------------- signatures and the key
+
+
+def signature(path: str, follow: bool, _stat=os.stat, _lstat=os.lstat) -> str:
+    """What a path is now, in one string: the fields any change to it changes, or the error.
+
+    A directory seen without following links (os.path.realpath, the trust checks of each
+    directory above a file) is what it is, its owner and its mode: its entries count where it is
+    listed or stat()ed, else every file saved in /etc would forget every entry.
+    """
+    try:
+        st = _stat(path) if follow else _lstat(path)
+    except OSError as exc:
+        return f"-{exc.errno}"
+    if not follow and st.st_mode & 0o170000 == 0o040000:  # S_ISDIR, without importing stat
+        return f"{st.st_dev} {st.st_ino} {st.st_mode} {st.st_uid} {st.st_gid}"
+    return (f"{st.st_dev} {st.st_ino} {st.st_mode} {st.st_uid} {st.st_gid} {st.st_size} {st.st_mtime_ns} "
+            f"{st.st_ctime_ns}")
+
+
+def _code_files() -> list[str]:
+    """bindguard's own files whose code decides a discovery's answer: an upgrade or an edit forgets it."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = [os.path.join(package, "systemd", name) for name in ("unitexec.py", "unitfacts.py", "unitfiles.py")]
+    found += [os.path.join(package, "request", "cache.py"), os.path.join(package, "model", "endpoints.py")]
+    discover = os.path.join(package, "request", "discover")
+    try:
+        found += sorted(os.path.join(discover, n) for n in os.listdir(discover) if n.endswith(".py"))
+    except OSError:
+        pass
+    return found
+
+
+def _key(unit: str, user: bool) -> str:
+    from bindguard.model.host import host_bindv6only, ipv6_supported
+    from bindguard.systemd.unitexec import unit_path
+
+    parts = [unit, "user" if user else "system", ":".join(unit_path(user)), f"v6only={int(host_bindv6only())}",
+             f"ipv6={int(ipv6_supported())}", os.path.dirname(os.path.abspath(__file__))]
+    if user:  # %h and %t of a user unit
+        parts += [os.environ.get("HOME", ""), os.environ.get("XDG_RUNTIME_DIR", "")]
+    return "\0".join(parts)
+
+
+def _entry_path(unit: str, user: bool) -> str:
+    return f"{ENTRIES}/{'user' if user else 'system'}-{unit}"  # a unit name has no '/'
+
+
+def _escape(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")  # no tab, newline or non-ASCII left
+
+
+def _unescape(text: str) -> str:
+    return text.encode("ascii").decode("unicode_escape")
+
+
+# ---------------------------------------------------------------- reading an entry
+
+
+def _root_only(info) -> bool:
+    return info.st_uid == ROOT and not info.st_mode & 0o022
+
+
+def _trusted_dir(path: str) -> bool:
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and _root_only(info)
+
+
+def _read_entry(path: str) -> str | None:
+    import stat
+
+    if not (_trusted_dir(RUN_DIR) and _trusted_dir(ENTRIES)):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not _root_only(info) or info.st_size > MAX_ENTRY_BYTES:
+            return None
+        data = os.read(fd, MAX_ENTRY_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ENTRY_BYTES:
+        return None
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def lookup(unit: str, user: bool) -> Remembered | None:
+    """The remembered discovery of a unit if every path it looked at is as it was; else None."""
+    if os.geteuid() != ROOT:
+        return None
+    text = _read_entry(_entry_path(unit, user))
+    if text is None:
+        return None
+    lines = text.split("\n")
+    if lines[0] != FORMAT or len(lines) < 2:
+        return None
+    remembered = Remembered()
+    try:
+        kind, _, key = lines[1].partition("\t")
+        if kind != "key" or _unescape(key) != _key(unit, user):
+            return None
+        for line in lines[2:]:
+            if not line:
+                continue
+            kind, *fields = line.split("\t")
+            if kind == "read":
+                follow, path, recorded = fields
+                if signature(_unescape(path), follow == "1") != recorded:
+                    return None
+            elif kind == "finding":
+                text_, options, confidence, socket_unit, survives, source, note = map(_unescape, fields)
+                flags = tuple(flag == "1" for flag in options.split(" "))
+                if len(flags) != 4:
+                    return None
+                remembered.findings.append((text_, flags, confidence, socket_unit, tuple(survives.split(",")) if
+                                            survives else (), source, note))
+            elif kind == "warning":
+                remembered.warnings.append(_unescape(*fields))
+            elif kind == "daemon":
+                remembered.daemons.append(_unescape(*fields))
+            else:
+                return None
+    except (ValueError, TypeError, UnicodeError):  # a malformed entry is no entry
+        return None
+    return remembered
+
+
+# ---------------------------------------------------------------- recording a discovery
+
+
+class Recorder:
+    """Every path one discovery looked at, with its signature when first seen."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.started_ns = time.time_ns()
+        self.reads: dict[tuple[str, bool], str] = {}
+        self.incomplete = ""  # why the answer may not be given again
+
+    def saw(self, path, follow: bool, recorded: str | None = None) -> None:
+        if isinstance(path, int) or path is None:  # a descriptor: its path was seen when it was opened
+            return
+        try:
+            path = os.fsdecode(path)
+        except TypeError:
+            return
+        if not os.path.isabs(path):
+            self.incomplete = self.incomplete or f"a relative path was read ({path!r})"
+            return
+        if path.startswith(NOT_FILES) or (path, follow) in self.reads:
+            return
+        self.reads[(path, follow)] = recorded if recorded is not None else signature(path, follow)
+
+    def audit(self, event: str, args: tuple) -> None:
+        if event == "open":
+            path, _, flags = args
+            self.saw(path, not (isinstance(flags, int) and flags & os.O_NOFOLLOW))
+        elif event in ("os.listdir", "os.scandir"):
+            self.saw(args[0] if args else ".", True)
+        elif event == "subprocess.Popen":
+            self.saw(args[0], True)
+        elif event == INCOMPLETE_EVENT:
+            self.incomplete = self.incomplete or str(args[0] if args else "cut short")
+
+    def stale_by_then(self) -> str:
+        """Why a signature recorded may not prove its file unchanged: one changed too recently."""
+        for (path, _), recorded in self.reads.items():
+            fields = recorded.split(" ")
+            if len(fields) < 8:  # an error, or a directory's identity alone
+                continue
+            mtime, ctime = int(fields[6]), int(fields[7])
+            coarse = mtime % 1_000_000_000 == 0 and ctime % 1_000_000_000 == 0
+            if ctime > self.started_ns - (COARSE_FRESH_NS if coarse else FRESH_NS):
+                return f"{path} changed just before"
+        return ""
+
+
+_active: list[Recorder] = []
+_hooked: list[bool] = []
+
+
+def _hook(event: str, args: tuple) -> None:
+    if _active:
+        _active[-1].audit(event, args)
+
+
+class recording:
+    """`with recording() as recorder:` every path the block stats, opens, lists or runs is recorded."""
+
+    def __enter__(self) -> Recorder:
+        if not _hooked:  # an audit hook cannot be removed: one per process, idle outside a recording
+            sys.addaudithook(_hook)
+            _hooked.append(True)
+        recorder = Recorder()
+        real_stat, real_lstat = os.stat, os.lstat
+
+        def recorded_stat(path, *args, dir_fd=None, follow_symlinks=True):
+            if dir_fd is not None or args:
+                recorder.incomplete = recorder.incomplete or "a path relative to a directory descriptor"
+                return real_stat(path, *args, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+            recorder.saw(path, follow_symlinks)
+            return real_stat(path, follow_symlinks=follow_symlinks)
+
+        def recorded_lstat(path, *, dir_fd=None):
+            if dir_fd is not None:
+                recorder.incomplete = recorder.incomplete or "a path relative to a directory descriptor"
+                return real_lstat(path, dir_fd=dir_fd)
+            recorder.saw(path, False)
+            return real_lstat(path)
+
+        self._real = (real_stat, real_lstat)
+        os.stat, os.lstat = recorded_stat, recorded_lstat
+        _active.append(recorder)
+        return recorder
+
+    def __exit__(self, *exc) -> None:
+        _active.pop()
+        os.stat, os.lstat = self._real
+
+
+def incomplete(why: str) -> None:
+    """Tell a recording under way that this discovery's answer must not be remembered."""
+    sys.audit(INCOMPLETE_EVENT, why)
+
+
+# ---------------------------------------------------------------- writing an entry
+
+
+def _ensure_dir(path: str) -> bool:
+    """path as a directory of root's that no one else can write, made 0700 if missing."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    return _trusted_dir(path)
+
+
+def remember(unit: str, user: bool, recorder: Recorder, discovery) -> str:
+    """Store a discovery recorded by recorder; "" when stored, else why not."""
+    if os.geteuid() != ROOT:
+        return "not root"
+    for path in [*ALWAYS, *_code_files()]:
+        recorder.saw(path, True)
+    why = recorder.incomplete or recorder.stale_by_then()
+    if why:
+        return why
+    if not (_ensure_dir(RUN_DIR) and _ensure_dir(ENTRIES)):
+        return f"{RUN_DIR} or {ENTRIES} is not a directory of root's alone"
+    lines = [FORMAT, "key\t" + _escape(_key(unit, user))]
+    lines += [f"read\t{int(follow)}\t{_escape(path)}\t{recorded}"
+              for (path, follow), recorded in recorder.reads.items()]
+    for f in discovery.findings:
+        o = f.bind.options
+        options = " ".join(str(int(flag)) for flag in (o.reuseaddr, o.reuseport, o.v6only, o.freebind))
+        fields = (str(f.bind.endpoint), options, f.confidence, f.socket_unit or "", ",".join(f.survives), f.source,
+                  f.note)
+        lines.append("\t".join(["finding", *map(_escape, fields)]))
+    lines += ["warning\t" + _escape(w) for w in discovery.warnings]
+    lines += ["daemon\t" + _escape(d) for d in discovery.daemons]
+    target = _entry_path(unit, user)
+    temporary = f"{target}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, ("\n".join(lines) + "\n").encode("ascii"))
+        finally:
+            os.close(fd)
+        os.rename(temporary, target)
+    except OSError as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        return f"{target}: {exc.strerror or exc}"
+    return ""
+
+
+def forget(unit: str, user: bool) -> None:
+    try:
+        os.unlink(_entry_path(unit, user))
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- discovery through the cache
+
+
+def discover_from_files(unit: str, user: bool, sources: list[str]):
+    """discover_unit() with the unit's facts from its unit files, remembered when discovery runs
+    with every source (no YAML file narrows it) and the guard is root; None when the unit's files
+    give it no ExecStart= (not on disk: the caller may ask systemd)."""
+    from bindguard.request import discover
+    from bindguard.systemd.unitfacts import unit_facts_from_files
+
+    def run():
+        facts = unit_facts_from_files(unit, user)
+        if not facts.exec_start:
+            return None
+        return discover.discover_unit(unit, lambda name: facts, sources)
+
+    if list(sources) != list(discover.SOURCES) or os.geteuid() != ROOT:
+        return run()
+    remembered = lookup(unit, user)
+    if remembered is not None:
+        return remembered.discovery()
+    with recording() as recorder:
+        result = run()
+    if result is not None:
+        remember(unit, user, recorder, result)
+    return result

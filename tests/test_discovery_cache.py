@@ -1,0 +1,230 @@
+"""Discovery's answer remembered (bindguard.request.cache): used only while everything it read is
+unchanged, never past a change, and never from an entry that is not root's alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bindguard.request import cache
+from bindguard.request.discover import SOURCES
+from conftest import need_root
+from test_discover import need_package
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+NGINX = "/usr/sbin/nginx"
+
+
+def nginx_conf(root: Path, port: int, include: str = "") -> str:
+    return (f"pid {root}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+            f"http {{\n  access_log off;\n  {include}\n  server {{ listen 127.0.0.1:{port}; }}\n}}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A unit running nginx on a configuration of its own, in a unit directory of its own, with
+    the cache's entries in a directory of the test's."""
+    need_root("the cache is root's alone")
+    need_package("nginx", NGINX)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setattr(cache, "RUN_DIR", str(run))
+    monkeypatch.setattr(cache, "ENTRIES", str(run / "discovery"))
+    units = tmp_path / "units"
+    units.mkdir()
+    monkeypatch.setenv("SYSTEMD_UNIT_PATH", str(units))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_conf(tmp_path, 18181, f"include {tmp_path}/conf.d/*.conf;"))
+    (tmp_path / "conf.d").mkdir()
+    unit = f"cached-{uuid.uuid4().hex[:8]}.service"
+    (units / unit).write_text(f"[Service]\nExecStart={NGINX} -c {conf} -g 'daemon off;'\n")
+    return unit, conf, tmp_path
+
+
+def ports(result) -> list[int]:
+    return sorted(f.bind.endpoint.port for f in result.findings)
+
+
+def settled() -> None:
+    """Past the moment a change could leave a file's signature as it was (cache.FRESH_NS)."""
+    time.sleep(cache.FRESH_NS / 1e9 + 0.05)
+
+
+def test_a_changed_listen_line_is_read_at_the_next_run(site):
+    unit, conf, _ = site
+    settled()
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    remembered = cache.lookup(unit, False)
+    assert remembered is not None and [f[0] for f in remembered.findings] == ["127.0.0.1:18181"]
+    assert ports(remembered.discovery()) == [18181]
+    # Same size, same inode, written in place right away: only its mtime and ctime tell.
+    with open(conf, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("18181", "18182"))
+    assert cache.lookup(unit, False) is None
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18182]
+    assert cache.lookup(unit, False) is None, "remembered a file that had just changed"
+    settled()
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18182]
+    assert cache.lookup(unit, False) is not None
+
+
+def test_a_file_new_in_an_include_glob_is_read(site):
+    unit, _, root = site
+    settled()
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    assert cache.lookup(unit, False) is not None
+    (root / "conf.d" / "more.conf").write_text("server { listen 127.0.0.1:18183; }\n")
+    assert cache.lookup(unit, False) is None
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181, 18183]
+
+
+def test_a_new_drop_in_or_environment_file_is_read(site, monkeypatch):
+    unit, conf, root = site
+    other = root / "other.conf"
+    other.write_text(nginx_conf(root, 18184))
+    units = Path(os.environ["SYSTEMD_UNIT_PATH"])
+    (units / unit).write_text(f"[Service]\nEnvironmentFile=-{root}/env\nExecStart={NGINX} -c $CONF\n")
+    settled()
+    assert 18181 not in ports(cache.discover_from_files(unit, False, list(SOURCES)))  # no CONF: the default file
+    (root / "env").write_text(f"CONF={conf}\n")  # an optional EnvironmentFile= that appears
+    assert cache.lookup(unit, False) is None
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    settled()
+    cache.discover_from_files(unit, False, list(SOURCES))
+    assert cache.lookup(unit, False) is not None
+    (units / f"{unit}.d").mkdir()
+    (units / f"{unit}.d" / "override.conf").write_text(f"[Service]\nEnvironment=CONF={other}\nEnvironmentFile=\n")
+    assert cache.lookup(unit, False) is None
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18184]
+
+
+def test_an_entry_not_roots_alone_or_malformed_is_ignored(site):
+    unit, _, _ = site
+    settled()
+    cache.discover_from_files(unit, False, list(SOURCES))
+    entry = Path(cache.ENTRIES) / f"system-{unit}"
+    good = entry.read_bytes()
+    assert cache.lookup(unit, False) is not None
+    os.chown(entry, 1, 0)
+    assert cache.lookup(unit, False) is None, "an entry of another user's"
+    os.chown(entry, 0, 0)
+    entry.chmod(0o622)
+    assert cache.lookup(unit, False) is None, "an entry others may write"
+    entry.chmod(0o600)
+    entry.rename(entry.with_name("real"))
+    entry.symlink_to(entry.with_name("real"))
+    assert cache.lookup(unit, False) is None, "an entry that is a symlink"
+    entry.unlink()
+    for corrupt in (good[:len(good) // 2], good.replace(b"finding\t", b"finding\t\t"), b"\xff\xfe", b""):
+        entry.write_bytes(corrupt)
+        entry.chmod(0o600)
+        assert cache.lookup(unit, False) is None, corrupt[:80]
+    entry.write_bytes(good)
+    assert cache.lookup(unit, False) is not None
+    os.chown(cache.ENTRIES, 1, 1)
+    assert cache.lookup(unit, False) is None, "a directory of another user's"
+    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    assert entry.read_bytes() == good, "wrote into a directory of another user's"
+    os.chown(cache.ENTRIES, 0, 0)
+
+
+def test_run_dir_is_made_root_only(site, monkeypatch, tmp_path):
+    unit, _, _ = site
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(cache, "RUN_DIR", str(fresh))
+    monkeypatch.setattr(cache, "ENTRIES", str(fresh / "discovery"))
+    settled()
+    cache.discover_from_files(unit, False, list(SOURCES))
+    for directory in (fresh, fresh / "discovery"):
+        info = directory.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700), directory
+    assert cache.lookup(unit, False) is not None
+
+
+def test_a_discovery_cut_short_is_not_remembered(site, monkeypatch):
+    unit, _, _ = site
+    from bindguard.request.discover import common
+
+    monkeypatch.setattr(common, "MAX_SECONDS", 0.0)
+    monkeypatch.setattr(common.Budget.__init__, "__defaults__", (common.MAX_FILES, common.MAX_BYTES, 0.0))
+    settled()
+    result = cache.discover_from_files(unit, False, list(SOURCES))
+    assert any("discovery stopped after" in w for w in result.warnings), result.warnings
+    assert cache.lookup(unit, False) is None
+
+
+@pytest.mark.integration
+def test_every_service_dropin_checks_a_changed_listen_line_at_the_next_start(systemd_rig):
+    """Through the shipped drop-in, as the guard runs at each start: remembered on a clear start,
+    answered from the entry (the fast path) while nothing changed, and a listen line changed in
+    place (same size, same inode) or a file new in an include glob is checked at the next start."""
+    need_package("nginx", NGINX)
+    rig = systemd_rig
+    shipped = (SRC.parent / "systemd" / "service.d" / "bindguard.conf").read_text()
+    rig.write_dropin("service", "bindguard.conf",
+                     shipped.replace("/usr/bin/bindguard", f"/usr/bin/env PYTHONPATH={SRC} {sys.executable} "
+                                                            "-m bindguard"), reload=False)
+    (rig.root / "state").mkdir()
+    (rig.root / "conf.d").mkdir()
+    conf = rig.root / "nginx.conf"
+    conf.write_text(nginx_conf(rig.root / "state", 18191, f"include {rig.root}/conf.d/*.conf;"))
+    unit = f"cached-{uuid.uuid4().hex[:8]}.service"
+    log = rig.log("web.log")
+    rig.write_unit(unit, f"[Service]\nType=oneshot\nExecStart={NGINX} -t -q -c {conf}\nStandardError=append:{log}\n")
+    entry = Path(cache.ENTRIES) / f"user-{unit}"
+    try:
+        settled()
+        assert rig.start(unit).ok, log.read_text()
+        assert entry.is_file(), log.read_text()
+        before = entry.stat()
+        assert rig.start(unit).ok, log.read_text()
+        assert entry.stat().st_mtime_ns == before.st_mtime_ns, "the entry was rewritten: not used"
+        assert log.read_text().count(f"checking 127.0.0.1:18191 from {conf}:7 (nginx -T)") == 2, log.read_text()
+
+        holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18192, "reuseaddr": True})
+        with open(conf, "r+") as f:
+            text = f.read()
+            f.seek(0)
+            f.write(text.replace("18191", "18192"))
+        refused = rig.start(unit)
+        assert refused.pre_status == [98], (refused, log.read_text())
+        assert "127.0.0.1:18192 in use" in log.read_text()
+        rig.release(holder)
+
+        settled()
+        assert rig.start(unit).ok, log.read_text()
+        holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18193, "reuseaddr": True})
+        (rig.root / "conf.d" / "more.conf").write_text("server { listen 127.0.0.1:18193; }\n")
+        refused = rig.start(unit)
+        assert refused.pre_status == [98], (refused, log.read_text())
+        assert "127.0.0.1:18193 in use" in log.read_text()
+        rig.release(holder)
+    finally:
+        cache.forget(unit, True)
+
+
+@pytest.mark.integration
+def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discovery(netns):
+    """Debian's nginx.service and configuration: once remembered, the fast path answers, in the
+    full command's words (its findings' sources, then the verdict)."""
+    from test_fastpath import COMPARE
+
+    need_package("nginx", NGINX)
+    cache.forget("nginx.service", False)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"], env=env)
+    assert first.returncode == 0, first.stderr
+    assert cache.lookup("nginx.service", False) is not None, "Debian's nginx files were not remembered"
+    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps([["--unit", "nginx.service"]])], env=env)
+    assert proc.returncode == 0, proc.stderr
+    [[_, (fast_code, fast_err), (full_code, full_err)]] = json.loads(proc.stdout)
+    assert (fast_code, fast_err) == (full_code, full_err) == (0, first.stderr), (fast_err, full_err)
+    assert "checking [::]:80 from /etc/nginx/sites-enabled/default" in fast_err
