@@ -58,7 +58,7 @@ def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):
     for argv, needle in (
         (["install", "--user", "web.service", "127.0.0.1:80x"], "port '80x' is not a number"),
         (["install", "--user", "web.service", "[::1]"], "[ADDRESS]:PORT"),
-        (["install", "--user", "web.socket", "80"], "bindguard guards services"),
+        (["install", "--user", "web.timer", "80"], "bindguard guards services and socket units"),
         (["install", "--user", "web.service", "80", "--check-args", "'unclosed"], "--check-args"),
         (["install", "--user", "web.service", "80", "--check-args=--bogus"], "check options '--bogus'"),
     ):

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = Path("/usr/bin/bindguard")
 SITE = Path("/usr/lib/python3/dist-packages/bindguard")
 EVERY_SERVICE = Path("/usr/share/bindguard/service.d/bindguard.conf")
+EVERY_SOCKET = Path("/usr/share/bindguard/socket.d/bindguard.conf")
 BASH_COMPLETION = Path("/usr/share/bash-completion/completions/bindguard")
 SYSTEM = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 REINSTALL = "rerun ./setup.sh --test (it builds the package from this tree and installs it)"
@@ -84,6 +85,14 @@ def test_the_every_service_dropin_is_shipped_but_not_enabled(installed):
             examples + "bindguard.conf.example"} <= set(installed)
     readme = Path("/usr/share/doc/bindguard/README.Debian").read_text()
     assert f"ln -s {EVERY_SERVICE} /etc/systemd/system/service.d/bindguard.conf" in readme
+
+
+def test_the_every_socket_dropin_is_shipped_but_not_enabled(installed):
+    assert str(EVERY_SOCKET) in installed
+    assert EVERY_SOCKET.read_bytes() == (ROOT / "systemd" / "socket.d" / "bindguard.conf").read_bytes()
+    assert not [f for f in installed if "/systemd/" in f and "/socket.d/" in f], "it would guard every socket unit"
+    readme = Path("/usr/share/doc/bindguard/README.Debian").read_text()
+    assert f"ln -s {EVERY_SOCKET} /etc/systemd/system/socket.d/bindguard.conf" in readme
 
 
 @pytest.mark.integration

@@ -111,3 +111,47 @@ def test_socket_units_options_are_the_tried_ones(systemd_rig):
         [(f"[::]:{PORT}", True, True, True)]
     run = rig.start("web.socket")
     assert run.ok and run.pre_status == [0], run.output
+
+
+def test_install_guards_a_socket_unit_and_uninstall_removes_it(systemd_rig):
+    rig = systemd_rig
+    rig.write_unit("web.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit("web.socket", f"[Socket]\nListenStream={ADDRESS}\nListenStream=/run/unused.sock\n")
+    done = rig.bindguard("install", "--user", "web.socket")
+    assert done.returncode == 0, done.stderr
+    assert f"at each start the guard checks {ADDRESS} from web.socket's ListenStream={ADDRESS}" in done.stderr
+    dropin = rig.unit_dir / "web.socket.d" / "bindguard.conf"
+    assert "\n[Socket]\nExecStartPre=+" in dropin.read_text()
+    assert "check --unit web.socket --user" in rig.prop("web.socket", "ExecStartPre")
+    stray = rig.hold(SPEC)
+    run = rig.start("web.socket")
+    assert not run.ok and run.pre_status == [98], run.output
+    rig.release(stray)
+    assert rig.start("web.socket").ok and rig.stop("web.socket").ok
+    assert rig.bindguard("uninstall", "--user", "web.socket").returncode == 0 and not dropin.exists()
+
+    rig.write_unit("local.socket", "[Socket]\nListenStream=/run/local.sock\n")
+    done = rig.bindguard("install", "--user", "local.socket")
+    assert done.returncode == 64 and "no address to guard for local.socket" in done.stderr, done.stderr
+
+
+def test_one_dropin_for_every_socket_unit(systemd_rig):
+    """systemd/socket.d/bindguard.conf as a top-level socket.d/ drop-in (with --user, as a user
+    manager needs): a socket unit whose port is held is refused, one on a free port and one on a
+    file system path start."""
+    rig = systemd_rig
+    shipped = (Path(__file__).resolve().parent.parent / "systemd" / "socket.d" / "bindguard.conf").read_text()
+    assert "\n[Socket]\nExecStartPre=+/usr/bin/bindguard check --unit %n\n" in shipped
+    src = Path(__file__).resolve().parent.parent / "src"
+    dropin = shipped.replace("/usr/bin/bindguard check",
+                             f"/usr/bin/env PYTHONPATH={src} {sys.executable} -m bindguard check --user")
+    for name, listen in (("web", ADDRESS), ("free", f"127.0.0.1:{PORT + 1}"), ("local", "/run/local.sock")):
+        rig.write_unit(f"{name}.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+        rig.write_unit(f"{name}.socket", f"[Socket]\nListenStream={listen}\n", reload=False)
+    rig.write_dropin("socket", "bindguard.conf", dropin)
+    stray = rig.hold(SPEC)
+    run = rig.start("web.socket")
+    assert not run.ok and run.pre_status == [98], run.output
+    assert rig.start("free.socket").ok and rig.start("local.socket").ok
+    rig.release(stray)
+    assert rig.start("web.socket").ok

@@ -178,10 +178,11 @@ def test_a_bad_unit_name_is_a_usage_error_from_every_command(args):
     assert "is not a unit name" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_install_takes_services_and_their_templates():
-    assert install.service_name("nginx") == "nginx.service"
-    assert install.service_name("getty@tty1.service") == "getty@tty1.service"
-    assert install.service_name("getty@") == "getty@.service"  # a drop-in for every instance
-    for bad in ("", "a b.service", "../x.service", "nginx.socket"):
+def test_install_takes_services_socket_units_and_their_templates():
+    assert install.guarded_unit_name("nginx") == "nginx.service"
+    assert install.guarded_unit_name("getty@tty1.service") == "getty@tty1.service"
+    assert install.guarded_unit_name("getty@") == "getty@.service"  # a drop-in for every instance
+    assert install.guarded_unit_name("web.socket") == "web.socket"  # ExecStartPre= runs before it binds
+    for bad in ("", "a b.service", "../x.service", "nginx.timer", "-.mount"):
         with pytest.raises(UsageError):
-            install.service_name(bad)
+            install.guarded_unit_name(bad)

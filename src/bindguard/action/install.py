@@ -48,14 +48,19 @@ class DropIn:
     text: str
 
 
-def service_name(text: str) -> str:
-    """The service a drop-in is for: a unit name as systemctl takes it (`nginx` means
-    nginx.service; a template foo@.service guards every instance), and a service."""
+# The unit types whose ExecStartPre= runs before their sockets are bound, and the drop-in's section.
+GUARDED_SECTIONS = {".service": "Service", ".socket": "Socket"}
+
+
+def guarded_unit_name(text: str) -> str:
+    """The unit a drop-in is for: a unit name as systemctl takes it (`nginx` means nginx.service;
+    a template foo@.service guards every instance), a service or a socket unit (its ExecStartPre=
+    runs before the manager binds its sockets)."""
     name = normalize_unit(text, template=True)
-    if not name.endswith(".service"):
+    if not name.endswith(tuple(GUARDED_SECTIONS)):
         raise UsageError(
-            f"{name}: bindguard guards services (it runs in ExecStartPre=)",
-            f"install it on the service the socket belongs to, e.g. {name.rsplit('.', 1)[0]}.service",
+            f"{name}: bindguard guards services and socket units (it runs in ExecStartPre=)",
+            f"install it on the service or socket unit that binds the address, e.g. {name.rsplit('.', 1)[0]}.service",
         )
     return name
 
@@ -113,11 +118,14 @@ def render(unit: str, listens: list[str], user: bool, check_args: list[str], com
             *map(exec_quote, check_arguments(listens, user, check_args))]
     flag = " --user" if user else ""
     note = "\n".join(f"# {line}" for line in (USER_PRIVILEGE_NOTE if user else PRIVILEGE_NOTE).splitlines())
+    section = GUARDED_SECTIONS["." + unit.rsplit(".", 1)[-1]]
+    what = "its own Listen*= addresses" if section == "Socket" and not listens else "the addresses below"
+    before = f"the manager binds {unit}'s sockets" if section == "Socket" else f"{unit} starts"
     return f"""\
 {MARKER} (bindguard {__version__}); `bindguard uninstall{flag} {unit}` removes it.
 # Put your own settings in another drop-in: this file is bindguard's and is rewritten.
 #
-# Before {unit} starts, bindguard checks that the addresses below can be bound: the start
+# Before {before}, bindguard checks that {what} can be bound: the start
 # goes on, waits out a TIME_WAIT within the unit's start timeout, or fails with exit status
 # 98 naming whoever holds an address. It runs after the unit's own ExecStartPre= lines.
 #
@@ -130,7 +138,7 @@ def render(unit: str, listens: list[str], user: bool, check_args: list[str], com
 #   StartLimitIntervalSec=60
 #   StartLimitBurst=3
 # Never list 98 in SuccessExitStatus=: the daemon would start despite the refusal.
-[Service]
+[{section}]
 ExecStartPre=+{" ".join(argv)}
 """
 

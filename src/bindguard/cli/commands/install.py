@@ -12,16 +12,17 @@ from bindguard.model.errors import UsageError
 from bindguard.report import output
 
 DESCRIPTION = f"""\
-Add `bindguard check` to a service's ExecStartPre= without editing its unit file: write the
-drop-in UNIT.d/{install.DROPIN_NAME} (in /etc/systemd/system, or with --user in
+Add `bindguard check` to a service's or socket unit's ExecStartPre= without editing its unit
+file: write the drop-in UNIT.d/{install.DROPIN_NAME} (in /etc/systemd/system, or with --user in
 $XDG_CONFIG_HOME/systemd/user, by default ~/.config/systemd/user), then daemon-reload.
 LISTEN is each address the daemon binds, in ListenStream= syntax (8080, 0.0.0.0:80, [::]:443,
 udp:[::1]:53). An existing {install.DROPIN_NAME} that bindguard did not write is never touched.
 
 Without LISTEN, the guard reads the addresses at each start from the unit's bindguard file, else
 from its daemon's configuration (nginx, Apache, HAProxy, sshd, Redis, PostgreSQL, MariaDB: see
-`bindguard discover UNIT`), with the socket options and optional addresses found there; install
-refuses when neither gives an address. With LISTEN, for a daemon discovery knows, what discovery
+`bindguard discover UNIT`), with the socket options and optional addresses found there; for a
+socket unit, from its own ListenStream=/ListenDatagram= and socket options, before the manager
+binds them; install refuses when none gives an address. With LISTEN, for a daemon discovery knows, what discovery
 says about those addresses is written into the drop-in: --v6only/--reuseport/--freebind where
 every matching address agrees (nginx's ipv6only=on), and --optional or --if-available for an
 address the daemon starts without (sshd's, PostgreSQL's; Redis's `bind -::1`). --check-args
@@ -38,6 +39,7 @@ examples:
   bindguard install redis-server.service 127.0.0.1:6379 --if-available [::1]:6379
   bindguard install ssh.service 22 --check-args='--wait 10'
   bindguard install --user web.service 127.0.0.1:8080
+  bindguard install web.socket                    # its own ListenStream=/ListenDatagram=, before they are bound
   bindguard install --print nginx.service         # show the drop-in, write nothing
 
 exit codes:
@@ -52,7 +54,8 @@ OPTION_FLAGS = {"reuseaddr": ("--reuseaddr", "--no-reuseaddr"), "reuseport": ("-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("unit", metavar="UNIT", help="the service to guard (nginx means nginx.service)")
+    parser.add_argument("unit", metavar="UNIT",
+                        help="the service or socket unit to guard (nginx means nginx.service)")
     parser.add_argument("listen", metavar="LISTEN", nargs="*",
                         help="an address the daemon binds; none: found at each start (see above)")
     parser.add_argument("--optional", metavar="LISTEN", action="append", default=[],
@@ -92,6 +95,9 @@ def _found_at_each_start(unit: str, user: bool) -> None:
     if unit_config is not None and unit_config.listen:
         output.emit(output.INFO, f"bindguard: the guard checks the listen list of {unit_config.origins['listen']}")
         return
+    if unit.endswith(".socket"):
+        _socket_unit_listens(unit, user)
+        return
     findings = discovered(unit, unit_config, _systemd(unit, user), unavailable="install cannot tell what to check")
     if not findings:
         raise UsageError(f"no address to guard for {unit}: no LISTEN given, and no listen list in a bindguard "
@@ -101,6 +107,22 @@ def _found_at_each_start(unit: str, user: bool) -> None:
         optional = " (optional: the daemon starts without it)" if f.survives else ""
         output.emit(output.INFO, f"bindguard: at each start the guard reads what {unit} binds; now "
                                  f"{f.bind} from {f.source}{optional}")
+
+
+def _socket_unit_listens(unit: str, user: bool) -> None:
+    """A socket unit's guard checks its own IP Listen entries: say which, or refuse when it has none."""
+    from bindguard.request import socketunit
+
+    found, why = socketunit.settings_of(unit, user, _systemd(unit, user))
+    request = socketunit.binds_of(unit, found) if found is not None else socketunit.SocketUnitRequest()
+    for warning in request.warnings:
+        output.warning(warning)
+    if not request.binds:
+        reason = why or "it lists no IP address in ListenStream= or ListenDatagram="
+        raise UsageError(f"no address to guard for {unit}: {reason}",
+                         f"check the unit with `systemctl{' --user' if user else ''} cat {unit}`")
+    for line in request.sources:
+        output.emit(output.INFO, f"bindguard: at each start the guard checks {line}")
 
 
 def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[list[str], dict[str, str]]:
@@ -160,7 +182,7 @@ def validate_check_args(listens: list[str], user: bool, check_args: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    unit = install.service_name(args.unit)
+    unit = install.guarded_unit_name(args.unit)
     listens = [text.strip() for text in args.listen]
     marked = {text.strip(): "--optional" for text in args.optional} | \
              {text.strip(): "--if-available" for text in args.if_available}
@@ -172,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     given = validate_check_args(listens, args.user, check_args)
     if not listens and not marked:
         _found_at_each_start(unit, args.user)
-    elif listens:
+    elif listens and not unit.endswith(".socket"):  # discovery reads a service's daemon
         flags, carried = _carried_over(unit, listens, given, args.user)
         listens = [text for text in listens if text not in carried]
         marked |= carried

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    unit = install.service_name(args.unit)
+    unit = install.guarded_unit_name(args.unit)
     path = install.dropin_path(unit, args.user)
     if not install.remove(unit, path, args.user):
         output.emit(output.INFO, f"bindguard: no {path}; nothing to remove")
