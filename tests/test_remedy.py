@@ -12,7 +12,7 @@ import pytest
 from bindguard.systemd.context import SystemdContext
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import BOUND, ProcessFact, SocketFact
-from bindguard.report.outcome import remedy
+from bindguard.verdict.remedies import remedy
 from bindguard.systemd.bus import UnitInfo
 from bindguard.model.kinds import BOUND_KIND, LISTENER, ORPHAN, OWN_INSTANCE, SELF_CONFLICT
 from bindguard.verdict.conflicts import Conflict
