@@ -189,7 +189,7 @@ def test_scan_of_a_quiet_host_needs_no_attention(netns, tmp_path):
         os.environ, BINDGUARD_CONFIG_PATH=str(tmp_path), DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus"))
     assert no_bus.returncode == 0, no_bus.stderr
     assert "<5>  note: cannot connect to the system bus" in no_bus.stderr
-    assert "only units with a bindguard file are checked" in no_bus.stderr
+    assert "only units with a bindguard file and enabled socket units" in no_bus.stderr
 
 
 @pytest.mark.integration

@@ -155,3 +155,26 @@ def test_one_dropin_for_every_socket_unit(systemd_rig):
     assert rig.start("free.socket").ok and rig.start("local.socket").ok
     rig.release(stray)
     assert rig.start("web.socket").ok
+
+
+def test_scan_without_a_bus_reads_enabled_socket_units_from_their_files(netns, tmp_path):
+    """scan --no-systemd (or with no bus) covers enabled socket units as the guard's look-ahead
+    does: their IP Listen entries from their unit files, beside the units with a bindguard file."""
+    units = tmp_path / "config" / "systemd" / "user"
+    (units / "sockets.target.wants").mkdir(parents=True)
+    (units / "web.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\nListenStream=/run/web.sock\n"
+                                      "[Install]\nWantedBy=sockets.target\n")
+    (units / "idle.socket").write_text(f"[Socket]\nListenStream=127.0.0.1:{PORT + 1}\n")  # not enabled
+    (units / "sockets.target.wants" / "web.socket").symlink_to(units / "web.socket")
+    config = tmp_path / "bindguard"
+    config.mkdir()
+    (config / "api.service.yaml").write_text(f'listen: ["0.0.0.0:{PORT}"]\n')
+    env = {"BINDGUARD_CONFIG_PATH": str(config), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
+    done = netns.run([sys.executable, "-m", "bindguard", "scan", "--user", "--no-systemd", "--json"], env=env)
+    report = json.loads(done.stdout)
+    claims = {(c["unit"], c["address"], c["source"]) for c in report["claims"]}
+    assert claims == {("web.socket", ADDRESS, "socket-unit"), ("api.service", f"0.0.0.0:{PORT}", "config")}
+    (finding,) = report["findings"]
+    assert finding["kind"] == "socket-unit-collision" and finding["units"] == ["api.service", "web.socket"]
+    assert done.returncode == 1, done.stderr

@@ -40,7 +40,7 @@ def gather(bus_choice: bool | None = None, use_systemd: bool = True, hostmap: Ho
     try:
         try:
             manager_pid = _manager_pid(connection, bus_choice)
-            socket_units = connection.socket_units() if connection is not None else []
+            socket_units = connection.socket_units() if connection is not None else _enabled_socket_units(bus_choice)
             _attribute_listeners(hostmap, connection, manager_pid, socket_units)
             _socket_unit_claims(hostmap, socket_units)
             _service_claims(hostmap, connection, socket_units)
@@ -96,7 +96,8 @@ def _connect(bus_choice: bool | None, hostmap: HostMap) -> bus.Systemd | None:
         hostmap.bus = which
         return connection
     except bus.SystemdError as exc:
-        hostmap.notes.append(f"{exc}; units are named from cgroups, and only units with a bindguard file are checked")
+        hostmap.notes.append(f"{exc}; units are named from cgroups, and only units with a bindguard file and "
+                             "enabled socket units (from their unit files) are checked")
         return None
 
 
@@ -207,6 +208,28 @@ def _listener_unit_states(hostmap: HostMap, connection: bus.Systemd | None) -> N
             hostmap.unit_states[unit] = connection.unit(unit).active_state
         except bus.UnitNotFound:
             continue
+
+
+def _enabled_socket_units(bus_choice: bool | None) -> list[bus.SocketUnit]:
+    """Without a bus, the enabled .socket units and their IP Listen entries from their unit files, as
+    the guard reads them (request.socketunit): they will listen after the next boot. Whether one
+    listens now is not known (its claim's detail says so)."""
+    from bindguard.systemd import unitexec
+    from bindguard.systemd.unitfacts import socket_unit_from_files
+
+    user = bus.choose_bus(bus_choice) == bus.USER
+    found = []
+    for name, state in sorted(unitexec.enabled_socket_units(unitexec.unit_path(user)).items()):
+        settings = socket_unit_from_files(name, user)
+        if settings is None:
+            continue
+        listens = tuple(bus.Listen(kind, address) for kind, address in settings.listens
+                        if bus.is_network_listen(kind, address))
+        if listens:
+            service = unitexec.unit_settings(name, user, "Socket", ("Service",))["Service"]
+            found.append(bus.SocketUnit(name, "", "unknown (no bus)", state, listens, settings.bind_ipv6_only,
+                                        settings.reuse_port, (service[-1] if service else name[:-7] + ".service",)))
+    return found
 
 
 def _socket_unit_claims(hostmap: HostMap, socket_units: list[bus.SocketUnit]) -> None:

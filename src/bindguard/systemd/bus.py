@@ -216,7 +216,7 @@ def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None
     return endpoint, host_bindv6only() if bindv6only is None else bindv6only
 
 
-def _is_network_listen(kind: str, address: str) -> bool:
+def is_network_listen(kind: str, address: str) -> bool:
     if kind not in ("Stream", "Datagram"):
         return False
     try:
@@ -545,7 +545,7 @@ class Systemd:
             listens = tuple(
                 Listen(_text(kind), _text(address))
                 for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
-                if _is_network_listen(_text(kind), _text(address))
+                if is_network_listen(_text(kind), _text(address))
             )
             if not listens:
                 continue
@@ -578,7 +578,7 @@ class Systemd:
         path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
         listens = [(_text(kind), _text(address))
                    for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
-                   if _is_network_listen(_text(kind), _text(address))]
+                   if is_network_listen(_text(kind), _text(address))]
         if not listens:
             return []
         bind_ipv6_only = _text(self._get(path, _SOCKET, b"BindIPv6Only", b"s"))
@@ -595,7 +595,7 @@ class Systemd:
             raise UnitNotFound(name, self.bus)
         listens = tuple((_text(kind), _text(address))
                         for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ())
-        if not any(_is_network_listen("Stream", address) for _, address in listens):
+        if not any(is_network_listen("Stream", address) for _, address in listens):
             return SocketUnitSettings(listens)
         protocol = int(self._get(path, _SOCKET, b"SocketProtocol", b"i"))
         return SocketUnitSettings(
