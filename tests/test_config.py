@@ -206,7 +206,7 @@ def test_every_problem_with_its_position(tmp_path):
     ("listen: [80\nwait: 3\n",
      "2:5: YAML syntax error: while parsing a flow sequence expected ',' or ']', but got ':'"),
     ("- 80\n", "1:1: expected a mapping of settings (listen, options, wait, policy, fail, reap_stale, discovery, "
-               "trust_guesses), "
+               "trust_guesses, nat), "
                "found a list"),
     ("wait: 1\n---\nwait: 2\n", "3:1: a second YAML document; write one document per file (remove the '---')"),
     ("listen: 80\n", "1:9: listen must be a list of addresses, e.g. [80, \"[::1]:8080\"], found '80'"),
@@ -220,7 +220,8 @@ def test_every_problem_with_its_position(tmp_path):
                                    "interface; write e.g. [fe80::1%eth0]:80"),
     ("reap-stale: true\n", "1:1: unknown key 'reap-stale'; did you mean 'reap_stale'?"),
     ("zzz: 1\n", "1:1: unknown key 'zzz'; known keys: listen, options, wait, policy, fail, reap_stale, discovery, "
-                "trust_guesses"),
+                "trust_guesses, nat"),
+    ("nat: sometimes\n", "1:6: nat must be one of off, warn, refuse, found 'sometimes'"),
     ("trust_guesses: sometimes\n", "1:16: trust_guesses must be true or false, found 'sometimes'"),
     ("listen: [{address: 80, optional: maybe}]\n",
      "1:34: optional must be true, false or if-available, found 'maybe'"),

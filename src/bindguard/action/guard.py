@@ -60,6 +60,9 @@ class Request:
     rules: Rules = Rules()  # the unit's policy and the addresses the daemon starts without
     observe_always: bool = False  # explain: look at the ports even when the probe passes
     advise: bool = False  # check: the guarded unit's own settings' advice about what blocks, as warnings
+    # Look for NAT rules that take the traffic elsewhere (nat-shadowed; `explain` always does, `check`
+    # when the unit's YAML sets `nat:`, whose action is in rules.policy). Reading the ruleset runs nft.
+    nat: bool = False
     systemd: SystemdContext | None = None  # None: leave systemd out (--no-systemd)
     reap_stale: bool = False  # end holders proven to be stale instances of the guarded unit
     # The guarded unit, when the guard may run inside it: its credentials and settings can prove
@@ -185,6 +188,9 @@ def _investigate(request: Request, cache: dict, answered: list, trial: Probe,
         notes += [n for n in ctx.notes if n not in notes]
     privilege = _privilege(request, results, cache)
     notes += [n for n in _denied_port_notes(request, results, privilege) if n not in notes]
+    nat = _nat_rules(cache) if request.nat or request.observe_always else None
+    if nat is not None:
+        notes += [n for n in nat[1] if n not in notes]
     evidence = replace(observed, systemd=systemd, privilege=privilege, notes=notes)
     uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
     conflicts: list[Conflict] = []
@@ -192,7 +198,20 @@ def _investigate(request: Request, cache: dict, answered: list, trial: Probe,
         conflicts.extend(permission_denied(r.bind, r.error, evidence))
         conflicts.extend(conflicts_for(r.bind, r.error, r.collides_with, evidence, uid))
     conflicts.extend(latent_socket_units(request.binds, evidence))
+    if nat is not None:
+        from bindguard.verdict.nat import nat_conflicts
+
+        conflicts.extend(nat_conflicts(request.binds, nat[0]))
     return results, evidence, conflicts
+
+
+def _nat_rules(cache: dict) -> tuple[list, list[str]]:
+    """The host's DNAT/REDIRECT rules and what could not be read of them, read once a run."""
+    if "nat" not in cache:
+        from bindguard.evidence.nat import nat_rules
+
+        cache["nat"] = nat_rules()
+    return cache["nat"]
 
 
 def _privilege(request: Request, results: list[ProbeResult], cache: dict):

@@ -44,3 +44,9 @@ ACTIONS = (REFUSE, WAIT, WARN, IGNORE)
 # manager's word that the holder is in no unit, or nothing known (no bus, and the path names no unit).
 UNIT_BY_MANAGER, UNIT_BY_CGROUP, NO_UNIT, UNIT_UNKNOWN = "manager", "cgroup", "no-unit", "unknown"
 UNIT_STATUSES = (UNIT_BY_MANAGER, UNIT_BY_CGROUP, NO_UNIT, UNIT_UNKNOWN)
+
+# A NAT rule (DNAT, REDIRECT) takes the address's traffic elsewhere: the bind succeeds, its clients
+# reach something else. Not a bind conflict: `explain` and `scan` report it always; `check` only when
+# the unit's YAML sets `nat:` to one of NAT_MODES (a `policy` cannot name it).
+NAT_SHADOWED = "nat-shadowed"
+NAT_MODES = (WARN, REFUSE)

@@ -7,10 +7,14 @@ import time
 from bindguard.action.guard import Outcome
 from bindguard.model import errors
 from bindguard.model.endpoints import TCP
-from bindguard.model.kinds import ADDRESS_UNAVAILABLE, PERMISSION_DENIED, SOCKET_UNIT, TIME_WAIT
+from bindguard.model.kinds import ADDRESS_UNAVAILABLE, NAT_SHADOWED, PERMISSION_DENIED, SOCKET_UNIT, TIME_WAIT
 from bindguard.report import output
 from bindguard.verdict.conflicts import Conflict, attribution, unit_phrase
 from bindguard.verdict.remedies import remedy
+
+TYPE_CHECKING = False  # typing's own costs an import on the guard's path
+if TYPE_CHECKING:  # only a type here: the guard loads no NAT code unless asked
+    from bindguard.model.nat import NatRule
 
 
 def _ago(started: float) -> str:
@@ -55,6 +59,7 @@ def conflict_json(c: Conflict) -> dict:
         "own_socket_unit": c.own_socket_unit if c.socket_unit else None,
         "leaving": c.leaving or None,  # unit-deactivating, process-exiting: clears by itself
         "other_address": str(c.other_bind) if c.other_bind else None,
+        "nat": nat_json(c.nat) if c.nat else None,
         "evidence": c.evidence,
         "remedy": remedy(c),
     }
@@ -95,6 +100,12 @@ def write_json(outcome: Outcome) -> None:
     write_json(outcome_json(outcome))
 
 
+def nat_json(rule: NatRule) -> dict:
+    return {"family": rule.family, "table": rule.table, "chain": rule.chain, "path": list(rule.path),
+            "hook": rule.hook, "handle": rule.handle, "action": rule.action, "to": rule.to or None,
+            "rule": rule.describe(), "owner": rule.owner or None, "comment": rule.comment or None}
+
+
 def describe_holder(c: Conflict) -> str:
     """One line: the socket in the way and who holds it."""
     parts = []
@@ -122,6 +133,9 @@ def describe_holder(c: Conflict) -> str:
         parts.append(unit_phrase(c.unit, c.unit_status))
     if c.other_bind is not None:
         parts.append(f"the request's own {c.other_bind}")
+    if c.nat is not None:
+        parts.append(f"{c.nat.action} to {c.nat.to or 'a target nft cannot show'} by {c.nat.where()}"
+                     + (f", made by {c.nat.owner}" if c.nat.owner else ""))
     if not parts and c.kind == PERMISSION_DENIED and c.privilege is not None:
         who = f"User={c.privilege.user}" if c.privilege.user else "its user"
         return (f"the daemon ({who}) lacks CAP_NET_BIND_SERVICE, which ports below "
@@ -133,6 +147,8 @@ def describe_holder(c: Conflict) -> str:
 
 def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     blocking = [c for c in outcome.conflicts if c.blocking]
+    if not blocking and outcome.exit_code == errors.EXIT_INUSE:  # refused by `nat: refuse` alone
+        blocking = [c for c in outcome.conflicts if c.kind == NAT_SHADOWED]
     refusing = "a start now would be refused" if explain else "refusing to start"
     addrs = ", ".join(dict.fromkeys(str(c.bind) for c in blocking))
     code = outcome.exit_code
@@ -155,6 +171,8 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     if code == errors.EXIT_NOPERM:
         return output.ERR, f"bindguard: {refusing}: {addrs} denied to the daemon (exit {code})"
     waited = f" after waiting {outcome.waited:.1f} s" if outcome.waited else ""
+    if blocking and all(c.kind == NAT_SHADOWED for c in blocking):
+        return output.ERR, f"bindguard: {refusing}: {addrs} redirected elsewhere by a NAT rule (exit {code})"
     return output.ERR, f"bindguard: {refusing}: {addrs} in use{waited} (exit {code})"
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from bindguard.model.endpoints import AddressError, Bind, Endpoint, SocketOptions, parse_listen
 from bindguard.model.errors import ConfigError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ACTIONS, KINDS, LATENT_SOCKET_UNIT, REFUSE, TIME_WAIT, WAIT, WARN
+from bindguard.model.kinds import ACTIONS, KINDS, LATENT_SOCKET_UNIT, NAT_MODES, REFUSE, TIME_WAIT, WAIT, WARN
 from bindguard.systemd.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
 
 CONFLICT_KINDS = KINDS
@@ -32,7 +32,8 @@ DEFAULT_POLICY = {kind: REFUSE for kind in KINDS} | {TIME_WAIT: WAIT, LATENT_SOC
 FAIL_MODES = ("open", "closed")
 DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
-TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses")
+TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses", "nat")
+NAT_SETTINGS = ("off",) + NAT_MODES  # off: the ruleset is not read (the default)
 LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES + ("optional",)
 IF_AVAILABLE = "if-available"  # optional: only when no interface has the address (Redis's `bind -::1`)
 
@@ -73,6 +74,7 @@ class UnitConfig:
     reap_stale: bool | None = None
     discovery: frozenset[str] | None = None  # the allowed discovery sources
     trust_guesses: bool | None = None  # probe guessed addresses too (a conflict there can refuse)
+    nat: str | None = None  # NAT_SETTINGS: whether check reads the NAT rules, and what a match does
     origins: dict[str, Origin] = field(default_factory=dict)  # "wait", "options.reuseport", "policy.orphan", ...
 
     @property
@@ -134,6 +136,7 @@ class _Values:
     reap_stale: tuple[bool, Origin] | None = None
     discovery: tuple[frozenset[str], Origin] | None = None
     trust_guesses: tuple[bool, Origin] | None = None
+    nat: tuple[str, Origin] | None = None
 
 
 @functools.cache
@@ -456,6 +459,15 @@ class _FileReader:
             return
         values.fail = (value, self.origin(node))
 
+    def _read_nat(self, node, values: _Values) -> None:
+        value = self._scalar(node)
+        if value is False:  # YAML's `off`, read as a boolean
+            value = "off"
+        if value not in NAT_SETTINGS:
+            self.problem(node, f"nat must be one of {', '.join(NAT_SETTINGS)}, found {_describe(node, value)}")
+            return
+        values.nat = (value, self.origin(node))
+
     def _read_reap_stale(self, node, values: _Values) -> None:
         flag = self._bool(node, "reap_stale")
         if flag is not None:
@@ -566,7 +578,7 @@ def _merge(unit: str, files: list[str]) -> tuple[UnitConfig, list[str]]:
         for kind, (action, origin) in values.policy.items():
             config.policy[kind] = action
             config.origins[f"policy.{kind}"] = origin
-        for name in ("wait", "fail", "reap_stale", "discovery", "trust_guesses"):
+        for name in ("wait", "fail", "reap_stale", "discovery", "trust_guesses", "nat"):
             setting = getattr(values, name)
             if setting is not None:
                 setattr(config, name, setting[0])

@@ -41,6 +41,10 @@ from bindguard.model.kinds import (
     UNIT_UNKNOWN,
 )
 
+TYPE_CHECKING = False  # typing's own costs an import on the guard's path
+if TYPE_CHECKING:  # only a field's type: the guard loads no NAT code unless asked
+    from bindguard.model.nat import NatRule
+
 # States of a socket no process holds any more; the kernel ends them by a timer.
 CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
 
@@ -66,6 +70,7 @@ class Conflict:
     evidence: tuple[str, ...] = ()
     privilege: BindPrivilege | None = None  # permission-denied: what was proven about the daemon
     leaving: str = ""  # UNIT_DEACTIVATING or PROCESS_EXITING: the holder is on its way out (clears)
+    nat: NatRule | None = None  # nat-shadowed: the rule that takes the traffic elsewhere
 
 
 def could_block(bind: Bind, sock: SocketFact) -> bool:

@@ -13,6 +13,7 @@ from bindguard.model.kinds import (
     GUARD_TRIAL,
     LATENT_SOCKET_UNIT,
     LISTENER,
+    NAT_SHADOWED,
     ORPHAN,
     OWN_INSTANCE,
     PERMISSION_DENIED,
@@ -193,6 +194,19 @@ def _bound(c: Conflict) -> str:
             "cleanly, or give this service another port")
 
 
+def _nat_shadowed(c: Conflict) -> str:
+    rule = c.nat
+    if rule is None:
+        return _unknown(c)
+    owner = (f"unpublish or move the port in {rule.owner}, which made the rule ({rule.owner_hint}); editing "
+             "the rule by hand is undone when it is written again") if rule.owner else (
+        f"find what writes the rule (`nft -a list chain {rule.family} {rule.table} {rule.chain}`) and remove "
+        "or narrow it")
+    return (f"the daemon can bind {c.bind}, but connections to it are redirected to {rule.to or 'somewhere else'} "
+            f"by a NAT rule, not delivered to it. If the daemon is meant to serve this port, {owner}; otherwise "
+            "move the daemon to another port")
+
+
 def _unknown(c: Conflict) -> str:
     return "see `bindguard explain` for the details"
 
@@ -209,4 +223,5 @@ REMEDIES: dict[str, Callable[[Conflict], str]] = {
     ORPHAN: _orphan,
     LISTENER: _listener,
     BOUND_KIND: _bound,
+    NAT_SHADOWED: _nat_shadowed,
 }

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, ascii_number, parse_listen
 from bindguard.model.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ADDRESS_UNAVAILABLE, ANY_KIND
+from bindguard.model.kinds import ADDRESS_UNAVAILABLE, ANY_KIND, NAT_SHADOWED
 from bindguard.model.text import excerpt
 from bindguard.report import output
 from bindguard.systemd.unitfiles import normalize_unit, user_manager
@@ -214,6 +214,7 @@ class Plan:
     policy: dict[str, str] = field(default_factory=dict)
     wait: float | None = None
     reap_stale: bool = False
+    nat: str | None = None  # the file's `nat:` (warn, refuse); None: NAT rules are not read
     sources: list[str] = field(default_factory=list)  # where discovered addresses came from
 
 
@@ -237,6 +238,7 @@ def plan(args: argparse.Namespace, ctx) -> Plan | None:
         policy=dict(unit_config.policy) if unit_config else {},
         wait=unit_config.wait if unit_config else None,
         reap_stale=bool(unit_config and unit_config.reap_stale),
+        nat=unit_config.nat if unit_config and unit_config.nat != "off" else None,
     )
     if args.listen or optional_addresses(args):
         binds = build_binds(args, base)
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         wait=validate_wait(args.wait if args.wait is not None else checks.wait),
         daemon_uid=daemon_uid(args, ctx, checks.binds),
         rules=Rules(
-            policy=checks.policy,
+            policy=checks.policy | ({NAT_SHADOWED: checks.nat} if checks.nat else {}),
             warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
             | {b: ((ANY_KIND,), "the address is a guess from the unit's command line") for b in checks.guesses},
             needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),
@@ -351,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
         systemd=ctx,
         advise=True,
         reap_stale=args.reap_stale or checks.reap_stale,
+        nat=checks.nat is not None,
         privilege_unit=privilege_unit(args, ctx),
         user_manager=user_manager(ctx.bus_choice if ctx else args.user_bus),
         log=output.emit,

@@ -131,6 +131,7 @@ def _show(unit: str, explicit: str | None) -> int:
     listed = ", ".join(s for s in config.DISCOVERY_SOURCES if s in sources)
     row(f"discovery: {f'[{listed}]' if sources else 'false'}", "discovery")
     row(f"trust_guesses: {_value(bool(loaded.trust_guesses))}", "trust_guesses")
+    row(f"nat: {loaded.nat or 'off'}", "nat")
     width = max(len(text) for text, _ in rows) + 2
     for text, where in rows:
         print(f"{text:<{width}}# {where}" if where else text)

@@ -173,16 +173,59 @@ def refusal(program: str, runs_as: Credentials | str, root_inputs: Iterable[str]
     return None
 
 
+def run_bounded(argv: list[str], env: dict[str, str], seconds: float, limit: int,
+                **popen) -> tuple[int, bytes, bytes, str]:
+    """Run argv[0] (an absolute path, already checked) with env alone, / as working directory, no
+    stdin and a session of its own; (exit code, stdout, stderr, why it was stopped: "" when it was
+    not). Past `seconds`, or past `limit` bytes of output, it is killed with everything it started.
+    OSError or SubprocessError when it cannot be started."""
+    import selectors
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, executable=argv[0], env=dict(env), cwd="/", stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                            **popen)
+    out_pipe, err_pipe = proc.stdout, proc.stderr
+    assert out_pipe is not None and err_pipe is not None  # both are pipes (PIPE above)
+    out, err = bytearray(), bytearray()
+    failure = ""
+    with selectors.DefaultSelector() as selector:
+        selector.register(out_pipe, selectors.EVENT_READ, out)
+        selector.register(err_pipe, selectors.EVENT_READ, err)
+        deadline = time.monotonic() + seconds
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failure = f"no answer in {seconds:.1f} s"
+                break
+            for key, _ in selector.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                key.data.extend(chunk)
+            if len(out) + len(err) > limit:
+                failure = f"more than {limit >> 20} MiB of output"
+                break
+    if failure:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the program and anything it started
+        except ProcessLookupError:
+            pass
+    out_pipe.close()
+    err_pipe.close()
+    return proc.wait(), bytes(out), bytes(err), failure
+
+
 def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
     """Run a daemon's own configuration dump; (ok, stdout, the first line of the complaint).
 
     argv[0] must have passed refusal(). Its output counts against the discovery's byte budget,
     its run time against the time budget: past either, it is killed and the dump has failed.
     """
-    import selectors
-    import signal
     import subprocess
-    import time
 
     budget = current_budget()
     program = os.path.realpath(argv[0])  # what was checked, not a path someone could re-point
@@ -192,46 +235,15 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
         return False, "", f"{command}: not run, discovery has spent its budget"
     switch = runs_as.uid is not None  # the child sets groups, gid, then uid before exec
     try:
-        proc = subprocess.Popen([program, *argv[1:]], executable=program, env=dict(DUMP_ENVIRONMENT), cwd="/",
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, close_fds=True, user=runs_as.uid,
-                                group=runs_as.gid if switch else None,
-                                extra_groups=list(runs_as.groups) if switch else None)
+        returncode, out, err, failure = run_bounded(
+            [program, *argv[1:]], DUMP_ENVIRONMENT, min(DUMP_SECONDS, budget.seconds_left()),
+            max(budget.bytes_left, 0), user=runs_as.uid, group=runs_as.gid if switch else None,
+            extra_groups=list(runs_as.groups) if switch else None)
     except (OSError, subprocess.SubprocessError) as exc:
         return False, "", f"{command}: {exc}"
-    out_pipe, err_pipe = proc.stdout, proc.stderr
-    assert out_pipe is not None and err_pipe is not None  # both are pipes (PIPE above)
-    out, err = bytearray(), bytearray()
-    deadline_left = min(DUMP_SECONDS, budget.seconds_left())
-    limit = max(budget.bytes_left, 0)
-    failure = ""
-    with selectors.DefaultSelector() as selector:
-        selector.register(out_pipe, selectors.EVENT_READ, out)
-        selector.register(err_pipe, selectors.EVENT_READ, err)
-        deadline = time.monotonic() + deadline_left
-        while selector.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                failure = f"{command}: no answer in {deadline_left:.1f} s; stopped"
-                break
-            for key, _ in selector.select(left):
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                    continue
-                key.data.extend(chunk)
-            if len(out) + len(err) > limit:
-                failure = f"{command}: more than {limit >> 20} MiB of output; stopped"
-                break
     if failure:
+        failure = f"{command}: {failure}; stopped"
         incomplete(failure)  # killed on a budget: another run may finish
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the dump and anything it started
-        except ProcessLookupError:
-            pass
-    out_pipe.close()
-    err_pipe.close()
-    returncode = proc.wait()
     budget.bytes_left -= len(out) + len(err)
     if failure:
         return False, "", failure

@@ -1,0 +1,248 @@
+"""NAT rules that take a port away (nat-shadowed): recorded rulesets, and real nftables rules
+(nft and iptables-nft) in network namespaces, read by `explain` and by `check` as a unit's YAML asks.
+
+Rules name documentation addresses only (192.0.2.0/24, 198.51.100.0/24, 2001:db8::/32) as their
+targets: nothing is sent anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bindguard.evidence.nat import MAX_DEPTH, rules_from_ruleset, xt_targets_from_text
+from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+from bindguard.verdict.nat import nat_conflicts
+from conftest import REQUIRE
+
+DATA = Path(__file__).resolve().parent / "data" / "nft"
+BINDGUARD = [sys.executable, "-m", "bindguard"]
+
+
+def bind(text: str, v6only: bool = False) -> Bind:
+    return Bind(parse_listen(text), SocketOptions(v6only=v6only))
+
+
+def caught(rules, text: str) -> list:
+    return [c.nat for c in nat_conflicts([bind(text)], rules)]
+
+
+def recorded(name: str):
+    rules, notes = rules_from_ruleset(json.loads((DATA / name).read_text()))
+    assert notes == []
+    return rules
+
+
+# --- recorded rulesets (`nft -j list ruleset` of tests/data/nft/published.nft, and of rootful Podman) ---
+
+
+def test_dnat_through_a_jump_names_its_target_and_owner():
+    rules = recorded("published.json")
+    found = caught(rules, "0.0.0.0:8080")
+    assert {(r.chain, r.hook, r.to) for r in found} >= {("DOCKER", "prerouting", "192.0.2.7:80"),
+                                                       ("DOCKER", "output", "192.0.2.7:80")}
+    docker = next(r for r in found if r.chain == "DOCKER")
+    assert docker.path[-1] == "DOCKER" and docker.local_only and docker.owner == "Docker"
+
+
+def test_loopback_is_not_taken_by_prerouting_nor_by_an_output_rule_that_excludes_it():
+    rules = recorded("published.json")
+    assert caught(rules, "127.0.0.1:8080") == []  # OUTPUT: ip daddr != 127.0.0.0/8
+
+
+def test_a_nodeport_range_in_a_named_set_reached_by_goto():
+    rules = recorded("published.json")
+    found = caught(rules, "0.0.0.0:31000")
+    assert [(r.chain, r.to, r.path) for r in found] == [("KUBE-NODEPORTS", "192.0.2.8",
+                                                         ("PREROUTING", "other", "KUBE-NODEPORTS"))]
+    assert found[0].comment == "default/web:http" and found[0].owner.startswith("Kubernetes NodePort")
+    assert caught(rules, "0.0.0.0:29999") == []
+
+
+def test_redirect_to_another_port_and_the_protocol_it_names():
+    rules = recorded("published.json")
+    assert [r.to for r in caught(rules, "udp:192.0.2.1:53")] == ["port 5353 on this host"]
+    assert caught(rules, "192.0.2.1:53") == []  # the rule is for UDP
+
+
+def test_a_rule_for_another_address_does_not_match():
+    rules = recorded("published.json")
+    assert [r.to for r in caught(rules, "192.0.2.99:8443")] == ["port 9443 on this host"]
+    assert caught(rules, "192.0.2.98:8443") == []
+    assert [r.to for r in caught(rules, "198.51.100.5:443")] == ["192.0.2.3"]  # a prefix in an anonymous set
+    assert caught(rules, "203.0.113.5:443") == []
+
+
+def test_ip6_rules_leave_ipv4_alone_and_a_v6only_wildcard_takes_no_ipv4_rule():
+    rules = recorded("published.json")
+    assert [r.to for r in caught(rules, "[::1]:8080")] == []  # ::1 under prerouting: never from outside
+    six = [c.nat.to for c in nat_conflicts([bind("[::]:7777", v6only=True)], rules)]
+    assert six == ["port 7778 on this host"]
+    assert caught(rules, "0.0.0.0:7777") == []
+
+
+def test_podman_netavark_rules_recorded_from_a_real_container():
+    """Rootful Podman 4.3 with netavark: iptables-nft rules (xt targets), one chain for the network
+    with a rule per published port; the jump's port and the rule's must both hold."""
+    rules = recorded("podman-netavark.json")
+    found = caught(rules, "0.0.0.0:18080")
+    assert {r.hook for r in found} == {"prerouting", "output"}
+    assert all(r.chain.startswith("NETAVARK-DN-") and r.owner == "Podman (netavark)" and r.ports == ((18080, 18080),)
+               for r in found)
+    assert all(r.to == "" for r in found)  # the JSON names the xt target only; nat_rules reads the text
+    assert caught(rules, "0.0.0.0:18082") == []
+
+
+def test_xt_targets_read_back_from_the_text_listing():
+    text = ("table ip nat { # handle 1\n\tchain PREROUTING { # handle 1\n"
+            "\t\ttcp dport 9000 counter packets 0 bytes 0 dnat to 192.0.2.9:90 # handle 2\n\t}\n"
+            "\tchain OUTPUT { # handle 3\n"
+            "\t\ttcp dport 9001-9010 fib daddr type local counter packets 0 bytes 0 redirect to :7000 # handle 4\n"
+            "\t}\n}\n")
+    assert xt_targets_from_text(text) == {("ip", "nat", "PREROUTING", 2): "192.0.2.9:90",
+                                          ("ip", "nat", "OUTPUT", 4): "port 7000 on this host"}
+
+
+def _chain(name: str, hook: str | None = None) -> dict:
+    body = {"family": "ip", "table": "nat", "name": name}
+    if hook:
+        body |= {"type": "nat", "hook": hook}
+    return {"chain": body}
+
+
+def _rule(chain: str, *expr: dict) -> dict:
+    return {"rule": {"family": "ip", "table": "nat", "chain": chain, "expr": list(expr)}}
+
+
+def test_a_jump_loop_and_a_deep_chain_are_walked_within_bounds():
+    loop = {"nftables": [_chain("pre", "prerouting"), _chain("a"), _chain("b"),
+                         _rule("pre", {"jump": {"target": "a"}}), _rule("a", {"jump": {"target": "b"}}),
+                         _rule("b", {"jump": {"target": "a"}}), _rule("b", {"redirect": {"port": 1}})]}
+    rules, notes = rules_from_ruleset(loop)
+    assert [r.path for r in rules] == [("pre", "a", "b")]
+    depth = MAX_DEPTH + 5
+    deep = {"nftables": [_chain("pre", "prerouting"), *(_chain(f"c{i}") for i in range(depth)),
+                         _rule("pre", {"jump": {"target": "c0"}}),
+                         *(_rule(f"c{i}", {"jump": {"target": f"c{i + 1}"}}) for i in range(depth - 1)),
+                         _rule(f"c{depth - 1}", {"redirect": {"port": 1}})]}
+    rules, notes = rules_from_ruleset(deep)
+    assert rules == [] and any("jumps below pre" in n for n in notes)
+
+
+def test_an_unconditional_return_ends_the_chain_and_garbage_is_no_rule():
+    ruleset = {"nftables": [_chain("pre", "prerouting"), _rule("pre", {"return": None}),
+                            _rule("pre", {"redirect": {"port": 1}})]}
+    assert rules_from_ruleset(ruleset)[0] == []
+    for junk in ({}, {"nftables": "x"}, {"nftables": [1, "a", {"rule": {"expr": "x"}}, {"chain": []}]}):
+        assert rules_from_ruleset(junk)[0] == []
+
+
+# --- real nftables rules in a network namespace ---------------------------------------------------
+
+
+def need_nft() -> None:
+    missing = [p for p in ("/usr/sbin/nft", "/usr/sbin/iptables-nft") if not os.access(p, os.X_OK)]
+    if missing:
+        reason = f"NAT tests need {', '.join(missing)} (Debian's nftables and iptables packages)"
+        if REQUIRE:
+            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
+        pytest.skip(reason)
+
+
+def explain(netns, *listen: str) -> dict:
+    proc = netns.run([*BINDGUARD, "explain", "--no-systemd", "--json", *listen])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def shadowed(report: dict) -> list[tuple[str, str | None, str]]:
+    return sorted((c["address"], c["nat"]["to"], c["nat"]["chain"]) for c in report["conflicts"]
+                  if c["kind"] == "nat-shadowed")
+
+
+def test_explain_reports_dnat_redirect_and_a_nodeport_range(netns):
+    need_nft()
+    netns.ip("addr", "add", "192.0.2.99/32", "dev", "lo")
+    netns.ip("addr", "add", "192.0.2.98/32", "dev", "lo")
+    subprocess.run(netns.argv(["nft", "-f", str(DATA / "published.nft")]), check=True)
+    report = explain(netns, "0.0.0.0:8080", "192.0.2.99:8443", "192.0.2.98:8443", "0.0.0.0:31000",
+                     "udp:0.0.0.0:53", "127.0.0.1:9999")
+    assert report["clear"] and report["exit_code"] == 0  # the kernel lets every bind succeed
+    found = shadowed(report)
+    assert ("0.0.0.0:8080", "192.0.2.7:80", "DOCKER") in found
+    assert ("192.0.2.99:8443", "port 9443 on this host", "other") in found
+    assert ("0.0.0.0:31000", "192.0.2.8", "KUBE-NODEPORTS") in found
+    assert ("udp:0.0.0.0:53", "port 5353 on this host", "other") in found
+    assert not [f for f in found if f[0] in ("192.0.2.98:8443", "127.0.0.1:9999")]  # another address; no rule
+    docker = next(c for c in report["conflicts"] if c["kind"] == "nat-shadowed" and c["nat"]["chain"] == "DOCKER")
+    assert "Docker" in docker["remedy"] and "192.0.2.7:80" in docker["remedy"] and "kill" not in docker["remedy"]
+    assert docker["blocking"] is False
+
+
+def test_iptables_nft_rules_are_read_with_their_targets(netns):
+    need_nft()
+    for rule in (["-A", "PREROUTING", "-p", "tcp", "--dport", "9000", "-j", "DNAT", "--to-destination", "192.0.2.9:90"],
+                 ["-A", "OUTPUT", "-p", "tcp", "--dport", "9001:9010", "-m", "addrtype", "--dst-type", "LOCAL",
+                  "-j", "REDIRECT", "--to-ports", "7000"],
+                 ["-A", "PREROUTING", "-d", "192.0.2.50", "-p", "tcp", "--dport", "9020", "-j", "DNAT",
+                  "--to-destination", "192.0.2.9"]):
+        subprocess.run(netns.argv(["/usr/sbin/iptables-nft", "-t", "nat", *rule]), check=True)
+    found = shadowed(explain(netns, "0.0.0.0:9000", "0.0.0.0:9005", "0.0.0.0:9011", "127.0.0.1:9020"))
+    assert found == [("0.0.0.0:9000", "192.0.2.9:90", "PREROUTING"),
+                     ("0.0.0.0:9005", "port 7000 on this host", "OUTPUT")]
+
+
+def unit_yaml(tmp_path: Path, nat: str | None) -> dict:
+    (tmp_path / "web.service.yaml").write_text('listen: ["0.0.0.0:8080"]\n' + (f"nat: {nat}\n" if nat else ""))
+    return dict(os.environ, BINDGUARD_CONFIG_PATH=str(tmp_path))
+
+
+@pytest.mark.parametrize("nat, code", [(None, 0), ("off", 0), ("warn", 0), ("refuse", 98)])
+def test_check_reads_nat_rules_only_when_the_unit_asks(netns, tmp_path, nat, code):
+    need_nft()
+    subprocess.run(netns.argv(["nft", "-f", str(DATA / "published.nft")]), check=True)
+    proc = netns.run([*BINDGUARD, "check", "--no-systemd", "--unit", "web.service"], env=unit_yaml(tmp_path, nat))
+    assert proc.returncode == code, proc.stderr
+    if nat in (None, "off"):
+        assert "nat-shadowed" not in proc.stderr
+    else:
+        assert "nat-shadowed: dnat to 192.0.2.7:80" in proc.stderr
+    if nat == "refuse":
+        assert "0.0.0.0:8080 redirected elsewhere by a NAT rule (exit 98)" in proc.stderr
+
+
+def test_check_without_nft_says_so_and_passes(netns, tmp_path):
+    """A host without nftables: the rules cannot be read; that is a note, never a refusal."""
+    proc = netns.run(["unshare", "--mount", "--", "sh", "-c",
+                      f"mount -t tmpfs tmpfs /usr/sbin && exec {' '.join(BINDGUARD)} check --no-systemd "
+                      "--unit web.service"], env=unit_yaml(tmp_path, "refuse"))
+    assert proc.returncode == 0, proc.stderr
+    assert "NAT rules not read: /usr/sbin/nft is not installed" in proc.stderr
+
+
+def test_nat_key_is_validated(tmp_path):
+    (tmp_path / "web.service.yaml").write_text("listen: [8080]\nnat: sometimes\n")
+    proc = subprocess.run([*BINDGUARD, "config", "check", str(tmp_path / "web.service.yaml")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 78
+    assert "nat must be one of off, warn, refuse, found 'sometimes'" in proc.stderr
+
+
+def test_nft_is_run_with_a_clean_environment(netns, tmp_path):
+    """A PATH or LD_PRELOAD planted in the guard's environment never reaches nft (it gets
+    PATH=/usr/sbin:/usr/bin alone), and an `nft` earlier in PATH is never run."""
+    need_nft()
+    subprocess.run(netns.argv(["nft", "-f", str(DATA / "published.nft")]), check=True)
+    fake = tmp_path / "nft"
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path}/ran\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    proc = netns.run([*BINDGUARD, "explain", "--no-systemd", "0.0.0.0:8080"], env=env)
+    assert "nat-shadowed: dnat to 192.0.2.7:80" in proc.stderr
+    assert not (tmp_path / "ran").exists()
+    assert shutil.which("nft", path=env["PATH"]) == str(fake)
