@@ -246,3 +246,24 @@ def test_nft_is_run_with_a_clean_environment(netns, tmp_path):
     assert "nat-shadowed: dnat to 192.0.2.7:80" in proc.stderr
     assert not (tmp_path / "ran").exists()
     assert shutil.which("nft", path=env["PATH"]) == str(fake)
+
+
+def test_scan_reports_a_declared_address_a_nat_rule_takes(netns, tmp_path):
+    need_nft()
+    subprocess.run(netns.argv(["nft", "-f", str(DATA / "published.nft")]), check=True)
+    (tmp_path / "web.service.yaml").write_text('listen: ["0.0.0.0:8080"]\n')
+    (tmp_path / "api.service.yaml").write_text('listen: ["127.0.0.1:8080", "0.0.0.0:8090"]\n')
+    env = dict(os.environ, BINDGUARD_CONFIG_PATH=str(tmp_path))
+    env.pop("SYSTEMD_LOG_LEVEL", None)
+    done = netns.run([*BINDGUARD, "scan", "--no-systemd", "--json"], env=env)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    nat = [(f["addresses"], f["units"], f["summary"]) for f in report["findings"] if f["kind"] == "nat-shadowed"]
+    assert sorted(nat) == [
+        (["0.0.0.0:8080"], ["web.service"], "0.0.0.0:8080 of web.service is redirected to 192.0.2.7:80 by a NAT rule "
+                                            "(output)"),
+        (["0.0.0.0:8080"], ["web.service"], "0.0.0.0:8080 of web.service is redirected to 192.0.2.7:80 by a NAT rule "
+                                            "(prerouting)")]  # 127.0.0.1 and port 8090: no rule takes them
+    assert report["counts"]["nat-shadowed"] == 2
+    finding = next(f for f in report["findings"] if f["kind"] == "nat-shadowed")
+    assert any("chain DOCKER" in e for e in finding["evidence"]) and "Docker" in finding["fix"]

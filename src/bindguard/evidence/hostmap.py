@@ -49,10 +49,18 @@ def gather(bus_choice: bool | None = None, use_systemd: bool = True, hostmap: Ho
             hostmap.notes.append(f"{exc}; the scan is incomplete")
         _listening_claims(hostmap)
         _port_range(hostmap)
+        _nat_rules(hostmap)
     finally:
         if connection is not None:
             connection.close()
     return hostmap
+
+
+def _nat_rules(hostmap: HostMap) -> None:
+    from bindguard.evidence.nat import nat_rules
+
+    hostmap.nat_rules, notes = nat_rules()
+    hostmap.notes.extend(notes)
 
 
 def _read_sysctl(name: str) -> str | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind
 from bindguard.model.facts import ProcessFact, SocketFact
+from bindguard.model.nat import NatRule
 
 # Sources of a claim.
 CONFIG = "config"
@@ -99,4 +100,5 @@ class HostMap:
     port_range: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range; None when unreadable
     reserved: str = ""  # net.ipv4.ip_local_reserved_ports as read
     bus: str | None = None  # the manager asked, None without systemd
+    nat_rules: list[NatRule] = field(default_factory=list)  # DNAT/REDIRECT rules from the nftables ruleset
     scanned_at: float = field(default_factory=time.time)

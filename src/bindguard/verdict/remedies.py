@@ -26,6 +26,10 @@ from bindguard.model.kinds import (
 )
 from bindguard.verdict.conflicts import Conflict
 
+TYPE_CHECKING = False  # typing's own costs an import on the guard's path
+if TYPE_CHECKING:  # only a type here: the guard loads no NAT code unless asked
+    from bindguard.model.nat import NatRule
+
 
 def inspect_process(pid: int) -> str:
     """The command that shows what a process is (its parent, when it started, its command line):
@@ -194,17 +198,19 @@ def _bound(c: Conflict) -> str:
             "cleanly, or give this service another port")
 
 
-def _nat_shadowed(c: Conflict) -> str:
-    rule = c.nat
-    if rule is None:
-        return _unknown(c)
+def nat_remedy(address: object, rule: NatRule) -> str:
+    """The fix for an address whose connections a NAT rule takes elsewhere (guard and scan alike)."""
     owner = (f"unpublish or move the port in {rule.owner}, which made the rule ({rule.owner_hint}); editing "
              "the rule by hand is undone when it is written again") if rule.owner else (
         f"find what writes the rule (`nft -a list chain {rule.family} {rule.table} {rule.chain}`) and remove "
         "or narrow it")
-    return (f"the daemon can bind {c.bind}, but connections to it are redirected to {rule.to or 'somewhere else'} "
+    return (f"the daemon can bind {address}, but connections to it are redirected to {rule.to or 'somewhere else'} "
             f"by a NAT rule, not delivered to it. If the daemon is meant to serve this port, {owner}; otherwise "
             "move the daemon to another port")
+
+
+def _nat_shadowed(c: Conflict) -> str:
+    return nat_remedy(c.bind, c.nat) if c.nat is not None else _unknown(c)
 
 
 def _unknown(c: Conflict) -> str:

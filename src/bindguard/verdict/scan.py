@@ -7,6 +7,7 @@ Pure: judged from the recorded map (model.hostmap) alone, nothing asked again.
   ephemeral-port         a declared port inside net.ipv4.ip_local_port_range, not reserved
   restart-loop           a service restarting after a bind conflict (exit status 98)
   config-error           a unit's bindguard YAML file that cannot be used
+  nat-shadowed           an address a unit binds whose connections a DNAT/REDIRECT rule takes elsewhere
 
 Overlap is endpoints.addresses_overlap (wildcards, dual-stack), as in the guard.
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bindguard.model.endpoints import addresses_overlap
+from bindguard.model.endpoints import Bind, addresses_overlap
 from bindguard.model.errors import EXIT_INUSE
 from bindguard.model.facts import unit_active
 from bindguard.model.hostmap import LISTENING, SOCKET_UNIT, Claim, HostMap, UnitState
-from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_UNKNOWN
-from bindguard.verdict.remedies import find_holder, inspect_process
+from bindguard.model.kinds import NAT_SHADOWED, NO_UNIT, UNIT_BY_CGROUP, UNIT_UNKNOWN
+from bindguard.model.nat import NatRule
+from bindguard.verdict.nat import nat_evidence
+from bindguard.verdict.remedies import find_holder, inspect_process, nat_remedy
 
 UNIT_COLLISION = "unit-collision"
 SOCKET_UNIT_COLLISION = "socket-unit-collision"
@@ -29,7 +32,7 @@ EPHEMERAL_PORT = "ephemeral-port"
 RESTART_LOOP = "restart-loop"
 CONFIG_ERROR = "config-error"
 FINDING_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION, UNCLAIMED_LISTENER, EPHEMERAL_PORT, RESTART_LOOP,
-                 CONFIG_ERROR)
+                 CONFIG_ERROR, NAT_SHADOWED)
 CONFLICT_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION)
 
 BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
@@ -51,7 +54,7 @@ class Finding:
 def findings(hostmap: HostMap) -> list[Finding]:
     """Every finding on the map, sorted by port (those without one last), protocol and kind."""
     found = (_config_errors(hostmap) + _collisions(hostmap) + _unclaimed(hostmap) + _ephemeral(hostmap)
-             + _restart_loops(hostmap))
+             + _restart_loops(hostmap) + _nat_shadowed(hostmap))
     return sorted(found, key=lambda f: (f.port if f.port is not None else 70000, f.proto or "", f.kind))
 
 
@@ -221,6 +224,28 @@ def _ephemeral(hostmap: HostMap) -> list[Finding]:
         found.append(Finding(
             EPHEMERAL_PORT, f"port {port} of {', '.join(units)} is in the ephemeral port range", tuple(evidence), fix,
             claims[0].bind.endpoint.proto, port, units, tuple(dict.fromkeys(str(c.bind.endpoint) for c in claims))))
+    return found
+
+
+def _nat_shadowed(hostmap: HostMap) -> list[Finding]:
+    """Each NAT rule that takes away connections to an address a unit binds or will bind: one finding per
+    rule and address, naming every unit that claims it."""
+    grouped: dict[tuple[object, ...], tuple[NatRule, Bind, list[Claim]]] = {}
+    for claim in hostmap.claims:
+        if claim.will_run is False:
+            continue
+        for rule in hostmap.nat_rules:
+            if rule.catches(claim.bind):
+                key = (rule.family, rule.table, rule.chain, rule.handle, rule.hook, str(claim.bind.endpoint))
+                grouped.setdefault(key, (rule, claim.bind, []))[2].append(claim)
+    found = []
+    for rule, bind, claims in grouped.values():
+        units = tuple(dict.fromkeys(c.unit for c in claims))
+        ep = bind.endpoint
+        evidence = (*(c.describe() for c in claims), *nat_evidence(rule))
+        found.append(Finding(NAT_SHADOWED, f"{ep} of {', '.join(units)} is redirected to "
+                             f"{rule.to or 'somewhere else'} by a NAT rule ({rule.hook})", evidence,
+                             nat_remedy(ep, rule), ep.proto, ep.port, units, (str(ep),)))
     return found
 
 
