@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -228,3 +229,40 @@ def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discove
     [[_, (fast_code, fast_err), (full_code, full_err)]] = json.loads(proc.stdout)
     assert (fast_code, fast_err) == (full_code, full_err) == (0, first.stderr), (fast_err, full_err)
     assert "checking [::]:80 from /etc/nginx/sites-enabled/default" in fast_err
+
+
+SSHD_APPEARS = r"""
+import os, sys, time
+from bindguard.request import cache
+from bindguard.request.discover import SOURCES
+root = sys.argv[1]
+cache.RUN_DIR, cache.ENTRIES = root + "/run", root + "/run/discovery"
+os.environ["SYSTEMD_UNIT_PATH"] = root + "/units"
+time.sleep(cache.FRESH_NS / 1e9 + 0.05)
+first = cache.discover_from_files("ssh.service", False, list(SOURCES))
+print(first.warnings[0].split(",")[0], sorted({f.source for f in first.findings}))
+print("remembered", cache.lookup("ssh.service", False) is not None)
+os.mkdir("/run/sshd")
+print("remembered", cache.lookup("ssh.service", False) is not None)
+then = cache.discover_from_files("ssh.service", False, list(SOURCES))
+print(then.warnings, sorted({f.source for f in then.findings}))
+"""
+
+
+def test_sshd_dump_runs_once_its_privilege_separation_directory_appears(tmp_path):
+    """Without /run/sshd, sshd -T is not run (it would fail) and the answer from its files is
+    remembered; the directory appearing (ssh.service's RuntimeDirectory=) forgets it."""
+    need_package("openssh-server", "/usr/sbin/sshd")
+    need_root("a private /run")
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "ssh.service").write_text("[Service]\nExecStart=/usr/sbin/sshd -D\n")
+    script = f"mount -t tmpfs tmpfs /run && exec {sys.executable} -c \"$0\" {tmp_path}"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, SSHD_APPEARS],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "sshd -T not run: /run/sshd ['/etc/ssh/sshd_config (default Port 22)']",
+        "remembered True",
+        "remembered False",
+        "[] ['sshd -T']",
+    ], proc.stdout

@@ -28,6 +28,9 @@ from bindguard.request.discover.common import (
 )
 
 DEFAULT_CONF = "/etc/ssh/sshd_config"
+# sshd -T exits 255 without its privilege separation directory, which ssh.service's
+# RuntimeDirectory=sshd makes before its ExecStartPre= runs: elsewhere it is not there.
+PRIVSEP_DIR = "/run/sshd"
 
 
 def _split_address(text: str) -> tuple[str, str | None]:
@@ -163,6 +166,12 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
     runs_as, refused = dump.allowed(program, None if problem else read.files)
     if refused:
         findings.warn(f"sshd -T not run: {refused}; reading {conf} instead")
+    elif runs_as is not None and not os.path.isdir(PRIVSEP_DIR):
+        # Checked here, not left to its failure: a dump that fails is never remembered
+        # (bindguard.request.cache), a directory that is missing is, until it appears.
+        findings.warn(f"sshd -T not run: {PRIVSEP_DIR}, its privilege separation directory, is missing "
+                      f"(ssh.service's RuntimeDirectory= makes it); reading {conf} instead")
+        runs_as = None
     if runs_as is not None:
         command = [program, "-T", "-f", conf] + [a for o in options for a in ("-o", o)]
         command += [a for p in ports for a in ("-p", p)] + ({"inet": ["-4"], "inet6": ["-6"]}.get(family or "", []))
