@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,16 +67,30 @@ class Command:
     env: dict[str, str] = field(default_factory=dict)
     unavailable: str | None = None
     agent: object = None  # a UnitAgent: run inside its systemd unit instead of from here
+    before: Callable[[], None] | None = None  # untimed, before each run (a change to what discovery read)
+    after: Callable[[], None] | None = None  # untimed, after each run (what the next command must find again)
 
     def timed_run(self) -> tuple[int, int]:
+        if self.before:
+            self.before()
         if self.agent:
-            return self.agent.timed_run(self.argv, self.env)
-        return timed_run(self.argv, child_env(self.env))
+            found = self.agent.timed_run(self.argv, self.env)
+        else:
+            found = timed_run(self.argv, child_env(self.env))
+        if self.after:
+            self.after()
+        return found
 
     def peak_rss_kib(self, runs: int) -> int | None:
+        if self.before:  # its first run then is the one after a change
+            self.before()
         if self.agent:
-            return self.agent.peak_rss_kib(self.argv, self.env, runs)
-        return peak_rss_kib(self.argv, child_env(self.env), runs)
+            peak = self.agent.peak_rss_kib(self.argv, self.env, runs)
+        else:
+            peak = peak_rss_kib(self.argv, child_env(self.env), runs)
+        if self.after:
+            self.after()
+        return peak
 
 
 def bindguard_argv(explicit: str | None) -> tuple[list[str], dict[str, str]]:
@@ -116,9 +131,132 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
                 [*bg, "check", str(held)], (EXIT_INUSE,), bindguard_env, agent=agent,
                 unavailable=None if agent else NO_RIG),
     ]
+    if agent:
+        found += daemon_commands(agent, bg, bindguard_env)
     if os.path.realpath(sys.executable) != os.path.realpath(FLOOR_PYTHON) or sys.prefix != sys.base_prefix:
         found.insert(1, Command("venv_floor", f"`python -c pass` ({sys.executable})", [sys.executable, "-c", "pass"]))
     return found
+
+
+# Debian's own unit files, run in the rig under another name so that no system unit is touched;
+# with their default configurations (/etc/nginx, /etc/ssh), which the benchmark only reads.
+DEBIAN_UNITS = {"nginx": "/lib/systemd/system/nginx.service", "ssh": "/lib/systemd/system/ssh.service"}
+FRESH_SECONDS = 0.15  # past bindguard.request.cache.FRESH_NS: what discovery read may be remembered again
+
+
+def install_debian_units(agent) -> dict[str, Path]:
+    """Copies of Debian's nginx.service and ssh.service in the rig, as bench-DAEMON.service."""
+    found = {}
+    for daemon, path in DEBIAN_UNITS.items():
+        if Path(path).is_file():
+            found[daemon] = agent.add_unit(f"bench-{daemon}.service", Path(path).read_text())
+    agent.rig.daemon_reload()
+    return found
+
+
+def daemon_commands(agent, bg: list[str], bindguard_env: dict[str, str]) -> list[Command]:
+    """A known daemon's unit through the every-service drop-in: discovery remembered, and the first
+    start after a change to a file it read (the unit file, touched: ctime moves), after which the
+    benchmark waits until the answer may be remembered again and primes it, untimed."""
+    found = []
+    for daemon, unit_file in getattr(agent, "daemon_units", {}).items():
+        argv = [*bg, "check", "--unit", unit_file.name]
+
+        def touch(path: Path = unit_file) -> None:
+            os.utime(path)
+
+        def prime(argv: list[str] = argv) -> None:
+            time.sleep(FRESH_SECONDS)
+            agent.timed_run(argv, bindguard_env)
+
+        found += [
+            Command(f"daemon_{daemon}", f"bindguard: Debian's {daemon}.service and configuration, discovery remembered "
+                    f"(`check --unit %n` run by a service)", argv, (EXIT_CLEAR,), bindguard_env, agent=agent),
+            Command(f"daemon_{daemon}_changed", f"bindguard: the same, first start after a change (its unit file "
+                    "touched)", argv, (EXIT_CLEAR,), bindguard_env, agent=agent, before=touch, after=prime),
+        ]
+    return found
+
+
+# ---------------------------------------------------------------- the boot storm
+
+NGINX = "/usr/sbin/nginx"
+STORM_FIRST_PORT = 18500
+
+
+def drop_in_command(bindguard: list[str], bindguard_env: dict[str, str]) -> str:
+    """bindguard's command line for ExecStartPre=, its extra environment (PYTHONPATH) given by env."""
+    extra = [f"{k}={v}" for k, v in bindguard_env.items()]
+    return shlex.join((["/usr/bin/env", *extra] if extra else []) + bindguard)
+
+
+def boot_storm(agent, bindguard: list[str], bindguard_env: dict[str, str], units: int, daemons: int,
+               rounds: int, log) -> dict:
+    """units Type=oneshot services (daemons of them `nginx -t` on a configuration of their own, one
+    port each, the rest /bin/true) started by one `systemctl start`, three ways: under the
+    every-service drop-in, under a drop-in that runs only an empty python3, and with none.
+    Rounds interleave the three; one untimed start of each way first (bindguard's discovery is
+    remembered then, as after any first boot). Wall time of the systemctl call."""
+    rig = agent.rig
+    state = rig.root / "storm"
+    state.mkdir(exist_ok=True)
+    names = []
+    for i in range(units):
+        name = f"storm-{i:03d}.service"
+        command = "/bin/true"
+        if i < daemons and Path(NGINX).exists():
+            conf = state / f"nginx-{i}.conf"
+            conf.write_text(f"pid {state}/nginx-{i}.pid;\nerror_log stderr;\nevents {{}}\n"
+                            f"http {{\n  access_log off;\n  server {{ listen 127.0.0.1:{STORM_FIRST_PORT + i}; }}\n}}\n")
+            command = f"{NGINX} -t -q -c {conf}"
+        agent.add_unit(name, f"[Service]\nType=oneshot\nExecStart={command}\n")
+        names.append(name)
+    dropin_dir = rig.unit_dir / "service.d"
+    dropin_dir.mkdir(exist_ok=True)
+    dropin = dropin_dir / "bench-storm.conf"
+    ways = {
+        "bindguard": f"[Service]\nExecStartPre=+{drop_in_command(bindguard, bindguard_env)} check --unit %n\n",
+        "python": f"[Service]\nExecStartPre=+{FLOOR_PYTHON} -c pass\n",
+        "none": None,
+    }
+
+    def start(way: str) -> int:
+        text = ways[way]
+        if text is None:
+            dropin.unlink(missing_ok=True)
+        else:
+            dropin.write_text(text)
+        rig.daemon_reload()
+        began = time.perf_counter_ns()
+        done = rig.systemctl("start", *names, timeout=600)
+        elapsed = time.perf_counter_ns() - began
+        if done.returncode != 0:
+            raise RuntimeError(f"boot storm ({way}): systemctl start failed: {done.stderr.strip()[:400]}")
+        return elapsed
+
+    times: dict[str, list[int]] = {way: [] for way in ways}
+    try:
+        time.sleep(FRESH_SECONDS)
+        for way in ways:
+            start(way)
+        for r in range(rounds):
+            order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]
+            for way in order:
+                times[way].append(start(way))
+    finally:
+        dropin.unlink(missing_ok=True)
+        rig.daemon_reload()
+    medians = {way: statistics.median(t) / 1e6 for way, t in times.items()}
+    result = {"units": units, "daemons": daemons if Path(NGINX).exists() else 0, "rounds": rounds, "ways": {}}
+    for way, samples in times.items():
+        adds = medians[way] - medians["none"]
+        result["ways"][way] = {"times_ms": [round(t / 1e6, 2) for t in samples], "median_ms": round(medians[way], 1),
+                               "max_ms": round(max(samples) / 1e6, 1), "adds_ms": round(adds, 1),
+                               "adds_per_unit_ms": round(adds / units, 2)}
+    python_adds = medians["python"] - medians["none"]
+    result["ratio"] = round((medians["bindguard"] - medians["none"]) / python_adds, 2) if python_adds > 0 else None
+    log(f"boot storm: {units} units, medians {', '.join(f'{w} {m:.0f} ms' for w, m in medians.items())}")
+    return result
 
 
 # ---------------------------------------------------------------- measuring
@@ -286,10 +424,18 @@ TARGETS = (
     ("unit", "floor", 4.0, "clear inside a unit, with the default systemd checks ≤ 4× `python3 -c pass`"),
     ("held", "ss_p", 0.5, "held by a listener, with PID, command and unit ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
     ("held_unit", "ss_p", 0.5, "the same, inside a unit (holder and units named over D-Bus) ≤ 0.5× `ss -Htlnp 'sport = :P'`"),
+    ("daemon_nginx", "floor", 1.5, "Debian's nginx.service through the every-service drop-in, unchanged since the "
+                                   "last start ≤ 1.5× `python3 -c pass` (issue 12)"),
+    ("daemon_ssh", "floor", 1.5, "Debian's ssh.service, the same ≤ 1.5× `python3 -c pass` (issue 12)"),
+    ("daemon_nginx_changed", "floor", 4.0, "nginx.service, first start after a change ≤ 4× `python3 -c pass` "
+                                           "(issue 12)"),
+    ("daemon_ssh_changed", "floor", 4.0, "ssh.service, first start after a change ≤ 4× `python3 -c pass` (issue 12)"),
 )
+STORM_LIMIT = 1.1
 GROWTH_LIMIT = 1.10
 MEMORY_LIMIT_BYTES = 40_000_000
-BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit")
+BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit", "daemon_nginx",
+                   "daemon_nginx_changed", "daemon_ssh", "daemon_ssh_changed")
 
 
 def target_sizes(sizes: list[dict]) -> list[dict]:
@@ -303,7 +449,7 @@ def _median(size: dict, key: str) -> float | None:
     return entry.get("median_ms") if entry.get("status") == "ok" else None
 
 
-def evaluate(sizes: list[dict]) -> list[dict]:
+def evaluate(sizes: list[dict], storm: dict | None = None) -> list[dict]:
     verdicts = []
     for key, base, limit, text in TARGETS:
         values = []
@@ -330,6 +476,10 @@ def evaluate(sizes: list[dict]) -> list[dict]:
     verdicts.append({"target": "peak memory of bindguard ≤ 40 MB (any path, any size)",
                      "values": [("peak MB", peak_mb)],
                      "met": None if peak_mb is None else max(known) * 1024 <= MEMORY_LIMIT_BYTES})
+    ratio = storm.get("ratio") if storm else None
+    verdicts.append({"target": "boot storm: what the every-service drop-in adds to one `systemctl start` of "
+                               "the storm's units ≤ 1.1× what a drop-in running only `python3 -c pass` adds (issue 12)",
+                     "values": [("ratio", ratio)], "met": None if ratio is None else ratio <= STORM_LIMIT})
     return verdicts
 
 
@@ -364,7 +514,22 @@ def render(report: dict) -> str:
                          f"{_fmt(entry.get('ratio_ss_p'), '×')} | "
                          f"{_fmt(None if rss is None else round(rss * 1024 / 1e6, 1))} |")
         lines.append("")
-    lines += ["### Targets (issue 6)", "", "| target | measured | met? |", "|---|---|---|"]
+    storm = report.get("boot_storm")
+    if storm:
+        lines += ["### Boot storm", "",
+                  f"{storm['units']} Type=oneshot units ({storm['daemons']} of them `nginx -t` on a configuration of "
+                  "their own, one port each, the rest `/bin/true`) started by one `systemctl start` under the rig's "
+                  f"user manager, three ways, {storm['rounds']} interleaved rounds; wall time of the call.",
+                  "",
+                  "| drop-in | runs | median ms | max ms | adds ms | adds per unit ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        names = {"bindguard": "every-service drop-in (`bindguard check --unit %n`)",
+                 "python": f"`ExecStartPre=+{FLOOR_PYTHON} -c pass`", "none": "none"}
+        for way, entry in storm["ways"].items():
+            lines.append(f"| {names.get(way, way)} | {len(entry['times_ms'])} | {_fmt(entry['median_ms'])} | "
+                         f"{_fmt(entry['max_ms'])} | {_fmt(entry['adds_ms'])} | {_fmt(entry['adds_per_unit_ms'])} |")
+        lines += ["", f"bindguard adds {_fmt(storm['ratio'])}× what the empty interpreter adds.", ""]
+    lines += ["### Targets (issues 6 and 12)", "", "| target | measured | met? |", "|---|---|---|"]
     for v in report["targets"]:
         measured = "; ".join(f"{label}: {_fmt(value)}" for label, value in v["values"])
         verdict = {True: "met", False: "**not met**", None: "n/a (not measured)"}[v["met"]]
@@ -399,15 +564,17 @@ def start_agent(log):
     from unit_agent import UnitAgent  # the rig: imported only when the in-unit paths run
 
     try:
-        return UnitAgent()
+        agent = UnitAgent()
     except Exception as exc:  # no systemd, no D-Bus: the in-unit row says n/a
         log(f"no systemd rig, the in-unit path is not measured: {type(exc).__name__}: {exc}")
         return None
+    agent.daemon_units = install_debian_units(agent)
+    return agent
 
 
 def publish(report: dict, out: Path) -> None:
     """Judge the targets, write results.json and the README's tables, print the tables."""
-    report["targets"] = evaluate(report["sizes"])
+    report["targets"] = evaluate(report["sizes"], report.get("boot_storm"))
     table = render(report)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     readme = out / "README.md"
@@ -425,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH, help="where results.json (and README.md) go")
     parser.add_argument("--bindguard", help="the bindguard command to time (default: the one next to this python)")
     parser.add_argument("--no-unit", action="store_true", help="skip the in-unit path (no systemd rig)")
+    parser.add_argument("--no-storm", action="store_true", help="skip the boot storm (it needs the rig too)")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables from OUT/results.json")
     args = parser.parse_args(argv)
     if args.render:
@@ -459,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             report["sizes"].append(measure_size(size, rounds, warmup, memory_runs, quick_passes, bindguard,
                                                 bindguard_env, agent, log))
+        if agent and not args.no_storm:
+            units, daemons = (10, 2) if args.small else (100, 10)
+            report["boot_storm"] = boot_storm(agent, bindguard, bindguard_env, units, daemons,
+                                              max(1, min(rounds, 7)), log)
     finally:
         if agent:
             agent.close()

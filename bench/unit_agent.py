@@ -58,6 +58,10 @@ class UnitAgent:
             self.rig.close()
             raise
 
+    def add_unit(self, name: str, text: str) -> Path:
+        """A unit in the rig's manager (daemon-reload is the caller's)."""
+        return self.rig.write_unit(name, text, reload=False)
+
     def _ask(self, line: str) -> str:
         self.requests.write(line + "\n")
         self.requests.flush()

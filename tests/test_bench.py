@@ -12,6 +12,7 @@ from conftest import REQUIRE, need_root
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 REFERENCES = ("floor", "ss", "ss_p", "lsof", "psutil")
 BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit")
+KNOWN_DAEMON_PATHS = ("daemon_nginx", "daemon_nginx_changed", "daemon_ssh", "daemon_ssh_changed")
 
 
 def test_small_benchmark_runs_and_cleans_up(tmp_path):
@@ -32,8 +33,13 @@ def test_small_benchmark_runs_and_cleans_up(tmp_path):
         assert commands[key]["peak_rss_kib"] > 0
     for key in BINDGUARD_PATHS:
         assert commands[key]["status"] in ("ok", "n/a"), commands[key]
-    if REQUIRE:  # CI has the systemd rig: the in-unit paths must have run
-        for key in ("unit", "noop_unit", "held_unit"):
+    if REQUIRE:  # CI has the systemd rig: the in-unit paths, the known daemons and the boot storm must have run
+        for key in ("unit", "noop_unit", "held_unit", *KNOWN_DAEMON_PATHS):
             assert commands[key]["status"] == "ok", commands[key]
+            assert len(commands[key]["times_ms"]) == 2
+        storm = report["boot_storm"]
+        assert set(storm["ways"]) == {"bindguard", "python", "none"} and storm["units"] == 10
+        assert all(len(way["times_ms"]) == 2 for way in storm["ways"].values())
+        assert "### Boot storm" in done.stdout
     assert "| target | measured | met? |" in done.stdout
     assert not Path(f"/proc/{size['held_pid']}").exists(), "a load process outlived the benchmark"
