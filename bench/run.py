@@ -172,7 +172,7 @@ def daemon_commands(agent, bg: list[str], bindguard_env: dict[str, str]) -> list
         found += [
             Command(f"daemon_{daemon}", f"bindguard: Debian's {daemon}.service and configuration, discovery remembered "
                     f"(`check --unit %n` run by a service)", argv, (EXIT_CLEAR,), bindguard_env, agent=agent),
-            Command(f"daemon_{daemon}_changed", f"bindguard: the same, first start after a change (its unit file "
+            Command(f"daemon_{daemon}_changed", "bindguard: the same, first start after a change (its unit file "
                     "touched)", argv, (EXIT_CLEAR,), bindguard_env, agent=agent, before=touch, after=prime),
         ]
     return found
@@ -206,8 +206,9 @@ def boot_storm(agent, bindguard: list[str], bindguard_env: dict[str, str], units
         command = "/bin/true"
         if i < daemons and Path(NGINX).exists():
             conf = state / f"nginx-{i}.conf"
+            port = STORM_FIRST_PORT + i
             conf.write_text(f"pid {state}/nginx-{i}.pid;\nerror_log stderr;\nevents {{}}\n"
-                            f"http {{\n  access_log off;\n  server {{ listen 127.0.0.1:{STORM_FIRST_PORT + i}; }}\n}}\n")
+                            f"http {{\n  access_log off;\n  server {{ listen 127.0.0.1:{port}; }}\n}}\n")
             command = f"{NGINX} -t -q -c {conf}"
         agent.add_unit(name, f"[Service]\nType=oneshot\nExecStart={command}\n")
         names.append(name)
