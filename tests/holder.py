@@ -3,7 +3,7 @@
     python holder.py '<json list of socket specs>'
 
 Each spec: {"proto": "tcp"|"udp", "host": "::", "port": 8080, "reuseaddr": false,
-"reuseport": false, "v6only": null, "listen": true, "freebind": false}. With "uid" at the top
+"reuseport": false, "v6only": null, "listen": true, "freebind": false, "device": "eth0"}. With "uid" at the top
 level ({"uid": 65534, "sockets": [...]}) the holder drops to that uid first. Special "mode"s:
   "timewait-server": listen with the spec's flags, accept a connection, close the accepted side
       first (so the server's local port is in TIME_WAIT), close the listener.
@@ -30,6 +30,8 @@ def make(spec, kind=socket.SOCK_STREAM):
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec["v6only"]))
     if spec.get("freebind"):
         s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+    if spec.get("device"):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, spec["device"].encode())
     s.bind((spec["host"], spec["port"]))
     return s
 

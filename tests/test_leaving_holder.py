@@ -73,3 +73,23 @@ def test_a_holder_still_stopping_when_the_start_budget_ends_is_named(systemd_rig
     assert f"PID {pid}" in out and "unit other.service" in out
     assert "other.service is deactivating" in out and "other.service is stopping" in out
     assert rig.prop("other.service", "ActiveState") == "deactivating"
+
+
+def test_an_exiting_process_is_told_from_a_live_one():
+    """/proc/PID/stat as the guard reads it: a zombie (the kernel has ended it, its parent has not
+    reaped it) is exiting; a running process is not."""
+    import os
+
+    from bindguard.evidence.owners import _exiting
+
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 5
+        while not _exiting(child):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not _exiting(os.getpid())
+    finally:
+        os.waitpid(child, 0)

@@ -178,3 +178,24 @@ def test_scan_without_a_bus_reads_enabled_socket_units_from_their_files(netns, t
     (finding,) = report["findings"]
     assert finding["kind"] == "socket-unit-collision" and finding["units"] == ["api.service", "web.socket"]
     assert done.returncode == 1, done.stderr
+
+
+def test_bind_to_device_is_tried_as_the_manager_binds_it(netns, tmp_path):
+    """BindToDevice= changes the kernel's answer: a socket bound to another device does not block a
+    device-bound one, and does block an unbound one. The trial socket gets SO_BINDTODEVICE."""
+    netns.ip("link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    netns.ip("link", "set", "d0", "up")
+    netns.hold({"host": "0.0.0.0", "port": PORT, "reuseaddr": True, "device": "d0"})
+    units = tmp_path / "config" / "systemd" / "user"
+    units.mkdir(parents=True)
+    (units / "onlo.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\nBindToDevice=lo\n")
+    (units / "any.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\n")
+    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
+    onlo = netns.run([sys.executable, "-m", "bindguard", "check", "--user", "--no-systemd", "--json",
+                      "--unit", "onlo.socket"], env=env)
+    assert onlo.returncode == 0, onlo.stderr
+    assert [a["device"] for a in json.loads(onlo.stdout)["addresses"]] == ["lo"]
+    unbound = netns.run([sys.executable, "-m", "bindguard", "check", "--user", "--no-systemd",
+                         "--unit", "any.socket"], env=env)
+    assert unbound.returncode == 98, unbound.stderr

@@ -35,7 +35,8 @@ LISTEN is written as in ListenStream=/ListenDatagram= of systemd.socket(5):
 examples (in a unit):
   ExecStartPre=+/usr/bin/bindguard check --unit %n --v6only 0.0.0.0:80 [::]:80
   ExecStartPre=+/usr/bin/bindguard check --unit %n    (addresses from /etc/bindguard/UNIT.yaml
-                                                        or discovered from nginx, sshd, ...)"""
+                                                        or discovered from nginx, sshd, ...; in a
+                                                        .socket unit, its own Listen entries)"""
 
 EPILOG = EXIT_CODES_HELP
 
@@ -88,7 +89,8 @@ def add_systemd_arguments(parser: argparse.ArgumentParser, unit_help: str | None
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_listen_argument(parser, f"an address the daemon binds ({LISTEN_SYNTAX}; see above); none with --unit: "
-                                "the unit's YAML file, else discovery from its daemon's configuration")
+                                "the unit's YAML file, else discovery from its daemon's configuration (for a "
+                                "socket unit: its own ListenStream=/ListenDatagram= and socket options)")
     add_socket_arguments(parser)
     add_systemd_arguments(parser)
     parser.add_argument("--optional", metavar="LISTEN", action="append",
