@@ -542,26 +542,35 @@ class Systemd:
 
         result = []
         for name, (path, load, active, file_state) in sorted(candidates.items()):
-            listens = tuple(
-                Listen(_text(kind), _text(address))
-                for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
-                if is_network_listen(_text(kind), _text(address))
-            )
+            listens = self._network_listens(path)
             if not listens:
                 continue
             if wanted is not None and not any(_port_of(entry.address) in wanted for entry in listens):
                 continue
+            bind_ipv6_only, reuse_port = self._bind_options(path)
             result.append(SocketUnit(
                 name=name,
                 load_state=load or _text(self._get(path, _UNIT, b"LoadState", b"s")),
                 active_state=active or _text(self._get(path, _UNIT, b"ActiveState", b"s")),
                 unit_file_state=file_state or _text(self._get(path, _UNIT, b"UnitFileState", b"s")),
                 listens=listens,
-                bind_ipv6_only=_text(self._get(path, _SOCKET, b"BindIPv6Only", b"s")),
-                reuse_port=bool(self._get(path, _SOCKET, b"ReusePort", b"b")),
+                bind_ipv6_only=bind_ipv6_only,
+                reuse_port=reuse_port,
                 triggers=tuple(_text(t) for t in self._get(path, _UNIT, b"Triggers", b"as") or ()),
             ))
         return result
+
+    def _network_listens(self, path: bytes) -> tuple[Listen, ...]:
+        """A socket unit's Listen entries on TCP/UDP addresses (AF_UNIX, netlink, FIFOs, ... left out)."""
+        return tuple(Listen(_text(kind), _text(address))
+                     for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
+                     if is_network_listen(_text(kind), _text(address)))
+
+    def _bind_options(self, path: bytes) -> tuple[str, bool]:
+        """A socket unit's BindIPv6Only= (default, both, ipv6-only) and ReusePort=: how its [::]
+        entries bind, and whether they share their port."""
+        bind_ipv6_only = _text(self._get(path, _SOCKET, b"BindIPv6Only", b"s"))
+        return bind_ipv6_only, bool(self._get(path, _SOCKET, b"ReusePort", b"b"))
 
     def guarded_unit(self) -> str | None:
         """The unit this process runs in: from /proc/self/cgroup, else GetUnitByPID."""
@@ -576,14 +585,11 @@ class Systemd:
         """The network entries of one .socket unit's Listen property, as discovery takes them:
         (type, address, the unit's name, its BindIPv6Only=, its ReusePort=)."""
         path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
-        listens = [(_text(kind), _text(address))
-                   for kind, address in self._get(path, _SOCKET, b"Listen", b"a(ss)") or ()
-                   if is_network_listen(_text(kind), _text(address))]
+        listens = self._network_listens(path)
         if not listens:
             return []
-        bind_ipv6_only = _text(self._get(path, _SOCKET, b"BindIPv6Only", b"s"))
-        reuse_port = bool(self._get(path, _SOCKET, b"ReusePort", b"b"))
-        return [(kind, address, name, bind_ipv6_only, reuse_port) for kind, address in listens]
+        bind_ipv6_only, reuse_port = self._bind_options(path)
+        return [(entry.type, entry.address, name, bind_ipv6_only, reuse_port) for entry in listens]
 
     def socket_unit_settings(self, name: str):
         """A .socket unit's own Listen entries and the settings that change the kernel's answer to
@@ -598,10 +604,11 @@ class Systemd:
         if not any(is_network_listen("Stream", address) for _, address in listens):
             return SocketUnitSettings(listens)
         protocol = int(self._get(path, _SOCKET, b"SocketProtocol", b"i"))
+        bind_ipv6_only, reuse_port = self._bind_options(path)
         return SocketUnitSettings(
             listens=listens,
-            reuse_port=bool(self._get(path, _SOCKET, b"ReusePort", b"b")),
-            bind_ipv6_only=_text(self._get(path, _SOCKET, b"BindIPv6Only", b"s")),
+            reuse_port=reuse_port,
+            bind_ipv6_only=bind_ipv6_only,
             free_bind=bool(self._get(path, _SOCKET, b"FreeBind", b"b")),
             transparent=bool(self._get(path, _SOCKET, b"Transparent", b"b")),
             bind_to_device=_text(self._get(path, _SOCKET, b"BindToDevice", b"s")),
