@@ -560,7 +560,8 @@ def test_cli_unit_from_unit_files_without_a_bus(tmp_path):
 def test_env_wrapper_and_shell_are_seen_through(tmp_path):
     conf = write(tmp_path / "r.conf", "port 7778\nbind 127.0.0.1\n")
     for argv in (["/usr/bin/env", "-i", "LANG=C", "redis-server", str(conf)],
-                 ["/bin/sh", "-c", f"ulimit -n 4096 && exec env A=1 /usr/bin/redis-server {conf}"]):
+                 ["/bin/sh", "-c", f"ulimit -n 4096 && exec env A=1 /usr/bin/redis-server {conf}"],
+                 ["/bin/sh", "-e", "-c", f"exec /usr/bin/redis-server {conf}"]):
         result = discover([argv], [], [], [], "cache.service")
         assert summary(result) == [("127.0.0.1:7778", f"{conf}:2", "confident")], argv
 

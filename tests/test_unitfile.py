@@ -117,8 +117,12 @@ def test_runs_known_daemon_without_imports(unit_path, tmp_path):
     write(lib / "c.service", "[Service]\nExecStart=/usr/bin/python3 -m http.server 8000\n")
     write(etc / "c.service.d" / "x.conf", "[Service]\nExecStart=\nExecStart=/usr/sbin/sshd -D\n")
     write(lib / "d.service", "[Service]\nExecStart=/usr/bin/sleep infinity\n")
+    # env before a shell, and `@` naming argv[0]: read as discovery and the unit-file reader read them
+    write(lib / "e.service", "[Service]\nExecStart=/usr/bin/env LANG=C /bin/sh -c \"exec /usr/sbin/nginx\"\n")
+    write(lib / "f.service", "[Service]\nExecStart=@/usr/bin/env env /usr/sbin/sshd -D\n")
     assert [unitexec.runs_known_daemon(u) for u in ("a.service", "b.service", "c.service", "d.service",
-                                                    "nothere.service")] == [True, True, True, False, False]
+                                                    "nothere.service", "e.service", "f.service")] \
+        == [True, True, True, False, False, True, True]
 
 
 # --- unit names: one normaliser, as systemd's unit_name_is_valid() and systemctl take them --------

@@ -232,21 +232,53 @@ def socket_units_may_claim(ports: set[int | None], user: bool = False, guarded: 
                for value in socket_listen_values(socket_unit, user))
 
 
-def _command_names(exec_start: str) -> list[str]:
-    """The names of the programs an ExecStart= value runs: its binary, and inside `sh -c` the words."""
-    words = exec_start.replace("'", " ").replace('"', " ").split()
+# How an ExecStart= command's argv is read, in one place: the unit-file reader (unitfacts, which
+# unquotes with shlex), discovery (request.discover, on argv from the bus or the files) and, on the
+# every-service path, command_names below (which must not import shlex) share these.
+EXEC_PREFIXES = "-@:+!"
+SCRIPT_PUNCTUATION = ";&|()`"
+
+
+def exec_argv(words: list[str]) -> list[str]:
+    """An ExecStart= command as the argv it runs, from its unquoted words: the -@:+! prefixes taken
+    off the path, and with `@` the second word dropped (it only names argv[0])."""
     if not words:
         return []
-    first = os.path.basename(words[0].lstrip("-@:+!"))
-    if first == "env":
-        rest = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
-        return [os.path.basename(rest[0])] if rest else []
-    if first in SHELLS and "-c" in words[1:3]:
-        return [os.path.basename(w.strip(";&|()`")) for w in words[words.index("-c") + 1:]]
-    return [first]
+    first = words[0]
+    prefixes = first[:len(first) - len(first.lstrip(EXEC_PREFIXES))]
+    argv = [first[len(prefixes):], *words[1:]]
+    return [argv[0], *argv[2:]] if "@" in prefixes and len(argv) >= 2 else argv
+
+
+def unwrap_env(argv: list[str]) -> list[str]:
+    """`env [-i] [NAME=VALUE ...] COMMAND ...` -> COMMAND ... (the assignments are the daemon's business)."""
+    if argv and os.path.basename(argv[0]) == "env":
+        rest = argv[1:]
+        while rest and (rest[0].startswith("-") or "=" in rest[0]):
+            rest = rest[1:]
+        return rest
+    return argv
+
+
+def shell_script_index(argv: list[str]) -> int | None:
+    """Where the script of `sh [-OPTION] -c SCRIPT` is in argv (a shell of SHELLS), else None."""
+    if argv and os.path.basename(argv[0]) in SHELLS and "-c" in argv[1:3]:
+        index = argv.index("-c") + 1
+        return index if index < len(argv) else None
+    return None
+
+
+def command_names(exec_start: str) -> list[str]:
+    """The names of the programs an ExecStart= value runs: its binary, and inside `sh -c` the words
+    (split at blanks with the quotes dropped: a cheap superset of the script's commands)."""
+    argv = unwrap_env(exec_argv(exec_start.replace("'", " ").replace('"', " ").split()))
+    script = shell_script_index(argv)
+    if script is not None:
+        return [os.path.basename(w.strip(SCRIPT_PUNCTUATION)) for w in argv[script:]]
+    return [os.path.basename(argv[0])] if argv else []
 
 
 def runs_known_daemon(unit: str, user: bool = False) -> bool:
     """Whether an ExecStart= of the unit runs a daemon that discovery knows."""
     return any(name in DAEMONS for value in service_settings(unit, user)["ExecStart"]
-               for name in _command_names(value))
+               for name in command_names(value))

@@ -19,6 +19,7 @@ from bindguard.model.facts import SocketUnitSettings, UnitFacts
 from bindguard.systemd.unitexec import (
     LIST_KEYS,
     SOCKET_LISTEN_KEYS,
+    exec_argv,
     parse_boolean,
     socket_unit_settings,
     unit_files,
@@ -54,18 +55,6 @@ def _split(value: str) -> list[str]:
         return value.split()
 
 
-def _exec_argv(value: str) -> list[str]:
-    words = _split(value)
-    if not words:
-        return []
-    first = words[0]
-    prefixes = first[:len(first) - len(first.lstrip("-@:+!"))]
-    words[0] = first[len(prefixes):]
-    if "@" in prefixes and len(words) >= 2:
-        words = [words[0]] + words[2:]  # the second word is only argv[0]'s name
-    return words
-
-
 def unit_fragment(unit: str, user: bool = False) -> str | None:
     """The file a unit is loaded from (following aliases; an instance's template), or None."""
     files = unit_files(unit, user)
@@ -78,7 +67,7 @@ def unit_facts_from_files(unit: str, user: bool = False) -> UnitFacts:
     specifiers = _specifiers(unit, user)
     resolved = {key: [_resolve(v, specifiers) for v in values] for key, values in settings.items()}
     return UnitFacts(
-        exec_start=[argv for argv in map(_exec_argv, resolved["ExecStart"]) if argv],
+        exec_start=[argv for argv in (exec_argv(_split(value)) for value in resolved["ExecStart"]) if argv],
         environment=[word for value in resolved["Environment"] for word in _split(value)],
         environment_files=resolved["EnvironmentFile"],
         user=resolved["User"][-1] if resolved["User"] else "",

@@ -37,7 +37,7 @@ from bindguard.request.discover.common import (
     discovery_scope,
     read_text,
 )
-from bindguard.systemd.unitexec import DAEMONS, SHELLS
+from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
 from bindguard.systemd.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
 SOURCES = ("daemon-config", "exec-start", "socket-units")
@@ -130,24 +130,15 @@ def expand_argv(argv: Sequence[str], env: dict[str, str]) -> list[str]:
     return words
 
 
-def _unwrap_env(argv: list[str]) -> list[str]:
-    """`env [-i] [NAME=VALUE ...] COMMAND ...` -> COMMAND ... (the assignments are the daemon's business)."""
-    if argv and os.path.basename(argv[0]) == "env":
-        rest = argv[1:]
-        while rest and (rest[0].startswith("-") or "=" in rest[0]):
-            rest = rest[1:]
-        return rest
-    return argv
-
-
 def _commands(argv: list[str], env: dict[str, str]) -> list[list[str]]:
     """The command lines to look at: argv itself (past `env`), or the commands inside `sh -c SCRIPT`."""
-    argv = _unwrap_env(argv)
-    if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] == "-c":
+    argv = unwrap_env(argv)
+    script = shell_script_index(argv)
+    if script is not None:
         import shlex
 
         try:
-            lexer = shlex.shlex(argv[2], posix=True, punctuation_chars=";&|()")
+            lexer = shlex.shlex(argv[script], posix=True, punctuation_chars=";&|()")
             lexer.whitespace_split = True
             words = list(lexer)
         except ValueError:
@@ -161,7 +152,7 @@ def _commands(argv: list[str], env: dict[str, str]) -> list[list[str]]:
             elif word != "exec" or current:
                 current.append(word)
         commands.append(current)
-        return [_unwrap_env(expand_argv(c, env)) for c in commands if c]
+        return [unwrap_env(expand_argv(c, env)) for c in commands if c]
     return [argv]
 
 
