@@ -83,6 +83,23 @@ def test_shared_listener_reports_the_lowest_pid_and_stops_early(netns):
     assert owners.find_holders({inode}, first_pids=[pids[1]]) == {inode: pids[1:]}
 
 
+@pytest.mark.integration
+def test_holders_of_gives_the_first_holders_facts_or_every_holders(netns):
+    """The one routine check, scan and verify name holders with: the lowest PID's facts (the master
+    that forked its workers), or with every_holder all of them, read once each."""
+    parent, (child,) = start(netns, [sys.executable, "-c", FORKED_LISTENER])
+    facts, _ = query(netns, port=8080)
+    sockets = [SocketFact(Endpoint("tcp", ipaddress.ip_address("127.0.0.1"), 8080), "LISTEN", 0, f["inode"],
+                          cgroup_id=f["cgroup_id"]) for f in facts if f["inode"]]
+    inode = sockets[0].inode
+    first = owners.holders_of(sockets)
+    assert [p.pid for p in first.processes[inode]] == [min(parent.pid, int(child))] and not first.incomplete
+    assert first.first(inode).cmdline[:2] == (sys.executable, "-c")
+    every = owners.holders_of(sockets, every_holder=True)
+    assert [p.pid for p in every.processes[inode]] == sorted([parent.pid, int(child)])
+    assert owners.holders_of([]).processes == {} and first.first(1) is None
+
+
 def test_an_inode_nobody_holds_scans_everything():
     found = owners.find_holders({1})
     assert found == {} and found.scanned > 1
