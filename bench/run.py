@@ -133,6 +133,7 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
     ]
     if agent:
         found += daemon_commands(agent, bg, bindguard_env)
+        found += socket_unit_commands(agent, bg, bindguard_env, free)
     if os.path.realpath(sys.executable) != os.path.realpath(FLOOR_PYTHON) or sys.prefix != sys.base_prefix:
         found.insert(1, Command("venv_floor", f"`python -c pass` ({sys.executable})", [sys.executable, "-c", "pass"]))
     return found
@@ -152,6 +153,21 @@ def install_debian_units(agent) -> dict[str, Path]:
             found[daemon] = agent.add_unit(f"bench-{daemon}.service", Path(path).read_text())
     agent.rig.daemon_reload()
     return found
+
+
+def socket_unit_commands(agent, bg: list[str], bindguard_env: dict[str, str], free: int) -> list[Command]:
+    """A socket unit's guard (the socket.d drop-in), timed by a service of the same manager: one that
+    listens on a file system path alone, and one on a free address (its own Listen entries)."""
+    agent.add_unit("bench-path.socket", "[Socket]\nListenStream=/run/bench-path.sock\n")
+    agent.add_unit("bench-web.socket", f"[Socket]\nListenStream=127.0.0.1:{free}\n")
+    return [
+        Command("socket_path_unit", "bindguard: socket unit on a file system path alone (`check --user --unit "
+                "bench-path.socket` run by a service)", [*bg, "check", "--user", "--unit", "bench-path.socket"],
+                (EXIT_CLEAR,), bindguard_env, agent=agent),
+        Command("socket_clear_unit", f"bindguard: socket unit, its address free (`check --user --unit "
+                f"bench-web.socket`, ListenStream=127.0.0.1:{free}, run by a service)",
+                [*bg, "check", "--user", "--unit", "bench-web.socket"], (EXIT_CLEAR,), bindguard_env, agent=agent),
+    ]
 
 
 def daemon_commands(agent, bg: list[str], bindguard_env: dict[str, str]) -> list[Command]:

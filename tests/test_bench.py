@@ -13,6 +13,7 @@ RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 REFERENCES = ("floor", "ss", "ss_p", "lsof", "psutil")
 BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit")
 KNOWN_DAEMON_PATHS = ("daemon_nginx", "daemon_nginx_changed", "daemon_ssh", "daemon_ssh_changed")
+SOCKET_UNIT_PATHS = ("socket_path_unit", "socket_clear_unit")
 
 
 def test_small_benchmark_runs_and_cleans_up(tmp_path):
@@ -34,7 +35,7 @@ def test_small_benchmark_runs_and_cleans_up(tmp_path):
     for key in BINDGUARD_PATHS:
         assert commands[key]["status"] in ("ok", "n/a"), commands[key]
     if REQUIRE:  # CI has the systemd rig: the in-unit paths, the known daemons and the boot storm must have run
-        for key in ("unit", "noop_unit", "held_unit", *KNOWN_DAEMON_PATHS):
+        for key in ("unit", "noop_unit", "held_unit", *KNOWN_DAEMON_PATHS, *SOCKET_UNIT_PATHS):
             assert commands[key]["status"] == "ok", commands[key]
             assert len(commands[key]["times_ms"]) == 2
         storm = report["boot_storm"]
