@@ -279,7 +279,7 @@ def test_why_reapable_needs_the_managers_word_and_the_units_own_cgroup():
     from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
     from bindguard.model.facts import ProcessFact, SystemdFacts
     from bindguard.action.reap import why_reapable
-    from bindguard.model.kinds import LISTENER, OWN_INSTANCE
+    from bindguard.model.kinds import ConflictKind
     from bindguard.verdict.conflicts import Conflict
 
     cgroup = "/system.slice/web.service"
@@ -287,15 +287,15 @@ def test_why_reapable_needs_the_managers_word_and_the_units_own_cgroup():
     bind = Bind(parse_listen(ADDRESS), SocketOptions())
     facts = SystemdFacts(manager_pid=1, guarded_unit="web.service", guarded_instance_running=False,
                          guarded_state="activating (start-pre)", unit_of_pid={4242: "web.service"})
-    conflict = Conflict(bind, OWN_INSTANCE, process=stale, unit="web.service", unit_status="manager")
+    conflict = Conflict(bind, ConflictKind.OWN_INSTANCE, process=stale, unit="web.service", unit_status="manager")
     assert "web.service" in why_reapable(conflict, facts, cgroup)
     assert why_reapable(conflict, facts, "") is None  # no ControlGroup from the manager
     assert why_reapable(conflict, facts, "/system.slice/api.service") is None
     assert why_reapable(conflict, facts, "/system.slice") is None  # a path that does not name the unit
-    assert why_reapable(Conflict(bind, LISTENER, process=stale), facts, cgroup) is None
+    assert why_reapable(Conflict(bind, ConflictKind.LISTENER, process=stale), facts, cgroup) is None
     facts.unit_of_pid = {}  # no bus: the cgroup's name alone
     assert why_reapable(conflict, facts, cgroup) is None
     facts.unit_of_pid = {4242: "web.service"}
     elsewhere = ProcessFact(4242, 1, "webd", ("webd",), "/usr/bin/python3", 65534, "nobody", 1.0e9,
                             "/user.slice/user-65534.slice/user@65534.service/app.slice/web.service", "web.service")
-    assert why_reapable(Conflict(bind, OWN_INSTANCE, process=elsewhere), facts, cgroup) is None
+    assert why_reapable(Conflict(bind, ConflictKind.OWN_INSTANCE, process=elsewhere), facts, cgroup) is None

@@ -87,8 +87,6 @@ def test_dropins_merge_in_lexical_order_across_directories(dirs):
     assert [str(e.endpoint) for e in loaded.listen] == ["[::1]:9000"]  # a drop-in's listen list replaces
     assert str(loaded.origins["listen"]) == f"{late}:2:3"
     assert str(loaded.origins["options.reuseport"]) == f"{main}:3:22"
-    assert loaded.action("time-wait") == "wait" and loaded.action("latent-socket-unit") == "warn"
-    assert loaded.action("bound") == "refuse"
 
 
 def test_dropins_without_main_file(dirs):
@@ -287,6 +285,29 @@ def test_config_show_cli(dirs):
     proc = bindguard("config", "show", "broken.service", env_path=search)
     assert proc.returncode == 78 and "YAML syntax error" in proc.stderr and "Traceback" not in proc.stderr
 
+
+
+def test_config_show_states_the_defaults_the_guard_applies(dirs):
+    """`config show` prints, for a kind the files leave alone, what the guard then does: an address
+    still in IPv6 duplicate address detection clears by itself and is waited for, not refused."""
+    from bindguard.model.endpoints import Bind, SocketOptions
+    from bindguard.model.kinds import POLICY_KINDS, Action, ConflictKind
+    from bindguard.verdict.conflicts import Conflict
+    from bindguard.verdict.policy import default_action
+
+    proc = bindguard("config", "show", "web.service", env_path=os.environ[unitfiles.SEARCH_PATH_ENV])
+    assert proc.returncode == 0, proc.stderr
+    stated = dict(line.split("#")[0].strip().split(": ", 1) for line in proc.stdout.splitlines()
+                  if line.startswith("  ") and line.rstrip().endswith("# default") and ": " in line)
+    assert set(stated) >= {str(kind) for kind in POLICY_KINDS}
+    bind = Bind(parse_listen("[2001:db8::1]:80"), SocketOptions())
+    in_dad = Conflict(bind, ConflictKind.ADDRESS_UNAVAILABLE, clears=True)
+    absent = Conflict(bind, ConflictKind.ADDRESS_UNAVAILABLE)
+    assert (default_action(in_dad), default_action(absent)) == (Action.WAIT, Action.REFUSE)
+    assert stated["address-unavailable"] == ("refuse (wait while the address is in duplicate address "
+                                             "detection)")
+    assert stated["listener"] == "refuse (wait while its holder is stopping or exiting)"
+    assert (stated["time-wait"], stated["latent-socket-unit"], stated["self-conflict"]) == ("wait", "warn", "refuse")
 
 # --- the cheap path -----------------------------------------------------------------------------
 

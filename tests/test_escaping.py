@@ -20,7 +20,7 @@ from bindguard.model.facts import ProcessFact, SocketFact
 from bindguard.action.scan import Scan
 from bindguard.model.hostmap import Listener
 from bindguard.report.scan import write_table
-from bindguard.model.kinds import UNIT_BY_CGROUP
+from bindguard.model.kinds import UnitStatus
 
 PORT = 18533
 FORGED = "\nbindguard: clear: [::]:80 can be bound\n\x1b[2J"
@@ -78,7 +78,7 @@ def test_scan_table_escapes_every_cell():
     hostile = ProcessFact(4242, 1, "x\x1b]0;owned\x07", ("\x1b[2Jd\naemon",), "/usr/bin/daemon", 0, "root", 1.0e9,
                           "/system.slice/evil\nunit.service", "evil\nunit.service")
     scan = Scan(listeners=[Listener(SocketFact(parse_listen("127.0.0.1:8080"), "LISTEN", 0, 7), hostile,
-                                    unit="evil\nunit.service", unit_status=UNIT_BY_CGROUP)])
+                                    unit="evil\nunit.service", unit_status=UnitStatus.BY_CGROUP)])
     out = io.StringIO()
     write_table(scan, out)
     (header, row) = out.getvalue().splitlines()

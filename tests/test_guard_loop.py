@@ -15,7 +15,7 @@ from bindguard.action import guard
 from bindguard.model import errors
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import Evidence, ProbeResult, ProcessFact, SocketFact
-from bindguard.model.kinds import ANY_KIND, GUARD_TRIAL, LISTENER, TIME_WAIT
+from bindguard.model.kinds import ANY_KIND, ConflictKind
 from bindguard.verdict.policy import Rules
 
 ADDRESS = Bind(parse_listen("127.0.0.1:8080"), SocketOptions())
@@ -74,14 +74,14 @@ def test_time_wait_is_waited_out_until_the_kernel_lets_the_address_go():
     outcome = run(recorded, wait=5)
     assert outcome.exit_code == errors.EXIT_CLEAR, outcome
     assert recorded.probes == 3 and outcome.waited > 0
-    assert outcome.waited_for == (f"{TIME_WAIT} on {ADDRESS}",)
+    assert outcome.waited_for == (f"{ConflictKind.TIME_WAIT} on {ADDRESS}",)
 
 
 def test_time_wait_that_outlasts_the_budget_is_refused_without_waiting():
     recorded = Recorded([IN_USE], lambda: time_wait(60_000))
     outcome = run(recorded, wait=2)
     assert outcome.exit_code == errors.EXIT_TEMPFAIL and recorded.probes == 1 and outcome.waited == 0.0
-    assert [c.kind for c in outcome.conflicts] == [TIME_WAIT]
+    assert [c.kind for c in outcome.conflicts] == [ConflictKind.TIME_WAIT]
 
 
 def test_wait_zero_never_sleeps():
@@ -95,7 +95,7 @@ def test_a_listener_is_refused_at_once():
     outcome = run(recorded)
     assert outcome.exit_code == errors.EXIT_INUSE and recorded.probes == 1
     (conflict,) = outcome.conflicts
-    assert (conflict.kind, conflict.process.pid) == (LISTENER, 42)
+    assert (conflict.kind, conflict.process.pid) == (ConflictKind.LISTENER, 42)
 
 
 def test_a_listener_on_an_address_the_daemon_starts_without_only_warns():
@@ -134,7 +134,7 @@ def test_another_guard_that_holds_on_is_refused_with_how_long(monkeypatch):
     outcome = run(recorded)
     assert outcome.exit_code == errors.EXIT_INUSE and recorded.probes > 2
     (conflict,) = outcome.conflicts
-    assert conflict.kind == GUARD_TRIAL and "through every probe again for" in conflict.evidence[-1], conflict
+    assert conflict.kind == ConflictKind.GUARD_TRIAL and "through every probe again for" in conflict.evidence[-1], conflict
 
 
 def test_one_look_serves_the_probes_of_a_second_while_the_answer_stays():
@@ -153,6 +153,6 @@ def test_the_loop_changes_none_of_what_it_was_given():
 def test_a_decided_conflict_cannot_be_changed():
     outcome = run(Recorded([IN_USE], held_by(process(42, "/usr/sbin/nginx"))))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        outcome.conflicts[0].kind = TIME_WAIT  # type: ignore[misc]
+        outcome.conflicts[0].kind = ConflictKind.TIME_WAIT  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         outcome.exit_code = 0  # type: ignore[misc]

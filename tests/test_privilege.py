@@ -15,7 +15,7 @@ import pytest
 from bindguard.evidence import privilege
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import BindPrivilege, Evidence
-from bindguard.model.kinds import PERMISSION_DENIED
+from bindguard.model.kinds import ConflictKind
 from bindguard.verdict.conflicts import permission_denied
 
 
@@ -76,7 +76,7 @@ def bind(text: str) -> Bind:
 def test_the_conflict_only_where_proven_and_below_the_start():
     proven = Evidence(privilege=BindPrivilege(1024, "nobody", facts=("fact",)))
     (by_kernel,) = permission_denied(bind("127.0.0.1:80"), errno.EACCES, proven)
-    assert by_kernel.kind == PERMISSION_DENIED and not by_kernel.predicted and by_kernel.error == "EACCES"
+    assert by_kernel.kind == ConflictKind.PERMISSION_DENIED and not by_kernel.predicted and by_kernel.error == "EACCES"
     assert by_kernel.blocking and by_kernel.evidence == ("fact",)
     (from_settings,) = permission_denied(bind("127.0.0.1:80"), 0, proven)
     assert from_settings.predicted and from_settings.blocking

@@ -14,7 +14,7 @@ from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import BOUND, ProcessFact, SocketFact
 from bindguard.verdict.remedies import remedy
 from bindguard.systemd.bus import UnitInfo
-from bindguard.model.kinds import BOUND_KIND, LISTENER, ORPHAN, OWN_INSTANCE, SELF_CONFLICT
+from bindguard.model.kinds import ConflictKind
 from bindguard.verdict.conflicts import Conflict
 
 
@@ -31,17 +31,17 @@ def sock(text, state="LISTEN"):
     return SocketFact(parse_listen(text), state, 0, 100)
 
 
-PROVEN_STALE = (ORPHAN, OWN_INSTANCE)
+PROVEN_STALE = (ConflictKind.ORPHAN, ConflictKind.OWN_INSTANCE)
 
 CASES = [
-    Conflict(bind("0.0.0.0:80"), LISTENER, socket=sock("0.0.0.0:80"), process=holder()),
-    Conflict(bind("0.0.0.0:80"), LISTENER, socket=sock("0.0.0.0:80"),
+    Conflict(bind("0.0.0.0:80"), ConflictKind.LISTENER, socket=sock("0.0.0.0:80"), process=holder()),
+    Conflict(bind("0.0.0.0:80"), ConflictKind.LISTENER, socket=sock("0.0.0.0:80"),
              process=holder(unit="apache2.service", cgroup="/system.slice/apache2.service"), unit="apache2.service"),
-    Conflict(bind("udp:0.0.0.0:53"), BOUND_KIND, socket=sock("udp:0.0.0.0:53", BOUND), process=holder()),
-    Conflict(bind("0.0.0.0:80"), BOUND_KIND, socket=sock("0.0.0.0:80", BOUND), process=holder()),
-    Conflict(bind("0.0.0.0:22"), OWN_INSTANCE, socket=sock("0.0.0.0:22"),
+    Conflict(bind("udp:0.0.0.0:53"), ConflictKind.BOUND, socket=sock("udp:0.0.0.0:53", BOUND), process=holder()),
+    Conflict(bind("0.0.0.0:80"), ConflictKind.BOUND, socket=sock("0.0.0.0:80", BOUND), process=holder()),
+    Conflict(bind("0.0.0.0:22"), ConflictKind.OWN_INSTANCE, socket=sock("0.0.0.0:22"),
              process=holder(unit="ssh.service", cgroup="/system.slice/ssh.service"), unit="ssh.service"),
-    Conflict(bind("0.0.0.0:80"), ORPHAN, socket=sock("0.0.0.0:80"), process=holder(cgroup="/system.slice/web.service")),
+    Conflict(bind("0.0.0.0:80"), ConflictKind.ORPHAN, socket=sock("0.0.0.0:80"), process=holder(cgroup="/system.slice/web.service")),
 ]
 
 
@@ -68,13 +68,13 @@ def test_self_conflict_of_a_dual_stack_request_points_to_the_request_not_to_ngin
     """`install nginx.service 0.0.0.0:80 [::]:80` without --v6only: nginx already sets ipv6only=on,
     so the fix is the guard's --v6only, not a setting nginx has by default."""
     dual, ipv4 = bind("[::]:80", v6only=False), bind("0.0.0.0:80", v6only=False)
-    text = remedy(Conflict(dual, SELF_CONFLICT, other_bind=ipv4))
+    text = remedy(Conflict(dual, ConflictKind.SELF_CONFLICT, other_bind=ipv4))
     assert "--v6only" in text and "ipv6only=on" not in text, text
     assert text.index("--v6only") < text.index("ipv6only=off"), text
 
 
 def test_self_conflict_of_two_ipv4_sockets():
-    text = remedy(Conflict(bind("127.0.0.1:80"), SELF_CONFLICT, other_bind=bind("0.0.0.0:80")))
+    text = remedy(Conflict(bind("127.0.0.1:80"), ConflictKind.SELF_CONFLICT, other_bind=bind("0.0.0.0:80")))
     assert "v6only" not in text and "bind only one" in text, text
 
 

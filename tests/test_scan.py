@@ -18,6 +18,7 @@ from bindguard.report import scan as render
 from bindguard.model.hostmap import UnitState
 from bindguard.verdict import scan as verdict
 from bindguard.verdict.scan import merge_ranges, parse_port_ranges, reserved_with
+from bindguard.model.kinds import FindingKind
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
@@ -38,9 +39,9 @@ def test_reserved_ports_are_merged_with_what_is_reserved():
 def _sample_scan() -> scan.Scan:
     result = scan.Scan(scanned_at=1795486567.125)
     result.findings = [
-        verdict.Finding(verdict.UNIT_COLLISION, "a and b", (), "fix", "tcp", 80, ("a.service", "b.service")),
-        verdict.Finding(verdict.EPHEMERAL_PORT, "port", (), "fix", "tcp", 40000, ("c.service",)),
-        verdict.Finding(verdict.RESTART_LOOP, "loop", (), "fix", None, None, ('we"ird.service',)),
+        verdict.Finding(FindingKind.UNIT_COLLISION, "a and b", (), "fix", "tcp", 80, ("a.service", "b.service")),
+        verdict.Finding(FindingKind.EPHEMERAL_PORT, "port", (), "fix", "tcp", 40000, ("c.service",)),
+        verdict.Finding(FindingKind.RESTART_LOOP, "loop", (), "fix", None, None, ('we"ird.service',)),
     ]
     result.units = [UnitState('we"ird.service', n_restarts=7)]
     return result

@@ -4,7 +4,7 @@ import errno
 
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import BOUND, Evidence, ProcessFact, SocketFact, SocketUnitFact, SystemdFacts
-from bindguard.model.kinds import REFUSE, WAIT, WARN
+from bindguard.model.kinds import Action
 from bindguard.verdict.policy import default_action
 from bindguard.verdict.conflicts import certainly_blocks, conflicts_for, latent_socket_units
 
@@ -39,8 +39,8 @@ def test_time_wait_clears_and_live_holder_comes_first():
                   holders={7: proc(9)})
     conflicts = conflicts_for(bind("0.0.0.0:80"), errno.EADDRINUSE, None, ev, ROOT)
     assert [c.kind for c in conflicts] == ["bound", "time-wait"]
-    assert conflicts[1].clears and default_action(conflicts[1]) == WAIT
-    assert default_action(conflicts[0]) == REFUSE
+    assert conflicts[1].clears and default_action(conflicts[1]) == Action.WAIT
+    assert default_action(conflicts[0]) == Action.REFUSE
 
 
 def test_unexplained_in_use_still_refuses():
@@ -129,7 +129,7 @@ def test_latent_socket_units_warn_but_not_own():
     ev = evidence(systemd=SystemdFacts(manager_pid=1, guarded_unit="web.service", socket_units=units))
     found = latent_socket_units([bind("127.0.0.1:80")], ev)
     assert [c.socket_unit for c in found] == ["other.socket"]
-    assert not found[0].blocking and default_action(found[0]) == WARN
+    assert not found[0].blocking and default_action(found[0]) == Action.WARN
 
 
 def test_prediction_rules():
@@ -173,9 +173,9 @@ def test_a_holder_already_leaving_clears_by_itself_and_is_waited_for():
 
     stopping = conflict(proc(42, ppid=1, unit="old.service"), {"old.service": "deactivating"})
     assert (stopping.kind, stopping.clears, stopping.leaving) == ("listener", True, "unit-deactivating")
-    assert default_action(stopping) == WAIT and "old.service is deactivating" in stopping.evidence[-1]
+    assert default_action(stopping) == Action.WAIT and "old.service is deactivating" in stopping.evidence[-1]
     exiting = conflict(replace(proc(43, ppid=1, unit="old.service"), exiting=True), {"old.service": "active"})
     assert (exiting.kind, exiting.clears, exiting.leaving) == ("listener", True, "process-exiting")
     for c in (conflict(proc(44, ppid=1, unit="old.service"), {"old.service": "active"}),
               conflict(proc(45, ppid=1, unit="old.service"), {"old.service": "deactivating"}, answered=False)):
-        assert (c.clears, c.leaving, default_action(c)) == (False, "", REFUSE)
+        assert (c.clears, c.leaving, default_action(c)) == (False, "", Action.REFUSE)

@@ -12,13 +12,9 @@ import time
 import pytest
 
 from bindguard.evidence import owners
-from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER
+from bindguard.model.kinds import UnitStatus, VerifyKind
 from bindguard.verdict.verify import (
     EXIT_NOT_LISTENING,
-    FOREIGN_OWNER,
-    NOT_LISTENING,
-    SHARED,
-    WRONG_ADDRESS,
     Holder,
     assess,
     exit_code,
@@ -46,23 +42,23 @@ def _assess(address: str, *holders: Holder, v6only: bool = False, stated: bool =
 
 
 def test_assess_each_kind():
-    assert _assess("127.0.0.1:80").kind == NOT_LISTENING
+    assert _assess("127.0.0.1:80").kind == VerifyKind.NOT_LISTENING
     assert _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service")).ok
     group = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, "web.service"))
     assert group.ok and "SO_REUSEPORT group of 2" in group.evidence[-1]
-    assert _assess("127.0.0.1:80", _listener("0.0.0.0:80", 1, "web.service")).kind == WRONG_ADDRESS
-    assert _assess("127.0.0.1:80", _listener("127.0.0.2:80", 1, "web.service")).kind == WRONG_ADDRESS
-    assert _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "other.service")).kind == FOREIGN_OWNER
+    assert _assess("127.0.0.1:80", _listener("0.0.0.0:80", 1, "web.service")).kind == VerifyKind.WRONG_ADDRESS
+    assert _assess("127.0.0.1:80", _listener("127.0.0.2:80", 1, "web.service")).kind == VerifyKind.WRONG_ADDRESS
+    assert _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "other.service")).kind == VerifyKind.FOREIGN_OWNER
     foreign_wildcard = _assess("127.0.0.1:80", _listener("[::]:80", 1, None, v6only=False))
-    assert foreign_wildcard.kind == FOREIGN_OWNER and "unit unknown" in foreign_wildcard.evidence[0]
+    assert foreign_wildcard.kind == VerifyKind.FOREIGN_OWNER and "unit unknown" in foreign_wildcard.evidence[0]
     shared = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, None))
-    assert shared.kind == SHARED and "kill" not in shared.fix
+    assert shared.kind == VerifyKind.SHARED and "kill" not in shared.fix
     # a v6only listener on [::] does not overlap 127.0.0.1: it is not in the way
     assert _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"),
                    _listener("[::]:80", 2, None, v6only=True)).ok
     dual = _listener("[::]:80", 1, "web.service", v6only=False)
     assert _assess("[::]:80", dual, v6only=True).ok  # v6only not stated: not checked
-    assert _assess("[::]:80", dual, v6only=True, stated=True).kind == WRONG_ADDRESS
+    assert _assess("[::]:80", dual, v6only=True, stated=True).kind == VerifyKind.WRONG_ADDRESS
     loopback = _listener("[::1]:80", 1, "web.service", v6only=True)  # the kernel sets it for a specific address
     assert _assess("[::1]:80", loopback, v6only=False, stated=True).ok
 
@@ -73,16 +69,16 @@ def test_holders_belong_to_the_unit_by_the_managers_word_else_by_verifys_own_cgr
     # the manager answered: its word decides, whatever the cgroup path
     assert holders([sock], {7: [worker]}, {11: "web.service"}, "web.service", None)[7].in_unit
     other = holders([sock], {7: [worker]}, {11: "other.service"}, "web.service", "/system.slice/web.service")[7]
-    assert not other.in_unit and other.units == (("other.service", UNIT_BY_MANAGER),)
+    assert not other.in_unit and other.units == (("other.service", UnitStatus.BY_MANAGER),)
     # a slice holds no unit's process: in no unit
-    assert holders([sock], {7: [worker]}, {11: "system.slice"}, "web.service", None)[7].units == ((None, NO_UNIT),)
+    assert holders([sock], {7: [worker]}, {11: "system.slice"}, "web.service", None)[7].units == ((None, UnitStatus.NO_UNIT),)
     # no answer: within verify's own cgroup (ExecStartPost= runs in the unit), delegated subgroups included
     assert holders([sock], {7: [worker]}, {}, "web.service", "/system.slice/web.service")[7].in_unit
     assert not holders([sock], {7: [worker]}, {}, "web.service", "/system.slice/web")[7].in_unit
     # no answer and no own cgroup: the name the cgroup path bears, marked as such
     named = ProcessFact(11, 10, "d", ("d",), "/usr/bin/d", 0, "root", 0.0, "/system.slice/web.service", "web.service")
     held = holders([sock], {7: [named]}, {}, "web.service", None)[7]
-    assert held.in_unit and held.units == (("web.service", UNIT_BY_CGROUP),)
+    assert held.in_unit and held.units == (("web.service", UnitStatus.BY_CGROUP),)
     # no holder found (another user's process, not root)
     assert holders([sock], {}, {}, "web.service", None)[7] == Holder(sock, (), False, ())
 
@@ -96,7 +92,7 @@ def test_optional_addresses_and_the_exit_code():
     assert exit_code([missing, taken]) == exit_code([shared]) == 98
     bind = Bind(parse_listen("127.0.0.1:80"), SocketOptions())
     optional = assess(bind, [], {}, "web.service", False, 1.0, optional=True)
-    assert optional.kind == NOT_LISTENING and optional.ok and exit_code([optional]) == 0
+    assert optional.kind == VerifyKind.NOT_LISTENING and optional.ok and exit_code([optional]) == 0
     # an optional address shared with a foreign process is still wrong
     h = _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, None)
     assert not assess(bind, [x.socket for x in h], {x.socket.inode: x for x in h}, "web.service", False, 1.0,
@@ -105,8 +101,8 @@ def test_optional_addresses_and_the_exit_code():
 
 def test_a_foreign_owner_without_a_unit_is_looked_at_before_it_is_stopped():
     taken = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 4242, None))
-    assert taken.kind == FOREIGN_OWNER and "ps -o pid,ppid,lstart,cmd -p 4242" in taken.fix
-    by_manager = Holder(taken.holders[0].socket, taken.holders[0].processes, False, (("db.service", UNIT_BY_MANAGER),))
+    assert taken.kind == VerifyKind.FOREIGN_OWNER and "ps -o pid,ppid,lstart,cmd -p 4242" in taken.fix
+    by_manager = Holder(taken.holders[0].socket, taken.holders[0].processes, False, (("db.service", UnitStatus.BY_MANAGER),))
     stopped = _assess("127.0.0.1:80", by_manager)
     assert "`systemctl stop db.service`" in stopped.fix and "ps -o" not in stopped.fix
     unknown = Holder(SocketFact(parse_listen("127.0.0.1:80"), "LISTEN", 0, 5), (), False)

@@ -16,15 +16,7 @@ from bindguard.evidence.probe import probe
 from bindguard.model import errors
 from bindguard.model.endpoints import TCP, Bind
 from bindguard.model.facts import BindPrivilege, Evidence, ProbeResult
-from bindguard.model.kinds import (
-    ADDRESS_UNAVAILABLE,
-    GUARD_TRIAL,
-    IGNORE,
-    PERMISSION_DENIED,
-    REFUSE,
-    TIME_WAIT,
-    WAIT,
-)
+from bindguard.model.kinds import Action, ConflictKind
 from bindguard.model.notes import WARNING, Note, notices
 from bindguard.systemd.context import SystemdContext
 from bindguard.verdict.conflicts import (
@@ -249,11 +241,11 @@ def _denied_port_notes(request: Request, results: list[ProbeResult], privilege: 
 
 def _exit_code(blocking: list[Conflict]) -> int:
     kinds = {c.kind for c in blocking}
-    if kinds - {TIME_WAIT, ADDRESS_UNAVAILABLE, PERMISSION_DENIED}:
+    if kinds - {ConflictKind.TIME_WAIT, ConflictKind.ADDRESS_UNAVAILABLE, ConflictKind.PERMISSION_DENIED}:
         return errors.EXIT_INUSE
-    if PERMISSION_DENIED in kinds:
+    if ConflictKind.PERMISSION_DENIED in kinds:
         return errors.EXIT_NOPERM
-    if ADDRESS_UNAVAILABLE in kinds:
+    if ConflictKind.ADDRESS_UNAVAILABLE in kinds:
         return errors.EXIT_NOTAVAIL
     return errors.EXIT_TEMPFAIL
 
@@ -297,7 +289,7 @@ def _settling(request: Request, fleeting: list[Conflict], since: float, now: flo
     """Whether to probe again rather than report these fleeting conflicts (see SETTLE_BUDGET)."""
     if now < since + SETTLE_BUDGET:
         return True
-    if not any(c.kind == GUARD_TRIAL for c in fleeting) or now >= since + GUARD_SETTLE_BUDGET:
+    if not any(c.kind == ConflictKind.GUARD_TRIAL for c in fleeting) or now >= since + GUARD_SETTLE_BUDGET:
         return False
     if "start_deadline" not in cache:  # the bus is asked only when a guard holds on past a second
         budget = request.systemd.start_budget() if request.systemd is not None else None
@@ -361,14 +353,14 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
 
     def outcome(code: int) -> Outcome:
         waited = now - waiting_since if waiting_since is not None else 0.0
-        shown = tuple(d.conflict for d in decisions if d.action != IGNORE)
+        shown = tuple(d.conflict for d in decisions if d.action != Action.IGNORE)
         return Outcome(code, shown, tuple(results), evidence, waited, tuple(waited_for), tuple(reaped),
                        notes=_notes(request, evidence, met, shown, code))
 
     while True:
         results, evidence, conflicts = _investigate(request, cache, answered, trial, look)
         decisions = decide(conflicts, request.rules)
-        refusing, waiting = _acting(decisions, REFUSE), _acting(decisions, WAIT)
+        refusing, waiting = _acting(decisions, Action.REFUSE), _acting(decisions, Action.WAIT)
         now = time.monotonic()
         if not refusing and not waiting:
             return outcome(errors.EXIT_CLEAR)
@@ -420,7 +412,7 @@ def unexplained(request: Request, results: list[ProbeResult], fault: str) -> Out
     uid = request.daemon_uid if request.daemon_uid is not None else os.geteuid()
     conflicts = [c for r in results for c in kernel_answer_alone(r.bind, r.error, r.collides_with, uid)]
     decisions = decide(conflicts, request.rules)
-    refusing = [d.conflict for d in decisions if d.action in (REFUSE, WAIT)]
-    shown = tuple(d.conflict for d in decisions if d.action != IGNORE)
+    refusing = [d.conflict for d in decisions if d.action in (Action.REFUSE, Action.WAIT)]
+    shown = tuple(d.conflict for d in decisions if d.action != Action.IGNORE)
     code = _exit_code(refusing) if refusing else errors.EXIT_CLEAR
     return Outcome(code, shown, tuple(results), evidence, notes=notices(evidence.notes))

@@ -22,7 +22,7 @@ from syslog import LOG_NOTICE, LOG_WARNING
 
 from bindguard.evidence.owners import unit_from_cgroup
 from bindguard.model.facts import SystemdFacts, cgroup_within
-from bindguard.model.kinds import OWN_INSTANCE
+from bindguard.model.kinds import ConflictKind
 from bindguard.verdict.conflicts import Conflict
 
 GRACE_SECONDS = 5.0
@@ -34,7 +34,7 @@ def why_reapable(conflict: Conflict, facts: SystemdFacts | None, control_group: 
     control_group: the guarded unit's ControlGroup as the manager reported it ("" if unknown).
     """
     p = conflict.process
-    if p is None or facts is None or conflict.kind != OWN_INSTANCE:
+    if p is None or facts is None or conflict.kind != ConflictKind.OWN_INSTANCE:
         return None
     if p.pid in (1, facts.manager_pid, os.getpid(), os.getppid()):
         return None

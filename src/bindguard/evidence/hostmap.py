@@ -13,18 +13,8 @@ from bindguard.model.endpoints import TCP, UDP, Bind, SocketOptions
 from bindguard.model.errors import ConfigError
 from bindguard.model.facts import SocketFact, holder_unit, unit_active
 from bindguard.model.host import host_bindv6only
-from bindguard.model.hostmap import (
-    CONFIG,
-    DISCOVERED,
-    LISTENING,
-    SOCKET_UNIT,
-    Claim,
-    ExitedCommand,
-    HostMap,
-    Listener,
-    UnitState,
-)
-from bindguard.model.kinds import UNIT_BY_CGROUP, UNIT_BY_MANAGER, UNIT_UNKNOWN
+from bindguard.model.hostmap import Claim, ExitedCommand, HostMap, Listener, UnitState
+from bindguard.model.kinds import ClaimSource, UnitStatus
 from bindguard.systemd import bus
 
 ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
@@ -137,7 +127,7 @@ def _attribute_listeners(hostmap: HostMap, connection: bus.Systemd | None, manag
             listener.socket_unit = next((name for name, ep in endpoints if (ep.proto, ep.host, ep.port)
                                          == (local.proto, local.host, local.port)), None)
             listener.unit = listener.socket_unit
-            listener.unit_status = UNIT_BY_MANAGER if listener.socket_unit else UNIT_UNKNOWN
+            listener.unit_status = UnitStatus.BY_MANAGER if listener.socket_unit else UnitStatus.UNKNOWN
         else:
             listener.unit, listener.unit_status = holder_unit(process, answered)
 
@@ -186,9 +176,9 @@ def _service_claims(hostmap: HostMap, connection: bus.Systemd | None, socket_uni
             state.config_problems = tuple(getattr(exc, "problems", None) or [exc.message])
             unit_config = None
         if unit_config is not None and unit_config.listen is not None:
-            state.source = CONFIG
+            state.source = ClaimSource.CONFIG
             for entry, bind in zip(unit_config.listen, unit_config.binds(), strict=True):
-                hostmap.claims.append(Claim(name, bind, CONFIG, str(entry.origin), will_run))
+                hostmap.claims.append(Claim(name, bind, ClaimSource.CONFIG, str(entry.origin), will_run))
         elif info is not None and connection is not None:
             sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
             found = discover.discover_unit(name, functools.partial(connection.unit_facts, info=info),
@@ -196,9 +186,9 @@ def _service_claims(hostmap: HostMap, connection: bus.Systemd | None, socket_uni
             state.warnings = found.warnings
             daemon_binds = [f for f in found.findings if f.socket_unit is None]
             if daemon_binds:
-                state.source = DISCOVERED
+                state.source = ClaimSource.DISCOVERED
             for f in daemon_binds:
-                hostmap.claims.append(Claim(name, f.bind, DISCOVERED, f.source, will_run, f.confident))
+                hostmap.claims.append(Claim(name, f.bind, ClaimSource.DISCOVERED, f.source, will_run, f.confident))
         hostmap.units.append(state)
 
 
@@ -209,8 +199,8 @@ def _listener_unit_states(hostmap: HostMap, connection: bus.Systemd | None) -> N
         return
     for listener in hostmap.listeners:
         unit = listener.unit
-        if (listener.by_manager or not unit or not unit.endswith(".service") or listener.unit_status == UNIT_BY_CGROUP
-                or unit in hostmap.unit_states):
+        if (listener.by_manager or not unit or not unit.endswith(".service")
+                or listener.unit_status == UnitStatus.BY_CGROUP or unit in hostmap.unit_states):
             continue
         try:
             hostmap.unit_states[unit] = connection.unit(unit).active_state
@@ -246,7 +236,8 @@ def _socket_unit_claims(hostmap: HostMap, socket_units: list[bus.SocketUnit]) ->
         for listen, endpoint, v6only in unit.endpoints():
             bind = Bind(endpoint, SocketOptions(reuseport=unit.reuse_port, v6only=v6only))
             detail = f"Listen{listen.type}={listen.address}, {unit.active_state}"
-            hostmap.claims.append(Claim(unit.name, bind, SOCKET_UNIT, detail, will_run, triggers=unit.triggers))
+            hostmap.claims.append(Claim(unit.name, bind, ClaimSource.SOCKET_UNIT, detail, will_run,
+                                        triggers=unit.triggers))
 
 
 def _listening_claims(hostmap: HostMap) -> None:
@@ -261,4 +252,4 @@ def _listening_claims(hostmap: HostMap) -> None:
         v6only = listener.socket.v6only if listener.socket.v6only is not None else host_bindv6only()
         bind = Bind(local, SocketOptions(v6only=local.family == socket.AF_INET6 and v6only))
         pid = listener.process.pid if listener.process else "?"
-        hostmap.claims.append(Claim(unit, bind, LISTENING, f"PID {pid}, now", True))
+        hostmap.claims.append(Claim(unit, bind, ClaimSource.LISTENING, f"PID {pid}, now", True))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind, Endpoint
-from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER, UNIT_UNKNOWN
+from bindguard.model.kinds import UnitStatus
 
 # TCP states as the kernel numbers them (include/net/tcp_states.h).
 TCP_STATES = {
@@ -66,15 +66,15 @@ class ProcessFact:
     exiting: bool = False  # the kernel is ending it: /proc/PID/stat says zombie or dead, or PF_EXITING
 
 
-def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, str]:
-    """A process's unit and how it is known (UNIT_STATUSES), from the manager's answers (GetUnitByPID,
+def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, UnitStatus]:
+    """A process's unit and how it is known (UnitStatus), from the manager's answers (GetUnitByPID,
     None meaning no unit) where it was asked, else from the name its cgroup path bears."""
     if process.pid in answered:
         unit = answered[process.pid]
         if unit is not None and unit.endswith(".slice"):  # a slice holds no process of a unit
             unit = None
-        return unit, UNIT_BY_MANAGER if unit else NO_UNIT
-    return process.unit, UNIT_BY_CGROUP if process.unit else UNIT_UNKNOWN
+        return unit, UnitStatus.BY_MANAGER if unit else UnitStatus.NO_UNIT
+    return process.unit, UnitStatus.BY_CGROUP if process.unit else UnitStatus.UNKNOWN
 
 
 def cgroup_within(cgroup: str, top: str) -> bool:

@@ -11,13 +11,8 @@ from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind
 from bindguard.model.facts import ProcessFact, SocketFact
+from bindguard.model.kinds import ClaimSource, UnitStatus
 from bindguard.model.nat import NatRule
-
-# Sources of a claim.
-CONFIG = "config"
-DISCOVERED = "discovered"
-SOCKET_UNIT = "socket-unit"
-LISTENING = "listening"
 
 
 @dataclass
@@ -27,7 +22,7 @@ class Listener:
     socket: SocketFact
     process: ProcessFact | None = None
     unit: str | None = None  # the holder's unit (GetUnitByPID, else its cgroup); held by the manager: its socket unit
-    unit_status: str | None = None  # how `unit` is known: kinds.UNIT_STATUSES; None without a holder
+    unit_status: UnitStatus | None = None  # how `unit` is known; None without a holder
     by_manager: bool = False  # held by the proven service manager: a .socket unit
     socket_unit: str | None = None
 
@@ -42,7 +37,7 @@ class Claim:
 
     unit: str
     bind: Bind
-    source: str  # CONFIG, DISCOVERED, SOCKET_UNIT or LISTENING
+    source: ClaimSource
     detail: str  # file:line:column, the daemon's file, "nginx -T", ...
     will_run: bool | None = None  # active or enabled; None when not known (no systemd)
     confident: bool = True
@@ -52,8 +47,8 @@ class Claim:
         ep = self.bind.endpoint
         stack = " dual-stack" if ep.family == socket.AF_INET6 and ep.is_wildcard and not self.bind.v6only else ""
         reuse = " SO_REUSEPORT" if self.bind.options.reuseport else ""
-        what = {CONFIG: "declares", DISCOVERED: "binds", SOCKET_UNIT: "listens on",
-                LISTENING: "listens on"}[self.source]
+        what = {ClaimSource.CONFIG: "declares", ClaimSource.DISCOVERED: "binds", ClaimSource.SOCKET_UNIT: "listens on",
+                ClaimSource.LISTENING: "listens on"}[self.source]
         guess = ", a guess" if not self.confident else ""
         return f"{self.unit} {what} {ep}{stack}{reuse} ({self.detail}{guess})"
 
@@ -75,7 +70,7 @@ class UnitState:
     name: str
     active_state: str = ""
     unit_file_state: str = ""
-    source: str = ""  # CONFIG, DISCOVERED or "" (nothing known)
+    source: str = ""  # ClaimSource.CONFIG, .DISCOVERED or "" (nothing known)
     n_restarts: int = 0
     result: str = ""
     warnings: list[str] = field(default_factory=list)

@@ -7,7 +7,7 @@ import time
 from bindguard.action.guard import Outcome
 from bindguard.model import errors
 from bindguard.model.endpoints import TCP
-from bindguard.model.kinds import ADDRESS_UNAVAILABLE, NAT_SHADOWED, PERMISSION_DENIED, SOCKET_UNIT, TIME_WAIT
+from bindguard.model.kinds import ConflictKind
 from bindguard.report import output
 from bindguard.verdict.conflicts import Conflict, attribution, unit_phrase
 from bindguard.verdict.remedies import remedy
@@ -115,7 +115,7 @@ def describe_holder(c: Conflict) -> str:
         parts.append(f"{where} {s.state}")
         if s.v6only is False and s.local.host.version == 6 and s.local.is_wildcard:
             parts[-1] += " (dual-stack)"
-        if s.expires_ms is not None and c.kind == TIME_WAIT:
+        if s.expires_ms is not None and c.kind == ConflictKind.TIME_WAIT:
             parts.append(f"clears in {s.expires_ms / 1000:.1f} s")
     if p is not None:
         command = " ".join(p.cmdline) or p.name
@@ -127,7 +127,7 @@ def describe_holder(c: Conflict) -> str:
         parts.append(f"uid {s.uid}, holder not found")
     if c.socket_unit:
         parts.append(f"socket unit {c.socket_unit}")
-    elif c.kind == SOCKET_UNIT:
+    elif c.kind == ConflictKind.SOCKET_UNIT:
         parts.append("socket unit unknown")
     elif c.unit_status:
         parts.append(unit_phrase(c.unit, c.unit_status))
@@ -136,11 +136,11 @@ def describe_holder(c: Conflict) -> str:
     if c.nat is not None:
         parts.append(f"{c.nat.action} to {c.nat.to or 'a target nft cannot show'} by {c.nat.where()}"
                      + (f", made by {c.nat.owner}" if c.nat.owner else ""))
-    if not parts and c.kind == PERMISSION_DENIED and c.privilege is not None:
+    if not parts and c.kind == ConflictKind.PERMISSION_DENIED and c.privilege is not None:
         who = f"User={c.privilege.user}" if c.privilege.user else "its user"
         return (f"the daemon ({who}) lacks CAP_NET_BIND_SERVICE, which ports below "
                 f"{c.privilege.unprivileged_port_start} need")
-    if not parts and c.kind == ADDRESS_UNAVAILABLE:
+    if not parts and c.kind == ConflictKind.ADDRESS_UNAVAILABLE:
         return "IPv6 is not available here" if c.error == "EAFNOSUPPORT" else f"no interface has {c.bind.endpoint.host}"
     return ", ".join(parts) if parts else "no holder visible"
 
@@ -148,7 +148,7 @@ def describe_holder(c: Conflict) -> str:
 def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     blocking = [c for c in outcome.conflicts if c.blocking]
     if not blocking and outcome.exit_code == errors.EXIT_INUSE:  # refused by `nat: refuse` alone
-        blocking = [c for c in outcome.conflicts if c.kind == NAT_SHADOWED]
+        blocking = [c for c in outcome.conflicts if c.kind == ConflictKind.NAT_SHADOWED]
     refusing = "a start now would be refused" if explain else "refusing to start"
     addrs = ", ".join(dict.fromkeys(str(c.bind) for c in blocking))
     code = outcome.exit_code
@@ -171,7 +171,7 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     if code == errors.EXIT_NOPERM:
         return output.ERR, f"bindguard: {refusing}: {addrs} denied to the daemon (exit {code})"
     waited = f" after waiting {outcome.waited:.1f} s" if outcome.waited else ""
-    if blocking and all(c.kind == NAT_SHADOWED for c in blocking):
+    if blocking and all(c.kind == ConflictKind.NAT_SHADOWED for c in blocking):
         return output.ERR, f"bindguard: {refusing}: {addrs} redirected elsewhere by a NAT rule (exit {code})"
     return output.ERR, f"bindguard: {refusing}: {addrs} in use{waited} (exit {code})"
 

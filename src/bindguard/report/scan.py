@@ -11,11 +11,10 @@ import time
 from bindguard.action.scan import Scan
 from bindguard.model.endpoints import TCP, Endpoint
 from bindguard.model.facts import ProcessFact
-from bindguard.model.hostmap import LISTENING, SOCKET_UNIT, Listener
-from bindguard.model.kinds import NO_UNIT, UNIT_BY_CGROUP, UNIT_BY_MANAGER
+from bindguard.model.hostmap import Listener
+from bindguard.model.kinds import COLLISION_KINDS, ClaimSource, FindingKind, UnitStatus
 from bindguard.model.text import escape
 from bindguard.report import output
-from bindguard.verdict.scan import CONFLICT_KINDS, EPHEMERAL_PORT, FINDING_KINDS, RESTART_LOOP, UNCLAIMED_LISTENER
 
 
 def _command(process: ProcessFact | None) -> str:
@@ -29,11 +28,11 @@ def _unit_column(listener: Listener) -> str:
     only its cgroup path bears marked "(cgroup)"."""
     if listener.by_manager:
         return f"{listener.owner or '?'} (systemd)"
-    if listener.unit_status == UNIT_BY_MANAGER and listener.unit is not None:
+    if listener.unit_status == UnitStatus.BY_MANAGER and listener.unit is not None:
         return listener.unit
-    if listener.unit_status == UNIT_BY_CGROUP:
+    if listener.unit_status == UnitStatus.BY_CGROUP:
         return f"{listener.unit} (cgroup)"
-    return "(no unit)" if listener.unit_status == NO_UNIT else "?"
+    return "(no unit)" if listener.unit_status == UnitStatus.NO_UNIT else "?"
 
 
 def table_rows(scan: Scan) -> list[tuple[str, ...]]:
@@ -42,8 +41,8 @@ def table_rows(scan: Scan) -> list[tuple[str, ...]]:
     served: set[tuple[str, Endpoint]] = set()
     for listener in scan.listeners:
         s, p = listener.socket, listener.process
-        declared = sorted({c.unit + ("" if c.source == SOCKET_UNIT else f" ({c.source})") for c in scan.claims
-                           if c.source != LISTENING and c.bind.endpoint == s.local})
+        declared = sorted({c.unit + ("" if c.source == ClaimSource.SOCKET_UNIT else f" ({c.source})")
+                           for c in scan.claims if c.source != ClaimSource.LISTENING and c.bind.endpoint == s.local})
         served.update((c.unit, c.bind.endpoint) for c in scan.claims if c.bind.endpoint == s.local)
         state = "LISTEN" if s.local.proto == TCP else "UDP"
         unit = _unit_column(listener)
@@ -52,7 +51,7 @@ def table_rows(scan: Scan) -> list[tuple[str, ...]]:
                       unit, ", ".join(declared) or "-", _command(p))))
     for claim in scan.claims:
         ep = claim.bind.endpoint
-        if claim.source == LISTENING or (claim.unit, ep) in served:
+        if claim.source == ClaimSource.LISTENING or (claim.unit, ep) in served:
             continue
         served.add((claim.unit, ep))
         state = "not running" if claim.will_run is False else "not listening"
@@ -86,11 +85,12 @@ def write_findings(scan: Scan) -> None:
     for note in scan.notes:
         output.emit(output.NOTICE, f"  note: {note}")
     if scan.findings:
-        kinds = ", ".join(f"{scan.count(k)} {k}" for k in FINDING_KINDS if scan.count(k))
+        kinds = ", ".join(f"{scan.count(k)} {k}" for k in FindingKind if scan.count(k))
         output.emit(output.WARNING, f"bindguard: scan: {len(scan.findings)} finding(s) need attention ({kinds})")
     else:
         output.emit(output.INFO, f"bindguard: scan: nothing needs attention ({len(scan.listeners)} listeners, "
-                                 f"{len([c for c in scan.claims if c.source != LISTENING])} declared addresses)")
+                                 f"{len([c for c in scan.claims if c.source != ClaimSource.LISTENING])} "
+                                 "declared addresses)")
 
 
 def _iso(seconds: float) -> str:
@@ -117,8 +117,8 @@ def scan_json(scan: Scan) -> dict:
         "systemd_bus": scan.bus,
         "ephemeral_port_range": list(scan.port_range) if scan.port_range else None,
         "reserved_ports": scan.reserved,
-        "counts": {kind: scan.count(kind) for kind in FINDING_KINDS} | {
-            "conflicts": sum(scan.count(k) for k in CONFLICT_KINDS), "listeners": len(scan.listeners)},
+        "counts": {kind: scan.count(kind) for kind in FindingKind} | {
+            "conflicts": sum(scan.count(k) for k in COLLISION_KINDS), "listeners": len(scan.listeners)},
         "listeners": [listener(item) for item in sorted(
             scan.listeners, key=lambda i: (i.socket.local.port, i.socket.local.proto, str(i.socket.local)))],
         "claims": [{
@@ -158,24 +158,24 @@ def prometheus_text(scan: Scan) -> str:
             lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
 
     metric("bindguard_conflicts", "Address conflicts between units that the last scan found, by kind.",
-           [({"kind": kind}, scan.count(kind)) for kind in CONFLICT_KINDS])
+           [({"kind": kind}, scan.count(kind)) for kind in COLLISION_KINDS])
     metric("bindguard_findings", "Everything the last scan found that needs attention, by kind.",
-           [({"kind": kind}, scan.count(kind)) for kind in FINDING_KINDS])
+           [({"kind": kind}, scan.count(kind)) for kind in FindingKind])
     metric("bindguard_listeners", "Listening sockets (TCP LISTEN, bound UDP) seen by the last scan.",
            [({}, len(scan.listeners))])
     metric("bindguard_listeners_without_unit", "Listeners whose process belongs to no running unit.",
-           [({}, scan.count(UNCLAIMED_LISTENER))])
+           [({}, scan.count(FindingKind.UNCLAIMED_LISTENER))])
     metric("bindguard_ports_in_ephemeral_range",
            "Declared ports inside net.ipv4.ip_local_port_range and not in ip_local_reserved_ports.",
-           [({}, scan.count(EPHEMERAL_PORT))])
+           [({}, scan.count(FindingKind.EPHEMERAL_PORT))])
     metric("bindguard_restart_loops", "Services restarting after a bind conflict (exit status 98).",
-           [({}, scan.count(RESTART_LOOP))])
-    loops = [f for f in scan.findings if f.kind == RESTART_LOOP]
+           [({}, scan.count(FindingKind.RESTART_LOOP))])
+    loops = [f for f in scan.findings if f.kind == FindingKind.RESTART_LOOP]
     restarts = {u.name: u.n_restarts for u in scan.units}
     if loops:
         metric("bindguard_restart_loop_restarts", "NRestarts of each service in a restart loop on a bind conflict.",
                [({"unit": f.units[0]}, restarts.get(f.units[0], 0)) for f in loops])
-    ephemeral = [f for f in scan.findings if f.kind == EPHEMERAL_PORT]
+    ephemeral = [f for f in scan.findings if f.kind == FindingKind.EPHEMERAL_PORT]
     if ephemeral:
         metric("bindguard_ephemeral_port", "A declared port in the ephemeral range, by port and unit.",
                [({"port": str(f.port), "unit": unit}, 1) for f in ephemeral for unit in f.units])

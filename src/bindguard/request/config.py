@@ -21,13 +21,8 @@ from dataclasses import dataclass, field
 from bindguard.model.endpoints import AddressError, Bind, Endpoint, SocketOptions, parse_listen
 from bindguard.model.errors import ConfigError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ACTIONS, KINDS, LATENT_SOCKET_UNIT, NAT_MODES, REFUSE, TIME_WAIT, WAIT, WARN
+from bindguard.model.kinds import NAT_MODES, POLICY_KINDS, Action
 from bindguard.systemd.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
-
-CONFLICT_KINDS = KINDS
-# What `config show` states as the default action of each kind (verdict.policy.default_action decides
-# from the conflict itself: an address in duplicate address detection is waited for, too).
-DEFAULT_POLICY = {kind: REFUSE for kind in KINDS} | {TIME_WAIT: WAIT, LATENT_SOCKET_UNIT: WARN}
 
 FAIL_MODES = ("open", "closed")
 DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
@@ -69,7 +64,7 @@ class UnitConfig:
     listen: list[ListenEntry] | None = None
     options: dict[str, bool] = field(default_factory=dict)
     wait: float | None = None
-    policy: dict[str, str] = field(default_factory=dict)  # only the kinds the files set
+    policy: dict[str, str] = field(default_factory=dict)  # only the kinds the files set (verdict.policy: the rest)
     fail: str | None = None
     reap_stale: bool | None = None
     discovery: frozenset[str] | None = None  # the allowed discovery sources
@@ -84,9 +79,6 @@ class UnitConfig:
     @property
     def discovery_sources(self) -> frozenset[str]:
         return frozenset(DISCOVERY_SOURCES) if self.discovery is None else self.discovery
-
-    def action(self, kind: str) -> str:
-        return self.policy.get(kind, DEFAULT_POLICY.get(kind, "refuse"))
 
     def binds(self, bindv6only: bool | None = None) -> list[Bind]:
         """The listen list as Binds; v6only, where no file sets it, is the host's default."""
@@ -444,10 +436,10 @@ class _FileReader:
             self.problem(node, "policy must map conflict kinds to actions, e.g. {time-wait: wait}, "
                                f"found {_kind(node, budgeted=False)}")
             return
-        for key_node, value_node in self._mapping_items(node, CONFLICT_KINDS):
+        for key_node, value_node in self._mapping_items(node, tuple(k.value for k in POLICY_KINDS)):
             action = self._scalar(value_node)
-            if action not in ACTIONS:
-                self.problem(value_node, f"policy for {key_node.value!r} must be one of {', '.join(ACTIONS)}, "
+            if action not in tuple(Action):
+                self.problem(value_node, f"policy for {key_node.value!r} must be one of {', '.join(Action)}, "
                                          f"found {_describe(value_node, action)}")
                 continue
             values.policy[key_node.value] = (action, self.origin(value_node))

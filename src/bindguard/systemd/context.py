@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind
 from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, unit_active
-from bindguard.model.kinds import OWN_INSTANCE
+from bindguard.model.kinds import ConflictKind
 from bindguard.systemd.unitfiles import manager_pid_from_env
 
 # Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
@@ -228,7 +228,7 @@ class SystemdContext:
         if info is None:
             return []
         lines = []
-        own = [c for c in conflicts if c.kind == OWN_INSTANCE and c.process is not None]
+        own = [c for c in conflicts if c.kind == ConflictKind.OWN_INSTANCE and c.process is not None]
         if own and info.kill_mode in ("process", "none"):
             left = "every process of the unit" if info.kill_mode == "none" else "the processes its main process forked"
             pids = ", ".join(dict.fromkeys(f"PID {c.process.pid} on {c.bind}" for c in own))

@@ -21,25 +21,7 @@ from bindguard.model.facts import (
     holder_unit,
     unit_active,
 )
-from bindguard.model.kinds import (
-    ADDRESS_UNAVAILABLE,
-    BOUND_KIND,
-    GUARD_TRIAL,
-    LATENT_SOCKET_UNIT,
-    LISTENER,
-    NO_UNIT,
-    ORPHAN,
-    OWN_INSTANCE,
-    PERMISSION_DENIED,
-    PROCESS_EXITING,
-    SELF_CONFLICT,
-    SOCKET_UNIT,
-    TIME_WAIT,
-    UNIT_BY_CGROUP,
-    UNIT_BY_MANAGER,
-    UNIT_DEACTIVATING,
-    UNIT_UNKNOWN,
-)
+from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
 if TYPE_CHECKING:  # only a field's type: the guard loads no NAT code unless asked
@@ -55,13 +37,13 @@ class Conflict:
     kind decided; what the guard does about it is a verdict.policy.Decision."""
 
     bind: Bind  # the requested socket this is about
-    kind: str
+    kind: ConflictKind
     blocking: bool = True  # the kernel refuses (or, predicted, would refuse) this bind
     clears: bool = False  # goes away by itself (TIME_WAIT, an address in DAD)
     socket: SocketFact | None = None
     process: ProcessFact | None = None
     unit: str | None = None  # the unit to act on: the holder's, or the socket unit whose socket it is
-    unit_status: str | None = None  # UNIT_STATUSES: how `unit` is known; None without a holder process
+    unit_status: UnitStatus | None = None  # how `unit` is known; None without a holder process
     socket_unit: str | None = None
     own_socket_unit: bool = False  # the socket unit activates the guarded service itself
     other_bind: Bind | None = None  # the request's own socket in the way (self-conflict)
@@ -69,7 +51,7 @@ class Conflict:
     error: str = ""  # the kernel's errno name for this bind, when probed
     evidence: tuple[str, ...] = ()
     privilege: BindPrivilege | None = None  # permission-denied: what was proven about the daemon
-    leaving: str = ""  # UNIT_DEACTIVATING or PROCESS_EXITING: the holder is on its way out (clears)
+    leaving: str = ""  # a Leaving: the holder is on its way out (clears)
     nat: NatRule | None = None  # nat-shadowed: the rule that takes the traffic elsewhere
 
 
@@ -101,25 +83,25 @@ def certainly_blocks(bind: Bind, sock: SocketFact, daemon_uid: int) -> bool | No
     return True
 
 
-def _kind_of_socket(sock: SocketFact | None) -> tuple[str, bool]:
+def _kind_of_socket(sock: SocketFact | None) -> tuple[ConflictKind, bool]:
     if sock is None:
-        return BOUND_KIND, False
+        return ConflictKind.BOUND, False
     if sock.state == "LISTEN":
-        return LISTENER, False
+        return ConflictKind.LISTENER, False
     if sock.inode == 0 and sock.state in CLOSING_STATES:
-        return TIME_WAIT, True
-    return BOUND_KIND, False
+        return ConflictKind.TIME_WAIT, True
+    return ConflictKind.BOUND, False
 
 
 def unit_phrase(unit: str | None, status: str | None) -> str:
     """How the report says where a holder belongs, keeping "in no unit" apart from "not known"."""
-    if status == UNIT_BY_MANAGER:
+    if status == UnitStatus.BY_MANAGER:
         return f"unit {unit}"
-    if status == UNIT_BY_CGROUP:
+    if status == UnitStatus.BY_CGROUP:
         return f"unit {unit} (named by its cgroup path only; no bus confirmed it)"
-    if status == NO_UNIT:
+    if status == UnitStatus.NO_UNIT:
         return "in no unit"
-    return "unit unknown (no answer from the manager)" if status == UNIT_UNKNOWN else ""
+    return "unit unknown (no answer from the manager)" if status == UnitStatus.UNKNOWN else ""
 
 
 @dataclass(frozen=True)
@@ -127,13 +109,13 @@ class Attribution:
     """Who holds a socket, and what the evidence proves about it (the Conflict's holder fields)."""
 
     process: ProcessFact | None = None
-    kind: str | None = None  # socket-unit, own-instance or orphan when proven; None: the socket's kind
+    kind: ConflictKind | None = None  # socket-unit, own-instance or orphan when proven; None: the socket's kind
     unit: str | None = None
-    unit_status: str | None = None
+    unit_status: UnitStatus | None = None
     socket_unit: str | None = None
     own_socket_unit: bool = False
     evidence: tuple[str, ...] = ()
-    leaving: str = ""  # UNIT_DEACTIVATING or PROCESS_EXITING, with its fact in evidence
+    leaving: str = ""  # a Leaving, with its fact in evidence
 
 
 def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
@@ -142,14 +124,14 @@ def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
     unit is deactivating (a stop or restart running its ExecStop=, a handover)."""
     holder = _attribution(sock, evidence)
     process, sd = holder.process, evidence.systemd
-    if process is None or holder.kind == SOCKET_UNIT:
+    if process is None or holder.kind == ConflictKind.SOCKET_UNIT:
         return holder
     if process.exiting:
-        return replace(holder, leaving=PROCESS_EXITING,
+        return replace(holder, leaving=Leaving.PROCESS_EXITING,
                        evidence=(*holder.evidence, f"PID {process.pid} is exiting (/proc/{process.pid}/stat)"))
     state = sd.unit_states.get(holder.unit) if sd is not None and holder.unit else None
-    if holder.unit_status == UNIT_BY_MANAGER and state == "deactivating":
-        return replace(holder, leaving=UNIT_DEACTIVATING, evidence=(
+    if holder.unit_status == UnitStatus.BY_MANAGER and state == "deactivating":
+        return replace(holder, leaving=Leaving.UNIT_DEACTIVATING, evidence=(
             *holder.evidence, f"the manager says {holder.unit} is deactivating: it is stopping (its ExecStop= or "
                               "TimeoutStopSec= still running), and its processes leave when it has stopped"))
     return holder
@@ -171,27 +153,29 @@ def _attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
         owner = _socket_unit_for(sock, sd.socket_units, active=True)
         held = f"held by the service manager itself (PID {process.pid}: {sd.manager_proof})"
         if owner is None:
-            return Attribution(process, SOCKET_UNIT, unit_status=UNIT_UNKNOWN, evidence=(held,))
-        return Attribution(process, SOCKET_UNIT, owner.name, UNIT_BY_MANAGER, owner.name,
+            return Attribution(process, ConflictKind.SOCKET_UNIT, unit_status=UnitStatus.UNKNOWN, evidence=(held,))
+        return Attribution(process, ConflictKind.SOCKET_UNIT, owner.name, UnitStatus.BY_MANAGER, owner.name,
                            sd.guarded_unit is not None and sd.guarded_unit in owner.triggers,
                            (f"{owner.name} listens on {owner.endpoint.address()}", held))
     unit, status = holder_unit(process, sd.unit_of_pid if sd is not None else {})
-    if sd is not None and status == UNIT_BY_MANAGER and unit == sd.guarded_unit:
+    if sd is not None and status == UnitStatus.BY_MANAGER and unit == sd.guarded_unit:
         if sd.guarded_instance_running is False:
-            return Attribution(process, OWN_INSTANCE, unit, status, evidence=(
+            return Attribution(process, ConflictKind.OWN_INSTANCE, unit, status, evidence=(
                 f"the manager places PID {process.pid} in {unit}, whose cgroup is {process.cgroup}",
                 f"{unit} is {sd.guarded_state}: it runs no instance, so this one is left from an earlier run"))
         if sd.guarded_instance_running:
             return Attribution(process, None, unit, status, evidence=(
                 f"{unit} is {sd.guarded_state}: this is its running instance",))
-    if sd is not None and manager is not None and process.ppid == manager and status in (UNIT_BY_MANAGER, NO_UNIT):
+    if sd is not None and manager is not None and process.ppid == manager \
+            and status in (UnitStatus.BY_MANAGER, UnitStatus.NO_UNIT):
         parent = f"its parent is the service manager (PPID {process.ppid}: {sd.manager_proof})"
-        if status == NO_UNIT:
-            return Attribution(process, ORPHAN, None, status, evidence=(
+        if status == UnitStatus.NO_UNIT:
+            return Attribution(process, ConflictKind.ORPHAN, None, status, evidence=(
                 parent, f"the manager places it in no unit (cgroup {process.cgroup or '?'})"))
         state = sd.unit_states.get(unit) if unit is not None else None
         if state is not None and not unit_active(state):
-            return Attribution(process, ORPHAN, unit, status, evidence=(parent, f"its unit {unit} is {state}"))
+            return Attribution(process, ConflictKind.ORPHAN, unit, status,
+                               evidence=(parent, f"its unit {unit} is {state}"))
     return Attribution(process, None, unit, status)
 
 
@@ -208,7 +192,7 @@ def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error:
     kind, clears = _kind_of_socket(sock)
     holder = attribution(sock, evidence)
     if holder.process is not None and holder.process.pid != os.getpid() and is_guard(holder.process):
-        kind = GUARD_TRIAL  # another guard's trial socket, whatever its state and unit: never a daemon
+        kind = ConflictKind.GUARD_TRIAL  # another guard's trial socket, whatever its state and unit: never a daemon
         holder = replace(holder, leaving="")
     else:
         kind = holder.kind or kind
@@ -242,7 +226,7 @@ def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]
                 conflicts.append(
                     Conflict(
                         bind,
-                        LATENT_SOCKET_UNIT,
+                        ConflictKind.LATENT_SOCKET_UNIT,
                         blocking=False,
                         socket_unit=unit.name,
                         evidence=(f"{unit.name} ({unit.active_state}) declares {unit.endpoint}",),
@@ -261,7 +245,7 @@ def permission_denied(bind: Bind, error: int, evidence: Evidence) -> list[Confli
             or error == errno.EAFNOSUPPORT:
         return []
     by_kernel = error == errno.EACCES
-    return [Conflict(bind, PERMISSION_DENIED, predicted=not by_kernel, error="EACCES" if by_kernel else "",
+    return [Conflict(bind, ConflictKind.PERMISSION_DENIED, predicted=not by_kernel, error="EACCES" if by_kernel else "",
                      evidence=privilege.facts, privilege=privilege)]
 
 
@@ -272,24 +256,24 @@ def conflicts_for(bind: Bind, error: int, collides_with: Bind | None, evidence: 
         return []
     name = errno.errorcode.get(error, str(error))
     if collides_with is not None:
-        return [Conflict(bind, SELF_CONFLICT, other_bind=collides_with, error=name)]
+        return [Conflict(bind, ConflictKind.SELF_CONFLICT, other_bind=collides_with, error=name)]
     if error == errno.EAFNOSUPPORT:
-        return [Conflict(bind, ADDRESS_UNAVAILABLE, error=name,
+        return [Conflict(bind, ConflictKind.ADDRESS_UNAVAILABLE, error=name,
                          evidence=("IPv6 is not available in this network namespace",))]
     if error in (errno.EADDRNOTAVAIL, errno.ENODEV):
         tentative = bind.endpoint.host in evidence.tentative
-        return [Conflict(bind, ADDRESS_UNAVAILABLE, clears=tentative, error=name,
+        return [Conflict(bind, ConflictKind.ADDRESS_UNAVAILABLE, clears=tentative, error=name,
                          evidence=("the address is still in duplicate address detection",) if tentative else ())]
     if error == errno.EACCES:
         return _predicted(bind, evidence, daemon_uid)
     if error != errno.EADDRINUSE:
-        return [Conflict(bind, BOUND_KIND, error=name, evidence=(f"the kernel answered {name}",))]
+        return [Conflict(bind, ConflictKind.BOUND, error=name, evidence=(f"the kernel answered {name}",))]
     conflicts = []
     for sock in evidence.sockets:
         if could_block(bind, sock):
             conflicts.append(_holder_conflict(bind, sock, evidence, error=name))
     if not conflicts:
-        conflicts.append(Conflict(bind, BOUND_KIND, error=name, evidence=(
+        conflicts.append(Conflict(bind, ConflictKind.BOUND, error=name, evidence=(
             "no socket on this port is visible: a bound, never-listened socket on a kernel older "
             "than 6.8, or a socket this user may not see",)))
     elif any(not c.clears for c in conflicts):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bindguard.model.endpoints import Bind
-from bindguard.model.kinds import NAT_SHADOWED
+from bindguard.model.kinds import ConflictKind
 from bindguard.model.nat import NatRule
 from bindguard.verdict.conflicts import Conflict
 
@@ -28,5 +28,5 @@ def nat_evidence(rule: NatRule) -> tuple[str, ...]:
 def nat_conflicts(binds: list[Bind], rules: list[NatRule]) -> list[Conflict]:
     """One warning per (bind, rule) where the rule may redirect the bind's traffic; the kernel lets
     the bind succeed, so it is never blocking: only a policy (`nat: refuse`) makes it refuse."""
-    return [Conflict(bind, NAT_SHADOWED, blocking=False, nat=rule, evidence=nat_evidence(rule))
+    return [Conflict(bind, ConflictKind.NAT_SHADOWED, blocking=False, nat=rule, evidence=nat_evidence(rule))
             for bind in binds for rule in rules if rule.catches(bind)]

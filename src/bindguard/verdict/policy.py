@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from bindguard.model.endpoints import Bind
-from bindguard.model.kinds import ANY_KIND, GUARD_TRIAL, LATENT_SOCKET_UNIT, REFUSE, SELF_CONFLICT, WAIT, WARN
+from bindguard.model.kinds import ANY_KIND, Action, ConflictKind
 from bindguard.verdict.conflicts import Conflict
 
 
@@ -35,20 +35,51 @@ class Decision:
     action: str
 
 
-def default_action(conflict: Conflict) -> str:
-    if conflict.kind == LATENT_SOCKET_UNIT or not conflict.blocking:
-        return WARN
-    return WAIT if conflict.clears else REFUSE
+# The defaults, stated once: the guard decides by default_action(), `config show` states them by
+# stated_default(), both from action_for(). The kinds whose conflicts can clear by themselves
+# (verdict.conflicts sets `clears`), and when: None, always (a TIME_WAIT ends by its timer).
+_HOLDER_LEAVING = "while its holder is stopping or exiting"
+CLEARS_BY_ITSELF: dict[ConflictKind, str | None] = {
+    ConflictKind.TIME_WAIT: None,
+    ConflictKind.ADDRESS_UNAVAILABLE: "while the address is in duplicate address detection",
+    ConflictKind.LISTENER: _HOLDER_LEAVING,
+    ConflictKind.BOUND: _HOLDER_LEAVING,
+    ConflictKind.OWN_INSTANCE: _HOLDER_LEAVING,
+    ConflictKind.ORPHAN: _HOLDER_LEAVING,
+}
+
+
+def action_for(kind: str, blocking: bool = True, clears: bool = False) -> Action:
+    """The default action: a conflict that does not block, or a latent socket unit, only warns;
+    one that clears by itself is waited for; anything else refuses the start."""
+    if kind == ConflictKind.LATENT_SOCKET_UNIT or not blocking:
+        return Action.WARN
+    return Action.WAIT if clears else Action.REFUSE
+
+
+def default_action(conflict: Conflict) -> Action:
+    return action_for(conflict.kind, conflict.blocking, conflict.clears)
+
+
+def stated_default(kind: ConflictKind) -> str:
+    """The default of a kind as `config show` prints it: "wait" for a TIME_WAIT, "refuse (wait while
+    the address is in duplicate address detection)" for an unavailable address."""
+    if kind not in CLEARS_BY_ITSELF:
+        return action_for(kind)
+    when = CLEARS_BY_ITSELF[kind]
+    if when is None:
+        return action_for(kind, clears=True)
+    return f"{action_for(kind)} ({action_for(kind, clears=True)} {when})"
 
 
 def fleeting(c: Conflict) -> bool:
     """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
     or the socket was gone (or had no process left) when looked at. Trial sockets live for
     microseconds; a probe again a moment later tells them from holders."""
-    if c.predicted or c.error != "EADDRINUSE" or c.kind == SELF_CONFLICT or c.clears:
+    if c.predicted or c.error != "EADDRINUSE" or c.kind == ConflictKind.SELF_CONFLICT or c.clears:
         return False
     if c.process is not None:
-        return c.kind == GUARD_TRIAL
+        return c.kind == ConflictKind.GUARD_TRIAL
     return c.socket is None or bool(c.socket.inode)
 
 
@@ -61,7 +92,8 @@ def decide(conflicts: list[Conflict], rules: Rules, held_for: float | None = Non
     for conflict in conflicts:
         action, why = _action(conflict, rules, none_left)
         lines: tuple[str, ...] = (why,) if why else ()
-        if held_for is not None and action == REFUSE and conflict.kind == GUARD_TRIAL and fleeting(conflict):
+        if held_for is not None and action == Action.REFUSE and conflict.kind == ConflictKind.GUARD_TRIAL \
+                and fleeting(conflict):
             lines += (f"it held {conflict.bind} through every probe again for {held_for:.1f} s",)
         decisions.append(Decision(replace(conflict, evidence=(*conflict.evidence, *lines)) if lines else conflict,
                                   action))
@@ -72,8 +104,8 @@ def _action(conflict: Conflict, rules: Rules, none_left: bool) -> tuple[str, str
     """The action, and why the rules changed or kept it ("" when only the policy spoke)."""
     action = rules.policy.get(conflict.kind) or default_action(conflict)
     kinds, why = rules.warn_only.get(conflict.bind, ((), ""))
-    if (conflict.kind in kinds or ANY_KIND in kinds) and action in (REFUSE, WAIT):
+    if (conflict.kind in kinds or ANY_KIND in kinds) and action in (Action.REFUSE, Action.WAIT):
         if none_left and conflict.bind in rules.needs_one_of:
             return action, f"{why}, but not without every one: none of its addresses can be bound"
-        return WARN, f"{why}: a warning only"
+        return Action.WARN, f"{why}: a warning only"
     return action, ""

@@ -7,23 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bindguard.model.endpoints import TCP
-from bindguard.model.kinds import (
-    ADDRESS_UNAVAILABLE,
-    BOUND_KIND,
-    GUARD_TRIAL,
-    LATENT_SOCKET_UNIT,
-    LISTENER,
-    NAT_SHADOWED,
-    ORPHAN,
-    OWN_INSTANCE,
-    PERMISSION_DENIED,
-    SELF_CONFLICT,
-    SOCKET_UNIT,
-    TIME_WAIT,
-    UNIT_BY_CGROUP,
-    UNIT_BY_MANAGER,
-    UNIT_DEACTIVATING,
-)
+from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
 from bindguard.verdict.conflicts import Conflict
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
@@ -46,7 +30,7 @@ def find_holder(port: int, *, listening: bool) -> str:
 def remedy(c: Conflict) -> str:
     """The fix for this conflict: a holder that is leaving gets the advice to wait or order the
     handover, whatever its kind (but two sockets of the request itself); else its kind's remedy."""
-    if c.leaving and c.kind != SELF_CONFLICT:
+    if c.leaving and c.kind != ConflictKind.SELF_CONFLICT:
         return _leaving(c)
     return REMEDIES.get(c.kind, _unknown)(c)
 
@@ -61,7 +45,7 @@ def _check_pid(c: Conflict) -> str:
 
 
 def _leaving(c: Conflict) -> str:
-    who, how = (c.unit, "is stopping") if c.leaving == UNIT_DEACTIVATING else (f"PID {_pid(c)}", "is exiting")
+    who, how = (c.unit, "is stopping") if c.leaving == Leaving.UNIT_DEACTIVATING else (f"PID {_pid(c)}", "is exiting")
     return (f"{who} {how}, and holds the address until it has gone: the guard waits for that within this "
             "unit's start budget (--wait, capped by TimeoutStartSec=, or TimeoutSec= for a socket unit). If "
             "it takes longer, shorten the holder's stop (its ExecStop=, TimeoutStopSec=) or give this unit "
@@ -168,10 +152,10 @@ def _orphan(c: Conflict) -> str:
 def _listener(c: Conflict) -> str:
     pid = _pid(c)
     ep = c.bind.endpoint
-    who = c.unit if c.unit and c.unit_status == UNIT_BY_MANAGER else f"PID {pid}" if pid else "the listener"
-    if c.unit and c.unit.endswith(".service") and c.unit_status in (UNIT_BY_MANAGER, UNIT_BY_CGROUP):
+    who = c.unit if c.unit and c.unit_status == UnitStatus.BY_MANAGER else f"PID {pid}" if pid else "the listener"
+    if c.unit and c.unit.endswith(".service") and c.unit_status in (UnitStatus.BY_MANAGER, UnitStatus.BY_CGROUP):
         stop = f"`systemctl stop {c.unit}`"
-        if c.unit_status == UNIT_BY_CGROUP:
+        if c.unit_status == UnitStatus.BY_CGROUP:
             stop += f" once `systemctl status {c.unit}` lists PID {pid}: only its cgroup path names that unit"
     else:
         stop = f"the way it was started, after finding out what it is with {_check_pid(c)}"
@@ -218,16 +202,16 @@ def _unknown(c: Conflict) -> str:
 
 
 REMEDIES: dict[str, Callable[[Conflict], str]] = {
-    SELF_CONFLICT: _self_conflict,
-    PERMISSION_DENIED: _permission_denied,
-    ADDRESS_UNAVAILABLE: _address_unavailable,
-    TIME_WAIT: _time_wait,
-    SOCKET_UNIT: _socket_unit,
-    GUARD_TRIAL: _guard_trial,
-    LATENT_SOCKET_UNIT: _latent_socket_unit,
-    OWN_INSTANCE: _own_instance,
-    ORPHAN: _orphan,
-    LISTENER: _listener,
-    BOUND_KIND: _bound,
-    NAT_SHADOWED: _nat_shadowed,
+    ConflictKind.SELF_CONFLICT: _self_conflict,
+    ConflictKind.PERMISSION_DENIED: _permission_denied,
+    ConflictKind.ADDRESS_UNAVAILABLE: _address_unavailable,
+    ConflictKind.TIME_WAIT: _time_wait,
+    ConflictKind.SOCKET_UNIT: _socket_unit,
+    ConflictKind.GUARD_TRIAL: _guard_trial,
+    ConflictKind.LATENT_SOCKET_UNIT: _latent_socket_unit,
+    ConflictKind.OWN_INSTANCE: _own_instance,
+    ConflictKind.ORPHAN: _orphan,
+    ConflictKind.LISTENER: _listener,
+    ConflictKind.BOUND: _bound,
+    ConflictKind.NAT_SHADOWED: _nat_shadowed,
 }

@@ -19,21 +19,11 @@ from dataclasses import dataclass
 from bindguard.model.endpoints import Bind, addresses_overlap
 from bindguard.model.errors import EXIT_INUSE
 from bindguard.model.facts import unit_active
-from bindguard.model.hostmap import LISTENING, SOCKET_UNIT, Claim, HostMap, UnitState
-from bindguard.model.kinds import NAT_SHADOWED, NO_UNIT, UNIT_BY_CGROUP, UNIT_UNKNOWN
+from bindguard.model.hostmap import Claim, HostMap, UnitState
+from bindguard.model.kinds import ClaimSource, FindingKind, UnitStatus
 from bindguard.model.nat import NatRule
 from bindguard.verdict.nat import nat_evidence
 from bindguard.verdict.remedies import find_holder, inspect_process, nat_remedy
-
-UNIT_COLLISION = "unit-collision"
-SOCKET_UNIT_COLLISION = "socket-unit-collision"
-UNCLAIMED_LISTENER = "unclaimed-listener"
-EPHEMERAL_PORT = "ephemeral-port"
-RESTART_LOOP = "restart-loop"
-CONFIG_ERROR = "config-error"
-FINDING_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION, UNCLAIMED_LISTENER, EPHEMERAL_PORT, RESTART_LOOP,
-                 CONFIG_ERROR, NAT_SHADOWED)
-CONFLICT_KINDS = (UNIT_COLLISION, SOCKET_UNIT_COLLISION)
 
 BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
 RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
@@ -41,7 +31,7 @@ RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str
+    kind: FindingKind
     summary: str
     evidence: tuple[str, ...]
     fix: str
@@ -95,14 +85,15 @@ def reserved_with(current: str, ports: list[int]) -> str:
 
 
 def _config_errors(hostmap: HostMap) -> list[Finding]:
-    return [Finding(CONFIG_ERROR, f"{u.name}: its bindguard configuration cannot be used", u.config_problems,
+    return [Finding(FindingKind.CONFIG_ERROR, f"{u.name}: its bindguard configuration cannot be used",
+                    u.config_problems,
                     f"fix the file, then `bindguard config check {u.name}`; until then its addresses are discovered",
                     units=(u.name,))
             for u in hostmap.units if u.config_problems]
 
 
 def _collisions(hostmap: HostMap) -> list[Finding]:
-    groups: dict[tuple[str, str, int, tuple[str, ...]], list[tuple[Claim, Claim]]] = {}
+    groups: dict[tuple[FindingKind, str, int, tuple[str, ...]], list[tuple[Claim, Claim]]] = {}
     claims = [c for c in hostmap.claims if c.will_run is not False and c.confident]
     for i, a in enumerate(claims):
         for b in claims[i + 1:]:
@@ -111,23 +102,23 @@ def _collisions(hostmap: HostMap) -> list[Finding]:
                 continue
             if not addresses_overlap(ea, a.bind.v6only, eb, b.bind.v6only):
                 continue
-            sockets_a, sockets_b = a.source == SOCKET_UNIT, b.source == SOCKET_UNIT
+            sockets_a, sockets_b = a.source == ClaimSource.SOCKET_UNIT, b.source == ClaimSource.SOCKET_UNIT
             if sockets_a != sockets_b:
                 sock, service = (a, b) if sockets_a else (b, a)
                 if service.unit in sock.triggers:
                     continue  # its own socket unit passes it the socket
-                kind = SOCKET_UNIT_COLLISION
+                kind = FindingKind.SOCKET_UNIT_COLLISION
             else:
-                kind = UNIT_COLLISION
+                kind = FindingKind.UNIT_COLLISION
             key = (kind, ea.proto, ea.port, tuple(sorted((a.unit, b.unit))))
             groups.setdefault(key, []).append((a, b))
     found = []
     for (kind, proto, port, units), pairs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][1], g[0][3])):
         evidence = list(dict.fromkeys(c.describe() for pair in pairs for c in pair))
         addresses = tuple(dict.fromkeys(str(c.bind.endpoint) for pair in pairs for c in pair))
-        if kind == SOCKET_UNIT_COLLISION:
-            sock = next(c for pair in pairs for c in pair if c.source == SOCKET_UNIT)
-            service = next(c for pair in pairs for c in pair if c.source != SOCKET_UNIT)
+        if kind == FindingKind.SOCKET_UNIT_COLLISION:
+            sock = next(c for pair in pairs for c in pair if c.source == ClaimSource.SOCKET_UNIT)
+            service = next(c for pair in pairs for c in pair if c.source != ClaimSource.SOCKET_UNIT)
             owner = ", ".join(sock.triggers) or "its service"
             summary = f"{service.unit} and {sock.unit} both bind port {port}/{proto}"
             fix = (f"never both: {sock.unit} binds it for {owner}. Either `systemctl disable --now {sock.unit}` "
@@ -155,7 +146,7 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
             continue
         s, p, unit, status = listener.socket, listener.process, listener.unit, listener.unit_status
         service = bool(unit and unit.endswith(".service"))
-        if service and status == UNIT_BY_CGROUP:
+        if service and status == UnitStatus.BY_CGROUP:
             continue  # no bus: whether that unit runs, and whether it is really this one, is not known
         state = None
         if service and unit is not None:
@@ -166,11 +157,11 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
         if p is not None:
             evidence.append(f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), user {p.user}, PPID {p.ppid}, "
                             f"cgroup {p.cgroup or '?'}")
-            if status == NO_UNIT:
+            if status == UnitStatus.NO_UNIT:
                 evidence.append("the manager places it in no unit")
-            elif status == UNIT_UNKNOWN:
+            elif status == UnitStatus.UNKNOWN:
                 evidence.append("its cgroup path names no unit, and no manager was asked")
-            elif status == UNIT_BY_CGROUP:
+            elif status == UnitStatus.BY_CGROUP:
                 evidence.append(f"its cgroup path names {unit}, not a service (no manager confirmed it)")
             elif not service:
                 evidence.append(f"it runs in {unit}, not in a service")
@@ -179,7 +170,7 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
         else:
             evidence.append(f"no process found holding it (socket inode {s.inode}, uid {s.uid})")
         for claim in hostmap.claims:
-            if claim.source != LISTENING and claim.unit != unit and addresses_overlap(
+            if claim.source != ClaimSource.LISTENING and claim.unit != unit and addresses_overlap(
                     claim.bind.endpoint, claim.bind.v6only, s.local, s.v6only):
                 evidence.append(f"{claim.describe()}: it cannot start while this holds the address")
         if p is not None:
@@ -189,8 +180,8 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
         else:
             fix = f"find the holder as root: {find_holder(s.local.port, listening=True)}"
         found.append(Finding(
-            UNCLAIMED_LISTENER, f"{s.local} is served by no running service", tuple(evidence), fix, s.local.proto,
-            s.local.port, (unit,) if unit else (), (str(s.local),)))
+            FindingKind.UNCLAIMED_LISTENER, f"{s.local} is served by no running service", tuple(evidence), fix,
+            s.local.proto, s.local.port, (unit,) if unit else (), (str(s.local),)))
     return found
 
 
@@ -202,7 +193,7 @@ def _ephemeral(hostmap: HostMap) -> list[Finding]:
     ports: dict[int, list[Claim]] = {}
     for claim in hostmap.claims:
         port = claim.bind.endpoint.port
-        if claim.source == LISTENING or not claim.confident or claim.will_run is False:
+        if claim.source == ClaimSource.LISTENING or not claim.confident or claim.will_run is False:
             continue
         if low <= port <= high and not any(a <= port <= b for a, b in reserved):
             ports.setdefault(port, []).append(claim)
@@ -222,7 +213,8 @@ def _ephemeral(hostmap: HostMap) -> list[Finding]:
             "an outgoing connection may draw this port as its source port at any moment, and then the "
             "daemon's bind() fails with EADDRINUSE (intermittently, typically at a restart)"]
         found.append(Finding(
-            EPHEMERAL_PORT, f"port {port} of {', '.join(units)} is in the ephemeral port range", tuple(evidence), fix,
+            FindingKind.EPHEMERAL_PORT, f"port {port} of {', '.join(units)} is in the ephemeral port range",
+            tuple(evidence), fix,
             claims[0].bind.endpoint.proto, port, units, tuple(dict.fromkeys(str(c.bind.endpoint) for c in claims))))
     return found
 
@@ -243,7 +235,7 @@ def _nat_shadowed(hostmap: HostMap) -> list[Finding]:
         units = tuple(dict.fromkeys(c.unit for c in claims))
         ep = bind.endpoint
         evidence = (*(c.describe() for c in claims), *nat_evidence(rule))
-        found.append(Finding(NAT_SHADOWED, f"{ep} of {', '.join(units)} is redirected to "
+        found.append(Finding(FindingKind.NAT_SHADOWED, f"{ep} of {', '.join(units)} is redirected to "
                              f"{rule.to or 'somewhere else'} by a NAT rule ({rule.hook})", evidence,
                              nat_remedy(ep, rule), ep.proto, ep.port, units, (str(ep),)))
     return found
@@ -279,7 +271,7 @@ def _restart_loops(hostmap: HostMap) -> list[Finding]:
             stop = "add RestartPreventExitStatus=98 to the unit so that systemd stops restarting into the same conflict"
         fix = (f"see who holds the address with {probe} and `systemctl status {unit.name}`; {stop}; then "
                f"`systemctl reset-failed {unit.name}` once it is resolved")
-        found.append(Finding(RESTART_LOOP, f"{unit.name} restarts on a bind conflict", evidence, fix,
+        found.append(Finding(FindingKind.RESTART_LOOP, f"{unit.name} restarts on a bind conflict", evidence, fix,
                              units=(unit.name,), addresses=addresses,
                              port=min((c.bind.endpoint.port for c in claims), default=None)))
     return found

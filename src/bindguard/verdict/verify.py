@@ -17,16 +17,12 @@ from dataclasses import dataclass
 from bindguard.model.endpoints import Bind, addresses_overlap
 from bindguard.model.errors import EXIT_INUSE
 from bindguard.model.facts import ProcessFact, SocketFact, cgroup_within, holder_unit
-from bindguard.model.kinds import NO_UNIT, UNIT_BY_MANAGER
+from bindguard.model.kinds import UnitStatus, VerifyKind
 from bindguard.verdict.conflicts import unit_phrase
 from bindguard.verdict.remedies import find_holder, inspect_process
 
-NOT_LISTENING = "not-listening"
-WRONG_ADDRESS = "wrong-address"
-SHARED = "shared"
-FOREIGN_OWNER = "foreign-owner"
 # What an optional address may be: the unit does not hold it (a daemon that starts without it).
-NOT_HELD = (NOT_LISTENING, WRONG_ADDRESS, FOREIGN_OWNER)
+NOT_HELD = (VerifyKind.NOT_LISTENING, VerifyKind.WRONG_ADDRESS, VerifyKind.FOREIGN_OWNER)
 
 EXIT_NOT_LISTENING = 1
 
@@ -36,13 +32,13 @@ class Holder:
     socket: SocketFact
     processes: Sequence[ProcessFact]
     in_unit: bool  # one of the processes is proven to be in the verified unit (see in_unit)
-    units: Sequence[tuple[str | None, str]] = ()  # each process's facts.holder_unit
+    units: Sequence[tuple[str | None, UnitStatus]] = ()  # each process's facts.holder_unit
 
 
 @dataclass(frozen=True)
 class Check:
     bind: Bind
-    kind: str | None = None  # None: served as intended
+    kind: VerifyKind | None = None  # None: served as intended
     holders: tuple[Holder, ...] = ()  # every listener overlapping the address
     evidence: tuple[str, ...] = ()
     fix: str = ""
@@ -55,15 +51,15 @@ class Check:
 
 def exit_code(checks: Iterable[Check]) -> int:
     kinds = {c.kind for c in checks if not c.ok}
-    return EXIT_INUSE if kinds & {SHARED, FOREIGN_OWNER} else EXIT_NOT_LISTENING if kinds else 0
+    return EXIT_INUSE if kinds & {VerifyKind.SHARED, VerifyKind.FOREIGN_OWNER} else EXIT_NOT_LISTENING if kinds else 0
 
 
-def in_unit(unit: str, process: ProcessFact, named: tuple[str | None, str], own_cgroup: str | None) -> bool:
+def in_unit(unit: str, process: ProcessFact, named: tuple[str | None, UnitStatus], own_cgroup: str | None) -> bool:
     """Whether process belongs to unit: the manager's word where it answered; else the kernel's,
     where verify runs in the unit itself (ExecStartPost=: the same cgroup); else only the name its
     cgroup path bears, which the evidence marks as unconfirmed."""
     name, status = named
-    if status in (UNIT_BY_MANAGER, NO_UNIT) or own_cgroup is None:
+    if status in (UnitStatus.BY_MANAGER, UnitStatus.NO_UNIT) or own_cgroup is None:
         return name == unit
     return cgroup_within(process.cgroup, own_cgroup)
 
@@ -104,33 +100,33 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
     exactly = [h for h in overlapping if exact(bind, h.socket)]
     ours, foreign = [h for h in exactly if h.in_unit], [h for h in overlapping if not h.in_unit]
     elsewhere = [h for h in on_port if h.in_unit and h not in exactly]
-    kind: str | None = None
+    kind: VerifyKind | None = None
     fix = ""
     if not ours and foreign:
-        kind = FOREIGN_OWNER
+        kind = VerifyKind.FOREIGN_OWNER
         evidence = [f"held outside {unit}: {_who(h)}" for h in foreign]
         h = next((h for h in foreign if h.processes), None)
         p = h.processes[0] if h else None
         named = (h.units[0] if h.units else holder_unit(p, {})) if h and p else (None, "")
         holder, how = named
-        stop = (f"`systemctl stop {holder}`" if how == UNIT_BY_MANAGER and holder and holder.endswith(".service")
+        stop = (f"`systemctl stop {holder}`" if how == UnitStatus.BY_MANAGER and holder and holder.endswith(".service")
                 else f"the way it was started, after finding out what it is with {inspect_process(p.pid)}" if p
                 else f"find it as root with {find_holder(ep.port, listening=True)}")
         fix = (f"{unit} does not own {ep}: stop the holder ({stop}) and restart {unit}; a "
                f"`bindguard check` in ExecStartPre= refuses such a start up front")
     elif not ours and elsewhere:
-        kind = WRONG_ADDRESS
+        kind = VerifyKind.WRONG_ADDRESS
         evidence = [f"{unit} listens elsewhere on the port: {_who(h)}" for h in elsewhere]
         fix = (f"the daemon binds {', '.join(str(h.socket.local) for h in elsewhere)} instead of {ep}: "
                "correct its listen setting, or the address given to verify")
     elif not ours:
-        kind = NOT_LISTENING
+        kind = VerifyKind.NOT_LISTENING
         evidence = [f"nothing listens on {ep} after {waited:.1f} s"]
         fix = (f"the daemon did not reach listen() on {ep}: see why in `systemctl status {unit}` and "
                f"`journalctl -u {unit}`; if it is only slow, raise --timeout or make the unit Type=notify "
                "so that ExecStartPost= runs once it is ready")
     elif foreign:
-        kind = SHARED
+        kind = VerifyKind.SHARED
         evidence = [f"{unit} holds {_who(h)}" for h in ours] + [
             f"shared with a process outside {unit}: {_who(h)}" for h in foreign]
         p = next((h.processes[0] for h in foreign if h.processes), None)
@@ -140,7 +136,7 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
     elif v6only_stated and ep.is_wildcard and ep.host.version == 6 and any(
             h.socket.v6only is not None and h.socket.v6only != bind.v6only for h in ours):
         # (binding a specific IPv6 address sets IPV6_V6ONLY in the kernel: only [::] can differ)
-        kind = WRONG_ADDRESS
+        kind = VerifyKind.WRONG_ADDRESS
         want = "IPV6_V6ONLY" if bind.v6only else "dual-stack"
         evidence = [f"{_who(h)}, v6only={h.socket.v6only}" for h in ours]
         fix = (f"{ep} was meant to be {want}: set the daemon's ipv6only/BindIPv6Only accordingly, or "

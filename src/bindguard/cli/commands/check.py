@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, ascii_number, parse_listen
 from bindguard.model.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ADDRESS_UNAVAILABLE, ANY_KIND, NAT_SHADOWED
+from bindguard.model.kinds import ANY_KIND, ConflictKind
 from bindguard.model.text import excerpt
 from bindguard.report import output
 from bindguard.systemd.unitfiles import normalize_unit, user_manager
@@ -165,7 +165,7 @@ def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -
 # The conflict kinds that only warn on an optional address: any (--optional, `optional: true`),
 # or only that no interface has it (--if-available, `optional: if-available`).
 OPTIONAL = (ANY_KIND,)
-IF_AVAILABLE = (ADDRESS_UNAVAILABLE,)
+IF_AVAILABLE = (ConflictKind.ADDRESS_UNAVAILABLE,)
 
 
 def optional_addresses(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         wait=validate_wait(args.wait if args.wait is not None else checks.wait),
         daemon_uid=daemon_uid(args, ctx, checks.binds),
         rules=Rules(
-            policy=checks.policy | ({NAT_SHADOWED: checks.nat} if checks.nat else {}),
+            policy=checks.policy | ({ConflictKind.NAT_SHADOWED: checks.nat} if checks.nat else {}),
             warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
             | {b: ((ANY_KIND,), "the address is a guess from the unit's command line") for b in checks.guesses},
             needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),

@@ -7,9 +7,11 @@ import os
 import sys
 
 from bindguard.model.errors import EXIT_CLEAR, EXIT_CONFIG, ConfigError, UsageError
+from bindguard.model.kinds import POLICY_KINDS
 from bindguard.report import output
 from bindguard.request import config
 from bindguard.systemd.unitfiles import normalize_unit
+from bindguard.verdict.policy import stated_default
 
 DESCRIPTION = """\
 Validate bindguard's YAML configuration files, or show a unit's merged configuration.
@@ -123,8 +125,8 @@ def _show(unit: str, explicit: str | None) -> int:
     row(f"wait: {_value(loaded.wait) if loaded.wait is not None else 'the command line --wait'}", "wait",
         "default")
     rows.append(("policy:", ""))
-    for kind in config.CONFLICT_KINDS:
-        row(f"  {kind}: {loaded.action(kind)}", f"policy.{kind}")
+    for kind in POLICY_KINDS:
+        row(f"  {kind}: {loaded.policy.get(kind) or stated_default(kind)}", f"policy.{kind}")
     row(f"fail: {loaded.fail or 'open'}", "fail")
     row(f"reap_stale: {_value(bool(loaded.reap_stale))}", "reap_stale")
     sources = loaded.discovery_sources

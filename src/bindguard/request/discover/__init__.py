@@ -28,15 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bindguard.model.facts import UnitFacts
-from bindguard.request.discover.common import (
-    CONFIDENT,
-    GUESS,
-    DaemonConfigError,
-    Finding,
-    Service,
-    discovery_scope,
-    read_text,
-)
+from bindguard.model.kinds import Confidence
+from bindguard.request.discover.common import DaemonConfigError, Finding, Service, discovery_scope, read_text
 from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
 from bindguard.systemd.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
@@ -53,7 +46,7 @@ class Discovery:
     daemons: list[str] = field(default_factory=list)  # the daemons recognised in ExecStart=
 
     def confident(self) -> list[Finding]:
-        return [f for f in self.findings if f.confidence == CONFIDENT]
+        return [f for f in self.findings if f.confidence == Confidence.CONFIDENT]
 
     def daemon_binds(self):
         """The confident sockets the daemon itself binds (not those systemd binds for it)."""
@@ -239,5 +232,5 @@ def discover_unit(unit: str, unit_facts: UnitFactsSource, sources: Sequence[str]
                     sources, facts.user, facts.group)
 
 
-__all__ = ["CONFIDENT", "GUESS", "DAEMONS", "SOURCES", "Discovery", "Finding", "UnitFacts", "UnitFactsSource",
+__all__ = ["DAEMONS", "SOURCES", "Discovery", "Finding", "UnitFacts", "UnitFactsSource",
            "discover", "discover_daemon", "discover_unit", "expand_argv", "unit_environment"]

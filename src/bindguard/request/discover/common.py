@@ -22,12 +22,9 @@ from bindguard.model.endpoints import (
     parse_listen,
 )
 from bindguard.model.host import host_bindv6only, ipv6_supported
-from bindguard.model.kinds import ANY_KIND
+from bindguard.model.kinds import ANY_KIND, Confidence
 from bindguard.model.text import excerpt
 from bindguard.request import files
-
-CONFIDENT = "confident"
-GUESS = "guess"
 
 # What one discovery (one unit, or one `bindguard discover`) may cost. A daemon's configuration
 # can belong to its service's user (Debian's /etc/redis/redis.conf belongs to redis), so every
@@ -49,14 +46,14 @@ class Finding:
 
     bind: Bind
     source: str  # "/etc/nginx/sites-enabled/default:22", "sshd -T", "ExecStart=", "nginx.socket"
-    confidence: str  # CONFIDENT or GUESS
+    confidence: Confidence
     note: str = ""
     socket_unit: str | None = None  # set when systemd binds it (socket activation): the daemon does not
     survives: tuple[str, ...] = ()  # conflict kinds the daemon starts despite (ANY_KIND: any)
 
     @property
     def confident(self) -> bool:
-        return self.confidence == CONFIDENT
+        return self.confidence == Confidence.CONFIDENT
 
 
 @dataclass
@@ -79,7 +76,8 @@ class Findings:
         bind = Bind(endpoint, options)
         if any(f.bind == bind for f in self.findings):
             return
-        self.findings.append(Finding(bind, source, CONFIDENT if confident else GUESS, note, survives=survives))
+        confidence = Confidence.CONFIDENT if confident else Confidence.GUESS
+        self.findings.append(Finding(bind, source, confidence, note, survives=survives))
 
     def all_survivable(self, note: str) -> None:
         """The daemon starts when at least one of several sockets binds (sshd, PostgreSQL)."""
@@ -285,7 +283,7 @@ def parse_port(text: str, where: str) -> int:
 
 
 __all__ = [
-    "AddressError", "CONFIDENT", "GUESS", "Budget", "BudgetExceeded", "DaemonConfigError", "Finding", "Findings",
+    "AddressError", "Budget", "BudgetExceeded", "DaemonConfigError", "Finding", "Findings",
     "Service", "any_dual", "bounded", "current_budget", "current_service", "discovery_scope", "endpoint",
     "expand_glob", "host_addresses", "hosts_file_addresses", "is_ip", "list_directory", "parse_port", "read_text",
     "wildcard",

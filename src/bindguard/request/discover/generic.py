@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from bindguard.model.endpoints import TCP, UDP, Endpoint, ascii_port, parse_listen
+from bindguard.model.kinds import Confidence
 from bindguard.request.discover.common import AddressError, Findings, any_dual, endpoint, is_ip
 
 ADDRESS_WORDS = {"port", "listen", "bind"}
@@ -101,7 +102,7 @@ def find_in_socket_listens(listens: Sequence[tuple], unit: str) -> Findings:
     """
     from bindguard.model.endpoints import Bind, SocketOptions
     from bindguard.model.host import host_bindv6only
-    from bindguard.request.discover.common import CONFIDENT, Finding
+    from bindguard.request.discover.common import Finding
 
     findings = Findings("socket units")
     for listen in listens:
@@ -118,7 +119,7 @@ def find_in_socket_listens(listens: Sequence[tuple], unit: str) -> Findings:
             continue  # AF_UNIX, netlink, FIFOs...: nothing to guard
         v6only = {"ipv6-only": True, "both": False}.get(bind_ipv6_only, host_bindv6only())
         options = SocketOptions(reuseaddr=True, reuseport=reuse_port, v6only=ep.host.version == 6 and v6only)
-        findings.findings.append(Finding(Bind(ep, options), socket_unit, CONFIDENT,
+        findings.findings.append(Finding(Bind(ep, options), socket_unit, Confidence.CONFIDENT,
                                          "systemd binds this socket and passes it to the service",
                                          socket_unit=socket_unit))
     return findings
