@@ -134,6 +134,7 @@ def test_a_socket_unit_with_nothing_held_is_answered_from_its_unit_files(netns, 
         "web.socket": "[Socket]\nListenStream=127.0.0.1:8080\nListenDatagram=[::1]:8080\nBindIPv6Only=ipv6-only\n"
                       "[Install]\nWantedBy=sockets.target\n",
         "local.socket": "[Socket]\nListenStream=/run/local.sock\n",
+        "audit.socket": "[Socket]\nListenNetlink=audit 1\n",  # as systemd-journald-audit.socket
         "held.socket": "[Socket]\nListenStream=127.0.0.1:9000\n",
         "shared.socket": "[Socket]\nListenStream=8081\nReusePort=yes\n",
         "later.socket": "[Socket]\nListenStream=0.0.0.0:8082\n[Install]\nWantedBy=sockets.target\n",
@@ -146,6 +147,8 @@ def test_a_socket_unit_with_nothing_held_is_answered_from_its_unit_files(netns, 
     cases = [
         ["--user", "--unit", "web.socket"],  # clear, and its own enabled file does not count
         ["--user", "--unit", "local.socket"],  # no IP socket: nothing to guard
+        ["--user", "--unit", "audit.socket"],  # no Listen entry the guard reads: nothing to guard
+        ["--user", "--unit", "gone.socket"],  # no unit file on disk: the full command asks the manager
         ["--user", "--unit", "held.socket"],  # refused: the full command explains
         ["--user", "--unit", "shared.socket"],  # ReusePort=: the uid matters, the full command
         ["--user", "--unit", "clash.socket"],  # an enabled socket unit declares 8082
@@ -155,8 +158,8 @@ def test_a_socket_unit_with_nothing_held_is_answered_from_its_unit_files(netns, 
            "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
     proc = netns.run([sys.executable, "-c", IN_UNIT, json.dumps(cases)], env=env)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == [0, 0, None, None, None, None]
-    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(cases[:3])], env=env)
+    assert json.loads(proc.stdout) == [0, 0, 0, None, None, None, None, None]
+    proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(cases[:3] + cases[4:5])], env=env)
     assert proc.returncode == 0, proc.stderr
     answers = [(fast[0], full[0]) for _, fast, full in json.loads(proc.stdout)]
-    assert answers == [(0, 0), (0, 0), (None, 98)]
+    assert answers == [(0, 0), (0, 0), (0, 0), (None, 98)]

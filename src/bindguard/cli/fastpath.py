@@ -230,7 +230,9 @@ def _socket_unit_listen(unit: str, user: bool, options: dict) -> list[str] | Non
     values = unitexec.socket_unit_settings(unit, user)
     last = {key: values[key][-1].strip() if values[key] else "" for key in unitexec.SOCKET_OPTION_KEYS}
     entries = [(key, value.strip()) for key in unitexec.SOCKET_LISTEN_KEYS for value in values[key]]
-    if not entries or unitexec.parse_boolean(last["ReusePort"]) or last["BindToDevice"] or last["SocketProtocol"] \
+    if not entries:  # ListenNetlink=, ListenFIFO=, ... alone; or no unit file on disk (the full command asks D-Bus)
+        return [] if unitexec.unit_files(unit, user) else None
+    if unitexec.parse_boolean(last["ReusePort"]) or last["BindToDevice"] or last["SocketProtocol"] \
             or any("%" in value for _, value in entries):
         return None
     listen = []
