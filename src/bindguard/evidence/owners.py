@@ -181,6 +181,8 @@ def process_facts(pid: int) -> ProcessFact | None:
     except psutil.AccessDenied:
         return None
     cgroup = process_cgroup(pid) or ""
+    from bindguard.evidence.containers import container_of
+
     return ProcessFact(
         exiting=_exiting(pid),
         pid=pid,
@@ -193,6 +195,7 @@ def process_facts(pid: int) -> ProcessFact | None:
         started=started,
         cgroup=cgroup,
         unit=unit_from_cgroup(cgroup),
+        container=container_of(pid, cgroup, cmdline),
     )
 
 

@@ -50,6 +50,28 @@ class SocketFact:
 
 
 @dataclass(frozen=True)
+class ContainerFact:
+    """The container (and pod) a process runs for, from its cgroup path or its command line (conmon's
+    -c/-n) and the engine's own files on disk; what could not be read stays empty."""
+
+    engine: str  # docker, podman, containerd, cri-o
+    id: str  # the full container id
+    name: str = ""
+    image: str = ""
+    pod: str = ""  # Kubernetes: the pod's name
+    namespace: str = ""  # Kubernetes: the pod's namespace
+    via: str = ""  # how the process belongs to it: "cgroup", or "conmon" (the engine's monitor holding its port)
+    source: str = ""  # the file the name was read from
+
+    @property
+    def label(self) -> str:
+        who = self.name or self.id[:12]
+        image = f", image {self.image}" if self.image else ""
+        pod = f", pod {self.namespace}/{self.pod}" if self.pod else ""
+        return f"{self.engine} container {who}{image}{pod}"
+
+
+@dataclass(frozen=True)
 class ProcessFact:
     """A process that holds a socket."""
 
@@ -64,6 +86,7 @@ class ProcessFact:
     cgroup: str  # the unified-hierarchy path from /proc/PID/cgroup, e.g. /system.slice/nginx.service
     unit: str | None = None  # the systemd unit the cgroup path names, if any
     exiting: bool = False  # the kernel is ending it: /proc/PID/stat says zombie or dead, or PF_EXITING
+    container: ContainerFact | None = None  # the container or pod it runs for, where that is proven
 
 
 def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, UnitStatus]:

@@ -13,7 +13,8 @@ from bindguard.verdict.conflicts import Conflict, attribution, unit_phrase
 from bindguard.verdict.remedies import remedy
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
-if TYPE_CHECKING:  # only a type here: the guard loads no NAT code unless asked
+if TYPE_CHECKING:  # only types here: the guard loads no NAT code unless asked
+    from bindguard.model.facts import ContainerFact
     from bindguard.model.nat import NatRule
 
 
@@ -60,6 +61,7 @@ def conflict_json(c: Conflict) -> dict:
         "leaving": c.leaving or None,  # unit-deactivating, process-exiting: clears by itself
         "other_address": str(c.other_bind) if c.other_bind else None,
         "nat": nat_json(c.nat) if c.nat else None,
+        "container": container_json(p.container) if p and p.container else None,
         "evidence": c.evidence,
         "remedy": remedy(c),
     }
@@ -100,6 +102,12 @@ def write_json(outcome: Outcome) -> None:
     write_json(outcome_json(outcome))
 
 
+def container_json(container: ContainerFact) -> dict:
+    return {"engine": container.engine, "id": container.id, "name": container.name or None,
+            "image": container.image or None, "pod": container.pod or None,
+            "namespace": container.namespace or None, "via": container.via, "source": container.source or None}
+
+
 def nat_json(rule: NatRule) -> dict:
     return {"family": rule.family, "table": rule.table, "chain": rule.chain, "path": list(rule.path),
             "hook": rule.hook, "handle": rule.handle, "action": rule.action, "to": rule.to or None,
@@ -133,6 +141,8 @@ def describe_holder(c: Conflict) -> str:
         parts.append(unit_phrase(c.unit, c.unit_status))
     if c.other_bind is not None:
         parts.append(f"the request's own {c.other_bind}")
+    if p is not None and p.container is not None:
+        parts.append(p.container.label)
     if c.nat is not None:
         parts.append(f"{c.nat.action} to {c.nat.to or 'a target nft cannot show'} by {c.nat.where()}"
                      + (f", made by {c.nat.owner}" if c.nat.owner else ""))

@@ -11,7 +11,8 @@ from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
 from bindguard.verdict.conflicts import Conflict
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
-if TYPE_CHECKING:  # only a type here: the guard loads no NAT code unless asked
+if TYPE_CHECKING:  # only types here: the guard loads no NAT code unless asked
+    from bindguard.model.facts import ContainerFact
     from bindguard.model.nat import NatRule
 
 
@@ -27,11 +28,48 @@ def find_holder(port: int, *, listening: bool) -> str:
     return f"`ss -lntup 'sport = :{port}'`" if listening else f"`ss -tanup 'sport = :{port}'`"
 
 
+# Kinds whose holder, when it runs for a container, is stopped with the container's engine.
+CONTAINER_HOLDER_KINDS = (ConflictKind.LISTENER, ConflictKind.BOUND, ConflictKind.ORPHAN)
+
+
+def stop_container(container: ContainerFact) -> str:
+    """How a container (or a Kubernetes pod) is stopped by its owner, never by a signal to its
+    process: the engine (or the pod's controller) restarts what was killed under it."""
+    who = container.name or container.id[:12]
+    if container.pod:
+        return (f"the pod {container.pod} in namespace {container.namespace} holds it ({container.engine} container "
+                f"{who}): change the pod's hostPort (or hostNetwork port) in its manifest, or delete the pod only if "
+                f"nothing recreates it (`kubectl -n {container.namespace} get pod {container.pod} -o yaml` shows its "
+                "owner); a killed process is restarted by the kubelet")
+    if container.engine == "docker":
+        return (f"stop it with its engine: `docker stop {who}` (`docker update --restart=no {who}` first if a "
+                "restart policy would bring it back), or publish it on another port; killing its process lets "
+                "the engine restart it")
+    if container.engine == "podman":
+        return (f"stop it with its engine: `podman stop {who}` (if a systemd unit runs it, Quadlet or `podman "
+                "generate systemd`, stop that unit instead), or publish it on another port; killing its process "
+                "lets its restart policy bring it back")
+    return f"stop the container {who} with {container.engine}'s own tools (crictl stop {container.id[:12]}), not kill"
+
+
+def _container(c: Conflict) -> str:
+    assert c.process is not None and c.process.container is not None  # remedy() asks only then
+    container = c.process.container
+    how = ("Podman's monitor (conmon) holds the container's published port" if container.via == "conmon"
+           else "its cgroup is the container's")
+    return (f"PID {c.process.pid} is the {container.label} ({how}). If that container should serve this address, "
+            f"do not start this service on it; otherwise {stop_container(container)}; or move this service to "
+            "another port")
+
+
 def remedy(c: Conflict) -> str:
     """The fix for this conflict: a holder that is leaving gets the advice to wait or order the
-    handover, whatever its kind (but two sockets of the request itself); else its kind's remedy."""
+    handover, whatever its kind (but two sockets of the request itself); a container's holder, the
+    engine's way to stop it; else its kind's remedy."""
     if c.leaving and c.kind != ConflictKind.SELF_CONFLICT:
         return _leaving(c)
+    if c.process is not None and c.process.container is not None and c.kind in CONTAINER_HOLDER_KINDS:
+        return _container(c)
     return REMEDIES.get(c.kind, _unknown)(c)
 
 

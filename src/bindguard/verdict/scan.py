@@ -23,7 +23,7 @@ from bindguard.model.hostmap import Claim, HostMap, UnitState
 from bindguard.model.kinds import ClaimSource, FindingKind, UnitStatus
 from bindguard.model.nat import NatRule
 from bindguard.verdict.nat import nat_evidence
-from bindguard.verdict.remedies import find_holder, inspect_process, nat_remedy
+from bindguard.verdict.remedies import find_holder, inspect_process, nat_remedy, stop_container
 
 BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
 RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
@@ -167,13 +167,17 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
                 evidence.append(f"it runs in {unit}, not in a service")
             else:
                 evidence.append(f"its unit {unit} is {state}: a stray copy")
+            if p.container is not None:
+                evidence.append(f"it runs for the {p.container.label}")
         else:
             evidence.append(f"no process found holding it (socket inode {s.inode}, uid {s.uid})")
         for claim in hostmap.claims:
             if claim.source != ClaimSource.LISTENING and claim.unit != unit and addresses_overlap(
                     claim.bind.endpoint, claim.bind.v6only, s.local, s.v6only):
                 evidence.append(f"{claim.describe()}: it cannot start while this holds the address")
-        if p is not None:
+        if p is not None and p.container is not None:
+            fix = f"if the container should not serve this address, {stop_container(p.container)}"
+        elif p is not None:
             fix = (f"if it should run, run it as a unit (a service file, or `systemd-run --unit NAME ...`) so that "
                    f"it is managed and restarted; if it is a leftover, check it with {inspect_process(p.pid)} "
                    f"and stop it: `kill -TERM {p.pid}`")

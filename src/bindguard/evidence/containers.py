@@ -1,0 +1,185 @@
+"""The container, and for Kubernetes the pod, behind a holder: from its cgroup path or its command
+line, named from the engine's own state on disk. No engine's API is called on the guard's path.
+
+A container's process runs in a cgroup that bears its id: `docker-ID.scope` or `/docker/ID`,
+`libpod-ID.scope` or `/libpod_parent/libpod-ID`, `cri-containerd-ID.scope`, `crio-ID.scope`, or
+`/kubepods/.../podUID/ID`. Podman's monitor, conmon, holds a rootful container's published ports
+itself (it names the container with `-c ID -n NAME`). The id (64 hex digits, nothing else ever makes
+a path) names the engine's files, read as regular files of bounded size (request.files):
+
+  docker      /var/lib/docker/containers/ID/config.v2.json      Name, Config.Image, Config.Labels
+  podman      /var/lib/containers/storage/overlay-containers/containers.json   names, metadata
+  containerd  /run/containerd/io.containerd.runtime.v2.task/k8s.io/ID/config.json   annotations
+  cri-o       /run/containers/storage/overlay-containers/ID/userdata/config.json    annotations
+
+Where the files cannot be read the container is still named by engine and id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from bindguard.model.facts import ContainerFact
+
+DOCKER_STATE = "/var/lib/docker/containers/{id}/config.v2.json"
+PODMAN_CONTAINERS = "/var/lib/containers/storage/overlay-containers/containers.json"
+PODMAN_CONFIG = "/var/lib/containers/storage/overlay-containers/{id}/userdata/config.json"
+CONTAINERD_CONFIG = "/run/containerd/io.containerd.runtime.v2.task/k8s.io/{id}/config.json"
+CRIO_CONFIG = "/run/containers/storage/overlay-containers/{id}/userdata/config.json"
+MAX_STATE_BYTES = 4 << 20  # a container's config; podman's containers.json lists every container: more
+MAX_LIST_BYTES = 32 << 20
+
+_ID = r"([0-9a-f]{64})"
+# (pattern on one cgroup path, engine); the first that matches names the engine.
+CGROUP_PATTERNS = (
+    (re.compile(rf"(?:^|/)docker-{_ID}\.scope(?:/|$)"), "docker"),
+    (re.compile(rf"(?:^|/)docker/{_ID}(?:/|$)"), "docker"),
+    (re.compile(rf"(?:^|/)libpod-(?:conmon-)?{_ID}\.scope(?:/|$)"), "podman"),
+    (re.compile(rf"(?:^|/)libpod_parent/(?:conmon|libpod-{_ID})(?:/|$)"), "podman"),
+    (re.compile(rf"(?:^|/)cri-containerd-{_ID}\.scope(?:/|$)"), "containerd"),
+    (re.compile(rf"(?:^|/)crio-(?:conmon-)?{_ID}\.scope(?:/|$)"), "cri-o"),
+    (re.compile(rf"(?:^|/)kubepods[^/]*/(?:[^/]+/)?pod[0-9a-f_-]+/{_ID}(?:/|$)"), "kubernetes"),
+)
+_FULL_ID = re.compile(_ID)
+
+
+def container_ref(cgroups: list[str], cmdline: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """(engine, id, via) from the process's cgroup paths (every hierarchy's: on a cgroup v1 host the
+    engine's path is in the controllers', not the unified one), else from conmon's command line."""
+    for path in cgroups:
+        for pattern, engine in CGROUP_PATTERNS:
+            m = pattern.search(path)
+            if m and m.group(1):
+                return engine, m.group(1), "cgroup"
+    if cmdline and cmdline[0].rsplit("/", 1)[-1] == "conmon":
+        cid = _option(cmdline, "-c") or _option(cmdline, "--cid")
+        if cid and _FULL_ID.fullmatch(cid):
+            runtime_dir = _option(cmdline, "-b") or _option(cmdline, "--bundle") or ""
+            engine = "cri-o" if "/run/containers/storage" in runtime_dir and "/userdata" in runtime_dir \
+                and "overlay-containers" in runtime_dir and not runtime_dir.startswith("/var/lib/containers") \
+                else "podman"
+            return engine, cid, "conmon"
+    return None
+
+
+def _option(argv: tuple[str, ...], flag: str) -> str | None:
+    for i, arg in enumerate(argv[:-1]):
+        if arg == flag:
+            return argv[i + 1]
+    for arg in argv:
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _read_json(path: str, limit: int = MAX_STATE_BYTES):
+    from bindguard.request.files import Refused, read_regular
+
+    try:
+        return json.loads(read_regular(path, limit))
+    except (OSError, Refused, ValueError):
+        return None
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _from_docker(cid: str) -> ContainerFact:
+    path = DOCKER_STATE.format(id=cid)
+    state = _read_json(path)
+    if not isinstance(state, dict):
+        return ContainerFact("docker", cid)
+    config = _dict(state.get("Config"))
+    labels = _dict(config.get("Labels"))
+    return ContainerFact("docker", cid, _str(state.get("Name")).lstrip("/"), _str(config.get("Image")),
+                         _str(labels.get("io.kubernetes.pod.name")), _str(labels.get("io.kubernetes.pod.namespace")),
+                         source=path)
+
+
+def _from_podman(cid: str) -> ContainerFact:
+    listing = _read_json(PODMAN_CONTAINERS, MAX_LIST_BYTES)
+    entry = next((e for e in listing if isinstance(e, dict) and e.get("id") == cid), None) \
+        if isinstance(listing, list) else None
+    if entry is None:
+        return ContainerFact("podman", cid)
+    names = entry.get("names") if isinstance(entry.get("names"), list) else []
+    try:
+        metadata = json.loads(entry.get("metadata") or "{}")
+    except (TypeError, ValueError):
+        metadata = {}
+    metadata = metadata if isinstance(metadata, dict) else {}
+    name = _str(names[0]) if names else _str(metadata.get("name"))
+    annotations = _annotations(PODMAN_CONFIG.format(id=cid))
+    return ContainerFact("podman", cid, name, _str(metadata.get("image-name")),
+                         _str(annotations.get("io.kubernetes.pod.name")),
+                         _str(annotations.get("io.kubernetes.pod.namespace")), source=PODMAN_CONTAINERS)
+
+
+def _annotations(path: str) -> dict:
+    spec = _read_json(path)
+    annotations = spec.get("annotations") if isinstance(spec, dict) else None
+    return annotations if isinstance(annotations, dict) else {}
+
+
+# A Kubernetes runtime's OCI config: where it is, and the annotations naming the container's name and
+# image and its pod's name and namespace.
+CRI_ANNOTATIONS = {
+    "containerd": ("io.kubernetes.cri.container-name", "io.kubernetes.cri.image-name",
+                   "io.kubernetes.cri.sandbox-name", "io.kubernetes.cri.sandbox-namespace"),
+    "cri-o": ("io.kubernetes.container.name", "io.kubernetes.cri-o.ImageName", "io.kubernetes.pod.name",
+              "io.kubernetes.pod.namespace"),
+}
+
+
+def _from_cri(engine: str, cid: str) -> ContainerFact:
+    path = (CONTAINERD_CONFIG if engine == "containerd" else CRIO_CONFIG).format(id=cid)
+    a = _annotations(path)
+    name, image, pod, namespace = (_str(a.get(key)) for key in CRI_ANNOTATIONS[engine])
+    return ContainerFact(engine, cid, name, image, pod, namespace, source=path if a else "")
+
+
+def _from_containerd(cid: str) -> ContainerFact:
+    return _from_cri("containerd", cid)
+
+
+def _from_crio(cid: str) -> ContainerFact:
+    return _from_cri("cri-o", cid)
+
+
+READERS = {"docker": _from_docker, "podman": _from_podman, "containerd": _from_containerd, "cri-o": _from_crio}
+
+
+def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFact | None:
+    """The container the process runs for, or None when neither its cgroups nor its command line
+    name one. A Kubernetes pod's container is looked up as containerd's, then CRI-O's."""
+    import dataclasses
+
+    cgroups = [cgroup, *_all_cgroups(pid)]
+    ref = container_ref(cgroups, cmdline)
+    if ref is None:
+        return None
+    engine, cid, via = ref
+    if engine == "kubernetes":
+        fact = _from_containerd(cid)
+        if not fact.source:
+            crio = _from_crio(cid)
+            fact = crio if crio.source else ContainerFact("kubernetes", cid)
+    else:
+        fact = READERS[engine](cid)
+    return dataclasses.replace(fact, via=via)
+
+
+def _all_cgroups(pid: int) -> list[str]:
+    """Every hierarchy's path of the process (/proc/PID/cgroup), at most 64 KiB of it."""
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            text = f.read(1 << 16).decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
