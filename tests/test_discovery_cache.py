@@ -111,7 +111,7 @@ def test_an_entry_not_roots_alone_or_malformed_is_ignored(site):
     unit, _, _ = site
     settled()
     cache.discover_from_files(unit, False, list(SOURCES))
-    entry = Path(cache.ENTRIES) / f"system-{unit}"
+    entry = Path(cache._entry_path(unit, False))
     good = entry.read_bytes()
     assert cache.lookup(unit, False) is not None
     os.chown(entry, 1, 0)
@@ -180,7 +180,7 @@ def test_every_service_dropin_checks_a_changed_listen_line_at_the_next_start(sys
     unit = f"cached-{uuid.uuid4().hex[:8]}.service"
     log = rig.log("web.log")
     rig.write_unit(unit, f"[Service]\nType=oneshot\nExecStart={NGINX} -t -q -c {conf}\nStandardError=append:{log}\n")
-    entry = Path(cache.ENTRIES) / f"user-{unit}"
+    entry = Path(cache._entry_path(unit, True))
     try:
         settled()
         assert rig.start(unit).ok, log.read_text()

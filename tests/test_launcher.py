@@ -172,3 +172,47 @@ StandardError=append:{log}
     started = rig.start("slow.service")
     assert not started.ok and started.result == "timeout", started
     assert log.read_text() == "<3>bindguard: stopped by SIGTERM before it finished (exit 143)\n"
+
+
+SITE_MARKER_PTH = "import os; open({marker!r}, 'a').write('site ran\\n')\n"
+
+
+def test_the_fast_path_skips_site_and_the_full_command_runs_it(tmp_path):
+    """bin/bindguard runs python3 -I -S: the package from the venv's own site-packages, no .pth
+    file processed on the fast path; the full command runs site for its dependencies."""
+    bin_dir = copy_install(tmp_path / "venv")
+    site = next(bin_dir.parent.glob("lib/python3*/site-packages"))
+    marker = tmp_path / "marker"
+    (site / "zz-marker.pth").write_text(SITE_MARKER_PTH.format(marker=str(marker)))
+    env = {"PATH": "/usr/bin:/bin"}
+    clear = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:18471"],
+                           capture_output=True, text=True, env=env)
+    assert clear.returncode == 0 and "clear: 127.0.0.1:18471 can be bound" in clear.stderr, clear.stderr
+    assert not marker.exists(), "site ran on the fast path"
+    full = subprocess.run([str(bin_dir / "bindguard"), "check", "--json", "--no-systemd", "127.0.0.1:18471"],
+                          capture_output=True, text=True, env=env)
+    assert full.returncode == 0 and '"clear": true' in full.stdout, full.stderr
+    assert "site ran" in marker.read_text()
+    marker.unlink()
+    site.chmod(0o777)  # a site-packages others may write: not taken as the package's place; site decides
+    try:
+        again = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:18471"],
+                               capture_output=True, text=True, env=env)
+    finally:
+        site.chmod(0o755)
+    assert again.returncode == 0 and "site ran" in marker.read_text(), again.stderr
+
+
+def test_an_editable_install_is_found_by_its_path_line_alone(tmp_path):
+    """pip's editable install names the source tree in __editable__.bindguard-VERSION.pth: that line
+    is read, any other (an `import` line that site would run) is not."""
+    root = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(root)], check=True)
+    site = next(root.glob("lib/python3*/site-packages"))
+    marker = tmp_path / "marker"
+    (site / "__editable__.bindguard-0.1.0.pth").write_text(SITE_MARKER_PTH.format(marker=str(marker)) + f"{SRC}\n")
+    shutil.copy2(REPO / "bin" / "bindguard", root / "bin" / "bindguard")
+    clear = subprocess.run([str(root / "bin" / "bindguard"), "check", "--no-systemd", "127.0.0.1:18472"],
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert clear.returncode == 0 and "clear: 127.0.0.1:18472 can be bound" in clear.stderr, clear.stderr
+    assert not marker.exists(), "a line of the .pth file other than the path ran"

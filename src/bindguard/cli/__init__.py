@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
             _signal.signal(signum, handler)
 
 
+def _site() -> None:
+    """The site processing bin/bindguard skips (-S) for the fast path: the full command's
+    dependencies (PyYAML, psutil, pystemd) are found through it."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+
+        site.main()
+
+
 def _main(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
     from bindguard.report import output
@@ -50,6 +59,7 @@ def _main(argv: list[str]) -> int:
                 code = fastpath.check(argv[1:])
                 if code is not None:
                     return code
+            _site()
             from bindguard.cli.parser import build_parser, chosen_command
             from bindguard.model.errors import EXIT_USAGE
 

@@ -103,7 +103,12 @@ def _key(unit: str, user: bool) -> str:
 
 
 def _entry_path(unit: str, user: bool) -> str:
-    return f"{ENTRIES}/{'user' if user else 'system'}-{unit}"  # a unit name has no '/'
+    """One entry per unit, manager and bindguard install (a venv and the Debian package on one
+    host would otherwise take it from each other at every start)."""
+    import binascii  # built in
+
+    install = binascii.crc32(os.path.dirname(os.path.abspath(__file__)).encode())
+    return f"{ENTRIES}/{'user' if user else 'system'}-{install:08x}-{unit}"  # a unit name has no '/'
 
 
 def _escape(text: str) -> str:
