@@ -201,7 +201,7 @@ def _remembered(unit: str, user: bool, options: dict) -> tuple[list[str], list[t
     for text, flags, confidence, socket_unit, _survives, source, _note in remembered.findings:
         if socket_unit:
             continue  # systemd binds it: the full command does not check those for a unit either
-        if confidence != "confident":
+        if confidence != "confident":  # model.kinds.Confidence.CONFIDENT (enum is not imported here)
             continue  # a guess counts only with a YAML file, which sends every unit to the full command
         listen.append(text)
         per_bind.append(flags)

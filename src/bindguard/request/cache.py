@@ -50,9 +50,10 @@ class Remembered:
     def discovery(self):
         """The remembered answer as a Discovery, as discover() returned it."""
         from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+        from bindguard.model.kinds import Confidence
         from bindguard.request.discover import Discovery, Finding
 
-        findings = [Finding(Bind(parse_listen(text), SocketOptions(*options)), source, confidence, note,
+        findings = [Finding(Bind(parse_listen(text), SocketOptions(*options)), source, Confidence(confidence), note,
                             socket_unit or None, survives)
                     for text, options, confidence, socket_unit, survives, source, note in self.findings]
         return Discovery(findings, list(self.warnings), list(self.daemons))
