@@ -449,3 +449,18 @@ def test_fail_closed_in_the_file_holds_for_a_fault_while_reading_it(dirs):
     proc = _run_with_a_fault_in("bindguard.request.config._merge", "check", "--unit", "web.service", "--no-systemd",
                                 env_path=search)
     assert proc.returncode == 0 and "letting the start go on" in proc.stderr
+
+
+def test_fail_closed_in_the_file_of_the_unit_the_guard_runs_in_holds_from_the_start(dirs):
+    # No --unit: the unit is the one the guard runs in (its cgroup names it, here web.service). The
+    # file's `fail: closed` is decided before check runs, so a fault in its very first step (the
+    # systemd context) fails closed too; it used to reach the handler only once the plan had run.
+    write(dirs["lib"] / "web.service.yaml", "listen: [\"127.0.0.1:9\"]\nfail: closed\n")
+    code = ("import sys; from bindguard.systemd import unitfiles; from bindguard.cli.commands import check; "
+            "unitfiles.unit_from_cgroup = lambda path: 'web.service'; "
+            "check.systemd_context = lambda args: 1 / 0; "
+            "from bindguard.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, INVOCATION_ID="0123456789abcdef0123456789abcdef")
+    proc = subprocess.run([sys.executable, "-c", code, "check"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 70, proc.stderr
+    assert "internal error: ZeroDivisionError" in proc.stderr and "failing closed" in proc.stderr

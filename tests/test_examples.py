@@ -125,10 +125,11 @@ def test_the_documentation_shows_commands_to_check():
 def test_every_documented_invocation_parses(argv):
     from bindguard.cli.commands import check
     from bindguard.cli.parser import build_parser
+    from bindguard.request.plan import build_binds
 
     args = build_parser(argv[0]).parse_args(argv)
     if argv[0] in ("check", "explain") and args.listen:
-        check.build_binds(args)  # every address is valid, with the options given
+        build_binds(check.request_options(args, unit=None))  # every address is valid, with the options given
 
 
 def _install_check_args(argv: list[str], tmp_path: Path) -> list[str]:

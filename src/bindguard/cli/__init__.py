@@ -50,7 +50,7 @@ def _main(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
     from bindguard.report import output
 
-    args = None
+    fail_closed = "--fail-closed" in argv  # until the command's own rule has decided (fails_closed)
     try:
         try:
             if argv[:1] == ["check"]:
@@ -67,6 +67,8 @@ def _main(argv: list[str]) -> int:
             if args.command is None:
                 build_parser().print_help(sys.stderr)
                 return EXIT_USAGE
+            # Decided before the command runs, so that it holds whatever fails in it (check, verify).
+            fail_closed = args.fails_closed(args) if args.fails_closed is not None else False
             return args.run(args)
         finally:
             if sys.stdout is not None:
@@ -89,8 +91,6 @@ def _main(argv: list[str]) -> int:
             return EXIT_BROKEN_PIPE
         if debug:  # the guard's own failure must not take the service down
             raise
-        fail_closed = bool(getattr(args, "fail_closed", False)) or (args is None and "--fail-closed" in argv) \
-            or _config_says_fail_closed(args)
         own = isinstance(exc, GuardFailure)
         output.emit(
             output.ERR if fail_closed else output.WARNING,
@@ -99,19 +99,6 @@ def _main(argv: list[str]) -> int:
              + ("" if own else "; rerun with --debug for a traceback")],
         )
         return EXIT_INTERNAL if fail_closed else 0
-
-
-def _config_says_fail_closed(args) -> bool:
-    """`fail: closed` in the unit's YAML (or --config) holds whatever failed, even reading that file."""
-    unit, explicit = getattr(args, "unit", None), getattr(args, "config", None)
-    if not (unit or explicit) or getattr(args, "command", None) not in ("check", "verify"):
-        return False
-    try:
-        from bindguard.request.config import declares_fail_closed
-
-        return declares_fail_closed(unit, explicit)
-    except Exception:  # a broken install: the fault being handled is reported as it is
-        return False
 
 
 def _reader_gone() -> bool:

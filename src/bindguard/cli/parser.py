@@ -46,7 +46,9 @@ def build_parser(only: str | None = None) -> Parser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(child)
-        child.set_defaults(run=module.run)
+        # fails_closed(args): whether a failure of the command itself exits 70 (its --fail-closed, and
+        # for check and verify the unit's `fail:`); decided before run(args), for cli.main's handler.
+        child.set_defaults(run=module.run, fails_closed=getattr(module, "fails_closed", None))
     return parser
 
 

@@ -646,10 +646,9 @@ def guarded_unit(systemd: Systemd | None = None) -> str | None:
     /proc/self/cgroup answers without D-Bus; GetUnitByPID is asked only when the cgroup path
     names no unit and a connection is given.
     """
-    from bindguard.systemd.unitfiles import process_cgroup, unit_from_cgroup
+    from bindguard.systemd.unitfiles import own_unit
 
-    path = process_cgroup("self")
-    unit = unit_from_cgroup(path) if path else None
+    unit = own_unit()
     if unit is None and systemd is not None:
         unit = systemd.unit_of_pid(os.getpid())
     return unit

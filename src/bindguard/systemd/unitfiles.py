@@ -201,6 +201,13 @@ def cgroup_from_proc_file(text: str) -> str | None:
     return systemd_v1 if systemd_v1 is not None else unified
 
 
+def own_unit() -> str | None:
+    """The unit this process runs in, as its cgroup path names it (an ExecStartPre= runs in its
+    service's cgroup): the kernel's word, without D-Bus."""
+    path = process_cgroup("self")
+    return unit_from_cgroup(path) if path else None
+
+
 def unit_from_cgroup(path: str) -> str | None:
     """The systemd unit a cgroup path names: its innermost component that is a unit holding processes.
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 
-from bindguard.model.endpoints import AddressError, Bind, SocketOptions, ascii_number, parse_listen
+from bindguard.model.endpoints import Bind, ascii_number
 from bindguard.model.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
-from bindguard.model.host import host_bindv6only
 from bindguard.model.kinds import ANY_KIND, ConflictKind
 from bindguard.model.text import excerpt
 from bindguard.report import output
-from bindguard.systemd.unitfiles import normalize_unit, user_manager
+from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, RequestOptions, plan
+from bindguard.systemd.unitfiles import normalize_unit, own_unit, user_manager
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
@@ -140,39 +140,59 @@ def explicit_options(args: argparse.Namespace) -> dict[str, bool]:
             if getattr(args, name, None) is not None}
 
 
-def build_binds(args: argparse.Namespace, base: dict[str, bool] | None = None) -> list[Bind]:
-    """The command line's addresses: LISTEN, then each optional one (check and verify take them)."""
-    texts = [*args.listen, *(text for text, _ in optional_addresses(args))]
-    if not texts:
-        raise UsageError("no address to check", "give at least one LISTEN address, e.g. `bindguard check 8080`")
-    merged = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
-    merged |= (base or {}) | explicit_options(args)
-    v6only = merged["v6only"]
-    options = SocketOptions(**merged)
-    binds = []
-    for text in texts:
-        try:
-            endpoint = parse_listen(text)
-        except AddressError as exc:
-            raise UsageError(str(exc), "see `bindguard check --help` for the address syntax") from None
-        if endpoint.host.version == 6 and endpoint.host.ipv4_mapped is not None and v6only:
-            raise UsageError(f"{text!r}: a v4-mapped address cannot be bound on a v6only socket",
-                             f"write it as IPv4 ({endpoint.host.ipv4_mapped}:{endpoint.port}) or drop --v6only")
-        binds.append(Bind(endpoint, options))
-    return binds
-
-
-# The conflict kinds that only warn on an optional address: any (--optional, `optional: true`),
-# or only that no interface has it (--if-available, `optional: if-available`).
-OPTIONAL = (ANY_KIND,)
-IF_AVAILABLE = (ConflictKind.ADDRESS_UNAVAILABLE,)
-
-
-def optional_addresses(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
+def optional_addresses(args: argparse.Namespace) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(address, conflict kinds that only warn) for --optional and --if-available (check and
     verify; explain has neither)."""
-    return [(text, OPTIONAL) for text in getattr(args, "optional", None) or []] + \
-           [(text, IF_AVAILABLE) for text in getattr(args, "if_available", None) or []]
+    return tuple([(text, OPTIONAL) for text in getattr(args, "optional", None) or []]
+                 + [(text, IF_AVAILABLE) for text in getattr(args, "if_available", None) or []])
+
+
+def named_unit(args: argparse.Namespace, guarded: Callable[[], str | None] | None) -> str | None:
+    """The unit whose YAML file and `fail:` hold: --unit as systemctl takes it (`web` is
+    web.service), else, when no address and no --config name what to check, the unit the guard
+    runs in (guarded(): None with --no-systemd)."""
+    if args.unit:
+        return normalize_unit(args.unit)
+    if guarded is None or args.config is not None or args.listen or optional_addresses(args):
+        return None
+    return guarded()
+
+
+def request_options(args: argparse.Namespace, unit: str | None) -> RequestOptions:
+    """The command line's request, for the request stage (unit: named_unit's)."""
+    return RequestOptions(
+        listen=tuple(args.listen),
+        optional=optional_addresses(args),
+        socket_options=explicit_options(args),
+        unit=unit,
+        config=getattr(args, "config", None),
+        user_bus=args.user_bus,
+    )
+
+
+def running_unit() -> str | None:
+    """The unit the guard runs in when a service manager started it (INVOCATION_ID, as
+    SystemdContext.in_unit says): what its own cgroup path names, without D-Bus."""
+    return own_unit() if os.environ.get("INVOCATION_ID") else None
+
+
+def fails_closed(args: argparse.Namespace) -> bool:
+    """Whether a failure of check itself exits 70 (cli.main asks before run)."""
+    return declared_fail_closed(args, lambda: named_unit(args, None if args.no_systemd else running_unit))
+
+
+def declared_fail_closed(args: argparse.Namespace, unit: Callable[[], str | None]) -> bool:
+    """--fail-closed, or `fail: closed` in the unit's files (or --config), read from YAML events
+    alone so that it holds when reading them fully fails; decided before the command runs, so
+    that it holds whatever fails after. Never raises: a fault here leaves the command line's word."""
+    if args.fail_closed:
+        return True
+    try:
+        from bindguard.request.config import declares_fail_closed
+
+        return declares_fail_closed(unit(), args.config)
+    except Exception:
+        return False
 
 
 def validate_wait(wait: float | None) -> float:
@@ -206,123 +226,6 @@ def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
     return None
 
 
-@dataclass
-class Plan:
-    """What to check and how, from the command line, the unit's YAML file and discovery."""
-
-    binds: list[Bind]
-    guesses: frozenset[Bind] = frozenset()
-    survivable: dict[Bind, tuple[str, ...]] = field(default_factory=dict)  # conflict kinds the daemon survives
-    policy: dict[str, str] = field(default_factory=dict)
-    wait: float | None = None
-    reap_stale: bool = False
-    nat: str | None = None  # the file's `nat:` (warn, refuse); None: NAT rules are not read
-    sources: list[str] = field(default_factory=list)  # where discovered addresses came from
-
-
-def plan(args: argparse.Namespace, ctx) -> Plan | None:
-    """None when a unit has nothing to guard: no address given, no file, nothing discovered.
-
-    That is the path of the every-service drop-in, so it costs a few stat() calls: no YAML parser
-    unless a file exists, and D-Bus only for units that bindguard can discover something about.
-    """
-    from bindguard.request import config
-
-    unit = normalize_unit(args.unit) if args.unit else None
-    if unit is None and args.config is None and not (args.listen or optional_addresses(args)) and ctx is not None:
-        unit = args.unit = ctx.guarded_unit()  # the unit whose `fail:` holds if the guard fails
-    unit_config = config.load_unit_config(unit, args.config) if unit or args.config else None
-    if unit_config is not None:
-        args.fail_closed = args.fail_closed or unit_config.fail_closed
-    base = dict(unit_config.options) if unit_config else {}
-    settings = Plan(  # the file's settings, whatever the addresses come from
-        [],
-        policy=dict(unit_config.policy) if unit_config else {},
-        wait=unit_config.wait if unit_config else None,
-        reap_stale=bool(unit_config and unit_config.reap_stale),
-        nat=unit_config.nat if unit_config and unit_config.nat != "off" else None,
-    )
-    if args.listen or optional_addresses(args):
-        binds = build_binds(args, base)
-        optional = binds[len(args.listen):]
-        for twice in (b for b in optional if binds.count(b) > 1):
-            raise UsageError(f"{twice} is given twice",
-                             "give each address once: as LISTEN, --optional or --if-available")
-        kinds = [kinds for _, kinds in optional_addresses(args)]
-        return replace(settings, binds=binds, survivable=dict(zip(optional, kinds, strict=True)))
-    if unit_config is not None and unit_config.listen is not None:
-        binds = unit_config.binds()
-        overrides = explicit_options(args)
-        binds = [Bind(b.endpoint, replace(b.options, **overrides)) for b in binds]
-        survivable: dict[Bind, tuple[str, ...]] = {
-            b: IF_AVAILABLE if entry.optional == config.IF_AVAILABLE else OPTIONAL
-            for b, entry in zip(binds, unit_config.listen, strict=True) if entry.optional}
-        return replace(settings, binds=binds, survivable=survivable)
-    if unit is None:
-        raise UsageError("no address to check", "give LISTEN addresses, --unit NAME or --config FILE")
-    if unit.endswith(".socket"):
-        return socket_unit_plan(unit, settings, args, ctx)
-    findings = discovered(unit, unit_config, ctx)
-    if not findings:
-        return None
-    overrides = base | explicit_options(args)  # the file's options, then the command line's, over discovery's
-    binds = [Bind(f.bind.endpoint, replace(f.bind.options, **overrides)) for f in findings]
-    trusted = bool(unit_config and unit_config.trust_guesses)
-    guesses = frozenset() if trusted else frozenset(b for b, f in zip(binds, findings, strict=True) if not f.confident)
-    survivable = {b: f.survives for b, f in zip(binds, findings, strict=True) if f.survives}
-    sources = [f"{f.bind} from {f.source}" + ("" if f.confident else " (a guess)") for f in findings]
-    return replace(settings, binds=binds, guesses=guesses, survivable=survivable, sources=sources)
-
-
-def socket_unit_plan(unit: str, settings: Plan, args: argparse.Namespace, ctx) -> Plan | None:
-    """A .socket unit's own IP sockets, as its manager will bind them after its ExecStartPre=
-    (bindguard.request.socketunit); None when it has none, or they cannot be read (a warning)."""
-    from bindguard.request import socketunit
-
-    found, why = socketunit.settings_of(unit, user_manager(ctx.bus_choice if ctx else args.user_bus), ctx)
-    if found is None:
-        output.warning(f"cannot read what {unit} listens on: {why}; nothing checked")
-        return None
-    request = socketunit.binds_of(unit, found, explicit_options(args))
-    for warning in request.warnings:
-        output.warning(warning)
-    if not request.binds:
-        return None
-    return replace(settings, binds=request.binds, sources=request.sources)
-
-
-def discovered(unit: str, unit_config, ctx, unavailable: str = "nothing checked") -> list:
-    """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units').
-
-    The unit's command line is read from its unit files (no D-Bus), whatever the unit is called;
-    systemd is asked over D-Bus only for a unit not on disk that has a YAML file or a known
-    daemon's name. Guesses count only for a unit with a YAML file.
-    """
-    from bindguard.request import cache, discover
-
-    sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
-    if not sources:
-        return []
-    result = cache.discover_from_files(unit, user_manager(ctx.bus_choice if ctx else None), list(sources))
-    if result is None:  # no ExecStart= in its unit files
-        if unit_config is None and discover.daemon_for_unit_name(unit) is None:
-            return []
-        if ctx is None:
-            output.warning(f"cannot discover what {unit} binds: no unit file of that name, and --no-systemd; "
-                           "nothing checked")
-            return []
-        from bindguard.systemd.bus import SystemdError
-
-        try:
-            result = discover.discover_unit(unit, ctx.unit_facts, list(sources))
-        except SystemdError as exc:
-            output.warning(f"cannot discover what {unit} binds: {exc}; {unavailable}")
-            return []
-    for warning in result.warnings:
-        output.warning(warning)
-    return [f for f in result.findings if f.socket_unit is None and (f.confident or unit_config is not None)]
-
-
 def privilege_unit(args: argparse.Namespace, ctx) -> str | None:
     """The unit whose credentials and settings may prove a privileged port denied to its daemon
     (only while the guard runs inside it: bindguard.evidence.privilege checks that)."""
@@ -336,9 +239,10 @@ def run(args: argparse.Namespace) -> int:
     from bindguard.verdict.policy import Rules
 
     ctx = systemd_context(args)
-    checks = plan(args, ctx)
+    options = request_options(args, named_unit(args, None if ctx is None else running_unit))
+    checks = plan(options, ctx, output.warning)
     if checks is None:
-        output.emit(output.DEBUG, f"bindguard: nothing to guard for {ctx.unit_name if ctx else args.unit}")
+        output.emit(output.DEBUG, f"bindguard: nothing to guard for {options.unit}")
         return EXIT_CLEAR
     for line in checks.sources:
         output.emit(output.INFO, f"bindguard: checking {line}")
@@ -347,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         wait=validate_wait(args.wait if args.wait is not None else checks.wait),
         daemon_uid=daemon_uid(args, ctx, checks.binds),
         rules=Rules(
-            policy=checks.policy | ({ConflictKind.NAT_SHADOWED: checks.nat} if checks.nat else {}),
+            policy={**checks.policy, **({ConflictKind.NAT_SHADOWED: checks.nat} if checks.nat else {})},
             warn_only={b: (kinds, "the daemon starts without this socket") for b, kinds in checks.survivable.items()}
             | {b: ((ANY_KIND,), "the address is a guess from the unit's command line") for b in checks.guesses},
             needs_one_of=frozenset(b for b in checks.binds if b not in checks.guesses),

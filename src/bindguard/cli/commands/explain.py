@@ -9,8 +9,8 @@ from bindguard.cli.commands.check import (
     add_listen_argument,
     add_socket_arguments,
     add_systemd_arguments,
-    build_binds,
     daemon_uid,
+    request_options,
     systemd_context,
 )
 from bindguard.model.errors import EXIT_CODES_HELP
@@ -55,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bindguard.action import guard
     from bindguard.report import outcome as report
+    from bindguard.request.plan import build_binds
 
     ctx = systemd_context(args)
-    binds = build_binds(args)
+    binds = build_binds(request_options(args, unit=None))
     request = guard.Request(
         binds=binds,
         wait=0,

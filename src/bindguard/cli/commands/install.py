@@ -88,8 +88,8 @@ def _systemd(unit: str, user: bool):
 
 def _found_at_each_start(unit: str, user: bool) -> None:
     """Without LISTEN: say what the guard will check now, or refuse when it would find nothing."""
-    from bindguard.cli.commands.check import discovered
     from bindguard.request import config
+    from bindguard.request.plan import discovered
 
     unit_config = config.load_unit_config(unit)
     if unit_config is not None and unit_config.listen:
@@ -98,7 +98,8 @@ def _found_at_each_start(unit: str, user: bool) -> None:
     if unit.endswith(".socket"):
         _socket_unit_listens(unit, user)
         return
-    findings = discovered(unit, unit_config, _systemd(unit, user), unavailable="install cannot tell what to check")
+    findings = discovered(unit, unit_config, _systemd(unit, user), output.warning,
+                          unavailable="install cannot tell what to check")
     if not findings:
         raise UsageError(f"no address to guard for {unit}: no LISTEN given, and no listen list in a bindguard "
                          "file or address in its daemon's configuration was found",
@@ -130,10 +131,11 @@ def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[lis
     which every matching address agrees (and the command line does not set), and which addresses
     the daemon starts without (address -> --optional or --if-available). Nothing for a daemon
     discovery does not know."""
-    from bindguard.cli.commands.check import IF_AVAILABLE, OPTIONAL, discovered, explicit_options
+    from bindguard.cli.commands.check import explicit_options
     from bindguard.model.host import host_bindv6only
+    from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, discovered
 
-    found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user),
+    found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user), output.warning,
                                                     unavailable="the addresses are taken as given")}
     # A bare port stands for the whole port (dual-stack [::]:PORT): nothing is carried over to it.
     whole = {(e.proto, e.port) for text, e in zip(listens, map(_address, listens), strict=True)

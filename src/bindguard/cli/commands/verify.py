@@ -71,13 +71,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when verify itself fails, exit 70 instead of letting the unit run")
 
 
+def _verified_unit(args: argparse.Namespace) -> str | None:
+    """--unit, else the unit verify runs in."""
+    from bindguard.systemd import bus
+
+    return args.unit or bus.guarded_unit()
+
+
+def fails_closed(args: argparse.Namespace) -> bool:
+    """Whether a failure of verify itself exits 70 (cli.main asks before run)."""
+    return check.declared_fail_closed(args, lambda: _verified_unit(args))
+
+
 def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], frozenset[Bind], bool, object]:
     """The unit, its addresses (as `check` plans them), those the daemon starts without, whether
     IPV6_V6ONLY was stated, and the SystemdContext that asks the manager (None with --no-systemd)."""
     from bindguard.request import config
-    from bindguard.systemd import bus
+    from bindguard.request.plan import plan as plan_of
 
-    unit = args.unit or bus.guarded_unit()
+    unit = _verified_unit(args)
     if not unit:
         raise UsageError("verify needs the unit whose processes must own the addresses",
                          "run it from the unit's ExecStartPost=, or give --unit NAME")
@@ -87,7 +99,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], frozenset[Bind]
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, and no bindguard file",
                          "give the addresses, e.g. `bindguard verify 0.0.0.0:80`")
     ctx = check.systemd_context(args)
-    plan = check.plan(args, ctx)
+    plan = plan_of(check.request_options(args, args.unit), ctx, output.warning)
     if plan is None or not plan.binds:
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, no listen: in its bindguard file, "
                          "and discovery found none", "give the addresses as LISTEN arguments")
