@@ -211,58 +211,54 @@ def boot_storm(agent, bindguard: list[str], bindguard_env: dict[str, str], units
     """units Type=oneshot services (daemons of them `nginx -t` on a configuration of their own, one
     port each, the rest /bin/true) started by one `systemctl start`, three ways: under the
     every-service drop-in, under a drop-in that runs only an empty python3, and with none.
+
+    Each way has its own set of units (WAY-storm-NNN.service) and its drop-in is their prefix
+    drop-in (WAY-storm-.service.d/), which the guard reads as it reads service.d/: nothing is
+    rewritten or reloaded between rounds, as nothing is between boots (a drop-in rewritten each
+    round would be a change to every unit's files, and discovery would never be remembered).
     Rounds interleave the three; one untimed start of each way first (bindguard's discovery is
     remembered then, as after any first boot). Wall time of the systemctl call."""
     rig = agent.rig
     state = rig.root / "storm"
     state.mkdir(exist_ok=True)
-    names = []
-    for i in range(units):
-        name = f"storm-{i:03d}.service"
-        command = "/bin/true"
-        if i < daemons and Path(NGINX).exists():
-            conf = state / f"nginx-{i}.conf"
-            port = STORM_FIRST_PORT + i
-            conf.write_text(f"pid {state}/nginx-{i}.pid;\nerror_log stderr;\nevents {{}}\n"
-                            f"http {{\n  access_log off;\n  server {{ listen 127.0.0.1:{port}; }}\n}}\n")
-            command = f"{NGINX} -t -q -c {conf}"
-        agent.add_unit(name, f"[Service]\nType=oneshot\nExecStart={command}\n")
-        names.append(name)
-    dropin_dir = rig.unit_dir / "service.d"
-    dropin_dir.mkdir(exist_ok=True)
-    dropin = dropin_dir / "bench-storm.conf"
     ways = {
         "bindguard": f"[Service]\nExecStartPre=+{drop_in_command(bindguard, bindguard_env)} check --unit %n\n",
         "python": f"[Service]\nExecStartPre=+{FLOOR_PYTHON} -c pass\n",
         "none": None,
     }
+    names: dict[str, list[str]] = {way: [] for way in ways}
+    for way, dropin in ways.items():
+        for i in range(units):
+            name = f"{way}-storm-{i:03d}.service"
+            command = "/bin/true"
+            if i < daemons and Path(NGINX).exists():
+                conf = state / f"{way}-nginx-{i}.conf"
+                port = STORM_FIRST_PORT + i
+                conf.write_text(f"pid {state}/{way}-nginx-{i}.pid;\nerror_log stderr;\nevents {{}}\n"
+                                f"http {{\n  access_log off;\n  server {{ listen 127.0.0.1:{port}; }}\n}}\n")
+                command = f"{NGINX} -t -q -c {conf}"
+            agent.add_unit(name, f"[Service]\nType=oneshot\nExecStart={command}\n")
+            names[way].append(name)
+        if dropin is not None:
+            rig.write_dropin(f"{way}-storm-.service", "guard.conf", dropin, reload=False)
+    rig.daemon_reload()
 
     def start(way: str) -> int:
-        text = ways[way]
-        if text is None:
-            dropin.unlink(missing_ok=True)
-        else:
-            dropin.write_text(text)
-        rig.daemon_reload()
         began = time.perf_counter_ns()
-        done = rig.systemctl("start", *names, timeout=600)
+        done = rig.systemctl("start", *names[way], timeout=600)
         elapsed = time.perf_counter_ns() - began
         if done.returncode != 0:
             raise RuntimeError(f"boot storm ({way}): systemctl start failed: {done.stderr.strip()[:400]}")
         return elapsed
 
     times: dict[str, list[int]] = {way: [] for way in ways}
-    try:
-        time.sleep(FRESH_SECONDS)
-        for way in ways:
-            start(way)
-        for r in range(rounds):
-            order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]
-            for way in order:
-                times[way].append(start(way))
-    finally:
-        dropin.unlink(missing_ok=True)
-        rig.daemon_reload()
+    time.sleep(FRESH_SECONDS)
+    for way in ways:
+        start(way)
+    for r in range(rounds):
+        order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]
+        for way in order:
+            times[way].append(start(way))
     medians = {way: statistics.median(t) / 1e6 for way, t in times.items()}
     result = {"units": units, "daemons": daemons if Path(NGINX).exists() else 0, "rounds": rounds, "ways": {}}
     for way, samples in times.items():
