@@ -13,7 +13,7 @@ import pytest
 from bindguard.request import config
 from bindguard.systemd import unitfiles
 from bindguard.model.endpoints import parse_listen
-from bindguard.model.errors import EXIT_CONFIG, ConfigError
+from bindguard.model.errors import ExitCode, ConfigError
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ def test_load_raises_config_error_with_all_problems(dirs):
     path = write(dirs["etc"] / "web.service.yaml", "wait: -1\nfail: x\n")
     with pytest.raises(ConfigError) as caught:
         config.load_unit_config("web.service")
-    assert caught.value.exit_code == EXIT_CONFIG == 78
+    assert caught.value.exit_code == ExitCode.CONFIG == 78
     assert caught.value.problems == [
         f"{path}:1:7: wait must be a number of seconds, 0 or more, found -1",
         f"{path}:2:7: fail must be 'open' or 'closed', found 'x'",

@@ -65,14 +65,14 @@ IN_USE = {ADDRESS: errno.EADDRINUSE}
 def test_a_clear_port_is_one_probe_and_no_look():
     recorded = Recorded([{}], Evidence())
     outcome = run(recorded)
-    assert outcome.exit_code == errors.EXIT_CLEAR and (recorded.probes, recorded.looks) == (1, 0)
+    assert outcome.exit_code == errors.ExitCode.CLEAR and (recorded.probes, recorded.looks) == (1, 0)
     assert outcome.conflicts == () and outcome.waited == 0.0
 
 
 def test_time_wait_is_waited_out_until_the_kernel_lets_the_address_go():
     recorded = Recorded([IN_USE, IN_USE, {}], lambda: time_wait(200))
     outcome = run(recorded, wait=5)
-    assert outcome.exit_code == errors.EXIT_CLEAR, outcome
+    assert outcome.exit_code == errors.ExitCode.CLEAR, outcome
     assert recorded.probes == 3 and outcome.waited > 0
     assert outcome.waited_for == (f"{ConflictKind.TIME_WAIT} on {ADDRESS}",)
 
@@ -80,20 +80,20 @@ def test_time_wait_is_waited_out_until_the_kernel_lets_the_address_go():
 def test_time_wait_that_outlasts_the_budget_is_refused_without_waiting():
     recorded = Recorded([IN_USE], lambda: time_wait(60_000))
     outcome = run(recorded, wait=2)
-    assert outcome.exit_code == errors.EXIT_TEMPFAIL and recorded.probes == 1 and outcome.waited == 0.0
+    assert outcome.exit_code == errors.ExitCode.TEMPFAIL and recorded.probes == 1 and outcome.waited == 0.0
     assert [c.kind for c in outcome.conflicts] == [ConflictKind.TIME_WAIT]
 
 
 def test_wait_zero_never_sleeps():
     recorded = Recorded([IN_USE, {}], lambda: time_wait(200))
     outcome = run(recorded, wait=0)
-    assert outcome.exit_code == errors.EXIT_TEMPFAIL and recorded.probes == 1
+    assert outcome.exit_code == errors.ExitCode.TEMPFAIL and recorded.probes == 1
 
 
 def test_a_listener_is_refused_at_once():
     recorded = Recorded([IN_USE], held_by(process(42, "/usr/sbin/nginx")))
     outcome = run(recorded)
-    assert outcome.exit_code == errors.EXIT_INUSE and recorded.probes == 1
+    assert outcome.exit_code == errors.ExitCode.INUSE and recorded.probes == 1
     (conflict,) = outcome.conflicts
     assert (conflict.kind, conflict.process.pid) == (ConflictKind.LISTENER, 42)
 
@@ -103,7 +103,7 @@ def test_a_listener_on_an_address_the_daemon_starts_without_only_warns():
     rules = Rules(warn_only={ADDRESS: ((ANY_KIND,), "the daemon starts without this socket")},
                   needs_one_of=frozenset({ADDRESS, OTHER}))
     outcome = run(recorded, binds=[ADDRESS, OTHER], rules=rules)
-    assert outcome.exit_code == errors.EXIT_CLEAR
+    assert outcome.exit_code == errors.ExitCode.CLEAR
     (conflict,) = outcome.conflicts
     assert conflict.evidence[-1] == "the daemon starts without this socket: a warning only"
 
@@ -115,7 +115,7 @@ def test_without_any_address_left_the_optional_one_refuses():
                   needs_one_of=frozenset({ADDRESS, OTHER}))
     outcome = run(Recorded([{ADDRESS: errno.EADDRINUSE, OTHER: errno.EADDRINUSE}], evidence),
                   binds=[ADDRESS, OTHER], rules=rules)
-    assert outcome.exit_code == errors.EXIT_INUSE
+    assert outcome.exit_code == errors.ExitCode.INUSE
     assert all(c.evidence[-1].endswith("none of its addresses can be bound") for c in outcome.conflicts)
 
 
@@ -123,7 +123,7 @@ def test_another_guard_s_trial_socket_is_probed_again_and_passes():
     other_guard = process(4242, "/usr/bin/bindguard", "check", "--unit", "web.service")
     recorded = Recorded([IN_USE, {}], held_by(other_guard))
     outcome = run(recorded)
-    assert outcome.exit_code == errors.EXIT_CLEAR and recorded.probes == 2
+    assert outcome.exit_code == errors.ExitCode.CLEAR and recorded.probes == 2
     assert any("PID 4242" in note.text and "probed again" in note.text for note in outcome.notes), outcome.notes
 
 
@@ -132,7 +132,7 @@ def test_another_guard_that_holds_on_is_refused_with_how_long(monkeypatch):
     monkeypatch.setattr(guard, "GUARD_SETTLE_BUDGET", 0.2)
     recorded = Recorded([IN_USE], lambda: held_by(process(4242, "/usr/bin/bindguard", "check")))
     outcome = run(recorded)
-    assert outcome.exit_code == errors.EXIT_INUSE and recorded.probes > 2
+    assert outcome.exit_code == errors.ExitCode.INUSE and recorded.probes > 2
     (conflict,) = outcome.conflicts
     assert conflict.kind == ConflictKind.GUARD_TRIAL and "through every probe again for" in conflict.evidence[-1], conflict
 
@@ -140,7 +140,7 @@ def test_another_guard_that_holds_on_is_refused_with_how_long(monkeypatch):
 def test_one_look_serves_the_probes_of_a_second_while_the_answer_stays():
     recorded = Recorded([IN_USE, IN_USE, IN_USE, {}], time_wait(200))  # one recorded look, read once
     outcome = run(recorded, wait=5)
-    assert outcome.exit_code == errors.EXIT_CLEAR and recorded.probes == 4 and recorded.looks == 1
+    assert outcome.exit_code == errors.ExitCode.CLEAR and recorded.probes == 4 and recorded.looks == 1
 
 
 def test_the_loop_changes_none_of_what_it_was_given():

@@ -13,13 +13,8 @@ import pytest
 
 from bindguard.evidence import owners
 from bindguard.model.kinds import UnitStatus, VerifyKind
-from bindguard.verdict.verify import (
-    EXIT_NOT_LISTENING,
-    Holder,
-    assess,
-    exit_code,
-    holders,
-)
+from bindguard.model.errors import ExitCode
+from bindguard.verdict.verify import Holder, assess, exit_code, holders
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import ProcessFact, SocketFact
 from test_discover import need_package
@@ -88,7 +83,7 @@ def test_optional_addresses_and_the_exit_code():
     taken = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "other.service"))
     shared = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"), _listener("127.0.0.1:80", 2, None))
     assert exit_code([]) == 0 and exit_code([_assess("127.0.0.1:80", _listener("127.0.0.1:80", 1, "web.service"))]) == 0
-    assert exit_code([missing]) == EXIT_NOT_LISTENING
+    assert exit_code([missing]) == ExitCode.ATTENTION
     assert exit_code([missing, taken]) == exit_code([shared]) == 98
     bind = Bind(parse_listen("127.0.0.1:80"), SocketOptions())
     optional = assess(bind, [], {}, "web.service", False, 1.0, optional=True)

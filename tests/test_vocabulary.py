@@ -3,9 +3,14 @@ A script reading `kind`, `unit_status`, `source` or `confidence` must see no cha
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from bindguard.action.scan import Scan
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
@@ -86,3 +91,57 @@ def test_check_verify_and_discover_json_carry_the_same_strings(netns):
                               capture_output=True, text=True, timeout=60)
     assert discover.returncode == 0, discover.stderr
     assert "guess" in {f["confidence"] for f in json.loads(discover.stdout)["findings"]}
+
+
+# --- exit codes: one ExitCode enum, every --help epilog and README's tables from it ------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _exit_lines(command: str) -> dict[int, str]:
+    """What `bindguard COMMAND --help` says of each exit code it lists (as the parser builds it)."""
+    from bindguard.cli import parser
+
+    module = importlib.import_module(f"bindguard.cli.commands.{command}")
+    text = parser.exit_codes_help(module.EXIT_CODES)
+    lines: dict[int, str] = {}
+    for row in re.split(r"\n(?=  \d)", text.split("\n", 1)[1]):
+        codes, meaning = re.match(r"  (\d+(?:, \d+)*)\s+(\S.*)", " ".join(row.split("\n      "))).groups()
+        for code in codes.split(", "):
+            lines[int(code)] = meaning
+    return lines
+
+
+def _readme_table(command: str) -> dict[int, str]:
+    section = README.read_text().split(f"\n## `bindguard {command}`\n", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| code | meaning |\n|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows: dict[int, str] = {}
+    for row in table.splitlines():
+        codes, meaning = row.strip("|").replace("\\|", "\0").split("|")
+        for code in codes.split(","):
+            rows[int(code)] = meaning.strip().replace("\0", "|").replace("`", "")
+    return rows
+
+
+@pytest.mark.parametrize("command", ["check", "scan", "verify"])
+def test_readme_exit_code_tables_are_the_ones_help_gives(command):
+    """README (which the man pages' sources are beside) names every exit code the command's --help
+    lists, each with the same line; a code the enum describes for every command reads the same."""
+    assert _readme_table(command) == {code: text.replace("`", "") for code, text in _exit_lines(command).items()}
+
+
+def test_each_command_lists_its_own_exit_codes_and_the_top_level_only_the_common_ones():
+    from bindguard.cli.commands import COMMANDS
+    from bindguard.cli.parser import build_parser
+    from bindguard.model.errors import COMMON_EXIT_CODES, ExitCode
+
+    top = build_parser().epilog
+    assert "98" not in top and "75" not in top and all(str(code) in top for code in COMMON_EXIT_CODES)
+    for name, (module_name, _) in COMMANDS.items():
+        lines = _exit_lines(module_name)
+        assert set(lines) >= {int(c) for c in COMMON_EXIT_CODES}, name
+        assert set(lines) <= {int(c) for c in ExitCode}, name
+    # codes only the guard gives, never the commands that change or read files
+    for name in ("config", "install", "uninstall", "discover", "scan"):
+        assert not set(_exit_lines(name)) & {13, 75, 98, 99}, name
+    assert 1 not in _exit_lines("check") and 70 not in _exit_lines("explain") and 78 not in _exit_lines("explain")

@@ -130,6 +130,8 @@ def epilog(text: str | None) -> list[str]:
         titles = {"exit codes:": "EXIT STATUS", "examples:": "EXAMPLES"}
         if head.strip().lower() in titles and body:
             out += [".SH " + titles[head.strip().lower()], *prose(body)]
+        elif head.lower().startswith("exit codes") and head.rstrip().endswith(":") and body:  # of every command
+            out += [".SH EXIT STATUS", *prose(head.rstrip(":") + "."), ".PP", *prose(body)]
         elif head.lower().startswith("exit codes:"):  # one line: "exit codes: 0 valid, 78 ..."
             out += [".SH EXIT STATUS", *prose(chunk.split(":", 1)[1].strip())]
         else:

@@ -80,7 +80,7 @@ class Outcome:
 
     @property
     def clear(self) -> bool:
-        return self.exit_code == errors.EXIT_CLEAR
+        return self.exit_code == errors.ExitCode.CLEAR
 
 
 def _tentative_addresses() -> frozenset:
@@ -242,12 +242,12 @@ def _denied_port_notes(request: Request, results: list[ProbeResult], privilege: 
 def _exit_code(blocking: list[Conflict]) -> int:
     kinds = {c.kind for c in blocking}
     if kinds - {ConflictKind.TIME_WAIT, ConflictKind.ADDRESS_UNAVAILABLE, ConflictKind.PERMISSION_DENIED}:
-        return errors.EXIT_INUSE
+        return errors.ExitCode.INUSE
     if ConflictKind.PERMISSION_DENIED in kinds:
-        return errors.EXIT_NOPERM
+        return errors.ExitCode.NOPERM
     if ConflictKind.ADDRESS_UNAVAILABLE in kinds:
-        return errors.EXIT_NOTAVAIL
-    return errors.EXIT_TEMPFAIL
+        return errors.ExitCode.NOTAVAIL
+    return errors.ExitCode.TEMPFAIL
 
 
 def _seconds_until_clear(conflicts: list[Conflict]) -> float | None:
@@ -321,7 +321,7 @@ def _notes(request: Request, evidence: Evidence, met: list[str], shown: tuple[Co
     ctx = request.systemd
     if ctx is None or not request.advise:
         return notices(said)
-    advice = ctx.advice([c for c in shown if c.blocking], refused=code != errors.EXIT_CLEAR)
+    advice = ctx.advice([c for c in shown if c.blocking], refused=code != errors.ExitCode.CLEAR)
     unlearned = [n for n in ctx.notes if n not in said]  # an unknown unit, a bus gone quiet
     return (*notices(said), *(Note(WARNING, line) for line in advice), *notices(unlearned))
 
@@ -363,7 +363,7 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
         refusing, waiting = _acting(decisions, Action.REFUSE), _acting(decisions, Action.WAIT)
         now = time.monotonic()
         if not refusing and not waiting:
-            return outcome(errors.EXIT_CLEAR)
+            return outcome(errors.ExitCode.CLEAR)
         passing = [c for c in refusing if fleeting(c)]
         if not passing or len(passing) < len(refusing):  # a holder that stays: no reason to probe again
             settling_since, pauses = None, 0
@@ -414,5 +414,5 @@ def unexplained(request: Request, results: list[ProbeResult], fault: str) -> Out
     decisions = decide(conflicts, request.rules)
     refusing = [d.conflict for d in decisions if d.action in (Action.REFUSE, Action.WAIT)]
     shown = tuple(d.conflict for d in decisions if d.action != Action.IGNORE)
-    code = _exit_code(refusing) if refusing else errors.EXIT_CLEAR
+    code = _exit_code(refusing) if refusing else errors.ExitCode.CLEAR
     return Outcome(code, shown, tuple(results), evidence, notes=notices(evidence.notes))

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bindguard.model.errors import ExitCode
 from bindguard.model.hostmap import HostMap
 from bindguard.verdict.scan import Finding, findings
-
-EXIT_ATTENTION = 1
 
 
 @dataclass
@@ -23,7 +22,7 @@ class Scan(HostMap):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_ATTENTION if self.findings else 0
+        return ExitCode.ATTENTION if self.findings else ExitCode.CLEAR
 
     def count(self, kind: str) -> int:
         return sum(1 for f in self.findings if f.kind == kind)

@@ -9,7 +9,6 @@ import _signal
 import os
 import sys
 
-EXIT_BROKEN_PIPE = 128 + 13  # the reader of stdout or stderr went away: as SIGPIPE ends other tools
 STOP_SIGNALS = {_signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP"}
 
 
@@ -61,12 +60,12 @@ def _main(argv: list[str]) -> int:
                     return code
             _site()
             from bindguard.cli.parser import build_parser, chosen_command
-            from bindguard.model.errors import EXIT_USAGE
+            from bindguard.model.errors import ExitCode
 
             args = build_parser(chosen_command(argv)).parse_args(argv)
             if args.command is None:
                 build_parser().print_help(sys.stderr)
-                return EXIT_USAGE
+                return ExitCode.USAGE
             # Decided before the command runs, so that it holds whatever fails in it (check, verify).
             fail_closed = args.fails_closed(args) if args.fails_closed is not None else False
             return args.run(args)
@@ -81,14 +80,14 @@ def _main(argv: list[str]) -> int:
                                 f"(exit {128 + stop.signum})")
         return 128 + stop.signum
     except Exception as exc:
-        from bindguard.model.errors import EXIT_INTERNAL, BindguardError, GuardFailure
+        from bindguard.model.errors import BindguardError, ExitCode, GuardFailure
 
         if isinstance(exc, BindguardError):
             output.error(exc.message, exc.hint, getattr(exc, "problems", ()))
             return exc.exit_code
         if isinstance(exc, BrokenPipeError) and _reader_gone():
             _discard_output()  # `| head`: a quiet end, as for other tools
-            return EXIT_BROKEN_PIPE
+            return ExitCode.BROKEN_PIPE
         if debug:  # the guard's own failure must not take the service down
             raise
         own = isinstance(exc, GuardFailure)
@@ -98,7 +97,7 @@ def _main(argv: list[str]) -> int:
              "  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
              + ("" if own else "; rerun with --debug for a traceback")],
         )
-        return EXIT_INTERNAL if fail_closed else 0
+        return ExitCode.INTERNAL if fail_closed else 0
 
 
 def _reader_gone() -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Mapping
 
 from bindguard import __version__
 from bindguard.cli.commands import COMMANDS
-from bindguard.model.errors import EXIT_CODES_HELP, UsageError
+from bindguard.model.errors import COMMON_EXIT_CODES, ExitCode, UsageError
 
 DESCRIPTION = """\
 Stop "bind: Address already in use" from taking services down.
@@ -16,6 +17,42 @@ Run `bindguard check` from a unit's ExecStartPre= with the addresses the daemon 
 It asks the kernel with a trial bind whether the daemon's bind() will succeed, waits out
 a TIME_WAIT that will clear by itself, or refuses the start and says who holds the
 address and how to fix it."""
+
+
+HELP_WIDTH = 92  # as the hand-written epilogs were
+
+
+def exit_codes_help(codes: Mapping[ExitCode, str | None], title: str = "exit codes:") -> str:
+    """The `exit codes:` block of a --help epilog: each code with its line (ExitCode.help, unless the
+    command says what the code means for it), those with the same line on one row; every command
+    also gives COMMON_EXIT_CODES."""
+    lines = {code: text or code.help for code, text in codes.items()}
+    for code in COMMON_EXIT_CODES:
+        lines.setdefault(code, code.help)
+    rows: dict[str, list[int]] = {}
+    for code in sorted(lines):
+        rows.setdefault(lines[code], []).append(code)
+    out = [title]
+    for text, numbers in sorted(rows.items(), key=lambda row: row[1][0]):
+        shown = ", ".join(map(str, numbers))
+        out += _wrapped(f"  {shown:<3} {text}" if len(shown) <= 3 else f"  {shown}  {text}", " " * 6)
+    return "\n".join(out)
+
+
+def _wrapped(line: str, indent: str) -> list[str]:
+    """line cut at spaces to HELP_WIDTH (textwrap would cost the guard an import)."""
+    out = []
+    while len(line) > HELP_WIDTH and " " in line[len(indent):HELP_WIDTH]:
+        cut = line.rindex(" ", len(indent), HELP_WIDTH)
+        out.append(line[:cut])
+        line = indent + line[cut + 1:]
+    return [*out, line]
+
+
+def epilog(module) -> str:
+    """A command's epilog: its EPILOG (examples), its exit codes (EXIT_CODES), then its EXIT_NOTE."""
+    parts = [getattr(module, "EPILOG", ""), exit_codes_help(module.EXIT_CODES), getattr(module, "EXIT_NOTE", "")]
+    return "\n\n".join(p for p in parts if p)
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,7 +64,7 @@ def build_parser(only: str | None = None) -> Parser:
     parser = Parser(
         prog="bindguard",
         description=DESCRIPTION,
-        epilog=EXIT_CODES_HELP,
+        epilog=exit_codes_help({}, "exit codes of every command (`bindguard COMMAND --help` lists each one's own):"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"bindguard {__version__}")
@@ -42,7 +79,7 @@ def build_parser(only: str | None = None) -> Parser:
             name,
             help=summary,
             description=module.DESCRIPTION,
-            epilog=getattr(module, "EPILOG", None),
+            epilog=epilog(module),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(child)

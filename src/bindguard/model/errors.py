@@ -1,38 +1,53 @@
 """Exit codes (errno- and sysexits-like, for scripts and `systemctl status`) and user-facing errors."""
 
-EXIT_CLEAR = 0
-EXIT_NOPERM = 13  # EACCES: the daemon may not bind a port below net.ipv4.ip_unprivileged_port_start
-EXIT_USAGE = 64  # EX_USAGE: bad command line
-EXIT_INTERNAL = 70  # EX_SOFTWARE: the guard itself failed and --fail-closed was asked for
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: only TIME_WAIT was in the way, and the wait ran out
-EXIT_CONFIG = 78  # EX_CONFIG: a configuration file is wrong
-EXIT_INUSE = 98  # EADDRINUSE: held by something that will not go away by itself
-EXIT_NOTAVAIL = 99  # EADDRNOTAVAIL: the address is on no interface
+import enum
+
+_STOPPED = ("ended by SIGHUP, SIGINT or SIGTERM before it finished (128 + the signal's number), "
+            "with a line saying so")
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit code bindguard gives, each with the line that explains it. The one place they are
+    described: every command's --help lists the ones it gives from here (a command may say what a
+    code means for it, cli/commands/*.EXIT_CODES), and tests/test_vocabulary.py holds README's
+    exit-code tables to them."""
+
+    help: str
+
+    def __new__(cls, code: int, help: str) -> "ExitCode":
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.help = help
+        return member
+
+    CLEAR = 0, "clear: every address can be bound (or the guard failed, failing open)"
+    ATTENTION = 1, "something is not as intended (scan: a finding; verify: an address not served as intended)"
+    NOPERM = 13, ("the daemon's user lacks CAP_NET_BIND_SERVICE for a port below "
+                  "net.ipv4.ip_unprivileged_port_start (as errno EACCES)")
+    USAGE = 64, "usage error: a malformed address or option"  # EX_USAGE
+    INTERNAL = 70, "the guard itself failed and --fail-closed was given"  # EX_SOFTWARE
+    TEMPFAIL = 75, "only TIME_WAIT was in the way and it had not cleared when the wait ran out (EX_TEMPFAIL)"
+    CONFIG = 78, "a configuration file is wrong"  # EX_CONFIG
+    INUSE = 98, "held by something that will not go away by itself (as errno EADDRINUSE)"
+    NOTAVAIL = 99, "the address is on no interface (as errno EADDRNOTAVAIL)"
+    # 128 + the signal's number, as a shell reports it (bindguard.cli, which must not import this).
+    HANGUP = 129, _STOPPED
+    INTERRUPTED = 130, _STOPPED
+    TERMINATED = 143, _STOPPED
+    BROKEN_PIPE = 141, "the reader of stdout or stderr went away (`| head`): a quiet end, as SIGPIPE ends other tools"
+
+
+# What every command can give: a bad command line, a signal, a reader gone.
+COMMON_EXIT_CODES = (ExitCode.USAGE, ExitCode.HANGUP, ExitCode.INTERRUPTED, ExitCode.TERMINATED, ExitCode.BROKEN_PIPE)
 
 # The verdict each of the guard's answers is called in JSON (`verdict`); any other code is "error".
-VERDICTS = {
-    EXIT_CLEAR: "clear",
-    EXIT_INUSE: "in-use",
-    EXIT_NOTAVAIL: "address-unavailable",
-    EXIT_TEMPFAIL: "time-wait",
-    EXIT_NOPERM: "permission-denied",
+VERDICTS: dict[int, str] = {
+    ExitCode.CLEAR: "clear",
+    ExitCode.INUSE: "in-use",
+    ExitCode.NOTAVAIL: "address-unavailable",
+    ExitCode.TEMPFAIL: "time-wait",
+    ExitCode.NOPERM: "permission-denied",
 }
-
-EXIT_CODES_HELP = """\
-exit codes:
-  0   clear: every address can be bound (or the guard failed and fails open)
-  13  the daemon's user lacks CAP_NET_BIND_SERVICE for a port below
-      net.ipv4.ip_unprivileged_port_start (as errno EACCES)
-  64  usage error: a malformed address or option
-  70  the guard itself failed and --fail-closed was given
-  75  still only TIME_WAIT in the way when the wait ran out (EX_TEMPFAIL)
-  78  configuration error (a YAML file)
-  98  held by something that will not go away by itself (as errno EADDRINUSE)
-  99  the address is on no interface (as errno EADDRNOTAVAIL)
-  129, 130, 143  ended by SIGHUP, SIGINT or SIGTERM before it finished (128 + the signal)
-  141 the reader of stdout or stderr went away (`| head`): a quiet end
-With Restart=, systemd retries a refused start like any failure (RestartPreventExitStatus=
-does not apply to ExecStartPre=): bound the loop with StartLimitIntervalSec=/StartLimitBurst=."""
 
 
 class GuardFailure(Exception):
@@ -43,7 +58,7 @@ class GuardFailure(Exception):
 class BindguardError(Exception):
     """An error a person can fix: one line saying what is wrong, one hint saying what to do."""
 
-    exit_code = EXIT_INTERNAL
+    exit_code: int = ExitCode.INTERNAL
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -52,13 +67,13 @@ class BindguardError(Exception):
 
 
 class UsageError(BindguardError):
-    exit_code = EXIT_USAGE
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(BindguardError):
     """A configuration that cannot be used; problems: every one found (file:line:column each)."""
 
-    exit_code = EXIT_CONFIG
+    exit_code = ExitCode.CONFIG
 
     def __init__(self, message: str, hint: str | None = None, problems: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__(message, hint)

@@ -157,17 +157,17 @@ def describe_holder(c: Conflict) -> str:
 
 def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     blocking = [c for c in outcome.conflicts if c.blocking]
-    if not blocking and outcome.exit_code == errors.EXIT_INUSE:  # refused by `nat: refuse` alone
+    if not blocking and outcome.exit_code == errors.ExitCode.INUSE:  # refused by `nat: refuse` alone
         blocking = [c for c in outcome.conflicts if c.kind == ConflictKind.NAT_SHADOWED]
     refusing = "a start now would be refused" if explain else "refusing to start"
     addrs = ", ".join(dict.fromkeys(str(c.bind) for c in blocking))
     code = outcome.exit_code
-    if code == errors.EXIT_CLEAR:
+    if code == errors.ExitCode.CLEAR:
         all_addrs = ", ".join(str(r.bind) for r in outcome.results)
         waited_for = "; ".join(outcome.waited_for)
         waited = f" after waiting {outcome.waited:.1f} s for {waited_for}" if outcome.waited_for else ""
         return output.INFO, f"bindguard: clear: {all_addrs} can be bound{waited}"
-    if code == errors.EXIT_TEMPFAIL:
+    if code == errors.ExitCode.TEMPFAIL:
         left = [c.socket.expires_ms for c in blocking if c.socket is not None and c.socket.expires_ms is not None]
         clears = f"it clears by itself in {max(left) / 1000:.1f} s" if left else "it clears by itself"
         if explain:  # explain never waits: say what a guard would meet, not what happened to one
@@ -176,9 +176,9 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
         waited = f"after waiting {outcome.waited:.1f} s" if outcome.waited else "without waiting"
         return output.ERR, (f"bindguard: {refusing}: {addrs} still blocked by TIME_WAIT {waited}; {clears}, "
                             f"past the wait budget (exit {code})")
-    if code == errors.EXIT_NOTAVAIL:
+    if code == errors.ExitCode.NOTAVAIL:
         return output.ERR, f"bindguard: {refusing}: {addrs} not available on any interface (exit {code})"
-    if code == errors.EXIT_NOPERM:
+    if code == errors.ExitCode.NOPERM:
         return output.ERR, f"bindguard: {refusing}: {addrs} denied to the daemon (exit {code})"
     waited = f" after waiting {outcome.waited:.1f} s" if outcome.waited else ""
     if blocking and all(c.kind == ConflictKind.NAT_SHADOWED for c in blocking):

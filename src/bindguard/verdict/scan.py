@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bindguard.model.endpoints import Bind, addresses_overlap
-from bindguard.model.errors import EXIT_INUSE
+from bindguard.model.errors import ExitCode
 from bindguard.model.facts import unit_active
 from bindguard.model.hostmap import Claim, HostMap, UnitState
 from bindguard.model.kinds import ClaimSource, FindingKind, UnitStatus
@@ -25,7 +25,7 @@ from bindguard.model.nat import NatRule
 from bindguard.verdict.nat import nat_evidence
 from bindguard.verdict.remedies import find_holder, inspect_process, nat_remedy, stop_container
 
-BIND_FAILURE_STATUS = EXIT_INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
+BIND_FAILURE_STATUS = ExitCode.INUSE  # the guard's refusal, and daemons that exit with EADDRINUSE's number
 RESERVED_PORTS_FILE = "/etc/sysctl.d/90-bindguard-reserved-ports.conf"
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bindguard.model.endpoints import Bind, addresses_overlap
-from bindguard.model.errors import EXIT_INUSE
+from bindguard.model.errors import ExitCode
 from bindguard.model.facts import ProcessFact, SocketFact, cgroup_within, holder_unit
 from bindguard.model.kinds import UnitStatus, VerifyKind
 from bindguard.verdict.conflicts import unit_phrase
@@ -23,8 +23,6 @@ from bindguard.verdict.remedies import find_holder, inspect_process
 
 # What an optional address may be: the unit does not hold it (a daemon that starts without it).
 NOT_HELD = (VerifyKind.NOT_LISTENING, VerifyKind.WRONG_ADDRESS, VerifyKind.FOREIGN_OWNER)
-
-EXIT_NOT_LISTENING = 1
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,11 @@ class Check:
         return self.kind is None or self.optional and self.kind in NOT_HELD
 
 
-def exit_code(checks: Iterable[Check]) -> int:
+def exit_code(checks: Iterable[Check]) -> ExitCode:
     kinds = {c.kind for c in checks if not c.ok}
-    return EXIT_INUSE if kinds & {VerifyKind.SHARED, VerifyKind.FOREIGN_OWNER} else EXIT_NOT_LISTENING if kinds else 0
+    if kinds & {VerifyKind.SHARED, VerifyKind.FOREIGN_OWNER}:
+        return ExitCode.INUSE
+    return ExitCode.ATTENTION if kinds else ExitCode.CLEAR
 
 
 def in_unit(unit: str, process: ProcessFact, named: tuple[str | None, UnitStatus], own_cgroup: str | None) -> bool:

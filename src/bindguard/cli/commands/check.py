@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 
 from bindguard.model.endpoints import Bind, ascii_number
-from bindguard.model.errors import EXIT_CLEAR, EXIT_CODES_HELP, VERDICTS, BindguardError, UsageError
+from bindguard.model.errors import VERDICTS, BindguardError, ExitCode, UsageError
 from bindguard.model.kinds import ANY_KIND, ConflictKind
 from bindguard.model.text import excerpt
 from bindguard.report import output
@@ -38,7 +38,12 @@ examples (in a unit):
                                                         or discovered from nginx, sshd, ...; in a
                                                         .socket unit, its own Listen entries)"""
 
-EPILOG = EXIT_CODES_HELP
+EXIT_CODES: dict[ExitCode, str | None] = dict.fromkeys((
+    ExitCode.CLEAR, ExitCode.NOPERM, ExitCode.INTERNAL, ExitCode.TEMPFAIL, ExitCode.CONFIG, ExitCode.INUSE,
+    ExitCode.NOTAVAIL))
+EXIT_NOTE = """\
+With Restart=, systemd retries a refused start like any failure (RestartPreventExitStatus=
+does not apply to ExecStartPre=): bound the loop with StartLimitIntervalSec=/StartLimitBurst=."""
 
 
 LISTEN_SYNTAX = "in ListenStream= syntax: 8080, 0.0.0.0:8080, [::1]:8080, udp:[::1]:53"
@@ -243,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     checks = plan(options, ctx, output.warning)
     if checks is None:
         output.emit(output.DEBUG, f"bindguard: nothing to guard for {options.unit}")
-        return EXIT_CLEAR
+        return ExitCode.CLEAR
     for line in checks.sources:
         output.emit(output.INFO, f"bindguard: checking {line}")
     request = guard.Request(

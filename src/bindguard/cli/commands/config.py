@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from bindguard.model.errors import EXIT_CLEAR, EXIT_CONFIG, ConfigError, UsageError
+from bindguard.model.errors import ConfigError, ExitCode, UsageError
 from bindguard.model.kinds import POLICY_KINDS
 from bindguard.report import output
 from bindguard.request import config
@@ -23,7 +23,11 @@ Validate bindguard's YAML configuration files, or show a unit's merged configura
 
 Files are looked up in /etc/bindguard, /run/bindguard, /usr/lib/bindguard (in that order of
 precedence; $BINDGUARD_CONFIG_PATH replaces the list). Nothing is probed."""
-EPILOG = "exit codes: 0 valid, 78 a file has problems (each printed as file:line:column: message)"
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "valid",
+    ExitCode.USAGE: "no such file, or not a unit name",
+    ExitCode.CONFIG: "a file has problems (each printed as file:line:column: message)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +70,7 @@ def _check(target: str | None) -> int:
             raise UsageError(f"{target}: no such file", "name an existing file, or a unit such as nginx.service")
         if config.masks_with_nothing(target):
             print(f"{target}: a link to /dev/null: masks the same name in the directories below")
-            return EXIT_CLEAR
+            return ExitCode.CLEAR
         files = [target]
         what = target
     else:
@@ -77,12 +81,12 @@ def _check(target: str | None) -> int:
     for problem in problems:
         output.emit(output.ERR, problem)
     if problems:
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     if not files:
         print(f"no configuration files {what}")
     for path in files:
         print(f"{path}: ok")
-    return EXIT_CLEAR
+    return ExitCode.CLEAR
 
 
 def _value(value) -> str:
@@ -137,7 +141,7 @@ def _show(unit: str, explicit: str | None) -> int:
     width = max(len(text) for text, _ in rows) + 2
     for text, where in rows:
         print(f"{text:<{width}}# {where}" if where else text)
-    return EXIT_CLEAR
+    return ExitCode.CLEAR
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +152,6 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in getattr(exc, "problems", None) or [exc.message]:
             output.emit(output.ERR, problem)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     finally:
         sys.stdout.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from bindguard.model.errors import EXIT_CLEAR, BindguardError, UsageError
+from bindguard.model.errors import BindguardError, ExitCode, UsageError
 from bindguard.model.text import escape
 from bindguard.report import output
 from bindguard.report.jsonout import write_json
@@ -22,8 +22,12 @@ Confident findings come from the daemon's own configuration (nginx, apache2/http
 sshd, redis-server, postgres, mariadbd/mysqld) and the unit's .socket units; guesses from
 the common option forms in ExecStart= and the environment (--port 8080, PORT=8080). A file
 that cannot be read is a warning, never an error."""
-EPILOG = ("exit codes: 0 (warnings do not change it), 64 bad arguments or an unknown unit, "
-          "70 systemd cannot be asked, 78 a broken bindguard YAML file")
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "the addresses found, if any (warnings do not change it)",
+    ExitCode.USAGE: "bad arguments or an unknown unit",
+    ExitCode.INTERNAL: "systemd cannot be asked, and the unit has no unit file",
+    ExitCode.CONFIG: "a broken bindguard YAML file",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,15 +126,15 @@ def run(args: argparse.Namespace) -> int:
              "reuseaddr": f.bind.options.reuseaddr, "reuseport": f.bind.options.reuseport,
              "v6only": f.bind.v6only, "freebind": f.bind.options.freebind, "survives": list(f.survives)}
             for f in result.findings]})
-        return EXIT_CLEAR
+        return ExitCode.CLEAR
     if not result.findings:
         print("nothing found" + (f" ({escape(', '.join(result.daemons))}: no listen address)"
                                  if result.daemons else ""))
-        return EXIT_CLEAR
+        return ExitCode.CLEAR
     rows = [(str(f.bind.endpoint), f.confidence, escape(f.source), _options_text(f.bind), escape(f.note))
             for f in result.findings]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for address, confidence, source, options, note in rows:
         line = f"{address:<{widths[0]}}  {confidence:<{widths[1]}}  {source:<{widths[2]}}  {options}"
         print(line + (f"  ({note})" if note else ""))
-    return EXIT_CLEAR
+    return ExitCode.CLEAR

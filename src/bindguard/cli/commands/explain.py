@@ -13,7 +13,7 @@ from bindguard.cli.commands.check import (
     request_options,
     systemd_context,
 )
-from bindguard.model.errors import EXIT_CODES_HELP
+from bindguard.model.errors import ExitCode
 
 DESCRIPTION = """\
 What is on these addresses now, who holds them (PID, command, user, unit), what kind of
@@ -26,22 +26,15 @@ example:
 
 
 
-def _exit_codes() -> str:
-    """check's exit codes as they apply to explain: it never waits (75 is TIME_WAIT now), has no
-    --fail-closed (no 70), reads no YAML file (no 78), and runs at a terminal, not in
-    ExecStartPre= (no Restart= advice)."""
-    lines = []
-    for line in EXIT_CODES_HELP.split("\nWith Restart=")[0].splitlines():
-        code = line.split()[0] if line.startswith("  ") and not line.startswith("   ") else None
-        if code in ("70", "78"):  # no --fail-closed, and no YAML file is read
-            continue
-        if code == "75":
-            line = "  75  only TIME_WAIT is in the way now: it clears by itself (`check` waits for it)"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-EPILOG = _exit_codes()
+# check's codes as they apply to explain: it never waits (75 is TIME_WAIT now), has no --fail-closed
+# (no 70) and reads no YAML file (no 78).
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "clear: every address can be bound now",
+    ExitCode.NOPERM: None,
+    ExitCode.TEMPFAIL: "only TIME_WAIT is in the way now: it clears by itself (`check` waits for it)",
+    ExitCode.INUSE: None,
+    ExitCode.NOTAVAIL: None,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import sys
 from bindguard.action import install
 from bindguard.cli.parser import build_parser
 from bindguard.model.endpoints import AddressError, parse_listen
-from bindguard.model.errors import UsageError
+from bindguard.model.errors import ExitCode, UsageError
 from bindguard.report import output
 
 DESCRIPTION = f"""\
@@ -40,14 +40,14 @@ examples:
   bindguard install ssh.service 22 --check-args='--wait 10'
   bindguard install --user web.service 127.0.0.1:8080
   bindguard install web.socket                    # its own ListenStream=/ListenDatagram=, before they are bound
-  bindguard install --print nginx.service         # show the drop-in, write nothing
-
-exit codes:
-  0   the drop-in is in place (a failed daemon-reload is a warning: run it yourself)
-  64  a malformed address, unit name or check option; a control character in any of them;
-      no LISTEN and no address to be found
-  78  cannot write: a file bindguard did not write is in the way, a UNIT.d that links out of
-      the unit directory, or no permission"""
+  bindguard install --print nginx.service         # show the drop-in, write nothing"""
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "the drop-in is in place (a failed daemon-reload is a warning: run it yourself)",
+    ExitCode.USAGE: ("a malformed address, unit name or check option; a control character in any of them; "
+                     "no LISTEN and no address to be found"),
+    ExitCode.CONFIG: ("cannot write: a file bindguard did not write is in the way, a UNIT.d that links out of "
+                      "the unit directory, or no permission"),
+}
 
 OPTION_FLAGS = {"reuseaddr": ("--reuseaddr", "--no-reuseaddr"), "reuseport": ("--reuseport", None),
                 "v6only": ("--v6only", "--no-v6only"), "freebind": ("--freebind", None)}

@@ -7,7 +7,7 @@ import os
 import sys
 
 from bindguard.cli.commands.check import add_systemd_arguments
-from bindguard.model.errors import BindguardError, UsageError
+from bindguard.model.errors import BindguardError, ExitCode, UsageError
 
 DESCRIPTION = """\
 One view of this host (this network namespace): every listening socket with its PID, command
@@ -36,13 +36,13 @@ examples:
   bindguard scan --json | jq '.findings[] | select(.kind == "unit-collision")'
   bindguard scan --quiet --prometheus /var/lib/prometheus/node-exporter/bindguard.prom"""
 
-EPILOG = """\
-exit codes:
-  0   nothing needs attention
-  1   at least one finding (the kinds above)
-  64  usage error (a bad option, or --prometheus in a directory that does not exist or that
-      another user's symlink leads to)
-  70  the scan itself failed"""
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "nothing needs attention",
+    ExitCode.ATTENTION: "at least one finding (the kinds above)",
+    ExitCode.USAGE: ("usage error: a bad option, or --prometheus in a directory that does not exist, is not "
+                     "writable or that another user's symlink leads to"),
+    ExitCode.INTERNAL: "the scan itself failed",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

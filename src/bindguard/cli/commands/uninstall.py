@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 
 from bindguard.action import install
+from bindguard.model.errors import ExitCode
 from bindguard.report import output
 
 DESCRIPTION = f"""\
 Remove UNIT.d/{install.DROPIN_NAME} written by `bindguard install`, then daemon-reload. A file
 of that name that bindguard did not write is left alone (exit 78). Nothing to remove is not an error."""
 
-EPILOG = """\
-exit codes:
-  0   removed, or there was nothing to remove
-  64  a malformed unit name
-  78  the file was not written by bindguard, or it cannot be removed (permission)"""
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "removed, or there was nothing to remove",
+    ExitCode.USAGE: "a malformed unit name",
+    ExitCode.CONFIG: "the file was not written by bindguard, or it cannot be removed (permission)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,10 +6,10 @@ import argparse
 
 from bindguard.cli.commands import check
 from bindguard.model.endpoints import Bind
-from bindguard.model.errors import EXIT_INUSE, UsageError
+from bindguard.model.errors import ExitCode, UsageError
 from bindguard.report import output
 from bindguard.systemd.unitfiles import normalize_unit
-from bindguard.verdict.verify import EXIT_NOT_LISTENING, Check
+from bindguard.verdict.verify import Check
 
 DESCRIPTION = """\
 After the daemon started: does each address have exactly one intended listener (or a
@@ -38,14 +38,14 @@ priority prefixes (plain on a terminal); stdout carries only --json.
 example (in a unit):
   ExecStartPost=/usr/bin/bindguard verify 0.0.0.0:80 [::]:443"""
 
-EPILOG = f"""\
-exit codes:
-  0   every address is served as intended
-  {EXIT_NOT_LISTENING}   the unit does not listen where intended (not-listening, wrong-address)
-  64  usage error: a malformed address or option, or no unit or address to verify
-  70  verify itself failed and --fail-closed was given (otherwise it lets the unit run: 0)
-  78  the unit's bindguard file is wrong
-  {EXIT_INUSE}  a process outside the unit owns or shares an address (foreign-owner, shared)"""
+EXIT_CODES: dict[ExitCode, str | None] = {
+    ExitCode.CLEAR: "every address is served as intended",
+    ExitCode.ATTENTION: "the unit does not listen where intended (not-listening, wrong-address)",
+    ExitCode.USAGE: "usage error: a malformed address or option, or no unit or address to verify",
+    ExitCode.INTERNAL: "verify itself failed and --fail-closed was given (otherwise it lets the unit run: 0)",
+    ExitCode.CONFIG: "the unit's bindguard file is wrong",
+    ExitCode.INUSE: "a process outside the unit owns or shares an address (foreign-owner, shared)",
+}
 
 DEFAULT_TIMEOUT = 5.0
 
