@@ -190,3 +190,20 @@ def test_install_takes_services_socket_units_and_their_templates():
     for bad in ("", "a b.service", "../x.service", "nginx.timer", "-.mount"):
         with pytest.raises(UsageError):
             install.guarded_unit_name(bad)
+
+
+def test_one_reading_of_a_template_name(tmp_path, monkeypatch):
+    """A template is a template whatever its prefix holds (systemd: the first '@' right before the
+    type): its bindguard file names no unit of its own, and only where a template is allowed
+    (install) is it a unit name."""
+    for name in ("web.service.yaml", "web@.service.yaml", "web.v2@.service.yaml", "db@main.service.yaml"):
+        (tmp_path / name).write_text("wait: 1\n")
+    monkeypatch.setenv(unitfiles.SEARCH_PATH_ENV, str(tmp_path))
+    assert unitfiles.configured_units() == ["db@main.service", "web.service"]
+    for template in ("web@.service", "web.v2@.service", "web@.socket"):
+        assert unitfiles.is_template(template) and unitfiles.unit_name(template) is None
+        assert unitfiles.unit_name(template, template=True) == template
+    assert not unitfiles.is_template("a@b@.service") and unitfiles.unit_name("a@b@.service") == "a@b@.service"
+    assert unitfiles.with_template("db@main.service") == ["db@main.service", "db@.service"]
+    with pytest.raises(UsageError, match="is a template"):
+        unitfiles.normalize_unit("web.v2@.service")

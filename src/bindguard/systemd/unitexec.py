@@ -12,7 +12,7 @@ assignment resets a list. Specifiers and quoting are left to bindguard.systemd.u
 
 import os
 
-from bindguard.systemd.unitfiles import template_of
+from bindguard.systemd.unitfiles import is_template, with_template
 
 SYSTEM_UNIT_PATH = (
     "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
@@ -104,7 +104,7 @@ def _dropin_dir_names(names: list[str]) -> list[str]:
 def unit_files(unit: str, user: bool = False) -> list[str]:
     """The fragment and its drop-ins, in the order they apply; empty for no unit (or a masked one)."""
     dirs = unit_path(user)
-    names = [unit] + ([t] if (t := template_of(unit)) else [])
+    names = with_template(unit)
     fragment, known = _find_fragment(names, dirs)
     if fragment is None:
         return []
@@ -183,7 +183,7 @@ def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
                 continue
             state = "enabled-runtime" if directory.startswith("/run/") else "enabled"
             for name in names:
-                if name.endswith(".socket") and not name.endswith("@.socket"):
+                if name.endswith(".socket") and not is_template(name):
                     found.setdefault(name, state)
     return found
 

@@ -50,8 +50,8 @@ def search_path() -> list[str]:
 def unit_name(text: str, template: bool = False) -> str | None:
     """The unit name systemctl makes of text (`nginx` -> nginx.service, `getty@tty1` ->
     getty@tty1.service), or None where systemd rejects it (normalize_unit says why)."""
-    name = _with_type(text)
-    return None if _unit_name_problem(name, template) else name
+    name, problem = _named(text, template)
+    return None if problem else name
 
 
 def normalize_unit(text: str, template: bool = False) -> str:
@@ -60,8 +60,7 @@ def normalize_unit(text: str, template: bool = False) -> str:
     A template (foo@.service) is a unit name only where template=True: a drop-in may apply to
     every instance, but a guard always runs for one instance (%n).
     """
-    name = _with_type(text)
-    problem = _unit_name_problem(name, template)
+    name, problem = _named(text, template)
     if problem is None:
         return name
     from bindguard.model.errors import UsageError
@@ -72,28 +71,31 @@ def normalize_unit(text: str, template: bool = False) -> str:
     raise UsageError(f"{shown} is not a unit name: {problem}", hint)
 
 
-def _with_type(text: str) -> str:
-    """text with .service appended when it names no unit type, as systemctl does."""
-    return text if text.endswith(UNIT_SUFFIXES) else text + ".service"
-
-
-def _unit_name_problem(name: str, template: bool) -> str | None:
-    """What systemd's unit_name_is_valid() finds wrong with a name that has a type suffix, or None."""
+def _named(text: str, template: bool) -> tuple[str, str | None]:
+    """The one reading of a unit name: text with .service appended when it names no unit type (as
+    systemctl does), and what systemd's unit_name_is_valid() finds wrong with it, or None."""
+    name = text if text.endswith(UNIT_SUFFIXES) else text + ".service"
     prefix = name[: name.rfind(".")]
     if not prefix:
-        return "the name before its type is empty"
+        return name, "the name before its type is empty"
     if len(name) > UNIT_NAME_MAX:
-        return f"it is longer than {UNIT_NAME_MAX} characters"
+        return name, f"it is longer than {UNIT_NAME_MAX} characters"
     bad = sorted(set(prefix) - UNIT_NAME_CHARS)
     if bad:
-        return (f"{', '.join(repr(c) for c in bad[:5])} cannot be in a unit name "
-                "(ASCII letters, digits and : - _ . \\ @ can)")
-    at = prefix.find("@")
-    if at == 0:
-        return "it starts with '@'"
-    if at == len(prefix) - 1 and not template:
-        return f"{name} is a template"
-    return None
+        return name, (f"{', '.join(repr(c) for c in bad[:5])} cannot be in a unit name "
+                      "(ASCII letters, digits and : - _ . \\ @ can)")
+    if prefix.startswith("@"):
+        return name, "it starts with '@'"
+    if is_template(name) and not template:
+        return name, f"{name} is a template"
+    return name, None
+
+
+def is_template(name: str) -> bool:
+    """foo@.service: a template, which only its instances (foo@bar.service) run. As systemd reads
+    it, the first '@' decides (a@b@.service is an instance of a@.service)."""
+    prefix = name[: name.rfind(".")]
+    return prefix.find("@") == len(prefix) - 1
 
 
 def daemon_for_unit_name(unit: str) -> str | None:
@@ -111,8 +113,9 @@ def template_of(name: str) -> str | None:
     return f"{prefix}@{rest[rest.rfind('.'):]}"
 
 
-def _names(unit: str) -> list[str]:
-    """The unit's own name and, for an instance foo@bar.service, its template foo@.service."""
+def with_template(unit: str) -> list[str]:
+    """The unit's own name and, for an instance foo@bar.service, its template foo@.service: the
+    names its unit files and its bindguard files are looked up by."""
     template = template_of(unit)
     return [unit, template] if template else [unit]
 
@@ -131,7 +134,7 @@ def config_files(unit: str) -> list[str]:
     """The files that make up a unit's configuration, in the order they apply."""
     dirs = search_path()
     main = None
-    for name in _names(unit):
+    for name in with_template(unit):
         for d in dirs:
             candidate = os.path.join(d, name + ".yaml")
             if os.path.lexists(candidate):
@@ -140,7 +143,7 @@ def config_files(unit: str) -> list[str]:
         if main is not None:
             break
     dropins: dict[str, str] = {}
-    for name in reversed(_names(unit)):  # the instance's drop-ins mask the template's
+    for name in reversed(with_template(unit)):  # the instance's drop-ins mask the template's
         for d in reversed(dirs):  # lower precedence first, so higher ones overwrite
             dropin_dir = os.path.join(d, name + ".yaml.d")
             try:
@@ -166,7 +169,7 @@ def configured_units() -> list[str]:
         for entry in entries:
             name = entry[: -len(".yaml")] if entry.endswith(".yaml") else entry[: -len(".yaml.d")] \
                 if entry.endswith(".yaml.d") else None
-            if name and name.endswith(UNIT_SUFFIXES) and not name.split(".")[0].endswith("@"):
+            if name and name.endswith(UNIT_SUFFIXES) and not is_template(name):
                 units.add(name)
     return sorted(units)
 
