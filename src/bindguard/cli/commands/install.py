@@ -39,7 +39,7 @@ examples:
   bindguard install redis-server.service 127.0.0.1:6379 --if-available [::1]:6379
   bindguard install ssh.service 22 --check-args='--wait 10'
   bindguard install --user web.service 127.0.0.1:8080
-  bindguard install web.socket                    # its own ListenStream=/ListenDatagram=, before they are bound
+  bindguard install ssh.socket                    # its own ListenStream=/ListenDatagram=, before they are bound
   bindguard install --print nginx.service         # show the drop-in, write nothing"""
 EXIT_CODES: dict[ExitCode, str | None] = {
     ExitCode.CLEAR: "the drop-in is in place (a failed daemon-reload is a warning: run it yourself)",
