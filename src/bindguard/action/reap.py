@@ -76,7 +76,7 @@ def terminate(conflict: Conflict, reason: str, log: Callable[[int, str], None], 
     p = conflict.process
     if p is None:
         return "no process to end"
-    label = f"PID {p.pid} ({' '.join(p.cmdline) or p.name})"
+    label = f"PID {p.pid} ({p.command})"
     try:
         pidfd = os.pidfd_open(p.pid)
     except ProcessLookupError:

@@ -88,6 +88,12 @@ class ProcessFact:
     exiting: bool = False  # the kernel is ending it: /proc/PID/stat says zombie or dead, or PF_EXITING
     container: ContainerFact | None = None  # the container or pod it runs for, where that is proven
 
+    @property
+    def command(self) -> str:
+        """The process as the evidence names it: its command line, else (a kernel thread, or one that
+        cleared its argv) its name."""
+        return " ".join(self.cmdline) or self.name
+
 
 def holder_unit(process: ProcessFact, answered: Mapping[int, str | None]) -> tuple[str | None, UnitStatus]:
     """A process's unit and how it is known (UnitStatus), from the manager's answers (GetUnitByPID,

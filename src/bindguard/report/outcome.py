@@ -126,7 +126,7 @@ def describe_holder(c: Conflict) -> str:
         if s.expires_ms is not None and c.kind == ConflictKind.TIME_WAIT:
             parts.append(f"clears in {s.expires_ms / 1000:.1f} s")
     if p is not None:
-        command = " ".join(p.cmdline) or p.name
+        command = p.command
         parts.append(f"PID {p.pid} ({command})")
         parts.append(f"user {p.user}")
         parts.append(f"PPID {p.ppid}")
@@ -217,7 +217,7 @@ def write_observed(outcome: Outcome) -> None:
         p = outcome.evidence.holders.get(s.inode)
         held = attribution(s, outcome.evidence)
         where = f"socket unit {held.socket_unit}" if held.socket_unit else unit_phrase(held.unit, held.unit_status)
-        who = f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), {where}" if p else (
+        who = f"PID {p.pid} ({p.command}), {where}" if p else (
             "no process (kernel timer)" if not s.inode else f"uid {s.uid}")
         proto = "" if s.local.proto == TCP else "udp "
         output.emit(output.INFO, f"    {proto}{s.local.address()} {s.state}: {who}")

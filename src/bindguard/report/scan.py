@@ -20,7 +20,7 @@ from bindguard.report import output
 def _command(process: ProcessFact | None) -> str:
     if process is None:
         return "-"
-    return " ".join(process.cmdline) or process.name
+    return process.command
 
 
 def _unit_column(listener: Listener) -> str:

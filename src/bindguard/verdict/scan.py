@@ -155,7 +155,7 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
                 continue
         evidence = []
         if p is not None:
-            evidence.append(f"PID {p.pid} ({' '.join(p.cmdline) or p.name}), user {p.user}, PPID {p.ppid}, "
+            evidence.append(f"PID {p.pid} ({p.command}), user {p.user}, PPID {p.ppid}, "
                             f"cgroup {p.cgroup or '?'}")
             if status == UnitStatus.NO_UNIT:
                 evidence.append("the manager places it in no unit")

@@ -87,7 +87,7 @@ def _who(holder: Holder) -> str:
     p = holder.processes[0]
     unit, status = holder.units[0] if holder.units else holder_unit(p, {})
     more = f" and {len(holder.processes) - 1} more" if len(holder.processes) > 1 else ""
-    return (f"{holder.socket.local} {holder.socket.state}: PID {p.pid} ({' '.join(p.cmdline) or p.name}){more}, "
+    return (f"{holder.socket.local} {holder.socket.state}: PID {p.pid} ({p.command}){more}, "
             f"{unit_phrase(unit, status)}, cgroup {p.cgroup or '?'}")
 
 
@@ -130,7 +130,7 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
         evidence = [f"{unit} holds {_who(h)}" for h in ours] + [
             f"shared with a process outside {unit}: {_who(h)}" for h in foreign]
         p = next((h.processes[0] for h in foreign if h.processes), None)
-        who = f"PID {p.pid} ({' '.join(p.cmdline) or p.name})" if p else "another process"
+        who = f"PID {p.pid} ({p.command})" if p else "another process"
         fix = (f"{who} is bound to {ep} as well (SO_REUSEPORT, or SO_REUSEADDR for UDP), and the kernel "
                f"splits the traffic between it and {unit}: stop it, or give one of them another address")
     elif v6only_stated and ep.is_wildcard and ep.host.version == 6 and any(
