@@ -197,11 +197,13 @@ def _listener_unit_states(hostmap: HostMap, connection: bus.Systemd | None) -> N
     services above did not answer: whether it still runs decides an unclaimed listener."""
     if connection is None:
         return
+    asked = set(hostmap.unit_states)
     for listener in hostmap.listeners:
         unit = listener.unit
         if (listener.by_manager or not unit or not unit.endswith(".service")
-                or listener.unit_status == UnitStatus.BY_CGROUP or unit in hostmap.unit_states):
+                or listener.unit_status == UnitStatus.BY_CGROUP or unit in asked):
             continue
+        asked.add(unit)  # once per unit, however many of its sockets listen
         try:
             hostmap.unit_states[unit] = connection.unit(unit).active_state
         except bus.UnitNotFound:
