@@ -93,3 +93,22 @@ def test_an_exiting_process_is_told_from_a_live_one():
         assert not _exiting(os.getpid())
     finally:
         os.waitpid(child, 0)
+
+
+def test_a_socket_unit_that_is_stopping_is_waited_for(systemd_rig):
+    """A socket unit keeps its sockets open while its ExecStopPre= runs (deactivating): its
+    address is freed when that ends."""
+    rig = systemd_rig
+    rig.write_unit("other.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit("other.socket", f"[Socket]\nListenStream={ADDRESS}\nExecStopPre=/bin/sleep 3\n")
+    assert rig.start("other.socket").ok
+    assert rig.systemctl("stop", "--no-block", "other.socket").returncode == 0
+    deadline = time.monotonic() + 5
+    while rig.prop("other.socket", "ActiveState") != "deactivating":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    log = guarded(rig)
+    run = rig.start("web.service")
+    out = log.read_text()
+    assert run.ok and run.pre_status == [0], (run.output, out)
+    assert f"clear: {ADDRESS} can be bound after waiting" in out and f"socket-unit on {ADDRESS}" in out

@@ -124,8 +124,15 @@ def attribution(sock: SocketFact, evidence: Evidence) -> Attribution:
     unit is deactivating (a stop or restart running its ExecStop=, a handover)."""
     holder = _attribution(sock, evidence)
     process, sd = holder.process, evidence.systemd
-    if process is None or holder.kind == ConflictKind.SOCKET_UNIT:
+    if process is None:
         return holder
+    if holder.kind == ConflictKind.SOCKET_UNIT:
+        stopping = sd is not None and any(u.name == holder.socket_unit and u.active_state == "deactivating"
+                                          for u in sd.socket_units)
+        return replace(holder, leaving=Leaving.UNIT_DEACTIVATING, evidence=(
+            *holder.evidence, f"the manager says {holder.socket_unit} is deactivating: it is stopping (its "
+                              "ExecStopPre= still running), and the manager closes its sockets when that ends")) \
+            if stopping else holder
     if process.exiting:
         return replace(holder, leaving=Leaving.PROCESS_EXITING,
                        evidence=(*holder.evidence, f"PID {process.pid} is exiting (/proc/{process.pid}/stat)"))
@@ -203,9 +210,14 @@ def _holder_conflict(bind: Bind, sock: SocketFact, evidence: Evidence, *, error:
                     predicted=predicted, error=error, evidence=(*notes, *holder.evidence), leaving=holder.leaving)
 
 
+# A socket unit's sockets are open in these states (systemd's socket_set_state keeps them through
+# ExecStopPre=: deactivating), and closed in every other.
+SOCKET_UNIT_LISTENING_STATES = ("active", "reloading", "deactivating")
+
+
 def _socket_unit_for(sock: SocketFact, units: list[SocketUnitFact], active: bool) -> SocketUnitFact | None:
     for unit in units:
-        if (unit.active_state == "active") == active and unit.endpoint.proto == sock.local.proto \
+        if (unit.active_state in SOCKET_UNIT_LISTENING_STATES) == active and unit.endpoint.proto == sock.local.proto \
                 and unit.endpoint.port == sock.local.port and unit.endpoint.host == sock.local.host:
             return unit
     return None
@@ -220,7 +232,8 @@ def latent_socket_units(binds: list[Bind], evidence: Evidence) -> list[Conflict]
     for bind in binds:
         for unit in sd.socket_units:
             # its own sockets are what a socket unit's guard checks, not yet bound
-            if unit.active_state == "active" or sd.guarded_unit in unit.triggers or unit.name == sd.guarded_unit:
+            if unit.active_state in SOCKET_UNIT_LISTENING_STATES or sd.guarded_unit in unit.triggers \
+                    or unit.name == sd.guarded_unit:
                 continue
             if addresses_overlap(bind.endpoint, bind.v6only, unit.endpoint, unit.v6only):
                 conflicts.append(
