@@ -199,3 +199,49 @@ def test_bind_to_device_is_tried_as_the_manager_binds_it(netns, tmp_path):
     unbound = netns.run([sys.executable, "-m", "bindguard", "check", "--user", "--no-systemd",
                          "--unit", "any.socket"], env=env)
     assert unbound.returncode == 98, unbound.stderr
+
+
+READ_BOTH_WAYS = """
+import json, sys
+from bindguard.systemd.bus import USER, Systemd
+from bindguard.systemd.unitfacts import socket_unit_from_files
+with Systemd(USER) as sd:
+    over_bus = sd.socket_unit_settings(sys.argv[1])
+from_files = socket_unit_from_files(sys.argv[1], True)
+print(json.dumps([[sorted(s.listens), s.reuse_port, s.bind_ipv6_only, s.free_bind, s.transparent,
+                   s.bind_to_device, s.protocol] for s in (over_bus, from_files)]))
+"""
+
+
+def test_the_manager_and_the_unit_files_say_the_same_about_a_socket_unit(systemd_rig):
+    """A socket unit with no file on disk is read over D-Bus (bus.socket_unit_settings): both ways
+    give the same entries and options for the same unit."""
+    rig = systemd_rig
+    rig.write_unit("web.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
+    rig.write_unit("web.socket", f"[Socket]\nListenStream={ADDRESS}\nListenDatagram=[::1]:{PORT}\n"
+                                 "ListenStream=/run/web.sock\nReusePort=yes\nBindIPv6Only=ipv6-only\nFreeBind=yes\n"
+                                 "Transparent=yes\nBindToDevice=lo\nSocketProtocol=sctp\n")
+    done = rig.run([sys.executable, "-c", READ_BOTH_WAYS, "web.socket"])
+    assert done.returncode == 0, done.stderr
+    over_bus, from_files = json.loads(done.stdout)
+    assert over_bus == from_files
+    assert from_files == [[["Datagram", f"[::1]:{PORT}"], ["Stream", "/run/web.sock"], ["Stream", ADDRESS]],
+                          True, "ipv6-only", True, True, "lo", "sctp"]
+
+
+def test_what_the_trial_cannot_try_is_named_and_never_refused(netns, tmp_path):
+    """SCTP (SocketProtocol=sctp, an IP ListenSequentialPacket=) is not a TCP trial: a TCP listener on
+    the same port says nothing about it, so it is a warning, and the start goes on."""
+    netns.hold({"host": "127.0.0.1", "port": PORT, "reuseaddr": True})
+    units = tmp_path / "config" / "systemd" / "user"
+    units.mkdir(parents=True)
+    (units / "sctp.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\nSocketProtocol=sctp\n")
+    (units / "seq.socket").write_text(f"[Socket]\nListenSequentialPacket={ADDRESS}\n")
+    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
+    for unit in ("sctp.socket", "seq.socket"):
+        done = netns.run([sys.executable, "-m", "bindguard", "check", "--user", "--no-systemd", "--unit", unit],
+                         env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"{unit}'s Listen" in done.stderr and "is an SCTP socket, which the trial bind does not try" \
+            in done.stderr

@@ -43,8 +43,8 @@ def binds_of(unit: str, settings: SocketUnitSettings, overrides: dict[str, bool]
             continue  # a file system path, an abstract name, vsock: not an IP socket
         where = f"{unit}'s Listen{kind}={address}"
         if kind not in TYPES or protocol == "sctp" or (protocol == "udplite" and kind == "Datagram"):
-            what = "SCTP" if kind != "Datagram" else "UDP-Lite"
-            request.warnings.append(f"{where} is not checked: it is an {what} socket, which the trial bind "
+            what = "an SCTP" if kind != "Datagram" else "a UDP-Lite"
+            request.warnings.append(f"{where} is not checked: it is {what} socket, which the trial bind "
                                     "does not try")
             continue
         if endpoint.host.version == 6 and settings.bind_ipv6_only != "default":
