@@ -166,6 +166,8 @@ def command_pages(parser: argparse.ArgumentParser) -> dict[str, str]:
             ".SH FILES", ".TP", "/usr/share/doc/bindguard/examples/",
             "drop\\-ins and configurations to copy", ".TP", "/usr/share/bindguard/service.d/bindguard.conf",
             "the drop\\-in that guards every service, not enabled: see /usr/share/doc/bindguard/README.Debian",
+            ".TP", "/usr/share/bindguard/socket.d/bindguard.conf",
+            "the drop\\-in that guards every socket unit, not enabled: see /usr/share/doc/bindguard/README.Debian",
             *see_also(*others, "bindguard.yaml(5)", "systemd.service(5)", "systemd.exec(5)", "systemd.socket(5)")]
     pages["bindguard.8"] = top
     for name, (child, summary) in commands.items():
