@@ -9,6 +9,16 @@ dbus.socket provide the session bus at $XDG_RUNTIME_DIR/bus. Never `systemd --sy
 Each rig gets its own cgroup (in every writable hierarchy systemd uses) before the manager
 starts, so two rigs at once do not create the same /app.slice/NAME.service paths, and every
 process the rig leaves behind can be found and ended by PID at teardown.
+
+SystemdRig(journal=True) also runs a private systemd-journald in the rig's mount namespace: its
+sockets at the standard paths under the rig's /run/systemd (so the manager connects its units'
+stdout and stderr to it, and the native socket is at /run/systemd/journal/socket), its
+configuration in /run/systemd/journald.conf.d (volatile storage; no kernel log, no forwarding),
+and its files in the rig's directory, bind-mounted on /run/log (read them with journal()). Its
+manager runs in a cgroup laid out as a real user manager's, NAME.slice/user@UID.service, so that
+journald attributes entries as it does on a host: _SYSTEMD_USER_UNIT=web.service (and
+_SYSTEMD_UNIT=user@UID.service), OBJECT_SYSTEMD_USER_UNIT for an OBJECT_PID in a user unit.
+The host's journald is never touched.
 """
 
 from __future__ import annotations
@@ -31,6 +41,16 @@ TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 SERVE = TESTS / "serve.py"
 SYSTEMD = "/usr/lib/systemd/systemd"
+JOURNALD = "/usr/lib/systemd/systemd-journald"
+JOURNALD_CONF = """[Journal]
+Storage=volatile
+ReadKMsg=no
+ForwardToSyslog=no
+ForwardToKMsg=no
+ForwardToConsole=no
+ForwardToWall=no
+RateLimitIntervalSec=0
+"""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Units of the distribution that have no business running in a test manager.
 MASKED = ("systemd-tmpfiles-setup.service", "systemd-tmpfiles-clean.timer", "systemd-tmpfiles-clean.service")
@@ -90,7 +110,7 @@ def _parse_exec_status(value: str) -> list[int | None]:
 class SystemdRig:
     """A running user manager; see the module doc. Use as the `systemd_rig` fixture."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: bool = False) -> None:
         self.name = f"bindguard-rig-{uuid.uuid4().hex[:12]}"
         self.root = Path(tempfile.mkdtemp(prefix="bindguard-rig-"))
         self.home = self.root / "home"
@@ -98,6 +118,10 @@ class SystemdRig:
         self.config_home = self.home / "config"
         self.unit_dir = self.config_home / "systemd" / "user"
         self.log_dir = self.root / "log"
+        # bind-mounted on /run/log, where journald keeps its volatile files: journal/MACHINE-ID/*.journal
+        self.journal_dir = self.root / "journal" if journal else None
+        if self.journal_dir:
+            self.journal_dir.mkdir()
         for d in (self.home, self.unit_dir, self.log_dir):
             d.mkdir(parents=True)
         self.runtime_dir.mkdir(mode=0o700)
@@ -132,18 +156,41 @@ class SystemdRig:
 
     def _make_cgroups(self) -> None:
         for hierarchy in _cgroup_hierarchies():
-            path = hierarchy / self.name
+            path = hierarchy / (self.name + ".slice" if self.journal_dir else self.name)
             try:
                 path.mkdir()
             except OSError:
                 continue
             self.cgroups.append(path)
 
+    def _manager_cgroups(self) -> list[Path]:
+        if not self.journal_dir:
+            return self.cgroups
+        managers = [cg / f"user@{os.getuid()}.service" for cg in self.cgroups]
+        for path in managers:
+            path.mkdir(exist_ok=True)
+        return managers
+
+    def _start_journald(self) -> str:
+        """The shell commands, run in the rig's namespace before the manager starts, that start its
+        journald and wait (up to 5 s) for its native socket."""
+        conf = self.root / "journald.conf"
+        conf.write_text(JOURNALD_CONF)
+        hide_persistent = "mount -t tmpfs tmpfs /var/log/journal && " if os.path.isdir("/var/log/journal") else ""
+        return (
+            f"mkdir -p /run/systemd/journald.conf.d /run/log && cp {conf} /run/systemd/journald.conf.d/rig.conf"
+            f" && mount --bind {self.journal_dir} /run/log && {hide_persistent}"
+            f"{{ {JOURNALD} </dev/null & }} && for i in $(seq 250); do"
+            " [ -S /run/systemd/journal/socket ] && [ -S /run/systemd/journal/stdout ] && break; sleep 0.02; done"
+            " && [ -S /run/systemd/journal/stdout ] && "
+        )
+
     def _start_manager(self) -> None:
-        join = "".join(f'echo $$ > "{cg}/cgroup.procs" && ' for cg in self.cgroups)
+        join = "".join(f'echo $$ > "{cg}/cgroup.procs" && ' for cg in self._manager_cgroups())
         inner = (
-            "mount -t tmpfs -o mode=755 tmpfs /run/systemd && mkdir -p /run/systemd/system"
-            f" && ip link set lo up && exec {SYSTEMD} --user"
+            "mount -t tmpfs -o mode=755 tmpfs /run/systemd && mkdir -p /run/systemd/system && "
+            + (self._start_journald() if self.journal_dir else "")
+            + f"ip link set lo up && exec {SYSTEMD} --user"
         )
         script = f"{join}exec unshare --mount --net --propagation private -- sh -c '{inner}'"
         self.manager = subprocess.Popen(
@@ -283,8 +330,23 @@ class SystemdRig:
         return f"{sys.executable} {SERVE} '{config}'"
 
     def log(self, name: str) -> Path:
-        """A file for a unit's StandardOutput=/StandardError= (append:PATH): the rig has no journal."""
+        """A file for a unit's StandardOutput=/StandardError= (append:PATH), for a rig without a journal."""
         return self.log_dir / name
+
+    def journal(self, *matches: str, timeout: float = 5) -> list[dict]:
+        """The rig's journal entries that `journalctl MATCHES` selects (FIELD=VALUE, -u UNIT, ...),
+        as JSON objects; waits up to `timeout` seconds for at least one (journald writes an entry
+        a moment after it is sent)."""
+        assert self.journal_dir is not None, "SystemdRig(journal=True) keeps a journal"
+        argv = ["journalctl", f"--directory={self.journal_dir / 'journal'}", "--output=json", "--no-pager", *matches]
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                  env={**os.environ, "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"})
+            entries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            if entries or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.05)
 
     def daemon_reload(self) -> None:
         done = self.systemctl("daemon-reload")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
 import signal
 import subprocess
-import time
 import sys
+import time
 
 import pytest
+
+from bindguard.report.output import Console
+from test_console import cli as in_process
+from test_console import journal_stream_run
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
@@ -50,11 +55,17 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_is_one_clear_message_and_exit_64(args, says):
-    proc = run(*args)
-    assert proc.returncode == 64, proc.stderr
-    assert says in proc.stderr
+    code, out, err = in_process(*args)  # the CLI in this process, its console on a StringIO
+    assert code == 64, err
+    assert says in err
+    assert "Traceback" not in err
+    assert out == ""
+
+
+def test_bad_input_from_the_real_command():
+    proc = run("check", "--wait", "soon", "80")
+    assert (proc.returncode, proc.stdout) == (64, "") and "invalid float value: 'soon'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
 
 
 def test_help_teaches_syntax_and_exit_codes():
@@ -64,10 +75,23 @@ def test_help_teaches_syntax_and_exit_codes():
         assert text in proc.stdout
 
 
-def test_errors_carry_journal_priority_when_not_on_a_terminal():
-    proc = run("check", "70000")
-    assert proc.stderr.startswith("<3>bindguard: error: ")
-    assert "\n<3>  hint: " in proc.stderr
+def on_the_journal_stream(*args: str, names_it: bool = True) -> tuple[int, str]:
+    return journal_stream_run([*BINDGUARD, *args], dict(os.environ), names_it)
+
+
+def test_errors_carry_journal_priority_on_the_journal_s_stream():
+    code, err = on_the_journal_stream("check", "70000")
+    assert code == 64 and err.startswith("<3>bindguard: error: ") and "\n<3>  hint: " in err, err
+
+
+@pytest.mark.parametrize("journal_stream", [None, "0:0", "x:y", "9" * 4301 + ":1"])
+def test_a_log_file_or_pipe_gets_plain_lines(journal_stream):
+    # CI, Ansible or `2>log` is not the journal, whether or not JOURNAL_STREAM came along
+    env = {"JOURNAL_STREAM": journal_stream} if journal_stream else {}
+    proc = run("check", "70000", env={**env, "NO_COLOR": ""})
+    assert proc.returncode == 64
+    assert proc.stderr.startswith("bindguard: error: ") and "\n  hint: " in proc.stderr, proc.stderr
+    assert on_the_journal_stream("check", "70000", names_it=False)[1].startswith("bindguard: error: ")
 
 
 def on_a_terminal(argv: list[str], env: dict | None = None) -> tuple[int, bytes]:
@@ -89,9 +113,15 @@ def on_a_terminal(argv: list[str], env: dict | None = None) -> tuple[int, bytes]
 
 
 def test_plain_text_on_a_terminal():
-    code, out = on_a_terminal([*BINDGUARD, "check", "70000"])
+    code, out = on_a_terminal([*BINDGUARD, "check", "70000"], env={**os.environ, "NO_COLOR": "1"})
     assert code == 64
-    assert out.startswith(b"bindguard: error: ") and b"<3>" not in out
+    assert out.startswith(b"bindguard: error: ") and b"<3>" not in out and b"\x1b" not in out
+
+
+def test_errors_in_colour_on_a_terminal_unless_no_color():
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"TERM": "xterm"}
+    code, out = on_a_terminal([*BINDGUARD, "check", "70000"], env=env)
+    assert code == 64 and out.startswith(b"\x1b[1;31mbindguard: error: ") and b"<3>" not in out, out
 
 
 @pytest.mark.parametrize("env", [{"SYSTEMD_LOG_LEVEL": "²"}, {"SYSTEMD_LOG_LEVEL": "9" * 4301},
@@ -105,6 +135,8 @@ def test_odd_digits_in_the_environment_are_not_numbers(env):
 def test_systemd_log_level_hides_info():
     proc = run("check", "70000", env={"SYSTEMD_LOG_LEVEL": "emerg"})
     assert proc.returncode == 64 and proc.stderr == ""
+    console = Console(io.StringIO(), environ={"SYSTEMD_LOG_LEVEL": "emerg"})
+    assert in_process("check", "70000", console=console) == (64, "", "")
 
 
 @pytest.mark.integration
@@ -115,7 +147,7 @@ def test_clear_path_json_schema(netns):
     assert set(report) >= {"clear", "verdict", "exit_code", "waited_s", "waited_for", "addresses", "conflicts", "notes"}
     assert report["clear"] is True and report["verdict"] == "clear" and report["conflicts"] == []
     assert [a["address"] for a in report["addresses"]] == ["[::]:8080", "udp:127.0.0.1:8080"]
-    assert proc.stderr == "<6>bindguard: clear: [::]:8080, udp:127.0.0.1:8080 can be bound\n"
+    assert proc.stderr == "bindguard: clear: [::]:8080, udp:127.0.0.1:8080 can be bound\n"
 
 
 @pytest.mark.integration
@@ -124,9 +156,9 @@ def test_refusal_report_names_holder_and_fix(netns):
     proc = netns.run([*BINDGUARD, "check", "--wait", "0", "8080"])
     assert proc.returncode == 98
     lines = proc.stderr.splitlines()
-    assert lines[0] == "<3>bindguard: refusing to start: [::]:8080 in use (exit 98)"
-    assert f"<3>  [::]:8080: listener: 0.0.0.0:8080 LISTEN, PID {holder.pid} (" in proc.stderr
-    assert "<3>    fix: " in proc.stderr and "fuser -k 8080/tcp` is a last resort" in proc.stderr
+    assert lines[0] == "bindguard: refusing to start: [::]:8080 in use (exit 98)"
+    assert f"\n  [::]:8080: listener: 0.0.0.0:8080 LISTEN, PID {holder.pid} (" in proc.stderr
+    assert "\n    fix: " in proc.stderr and "fuser -k 8080/tcp` is a last resort" in proc.stderr
     assert proc.stdout == ""
 
 
@@ -139,7 +171,7 @@ def test_explain_shows_everything_on_the_port(netns):
     assert "127.0.0.1:8080 LISTEN: PID" in proc.stderr
     proc = netns.run([*BINDGUARD, "explain", "0.0.0.0:8080", "udp:0.0.0.0:8080"])
     assert proc.returncode == 98
-    assert proc.stderr.startswith("<3>bindguard: a start now would be refused: 0.0.0.0:8080, udp:0.0.0.0:8080 in use")
+    assert proc.stderr.startswith("bindguard: a start now would be refused: 0.0.0.0:8080, udp:0.0.0.0:8080 in use")
     assert "listener" in proc.stderr and "udp:0.0.0.0:8080: bound" in proc.stderr
     assert "already receives on this UDP port" in proc.stderr
 
@@ -181,9 +213,9 @@ def _catches(pid: int, signum: int) -> bool:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("signum, says", [
-    (signal.SIGTERM, "<3>bindguard: stopped by SIGTERM before it finished (exit 143)\n"),
-    (signal.SIGHUP, "<3>bindguard: stopped by SIGHUP before it finished (exit 129)\n"),
-    (signal.SIGINT, "<3>bindguard: interrupted (SIGINT) before it finished (exit 130)\n"),
+    (signal.SIGTERM, "bindguard: stopped by SIGTERM before it finished (exit 143)\n"),
+    (signal.SIGHUP, "bindguard: stopped by SIGHUP before it finished (exit 129)\n"),
+    (signal.SIGINT, "bindguard: interrupted (SIGINT) before it finished (exit 130)\n"),
 ])
 def test_a_signal_ends_the_command_with_a_line_saying_so(netns, signum, says):
     # verify polls for a listener that never comes: a command that is busy when the signal arrives

@@ -256,8 +256,8 @@ def test_config_check_cli(dirs, tmp_path):
     proc = bindguard("config", "check", str(bad), env_path=search)
     assert proc.returncode == 78
     assert proc.stderr.splitlines() == [
-        f"<3>{bad}:1:7: wait must be a number of seconds, 0 or more, found 'x'",
-        f"<3>{bad}:2:1: unknown key 'lisen'; did you mean 'listen'?",
+        f"{bad}:1:7: wait must be a number of seconds, 0 or more, found 'x'",
+        f"{bad}:2:1: unknown key 'lisen'; did you mean 'listen'?",
     ]
     write(dirs["lib"] / "db.service.yaml.d" / "x.yaml", "fail: maybe\n")
     proc = bindguard("config", "check", env_path=search)

@@ -42,8 +42,7 @@ def env():
 def assert_one_line_per_message(text: str, holding_lines: int) -> None:
     assert "\x1b" not in text and "\r" not in text, repr(text)
     lines = text.splitlines()
-    assert all(line.startswith("<") for line in lines), lines  # every line has its priority prefix
-    assert not any(line.split(">", 1)[1].startswith("bindguard: clear") for line in lines), lines
+    assert not any(line.startswith("bindguard: clear") for line in lines), lines  # no forged message
     named = [line for line in lines if "holder.py" in line]
     assert len(named) == holding_lines, lines
     assert all("\\nbindguard: clear: [::]:80 can be bound\\n\\x1b[2J" in line for line in named), named
@@ -91,6 +90,8 @@ def test_explain_on_a_terminal_gets_no_escape_sequence(netns, hostile):
     assert code == 98
     text = out.decode()
     assert f"PID {hostile.pid}" in text, text
+    for colour in (b"\x1b[1;31m", b"\x1b[33m", b"\x1b[0m"):  # the console's own, around whole lines
+        out = out.replace(colour, b"")
     assert b"\x1b" not in out, text
     assert "\\x1b[2J" in text
 
@@ -107,8 +108,8 @@ def test_a_path_with_a_newline_stays_on_the_error_s_line(tmp_path):
                           env=env(), timeout=60)
     assert proc.returncode == 78, proc.stderr
     (line, hint) = proc.stderr.splitlines()
-    assert line.startswith("<3>bindguard: error: ") and "x\\nbindguard: clear" in line, proc.stderr
-    assert hint.startswith("<3>  hint: ")
+    assert line.startswith("bindguard: error: ") and "x\\nbindguard: clear" in line, proc.stderr
+    assert hint.startswith("  hint: ")
 
 
 def test_several_problems_of_one_file_are_one_line_each(tmp_path):
@@ -118,5 +119,5 @@ def test_several_problems_of_one_file_are_one_line_each(tmp_path):
                           env=env(), timeout=60)
     assert proc.returncode == 78, proc.stderr
     lines = proc.stderr.splitlines()
-    assert lines[0].startswith("<3>bindguard: error: 2 problems") and len(lines) == 4, lines
-    assert "lisen" in lines[1] and "wiat" in lines[2] and lines[3].startswith("<3>  hint: "), lines
+    assert lines[0].startswith("bindguard: error: 2 problems") and len(lines) == 4, lines
+    assert "lisen" in lines[1] and "wiat" in lines[2] and lines[3].startswith("  hint: "), lines

@@ -11,20 +11,21 @@ COMPARE = r"""
 import contextlib, io, json, sys
 from bindguard import cli
 from bindguard.cli import fastpath
+from bindguard.report.output import Console
 
 def run(args, fast):
-    err = io.StringIO()
+    console = Console(io.StringIO())
     real = fastpath.check
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):
         if fast:
-            code = real(args)
+            code = real(args, console)
         else:
-            fastpath.check = lambda a: None
+            fastpath.check = lambda a, c: None
             try:
-                code = cli.main(["check", *args])
+                code = cli.main(["check", *args], console=console)
             finally:
                 fastpath.check = real
-    return code, err.getvalue()
+    return code, console.stream.getvalue()
 
 out = []
 for args in json.loads(sys.argv[1]):
@@ -93,9 +94,10 @@ def test_fast_path_agrees_with_the_full_command(netns, tmp_path):
 
 
 IN_UNIT = r"""
-import json, sys
+import io, json, sys
 from bindguard.cli import fastpath
-print(json.dumps([fastpath.check(args) for args in json.loads(sys.argv[1])]))
+from bindguard.report.output import Console
+print(json.dumps([fastpath.check(args, Console(io.StringIO())) for args in json.loads(sys.argv[1])]))
 """
 
 

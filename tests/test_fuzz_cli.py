@@ -20,6 +20,7 @@ import contextlib, io, re, sys
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from bindguard import cli
 from bindguard.cli import fastpath
+from bindguard.report.output import Console
 
 ANSWERS = {0, 64, 98, 99}
 PORTS = ["80", "9000", "1", "65535", "0", "65536", "00080", "000000080", "-1", "²", "٨٠", "８０", "9" * 4301, ""]
@@ -39,17 +40,17 @@ addresses = st.one_of(
 
 
 def run(address, fast):
-    err = io.StringIO()
+    console = Console(io.StringIO())
     real = fastpath.check
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):
         if not fast:
-            fastpath.check = lambda args: None
+            fastpath.check = lambda args, console: None
         try:
-            code = cli.main(["check", "--wait", "0", address])
+            code = cli.main(["check", "--wait", "0", address], console=console)
         finally:
             fastpath.check = real
     # The holder's age ("started 3 s ago") may tick over between the two runs.
-    return code, re.sub(r"started [^,]* ago", "started ... ago", err.getvalue())
+    return code, re.sub(r"started [^,]* ago", "started ... ago", console.stream.getvalue())
 
 
 def judge(address, code, err):

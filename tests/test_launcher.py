@@ -4,13 +4,14 @@ unit's environment. Its interpreter is isolated from that environment, and a bro
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from test_console import journal_stream_run
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
@@ -116,10 +117,8 @@ def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig):
             assert started.ok and started.pre_status == [0], (how, started, log.read_text())
             rig.stop(name)
         text = log.read_text()
-        expected = says.format(bin=bin_dir)
-        if how != "whole":
-            expected = "<4>" + expected
-        assert expected in text, (how, text)
+        expected = says.format(bin=bin_dir)  # a log file, not the journal's stream: no priority prefix
+        assert expected in text and "<4>" not in text, (how, text)
         # the package's own handler (cli.main) words a module missing below it in two lines
         assert "Traceback" not in text and len(text.splitlines()) == (2 if how == "missing module" else 1), (how, text)
 
@@ -130,12 +129,10 @@ def test_python_m_bindguard_fails_open_on_a_broken_package(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
     opened = subprocess.run([sys.executable, "-m", "bindguard", "check", "80"], capture_output=True, text=True, env=env)
     assert opened.returncode == 0 and opened.stdout == "", opened.stderr
-    assert opened.stderr.startswith("<4>bindguard: cannot load the bindguard package with ")
+    assert opened.stderr.startswith("bindguard: cannot load the bindguard package with ")
     assert opened.stderr.endswith("; nothing was checked, failing open\n") and opened.stderr.count("\n") == 1
-    closed = subprocess.run([sys.executable, "-m", "bindguard", "check", "--fail-closed", "80"],
-                            capture_output=True, text=True, env=env)
-    assert closed.returncode == 70 and closed.stderr.startswith("<3>bindguard: cannot load")
-    assert closed.stderr.endswith("failing closed (--fail-closed)\n")
+    code, err = journal_stream_run([sys.executable, "-m", "bindguard", "check", "--fail-closed", "80"], env)
+    assert code == 70 and err.startswith("<3>bindguard: cannot load") and err.endswith("failing closed (--fail-closed)\n")
 
 
 def test_no_interpreter_fails_closed_when_asked(tmp_path):
@@ -143,11 +140,11 @@ def test_no_interpreter_fails_closed_when_asked(tmp_path):
     launcher.write_text((REPO / "bin" / "bindguard").read_text().replace("/usr/bin/python3", "/nonexistent/python3"))
     launcher.chmod(0o755)
     opened = subprocess.run([str(launcher), "check", "80"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
-    assert (opened.returncode, opened.stderr) == (0, f"<4>bindguard: no Python interpreter at {tmp_path}/python3 nor "
+    assert (opened.returncode, opened.stderr) == (0, f"bindguard: no Python interpreter at {tmp_path}/python3 nor "
                                                      "/nonexistent/python3; nothing was checked, failing open\n")
-    closed = subprocess.run([str(launcher), "check", "--fail-closed", "80"], capture_output=True, text=True)
-    assert closed.returncode == 70 and closed.stderr.startswith("<3>bindguard: no Python interpreter at ")
-    assert closed.stderr.endswith("failing closed (--fail-closed)\n")
+    code, err = journal_stream_run([str(launcher), "check", "--fail-closed", "80"], {"PATH": "/usr/bin:/bin"})
+    assert code == 70 and err.startswith("<3>bindguard: no Python interpreter at ")
+    assert err.endswith("failing closed (--fail-closed)\n")
 
 
 def test_a_symlink_to_the_launcher_finds_its_interpreter(tmp_path):
@@ -171,7 +168,7 @@ StandardError=append:{log}
 """)
     started = rig.start("slow.service")
     assert not started.ok and started.result == "timeout", started
-    assert log.read_text() == "<3>bindguard: stopped by SIGTERM before it finished (exit 143)\n"
+    assert log.read_text() == "bindguard: stopped by SIGTERM before it finished (exit 143)\n"
 
 
 SITE_MARKER_PTH = "import os; open({marker!r}, 'a').write('site ran\\n')\n"

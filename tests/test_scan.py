@@ -189,7 +189,7 @@ def test_scan_of_a_quiet_host_needs_no_attention(netns, tmp_path):
     no_bus = netns.run([*BINDGUARD, "scan", "--system", "--quiet"], env=dict(
         os.environ, BINDGUARD_CONFIG_PATH=str(tmp_path), DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus"))
     assert no_bus.returncode == 0, no_bus.stderr
-    assert "<5>  note: cannot connect to the system bus" in no_bus.stderr
+    assert "  note: cannot connect to the system bus" in no_bus.stderr
     assert "only units with a bindguard file and enabled socket units" in no_bus.stderr
 
 
@@ -283,7 +283,7 @@ def test_scan_under_systemd_units_socket_units_and_restart_loops(systemd_rig, tm
 
     table = rig.run(["env", f"BINDGUARD_CONFIG_PATH={config}", *BINDGUARD, "scan", "--user"])
     assert "demo.socket (systemd)" in table.stdout
-    assert "<4>bindguard: scan: socket-unit-collision on 18090/tcp" in table.stderr
+    assert "bindguard: scan: socket-unit-collision on 18090/tcp" in table.stderr
 
 
 @pytest.mark.integration

@@ -193,8 +193,8 @@ StandardError=append:{log}
         assert run.ok and run.active_state == "active", (name, run.output, log.read_text())
         assert _post_status(rig, name) == [0]
     text = log.read_text()
-    assert "<6>bindguard: verify: good.service serves 127.0.0.1:18100 as intended" in text
-    assert "<6>bindguard: verify: declared.service serves [::1]:18106 as intended" in text
+    assert "bindguard: verify: good.service serves 127.0.0.1:18100 as intended" in text
+    assert "bindguard: verify: declared.service serves [::1]:18106 as intended" in text
 
     expected = {
         "never.service": (1, "not-listening", "nothing listens on 127.0.0.1:18101 after 1.5 s"),
@@ -208,7 +208,7 @@ StandardError=append:{log}
         assert not run.ok and run.result == "exit-code", (name, run.output, log.read_text())
         assert _post_status(rig, name) == [code], (name, log.read_text())
         text = log.read_text()
-        assert f"<3>bindguard: verify: {name} does not serve" in text and f"(exit {code})" in text
+        assert f"bindguard: verify: {name} does not serve" in text and f"(exit {code})" in text
         assert f": {kind}\n" in text and evidence in text, text
         assert "fix:" in text
     status = rig.systemctl("status", "--no-pager", "foreign.service").stdout
@@ -249,7 +249,7 @@ StandardError=append:{log}
 """)
     run = rig.start("nginx.service")
     assert run.ok, (run.output, log.read_text())
-    assert "<6>bindguard: verify: nginx.service serves 127.0.0.1:18120 as intended" in log.read_text()
+    assert "bindguard: verify: nginx.service serves 127.0.0.1:18120 as intended" in log.read_text()
 
 
 @pytest.mark.integration

@@ -18,8 +18,12 @@ except Exception as exc:  # main() handles its own faults; this is a package tha
     why = f"{type(exc).__name__}: {exc}".encode("unicode_escape").decode()
     line = (f"bindguard: cannot load the bindguard package with {sys.executable} ({why}); nothing was checked, "
             f"failing {'closed (--fail-closed)' if closed else 'open'}")
-    try:
-        sys.stderr.write(f"{line}\n" if sys.stderr.isatty() else f"<{3 if closed else 4}>{line}\n")
+    try:  # a priority prefix only on the journal's stream, as bindguard.report.output decides
+        import os
+
+        st = os.fstat(2)
+        journal = os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+        sys.stderr.write(f"<{3 if closed else 4}>{line}\n" if journal else f"{line}\n")
         sys.stderr.flush()
     except Exception:
         pass

@@ -24,13 +24,15 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console=None) -> int:
+    """Run the command line `argv` and return its exit code. Messages go to `console`
+    (a bindguard.report.output.Console; by default one on sys.stderr), made here once."""
     argv = sys.argv[1:] if argv is None else argv
     # Ended by a signal, the guard says so (under ExecStartPre= the line reaches the journal)
     # and exits as a shell reports it, 128 + the signal's number; `finally` blocks run first.
     previous = {signum: _signal.signal(signum, _stop) for signum in STOP_SIGNALS}
     try:
-        return _main(argv)
+        return _main(argv, console)
     finally:
         for signum, handler in previous.items():
             _signal.signal(signum, handler)
@@ -45,9 +47,11 @@ def _site() -> None:
         site.main()
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], console) -> int:
     debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
     from bindguard.report import output
+
+    console = console or output.Console()
 
     fail_closed = "--fail-closed" in argv  # until the command's own rule has decided (fails_closed)
     try:
@@ -55,7 +59,7 @@ def _main(argv: list[str]) -> int:
             if argv[:1] == ["check"]:
                 from bindguard.cli import fastpath
 
-                code = fastpath.check(argv[1:])
+                code = fastpath.check(argv[1:], console)
                 if code is not None:
                     return code
             _site()
@@ -64,26 +68,26 @@ def _main(argv: list[str]) -> int:
 
             args = build_parser(chosen_command(argv)).parse_args(argv)
             if args.command is None:
-                build_parser().print_help(sys.stderr)
+                build_parser().print_help(console.stream)
                 return ExitCode.USAGE
             # Decided before the command runs, so that it holds whatever fails in it (check, verify).
             fail_closed = args.fails_closed(args) if args.fails_closed is not None else False
-            return args.run(args)
+            return args.run(args, console)
         finally:
             if sys.stdout is not None:
                 sys.stdout.flush()  # here, where a closed pipe can still be told apart
     except KeyboardInterrupt:
-        output.emit(output.ERR, "bindguard: interrupted (SIGINT) before it finished (exit 130)")
+        console.emit(output.ERR, "bindguard: interrupted (SIGINT) before it finished (exit 130)")
         return 128 + _signal.SIGINT
     except Stopped as stop:
-        output.emit(output.ERR, f"bindguard: stopped by {STOP_SIGNALS[stop.signum]} before it finished "
-                                f"(exit {128 + stop.signum})")
+        console.emit(output.ERR, f"bindguard: stopped by {STOP_SIGNALS[stop.signum]} before it finished "
+                                 f"(exit {128 + stop.signum})")
         return 128 + stop.signum
     except Exception as exc:
         from bindguard.model.errors import BindguardError, ExitCode, GuardFailure
 
         if isinstance(exc, BindguardError):
-            output.error(exc.message, exc.hint, getattr(exc, "problems", ()))
+            console.error(exc.message, exc.hint, getattr(exc, "problems", ()))
             return exc.exit_code
         if isinstance(exc, BrokenPipeError) and _reader_gone():
             _discard_output()  # `| head`: a quiet end, as for other tools
@@ -91,11 +95,12 @@ def _main(argv: list[str]) -> int:
         if debug:  # the guard's own failure must not take the service down
             raise
         own = isinstance(exc, GuardFailure)
-        output.emit(
-            output.ERR if fail_closed else output.WARNING,
-            [f"bindguard: cannot check: {exc}" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}",
-             "  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
-             + ("" if own else "; rerun with --debug for a traceback")],
+        console.report(
+            [(output.ERR if fail_closed else output.WARNING,
+              [f"bindguard: cannot check: {exc}" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}",
+               "  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
+               + ("" if own else "; rerun with --debug for a traceback")])],
+            "guard-failed", [],
         )
         return ExitCode.INTERNAL if fail_closed else 0
 

@@ -71,7 +71,7 @@ def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
     return (family, kind, sockaddr, None, None, family == _socket.AF_INET6 and v6only, None), shown_proto + shown
 
 
-def check(args: list[str]) -> int | None:
+def check(args: list[str], console) -> int | None:
     """The exit code when it can be given cheaply and surely, else None."""
     options = dict(DEFAULT_OPTIONS)
     per_bind: list[tuple] | None = None  # each address's own options, from a remembered discovery
@@ -127,14 +127,14 @@ def check(args: list[str]) -> int | None:
             if socket_listen is None:
                 return None
             if not socket_listen:
-                output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}: it listens on no IP address")
+                console.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}: it listens on no IP address")
                 return 0
             listen = socket_listen
         if not listen:
             from bindguard.systemd import unitexec
 
             if unitfiles.daemon_for_unit_name(unit) is None and not unitexec.runs_known_daemon(unit, user_bus):
-                output.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
+                console.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
                 return 0
             remembered = _remembered(unit, user_bus, options)
             if remembered is None:
@@ -177,8 +177,10 @@ def check(args: list[str]) -> int | None:
     if any(error for error, _ in probe.trial(specs)):
         return None
     for priority, line in told:
-        output.emit(priority, line)
-    output.emit(output.INFO, f"bindguard: clear: {', '.join(shown)} can be bound")
+        console.emit(priority, line)
+    fields = [(name, value) for address in shown
+              for name, value in (("BINDGUARD_ADDRESS", address), ("BINDGUARD_PORT", address.rpartition(":")[2]))]
+    console.report([(output.INFO, [f"bindguard: clear: {', '.join(shown)} can be bound"])], "cleared", fields)
     return 0
 
 

@@ -186,11 +186,10 @@ def _headline(outcome: Outcome, explain: bool) -> tuple[int, str]:
     return output.ERR, f"bindguard: {refusing}: {addrs} in use{waited} (exit {code})"
 
 
-def write_human(outcome: Outcome, explain: bool = False) -> None:
+def write_human(console: output.Console, outcome: Outcome, explain: bool = False) -> None:
     priority, headline = _headline(outcome, explain)
-    output.emit(priority, headline)
-    for line in outcome.reaped:
-        output.emit(output.WARNING, f"  reaped: {line}")
+    entries: list[tuple[int, list[str]]] = [(priority, [headline])]
+    entries += [(output.WARNING, [f"  reaped: {line}"]) for line in outcome.reaped]
     for c in outcome.conflicts:
         tag = "prediction: " if c.predicted else ""
         level = output.ERR if c.blocking and not outcome.clear else output.WARNING
@@ -198,21 +197,54 @@ def write_human(outcome: Outcome, explain: bool = False) -> None:
         if explain or c.evidence:
             lines += [f"    evidence: {e}" for e in c.evidence]
         lines.append(f"    fix: {remedy(c)}")
-        output.emit(level, lines)
+        entries.append((level, lines))
     for note in outcome.notes:
-        output.emit(note.priority, f"  {'warning' if note.priority <= output.WARNING else 'note'}: {note.text}")
+        entries.append((note.priority, [f"  {'warning' if note.priority <= output.WARNING else 'note'}: {note.text}"]))
+    if explain:  # a person's question, not a start: no outcome of the guard's to record
+        for level, lines in entries:
+            console.emit(level, lines)
+        return
+    console.report(entries, journal_outcome(outcome), journal_fields(outcome))
 
 
-def write_observed(outcome: Outcome) -> None:
+def journal_outcome(outcome: Outcome) -> str:
+    """The guard's outcome as report.journal names its MESSAGE_ID: cleared, waited or refused."""
+    if not outcome.clear:
+        return "refused"
+    return "waited" if outcome.waited_for else "cleared"
+
+
+def journal_fields(outcome: Outcome) -> list[tuple[str, str]]:
+    """The fields to filter the journal on: each address the outcome is about (the blocking ones
+    of a refusal, every one of a clear start) with its port, and for each conflict its kind and
+    holder; OBJECT_PID names the first holder process, whose unit journald then adds."""
+    blocking = [c for c in outcome.conflicts if c.blocking] if not outcome.clear else []
+    binds = [c.bind for c in blocking] or [r.bind for r in outcome.results]
+    fields = []
+    for bind in dict.fromkeys(binds):
+        fields += [("BINDGUARD_ADDRESS", str(bind)), ("BINDGUARD_PORT", str(bind.endpoint.port))]
+    for c in blocking or outcome.conflicts:
+        fields.append(("BINDGUARD_KIND", str(c.kind)))
+        if c.process is not None:
+            fields.append(("BINDGUARD_HOLDER_PID", str(c.process.pid)))
+        if c.unit or c.socket_unit:
+            fields.append(("BINDGUARD_HOLDER_UNIT", str(c.unit or c.socket_unit)))
+    holder = next((c.process.pid for c in blocking or outcome.conflicts if c.process is not None), None)
+    if holder is not None:
+        fields.append(("OBJECT_PID", str(holder)))
+    return list(dict.fromkeys(fields))
+
+
+def write_observed(console: output.Console, outcome: Outcome) -> None:
     """explain: each address's answer, then everything on the ports, not only what blocks."""
     for r in outcome.results:
         answer = "can be bound" if r.ok else f"{r.error_name} at {r.step}()"
-        output.emit(output.INFO, f"  {r.bind}: {answer}")
+        console.emit(output.INFO, f"  {r.bind}: {answer}")
     if not outcome.evidence.sockets:
         ports = ", ".join(sorted({f"{r.bind.endpoint.port}/{r.bind.endpoint.proto}" for r in outcome.results}))
-        output.emit(output.INFO, f"  nothing else is on port {ports}")
+        console.emit(output.INFO, f"  nothing else is on port {ports}")
         return
-    output.emit(output.INFO, "  on these ports now:")
+    console.emit(output.INFO, "  on these ports now:")
     for s in outcome.evidence.sockets:
         p = outcome.evidence.holders.get(s.inode)
         held = attribution(s, outcome.evidence)
@@ -220,4 +252,4 @@ def write_observed(outcome: Outcome) -> None:
         who = f"PID {p.pid} ({p.command}), {where}" if p else (
             "no process (kernel timer)" if not s.inode else f"uid {s.uid}")
         proto = "" if s.local.proto == TCP else "udp "
-        output.emit(output.INFO, f"    {proto}{s.local.address()} {s.state}: {who}")
+        console.emit(output.INFO, f"    {proto}{s.local.address()} {s.state}: {who}")

@@ -75,22 +75,22 @@ def write_table(scan: Scan, stream) -> None:
     stream.flush()
 
 
-def write_findings(scan: Scan) -> None:
+def write_findings(console: output.Console, scan: Scan) -> None:
     for f in scan.findings:
         where = f" on {f.port}/{f.proto}" if f.port is not None and f.proto else ""
         lines = [f"bindguard: scan: {f.kind}{where}: {f.summary}"]
         lines += [f"    evidence: {e}" for e in f.evidence]
         lines.append(f"    fix: {f.fix}")
-        output.emit(output.WARNING, lines)
+        console.emit(output.WARNING, lines)
     for note in scan.notes:
-        output.emit(output.NOTICE, f"  note: {note}")
+        console.emit(output.NOTICE, f"  note: {note}")
     if scan.findings:
         kinds = ", ".join(f"{scan.count(k)} {k}" for k in FindingKind if scan.count(k))
-        output.emit(output.WARNING, f"bindguard: scan: {len(scan.findings)} finding(s) need attention ({kinds})")
+        console.emit(output.WARNING, f"bindguard: scan: {len(scan.findings)} finding(s) need attention ({kinds})")
     else:
-        output.emit(output.INFO, f"bindguard: scan: nothing needs attention ({len(scan.listeners)} listeners, "
-                                 f"{len([c for c in scan.claims if c.source != ClaimSource.LISTENING])} "
-                                 "declared addresses)")
+        console.emit(output.INFO, f"bindguard: scan: nothing needs attention ({len(scan.listeners)} listeners, "
+                                  f"{len([c for c in scan.claims if c.source != ClaimSource.LISTENING])} "
+                                  "declared addresses)")
 
 
 def _iso(seconds: float) -> str:

@@ -22,8 +22,8 @@ finds the socket in the way (sock_diag), the process and unit holding it, and th
   - passes (exit 0) when every address can be bound,
   - waits, up to --wait seconds, while only a TIME_WAIT is in the way (it clears by itself),
   - refuses (exit 98, 99, 75 or 13) with who holds what and how to fix it.
-The report goes to stderr with journald priority prefixes (plain on a terminal);
-stdout carries only --json.
+The report goes to stderr: plain, or under systemd ($JOURNAL_STREAM is stderr) one journal
+entry with a MESSAGE_ID and BINDGUARD_* fields (see README); stdout carries only --json.
 
 LISTEN is written as in ListenStream=/ListenDatagram= of systemd.socket(5):
   8080            [::]:8080, dual-stack unless --v6only (0.0.0.0:8080 without IPv6)
@@ -238,19 +238,19 @@ def privilege_unit(args: argparse.Namespace, ctx) -> str | None:
     return None if unit is None or unit.endswith(".socket") else unit  # the manager binds a socket unit's sockets
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     from bindguard.action import guard
     from bindguard.report import outcome as report
     from bindguard.verdict.policy import Rules
 
     ctx = systemd_context(args)
     options = request_options(args, named_unit(args, None if ctx is None else running_unit))
-    checks = plan(options, ctx, output.warning)
+    checks = plan(options, ctx, console.warning)
     if checks is None:
-        output.emit(output.DEBUG, f"bindguard: nothing to guard for {options.unit}")
+        console.emit(output.DEBUG, f"bindguard: nothing to guard for {options.unit}")
         return ExitCode.CLEAR
     for line in checks.sources:
-        output.emit(output.INFO, f"bindguard: checking {line}")
+        console.emit(output.INFO, f"bindguard: checking {line}")
     request = guard.Request(
         binds=checks.binds,
         wait=validate_wait(args.wait if args.wait is not None else checks.wait),
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         nat=checks.nat is not None,
         privilege_unit=privilege_unit(args, ctx),
         user_manager=user_manager(ctx.bus_choice if ctx else args.user_bus),
-        log=output.emit,
+        log=console.emit,
     )
     answered: list = []  # the kernel's answers, kept apart from everything that explains them
     outcome = None
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             report.write_json(outcome)
             json_written = True
-        report.write_human(outcome)
+        report.write_human(console, outcome)
         return outcome.exit_code
     except (BindguardError, BrokenPipeError):
         raise
@@ -294,11 +294,11 @@ def run(args: argparse.Namespace) -> int:
         fault = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
         if outcome is None:
             outcome = guard.unexplained(request, answered[-1], fault)
-        write_unexplained(outcome, fault, json=args.json and not json_written)
+        write_unexplained(console, outcome, fault, json=args.json and not json_written)
         return outcome.exit_code
 
 
-def write_unexplained(outcome, fault: str, json: bool) -> None:
+def write_unexplained(console: output.Console, outcome, fault: str, json: bool) -> None:
     """The kernel's verdict where the report could not be made: plain lines, nothing but the
     probe's answers and the fault (the renderer may be what failed)."""
     failed = [r for r in outcome.results if not r.ok]
@@ -317,8 +317,8 @@ def write_unexplained(outcome, fault: str, json: bool) -> None:
     why = f"the guard could not explain the kernel's answer: {fault}"
     if outcome.clear:
         passed = f"refused only {answers}, where a conflict only warns" if failed else "refused no address"
-        output.emit(output.WARNING, [f"bindguard: clear: the kernel's trial bind {passed} (exit 0)", f"  note: {why}"])
+        console.emit(output.WARNING, [f"bindguard: clear: the kernel's trial bind {passed} (exit 0)", f"  note: {why}"])
         return
-    output.emit(output.ERR, [
+    console.emit(output.ERR, [
         f"bindguard: refusing to start: the kernel's trial bind refused {answers} (exit {outcome.exit_code})",
         f"  {why}; `bindguard explain` shows who holds the addresses, --debug a traceback"])

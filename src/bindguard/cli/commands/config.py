@@ -61,7 +61,7 @@ def _all_files() -> list[str]:
     return [f for f in files if not config.masks_with_nothing(f)]
 
 
-def _check(target: str | None) -> int:
+def _check(target: str | None, console: output.Console) -> int:
     if target is None:
         files = _all_files()
         what = "in " + ", ".join(config.search_path())
@@ -79,7 +79,7 @@ def _check(target: str | None) -> int:
         what = f"for {unit}"
     problems = [p for path in files for p in config.validate_file(path)]
     for problem in problems:
-        output.emit(output.ERR, problem)
+        console.emit(output.ERR, problem)
     if problems:
         return ExitCode.CONFIG
     if not files:
@@ -144,14 +144,14 @@ def _show(unit: str, explicit: str | None) -> int:
     return ExitCode.CLEAR
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     try:
         if args.action == "check":
-            return _check(args.target)
+            return _check(args.target, console)
         return _show(args.unit, args.config)
     except ConfigError as exc:
         for problem in getattr(exc, "problems", None) or [exc.message]:
-            output.emit(output.ERR, problem)
+            console.emit(output.ERR, problem)
         return ExitCode.CONFIG
     finally:
         sys.stdout.flush()

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bus.add_argument("--system", dest="user_bus", action="store_false", help="read UNIT from the system manager")
 
 
-def _read_unit(unit: str, user_bus: bool | None, sources):
+def _read_unit(unit: str, user_bus: bool | None, sources, console: output.Console):
     """discover_unit() with the unit's facts from the system (or user) manager over D-Bus; from
     the unit files when the manager cannot be asked (its .socket units are then not seen)."""
     from bindguard.request import discover
@@ -64,7 +64,7 @@ def _read_unit(unit: str, user_bus: bool | None, sources):
         if unit_fragment(unit, user) is None:
             raise BindguardError(f"cannot read {unit} from systemd ({exc}), and no unit file of that name was found",
                                  "check the name, or give the command line with --exec-start") from None
-        output.warning(f"{exc}; reading {unit}'s unit files instead (its .socket units are not seen)")
+        console.warning(f"{exc}; reading {unit}'s unit files instead (its .socket units are not seen)")
         return discover.discover_unit(unit, lambda name: unit_facts_from_files(name, user), sources)
 
 
@@ -75,7 +75,7 @@ def _options_text(bind) -> str:
     return ",".join(flags)
 
 
-def _discover(args: argparse.Namespace):
+def _discover(args: argparse.Namespace, console: output.Console):
     from bindguard.request import discover
 
     if args.daemon:
@@ -97,7 +97,7 @@ def _discover(args: argparse.Namespace):
         if unit_config is not None:
             sources = [s for s in discover.SOURCES if s in unit_config.discovery_sources]
             if unit_config.listen is not None:
-                output.emit(output.NOTICE, f"bindguard: {unit} has a listen list in {unit_config.origins['listen']}; "
+                console.emit(output.NOTICE, f"bindguard: {unit} has a listen list in {unit_config.origins['listen']}; "
                                            f"`check --unit` uses that, not discovery")
     if args.exec_start:
         exec_start = []
@@ -112,13 +112,13 @@ def _discover(args: argparse.Namespace):
     if not args.unit:
         raise UsageError("name a unit, or give --exec-start CMDLINE or --daemon NAME",
                          "e.g. bindguard discover nginx.service")
-    return _read_unit(unit, args.user_bus, sources)
+    return _read_unit(unit, args.user_bus, sources, console)
 
 
-def run(args: argparse.Namespace) -> int:
-    result = _discover(args)
+def run(args: argparse.Namespace, console: output.Console) -> int:
+    result = _discover(args, console)
     for warning in result.warnings:
-        output.warning(warning)
+        console.warning(warning)
     if args.json:
         write_json({"daemons": result.daemons, "warnings": result.warnings, "findings": [
             {"address": str(f.bind.endpoint), "proto": f.bind.endpoint.proto, "source": f.source,

@@ -14,6 +14,7 @@ from bindguard.cli.commands.check import (
     systemd_context,
 )
 from bindguard.model.errors import ExitCode
+from bindguard.report import output
 
 DESCRIPTION = """\
 What is on these addresses now, who holds them (PID, command, user, unit), what kind of
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     from bindguard.action import guard
     from bindguard.report import outcome as report
     from bindguard.request.plan import build_binds
@@ -62,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
     outcome = guard.run(request)
     if args.json:
         report.write_json(outcome)
-    report.write_human(outcome, explain=True)
-    report.write_observed(outcome)
+    report.write_human(console, outcome, explain=True)
+    report.write_observed(console, outcome)
     return outcome.exit_code

@@ -86,19 +86,19 @@ def _systemd(unit: str, user: bool):
     return SystemdContext(bus_choice=user, unit_name=unit)
 
 
-def _found_at_each_start(unit: str, user: bool) -> None:
+def _found_at_each_start(unit: str, user: bool, console: output.Console) -> None:
     """Without LISTEN: say what the guard will check now, or refuse when it would find nothing."""
     from bindguard.request import config
     from bindguard.request.plan import discovered
 
     unit_config = config.load_unit_config(unit)
     if unit_config is not None and unit_config.listen:
-        output.emit(output.INFO, f"bindguard: the guard checks the listen list of {unit_config.origins['listen']}")
+        console.emit(output.INFO, f"bindguard: the guard checks the listen list of {unit_config.origins['listen']}")
         return
     if unit.endswith(".socket"):
-        _socket_unit_listens(unit, user)
+        _socket_unit_listens(unit, user, console)
         return
-    findings = discovered(unit, unit_config, _systemd(unit, user), output.warning,
+    findings = discovered(unit, unit_config, _systemd(unit, user), console.warning,
                           unavailable="install cannot tell what to check")
     if not findings:
         raise UsageError(f"no address to guard for {unit}: no LISTEN given, and no listen list in a bindguard "
@@ -106,27 +106,28 @@ def _found_at_each_start(unit: str, user: bool) -> None:
                          f"give the addresses, e.g. `bindguard install {unit} 0.0.0.0:8080`")
     for f in findings:
         optional = " (optional: the daemon starts without it)" if f.survives else ""
-        output.emit(output.INFO, f"bindguard: at each start the guard reads what {unit} binds; now "
+        console.emit(output.INFO, f"bindguard: at each start the guard reads what {unit} binds; now "
                                  f"{f.bind} from {f.source}{optional}")
 
 
-def _socket_unit_listens(unit: str, user: bool) -> None:
+def _socket_unit_listens(unit: str, user: bool, console: output.Console) -> None:
     """A socket unit's guard checks its own IP Listen entries: say which, or refuse when it has none."""
     from bindguard.request import socketunit
 
     found, why = socketunit.settings_of(unit, user, _systemd(unit, user))
     request = socketunit.binds_of(unit, found) if found is not None else socketunit.SocketUnitRequest()
     for warning in request.warnings:
-        output.warning(warning)
+        console.warning(warning)
     if not request.binds:
         reason = why or "it lists no IP address in ListenStream= or ListenDatagram="
         raise UsageError(f"no address to guard for {unit}: {reason}",
                          f"check the unit with `systemctl{' --user' if user else ''} cat {unit}`")
     for line in request.sources:
-        output.emit(output.INFO, f"bindguard: at each start the guard checks {line}")
+        console.emit(output.INFO, f"bindguard: at each start the guard checks {line}")
 
 
-def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[list[str], dict[str, str]]:
+def _carried_over(unit: str, listens: list[str], given, user: bool,
+                  console: output.Console) -> tuple[list[str], dict[str, str]]:
     """What discovery knows about the given addresses, as check options: the socket options on
     which every matching address agrees (and the command line does not set), and which addresses
     the daemon starts without (address -> --optional or --if-available). Nothing for a daemon
@@ -135,7 +136,7 @@ def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[lis
     from bindguard.model.host import host_bindv6only
     from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, discovered
 
-    found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user), output.warning,
+    found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user), console.warning,
                                                     unavailable="the addresses are taken as given")}
     # A bare port stands for the whole port (dual-stack [::]:PORT): nothing is carried over to it.
     whole = {(e.proto, e.port) for text, e in zip(listens, map(_address, listens), strict=True)
@@ -145,14 +146,14 @@ def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[lis
     for f in found.values():
         endpoint = f.bind.endpoint
         if endpoint not in set(map(_address, listens)) and (endpoint.proto, endpoint.port) not in whole:
-            output.warning(f"{unit} also binds {f.bind} ({f.source}), which is not given: the guard will not "
+            console.warning(f"{unit} also binds {f.bind} ({f.source}), which is not given: the guard will not "
                            "check it; add it, or install without addresses to check what the daemon binds")
     optional = {}
     for text, f in matched.items():
         flag = {OPTIONAL: "--optional", IF_AVAILABLE: "--if-available"}.get(f.survives)
         if flag is not None:
             optional[text] = flag
-            output.emit(output.INFO, f"bindguard: {flag} {text} for {unit}, from {f.source}: {f.note}")
+            console.emit(output.INFO, f"bindguard: {flag} {text} for {unit}, from {f.source}: {f.note}")
     flags = []
     defaults = {"reuseaddr": True, "reuseport": False, "v6only": host_bindv6only(), "freebind": False}
     stated = explicit_options(given)
@@ -161,14 +162,14 @@ def _carried_over(unit: str, listens: list[str], given, user: bool) -> tuple[lis
         values = {getattr(f.bind.options, name) for f in relevant}
         if name in stated or len(values) != 1 or values == {defaults[name]}:
             if len(values) > 1 and name not in stated:
-                output.warning(f"discovery finds {name} set on some of the addresses of {unit} and not on others; "
+                console.warning(f"discovery finds {name} set on some of the addresses of {unit} and not on others; "
                                "the drop-in leaves it at its default (a bindguard file can set it per address)")
             continue
         flag = on if values.pop() else off
         if flag is not None:
             flags.append(flag)
             sources = ", ".join(sorted({f.source for f in relevant}))
-            output.emit(output.INFO, f"bindguard: {flag} for {unit}, from {sources}")
+            console.emit(output.INFO, f"bindguard: {flag} for {unit}, from {sources}")
     return flags, optional
 
 
@@ -183,7 +184,7 @@ def validate_check_args(listens: list[str], user: bool, check_args: list[str]):
                          "see `bindguard check --help`") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     unit = install.guarded_unit_name(args.unit)
     listens = [text.strip() for text in args.listen]
     marked = {text.strip(): "--optional" for text in args.optional} | \
@@ -195,9 +196,9 @@ def run(args: argparse.Namespace) -> int:
     install.refuse_control_characters([*listens, *marked, *check_args])
     given = validate_check_args(listens, args.user, check_args)
     if not listens and not marked:
-        _found_at_each_start(unit, args.user)
+        _found_at_each_start(unit, args.user, console)
     elif listens and not unit.endswith(".socket"):  # discovery reads a service's daemon
-        flags, carried = _carried_over(unit, listens, given, args.user)
+        flags, carried = _carried_over(unit, listens, given, args.user, console)
         listens = [text for text in listens if text not in carried]
         marked |= carried
         check_args += flags
@@ -214,15 +215,15 @@ def run(args: argparse.Namespace) -> int:
     changed = install.write(dropin, args.user)
     flag = " --user" if args.user else ""
     if not changed:
-        output.emit(output.INFO, f"bindguard: {path} is already in place, unchanged")
+        console.emit(output.INFO, f"bindguard: {path} is already in place, unchanged")
         return 0
-    output.emit(output.NOTICE, f"bindguard: wrote {path}")
+    console.emit(output.NOTICE, f"bindguard: wrote {path}")
     failure = install.daemon_reload(args.user)
     if failure:
-        output.warning(f"daemon-reload failed ({failure}); run `systemctl{flag} daemon-reload` before the next start")
+        console.warning(f"daemon-reload failed ({failure}); run `systemctl{flag} daemon-reload` before the next start")
     elif install.known_to_manager(unit, args.user) is False:
-        output.warning(f"the{' user' if args.user else ''} manager knows no unit {unit} yet; "
+        console.warning(f"the{' user' if args.user else ''} manager knows no unit {unit} yet; "
                        "the drop-in applies once it is installed")
     else:
-        output.emit(output.INFO, f"bindguard: {unit} is guarded from its next start; see `systemctl{flag} cat {unit}`")
+        console.emit(output.INFO, f"bindguard: {unit} is guarded from its next start; see `systemctl{flag} cat {unit}`")
     return 0

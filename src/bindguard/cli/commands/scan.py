@@ -8,6 +8,7 @@ import sys
 
 from bindguard.cli.commands.check import add_systemd_arguments
 from bindguard.model.errors import BindguardError, ExitCode, UsageError
+from bindguard.report import output
 
 DESCRIPTION = """\
 One view of this host (this network namespace): every listening socket with its PID, command
@@ -28,7 +29,7 @@ each with the evidence and the fix:
   config-error           a unit's bindguard file that cannot be used
 
 The table (sorted by port) goes to stdout; the findings and notes go to stderr, with journald
-priority prefixes when not on a terminal, as for `check`. --json puts one JSON object on stdout
+priority prefixes on the journal's stream ($JOURNAL_STREAM), as for `check`. --json puts one JSON object on stdout
 instead of the table. Nothing is changed or killed.
 
 examples:
@@ -77,15 +78,14 @@ def _check_prometheus_path(path: str) -> None:
         raise UsageError(f"--prometheus {path}: cannot write in {directory}", "run as a user who may, or as root")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     from bindguard.action import scan
-    from bindguard.report import output
     from bindguard.report import scan as render
 
     if args.prometheus:
         _check_prometheus_path(args.prometheus)
         if not args.prometheus.endswith(".prom"):
-            output.warning(f"--prometheus {args.prometheus}: node_exporter reads only files ending in .prom")
+            console.warning(f"--prometheus {args.prometheus}: node_exporter reads only files ending in .prom")
     try:
         result = scan.run(args.user_bus, not args.no_systemd)
         if args.prometheus:
@@ -103,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
         write_json(render.scan_json(result))
     elif not args.quiet:
         render.write_table(result, sys.stdout)
-    render.write_findings(result)
+    render.write_findings(console, result)
     return result.exit_code

@@ -24,15 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", action="store_true", help="a unit of your user manager (systemctl --user)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     unit = install.guarded_unit_name(args.unit)
     path = install.dropin_path(unit, args.user)
     if not install.remove(unit, path, args.user):
-        output.emit(output.INFO, f"bindguard: no {path}; nothing to remove")
+        console.emit(output.INFO, f"bindguard: no {path}; nothing to remove")
         return 0
-    output.emit(output.NOTICE, f"bindguard: removed {path}")
+    console.emit(output.NOTICE, f"bindguard: removed {path}")
     failure = install.daemon_reload(args.user)
     if failure:
         flag = " --user" if args.user else ""
-        output.warning(f"daemon-reload failed ({failure}); run `systemctl{flag} daemon-reload`")
+        console.warning(f"daemon-reload failed ({failure}); run `systemctl{flag} daemon-reload`")
     return 0

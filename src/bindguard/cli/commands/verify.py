@@ -83,7 +83,8 @@ def fails_closed(args: argparse.Namespace) -> bool:
     return check.declared_fail_closed(args, lambda: _verified_unit(args))
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], frozenset[Bind], bool, object]:
+def _resolve(args: argparse.Namespace,
+             console: output.Console) -> tuple[str, list[Bind], frozenset[Bind], bool, object]:
     """The unit, its addresses (as `check` plans them), those the daemon starts without, whether
     IPV6_V6ONLY was stated, and the SystemdContext that asks the manager (None with --no-systemd)."""
     from bindguard.request import config
@@ -99,12 +100,12 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], frozenset[Bind]
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, and no bindguard file",
                          "give the addresses, e.g. `bindguard verify 0.0.0.0:80`")
     ctx = check.systemd_context(args)
-    plan = plan_of(check.request_options(args, args.unit), ctx, output.warning)
+    plan = plan_of(check.request_options(args, args.unit), ctx, console.warning)
     if plan is None or not plan.binds:
         raise UsageError(f"no address to verify for {args.unit}: no LISTEN, no listen: in its bindguard file, "
                          "and discovery found none", "give the addresses as LISTEN arguments")
     for line in plan.sources:
-        output.emit(output.INFO, f"bindguard: verifying {line}")
+        console.emit(output.INFO, f"bindguard: verifying {line}")
     binds = [b for b in plan.binds if b not in plan.guesses]
     if not binds:
         raise UsageError(f"discovery only guessed the addresses of {args.unit}; verify does not judge on guesses",
@@ -112,34 +113,35 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[Bind], frozenset[Bind]
     return args.unit, binds, frozenset(plan.survivable), args.v6only is not None or not args.listen, ctx
 
 
-def _report(unit: str, checks: list[Check], code: int, waited: float, notes: list[str]) -> None:
+def _report(console: output.Console, unit: str, checks: list[Check], code: int, waited: float,
+            notes: list[str]) -> None:
     if code == 0:
         served = [c for c in checks if c.kind is None]
         what = ", ".join(str(c.bind) for c in served) or "none of its addresses, all optional,"
-        output.emit(output.INFO, f"bindguard: verify: {unit} serves {what} as intended")
+        console.emit(output.INFO, f"bindguard: verify: {unit} serves {what} as intended")
         for c in checks:
             if c.kind is None:
-                output.emit(output.INFO, [f"  {c.bind}: {e}" for e in c.evidence])
+                console.emit(output.INFO, [f"  {c.bind}: {e}" for e in c.evidence])
             else:
-                _note_optional(c)
+                _note_optional(console, c)
     else:
         wrong = ", ".join(str(c.bind) for c in checks if not c.ok)
-        output.emit(output.ERR, f"bindguard: verify: {unit} does not serve {wrong} as intended (exit {code})")
+        console.emit(output.ERR, f"bindguard: verify: {unit} does not serve {wrong} as intended (exit {code})")
         for c in checks:
             if c.kind is None:
-                output.emit(output.INFO, f"  {c.bind}: ok")
+                console.emit(output.INFO, f"  {c.bind}: ok")
                 continue
             if c.ok:
-                _note_optional(c)
+                _note_optional(console, c)
                 continue
             lines = [f"  {c.bind}: {c.kind}"] + [f"    evidence: {e}" for e in c.evidence] + [f"    fix: {c.fix}"]
-            output.emit(output.ERR, lines)
+            console.emit(output.ERR, lines)
     for note in notes:
-        output.emit(output.NOTICE, f"  note: {note}")
+        console.emit(output.NOTICE, f"  note: {note}")
 
 
-def _note_optional(c: Check) -> None:
-    output.emit(output.NOTICE, [f"  note: {c.bind}: {c.kind}, an optional address: the daemon starts without it",
+def _note_optional(console: output.Console, c: Check) -> None:
+    console.emit(output.NOTICE, [f"  note: {c.bind}: {c.kind}, an optional address: the daemon starts without it",
                                 *(f"    evidence: {e}" for e in c.evidence)])
 
 
@@ -168,17 +170,17 @@ def _json(unit: str, checks: list[Check], code: int, waited: float, notes: list[
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, console: output.Console) -> int:
     from bindguard.action import verify
 
     if not 0 <= args.timeout < float("inf"):  # inf would poll for ever, nan compares false
         raise UsageError(f"--timeout {args.timeout}: must be 0 or more seconds, and finite", "e.g. --timeout 5")
-    unit, binds, optional, v6only_stated, ctx = _resolve(args)
+    unit, binds, optional, v6only_stated, ctx = _resolve(args, console)
     result = verify.run(unit, binds, optional, v6only_stated, args.timeout, ctx)
     code = result.exit_code
     if args.json:
         from bindguard.report.jsonout import write_json
 
         write_json(_json(unit, result.checks, code, result.waited, result.notes))
-    _report(unit, result.checks, code, result.waited, result.notes)
+    _report(console, unit, result.checks, code, result.waited, result.notes)
     return code
