@@ -151,7 +151,7 @@ def test_a_conflict_the_start_survives_is_a_warning_in_a_clear_entry(journal_soc
     bind = Bind(parse_listen("127.0.0.1:18080"), SocketOptions())
     latent = Conflict(bind, "latent-socket-unit", blocking=False, predicted=True, socket_unit="later.socket",
                       unit="later.socket")
-    outcome = Outcome(exit_code=0, conflicts=[latent], results=[ProbeResult(bind)], evidence=Evidence())
+    outcome = Outcome(exit_code=0, conflicts=(latent,), results=(ProbeResult(bind),), evidence=Evidence())
     on_stderr = Console(io.StringIO(), environ={}, journal=True, journal_socket="/nonexistent/socket")
     report.write_human(on_stderr, outcome)
     lines = on_stderr.stream.getvalue().splitlines()
@@ -163,3 +163,18 @@ def test_a_conflict_the_start_survives_is_a_warning_in_a_clear_entry(journal_soc
     assert entry["MESSAGE_ID"] == journal.MESSAGE_IDS["cleared"].encode() and entry["PRIORITY"] == b"4"
     assert (entry["BINDGUARD_KIND"], entry["BINDGUARD_HOLDER_UNIT"]) == (b"latent-socket-unit", b"later.socket")
     assert "OBJECT_PID" not in entry
+
+
+def test_a_guard_failure_is_its_own_entry(journal_socket, monkeypatch):
+    from bindguard.evidence import probe
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(probe, "trial", broken)
+    monkeypatch.setattr(probe, "probe", broken)
+    sock, console = journal_socket
+    assert cli("check", "--no-systemd", "127.0.0.1:9", console=console)[0] == 0  # fail-open
+    entry = dict(parse(sock.recv(65536)))
+    assert entry["MESSAGE_ID"] == journal.MESSAGE_IDS["guard-failed"].encode() and entry["PRIORITY"] == b"4"
+    assert entry["MESSAGE"].startswith(b"bindguard: internal error: RuntimeError: simulated failure\n  letting")
