@@ -178,3 +178,18 @@ def test_a_guard_failure_is_its_own_entry(journal_socket, monkeypatch):
     entry = dict(parse(sock.recv(65536)))
     assert entry["MESSAGE_ID"] == journal.MESSAGE_IDS["guard-failed"].encode() and entry["PRIORITY"] == b"4"
     assert entry["MESSAGE"].startswith(b"bindguard: internal error: RuntimeError: simulated failure\n  letting")
+
+
+@pytest.mark.parametrize("code, waited_for, outcome_id", [
+    (0, (), "cleared"), (0, ("[::]:80 in TIME_WAIT",), "waited"), (75, ("[::]:80 in TIME_WAIT",), "refused"),
+    (98, (), "refused")])
+def test_each_outcome_has_its_message_id(code, waited_for, outcome_id):
+    from bindguard.action.guard import Outcome
+    from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+    from bindguard.model.facts import Evidence, ProbeResult
+    from bindguard.report import outcome as report
+
+    bind = Bind(parse_listen("[::]:80"), SocketOptions())
+    outcome = Outcome(code, (), (ProbeResult(bind, error=0 if code == 0 else 98),), Evidence(), waited_for=waited_for)
+    assert report.journal_outcome(outcome) == outcome_id
+    assert ("BINDGUARD_PORT", "80") in report.journal_fields(outcome)

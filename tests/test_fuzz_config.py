@@ -21,6 +21,7 @@ FUZZ = r"""
 import contextlib, io, os, sys
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from bindguard import cli
+from bindguard.report.output import Console
 
 TOP = ["listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses", "lisen", "<<", "x"]
 INNER = ["address", "optional", "reuseaddr", "reuseport", "v6only", "freebind", "time-wait", "listener", "orphan", "y"]
@@ -62,10 +63,10 @@ PATH = os.path.join(os.getcwd(), "fuzzed.yaml")
 
 
 def run(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(argv)
-    return code, err.getvalue()
+    console = Console(io.StringIO())
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(argv, console=console)
+    return code, console.stream.getvalue()
 
 
 def judge(argv, code, err):
