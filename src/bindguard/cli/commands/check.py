@@ -22,8 +22,9 @@ finds the socket in the way (sock_diag), the process and unit holding it, and th
   - passes (exit 0) when every address can be bound,
   - waits, up to --wait seconds, while only a TIME_WAIT is in the way (it clears by itself),
   - refuses (exit 98, 99, 75 or 13) with who holds what and how to fix it.
-The report goes to stderr: plain, or under systemd ($JOURNAL_STREAM is stderr) one journal
-entry with a MESSAGE_ID and BINDGUARD_* fields (see README); stdout carries only --json.
+The report goes to stderr, plain. Under systemd ($JOURNAL_STREAM names stderr) it is one journal
+entry with a MESSAGE_ID and BINDGUARD_* fields (see README), or lines with journald priority
+prefixes where journald's socket is missing. stdout carries only --json.
 
 LISTEN is written as in ListenStream=/ListenDatagram= of systemd.socket(5):
   8080            [::]:8080, dual-stack unless --v6only (0.0.0.0:8080 without IPv6)
