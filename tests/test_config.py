@@ -275,7 +275,7 @@ def test_config_show_cli(dirs):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"# web.service: {main}, {drop}"
-    assert any(line.startswith("  - 127.0.0.1:8080") and line.endswith(f"# {main}:1:10") for line in lines)
+    assert any(line.startswith('  - "127.0.0.1:8080"') and line.endswith(f"# {main}:1:10") for line in lines)
     assert any(line.startswith("wait: 2.5") and line.endswith(f"# {drop}:1:7") for line in lines)
     assert any(line.startswith("  orphan: warn") and line.endswith(f"# {drop}:2:18") for line in lines)
     assert any(line.startswith("  time-wait: wait") and line.endswith("# default") for line in lines)

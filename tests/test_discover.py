@@ -509,7 +509,8 @@ def bindguard(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_exec_start_and_daemon(tmp_path):
     need_package("redis-server", "/etc/redis/redis.conf")
-    proc = bindguard("discover", "--exec-start", "/usr/bin/redis-server /etc/redis/redis.conf --daemonize no")
+    proc = bindguard("discover", "--no-legend", "--exec-start",
+                     "/usr/bin/redis-server /etc/redis/redis.conf --daemonize no")
     assert proc.returncode == 0 and proc.stderr == ""
     line = line_of("/etc/redis/redis.conf", r"^bind ")
     assert proc.stdout.splitlines()[0].split() == ["127.0.0.1:6379", "confident", f"/etc/redis/redis.conf:{line}",
@@ -547,7 +548,7 @@ def test_cli_unit_from_unit_files_without_a_bus(tmp_path):
     need_package("redis-server", "/etc/redis/redis.conf")
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus")
     env.pop("MANAGERPID", None)
-    proc = subprocess.run([sys.executable, "-m", "bindguard", "discover", "--system", "redis-server"],
+    proc = subprocess.run([sys.executable, "-m", "bindguard", "discover", "--system", "--no-legend", "redis-server"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "reading redis-server.service's unit files instead" in proc.stderr

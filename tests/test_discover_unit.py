@@ -36,7 +36,7 @@ ExecStart=/usr/sbin/nginx -c $NGINX_CONF -g 'daemon off;'
         ("127.0.0.1:18090", "web.socket", "confident", True, False, "web.socket"),
         ("udp:[::1]:18091", "web.socket", "confident", True, True, "web.socket"),
     ]
-    text = rig.bindguard("discover", "--user", "web")
+    text = rig.bindguard("discover", "--user", "--no-legend", "web")
     assert text.returncode == 0 and text.stdout.splitlines()[0].split()[:3] == [
         "127.0.0.1:8088", "confident", f"{conf}:3"]
 

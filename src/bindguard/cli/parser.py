@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Mapping
 
 from bindguard import __version__
 from bindguard.cli.commands import COMMANDS
 from bindguard.model.errors import COMMON_EXIT_CODES, ExitCode, UsageError
+from bindguard.report.jsonout import DEFAULT_MODE, MODES
 
 DESCRIPTION = """\
 Stop "bind: Address already in use" from taking services down.
@@ -55,9 +57,37 @@ def epilog(module) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+JSON_OPTION = "--json"
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's exit 2 and usage dump -> one line, exit 64
         raise UsageError(f"{message}", f"see `{self.prog} --help`")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """--json takes a mode only when one follows (`--json short`, `--json=short`); alone it is
+        --json=pretty. argparse's nargs="?" would take any next word as the mode, so that
+        `check --json 127.0.0.1:80` read the address as one."""
+        if JSON_OPTION in self._option_string_actions:
+            args = list(sys.argv[1:] if args is None else args)
+            end = args.index("--") if "--" in args else len(args)
+            for i in range(end):
+                if args[i] == JSON_OPTION and (i + 1 == end or args[i + 1] not in MODES):
+                    args[i] = f"{JSON_OPTION}={DEFAULT_MODE}"
+        return super().parse_known_args(args, namespace)
+
+
+def add_legend_option(parser: argparse.ArgumentParser) -> None:
+    """--no-legend, as systemctl's lists take it."""
+    parser.add_argument("--no-legend", action="store_true",
+                        help="print no header line, and nothing when there is no row: the rows only, for scripts")
+
+
+def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """--json[=short|pretty], as systemd's tools take --json=MODE."""
+    parser.add_argument(JSON_OPTION, nargs="?", choices=MODES, metavar="MODE", default=None,
+                        help=f"{what}: MODE {' or '.join(MODES)} (one line, or indented); --json alone means "
+                             f"{DEFAULT_MODE}. The object starts with its schema_version (see README)")
 
 
 def build_parser(only: str | None = None) -> Parser:

@@ -96,10 +96,10 @@ def outcome_json(outcome: Outcome) -> dict:
     }
 
 
-def write_json(outcome: Outcome) -> None:
+def write_json(outcome: Outcome, mode: str) -> None:
     from bindguard.report.jsonout import write_json  # json only for --json
 
-    write_json(outcome_json(outcome))
+    write_json(outcome_json(outcome), mode)
 
 
 def container_json(container: ContainerFact) -> dict:

@@ -61,16 +61,21 @@ def table_rows(scan: Scan) -> list[tuple[str, ...]]:
     return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
-def write_table(scan: Scan, stream) -> None:
+def write_table(scan: Scan, stream, legend: bool = True) -> None:
+    """The table; legend: its header line, or the line that says it is empty. COMMAND is cut at 60
+    characters on a terminal only: a pipe or a file gets every row whole, as systemctl's lists do."""
     header = ("PORT", "ADDRESS", "STATE", "PID", "UNIT", "DECLARED BY", "COMMAND")
     rows = [tuple(escape(cell) for cell in row) for row in table_rows(scan)]
     if not rows:
-        stream.write("nothing listens, and no unit declares an address\n")
+        if legend:
+            stream.write("nothing listens, and no unit declares an address\n")
         return
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        # widths: every column but the last (COMMAND), which is cut at 60 characters instead
-        command = row[-1] if len(row[-1]) <= 60 else row[-1][:57] + "..."
+    cut = stream.isatty()
+    lines = [header, *rows] if legend else rows
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header) - 1)]
+    for row in lines:
+        # widths: every column but the last (COMMAND), which has no width to keep
+        command = row[-1] if not cut or len(row[-1]) <= 60 else row[-1][:57] + "..."
         stream.write("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + command + "\n")
     stream.flush()
 

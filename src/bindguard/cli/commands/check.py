@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Callable
 
+from bindguard.cli.parser import add_json_option
 from bindguard.model.endpoints import Bind, ascii_number
 from bindguard.model.errors import VERDICTS, BindguardError, ExitCode, UsageError
 from bindguard.model.kinds import ANY_KIND, ConflictKind
@@ -116,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=float, metavar="SECONDS", default=None,
                         help="wait at most this long while only TIME_WAIT is in the way; 0 never waits "
                              "(default: 65, a full TIME_WAIT, capped by the unit's start timeout)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (schema in README)")
+    add_json_option(parser, "print one JSON object on stdout")
     parser.add_argument("--fail-closed", action="store_true",
                         help="when the guard itself fails, exit 70 instead of letting the start go on")
 
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     try:
         outcome = guard.run(request, answered)
         if args.json:
-            report.write_json(outcome)
+            report.write_json(outcome, args.json)
             json_written = True
         report.write_human(console, outcome)
         return outcome.exit_code
@@ -295,11 +296,11 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
         fault = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
         if outcome is None:
             outcome = guard.unexplained(request, answered[-1], fault)
-        write_unexplained(console, outcome, fault, json=args.json and not json_written)
+        write_unexplained(console, outcome, fault, json=None if json_written else args.json)
         return outcome.exit_code
 
 
-def write_unexplained(console: output.Console, outcome, fault: str, json: bool) -> None:
+def write_unexplained(console: output.Console, outcome, fault: str, json: str | None) -> None:
     """The kernel's verdict where the report could not be made: plain lines, nothing but the
     probe's answers and the fault (the renderer may be what failed)."""
     failed = [r for r in outcome.results if not r.ok]
@@ -314,7 +315,7 @@ def write_unexplained(console: output.Console, outcome, fault: str, json: bool) 
             "addresses": [{"address": str(r.bind), "bindable": r.ok, "error": r.error_name or None}
                           for r in outcome.results],
             "unexplained": fault,
-        })
+        }, json)
     why = f"the guard could not explain the kernel's answer: {fault}"
     if outcome.clear:
         passed = f"refused only {answers}, where a conflict only warns" if failed else "refused no address"

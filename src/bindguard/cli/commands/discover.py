@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from bindguard.cli.parser import add_json_option, add_legend_option
 from bindguard.model.errors import BindguardError, ExitCode, UsageError
 from bindguard.model.text import escape
 from bindguard.report import output
@@ -21,7 +22,8 @@ Print each address a unit will bind, with its source and a confidence:
 Confident findings come from the daemon's own configuration (nginx, apache2/httpd, haproxy,
 sshd, redis-server, postgres, mariadbd/mysqld) and the unit's .socket units; guesses from
 the common option forms in ExecStart= and the environment (--port 8080, PORT=8080). A file
-that cannot be read is a warning, never an error."""
+that cannot be read is a warning, never an error. The table has a header line (ADDRESS,
+CONFIDENCE, SOURCE, OPTIONS, then the note in parentheses); --no-legend leaves it out."""
 EXIT_CODES: dict[ExitCode, str | None] = {
     ExitCode.CLEAR: "the addresses found, if any (warnings do not change it)",
     ExitCode.USAGE: "bad arguments or an unknown unit",
@@ -42,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a ListenStream= of the unit's .socket unit (udp: prefix for ListenDatagram=)")
     parser.add_argument("--daemon", metavar="NAME", help="read this daemon's configuration (nginx, sshd, ...)")
     parser.add_argument("--config", metavar="FILE", help="with --daemon: the daemon's configuration file")
-    parser.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    add_json_option(parser, "print the findings as one JSON object on stdout")
+    add_legend_option(parser)
     bus = parser.add_mutually_exclusive_group()
     bus.add_argument("--user", dest="user_bus", action="store_true", default=None,
                      help="read UNIT from the user manager (default when run by one: MANAGERPID is set)")
@@ -125,14 +128,17 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
              "confidence": f.confidence, "note": f.note, "socket_unit": f.socket_unit,
              "reuseaddr": f.bind.options.reuseaddr, "reuseport": f.bind.options.reuseport,
              "v6only": f.bind.v6only, "freebind": f.bind.options.freebind, "survives": list(f.survives)}
-            for f in result.findings]})
+            for f in result.findings]}, args.json)
         return ExitCode.CLEAR
     if not result.findings:
-        print("nothing found" + (f" ({escape(', '.join(result.daemons))}: no listen address)"
-                                 if result.daemons else ""))
+        if not args.no_legend:
+            print("nothing found" + (f" ({escape(', '.join(result.daemons))}: no listen address)"
+                                     if result.daemons else ""))
         return ExitCode.CLEAR
     rows = [(str(f.bind.endpoint), f.confidence, escape(f.source), _options_text(f.bind), escape(f.note))
             for f in result.findings]
+    if not args.no_legend:
+        rows.insert(0, ("ADDRESS", "CONFIDENCE", "SOURCE", "OPTIONS", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for address, confidence, source, options, note in rows:
         line = f"{address:<{widths[0]}}  {confidence:<{widths[1]}}  {source:<{widths[2]}}  {options}"

@@ -13,6 +13,7 @@ from bindguard.cli.commands.check import (
     request_options,
     systemd_context,
 )
+from bindguard.cli.parser import add_json_option
 from bindguard.model.errors import ExitCode
 from bindguard.report import output
 
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "`bindguard check --help`)", required=True)
     add_socket_arguments(parser)
     add_systemd_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json_option(parser, "print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace, console: output.Console) -> int:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     )
     outcome = guard.run(request)
     if args.json:
-        report.write_json(outcome)
+        report.write_json(outcome, args.json)
     report.write_human(console, outcome, explain=True)
     report.write_observed(console, outcome)
     return outcome.exit_code

@@ -7,6 +7,7 @@ import os
 import sys
 
 from bindguard.cli.commands.check import add_systemd_arguments
+from bindguard.cli.parser import add_json_option, add_legend_option
 from bindguard.model.errors import BindguardError, ExitCode, UsageError
 from bindguard.report import output
 
@@ -28,8 +29,10 @@ each with the evidence and the fix:
   restart-loop           a service restarting after a bind conflict (exit status 98)
   config-error           a unit's bindguard file that cannot be used
 
-The table (sorted by port) goes to stdout; the findings and notes go to stderr, with journald
-priority prefixes on the journal's stream ($JOURNAL_STREAM), as for `check`. --json puts one JSON object on stdout
+The table (sorted by port) goes to stdout, COMMAND cut at 60 characters only on a terminal (a
+pipe or a file gets it whole; --no-legend leaves out the header); the findings and notes go to
+stderr, with journald priority prefixes on the journal's stream ($JOURNAL_STREAM), as for `check`.
+--json puts one JSON object on stdout
 instead of the table. Nothing is changed or killed.
 
 examples:
@@ -48,10 +51,11 @@ EXIT_CODES: dict[ExitCode, str | None] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_systemd_arguments(parser, unit_help=None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    add_json_option(parser, "print one JSON object on stdout instead of the table")
     parser.add_argument("--prometheus", metavar="FILE",
                         help="also write the metrics for node_exporter's textfile collector to FILE (*.prom), "
                              "atomically")
+    add_legend_option(parser)
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="no table on stdout (findings still go to stderr): for timers")
 
@@ -100,8 +104,8 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     if args.json:
         from bindguard.report.jsonout import write_json
 
-        write_json(render.scan_json(result))
+        write_json(render.scan_json(result), args.json)
     elif not args.quiet:
-        render.write_table(result, sys.stdout)
+        render.write_table(result, sys.stdout, legend=not args.no_legend)
     render.write_findings(console, result)
     return result.exit_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bindguard.cli.commands import check
+from bindguard.cli.parser import add_json_option
 from bindguard.model.endpoints import Bind
 from bindguard.model.errors import ExitCode, UsageError
 from bindguard.report import output
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"wait at most this long for the daemon to listen (default {DEFAULT_TIMEOUT:g}); "
                              "keep it well within the unit's TimeoutStartSec=")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json_option(parser, "print one JSON object on stdout")
     parser.add_argument("--fail-closed", action="store_true",
                         help="when verify itself fails, exit 70 instead of letting the unit run")
 
@@ -181,6 +182,6 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     if args.json:
         from bindguard.report.jsonout import write_json
 
-        write_json(_json(unit, result.checks, code, result.waited, result.notes))
+        write_json(_json(unit, result.checks, code, result.waited, result.notes), args.json)
     _report(console, unit, result.checks, code, result.waited, result.notes)
     return code
