@@ -297,17 +297,21 @@ def test_config_show_states_the_defaults_the_guard_applies(dirs):
 
     proc = bindguard("config", "show", "web.service", env_path=os.environ[unitfiles.SEARCH_PATH_ENV])
     assert proc.returncode == 0, proc.stderr
-    stated = dict(line.split("#")[0].strip().split(": ", 1) for line in proc.stdout.splitlines()
-                  if line.startswith("  ") and line.rstrip().endswith("# default") and ": " in line)
+    stated = {}  # kind -> (the action, as a file writes it; the comment saying when the guard waits instead)
+    for line in proc.stdout.splitlines():
+        text, _, comment = line.partition("# ")
+        if line.startswith("  ") and comment.startswith("default") and ": " in text:
+            kind, action = text.strip().split(": ", 1)
+            stated[kind] = (action, comment.removeprefix("default").strip(" ()"))
     assert set(stated) >= {str(kind) for kind in POLICY_KINDS}
     bind = Bind(parse_listen("[2001:db8::1]:80"), SocketOptions())
     in_dad = Conflict(bind, ConflictKind.ADDRESS_UNAVAILABLE, clears=True)
     absent = Conflict(bind, ConflictKind.ADDRESS_UNAVAILABLE)
     assert (default_action(in_dad), default_action(absent)) == (Action.WAIT, Action.REFUSE)
-    assert stated["address-unavailable"] == ("refuse (wait while the address is in duplicate address "
-                                             "detection)")
-    assert stated["listener"] == "refuse (wait while its holder is stopping or exiting)"
-    assert (stated["time-wait"], stated["latent-socket-unit"], stated["self-conflict"]) == ("wait", "warn", "refuse")
+    assert stated["address-unavailable"] == ("refuse", "wait while the address is in duplicate address detection")
+    assert stated["listener"] == ("refuse", "wait while its holder is stopping or exiting")
+    assert (stated["time-wait"], stated["latent-socket-unit"], stated["self-conflict"]) == (
+        ("wait", ""), ("warn", ""), ("refuse", ""))
 
 # --- the cheap path -----------------------------------------------------------------------------
 

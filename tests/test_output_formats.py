@@ -149,7 +149,9 @@ def test_config_show_is_yaml_that_loads_and_validates_with_origins_as_comments(t
     lines = shown.stdout.splitlines()
     assert lines[0] == f"# web.service: {unit_file}"
     assert any(line.startswith("  reuseport: true") and line.endswith(f"# {unit_file}:2:22") for line in lines)
-    assert any(line.startswith("  listener: refuse") and line.endswith("# default") for line in lines)
+    assert any(line.startswith("  self-conflict: refuse") and line.endswith("# default") for line in lines)
+    assert any(line.startswith("  listener: refuse") and line.endswith("# default (wait while its holder is stopping or exiting)")
+               for line in lines)
 
     # what it prints is a bindguard file for the unit, which says the same again
     again = tmp_path / "again"

@@ -18,7 +18,8 @@ MODES = ("short", "pretty")
 DEFAULT_MODE = "pretty"
 
 
-def write_json(document: dict[str, Any], mode: str = DEFAULT_MODE) -> None:
+def write_json(document: dict[str, Any], mode: str | None = DEFAULT_MODE) -> None:
+    """mode: short, else pretty."""
     import json  # only when asked for JSON: the parser imports MODES on every run
 
     versioned = {"schema_version": SCHEMA_VERSION, **document}

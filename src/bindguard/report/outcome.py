@@ -96,7 +96,7 @@ def outcome_json(outcome: Outcome) -> dict:
     }
 
 
-def write_json(outcome: Outcome, mode: str) -> None:
+def write_json(outcome: Outcome, mode: str | None = None) -> None:
     from bindguard.report.jsonout import write_json  # json only for --json
 
     write_json(outcome_json(outcome), mode)

@@ -61,15 +61,16 @@ def default_action(conflict: Conflict) -> Action:
     return action_for(conflict.kind, conflict.blocking, conflict.clears)
 
 
-def stated_default(kind: ConflictKind) -> str:
-    """The default of a kind as `config show` prints it: "wait" for a TIME_WAIT, "refuse (wait while
-    the address is in duplicate address detection)" for an unavailable address."""
+def stated_default(kind: ConflictKind) -> tuple[Action, str | None]:
+    """The default of a kind as `config show` states it: the action, as a file would write it
+    ("wait" for a TIME_WAIT, "refuse" for an unavailable address), and when the guard does
+    otherwise by default ("wait while the address is in duplicate address detection"), or None."""
     if kind not in CLEARS_BY_ITSELF:
-        return action_for(kind)
+        return action_for(kind), None
     when = CLEARS_BY_ITSELF[kind]
     if when is None:
-        return action_for(kind, clears=True)
-    return f"{action_for(kind)} ({action_for(kind, clears=True)} {when})"
+        return action_for(kind, clears=True), None
+    return action_for(kind), f"{action_for(kind, clears=True)} {when}"
 
 
 def fleeting(c: Conflict) -> bool:

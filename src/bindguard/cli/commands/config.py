@@ -135,8 +135,9 @@ def _settings(loaded: config.UnitConfig) -> tuple[dict, dict[str, str]]:
         origin("wait")
     policy = {}
     for kind in POLICY_KINDS:
-        policy[kind] = loaded.policy.get(kind) or stated_default(kind)
-        origin(f"policy.{kind}")
+        action, otherwise = stated_default(kind)
+        policy[kind] = loaded.policy.get(kind) or action
+        origin(f"policy.{kind}", f"default ({otherwise})" if otherwise else "default")
     sources = loaded.discovery_sources
     settings = {
         "listen": listen, "options": options, "wait": loaded.wait, "policy": policy,
