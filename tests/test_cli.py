@@ -168,12 +168,12 @@ def test_explain_shows_everything_on_the_port(netns):
                {"proto": "udp", "host": "::", "port": 8080})
     proc = netns.run([*BINDGUARD, "explain", "127.0.0.2:8080"])
     assert proc.returncode == 0, proc.stderr
-    assert "127.0.0.1:8080 LISTEN: PID" in proc.stderr
+    assert "127.0.0.1:8080 LISTEN: PID" in proc.stdout  # the report is explain's output: stdout
     proc = netns.run([*BINDGUARD, "explain", "0.0.0.0:8080", "udp:0.0.0.0:8080"])
-    assert proc.returncode == 98
-    assert proc.stderr.startswith("bindguard: a start now would be refused: 0.0.0.0:8080, udp:0.0.0.0:8080 in use")
-    assert "listener" in proc.stderr and "udp:0.0.0.0:8080: bound" in proc.stderr
-    assert "already receives on this UDP port" in proc.stderr
+    assert proc.returncode == 98 and proc.stderr == ""
+    assert proc.stdout.startswith("bindguard: a start now would be refused: 0.0.0.0:8080, udp:0.0.0.0:8080 in use")
+    assert "listener" in proc.stdout and "udp:0.0.0.0:8080: bound" in proc.stdout
+    assert "already receives on this UDP port" in proc.stdout
 
 
 @pytest.mark.integration

@@ -53,7 +53,7 @@ def test_check_and_explain_escape_a_holder_s_command_line(netns, hostile):
     for command, holding_lines in (("check", 1), ("explain", 2)):  # explain also lists what is on the port
         proc = netns.run([*BINDGUARD, command, "--no-systemd", f"127.0.0.1:{PORT}"], env=env())
         assert proc.returncode == 98, proc.stderr
-        assert_one_line_per_message(proc.stderr, holding_lines)
+        assert_one_line_per_message(proc.stdout if command == "explain" else proc.stderr, holding_lines)
 
 
 @pytest.mark.integration

@@ -243,7 +243,7 @@ def test_nft_is_run_with_a_clean_environment(netns, tmp_path):
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
     proc = netns.run([*BINDGUARD, "explain", "--no-systemd", "0.0.0.0:8080"], env=env)
-    assert "nat-shadowed: dnat to 192.0.2.7:80" in proc.stderr
+    assert "nat-shadowed: dnat to 192.0.2.7:80" in proc.stdout
     assert not (tmp_path / "ran").exists()
     assert shutil.which("nft", path=env["PATH"]) == str(fake)
 

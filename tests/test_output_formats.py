@@ -66,6 +66,22 @@ def test_discover_and_config_show_objects_carry_the_schema_version(tmp_path):
     assert shown.returncode == 0 and json.loads(shown.stdout)["schema_version"] == SCHEMA_VERSION
 
 
+# --- explain: the report on stdout ----------------------------------------------------------------
+
+@pytest.mark.integration
+def test_explain_writes_its_report_to_stdout_and_with_json_to_stderr(netns):
+    netns.hold({"host": "127.0.0.1", "port": 8080})
+    # a JOURNAL_STREAM inherited from a unit names another stream: the pipe gets plain lines
+    piped = bindguard("explain", "--no-systemd", "127.0.0.1:8080", wrap=netns.argv, env={"JOURNAL_STREAM": "1:2"})
+    assert piped.returncode == 98 and piped.stderr == ""
+    assert piped.stdout.startswith("bindguard: a start now would be refused: 127.0.0.1:8080 in use")
+    assert "    fix: " in piped.stdout and "on these ports now:" in piped.stdout and "<3>" not in piped.stdout
+    with_json = bindguard("explain", "--no-systemd", "--json=short", "127.0.0.1:8080", wrap=netns.argv)
+    assert with_json.returncode == 98
+    assert json.loads(with_json.stdout)["verdict"] == "in-use"  # stdout: the object alone
+    assert with_json.stderr.startswith("bindguard: a start now would be refused")
+
+
 # --- tables: whole off a terminal, --no-legend -----------------------------------------------------
 
 @pytest.mark.integration

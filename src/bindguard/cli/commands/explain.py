@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from bindguard.cli.commands.check import (
     LISTEN_SYNTAX,
@@ -22,6 +23,9 @@ What is on these addresses now, who holds them (PID, command, user, unit), what 
 conflict each one is, and the fix for that kind, whether or not the daemon could start.
 Nothing is waited for, changed or killed. The exit code is the one `bindguard check --wait 0`
 would give now (below).
+
+The report goes to stdout, to read, page or grep (`bindguard explain 80 | less`); errors go to
+stderr. With --json, stdout carries only the JSON object and the report goes to stderr.
 
 example:
   bindguard explain 80 443 udp:[::]:53"""
@@ -64,6 +68,10 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     outcome = guard.run(request)
     if args.json:
         report.write_json(outcome, args.json)
-    report.write_human(console, outcome, explain=True)
-    report.write_observed(console, outcome)
+    # The report is explain's output, so it is stdout's, as a person pipes it to less or grep; a
+    # console of its own decides the form there (plain in a pipe, colour on a terminal, priority
+    # prefixes only on the journal's stream).
+    shown = console if args.json else output.Console(sys.stdout)
+    report.write_human(shown, outcome, explain=True)
+    report.write_observed(shown, outcome)
     return outcome.exit_code
