@@ -266,3 +266,36 @@ def test_sshd_dump_runs_once_its_privilege_separation_directory_appears(tmp_path
         "remembered False",
         "[] ['sshd -T']",
     ], proc.stdout
+
+
+SSHD_RESOLVES = r"""
+import os, sys, time
+from bindguard.request import cache
+from bindguard.request.discover import SOURCES
+root = sys.argv[1]
+cache.RUN_DIR, cache.ENTRIES = root + "/run", root + "/run/discovery"
+os.environ["SYSTEMD_UNIT_PATH"] = root + "/units"
+os.mkdir("/run/sshd")
+time.sleep(cache.FRESH_NS / 1e9 + 0.05)
+for unit in ("literal.service", "named.service"):
+    found = cache.discover_from_files(unit, False, list(SOURCES))
+    print(unit, sorted({f.source for f in found.findings}), cache.lookup(unit, False) is not None)
+"""
+
+
+def test_sshd_dump_resolving_a_host_name_is_not_remembered(tmp_path):
+    """sshd -T resolves a ListenAddress host name itself (DNS, which no file read shows): its
+    answer is not remembered; with addresses only, it is."""
+    need_package("openssh-server", "/usr/sbin/sshd")
+    need_root("a private /run")
+    (tmp_path / "units").mkdir()
+    for name, address in (("literal", "127.0.0.1"), ("named", "localhost")):
+        conf = tmp_path / f"{name}.conf"
+        conf.write_text(f"Port 2299\nListenAddress {address}\n")
+        (tmp_path / "units" / f"{name}.service").write_text(f"[Service]\nExecStart=/usr/sbin/sshd -D -f {conf}\n")
+    script = f"mount -t tmpfs tmpfs /run && exec {sys.executable} -c \"$0\" {tmp_path}"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, SSHD_RESOLVES],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["literal.service ['sshd -T'] True", "named.service ['sshd -T'] False"], \
+        proc.stdout

@@ -23,6 +23,7 @@ from bindguard.request.discover.common import (
     endpoint,
     expand_glob,
     host_addresses,
+    is_ip,
     parse_port,
     read_text,
 )
@@ -177,6 +178,10 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
         command += [a for p in ports for a in ("-p", p)] + ({"inet": ["-4"], "inet6": ["-6"]}.get(family or "", []))
         ok, out, why = dump.run(command, runs_as)
         if ok:
+            if any(not is_ip(host.strip("[]")) for host, _, _ in read.listen):
+                from bindguard.request.cache import incomplete
+
+                incomplete("sshd -T resolves a ListenAddress host name itself (DNS)")
             _from_dump(findings, out)
             findings.all_survivable("sshd starts if at least one of its addresses binds")
             return findings
