@@ -299,3 +299,9 @@ def test_sshd_dump_resolving_a_host_name_is_not_remembered(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["literal.service ['sshd -T'] True", "named.service ['sshd -T'] False"], \
         proc.stdout
+
+
+def test_fields_survive_the_entry_format():
+    for text in ["plain", "tab\there", "line\nend\r", "back\\slash\\t", "nul\0", "ünï\udcff", "\\", ""]:
+        escaped = cache._escape(text)
+        assert not set(escaped) & {"\t", "\n", "\r", "\0"} and cache._unescape(escaped) == text, text

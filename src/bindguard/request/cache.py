@@ -112,12 +112,29 @@ def _entry_path(unit: str, user: bool) -> str:
     return f"{ENTRIES}/{'user' if user else 'system'}-{install:08x}-{unit}"  # a unit name has no '/'
 
 
+ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"}
+UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "0": "\0"}
+
+
 def _escape(text: str) -> str:
-    return text.encode("unicode_escape").decode("ascii")  # no tab, newline or non-ASCII left
+    """No tab, line end or NUL left to split on (the unicode_escape codec would cost an import)."""
+    for char, escaped in ESCAPES.items():  # the backslash first
+        text = text.replace(char, escaped)
+    return text
 
 
 def _unescape(text: str) -> str:
-    return text.encode("ascii").decode("unicode_escape")
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\":
+            out.append(UNESCAPES[text[i + 1]])  # KeyError or IndexError: a malformed entry
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- reading an entry
@@ -158,7 +175,7 @@ def _read_entry(path: str) -> str | None:
     if len(data) > MAX_ENTRY_BYTES:
         return None
     try:
-        return data.decode("ascii")
+        return data.decode("utf-8", "surrogateescape")
     except UnicodeDecodeError:
         return None
 
@@ -199,7 +216,7 @@ def lookup(unit: str, user: bool) -> Remembered | None:
                 remembered.daemons.append(_unescape(*fields))
             else:
                 return None
-    except (ValueError, TypeError, UnicodeError):  # a malformed entry is no entry
+    except (ValueError, TypeError, KeyError, IndexError):  # a malformed entry is no entry
         return None
     return remembered
 
@@ -344,7 +361,7 @@ def remember(unit: str, user: bool, recorder: Recorder, discovery) -> str:
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, ("\n".join(lines) + "\n").encode("ascii"))
+            os.write(fd, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
         finally:
             os.close(fd)
         os.rename(temporary, target)
