@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from load import Load, Size  # noqa: E402
-from run import bindguard_argv, child_env, inside  # noqa: E402
+from run import bindguard_argv, child_env, inside, install_debian_units  # noqa: E402
 from unit_agent import UnitAgent  # noqa: E402
 
 PROFILE_ONE = """
@@ -42,8 +42,8 @@ sys.exit(code)
 """
 
 
-PATHS = ("clear", "held", "timewait", "noop", "unit", "held_unit")
-IN_UNIT = ("unit", "held_unit")
+PATHS = ("clear", "held", "timewait", "noop", "unit", "held_unit", "daemon_nginx", "daemon_ssh")
+IN_UNIT = ("unit", "held_unit", "daemon_nginx", "daemon_ssh")  # daemon_*: Debian's units, discovery remembered
 
 
 def paths(info: dict) -> dict[str, list[str]]:
@@ -54,6 +54,8 @@ def paths(info: dict) -> dict[str, list[str]]:
         "noop": ["check", "--unit", "bench-noop.service"],
         "unit": ["check", str(info["free_port"])],
         "held_unit": ["check", str(info["held_port"])],
+        "daemon_nginx": ["check", "--unit", "bench-nginx.service"],
+        "daemon_ssh": ["check", "--unit", "bench-ssh.service"],
     }
 
 
@@ -112,6 +114,8 @@ def main() -> None:
     out = Path(f"/tmp/bindguard-bench-{os.getpid()}.prof")
     agent = UnitAgent() if set(args.paths) & set(IN_UNIT) else None
     try:
+        if agent:
+            install_debian_units(agent)
         with Load(args.size) as load:
             print(f"{args.size.label}: {load.info['sockstat']}, held PID {load.info['held_pid']} "
                   f"({load.info['held_scan_position']} in PID order)")
