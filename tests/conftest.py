@@ -85,6 +85,21 @@ class NetNS:
         self.anchor.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _forget_the_discoveries_tests_remember():
+    """The guard remembers discoveries under the host's /run/bindguard/discovery (request/cache.py),
+    and the tests' guards run as root on the host's /run: remove what this session added there,
+    leaving what was there before it."""
+    from bindguard.request.cache import ENTRIES
+
+    entries = Path(ENTRIES)
+    before = set(os.listdir(entries)) if entries.is_dir() else set()
+    yield
+    if entries.is_dir():
+        for name in set(os.listdir(entries)) - before:
+            (entries / name).unlink(missing_ok=True)
+
+
 @pytest.fixture
 def netns():
     need_root()
