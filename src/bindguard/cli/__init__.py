@@ -28,11 +28,9 @@ def main(argv: list[str] | None = None, console=None) -> int:
     """Run the command line `argv` and return its exit code. Messages go to `console`
     (a bindguard.report.output.Console; by default one on sys.stderr), made here once."""
     argv = sys.argv[1:] if argv is None else argv
-    # Ended by a signal, the guard says so (under ExecStartPre= the line reaches the journal)
-    # and exits as a shell reports it, 128 + the signal's number; `finally` blocks run first.
-    previous = {signum: _signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    previous: dict = {}  # the handlers _main replaced, put back on the way out
     try:
-        return _main(argv, console)
+        return _main(argv, console, previous)
     finally:
         for signum, handler in previous.items():
             _signal.signal(signum, handler)
@@ -47,7 +45,7 @@ def _site() -> None:
         site.main()
 
 
-def _main(argv: list[str], console) -> int:
+def _main(argv: list[str], console, previous: dict) -> int:
     debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
     from bindguard.report import output
 
@@ -55,6 +53,10 @@ def _main(argv: list[str], console) -> int:
 
     fail_closed = "--fail-closed" in argv  # until the command's own rule has decided (fails_closed)
     try:
+        # Ended by a signal, the guard says so (under ExecStartPre= the line reaches the journal)
+        # and exits as a shell reports it, 128 + the signal's number; `finally` blocks run first.
+        # Installed here, inside the handlers below, so that no signal can arrive between the two.
+        previous.update({signum: _signal.signal(signum, _stop) for signum in STOP_SIGNALS})
         try:
             if argv[:1] == ["check"]:
                 from bindguard.cli import fastpath
