@@ -612,7 +612,7 @@ def declares_fail_closed(unit: str | None, explicit: str | os.PathLike | None = 
     fails: the top-level `fail:` of each file from YAML events alone (no composing, no values
     built), the last file's winning as in _merge. Never raises; False when nothing says so.
 
-    The guard's own failure honours this (cli.py), whatever stage the failure came from.
+    The guard's own failure honours this (bindguard.cli.main), whatever stage the failure came from.
     """
     try:
         if explicit is not None:

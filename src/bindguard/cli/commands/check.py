@@ -286,7 +286,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     except Exception as exc:
         # No failure to learn about a conflict turns the kernel's refusal into a pass: once the
         # trial bind has answered, a fault in observing, attributing or reporting keeps its verdict.
-        # Before that, the fault is the guard's own, and cli.py fails open (or 70, --fail-closed).
+        # Before that, the fault is the guard's own, and bindguard.cli fails open (or 70, --fail-closed).
         if not answered:
             raise
         if args.debug or os.environ.get("BINDGUARD_DEBUG") == "1":
