@@ -21,10 +21,6 @@ from bindguard.model.host import host_bindv6only
 TYPES = {"Stream": TCP, "Datagram": UDP}
 
 
-def is_socket_unit(unit: str | None) -> bool:
-    return unit is not None and unit.endswith(".socket")
-
-
 @dataclass
 class SocketUnitRequest:
     binds: list[Bind] = field(default_factory=list)
