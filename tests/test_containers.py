@@ -168,3 +168,16 @@ def test_a_podman_container_is_named_and_stopped_with_podman(tmp_path):
     assert (tmp_path / "check.code").read_text().strip() == "98"
     check = (tmp_path / "check.err").read_text()
     assert "podman container web1, image localhost/bindguard-test:1" in check and "`podman stop web1`" in check
+
+
+def test_a_conmon_that_is_not_root_names_no_container():
+    """Anyone can run a program called conmon with a real container's id: a non-root one is not
+    taken for rootful Podman's monitor (its remedy would stop someone else's container)."""
+    argv = ("/usr/bin/conmon", "-c", ID, "-n", "web1")
+    impostor = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
+    try:
+        assert containers.container_of(impostor.pid, "/user.slice/user-65534.slice/session-1.scope", argv) is None
+    finally:
+        impostor.kill()
+        impostor.wait()
+    assert containers.container_of(os.getpid(), "/", argv).via == "conmon"  # root's is still named

@@ -4,8 +4,9 @@ line, named from the engine's own state on disk. No engine's API is called on th
 A container's process runs in a cgroup that bears its id: `docker-ID.scope` or `/docker/ID`,
 `libpod-ID.scope` or `/libpod_parent/libpod-ID`, `cri-containerd-ID.scope`, `crio-ID.scope`, or
 `/kubepods/.../podUID/ID`. Podman's monitor, conmon, holds a rootful container's published ports
-itself (it names the container with `-c ID -n NAME`). The id (64 hex digits, nothing else ever makes
-a path) names the engine's files, read as regular files of bounded size (request.files):
+itself (it names the container with `-c ID -n NAME`), believed only when its real uid is root's.
+The id (64 hex digits, nothing else ever makes a path) names the engine's files, read as regular
+files of bounded size (request.files):
 
   docker      /var/lib/docker/containers/ID/config.v2.json      Name, Config.Image, Config.Labels
   podman      /var/lib/containers/storage/overlay-containers/containers.json   names, metadata
@@ -165,6 +166,8 @@ def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFa
     if ref is None:
         return None
     engine, cid, via = ref
+    if via == "conmon" and not _real_uid_is_root(pid):
+        return None  # any user can run a program named conmon: only rootful Podman's monitor is believed
     if engine == "kubernetes":
         fact = _from_containerd(cid)
         if not fact.source:
@@ -173,6 +176,20 @@ def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFa
     else:
         fact = READERS[engine](cid)
     return dataclasses.replace(fact, via=via)
+
+
+def _real_uid_is_root(pid: int) -> bool:
+    """Whether the process's real uid (/proc/PID/status) is root's: a uid no other user can take."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read(1 << 14).decode("ascii", "replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            return len(fields) > 1 and fields[1] == "0"
+    return False
 
 
 def _all_cgroups(pid: int) -> list[str]:
