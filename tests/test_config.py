@@ -310,6 +310,9 @@ def test_config_show_states_the_defaults_the_guard_applies(dirs):
     assert (default_action(in_dad), default_action(absent)) == (Action.WAIT, Action.REFUSE)
     assert stated["address-unavailable"] == ("refuse", "wait while the address is in duplicate address detection")
     assert stated["listener"] == ("refuse", "wait while its holder is stopping or exiting")
+    # Every kind a leaving holder can have (verdict.conflicts.attribution) says it is waited for.
+    for kind in ("bound", "socket-unit", "own-instance", "orphan"):
+        assert stated[kind] == ("refuse", "wait while its holder is stopping or exiting"), kind
     assert (stated["time-wait"], stated["latent-socket-unit"], stated["self-conflict"]) == (
         ("wait", ""), ("warn", ""), ("refuse", ""))
 

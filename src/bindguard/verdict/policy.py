@@ -44,6 +44,7 @@ CLEARS_BY_ITSELF: dict[ConflictKind, str | None] = {
     ConflictKind.ADDRESS_UNAVAILABLE: "while the address is in duplicate address detection",
     ConflictKind.LISTENER: _HOLDER_LEAVING,
     ConflictKind.BOUND: _HOLDER_LEAVING,
+    ConflictKind.SOCKET_UNIT: _HOLDER_LEAVING,
     ConflictKind.OWN_INSTANCE: _HOLDER_LEAVING,
     ConflictKind.ORPHAN: _HOLDER_LEAVING,
 }

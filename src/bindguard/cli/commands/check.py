@@ -21,7 +21,8 @@ in this network namespace (and, with SO_REUSEPORT, as the daemon's uid: --daemon
 the unit's User=). If an address is blocked, bindguard
 finds the socket in the way (sock_diag), the process and unit holding it, and then
   - passes (exit 0) when every address can be bound,
-  - waits, up to --wait seconds, while only a TIME_WAIT is in the way (it clears by itself),
+  - waits, up to --wait seconds, while only what clears by itself is in the way (a TIME_WAIT,
+    an address in duplicate address detection, a holder already stopping or exiting),
   - refuses (exit 98, 99, 75 or 13) with who holds what and how to fix it.
 The report goes to stderr, plain. Under systemd ($JOURNAL_STREAM names stderr) it is one journal
 entry with a MESSAGE_ID and BINDGUARD_* fields (see README), or lines with journald priority
@@ -115,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bus, in the unit's own ControlGroup while the unit runs no instance): SIGTERM, "
                              "SIGKILL after 5 s; nothing else")
     parser.add_argument("--wait", type=float, metavar="SECONDS", default=None,
-                        help="wait at most this long while only TIME_WAIT is in the way; 0 never waits "
+                        help="wait at most this long while only what clears by itself is in the way (TIME_WAIT, "
+                             "an address in duplicate address detection, a holder already leaving); 0 never waits "
                              "(default: 65, a full TIME_WAIT, capped by the unit's start timeout)")
     add_json_option(parser, "print one JSON object on stdout")
     parser.add_argument("--fail-closed", action="store_true",
