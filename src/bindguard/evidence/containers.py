@@ -3,8 +3,9 @@ line, named from the engine's own state on disk. No engine's API is called on th
 
 A container's process runs in a cgroup that bears its id: `docker-ID.scope` or `/docker/ID`,
 `libpod-ID.scope` or `/libpod_parent/libpod-ID`, `cri-containerd-ID.scope`, `crio-ID.scope`, or
-`/kubepods/.../podUID/ID`. Podman's monitor, conmon, holds a rootful container's published ports
-itself (it names the container with `-c ID -n NAME`), believed only when its real uid is root's.
+`/kubepods/.../podUID/ID` (outside a user manager's tree, where its user names cgroups). Podman's
+monitor, conmon, holds a rootful container's published ports itself (it names the container with
+`-c ID -n NAME`), believed only when its real uid is root's.
 The id (64 hex digits, nothing else ever makes a path) names the engine's files, read as regular
 files of bounded size (request.files):
 
@@ -43,12 +44,17 @@ CGROUP_PATTERNS = (
     (re.compile(rf"(?:^|/)kubepods[^/]*/(?:[^/]+/)?pod[0-9a-f_-]+/{_ID}(?:/|$)"), "kubernetes"),
 )
 _FULL_ID = re.compile(_ID)
+# A user manager's tree is delegated to its user, who names its scopes and cgroups there at will
+# (`systemd-run --user --scope --unit docker-ID.scope`): a name in it proves no container of root's.
+_USER_MANAGER_TREE = re.compile(r"/user@\d+\.service(?:/|$)")
 
 
 def container_ref(cgroups: list[str], cmdline: tuple[str, ...]) -> tuple[str, str, str] | None:
     """(engine, id, via) from the process's cgroup paths (every hierarchy's: on a cgroup v1 host the
     engine's path is in the controllers', not the unified one), else from conmon's command line."""
     for path in cgroups:
+        if _USER_MANAGER_TREE.search(path):
+            continue
         for pattern, engine in CGROUP_PATTERNS:
             m = pattern.search(path)
             if m and m.group(1):
