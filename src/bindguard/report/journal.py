@@ -4,7 +4,7 @@ One datagram to /run/systemd/journal/socket, the socket systemd-journald listens
 manager's services (a user manager's too): FIELD=value lines, and for a value that holds a
 newline or is binary, the field's name, a newline, its length as a 64-bit little-endian number,
 the bytes and a newline. The socket is a fixed path under /run, which only root can write: no
-variable chooses it. Each outcome has its MESSAGE_ID, explained by debian/bindguard.catalog
+variable chooses it. Each outcome has its MESSAGE_ID, explained by systemd/bindguard.catalog
 (`journalctl -x`); the fields a person filters on are BINDGUARD_ADDRESS, BINDGUARD_PORT,
 BINDGUARD_KIND, BINDGUARD_HOLDER_PID, BINDGUARD_HOLDER_UNIT, and OBJECT_PID, with which journald
 adds the holder's OBJECT_SYSTEMD_UNIT (so `journalctl -u holder.service` lists the starts it
@@ -23,7 +23,7 @@ MAX_VALUE = 1024
 MAX_MESSAGE = 32 * 1024
 MAX_FIELDS = 64
 
-# `systemd-id128 new`, one per outcome; debian/bindguard.catalog explains each.
+# `systemd-id128 new`, one per outcome; systemd/bindguard.catalog explains each.
 MESSAGE_IDS = {
     "cleared": "a57e632a4fb4422c956d1e99d5835d23",
     "waited": "406cf84aae1749a6bf0f32f6814e0f20",
