@@ -32,9 +32,11 @@ PRIVILEGE_NOTE = """\
 The "+" prefix runs the check with full privileges, whatever User=, Group= and capability
 settings the service has: a trial bind of a port below 1024 needs CAP_NET_BIND_SERVICE, and
 naming the process that holds an address means reading /proc/PID/fd of other users'
-processes. The price: the check runs as root (it only reads, and binds and closes test
-sockets). It still runs in the unit's network namespace (PrivateNetwork=), where the daemon
-will bind (seen with systemd 252). Drop the "+" when the service runs as root anyway, or when
+processes. The price: the check runs as root (it reads, binds and closes test sockets, may
+run a known daemon's configuration dump as README's "Trust model" allows, and writes only
+discovery's answer under /run/bindguard/; it kills nothing unless asked). It still runs in
+the unit's network namespace (PrivateNetwork=), where the daemon will bind (seen with
+systemd 252). Drop the "+" when the service runs as root anyway, or when
 its ports are 1024 and up and a diagnosis without the holder's name will do."""
 USER_PRIVILEGE_NOTE = """\
 Under a user manager the check runs as you with or without the "+", which only frees it
