@@ -28,7 +28,8 @@ class ExitCode(enum.IntEnum):
     INTERNAL = 70, "the guard itself failed and --fail-closed was given"  # EX_SOFTWARE
     TEMPFAIL = 75, "only TIME_WAIT was in the way and it had not cleared when the wait ran out (EX_TEMPFAIL)"
     CONFIG = 78, "a configuration file is wrong"  # EX_CONFIG
-    INUSE = 98, "held by something that will not go away by itself (as errno EADDRINUSE)"
+    INUSE = 98, ("held by something that does not go away by itself, or a holder still leaving when the wait "
+                 "ran out (as errno EADDRINUSE)")
     NOTAVAIL = 99, "the address is on no interface (as errno EADDRNOTAVAIL)"
     # 128 + the signal's number, as a shell reports it (bindguard.cli, which must not import this).
     HANGUP = 129, _STOPPED

@@ -38,7 +38,8 @@ EXIT_CODES: dict[ExitCode, str | None] = {
     ExitCode.CLEAR: "clear: every address can be bound now",
     ExitCode.NOPERM: None,
     ExitCode.TEMPFAIL: "only TIME_WAIT is in the way now: it clears by itself (`check` waits for it)",
-    ExitCode.INUSE: None,
+    ExitCode.INUSE: "held by something in the way now (as errno EADDRINUSE); a holder already leaving clears by "
+                    "itself (`check` waits for it)",
     ExitCode.NOTAVAIL: None,
 }
 
