@@ -58,15 +58,12 @@ def _alive(pidfd: int) -> bool:
 def _same_process(pidfd: int, pid: int, started: float, cgroup: str) -> bool:
     """Whether the process behind pidfd is the one observed: same start time, same cgroup. /proc/PID
     is read after the pidfd was opened and checked alive after: then it was the pidfd's process."""
-    import psutil
+    from bindguard.evidence.owners import process_cgroup, process_started
 
-    from bindguard.evidence.owners import process_cgroup
-
-    try:
-        same = abs(psutil.Process(pid).create_time() - started) <= 0.01 and process_cgroup(pid) == cgroup
-    except psutil.Error:
+    now_started = process_started(pid)
+    if now_started is None or abs(now_started - started) > 0.01:
         return False
-    return same and _alive(pidfd)
+    return process_cgroup(pid) == cgroup and _alive(pidfd)
 
 
 def terminate(conflict: Conflict, reason: str, log: Callable[[int, str], None], grace: float = GRACE_SECONDS) -> str:

@@ -1,7 +1,7 @@
 """Who holds a socket: inode -> PID through /proc/PID/fd, process facts, cgroup -> systemd unit.
 
-Only the standard library is imported at module level; psutil (process_facts) and ctypes
-(cgroup_path_for_id) are imported by the functions that need them.
+Only the standard library is imported, ctypes (cgroup_path_for_id) and pwd (a holder's user
+name) by the functions that need them. Process facts are read from /proc here, not through psutil.
 """
 
 from __future__ import annotations
@@ -163,36 +163,35 @@ def _socket_inodes_of(pid: int, wanted: set[int], holders: Holders) -> set[int]:
 
 
 def process_facts(pid: int) -> ProcessFact | None:
-    """What psutil and /proc/PID/cgroup say about a process; None if it is gone."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        with process.oneshot():
-            ppid = process.ppid()
-            name = process.name()
-            uid = process.uids().effective
-            started = process.create_time()
-            cmdline = tuple(_or_empty(process.cmdline, []))
-            exe = _or_empty(process.exe, "")
-            user = _or_empty(process.username, str(uid))
-    except psutil.NoSuchProcess:
+    """What /proc says about a process (read_stat, /proc/PID/status, cmdline and exe, the same
+    facts and rules as psutil's, whose import alone cost a quarter of a refusal) and its cgroup;
+    None if it is gone."""
+    stat = read_stat(pid)
+    if stat is None:
         return None
-    except psutil.AccessDenied:
+    ids = _status_ids(pid)
+    if ids is None:
         return None
+    real_uid, uid = ids
+    cmdline = _cmdline(pid)
+    name = stat.name
+    if len(name) >= 15 and cmdline:  # comm is cut to 15 bytes: "gnome-keyring-d" is gnome-keyring-daemon
+        extended = os.path.basename(cmdline[0])
+        if extended.startswith(name):
+            name = extended
     cgroup = process_cgroup(pid) or ""
     from bindguard.evidence.containers import container_of
 
     return ProcessFact(
-        exiting=_exiting(pid),
+        exiting=stat.exiting,
         pid=pid,
-        ppid=ppid,
+        ppid=stat.ppid,
         name=name,
         cmdline=cmdline,
-        exe=exe,
+        exe=_exe(pid),
         uid=uid,
-        user=user,
-        started=started,
+        user=_user_name(real_uid),
+        started=stat.started,
         cgroup=cgroup,
         unit=unit_from_cgroup(cgroup),
         container=container_of(pid, cgroup, cmdline),
@@ -200,28 +199,136 @@ def process_facts(pid: int) -> ProcessFact | None:
 
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+STAT_BYTES = 4096  # /proc/PID/stat: 52 numbers and a name of at most 64 bytes
+CMDLINE_BYTES = 1 << 20  # a command line is cut here (the kernel allows ARG_MAX, often 2 MiB)
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat (proc(5), numbered from 1) a report needs."""
+
+    name: str  # 2, comm: the executable's name cut to 15 bytes, or what the process set (PR_SET_NAME)
+    state: bytes  # 3: R, S, D, Z (zombie), X (dead), ...
+    ppid: int  # 4
+    flags: int  # 9: the kernel's PF_* flags
+    start_ticks: int  # 22, starttime: clock ticks (sysconf(SC_CLK_TCK)) from boot to the process's start
+
+    @property
+    def exiting(self) -> bool:
+        """Whether the kernel is ending the process: zombie or dead, or PF_EXITING set."""
+        return self.state in (b"Z", b"X", b"x") or bool(self.flags & PF_EXITING)
+
+    @property
+    def started(self) -> float:
+        """The start time in seconds since the epoch: starttime in ticks after btime, as psutil's
+        create_time() reckons it (so a start time read by either matches to the tick)."""
+        return self.start_ticks / os.sysconf("SC_CLK_TCK") + _boot_time()
+
+
+def read_stat(pid: int | str) -> ProcStat | None:
+    """/proc/PID/stat parsed, or None if the process is gone or the file unexpected. The name
+    (field 2, in parentheses) may hold spaces and ')', so it runs from the first '(' to the
+    last ')'; the numbered fields follow the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read(STAT_BYTES)
+    except OSError:
+        return None
+    close = data.rfind(b")")
+    fields = data[close + 1 :].split()
+    if close < 0 or len(fields) < 20:
+        return None
+    try:
+        return ProcStat(name=os.fsdecode(data[data.find(b"(") + 1 : close]), state=fields[0],
+                        ppid=int(fields[1]), flags=int(fields[6]), start_ticks=int(fields[19]))
+    except ValueError:
+        return None
+
+
+def process_started(pid: int | str) -> float | None:
+    """A process's start time in seconds since the epoch, None if it is gone."""
+    stat = read_stat(pid)
+    return stat.started if stat is not None else None
 
 
 def _exiting(pid: int) -> bool:
-    """Whether the kernel is ending the process: its state is zombie or dead, or its flags have
-    PF_EXITING (/proc/PID/stat, fields 3 and 9; the name before them may hold spaces and ')')."""
+    stat = read_stat(pid)
+    return stat is not None and stat.exiting
+
+
+_boot_times: list[float] = []
+
+
+def _boot_time() -> float:
+    """When the host booted, in seconds since the epoch: the btime line of /proc/stat (read once)."""
+    if not _boot_times:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    _boot_times.append(float(line.split()[1]))
+                    break
+            else:
+                raise OSError(errno.ENODATA, "no btime line in /proc/stat")
+    return _boot_times[0]
+
+
+def _status_ids(pid: int) -> tuple[int, int] | None:
+    """(real, effective) UID from the Uid: line of /proc/PID/status; None if the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read(4096).rpartition(b")")[2].split()
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    ids = line.split()
+                    return int(ids[1]), int(ids[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cmdline(pid: int) -> tuple[str, ...]:
+    """/proc/PID/cmdline as arguments, () for a kernel thread or a zombie. Arguments end in NUL;
+    a process that rewrote its title (setproctitle) may leave one string with spaces instead,
+    which is split at the spaces, as psutil does."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(CMDLINE_BYTES)
     except OSError:
-        return False
-    if len(fields) < 7 or not fields[6].isdigit():
-        return False
-    return fields[0] in (b"Z", b"X", b"x") or bool(int(fields[6]) & PF_EXITING)
+        return ()
+    if not raw:
+        return ()
+    data = os.fsdecode(raw)
+    sep = "\0" if data.endswith("\0") else " "
+    if data.endswith(sep):
+        data = data[:-1]
+    args = data.split(sep)
+    if sep == "\0" and len(args) == 1 and " " in data:
+        args = data.split(" ")
+    return tuple(args)
 
 
-def _or_empty(read, default):
-    import psutil
+def _exe(pid: int) -> str:
+    """The executable's path, "" when it cannot be read (a kernel thread, a zombie, another user's
+    process when not root). Anything after a NUL is dropped, and the " (deleted)" the kernel adds
+    when the file was removed or replaced (a package upgrade) too, unless a file of that very name
+    exists: the path still says which program it is, as psutil's exe() gives it."""
+    try:
+        path = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+    path = path.split("\0")[0]
+    if path.endswith(" (deleted)") and not os.path.lexists(path):
+        path = path[: -len(" (deleted)")]
+    return path
+
+
+def _user_name(uid: int) -> str:
+    """The user name of a UID (the real one, as psutil's username()), else the number."""
+    import pwd
 
     try:
-        return read()
-    except (psutil.AccessDenied, psutil.ZombieProcess):
-        return default
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def cgroup_pids(cgroup_path: str, *, recursive: bool = True) -> list[int]:
