@@ -19,7 +19,6 @@ Where the files cannot be read the container is still named by engine and id.
 
 from __future__ import annotations
 
-import json
 import re
 
 from bindguard.model.facts import ContainerFact
@@ -33,35 +32,36 @@ MAX_STATE_BYTES = 4 << 20  # a container's config; podman's containers.json list
 MAX_LIST_BYTES = 32 << 20
 
 _ID = r"([0-9a-f]{64})"
-# (pattern on one cgroup path, engine); the first that matches names the engine.
+# (a text each path of the engine holds, pattern on one cgroup path, engine); the first that matches
+# names the engine. Only a path holding the text is searched: on a host without containers no
+# pattern is compiled (re caches them), a millisecond of every refusal.
 CGROUP_PATTERNS = (
-    (re.compile(rf"(?:^|/)docker-{_ID}\.scope(?:/|$)"), "docker"),
-    (re.compile(rf"(?:^|/)docker/{_ID}(?:/|$)"), "docker"),
-    (re.compile(rf"(?:^|/)libpod-(?:conmon-)?{_ID}\.scope(?:/|$)"), "podman"),
-    (re.compile(rf"(?:^|/)libpod_parent/(?:conmon|libpod-{_ID})(?:/|$)"), "podman"),
-    (re.compile(rf"(?:^|/)cri-containerd-{_ID}\.scope(?:/|$)"), "containerd"),
-    (re.compile(rf"(?:^|/)crio-(?:conmon-)?{_ID}\.scope(?:/|$)"), "cri-o"),
-    (re.compile(rf"(?:^|/)kubepods[^/]*/(?:[^/]+/)?pod[0-9a-f_-]+/{_ID}(?:/|$)"), "kubernetes"),
+    ("docker-", rf"(?:^|/)docker-{_ID}\.scope(?:/|$)", "docker"),
+    ("docker/", rf"(?:^|/)docker/{_ID}(?:/|$)", "docker"),
+    ("libpod-", rf"(?:^|/)libpod-(?:conmon-)?{_ID}\.scope(?:/|$)", "podman"),
+    ("libpod_parent/", rf"(?:^|/)libpod_parent/(?:conmon|libpod-{_ID})(?:/|$)", "podman"),
+    ("cri-containerd-", rf"(?:^|/)cri-containerd-{_ID}\.scope(?:/|$)", "containerd"),
+    ("crio-", rf"(?:^|/)crio-(?:conmon-)?{_ID}\.scope(?:/|$)", "cri-o"),
+    ("kubepods", rf"(?:^|/)kubepods[^/]*/(?:[^/]+/)?pod[0-9a-f_-]+/{_ID}(?:/|$)", "kubernetes"),
 )
-_FULL_ID = re.compile(_ID)
 # A user manager's tree is delegated to its user, who names its scopes and cgroups there at will
 # (`systemd-run --user --scope --unit docker-ID.scope`): a name in it proves no container of root's.
-_USER_MANAGER_TREE = re.compile(r"/user@\d+\.service(?:/|$)")
+_USER_MANAGER_TREE = r"/user@\d+\.service(?:/|$)"
 
 
 def container_ref(cgroups: list[str], cmdline: tuple[str, ...]) -> tuple[str, str, str] | None:
     """(engine, id, via) from the process's cgroup paths (every hierarchy's: on a cgroup v1 host the
     engine's path is in the controllers', not the unified one), else from conmon's command line."""
     for path in cgroups:
-        if _USER_MANAGER_TREE.search(path):
+        if "/user@" in path and re.search(_USER_MANAGER_TREE, path):
             continue
-        for pattern, engine in CGROUP_PATTERNS:
-            m = pattern.search(path)
+        for text, pattern, engine in CGROUP_PATTERNS:
+            m = re.search(pattern, path) if text in path else None
             if m and m.group(1):
                 return engine, m.group(1), "cgroup"
     if cmdline and cmdline[0].rsplit("/", 1)[-1] == "conmon":
         cid = _option(cmdline, "-c") or _option(cmdline, "--cid")
-        if cid and _FULL_ID.fullmatch(cid):
+        if cid and re.fullmatch(_ID, cid):
             runtime_dir = _option(cmdline, "-b") or _option(cmdline, "--bundle") or ""
             engine = "cri-o" if "/run/containers/storage" in runtime_dir and "/userdata" in runtime_dir \
                 and "overlay-containers" in runtime_dir and not runtime_dir.startswith("/var/lib/containers") \
@@ -81,6 +81,8 @@ def _option(argv: tuple[str, ...], flag: str) -> str | None:
 
 
 def _read_json(path: str, limit: int = MAX_STATE_BYTES):
+    import json  # only for a container: a refusal on a host without one need not load it
+
     from bindguard.request.files import Refused, read_regular
 
     try:
@@ -116,6 +118,8 @@ def _from_podman(cid: str) -> ContainerFact:
     if entry is None:
         return ContainerFact("podman", cid)
     names = entry.get("names") if isinstance(entry.get("names"), list) else []
+    import json
+
     try:
         metadata = json.loads(entry.get("metadata") or "{}")
     except (TypeError, ValueError):

@@ -11,14 +11,14 @@ The layout is chosen as systemd's tools choose it (--json=MODE): "pretty" indent
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Mapping  # not typing: the parser imports this module on every run
 
 SCHEMA_VERSION = 1
 MODES = ("short", "pretty")
 DEFAULT_MODE = "pretty"
 
 
-def write_json(document: dict[str, Any], mode: str | None = DEFAULT_MODE) -> None:
+def write_json(document: Mapping[str, object], mode: str | None = DEFAULT_MODE) -> None:
     """mode: short, else pretty."""
     import json  # only when asked for JSON: the parser imports MODES on every run
 
