@@ -54,9 +54,10 @@ def test_no_container_in_a_service_or_a_look_alike():
                  f"/docker/{ID}../../etc"):
         assert containers.container_ref([path], ()) is None
     assert containers.container_ref(["/"], ("/usr/bin/conmon", "-c", "../../etc/passwd")) is None
-    # A user names its own scopes under its user manager: no proof of root's container.
+    # A user names its own scopes under its user manager, or in a Delegate=yes service: no proof of root's container.
     assert containers.container_ref([f"/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{ID}.scope"],
                                     ()) is None
+    assert containers.container_ref([f"/system.slice/ci-runner.service/job/docker-{ID}.scope"], ()) is None
     assert containers.container_ref(["/"], ("/usr/bin/nginx", "-c", ID)) is None
 
 

@@ -3,7 +3,7 @@ line, named from the engine's own state on disk. No engine's API is called on th
 
 A container's process runs in a cgroup that bears its id: `docker-ID.scope` or `/docker/ID`,
 `libpod-ID.scope` or `/libpod_parent/libpod-ID`, `cri-containerd-ID.scope`, `crio-ID.scope`, or
-`/kubepods/.../podUID/ID` (outside a user manager's tree, where its user names cgroups). Podman's
+`/kubepods/.../podUID/ID` (never below a service, whose delegated cgroups its user names). Podman's
 monitor, conmon, holds a rootful container's published ports itself (it names the container with
 `-c ID -n NAME`), believed only when its real uid is root's.
 The id (64 hex digits, nothing else ever makes a path) names the engine's files, read as regular
@@ -44,16 +44,17 @@ CGROUP_PATTERNS = (
     ("crio-", rf"(?:^|/)crio-(?:conmon-)?{_ID}\.scope(?:/|$)", "cri-o"),
     ("kubepods", rf"(?:^|/)kubepods[^/]*/(?:[^/]+/)?pod[0-9a-f_-]+/{_ID}(?:/|$)", "kubernetes"),
 )
-# A user manager's tree is delegated to its user, who names its scopes and cgroups there at will
-# (`systemd-run --user --scope --unit docker-ID.scope`): a name in it proves no container of root's.
-_USER_MANAGER_TREE = r"/user@\d+\.service(?:/|$)"
+# Below a service, cgroups are named by whoever the manager delegated the subtree to: a user manager's
+# user (`systemd-run --user --scope --unit docker-ID.scope`), a Delegate=yes service's User=. A name
+# there proves no container of root's; the engines' own cgroups sit in slices, never in a service.
+_DELEGATED_TREE = ".service/"
 
 
 def container_ref(cgroups: list[str], cmdline: tuple[str, ...]) -> tuple[str, str, str] | None:
     """(engine, id, via) from the process's cgroup paths (every hierarchy's: on a cgroup v1 host the
     engine's path is in the controllers', not the unified one), else from conmon's command line."""
     for path in cgroups:
-        if "/user@" in path and re.search(_USER_MANAGER_TREE, path):
+        if _DELEGATED_TREE in path:
             continue
         for text, pattern, engine in CGROUP_PATTERNS:
             m = re.search(pattern, path) if text in path else None
