@@ -100,6 +100,8 @@ def test_a_foreign_owner_without_a_unit_is_looked_at_before_it_is_stopped():
     by_manager = Holder(taken.holders[0].socket, taken.holders[0].processes, False, (("db.service", UnitStatus.BY_MANAGER),))
     stopped = _assess("127.0.0.1:80", by_manager)
     assert "`systemctl stop db.service`" in stopped.fix and "ps -o" not in stopped.fix
+    # db.service may be the address's rightful owner: stopping it is advised only if web.service should have it
+    assert "if web.service should serve it" in stopped.fix and "give web.service another address" in stopped.fix
     unknown = Holder(SocketFact(parse_listen("127.0.0.1:80"), "LISTEN", 0, 5), (), False)
     assert "ss -lntup 'sport = :80'" in _assess("127.0.0.1:80", unknown).fix
 

@@ -112,8 +112,9 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
         stop = (f"`systemctl stop {holder}`" if how == UnitStatus.BY_MANAGER and holder and holder.endswith(".service")
                 else f"the way it was started, after finding out what it is with {inspect_process(p.pid)}" if p
                 else f"find it as root with {find_holder(ep.port, listening=True)}")
-        fix = (f"{unit} does not own {ep}: stop the holder ({stop}) and restart {unit}; a "
-               f"`bindguard check` in ExecStartPre= refuses such a start up front")
+        fix = (f"{unit} does not own {ep}: if {unit} should serve it, stop the holder ({stop}) and restart "
+               f"{unit} (a `bindguard check` in ExecStartPre= refuses such a start up front); if the holder is "
+               f"the address's rightful owner, give {unit} another address")
     elif not ours and elsewhere:
         kind = VerifyKind.WRONG_ADDRESS
         evidence = [f"{unit} listens elsewhere on the port: {_who(h)}" for h in elsewhere]
