@@ -154,3 +154,16 @@ def test_reuseport_takes_the_units_user_from_its_files(netns, tmp_path, silent_b
     refused = netns.run([sys.executable, "-m", "bindguard", "check", "--reuseport", "--unit", "asnobody", ADDRESS],
                         env=env, timeout=BUS_BUDGET + 30)
     assert refused.returncode == 98, refused.stderr
+
+
+def test_reuseport_with_a_user_the_system_does_not_know_is_no_usage_error(netns, tmp_path, silent_bus):
+    """The unit's User= is not the command line's: an unknown one (DynamicUser= without
+    libnss-systemd) must not fail the start with a usage error; the trial is the guard's own."""
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "dynamic.service").write_text("[Service]\nExecStart=/bin/true\nUser=bindguard-no-such-user\n")
+    env = dict(guard_env(tmp_path, silent_bus), SYSTEMD_UNIT_PATH=str(units))
+    done = netns.run([sys.executable, "-m", "bindguard", "check", "--reuseport", "--unit", "dynamic", ADDRESS],
+                     env=env, timeout=BUS_BUDGET + 30)
+    assert done.returncode == 0, done.stderr
+    assert "User=bindguard-no-such-user is no user this system knows" in done.stderr, done.stderr

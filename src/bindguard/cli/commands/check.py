@@ -231,7 +231,13 @@ def daemon_uid(args: argparse.Namespace, ctx, binds: list[Bind]) -> int | None:
     if any(b.options.reuseport for b in binds) and ctx is not None and ctx.in_unit:
         user = ctx.unit_user()
         if user:
-            return _uid_of(user)
+            try:
+                return _uid_of(user)
+            except UsageError:
+                # Not the command line's mistake, and no reason to fail the start: an unknown User=
+                # (DynamicUser= without libnss-systemd) leaves the trial sockets the guard's own.
+                ctx.notes.append(f"the unit's User={user} is no user this system knows, so the trial sockets "
+                                 "are the guard's own uid: SO_REUSEPORT sharing is judged for that uid")
     return None
 
 
