@@ -80,15 +80,17 @@ def signature(path: str, follow: bool, _stat=os.stat, _lstat=os.lstat) -> str:
 
 
 def _code_files() -> list[str]:
-    """bindguard's own files whose code decides a discovery's answer: an upgrade or an edit forgets it."""
+    """bindguard's own files whose code decides a discovery's answer: an upgrade or an edit forgets it.
+    Every module of the stages a discovery runs in (the vocabulary, systemd's unit files, the
+    request stage and its finders), rather than a list that a new helper module would slip past."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    found = [os.path.join(package, "systemd", name) for name in ("unitexec.py", "unitfacts.py", "unitfiles.py")]
-    found += [os.path.join(package, "request", "cache.py"), os.path.join(package, "model", "endpoints.py")]
-    discover = os.path.join(package, "request", "discover")
-    try:
-        found += sorted(os.path.join(discover, n) for n in os.listdir(discover) if n.endswith(".py"))
-    except OSError:
-        pass
+    found = []
+    for stage in ("model", "systemd", "request", os.path.join("request", "discover")):
+        directory = os.path.join(package, stage)
+        try:
+            found += sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".py"))
+        except OSError:
+            pass
     return found
 
 
