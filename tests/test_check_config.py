@@ -129,3 +129,22 @@ def test_optional_addresses_only_warn(netns, tmp_path):
     assert proc.returncode == 98, proc.stderr
     proc = netns.run([*BINDGUARD, "check", "--no-systemd", "127.0.0.1:6379", "--optional", "127.0.0.1:6379"])
     assert proc.returncode == 64 and "127.0.0.1:6379 is given twice" in proc.stderr
+
+
+@pytest.mark.integration
+def test_a_search_path_in_the_environment_is_used_only_where_root_owns_it(netns, tmp_path):
+    """Under ExecStartPre=+ the environment is the unit's, which its user may write (an
+    EnvironmentFile=): a directory that user owns must not become where the root guard reads
+    a unit's configuration (or unit files), while a root-owned one still is."""
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": True})
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    for directory in (theirs, ours):
+        write(directory / "web.service.yaml", "listen: [127.0.0.1:8080]\n")
+    os.chown(theirs, 65534, 65534)
+    os.chown(theirs / "web.service.yaml", 65534, 65534)
+    ran = {}
+    for name, directory in (("theirs", theirs), ("ours", ours)):
+        env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(directory), "SYSTEMD_UNIT_PATH": str(directory)}
+        ran[name] = netns.run([*BINDGUARD, "check", "--wait", "0", "--unit", "web.service", "--no-systemd"], env=env)
+    assert ran["theirs"].returncode == 0, ran["theirs"].stderr  # not read: nothing to guard
+    assert ran["ours"].returncode == 98, ran["ours"].stderr

@@ -12,7 +12,7 @@ assignment resets a list. Specifiers and quoting are left to bindguard.systemd.u
 
 import os
 
-from bindguard.systemd.unitfiles import is_template, with_template
+from bindguard.systemd.unitfiles import environment_dirs, is_template, with_template
 
 SYSTEM_UNIT_PATH = (
     "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
@@ -63,10 +63,11 @@ def user_unit_path(environ=None) -> tuple[str, ...]:
 
 
 def unit_path(user: bool = False) -> tuple[str, ...]:
-    """$SYSTEMD_UNIT_PATH (colon-separated, as systemd honours it) or the manager's standard path."""
+    """$SYSTEMD_UNIT_PATH (colon-separated, as systemd honours it; only directories root or the
+    guard's user owns and no one else can write) or the manager's standard path."""
     override = os.environ.get("SYSTEMD_UNIT_PATH")
     if override:
-        return tuple(d for d in override.split(":") if d)
+        return tuple(environment_dirs(override))
     return user_unit_path() if user else SYSTEM_UNIT_PATH
 
 

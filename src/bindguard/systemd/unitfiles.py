@@ -44,7 +44,24 @@ def search_path() -> list[str]:
     value = os.environ.get(SEARCH_PATH_ENV)
     if value is None:
         return list(DEFAULT_SEARCH_PATH)
-    return [d for d in value.split(":") if d]
+    return environment_dirs(value)
+
+
+def environment_dirs(value: str) -> list[str]:
+    """The directories of a colon-separated search path taken from the environment, keeping only
+    those root or the guard's own user owns and no one else can write. Under `ExecStartPre=+` the
+    environment is the unit's, which its user may write (an EnvironmentFile=): a directory of that
+    user's must not become where the root guard reads its configuration or unit files."""
+    kept = []
+    for directory in value.split(":"):
+        try:
+            info = os.stat(directory)
+        except (OSError, ValueError):
+            continue
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid in (0, os.geteuid())
+                and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            kept.append(directory)
+    return kept
 
 
 def unit_name(text: str, template: bool = False) -> str | None:
