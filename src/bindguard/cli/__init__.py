@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None, console=None) -> int:
 
 def _site() -> None:
     """The site processing bin/bindguard skips (-S) for the fast path: the full command's
-    dependencies (PyYAML, psutil, pystemd) are found through it."""
+    dependencies (PyYAML, pystemd) are found through it."""
     if sys.flags.no_site and "site" not in sys.modules:
         import site
 

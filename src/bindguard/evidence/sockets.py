@@ -180,11 +180,7 @@ def _bytecode_port_equals(port: int) -> bytes:
 
 def _request(family: int, proto: str, port: int | None, states: int, seq: int) -> bytes:
     body = REQ_HEAD.pack(family, PROTOCOLS[proto], 0, 0, states) + REQ_PORTS.pack(port or 0, 0) + REQ_TAIL
-    if port is not None:
-        bytecode = _bytecode_port_equals(port)
-        body += NLATTR.pack(NLATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-    return header + body
+    return _dump_message(SOCK_DIAG_BY_FAMILY, body, port, seq)
 
 
 def _request_both_families(port: int | None, states: int, seq: int) -> bytes:
@@ -193,10 +189,15 @@ def _request_both_families(port: int | None, states: int, seq: int) -> bytes:
     AF_UNSPEC), where a SOCK_DIAG_BY_FAMILY request per family walks every connection twice."""
     # family AF_UNSPEC (0), src_len, dst_len, ext: four zero bytes
     body = bytes(4) + REQ_PORTS.pack(port or 0, 0) + REQ_TAIL + struct.pack("=II", states, 0)
+    return _dump_message(TCPDIAG_GETSOCK, body, port, seq)
+
+
+def _dump_message(kind: int, body: bytes, port: int | None, seq: int) -> bytes:
+    """A dump request of `kind` with its request struct `body`, filtered to the port if one is given."""
     if port is not None:
         bytecode = _bytecode_port_equals(port)
         body += NLATTR.pack(NLATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     return header + body
 
 
