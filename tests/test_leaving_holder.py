@@ -95,6 +95,33 @@ def test_an_exiting_process_is_told_from_a_live_one():
         os.waitpid(child, 0)
 
 
+def test_a_zombie_leader_with_live_threads_is_not_exiting():
+    """A leader that called pthread_exit() is a zombie in /proc/PID/stat while its other threads
+    go on (and keep its sockets): the process is not leaving, and is not waited for as if it were."""
+    import subprocess
+    import sys
+
+    from bindguard.evidence.owners import _exiting, process_facts
+
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+        "print('up', flush=True)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        deadline = time.monotonic() + 5
+        while open(f"/proc/{proc.pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not _exiting(proc.pid)
+        facts = process_facts(proc.pid)
+        assert facts is not None and not facts.exiting
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_socket_unit_that_is_stopping_is_waited_for(systemd_rig):
     """A socket unit keeps its sockets open while its ExecStopPre= runs (deactivating): its
     address is freed when that ends."""

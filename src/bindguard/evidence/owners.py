@@ -183,7 +183,7 @@ def process_facts(pid: int) -> ProcessFact | None:
     from bindguard.evidence.containers import container_of
 
     return ProcessFact(
-        exiting=stat.exiting,
+        exiting=_exiting(pid, stat),
         pid=pid,
         ppid=stat.ppid,
         name=name,
@@ -254,9 +254,27 @@ def process_started(pid: int | str) -> float | None:
     return stat.started if stat is not None else None
 
 
-def _exiting(pid: int) -> bool:
-    stat = read_stat(pid)
-    return stat is not None and stat.exiting
+MAX_THREADS_READ = 1024  # a process with more threads is not read through: not proven exiting
+
+
+def _exiting(pid: int, leader: ProcStat | None = None) -> bool:
+    """Whether the kernel is ending the whole process: every thread zombie, dead or in do_exit().
+    The leader's /proc/PID/stat alone proves nothing: a leader that called pthread_exit() shows
+    as a zombie while the process's other threads go on holding its sockets."""
+    leader = leader or read_stat(pid)
+    if leader is None or not leader.exiting:
+        return False
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    if len(threads) > MAX_THREADS_READ:
+        return False
+    for tid in threads:
+        stat = read_stat(f"{pid}/task/{tid}")
+        if stat is None or not stat.exiting:
+            return False
+    return True
 
 
 _boot_times: list[float] = []
