@@ -190,14 +190,18 @@ def lookup(unit: str, user: bool) -> Remembered | None:
     if text is None:
         return None
     lines = text.split("\n")
-    if lines[0] != FORMAT or len(lines) < 2:
+    if lines[-1] == "":
+        lines.pop()
+    # The last line counts the records: an entry cut short, even at a line's end, is no entry
+    # (a truncated list of reads would otherwise vouch for fewer paths than discovery looked at).
+    if len(lines) < 3 or lines[0] != FORMAT or lines[-1] != f"end\t{len(lines) - 3}":
         return None
     remembered = Remembered()
     try:
         kind, _, key = lines[1].partition("\t")
         if kind != "key" or _unescape(key) != _key(unit, user):
             return None
-        for line in lines[2:]:
+        for line in lines[2:-1]:
             if not line:
                 continue
             kind, *fields = line.split("\t")
@@ -358,6 +362,7 @@ def remember(unit: str, user: bool, recorder: Recorder, discovery) -> str:
         lines.append("\t".join(["finding", *map(_escape, fields)]))
     lines += ["warning\t" + _escape(w) for w in discovery.warnings]
     lines += ["daemon\t" + _escape(d) for d in discovery.daemons]
+    lines.append(f"end\t{len(lines) - 2}")  # lookup() takes an entry only whole
     target = _entry_path(unit, user)
     temporary = f"{target}.{os.getpid()}.tmp"
     try:
