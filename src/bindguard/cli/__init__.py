@@ -6,8 +6,9 @@ paths (see fastpath.py) never imports argparse, nor bindguard.model.errors.
 """
 
 import _signal
-import os
 import sys
+
+import bindguard
 
 STOP_SIGNALS = {_signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP"}
 
@@ -46,7 +47,7 @@ def _site() -> None:
 
 
 def _main(argv: list[str], console, previous: dict) -> int:
-    debug = "--debug" in argv or os.environ.get("BINDGUARD_DEBUG") == "1"
+    debug = "--debug" in argv or bindguard.environment().get("BINDGUARD_DEBUG") == "1"
     from bindguard.report import output
 
     console = console or output.Console()
@@ -120,6 +121,8 @@ def _reader_gone() -> bool:
 
 def _discard_output() -> None:
     """Point stdout and stderr at /dev/null, so that nothing left in a buffer fails again at exit."""
+    import os
+
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         os.dup2(devnull, fd)

@@ -1,7 +1,8 @@
 """`bindguard check` on its common paths, paying for little more than the interpreter's start.
 
 The guard runs before every start of every unit it guards. Two answers need no argparse, no
-dataclasses, no ipaddress and no D-Bus, so they are given here from os and _socket alone:
+dataclasses, no ipaddress, no D-Bus and not even os (see bindguard.environment), so they are
+given here from posix and _socket alone:
   - the every-service drop-in's unit with nothing to guard (no YAML file, neither its name nor
     its unit files' ExecStart= name a daemon discovery knows): exit 0 after a few stat() calls;
   - every address can be bound, outside a unit or with --no-systemd: one trial bind each.
@@ -11,8 +12,7 @@ the authority on syntax and the one that explains. tests/test_fastpath.py holds 
 the same answers.
 """
 
-import _socket
-import os
+import bindguard
 
 SOCKET_FLAGS = {
     "--reuseaddr": ("reuseaddr", True),
@@ -29,6 +29,8 @@ V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
     """(trial spec, the address as the report shows it), or None to leave it to the full parser."""
+    import _socket  # here, not above: the every-service path that finds nothing to guard never needs it
+
     kind, shown_proto = _socket.SOCK_STREAM, ""
     prefix = text[:4].lower()
     if prefix in ("tcp:", "udp:"):
@@ -109,7 +111,7 @@ def check(args: list[str], console) -> int | None:
     from bindguard.systemd import unitfiles
 
     user_bus = unitfiles.user_manager(user_bus)
-    if unit is None and not no_systemd and os.environ.get("INVOCATION_ID"):
+    if unit is None and not no_systemd and bindguard.environment().get("INVOCATION_ID"):
         cgroup = unitfiles.process_cgroup("self")
         unit = unitfiles.unit_from_cgroup(cgroup) if cgroup else None
         if unit is None:

@@ -14,14 +14,14 @@ namespace, so the same net.ipv4.ip_unprivileged_port_start):
     an absolute path to a regular file with no setuid/setgid bit and no file capabilities, not
     a script (#!) nor a program that runs others with privileges (sudo, authbind, a shell,
     ...), and no LD_PRELOAD is set.
-Only os and pwd: read when a requested port is below the start.
+Only posix and pwd: read when a requested port is below the start (posix, not os: the fast path
+asks worth_a_look() and loads no os, see bindguard.environment).
 """
 
-from __future__ import annotations
+import _stat
+import posix
 
-import os
-import stat
-
+import bindguard
 from bindguard.model.host import unprivileged_port_start
 
 CAP = "CAP_NET_BIND_SERVICE"
@@ -43,7 +43,7 @@ def guard_runs_in(unit: str) -> bool:
     manager (INVOCATION_ID) in the unit's cgroup."""
     from bindguard.systemd.unitfiles import process_cgroup, unit_from_cgroup
 
-    if not os.environ.get("INVOCATION_ID"):
+    if not bindguard.environment().get("INVOCATION_ID"):
         return False
     cgroup = process_cgroup("self")
     if not cgroup:
@@ -112,19 +112,19 @@ def _may_gain(exec_start: list[str], settings: dict[str, list[str]]) -> str | No
         _, path = _exec_prefix_and_path(value)
         if not path.startswith("/") or "%" in path or "$" in path:
             return f"ExecStart= runs {path!r}, not an absolute path"
-        name = os.path.basename(path)
+        name = path.rpartition("/")[2]
         if name in RUNS_OTHERS:
             return f"ExecStart= runs {name}, which runs other programs with privileges of their own"
         try:
-            st = os.stat(path)
+            st = posix.stat(path)
         except OSError as exc:
             return f"{path} cannot be examined ({exc.strerror})"
-        if not stat.S_ISREG(st.st_mode):
+        if not _stat.S_ISREG(st.st_mode):
             return f"{path} is not a regular file"
-        if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        if st.st_mode & (_stat.S_ISUID | _stat.S_ISGID):
             return f"{path} is setuid or setgid"
         try:
-            os.getxattr(path, "security.capability")
+            posix.getxattr(path, "security.capability")
             return f"{path} has file capabilities"
         except OSError:
             pass
@@ -135,26 +135,26 @@ def _may_gain(exec_start: list[str], settings: dict[str, list[str]]) -> str | No
 
 def _is_script(path: str) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_NOCTTY)
     except OSError:
         return True  # unreadable: not known not to be one
     try:
-        return not stat.S_ISREG(os.fstat(fd).st_mode) or os.read(fd, 2) == b"#!"
+        return not _stat.S_ISREG(posix.fstat(fd).st_mode) or posix.read(fd, 2) == b"#!"
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _mentions_preload(path: str) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_NOCTTY)
     except OSError:
         return False  # systemd fails the start on a missing file unless it is optional ("-")
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not _stat.S_ISREG(posix.fstat(fd).st_mode):
             return True
-        return b"LD_PRELOAD" in os.read(fd, ENV_FILE_LIMIT)
+        return b"LD_PRELOAD" in posix.read(fd, ENV_FILE_LIMIT)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _uid_of(user: str, dynamic: bool, user_manager: bool) -> int | None:
@@ -162,7 +162,7 @@ def _uid_of(user: str, dynamic: bool, user_manager: bool) -> int | None:
     if not user:
         if dynamic:
             return 65534  # a dynamic user is never root; its number does not matter here
-        return os.getuid() if user_manager else 0
+        return posix.getuid() if user_manager else 0
     if "%" in user or "$" in user:
         return None
     if user.isdigit() and user.isascii():

@@ -1,10 +1,15 @@
-"""Facts about this network namespace that change how an address is read. Standard library only."""
+"""Facts about this network namespace that change how an address is read. posix alone (the clear
+path's, which does not import os: see bindguard.environment)."""
 
-import os
+import posix
 
 
 def ipv6_supported() -> bool:
-    return os.path.exists("/proc/net/if_inet6")
+    try:
+        posix.stat("/proc/net/if_inet6")
+    except OSError:
+        return False
+    return True
 
 
 def host_bindv6only() -> bool:

@@ -12,8 +12,10 @@ SYSTEMD_LOG_LEVEL (err, warning, notice, info, debug, or 0-7) hides the less imp
 Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org).
 """
 
-import os
+import posix  # not os: see bindguard.environment
 import sys
+
+import bindguard
 
 ERR, WARNING, NOTICE, INFO, DEBUG = 3, 4, 5, 6, 7
 _LEVEL_NAMES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "error": 3, "warning": 4, "warn": 4,
@@ -37,7 +39,7 @@ def is_journal_stream(stream, environ) -> bool:
             or len(device) > 20 or len(inode) > 20:
         return False
     try:
-        st = os.fstat(stream.fileno())
+        st = posix.fstat(stream.fileno())
     except (AttributeError, OSError, ValueError):  # a StringIO, a closed stream
         return False
     return (st.st_dev, st.st_ino) == (int(device), int(inode))
@@ -57,7 +59,7 @@ class Console:
 
     def __init__(self, stream=None, environ=None, journal: bool | None = None, level: int | None = None,
                  color: bool | None = None, journal_socket: str | None = None) -> None:
-        environ = os.environ if environ is None else environ
+        environ = bindguard.environment() if environ is None else environ
         self.stream = sys.stderr if stream is None else stream
         self.journal = is_journal_stream(self.stream, environ) if journal is None else journal
         self.max_level = max_level(environ) if level is None else level

@@ -4,9 +4,10 @@ looked at changes.
 Discovering what a known daemon binds reads its unit files, its configuration tree and often
 runs its own dump (`nginx -T`): tens of milliseconds before every start. The answer depends only
 on what that discovery looked at, so while it runs every path it touches is recorded with its
-state (os.stat/os.lstat are wrapped, and an audit hook sees every open, directory listing and
-program run): inode, size, mode, owner, mtime and ctime of each file and directory (a directory's
-mtime changes with its entries: a glob that gains a file), or the error a missing path gave.
+state (stat/lstat are wrapped, in os and in posix, and an audit hook sees every open, directory
+listing and program run): inode, size, mode, owner, mtime and ctime of each file and directory
+(a directory's mtime changes with its entries: a glob that gains a file), or the error a missing
+path gave.
 The next run stats each recorded path again and uses the answer only if every one is unchanged;
 one difference, and discovery runs again. Also part of the key: the unit, which manager, its
 unit search path, the host's net.ipv6.bindv6only and IPv6 support, and bindguard's own code.
@@ -19,11 +20,14 @@ could leave a file's signature as it was, so the signature of a file that fresh 
 Trust: only root reads or writes entries. /run/bindguard and its discovery/ are created 0700;
 one that is not a directory of root's that no one else can write is not used, nor is an entry
 that is a symlink, not a regular file, not root's, writable by others, too large or malformed.
-Only the os module is imported by a lookup: the every-service drop-in's fast path makes one.
+A lookup imports nothing but posix (not even os, see bindguard.environment): the every-service
+drop-in's fast path makes one.
 """
 
-import os
+import posix
 import sys
+
+import bindguard
 
 RUN_DIR = "/run/bindguard"
 ENTRIES = RUN_DIR + "/discovery"
@@ -62,7 +66,7 @@ class Remembered:
 # ---------------------------------------------------------------- signatures and the key
 
 
-def signature(path: str, follow: bool, _stat=os.stat, _lstat=os.lstat) -> str:
+def signature(path: str, follow: bool, _stat=posix.stat, _lstat=posix.lstat) -> str:
     """What a path is now, in one string: the fields any change to it changes, or the error.
 
     A directory seen without following links (os.path.realpath, the trust checks of each
@@ -83,7 +87,9 @@ def _code_files() -> list[str]:
     """bindguard's own files whose code decides a discovery's answer: an upgrade or an edit forgets it.
     Every module of the stages a discovery runs in (the vocabulary, systemd's unit files, the
     request stage and its finders), rather than a list that a new helper module would slip past."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import os
+
+    package = os.path.dirname(_install_dir())
     found = []
     for stage in ("model", "systemd", "request", os.path.join("request", "discover")):
         directory = os.path.join(package, stage)
@@ -94,14 +100,26 @@ def _code_files() -> list[str]:
     return found
 
 
+def _install_dir() -> str:
+    """This module's directory, absolute and normalised (os.path.abspath, which the fast path does
+    without: the interpreter gives an absolute, normal __file__ for a package on an absolute path)."""
+    here = __file__.rpartition("/")[0]
+    if here.startswith("/") and not {"", ".", ".."} & set(here.split("/")[1:]):
+        return here
+    import os
+
+    return os.path.dirname(os.path.abspath(__file__))
+
+
 def _key(unit: str, user: bool) -> str:
     from bindguard.model.host import host_bindv6only, ipv6_supported
     from bindguard.systemd.unitexec import unit_path
 
     parts = [unit, "user" if user else "system", ":".join(unit_path(user)), f"v6only={int(host_bindv6only())}",
-             f"ipv6={int(ipv6_supported())}", os.path.dirname(os.path.abspath(__file__))]
+             f"ipv6={int(ipv6_supported())}", _install_dir()]
     if user:  # %h and %t of a user unit
-        parts += [os.environ.get("HOME", ""), os.environ.get("XDG_RUNTIME_DIR", "")]
+        environ = bindguard.environment()
+        parts += [environ.get("HOME", ""), environ.get("XDG_RUNTIME_DIR", "")]
     return "\0".join(parts)
 
 
@@ -110,7 +128,7 @@ def _entry_path(unit: str, user: bool) -> str:
     host would otherwise take it from each other at every start)."""
     import binascii  # built in
 
-    install = binascii.crc32(os.path.dirname(os.path.abspath(__file__)).encode())
+    install = binascii.crc32(_install_dir().encode())
     return f"{ENTRIES}/{'user' if user else 'system'}-{install:08x}-{unit}"  # a unit name has no '/'
 
 
@@ -147,33 +165,33 @@ def _root_only(info) -> bool:
 
 
 def _trusted_dir(path: str) -> bool:
-    import stat
+    import _stat
 
     try:
-        info = os.lstat(path)
+        info = posix.lstat(path)
     except OSError:
         return False
-    return stat.S_ISDIR(info.st_mode) and _root_only(info)
+    return _stat.S_ISDIR(info.st_mode) and _root_only(info)
 
 
 def _read_entry(path: str) -> str | None:
-    import stat
+    import _stat
 
     if not (_trusted_dir(RUN_DIR) and _trusted_dir(ENTRIES)):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_NOCTTY | posix.O_CLOEXEC)
     except OSError:
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or not _root_only(info) or info.st_size > MAX_ENTRY_BYTES:
+        info = posix.fstat(fd)
+        if not _stat.S_ISREG(info.st_mode) or not _root_only(info) or info.st_size > MAX_ENTRY_BYTES:
             return None
-        data = os.read(fd, MAX_ENTRY_BYTES + 1)
+        data = posix.read(fd, MAX_ENTRY_BYTES + 1)
     except OSError:
         return None
     finally:
-        os.close(fd)
+        posix.close(fd)
     if len(data) > MAX_ENTRY_BYTES:
         return None
     try:
@@ -184,7 +202,7 @@ def _read_entry(path: str) -> str | None:
 
 def lookup(unit: str, user: bool) -> Remembered | None:
     """The remembered discovery of a unit if every path it looked at is as it was; else None."""
-    if os.geteuid() != ROOT:
+    if posix.geteuid() != ROOT:
         return None
     text = _read_entry(_entry_path(unit, user))
     if text is None:
@@ -243,11 +261,13 @@ class Recorder:
     def saw(self, path, follow: bool, recorded: str | None = None) -> None:
         if isinstance(path, int) or path is None:  # a descriptor: its path was seen when it was opened
             return
+        import os  # a recording is part of a discovery, which has loaded it
+
         try:
             path = os.fsdecode(path)
         except TypeError:
             return
-        if not os.path.isabs(path):
+        if not path.startswith("/"):
             self.incomplete = self.incomplete or f"a relative path was read ({path!r})"
             return
         if path.startswith(NOT_FILES) or (path, follow) in self.reads:
@@ -257,7 +277,7 @@ class Recorder:
     def audit(self, event: str, args: tuple) -> None:
         if event == "open":
             path, _, flags = args
-            self.saw(path, not (isinstance(flags, int) and flags & os.O_NOFOLLOW))
+            self.saw(path, not (isinstance(flags, int) and flags & posix.O_NOFOLLOW))
         elif event in ("os.listdir", "os.scandir"):
             self.saw(args[0] if args else ".", True)
         elif event == "subprocess.Popen":
@@ -294,6 +314,8 @@ class recording:
         if not _hooked:  # an audit hook cannot be removed: one per process, idle outside a recording
             sys.addaudithook(_hook)
             _hooked.append(True)
+        import os
+
         recorder = Recorder()
         real_stat, real_lstat = os.stat, os.lstat
 
@@ -312,13 +334,17 @@ class recording:
             return real_lstat(path)
 
         self._real = (real_stat, real_lstat)
-        os.stat, os.lstat = recorded_stat, recorded_lstat
+        # Both modules: the unit-file readers on the every-service path call posix directly (os costs
+        # them its import, see bindguard.environment), and os.path calls os.stat.
+        os.stat, os.lstat = posix.stat, posix.lstat = recorded_stat, recorded_lstat
         _active.append(recorder)
         return recorder
 
     def __exit__(self, *exc) -> None:
+        import os
+
         _active.pop()
-        os.stat, os.lstat = self._real
+        os.stat, os.lstat = posix.stat, posix.lstat = self._real
 
 
 def incomplete(why: str) -> None:
@@ -332,7 +358,7 @@ def incomplete(why: str) -> None:
 def _ensure_dir(path: str) -> bool:
     """path as a directory of root's that no one else can write, made 0700 if missing."""
     try:
-        os.mkdir(path, 0o700)
+        posix.mkdir(path, 0o700)
     except FileExistsError:
         pass
     except OSError:
@@ -342,7 +368,7 @@ def _ensure_dir(path: str) -> bool:
 
 def remember(unit: str, user: bool, recorder: Recorder, discovery) -> str:
     """Store a discovery recorded by recorder; "" when stored, else why not."""
-    if os.geteuid() != ROOT:
+    if posix.geteuid() != ROOT:
         return "not root"
     for path in [*ALWAYS, *_code_files()]:
         recorder.saw(path, True)
@@ -364,17 +390,18 @@ def remember(unit: str, user: bool, recorder: Recorder, discovery) -> str:
     lines += ["daemon\t" + _escape(d) for d in discovery.daemons]
     lines.append(f"end\t{len(lines) - 2}")  # lookup() takes an entry only whole
     target = _entry_path(unit, user)
-    temporary = f"{target}.{os.getpid()}.tmp"
+    temporary = f"{target}.{posix.getpid()}.tmp"
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = posix.open(temporary, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC,
+                        0o600)
         try:
-            os.write(fd, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+            posix.write(fd, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
         finally:
-            os.close(fd)
-        os.rename(temporary, target)
+            posix.close(fd)
+        posix.rename(temporary, target)
     except OSError as exc:
         try:
-            os.unlink(temporary)
+            posix.unlink(temporary)
         except OSError:
             pass
         return f"{target}: {exc.strerror or exc}"
@@ -383,7 +410,7 @@ def remember(unit: str, user: bool, recorder: Recorder, discovery) -> str:
 
 def forget(unit: str, user: bool) -> None:
     try:
-        os.unlink(_entry_path(unit, user))
+        posix.unlink(_entry_path(unit, user))
     except OSError:
         pass
 
@@ -404,7 +431,7 @@ def discover_from_files(unit: str, user: bool, sources: list[str]):
             return None
         return discover.discover_unit(unit, lambda name: facts, sources)
 
-    if list(sources) != list(discover.SOURCES) or os.geteuid() != ROOT:
+    if list(sources) != list(discover.SOURCES) or posix.geteuid() != ROOT:
         return run()
     remembered = lookup(unit, user)
     if remembered is not None:

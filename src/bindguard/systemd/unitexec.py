@@ -1,7 +1,8 @@
-"""A service's [Service] settings from its unit files, with the standard library's os alone.
+"""A service's [Service] settings from its unit files, with posix alone.
 
 On the path of every start the every-service drop-in guards: whether a unit runs a daemon that
-discovery knows is answered from its unit files, with no D-Bus round trip and no import beyond os.
+discovery knows is answered from its unit files, with no D-Bus round trip and no import beyond
+posix (not even os: see bindguard.environment).
 Lookup as systemd does it: the unit search path in order of precedence, the first fragment found
 (a symlink is followed: aliases, /dev/null masks), an instance falls back to its template;
 drop-ins NAME.d/*.conf of the type (service.d), of each dash prefix (foo-.service.d for
@@ -10,9 +11,11 @@ directory masking the same name below, applied in lexical order of file name; an
 assignment resets a list. Specifiers and quoting are left to bindguard.systemd.unitfacts.
 """
 
-import os
+import _stat
+import posix
 
-from bindguard.systemd.unitfiles import environment_dirs, is_template, with_template
+import bindguard
+from bindguard.systemd.unitfiles import environment_dirs, is_template, isfile, join, lexists, with_template
 
 SYSTEM_UNIT_PATH = (
     "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
@@ -48,16 +51,16 @@ SHELLS = ("sh", "bash", "dash", "zsh")
 
 
 def user_unit_path(environ=None) -> tuple[str, ...]:
-    env = os.environ if environ is None else environ
+    env = bindguard.environment() if environ is None else environ
     home = env.get("HOME", "/root")
-    config = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    data = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    config = env.get("XDG_CONFIG_HOME") or join(home, ".config")
+    data = env.get("XDG_DATA_HOME") or join(home, ".local", "share")
     runtime = env.get("XDG_RUNTIME_DIR", "")
-    in_runtime = (lambda *names: [os.path.join(runtime, "systemd", n) for n in names]) if runtime else (lambda *n: [])
-    dirs = [os.path.join(config, "systemd", "user.control"),
+    in_runtime = (lambda *names: [join(runtime, "systemd", n) for n in names]) if runtime else (lambda *n: [])
+    dirs = [join(config, "systemd", "user.control"),
             *in_runtime("user.control", "transient", "generator.early"),
-            os.path.join(config, "systemd", "user"), "/etc/systemd/user", *in_runtime("user", "generator"),
-            os.path.join(data, "systemd", "user"), "/usr/local/lib/systemd/user", "/usr/lib/systemd/user",
+            join(config, "systemd", "user"), "/etc/systemd/user", *in_runtime("user", "generator"),
+            join(data, "systemd", "user"), "/usr/local/lib/systemd/user", "/usr/lib/systemd/user",
             "/lib/systemd/user", *in_runtime("generator.late")]
     return tuple(dirs)
 
@@ -65,7 +68,7 @@ def user_unit_path(environ=None) -> tuple[str, ...]:
 def unit_path(user: bool = False) -> tuple[str, ...]:
     """$SYSTEMD_UNIT_PATH (colon-separated, as systemd honours it; only directories root or the
     guard's user owns and no one else can write) or the manager's standard path."""
-    override = os.environ.get("SYSTEMD_UNIT_PATH")
+    override = bindguard.environment().get("SYSTEMD_UNIT_PATH")
     if override:
         return tuple(environment_dirs(override))
     return user_unit_path() if user else SYSTEM_UNIT_PATH
@@ -76,17 +79,36 @@ def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None,
     known = list(names)
     for name in names:
         for d in dirs:
-            path = os.path.join(d, name)
-            if not os.path.lexists(path):
+            path = join(d, name)
+            if not lexists(path):
                 continue
-            target = os.path.realpath(path)
+            target = _resolved(path)
             if target == "/dev/null":
                 return None, known
-            alias = os.path.basename(target)
+            alias = target.rpartition("/")[2]
             if alias not in known:
                 known.append(alias)
-            return (target if os.path.isfile(target) else None), known
+            return (target if isfile(target) else None), known
     return None, known
+
+
+def _resolved(path: str) -> str:
+    """os.path.realpath of a unit file found in the search path. A file that is no symlink is
+    taken where it was found: only a link (an alias, a mask, a linked unit) needs os.path's
+    resolution, and only then is os loaded."""
+    try:
+        if not _stat.S_ISLNK(posix.lstat(path).st_mode):
+            return path
+    except (OSError, ValueError):
+        return path
+    import os
+
+    return os.path.realpath(path)
+
+
+def _basename(path: str) -> str:
+    """os.path.basename."""
+    return path.rpartition("/")[2]
 
 
 def _dropin_dir_names(names: list[str]) -> list[str]:
@@ -114,13 +136,13 @@ def unit_files(unit: str, user: bool = False) -> list[str]:
     for dropin_dir in _dropin_dir_names(ordered):
         for d in reversed(dirs):
             try:
-                entries = os.listdir(os.path.join(d, dropin_dir))
+                entries = posix.listdir(join(d, dropin_dir))
             except OSError:
                 continue
             for entry in entries:
                 if entry.endswith(".conf"):
-                    chosen[entry] = os.path.join(d, dropin_dir, entry)
-    return [fragment] + [chosen[e] for e in sorted(chosen) if os.path.isfile(chosen[e])]
+                    chosen[entry] = join(d, dropin_dir, entry)
+    return [fragment] + [chosen[e] for e in sorted(chosen) if isfile(chosen[e])]
 
 
 def _assignments(path: str, section_wanted: str = "Service"):
@@ -172,14 +194,14 @@ def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for directory in dirs:
         try:
-            entries = list(os.scandir(directory))
+            entries = list(posix.scandir(directory))
         except OSError:
             continue
         for entry in entries:
             if not entry.name.endswith((".wants", ".requires", ".upholds")):
                 continue
             try:
-                names = [e.name for e in os.scandir(entry.path)]
+                names = [e.name for e in posix.scandir(entry.path)]
             except OSError:
                 continue
             state = "enabled-runtime" if directory.startswith("/run/") else "enabled"
@@ -253,7 +275,7 @@ def exec_argv(words: list[str]) -> list[str]:
 
 def unwrap_env(argv: list[str]) -> list[str]:
     """`env [-i] [NAME=VALUE ...] COMMAND ...` -> COMMAND ... (the assignments are the daemon's business)."""
-    if argv and os.path.basename(argv[0]) == "env":
+    if argv and _basename(argv[0]) == "env":
         rest = argv[1:]
         while rest and (rest[0].startswith("-") or "=" in rest[0]):
             rest = rest[1:]
@@ -263,7 +285,7 @@ def unwrap_env(argv: list[str]) -> list[str]:
 
 def shell_script_index(argv: list[str]) -> int | None:
     """Where the script of `sh [-OPTION] -c SCRIPT` is in argv (a shell of SHELLS), else None."""
-    if argv and os.path.basename(argv[0]) in SHELLS and "-c" in argv[1:3]:
+    if argv and _basename(argv[0]) in SHELLS and "-c" in argv[1:3]:
         index = argv.index("-c") + 1
         return index if index < len(argv) else None
     return None
@@ -275,8 +297,8 @@ def command_names(exec_start: str) -> list[str]:
     argv = unwrap_env(exec_argv(exec_start.replace("'", " ").replace('"', " ").split()))
     script = shell_script_index(argv)
     if script is not None:
-        return [os.path.basename(w.strip(SCRIPT_PUNCTUATION)) for w in argv[script:]]
-    return [os.path.basename(argv[0])] if argv else []
+        return [_basename(w.strip(SCRIPT_PUNCTUATION)) for w in argv[script:]]
+    return [_basename(argv[0])] if argv else []
 
 
 def runs_known_daemon(unit: str, user: bool = False) -> bool:

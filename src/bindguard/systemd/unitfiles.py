@@ -1,11 +1,14 @@
-"""Unit names, a process's unit from its cgroup, and where a unit's bindguard files are: os alone.
+"""Unit names, a process's unit from its cgroup, and where a unit's bindguard files are: posix alone.
 
 This is on the path of every start the every-service drop-in guards, so finding that a unit
-has nothing to guard must cost a few stat() calls and nothing more.
+has nothing to guard must cost a few stat() calls and nothing more; not even the import of os
+(see bindguard.environment): the few path functions that path needs are here, as os.path has them.
 """
 
-import os
-import stat
+import _stat
+import posix
+
+import bindguard
 
 DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
 SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
@@ -17,6 +20,34 @@ UNIT_NAME_MAX = 255
 UNIT_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:-_.\\@")
 PROCESS_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")  # units whose cgroup holds processes
 
+
+def join(path: str, *names: str) -> str:
+    """os.path.join for str paths."""
+    for name in names:
+        if name.startswith("/"):
+            path = name
+        elif not path or path.endswith("/"):
+            path += name
+        else:
+            path += "/" + name
+    return path
+
+
+def lexists(path: str) -> bool:
+    """os.path.lexists."""
+    try:
+        posix.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def isfile(path: str) -> bool:
+    """os.path.isfile."""
+    try:
+        return _stat.S_ISREG(posix.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def user_manager(choice: bool | None = None, environ=None) -> bool:
@@ -36,12 +67,12 @@ def manager_pid_from_env(environ=None) -> int | None:
 
 def _env_manager_pid(environ) -> int | None:
     """$MANAGERPID in ASCII digits (int() reads '٥' as 5 and raises on '²'), else None."""
-    manager = (os.environ if environ is None else environ).get("MANAGERPID", "")
+    manager = (bindguard.environment() if environ is None else environ).get("MANAGERPID", "")
     return int(manager) if manager.isascii() and manager.isdigit() and len(manager) <= 10 else None
 
 
 def search_path() -> list[str]:
-    value = os.environ.get(SEARCH_PATH_ENV)
+    value = bindguard.environment().get(SEARCH_PATH_ENV)
     if value is None:
         return list(DEFAULT_SEARCH_PATH)
     return environment_dirs(value)
@@ -55,11 +86,11 @@ def environment_dirs(value: str) -> list[str]:
     kept = []
     for directory in value.split(":"):
         try:
-            info = os.stat(directory)
+            info = posix.stat(directory)
         except (OSError, ValueError):
             continue
-        if (stat.S_ISDIR(info.st_mode) and info.st_uid in (0, os.geteuid())
-                and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        if (_stat.S_ISDIR(info.st_mode) and info.st_uid in (0, posix.geteuid())
+                and not info.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH)):
             kept.append(directory)
     return kept
 
@@ -141,10 +172,10 @@ def masks_with_nothing(path: str) -> bool:
     """A link to /dev/null (the null device): the file masks the same name below with nothing.
     Anything else that is not a regular file is read, and reported, as a configuration."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except (OSError, ValueError):
         return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    return _stat.S_ISCHR(st.st_mode) and st.st_rdev == posix.makedev(1, 3)
 
 
 def config_files(unit: str) -> list[str]:
@@ -153,8 +184,8 @@ def config_files(unit: str) -> list[str]:
     main = None
     for name in with_template(unit):
         for d in dirs:
-            candidate = os.path.join(d, name + ".yaml")
-            if os.path.lexists(candidate):
+            candidate = join(d, name + ".yaml")
+            if lexists(candidate):
                 main = candidate  # a file (even empty, or a link to /dev/null) masks those below
                 break
         if main is not None:
@@ -162,14 +193,14 @@ def config_files(unit: str) -> list[str]:
     dropins: dict[str, str] = {}
     for name in reversed(with_template(unit)):  # the instance's drop-ins mask the template's
         for d in reversed(dirs):  # lower precedence first, so higher ones overwrite
-            dropin_dir = os.path.join(d, name + ".yaml.d")
+            dropin_dir = join(d, name + ".yaml.d")
             try:
-                entries = os.listdir(dropin_dir)
+                entries = posix.listdir(dropin_dir)
             except OSError:
                 continue
             for entry in entries:
                 if entry.endswith(".yaml"):
-                    dropins[entry] = os.path.join(dropin_dir, entry)
+                    dropins[entry] = join(dropin_dir, entry)
     files = [main] if main is not None and not masks_with_nothing(main) else []
     files += [dropins[name] for name in sorted(dropins) if not masks_with_nothing(dropins[name])]
     return files
@@ -180,8 +211,8 @@ def configured_units() -> list[str]:
     units: set[str] = set()
     for directory in search_path():
         try:
-            entries = os.listdir(directory)
-        except OSError:
+            entries = posix.listdir(directory)
+        except (OSError, ValueError):
             continue
         for entry in entries:
             name = entry[: -len(".yaml")] if entry.endswith(".yaml") else entry[: -len(".yaml.d")] \
