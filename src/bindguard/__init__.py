@@ -1,4 +1,8 @@
-"""bindguard: will this daemon's bind() succeed, and if not, who is in the way?"""
+"""bindguard: will this daemon's bind() succeed, and if not, who is in the way?
+
+Below every stage, so that each may use it: the version, the environment read without os, and
+the record of a stop signal.
+"""
 
 __version__ = "0.1.0"
 
@@ -27,3 +31,27 @@ def environment():
         _started_with.update((key.decode(encoding, "surrogateescape"), value.decode(encoding, "surrogateescape"))
                              for key, value in posix.environ.items())
     return _started_with
+
+
+class Stopped(BaseException):
+    """A stop signal arrived: SIGTERM (systemd stopping the unit), SIGHUP (a terminal closing) or
+    SIGINT (Ctrl-C). The handler bindguard.cli installs records it in `stops`, then raises this.
+    Not KeyboardInterrupt: one escaping an exec() of a string (dataclasses, namedtuple) marks the
+    interpreter, and under `python -m` CPython 3.11 then ends the process by SIGINT itself instead
+    of with the exit code the command returned."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# The stop signals received, first first. Python swallows an exception raised where it cannot
+# propagate (a weakref callback, a __del__: "Exception ignored in ..."); every waiting loop calls
+# stop_if_asked(), so that a stop swallowed so still ends the command within a poll interval.
+stops: list[int] = []
+
+
+def stop_if_asked() -> None:
+    """Raise Stopped again if a stop signal arrived, its first raising swallowed or not."""
+    if stops:
+        raise Stopped(stops[0])

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from bindguard import stop_if_asked
 from bindguard.evidence.probe import probe
 from bindguard.model import errors
 from bindguard.model.endpoints import TCP, Bind
@@ -358,6 +359,7 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
                        notes=_notes(request, evidence, met, shown, code))
 
     while True:
+        stop_if_asked()  # each pass follows a sleep or a reaping
         results, evidence, conflicts = _investigate(request, cache, answered, trial, look)
         decisions = decide(conflicts, request.rules)
         refusing, waiting = _acting(decisions, Action.REFUSE), _acting(decisions, Action.WAIT)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from syslog import LOG_NOTICE, LOG_WARNING
 
+from bindguard import stop_if_asked
 from bindguard.evidence.owners import unit_from_cgroup
 from bindguard.model.facts import SystemdFacts, cgroup_within
 from bindguard.model.kinds import ConflictKind
@@ -85,6 +86,7 @@ def terminate(conflict: Conflict, reason: str, log: Callable[[int, str], None], 
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _alive(pidfd):
+            stop_if_asked()
             time.sleep(0.05)
         if not _alive(pidfd):
             log(LOG_NOTICE, f"bindguard: {label} exited after SIGTERM")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from bindguard import stop_if_asked
 from bindguard.model.endpoints import TCP, Bind
 from bindguard.model.facts import BOUND, SocketFact
 from bindguard.verdict.verify import Check, Holder, assess, exact, exit_code, holders
@@ -46,6 +47,7 @@ def wait_for_listeners(binds: list[Bind], timeout: float, notes: list[str],
     awaited = [b for b in binds if b not in optional] or binds
     start = time.monotonic()
     while True:
+        stop_if_asked()
         observed = _observe(binds, notes)
         elapsed = time.monotonic() - start
         if all(any(exact(b, s) for s in observed[(b.endpoint.proto, b.endpoint.port)]) for b in awaited) \

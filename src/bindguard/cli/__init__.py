@@ -10,19 +10,14 @@ import sys
 
 import bindguard
 
-STOP_SIGNALS = {_signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP"}
-
-
-class Stopped(BaseException):
-    """SIGTERM or SIGHUP arrived (systemd stopping the unit, a terminal closing)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+# How the line names each stop signal; SIGINT first, so that its handler is the first installed.
+STOP_SIGNALS = {_signal.SIGINT: "interrupted (SIGINT)", _signal.SIGTERM: "stopped by SIGTERM",
+                _signal.SIGHUP: "stopped by SIGHUP"}
 
 
 def _stop(signum, frame):
-    raise Stopped(signum)
+    bindguard.stops.append(signum)  # first: the raise below may be swallowed (bindguard.stops)
+    raise bindguard.Stopped(signum)
 
 
 def main(argv: list[str] | None = None, console=None) -> int:
@@ -30,9 +25,17 @@ def main(argv: list[str] | None = None, console=None) -> int:
     (a bindguard.report.output.Console; by default one on sys.stderr), made here once."""
     argv = sys.argv[1:] if argv is None else argv
     previous: dict = {}  # the handlers _main replaced, put back on the way out
+    unraisable = sys.unraisablehook
+
+    def swallowed(report) -> None:  # a stop is recorded (bindguard.stops) and said in one line, not a traceback
+        if not isinstance(report.exc_value, bindguard.Stopped):
+            unraisable(report)
+
+    sys.unraisablehook = swallowed
     try:
         return _main(argv, console, previous)
     finally:
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             _signal.signal(signum, handler)
 
@@ -57,38 +60,41 @@ def _main(argv: list[str], console, previous: dict) -> int:
         # Ended by a signal, the guard says so (under ExecStartPre= the line reaches the journal)
         # and exits as a shell reports it, 128 + the signal's number; `finally` blocks run first.
         # Installed here, inside the handlers below, so that no signal can arrive between the two.
+        bindguard.stops.clear()  # a stop belongs to the run it ended (tests run main() again)
         previous.update({signum: _signal.signal(signum, _stop) for signum in STOP_SIGNALS})
         try:
+            code = None
             if argv[:1] == ["check"]:
                 from bindguard.cli import fastpath
 
                 code = fastpath.check(argv[1:], console)
-                if code is not None:
-                    return code
-            _site()
-            from bindguard.cli.parser import build_parser, chosen_command
-            from bindguard.model.errors import ExitCode
+            if code is None:
+                _site()
+                from bindguard.cli.parser import build_parser, chosen_command
+                from bindguard.model.errors import ExitCode
 
-            args = build_parser(chosen_command(argv)).parse_args(argv)
-            if args.command is None:
-                build_parser().print_help(console.stream)
-                return ExitCode.USAGE
-            # Decided before the command runs, so that it holds whatever fails in it (check, verify).
-            fail_closed = args.fails_closed(args) if args.fails_closed is not None else False
-            return args.run(args, console)
+                args = build_parser(chosen_command(argv)).parse_args(argv)
+                if args.command is None:
+                    build_parser().print_help(console.stream)
+                    code = ExitCode.USAGE
+                else:
+                    # Decided before the command runs, so that it holds whatever fails in it (check, verify).
+                    fail_closed = args.fails_closed(args) if args.fails_closed is not None else False
+                    code = args.run(args, console)
+            bindguard.stop_if_asked()  # a stop swallowed on the way still ends the command as a stop
+            return code
         finally:
             if sys.stdout is not None:
                 sys.stdout.flush()  # here, where a closed pipe can still be told apart
-    except KeyboardInterrupt:
-        console.emit(output.ERR, "bindguard: interrupted (SIGINT) before it finished (exit 130)")
-        return 128 + _signal.SIGINT
-    except Stopped as stop:
-        console.emit(output.ERR, f"bindguard: stopped by {STOP_SIGNALS[stop.signum]} before it finished "
-                                 f"(exit {128 + stop.signum})")
-        return 128 + stop.signum
+    except bindguard.Stopped as stop:
+        return _stopped(console, stop.signum)
+    except KeyboardInterrupt:  # SIGINT before _stop was installed for it
+        return _stopped(console, _signal.SIGINT)
     except Exception as exc:
         from bindguard.model.errors import BindguardError, ExitCode, GuardFailure
 
+        if bindguard.stops:  # what failed ran on after a stop that was swallowed: the stop ended it
+            return _stopped(console, bindguard.stops[0])
         if isinstance(exc, BindguardError):
             console.error(exc.message, exc.hint, getattr(exc, "problems", ()))
             return exc.exit_code
@@ -106,6 +112,14 @@ def _main(argv: list[str], console, previous: dict) -> int:
             "guard-failed", [],
         )
         return ExitCode.INTERNAL if fail_closed else 0
+
+
+def _stopped(console, signum: int) -> int:
+    from bindguard.report import output
+
+    code = 128 + signum
+    console.emit(output.ERR, f"bindguard: {STOP_SIGNALS[signum]} before it finished (exit {code})")
+    return code
 
 
 def _reader_gone() -> bool:
