@@ -107,6 +107,35 @@ def test_a_new_drop_in_or_environment_file_is_read(site, monkeypatch):
     assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18184]
 
 
+
+def test_a_drop_in_in_a_unit_directory_that_appears_later_is_read(site, monkeypatch):
+    """A unit directory that was missing when discovery was remembered counts, although the same
+    process had looked at the unit path before the recording began (as the every-service path
+    does, bindguard.systemd.unitexec remembering which directories exist): a drop-in that appears
+    in it is read at the next run."""
+    from bindguard.systemd import unitexec
+
+    unit, _, root = site
+    other = root / "other.conf"
+    other.write_text(nginx_conf(root, 18185))
+    config = root / "config"
+    (config / "systemd" / "user").mkdir(parents=True)
+    (config / "systemd" / "user" / unit).write_text((Path(os.environ["SYSTEMD_UNIT_PATH"]) / unit).read_text())
+    monkeypatch.delenv("SYSTEMD_UNIT_PATH")
+    for name, path in (("HOME", root), ("XDG_CONFIG_HOME", config), ("XDG_DATA_HOME", root / "data"),
+                       ("XDG_RUNTIME_DIR", root / "runtime")):
+        monkeypatch.setenv(name, str(path))
+    assert unitexec.unit_files(unit, True), "the unit is in the user unit path"
+    settled()
+    assert ports(cache.discover_from_files(unit, True, list(SOURCES))) == [18181]
+    assert cache.lookup(unit, True) is not None
+    dropin = config / "systemd" / "user.control" / f"{unit}.d"  # before systemd/user in the path
+    dropin.mkdir(parents=True)
+    (dropin / "override.conf").write_text(f"[Service]\nExecStart=\nExecStart={NGINX} -c {other}\n")
+    assert cache.lookup(unit, True) is None
+    assert ports(cache.discover_from_files(unit, True, list(SOURCES))) == [18185]
+
+
 def test_an_entry_not_roots_alone_or_malformed_is_ignored(site):
     unit, _, _ = site
     settled()

@@ -125,6 +125,30 @@ def test_runs_known_daemon_without_imports(unit_path, tmp_path):
         == [True, True, True, False, False, True, True]
 
 
+
+def test_a_unit_directory_that_appears_is_read_a_moment_later(tmp_path, monkeypatch):
+    """Which unit directories exist is remembered for a moment only (unitexec.PRESENT_FOR): a guard
+    that waits reads a directory that appeared meanwhile. A directory reached twice (as Debian's
+    /lib/systemd/system is /usr/lib/systemd/system) is read once, where it comes first."""
+    import time
+
+    from bindguard.systemd import unitexec
+
+    for name, path in (("HOME", tmp_path), ("XDG_CONFIG_HOME", tmp_path / "config"),
+                       ("XDG_DATA_HOME", tmp_path / "data"), ("XDG_RUNTIME_DIR", tmp_path / "runtime")):
+        monkeypatch.setenv(name, str(path))
+    monkeypatch.delenv("SYSTEMD_UNIT_PATH", raising=False)
+    monkeypatch.setattr(unitexec, "PRESENT_FOR", 0.05)
+    assert unitexec.unit_files("late.service", True) == []
+    unit = write(tmp_path / "config" / "systemd" / "user" / "late.service", "[Service]\nExecStart=/usr/bin/late\n")
+    time.sleep(0.1)
+    assert unitexec.unit_files("late.service", True) == [str(unit)]
+    (tmp_path / "runtime").symlink_to(tmp_path / "config")  # runtime/systemd/user is config/systemd/user
+    time.sleep(0.1)
+    dropin = write(tmp_path / "config" / "systemd" / "user" / "late.service.d" / "x.conf", "[Service]\n")
+    assert unitexec.unit_files("late.service", True) == [str(unit), str(dropin)]
+
+
 # --- unit names: one normaliser, as systemd's unit_name_is_valid() and systemctl take them --------
 
 @pytest.mark.parametrize("text, name", [

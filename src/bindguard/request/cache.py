@@ -316,6 +316,9 @@ class recording:
             _hooked.append(True)
         import os
 
+        from bindguard.systemd.unitexec import look_at_directories_again
+
+        look_at_directories_again()  # looked at before this recording: it must see them itself
         recorder = Recorder()
         real_stat, real_lstat = os.stat, os.lstat
 

@@ -74,6 +74,42 @@ def unit_path(user: bool = False) -> tuple[str, ...]:
     return user_unit_path() if user else SYSTEM_UNIT_PATH
 
 
+# Unit directory -> (its device and inode, None when missing; when that was seen: time.monotonic()).
+_present: dict[str, tuple[tuple[int, int] | None, float]] = {}
+PRESENT_FOR = 1.0  # seconds: a guard that waits sees a directory that appears in the meantime
+
+
+def _present_dirs(dirs: tuple[str, ...]) -> tuple[str, ...]:
+    """The directories of a unit search path that exist, in their order, each once (Debian's
+    /lib/systemd/system is /usr/lib/systemd/system, through the /lib link). Reading a unit probes
+    a dozen names in each directory of the path, and the clear path inside a unit reads every
+    enabled socket unit; on most hosts half the path's directories are missing. lstat, not stat:
+    what a remembered discovery (bindguard.request.cache) must key on is that the directory is
+    there, not its every entry (the probes inside it are recorded themselves)."""
+    import time  # built in, loaded at start
+
+    now = time.monotonic()
+    present, identities = [], set()
+    for directory in dirs:
+        seen = _present.get(directory)
+        if seen is None or now - seen[1] > PRESENT_FOR:
+            try:
+                info = posix.lstat(directory)
+                seen = ((info.st_dev, info.st_ino), now)
+            except (OSError, ValueError):
+                seen = (None, now)
+            _present[directory] = seen
+        if seen[0] is not None and seen[0] not in identities:
+            identities.add(seen[0])
+            present.append(directory)
+    return tuple(present)
+
+
+def look_at_directories_again() -> None:
+    """Forget which unit directories exist: a discovery being remembered must make every look itself."""
+    _present.clear()
+
+
 def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None, list[str]]:
     """The fragment path, and every name the unit is known by (its aliases through symlinks)."""
     known = list(names)
@@ -126,7 +162,7 @@ def _dropin_dir_names(names: list[str]) -> list[str]:
 
 def unit_files(unit: str, user: bool = False) -> list[str]:
     """The fragment and its drop-ins, in the order they apply; empty for no unit (or a masked one)."""
-    dirs = unit_path(user)
+    dirs = _present_dirs(unit_path(user))
     names = with_template(unit)
     fragment, known = _find_fragment(names, dirs)
     if fragment is None:
@@ -192,16 +228,16 @@ def enabled_socket_units(dirs: tuple[str, ...] | list[str]) -> dict[str, str]:
     their `*.wants/`, `*.requires/` and `*.upholds/` directories that `systemctl enable` makes.
     Name -> "enabled", or "enabled-runtime" for /run. Unreadable directories are skipped."""
     found: dict[str, str] = {}
-    for directory in dirs:
+    for directory in _present_dirs(tuple(dirs)):
         try:
-            entries = list(posix.scandir(directory))
+            entries = posix.listdir(directory)
         except OSError:
             continue
         for entry in entries:
-            if not entry.name.endswith((".wants", ".requires", ".upholds")):
+            if not entry.endswith((".wants", ".requires", ".upholds")):
                 continue
             try:
-                names = [e.name for e in posix.scandir(entry.path)]
+                names = posix.listdir(join(directory, entry))
             except OSError:
                 continue
             state = "enabled-runtime" if directory.startswith("/run/") else "enabled"
