@@ -20,7 +20,7 @@ if [ "${1:-}" = "--test" ]; then
     extras+=(nginx libnginx-mod-stream apache2 haproxy openssh-server redis-server postgresql mariadb-server)
     # the fleet example: ansible-playbook, and the Debian packages its hosts install bindguard on
     # (the test builds the wheel with Debian's setuptools and wheel); promtool checks the alert rules
-    extras+=(ansible-core python3-apt python3-psutil python3-yaml python3-pystemd python3-setuptools python3-wheel)
+    extras+=(ansible-core python3-apt python3-yaml python3-pystemd python3-setuptools python3-wheel)
     extras+=(prometheus)
     # NAT rules that take a port away (tests/test_nat.py): real nft and iptables-nft rules in namespaces;
     # a container behind a holder (tests/test_containers.py): rootful Podman, its image made from busybox-static

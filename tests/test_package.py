@@ -58,13 +58,21 @@ def installed() -> list[str]:
 def test_the_program_is_the_launcher_on_debian_s_python(installed):
     assert str(PROGRAM) in installed
     assert PROGRAM.read_bytes() == (ROOT / "bin" / "bindguard").read_bytes()  # not a pip entry point
-    where = subprocess.run(["/usr/bin/python3", "-I", "-c", "import bindguard, pystemd, psutil, yaml\n"
-                            "print(bindguard.__file__, pystemd.__file__, psutil.__file__, yaml.__file__)"],
+    where = subprocess.run(["/usr/bin/python3", "-I", "-c", "import bindguard, pystemd, yaml\n"
+                            "print(bindguard.__file__, pystemd.__file__, yaml.__file__)"],
                            capture_output=True, text=True, env=SYSTEM)
     assert where.returncode == 0, where.stderr
     assert all(p.startswith("/usr/lib/python3/dist-packages/") for p in where.stdout.split()), where.stdout
     version = subprocess.run([PROGRAM, "--version"], capture_output=True, text=True, env=SYSTEM)
     assert version.stdout.startswith("bindguard "), version
+
+
+def test_the_package_depends_on_what_bindguard_imports(installed):
+    # psutil is the benchmark's reference, not a dependency: process facts come from /proc
+    depends = subprocess.run(["dpkg-query", "-W", "-f", "${Depends}", "bindguard"], capture_output=True, text=True,
+                             env=SYSTEM).stdout
+    names = {item.split()[0] for item in depends.split(", ")}
+    assert {"python3-yaml", "python3-pystemd"} <= names and "python3-psutil" not in names, depends
 
 
 @pytest.mark.parametrize("argv", [[str(PROGRAM)], ["/usr/bin/python3", "-I", "-m", "bindguard"]])
