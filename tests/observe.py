@@ -12,17 +12,17 @@ in the namespace and returns the decoded facts and notes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import sys
 
 from bindguard.evidence import sockets
+from bindguard.model.record import Record
 
 
 def encode(value):
-    if dataclasses.is_dataclass(value):
-        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Record):
+        return {name: encode(getattr(value, name)) for name in value._fields}
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)

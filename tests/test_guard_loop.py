@@ -5,7 +5,6 @@ is run without root. The real trial bind and sock_diag are tested in namespaces 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import time
 
@@ -16,6 +15,7 @@ from bindguard.model import errors
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import Evidence, ProbeResult, ProcessFact, SocketFact
 from bindguard.model.kinds import ANY_KIND, ConflictKind
+from bindguard.model.record import FrozenInstanceError, replace
 from bindguard.verdict.policy import Rules
 
 ADDRESS = Bind(parse_listen("127.0.0.1:8080"), SocketOptions())
@@ -145,14 +145,14 @@ def test_one_look_serves_the_probes_of_a_second_while_the_answer_stays():
 
 def test_the_loop_changes_none_of_what_it_was_given():
     evidence = held_by(process(4242, "/usr/bin/bindguard", "check"))
-    before = dataclasses.replace(evidence, notes=list(evidence.notes))
+    before = replace(evidence, notes=list(evidence.notes))
     run(Recorded([IN_USE, {}], evidence))
     assert evidence == before
 
 
 def test_a_decided_conflict_cannot_be_changed():
     outcome = run(Recorded([IN_USE], held_by(process(42, "/usr/sbin/nginx"))))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         outcome.conflicts[0].kind = ConflictKind.TIME_WAIT  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         outcome.exit_code = 0  # type: ignore[misc]

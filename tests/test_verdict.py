@@ -162,7 +162,7 @@ def test_a_holder_already_leaving_clears_by_itself_and_is_waited_for():
     """Issue 14.4: a holder whose unit the manager says is deactivating, or whose process the
     kernel is ending, keeps its kind (listener) and clears by itself; the same holder in a unit
     that is active, or known only from its cgroup path, still refuses."""
-    from dataclasses import replace
+    from bindguard.model.record import replace
 
     def conflict(holder, states, answered=True):
         sd = SystemdFacts(manager_pid=1, unit_of_pid={holder.pid: holder.unit} if answered else {},

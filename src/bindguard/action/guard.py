@@ -10,7 +10,6 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 from bindguard import stop_if_asked
 from bindguard.evidence.probe import probe
@@ -19,6 +18,7 @@ from bindguard.model.endpoints import TCP, Bind
 from bindguard.model.facts import BindPrivilege, Evidence, ProbeResult
 from bindguard.model.kinds import Action, ConflictKind
 from bindguard.model.notes import WARNING, Note, notices
+from bindguard.model.record import Record, replace
 from bindguard.systemd.context import SystemdContext
 from bindguard.verdict.conflicts import (
     Conflict,
@@ -45,8 +45,7 @@ SETTLE_INTERVAL_MAX = 0.16
 OBSERVE_INTERVAL = 1.0
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(Record, frozen=True):
     binds: list[Bind]
     wait: float = DEFAULT_WAIT
     daemon_uid: int | None = None  # the uid the daemon's sockets will have; None: the guard's own
@@ -66,8 +65,7 @@ class Request:
     log: Callable[[int, str], None] = lambda priority, line: None
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(Record, frozen=True):
     """The guard's answer, built once when it is decided."""
 
     exit_code: int

@@ -170,7 +170,7 @@ READERS = {"docker": _from_docker, "podman": _from_podman, "containerd": _from_c
 def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFact | None:
     """The container the process runs for, or None when neither its cgroups nor its command line
     name one. A Kubernetes pod's container is looked up as containerd's, then CRI-O's."""
-    import dataclasses
+    from bindguard.model.record import replace
 
     cgroups = [cgroup, *_all_cgroups(pid)]
     ref = container_ref(cgroups, cmdline)
@@ -186,7 +186,7 @@ def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFa
             fact = crio if crio.source else ContainerFact("kubernetes", cid)
     else:
         fact = READERS[engine](cid)
-    return dataclasses.replace(fact, via=via)
+    return replace(fact, via=via)
 
 
 def _real_uid_is_root(pid: int) -> bool:

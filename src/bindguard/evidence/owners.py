@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from bindguard.model.facts import ProcessFact, SocketFact
+from bindguard.model.record import Record
 from bindguard.systemd.unitfiles import cgroup_from_proc_file, process_cgroup, unit_from_cgroup  # noqa: F401 (API too)
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
@@ -66,8 +66,7 @@ def find_holders(inodes: set[int], first_pids: Iterable[int] = (), *, every_hold
     return holders
 
 
-@dataclass
-class SocketHolders:
+class SocketHolders(Record):
     """Each socket's holders as processes: inode -> ProcessFacts (the first holder whose facts could
     be read, or every one of them), and whether a holder may be missing because some process's fds
     were denied to us."""

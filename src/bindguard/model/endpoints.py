@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import _socket
 import ipaddress
-from dataclasses import dataclass
 
 from bindguard.model.host import ipv6_supported
+from bindguard.model.record import Record
 
 TCP = "tcp"
 UDP = "udp"
@@ -21,8 +21,7 @@ class AddressError(ValueError):
     """A listen address that cannot be parsed; the message names it and the fix."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Record, frozen=True):
     """One address and port a daemon binds, for TCP or UDP."""
 
     proto: str
@@ -67,8 +66,7 @@ class Endpoint:
         return f"{self.proto}:{self.address()}" if self.proto == UDP else self.address()
 
 
-@dataclass(frozen=True)
-class SocketOptions:
+class SocketOptions(Record, frozen=True):
     """The socket options the daemon sets before bind(); they change the kernel's answer."""
 
     reuseaddr: bool = True
@@ -77,8 +75,7 @@ class SocketOptions:
     freebind: bool = False
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(Record, frozen=True):
     """One socket the daemon will bind: where, and with which options."""
 
     endpoint: Endpoint

@@ -8,10 +8,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind, Endpoint
 from bindguard.model.kinds import UnitStatus
+from bindguard.model.record import Record, field
 
 # TCP states as the kernel numbers them (include/net/tcp_states.h).
 TCP_STATES = {
@@ -34,8 +34,7 @@ TCP_STATES = {
 BOUND = "BOUND"
 
 
-@dataclass(frozen=True)
-class SocketFact:
+class SocketFact(Record, frozen=True):
     """One socket on the port in question, as sock_diag (or /proc/net) reports it."""
 
     local: Endpoint
@@ -49,8 +48,7 @@ class SocketFact:
     cgroup_id: int | None = None
 
 
-@dataclass(frozen=True)
-class ContainerFact:
+class ContainerFact(Record, frozen=True):
     """The container (and pod) a process runs for, from its cgroup path or its command line (conmon's
     -c/-n) and the engine's own files on disk; what could not be read stays empty."""
 
@@ -71,8 +69,7 @@ class ContainerFact:
         return f"{self.engine} container {who}{image}{pod}"
 
 
-@dataclass(frozen=True)
-class ProcessFact:
+class ProcessFact(Record, frozen=True):
     """A process that holds a socket."""
 
     pid: int
@@ -111,8 +108,7 @@ def cgroup_within(cgroup: str, top: str) -> bool:
     return bool(top) and (cgroup == top or cgroup.startswith(top.rstrip("/") + "/"))
 
 
-@dataclass(frozen=True)
-class SocketUnitFact:
+class SocketUnitFact(Record, frozen=True):
     """One network address of a systemd .socket unit."""
 
     name: str
@@ -133,8 +129,7 @@ def unit_active(active_state: str) -> bool:
     return active_state not in STOPPED_UNIT_STATES
 
 
-@dataclass
-class SystemdFacts:
+class SystemdFacts(Record):
     """systemd's view: who the manager is, which unit is guarded, which units claim addresses.
 
     Only what was proven is here: manager_pid is None unless the bus named the manager, or
@@ -155,8 +150,7 @@ class SystemdFacts:
     unit_of_pid: dict[int, str | None] = field(default_factory=dict)  # GetUnitByPID; None: in no unit
 
 
-@dataclass(frozen=True)
-class BindPrivilege:
+class BindPrivilege(Record, frozen=True):
     """What the guard proved about the daemon's right to bind below net.ipv4.ip_unprivileged_port_start
     (bindguard.evidence.privilege): that it lacks CAP_NET_BIND_SERVICE, unless `unproven` says why not."""
 
@@ -171,8 +165,7 @@ class BindPrivilege:
         return self.unproven is None
 
 
-@dataclass
-class Evidence:
+class Evidence(Record):
     """Everything observed about the requested ports, gathered once."""
 
     sockets: list[SocketFact] = field(default_factory=list)
@@ -184,8 +177,7 @@ class Evidence:
     observed_at: float = 0.0  # time.monotonic() when the sockets were read
 
 
-@dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(Record, frozen=True):
     """The kernel's answer to the trial bind of one socket."""
 
     bind: Bind
@@ -202,8 +194,7 @@ class ProbeResult:
         return errno.errorcode.get(self.error, str(self.error)) if self.error else ""
 
 
-@dataclass
-class UnitFacts:
+class UnitFacts(Record):
     """What systemd says about a unit, as plain data: over D-Bus (systemd.context.unit_facts) or
     from its unit files (systemd.unitfacts.unit_facts_from_files)."""
 
@@ -216,8 +207,7 @@ class UnitFacts:
     group: str = ""  # Group=, "" when unset
 
 
-@dataclass(frozen=True)
-class SocketUnitSettings:
+class SocketUnitSettings(Record, frozen=True):
     """A .socket unit's own sockets as its manager will bind them, from its unit files
     (systemd.unitfacts) or over D-Bus, before it binds them (its ExecStartPre=)."""
 

@@ -7,13 +7,12 @@ numbers, the ones journald reads from a line's `<N>` prefix (bindguard.report.ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bindguard.model.record import Record
 
 WARNING, NOTICE = 4, 5
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(Record, frozen=True):
     priority: int  # WARNING or NOTICE
     text: str
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import AddressError, Bind, Endpoint, SocketOptions, parse_listen
 from bindguard.model.errors import ConfigError
 from bindguard.model.host import host_bindv6only
 from bindguard.model.kinds import NAT_MODES, POLICY_KINDS, Action
+from bindguard.model.record import Record, field
 from bindguard.systemd.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
 
 FAIL_MODES = ("open", "closed")
@@ -33,8 +33,7 @@ LISTEN_ENTRY_KEYS = ("address",) + OPTION_NAMES + ("optional",)
 IF_AVAILABLE = "if-available"  # optional: only when no interface has the address (Redis's `bind -::1`)
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(Record, frozen=True):
     """Where a value was set: file, line and column (1-based)."""
 
     path: str
@@ -45,8 +44,7 @@ class Origin:
         return f"{self.path}:{self.line}:{self.column}"
 
 
-@dataclass(frozen=True)
-class ListenEntry:
+class ListenEntry(Record, frozen=True):
     endpoint: Endpoint
     options: dict[str, bool]  # per-address options, over the unit's options
     origin: Origin
@@ -55,8 +53,7 @@ class ListenEntry:
     optional: bool | str = False
 
 
-@dataclass
-class UnitConfig:
+class UnitConfig(Record):
     """The merged configuration of one unit. None (or absent from a dict) means not set here."""
 
     unit: str
@@ -115,8 +112,7 @@ class _Stop(Exception):
     """Enough problems reported: read no further."""
 
 
-@dataclass
-class _Values:
+class _Values(Record):
     """What one file sets, with the position of each value."""
 
     listen: list[ListenEntry] | None = None

@@ -9,12 +9,12 @@ to the `warn` given, the console's in the CLI.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, parse_listen
 from bindguard.model.errors import UsageError
 from bindguard.model.host import host_bindv6only
 from bindguard.model.kinds import ANY_KIND, ConflictKind
+from bindguard.model.record import Record, field, replace
 from bindguard.systemd.unitfiles import user_manager
 
 Warn = Callable[[str], None]
@@ -25,8 +25,7 @@ OPTIONAL = (ANY_KIND,)
 IF_AVAILABLE = (ConflictKind.ADDRESS_UNAVAILABLE,)
 
 
-@dataclass(frozen=True)
-class RequestOptions:
+class RequestOptions(Record, frozen=True):
     """What the command line asks to check, as the CLI read it."""
 
     listen: tuple[str, ...] = ()  # LISTEN
@@ -42,8 +41,7 @@ class RequestOptions:
         return bool(self.listen or self.optional)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Record, frozen=True):
     """What to check and how, from the command line, the unit's YAML file and discovery."""
 
     binds: list[Bind]

@@ -12,17 +12,15 @@ warning, so it can never refuse a start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-
 from bindguard.model.endpoints import TCP, UDP, AddressError, Bind, SocketOptions, parse_listen
 from bindguard.model.facts import SocketUnitSettings
 from bindguard.model.host import host_bindv6only
+from bindguard.model.record import Record, field, replace
 
 TYPES = {"Stream": TCP, "Datagram": UDP}
 
 
-@dataclass
-class SocketUnitRequest:
+class SocketUnitRequest(Record):
     binds: list[Bind] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # "[::]:8080 from web.socket's ListenStream="
     warnings: list[str] = field(default_factory=list)  # entries left out, and why

@@ -16,10 +16,10 @@ import socket
 import stat
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from bindguard.model.endpoints import TCP, UDP, AddressError, Endpoint, parse_listen
 from bindguard.model.host import host_bindv6only
+from bindguard.model.record import Record
 from bindguard.systemd.unitexec import enabled_socket_units
 from bindguard.systemd.unitfiles import user_manager
 
@@ -103,8 +103,7 @@ class UnitNotFound(SystemdError):
         self.name = name
 
 
-@dataclass(frozen=True)
-class ExecCommand:
+class ExecCommand(Record, frozen=True):
     """One ExecStart=/ExecStartPre= command, with its last run as the manager recorded it."""
 
     path: str
@@ -115,8 +114,7 @@ class ExecCommand:
     status: int  # exit status, or the signal number when killed
 
 
-@dataclass(frozen=True)
-class UnitInfo:
+class UnitInfo(Record, frozen=True):
     """The settings and state of one unit; service-only fields are empty for other unit types."""
 
     name: str
@@ -160,16 +158,14 @@ class UnitInfo:
         return self.inactive_exit_usec / 1_000_000 + self.timeout_start_sec
 
 
-@dataclass(frozen=True)
-class Listen:
+class Listen(Record, frozen=True):
     """One network entry of a socket unit's Listen property, e.g. ("Stream", "[::]:80")."""
 
     type: str  # Stream, Datagram, SequentialPacket
     address: str
 
 
-@dataclass(frozen=True)
-class SocketUnit:
+class SocketUnit(Record, frozen=True):
     """A .socket unit with network addresses, listening now or able to (loaded or enabled)."""
 
     name: str

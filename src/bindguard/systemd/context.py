@@ -9,11 +9,11 @@ bus never changes the kernel's verdict.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from bindguard.model.endpoints import Bind
 from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, unit_active
 from bindguard.model.kinds import ConflictKind
+from bindguard.model.record import Record, field
 from bindguard.systemd.unitfiles import manager_pid_from_env
 
 # Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
@@ -83,8 +83,7 @@ def instance_running(active_state: str, sub_state: str) -> bool:
     return not (active_state == "activating" and sub_state in NOT_YET_STARTED_SUB_STATES)
 
 
-@dataclass
-class SystemdContext:
+class SystemdContext(Record):
     bus_choice: bool | None = None  # --user (True) / --system (False) / detect (None)
     unit_name: str | None = None  # --unit, else the unit the guard runs in
     notes: list[str] = field(default_factory=list)

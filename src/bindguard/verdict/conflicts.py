@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, replace
 
 from bindguard.model.endpoints import TCP, Bind, addresses_overlap
 from bindguard.model.facts import (
@@ -22,6 +21,7 @@ from bindguard.model.facts import (
     unit_active,
 )
 from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
+from bindguard.model.record import Record, replace
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
 if TYPE_CHECKING:  # only a field's type: the guard loads no NAT code unless asked
@@ -31,8 +31,7 @@ if TYPE_CHECKING:  # only a field's type: the guard loads no NAT code unless ask
 CLOSING_STATES = {"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
 
 
-@dataclass(frozen=True)
-class Conflict:
+class Conflict(Record, frozen=True):
     """One reason a requested socket cannot (or, predicted, would not) be bound, built once with its
     kind decided; what the guard does about it is a verdict.policy.Decision."""
 
@@ -104,8 +103,7 @@ def unit_phrase(unit: str | None, status: str | None) -> str:
     return "unit unknown (no answer from the manager)" if status == UnitStatus.UNKNOWN else ""
 
 
-@dataclass(frozen=True)
-class Attribution:
+class Attribution(Record, frozen=True):
     """Who holds a socket, and what the evidence proves about it (the Conflict's holder fields)."""
 
     process: ProcessFact | None = None

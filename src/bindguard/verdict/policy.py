@@ -6,15 +6,14 @@ new record, and the guard's loop only reads them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 
 from bindguard.model.endpoints import Bind
 from bindguard.model.kinds import ANY_KIND, Action, ConflictKind
+from bindguard.model.record import Record, field, replace
 from bindguard.verdict.conflicts import Conflict
 
 
-@dataclass(frozen=True)
-class Rules:
+class Rules(Record, frozen=True):
     """A unit's rules for conflicts, over the defaults."""
 
     policy: Mapping[str, str] = field(default_factory=dict)  # kind -> action
@@ -25,8 +24,7 @@ class Rules:
     needs_one_of: frozenset[Bind] = frozenset()
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(Record, frozen=True):
     """A conflict and what the guard does about it: refuse, wait, warn or ignore. When the rules
     turned an action into a warning (or kept it, as no address is left), the conflict's last
     evidence line says why."""
