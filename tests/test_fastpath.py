@@ -16,16 +16,16 @@ from bindguard.report.output import Console
 
 def run(args, fast):
     console = Console(io.StringIO())
-    real = fastpath.check
+    real, read = fastpath.check, fastpath.arguments
     with contextlib.redirect_stdout(io.StringIO()):
         if fast:
             code = real(args, console)
-        else:
-            fastpath.check = lambda a, c: None
+        else:  # argparse's reading, the authority on syntax
+            fastpath.check, fastpath.arguments = (lambda a, c: None), (lambda a: None)
             try:
                 code = cli.main(["check", *args], console=console)
             finally:
-                fastpath.check = real
+                fastpath.check, fastpath.arguments = real, read
     return code, console.stream.getvalue()
 
 out = []
@@ -69,6 +69,8 @@ DEFERRED = [  # these go to the full command, which knows better
     ["--unit", "a/b", "8080"],  # not a unit name: 64
     ["--unit", "-x", "8080"],  # argparse takes -x for an option: 64
     ["--unit", "foo@", "8080"],  # a template, never the unit a guard runs for
+    ["8080", "--v6only", "9090"],  # argparse takes the addresses as one run: 64
+    ["--user", "--system", "8080"],  # argparse refuses the pair: 64
 ]
 
 
@@ -204,3 +206,33 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
         code, _, loaded = proc.stdout.strip().partition(" ")
         assert code == "0", (args, proc.stderr)
         assert not NEVER_LOADED & set(loaded.split()), (args, sorted(NEVER_LOADED & set(loaded.split())))
+
+
+READ = [  # command lines fastpath.arguments reads for the full command, as argparse does
+    [], ["8080"], ["--unit", "web", "8080"], ["--unit=web.service"], ["--wait", "5", "8080", "--unit", "x"],
+    ["--wait=inf", "--no-systemd", "--no-systemd", "udp:[::1]:53", "0.0.0.0:80"], ["8080", "9090", "--v6only"],
+    ["--user", "--user", "8080"], ["--system"], ["--reuseaddr", "--no-reuseaddr", "--reuseport", "--freebind", "80"],
+    ["--no-v6only", "--v6only", "[::]:80"], ["--unit=-x", "8080"], ["", "8080"], ["--wait", "1e1", "8080"],
+]
+NOT_READ = [  # left to argparse: what it refuses (the first four), what run() refuses, what the fast path does not read
+    ["8080", "--v6only", "9090"], ["--user", "--system"], ["--unit"], ["--unit", "-x"], ["--wait", "-1", "8080"],
+    ["--wait", "nan"], ["--wait", "x"], ["--json", "8080"], ["--fail-closed", "8080"], ["--", "8080"], ["-h"],
+    ["--no-sys", "8080"], ["--v6only=yes", "8080"], ["--daemon-user", "nobody", "8080"], ["-", "8080"],
+]
+
+
+def test_the_fast_path_reads_the_full_commands_arguments_as_argparse_does():
+    """The full command runs on fastpath.arguments' reading, without argparse: the same namespace
+    argparse makes, or None for argparse to read (and refuse)."""
+    from bindguard.cli import fastpath
+    from bindguard.cli.parser import build_parser
+    from bindguard.model.errors import UsageError
+
+    for args in READ:
+        parsed = vars(build_parser("check").parse_args(["check", *args]))
+        assert fastpath.arguments(args) == {k: v for k, v in parsed.items() if k not in ("run", "fails_closed")}, args
+    for args in NOT_READ:
+        assert fastpath.arguments(args) is None, args
+    for args in NOT_READ[:4]:
+        with pytest.raises(UsageError):
+            build_parser("check").parse_args(["check", *args])

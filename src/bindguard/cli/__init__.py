@@ -2,13 +2,18 @@
 The cli stage may import every stage; the stages never import it.
 
 Nothing heavy is imported before the subcommand needs it: `bindguard check` on its common
-paths (see fastpath.py) never imports argparse, nor bindguard.model.errors.
+paths (see fastpath.py) never imports argparse, nor bindguard.model.errors; nor on the others
+(a refusal, discovery) when every argument is one the fast path reads (fastpath.arguments).
 """
 
 import _signal
 import sys
 
 import bindguard
+
+TYPE_CHECKING = False  # typing's own costs an import
+if TYPE_CHECKING:
+    import argparse
 
 # How the line names each stop signal; SIGINT first, so that its handler is the first installed.
 STOP_SIGNALS = {_signal.SIGINT: "interrupted (SIGINT)", _signal.SIGTERM: "stopped by SIGTERM",
@@ -63,18 +68,28 @@ def _main(argv: list[str], console, previous: dict) -> int:
         bindguard.stops.clear()  # a stop belongs to the run it ended (tests run main() again)
         previous.update({signum: _signal.signal(signum, _stop) for signum in STOP_SIGNALS})
         try:
-            code = None
+            code = read = None
             if argv[:1] == ["check"]:
                 from bindguard.cli import fastpath
 
                 code = fastpath.check(argv[1:], console)
+                read = fastpath.arguments(argv[1:]) if code is None else None
             if code is None:
                 _site()
-                from bindguard.cli.parser import build_parser, chosen_command
-                from bindguard.model.errors import ExitCode
+                from types import SimpleNamespace
 
-                args = build_parser(chosen_command(argv)).parse_args(argv)
+                args: argparse.Namespace | SimpleNamespace
+                if read is not None:  # every argument one the fast path reads as argparse does
+                    from bindguard.cli.commands import check
+
+                    args = SimpleNamespace(**read, run=check.run, fails_closed=check.fails_closed)
+                else:
+                    from bindguard.cli.parser import build_parser, chosen_command
+
+                    args = build_parser(chosen_command(argv)).parse_args(argv)
                 if args.command is None:
+                    from bindguard.model.errors import ExitCode
+
                     build_parser().print_help(console.stream)
                     code = ExitCode.USAGE
                 else:

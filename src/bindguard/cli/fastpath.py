@@ -24,6 +24,10 @@ SOCKET_FLAGS = {
 }
 DEFAULT_OPTIONS = {"reuseaddr": True, "reuseport": False, "v6only": None, "freebind": False}
 BUS_FLAGS = ("--user", "--system")  # which bus to ask: nothing here asks one
+# check's options this module does not read, as argparse leaves them when they are not given
+# (cli.commands.check.add_arguments), and the top-level ones.
+NOT_READ = {"command": "check", "debug": False, "daemon_user": None, "optional": None, "if_available": None,
+            "config": None, "reap_stale": False, "json": None, "fail_closed": False}
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
@@ -73,39 +77,61 @@ def _parse(text: str, v6only: bool, ipv6: bool) -> tuple[tuple, str] | None:
     return (family, kind, sockaddr, None, None, family == _socket.AF_INET6 and v6only, None), shown_proto + shown
 
 
-def check(args: list[str], console) -> int | None:
-    """The exit code when it can be given cheaply and surely, else None."""
-    options = dict(DEFAULT_OPTIONS)
-    per_bind: list[tuple] | None = None  # each address's own options, from a remembered discovery
-    told: list[tuple[int, str]] = []  # what the full command says before its verdict
-    unit = None
+def arguments(args: list[str]) -> dict | None:
+    """`bindguard check ARGS` as argparse reads it: the attributes of its namespace (the top-level
+    ones and the command's name included, not run and fails_closed), when every argument is one
+    this module reads; None for anything else, whatever argparse would refuse included. The full
+    command runs on them without argparse (0.5 ms to import, 4 ms to build the parser)."""
     listen: list[str] = []
-    no_systemd = False
-    user_bus = None
+    read = {**NOT_READ, "listen": listen, "reuseaddr": None, "reuseport": None, "v6only": None, "freebind": None,
+            "unit": None, "user_bus": None, "no_systemd": False, "wait": None}
+    bus_flag = None
+    run_ended = False  # argparse takes the addresses as one run of arguments: none after an option that follows them
     rest = list(args)
     while rest:
         arg = rest.pop(0)
         name, eq, value = arg.partition("=")
+        if not arg.startswith("-"):
+            if run_ended:
+                return None
+            listen.append(arg)
+            continue
+        run_ended = bool(listen)
         if arg in SOCKET_FLAGS:
             key, setting = SOCKET_FLAGS[arg]
-            options[key] = setting
+            read[key] = setting
         elif arg == "--no-systemd":
-            no_systemd = True
+            read["no_systemd"] = True
         elif arg in BUS_FLAGS:
-            user_bus = arg == "--user"
+            if bus_flag not in (None, arg):  # --user and --system: argparse refuses the pair
+                return None
+            bus_flag = arg
+            read["user_bus"] = arg == "--user"
         elif name in ("--unit", "--wait"):
             if not eq:
                 if not rest or rest[0].startswith("-"):  # argparse takes it for an option: a usage error
                     return None
                 value = rest.pop(0)
             if name == "--unit":
-                unit = value
-            elif not _is_wait(value):
-                return None
-        elif arg.startswith("-"):
-            return None
+                read["unit"] = value
+            else:
+                read["wait"] = _wait(value)
+                if read["wait"] is None:
+                    return None
         else:
-            listen.append(arg)
+            return None
+    return read
+
+
+def check(args: list[str], console) -> int | None:
+    """The exit code when it can be given cheaply and surely, else None."""
+    read = arguments(args)
+    if read is None:
+        return None
+    options = {key: default if read[key] is None else read[key] for key, default in DEFAULT_OPTIONS.items()}
+    per_bind: list[tuple] | None = None  # each address's own options, from a remembered discovery
+    told: list[tuple[int, str]] = []  # what the full command says before its verdict
+    unit, listen, no_systemd, user_bus = read["unit"], list(read["listen"]), read["no_systemd"], read["user_bus"]
 
     from bindguard.report import output
     from bindguard.systemd import unitfiles
@@ -253,9 +279,10 @@ def _socket_unit_listen(unit: str, user: bool, options: dict) -> list[str] | Non
     return listen
 
 
-def _is_wait(value: str) -> bool:
+def _wait(value: str) -> float | None:
+    """--wait's seconds as argparse reads them (float), None for what the full command refuses."""
     try:
         seconds = float(value)
     except ValueError:
-        return False
-    return seconds >= 0
+        return None
+    return seconds if seconds >= 0 else None

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable
 
-from bindguard.cli.parser import add_json_option
 from bindguard.model.endpoints import Bind, ascii_number
 from bindguard.model.errors import VERDICTS, BindguardError, ExitCode, UsageError
 from bindguard.model.kinds import ANY_KIND, ConflictKind
@@ -14,6 +12,10 @@ from bindguard.model.text import excerpt
 from bindguard.report import output
 from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, RequestOptions, plan
 from bindguard.systemd.unitfiles import normalize_unit, own_unit, user_manager
+
+TYPE_CHECKING = False  # typing's own costs an import
+if TYPE_CHECKING:  # argparse builds the parser; run() also gets the namespace of fastpath.arguments
+    import argparse
 
 DESCRIPTION = """\
 Will the daemon's bind() succeed? A trial bind with the daemon's socket options answers,
@@ -119,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wait at most this long while only what clears by itself is in the way (TIME_WAIT, "
                              "an address in duplicate address detection, a holder already leaving); 0 never waits "
                              "(default: 65, a full TIME_WAIT, capped by the unit's start timeout)")
+    from bindguard.cli.parser import add_json_option
+
     add_json_option(parser, "print one JSON object on stdout")
     parser.add_argument("--fail-closed", action="store_true",
                         help="when the guard itself fails, exit 70 instead of letting the start go on")
