@@ -160,14 +160,14 @@ def test_fallback_when_netlink_is_refused(netns, tmp_path):
     """With AF_NETLINK denied (as a seccomp filter would), /proc/net answers and says so."""
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080})
     code = (
-        "import errno, json, socket\n"
-        "real = socket.socket\n"
+        "import errno, json, _socket\n"  # the module sockets makes its sockets with
+        "real = _socket.socket\n"
         "class Denied(real):\n"
         "    def __init__(self, family=-1, *args, **kwargs):\n"
-        "        if family == socket.AF_NETLINK:\n"
+        "        if family == _socket.AF_NETLINK:\n"
         "            raise PermissionError(errno.EPERM, 'denied')\n"
         "        super().__init__(family, *args, **kwargs)\n"
-        "socket.socket = Denied\n"
+        "_socket.socket = Denied\n"
         "from bindguard.evidence import sockets\n"
         "notes = []\n"
         "facts = sockets.sockets_on_port('tcp', 8080, notes)\n"

@@ -19,8 +19,6 @@ Where the files cannot be read the container is still named by engine and id.
 
 from __future__ import annotations
 
-import re
-
 from bindguard.model.facts import ContainerFact
 
 DOCKER_STATE = "/var/lib/docker/containers/{id}/config.v2.json"
@@ -33,8 +31,8 @@ MAX_LIST_BYTES = 32 << 20
 
 _ID = r"([0-9a-f]{64})"
 # (a text each path of the engine holds, pattern on one cgroup path, engine); the first that matches
-# names the engine. Only a path holding the text is searched: on a host without containers no
-# pattern is compiled (re caches them), a millisecond of every refusal.
+# names the engine. Only a path holding the text is searched: on a host without containers re is
+# not even imported, and no pattern compiled (re caches them): a millisecond each of every refusal.
 CGROUP_PATTERNS = (
     ("docker-", rf"(?:^|/)docker-{_ID}\.scope(?:/|$)", "docker"),
     ("docker/", rf"(?:^|/)docker/{_ID}(?:/|$)", "docker"),
@@ -57,10 +55,16 @@ def container_ref(cgroups: list[str], cmdline: tuple[str, ...]) -> tuple[str, st
         if _DELEGATED_TREE in path:
             continue
         for text, pattern, engine in CGROUP_PATTERNS:
-            m = re.search(pattern, path) if text in path else None
+            if text not in path:
+                continue
+            import re
+
+            m = re.search(pattern, path)
             if m and m.group(1):
                 return engine, m.group(1), "cgroup"
     if cmdline and cmdline[0].rsplit("/", 1)[-1] == "conmon":
+        import re
+
         cid = _option(cmdline, "-c") or _option(cmdline, "--cid")
         if cid and re.fullmatch(_ID, cid):
             runtime_dir = _option(cmdline, "-b") or _option(cmdline, "--bundle") or ""

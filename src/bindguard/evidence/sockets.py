@@ -29,10 +29,10 @@ Only the standard library is imported here: this module is on the check path.
 
 from __future__ import annotations
 
+import _socket  # not socket, whose import (selectors, array, enum's IntEnums) is 1 ms of a refusal
 import errno
 import ipaddress
 import os
-import socket
 import struct
 from collections.abc import Iterable
 
@@ -64,7 +64,7 @@ ALL_TCP_STATES = sum(1 << state for state in TCP_STATES)  # bits 1..13
 ALL_UDP_STATES = (1 << TCP_ESTABLISHED) | (1 << TCP_CLOSE)
 STATE_NUMBERS = {name: number for number, name in TCP_STATES.items()}
 LISTEN = "LISTEN"
-PROTOCOLS = {TCP: socket.IPPROTO_TCP, UDP: socket.IPPROTO_UDP}
+PROTOCOLS = {TCP: _socket.IPPROTO_TCP, UDP: _socket.IPPROTO_UDP}
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLATTR = struct.Struct("=HH")  # len, type
@@ -203,7 +203,8 @@ def _dump_message(kind: int, body: bytes, port: int | None, seq: int) -> bytes:
 
 def _query_sock_diag(proto: str, port: int | None, states: int) -> list[SocketFact]:
     facts: list[SocketFact] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
+    nl = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    try:
         buffer = bytearray(RECV_BUFFER)
         if proto == TCP:
             try:
@@ -212,17 +213,19 @@ def _query_sock_diag(proto: str, port: int | None, states: int) -> list[SocketFa
                 return facts
             except OSError:  # a kernel or policy without the old request: one per family
                 facts.clear()
-        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=2):  # not 1: what remains of it
+        for seq, family in enumerate((_socket.AF_INET, _socket.AF_INET6), start=2):  # not 1: what remains of it
             nl.sendto(_request(family, proto, port, states, seq), (0, 0))
             _receive_dump(nl, buffer, seq, proto, facts)
+    finally:
+        nl.close()
     return facts
 
 
-def _receive_dump(nl: socket.socket, buffer: bytearray, seq: int, proto: str, facts: list[SocketFact]) -> None:
+def _receive_dump(nl: _socket.socket, buffer: bytearray, seq: int, proto: str, facts: list[SocketFact]) -> None:
     view = memoryview(buffer)
     while True:
         size, _, flags, _ = nl.recvmsg_into([view])
-        if flags & socket.MSG_TRUNC:
+        if flags & _socket.MSG_TRUNC:
             raise OSError(errno.EMSGSIZE, "sock_diag reply larger than the receive buffer")
         offset = 0
         while offset + NLMSGHDR.size <= size:
@@ -261,9 +264,9 @@ def _parse_diag_msg(buffer: bytearray, start: int, end: int, proto: str) -> Sock
             (cgroup_id,) = struct.unpack_from("=Q", buffer, offset + NLATTR.size)
         offset += (length + 3) & ~3
     local_host, remote_host = _address(family, src), _address(family, dst)
-    dport = socket.ntohs(dport)
+    dport = _socket.ntohs(dport)
     return SocketFact(
-        local=Endpoint(proto, local_host, socket.ntohs(sport), _scope(local_host, ifindex)),
+        local=Endpoint(proto, local_host, _socket.ntohs(sport), _scope(local_host, ifindex)),
         state=_state_name(proto, state),
         uid=uid,
         inode=inode,
@@ -276,7 +279,7 @@ def _parse_diag_msg(buffer: bytearray, start: int, end: int, proto: str) -> Sock
 
 
 def _address(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if family == socket.AF_INET:
+    if family == _socket.AF_INET:
         return ipaddress.IPv4Address(raw[:4])
     return ipaddress.IPv6Address(raw)
 
@@ -286,7 +289,7 @@ def _scope(host: ipaddress.IPv4Address | ipaddress.IPv6Address, ifindex: int) ->
     if not ifindex or host.version != 6 or not host.is_link_local:
         return ""
     try:
-        return socket.if_indextoname(ifindex)
+        return _socket.if_indextoname(ifindex)
     except OSError:
         return str(ifindex)
 
@@ -311,13 +314,13 @@ def _read_proc_net(proto: str, port: int | None, states: int) -> list[SocketFact
     facts: list[SocketFact] = []
     wanted_port = f":{port:04X}" if port is not None else None
     ticks = os.sysconf("SC_CLK_TCK")
-    for suffix, family in (("", socket.AF_INET), ("6", socket.AF_INET6)):
+    for suffix, family in (("", _socket.AF_INET), ("6", _socket.AF_INET6)):
         path = f"/proc/net/{proto}{suffix}"
         try:
             with open(path) as f:
                 lines = f.readlines()[1:]
         except FileNotFoundError:
-            if family == socket.AF_INET6:
+            if family == _socket.AF_INET6:
                 continue  # no IPv6 in this kernel
             raise
         for line in lines:

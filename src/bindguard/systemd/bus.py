@@ -10,9 +10,9 @@ to what /proc tells.
 
 from __future__ import annotations
 
+import _socket  # not socket, whose import is 1 ms
 import errno
 import os
-import socket
 import stat
 import time
 from collections.abc import Iterable, Mapping
@@ -203,7 +203,7 @@ def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None
     if proto is None:
         raise AddressError(f"{listen.type}={listen.address}: not a TCP or UDP socket")
     endpoint = parse_listen(listen.address, default_proto=proto)
-    if endpoint.family != socket.AF_INET6:
+    if endpoint.family != _socket.AF_INET6:
         return endpoint, False
     if bind_ipv6_only == "ipv6-only":
         return endpoint, True
@@ -273,7 +273,7 @@ def _answers(bus: str, path: str, timeout: float) -> None:
     """Raise SystemdUnavailable unless the bus at path answers an authentication request within
     timeout: sd-bus itself would wait 90 s (its authentication timeout) on a bus that never answers."""
     deadline = time.monotonic() + timeout
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         probe.settimeout(timeout)
         probe.connect(path)
