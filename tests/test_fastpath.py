@@ -208,6 +208,22 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
         assert not NEVER_LOADED & set(loaded.split()), (args, sorted(NEVER_LOADED & set(loaded.split())))
 
 
+
+@pytest.mark.integration
+def test_a_refusal_from_a_shell_loads_neither_argparse_nor_dataclasses_nor_the_bus(netns, tmp_path):
+    """A refusal explains itself without argparse (fastpath.arguments reads the command line),
+    without dataclasses (bindguard.model.record) and, with no bus to ask, without bindguard.systemd.bus
+    and pystemd (systemd.busaddress finds no socket first)."""
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
+    package = str(Path(__file__).resolve().parent.parent / "src")
+    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin",
+           "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
+    proc = netns.run([sys.executable, "-I", "-S", "-c", LOADED, package, "check", "127.0.0.1:9000"], env=env)
+    code, _, loaded = proc.stdout.strip().partition(" ")
+    assert code == "98", proc.stderr
+    unwanted = {"argparse", "dataclasses", "inspect", "pystemd", "yaml", "bindguard.systemd.bus"}
+    assert not unwanted & set(loaded.split()), sorted(unwanted & set(loaded.split()))
+
 READ = [  # command lines fastpath.arguments reads for the full command, as argparse does
     [], ["8080"], ["--unit", "web", "8080"], ["--unit=web.service"], ["--wait", "5", "8080", "--unit", "x"],
     ["--wait=inf", "--no-systemd", "--no-systemd", "udp:[::1]:53", "0.0.0.0:80"], ["8080", "9090", "--v6only"],

@@ -13,18 +13,23 @@ from __future__ import annotations
 import _socket  # not socket, whose import is 1 ms
 import errno
 import os
-import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from bindguard.model.endpoints import TCP, UDP, AddressError, Endpoint, parse_listen
 from bindguard.model.host import host_bindv6only
 from bindguard.model.record import Record
+from bindguard.systemd.busaddress import (  # noqa: F401 (this module's API too)
+    SYSTEM,
+    USER,
+    SystemdError,
+    SystemdUnavailable,
+    address,
+    check_socket,
+    choose_bus,
+    socket_path,
+)
 from bindguard.systemd.unitexec import enabled_socket_units
-from bindguard.systemd.unitfiles import user_manager
-
-SYSTEM = "system"
-USER = "user"
 
 _DEST = b"org.freedesktop.systemd1"
 _MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -74,18 +79,6 @@ _SERVICE_PROPERTIES = (
     ("environment_files", b"EnvironmentFiles", b"a(sb)"),
     ("user", b"User", b"s"),
 )
-
-
-class SystemdError(Exception):
-    """Any failure to learn something from systemd over D-Bus: the one root callers catch.
-
-    What systemd would have told is evidence about a conflict, never the verdict itself, so a
-    caller that catches this keeps the kernel's answer and says what it could not learn.
-    """
-
-
-class SystemdUnavailable(SystemdError):
-    """The bus or the manager cannot be reached; the message names the bus and the reason."""
 
 
 class SystemdRefused(SystemdError):
@@ -186,11 +179,6 @@ class SocketUnit(Record, frozen=True):
         return [(entry, *listen_endpoint(entry, self.bind_ipv6_only, bindv6only)) for entry in self.listens]
 
 
-def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """USER or SYSTEM: --user/--system (True/False) decide, else $MANAGERPID (unitfiles.user_manager)."""
-    return USER if user_manager(user, environ) else SYSTEM
-
-
 def listen_endpoint(listen: Listen, bind_ipv6_only: str, bindv6only: bool | None = None) -> tuple[Endpoint, bool]:
     """The Endpoint a socket unit's Listen entry binds, and whether it is IPv6-only.
 
@@ -236,37 +224,6 @@ def _exec_commands(value) -> tuple[ExecCommand, ...]:
 
 def _address_escape(path: str) -> bytes:
     return b"".join(bytes([b]) if b in _ADDRESS_PLAIN else b"%%%02x" % b for b in os.fsencode(path))
-
-
-def _address_unescape(value: str) -> str:
-    raw, i = bytearray(), 0
-    data = value.encode("utf-8", "surrogateescape")
-    while i < len(data):
-        if data[i] == ord("%") and i + 3 <= len(data):
-            try:
-                raw.append(int(data[i + 1:i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        raw.append(data[i])
-        i += 1
-    return os.fsdecode(bytes(raw))
-
-
-def _check_bus_socket(bus: str, path: str) -> None:
-    """The bus socket exists, is a socket, and belongs to root or to this user: a socket someone
-    else made (named by an environment a service's user wrote) would let them answer for systemd."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {path}"
-                                 + ("" if exc.errno == errno.ENOENT else f" ({exc.strerror})")) from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not a socket")
-    if st.st_uid not in (0, os.geteuid()):
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} belongs to uid {st.st_uid}, "
-                                 "neither root nor this user")
 
 
 def _answers(bus: str, path: str, timeout: float) -> None:
@@ -333,8 +290,8 @@ class Systemd:
         self._call_timeout = min(call_timeout, budget)
         started = time.monotonic()
         self._gave_up: str | None = None  # why no more questions are asked
-        path = self._socket_path()
-        _check_bus_socket(bus, path)  # before paying for pystemd's import (30-40 ms): early boot, containers
+        path = socket_path(bus)
+        check_socket(bus, path)  # before paying for pystemd's import (30-40 ms): early boot, containers
         _answers(bus, path, min(CONNECT_TIMEOUT, self._call_timeout))
         try:
             from pystemd.dbuslib import DBusAddress
@@ -368,32 +325,12 @@ class Systemd:
             self._dbus.close()
             self._open = False
 
-    def _address(self) -> str:
-        if self.bus == USER:
-            runtime = os.environ.get("XDG_RUNTIME_DIR", "$XDG_RUNTIME_DIR")
-            return os.environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path={runtime}/bus"
-        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
-
-    def _socket_path(self) -> str:
-        """The socket file of the bus address's first `unix:path=` entry (its %XX escapes undone)."""
-        address = self._address()
-        for entry in address.split(";"):
-            transport, _, pairs = entry.partition(":")
-            if transport != "unix":
-                continue
-            for pair in pairs.split(","):
-                key, _, value = pair.partition("=")
-                if key == "path" and value:
-                    return _address_unescape(value)
-        raise SystemdUnavailable(f"cannot connect to the {self.bus} bus: its address {address!r} names no "
-                                 "unix:path= socket, the only kind bindguard uses")
-
     def _why(self, exc: Exception) -> str:
         code = getattr(exc, "errno", 0)
         if isinstance(code, int) and code < 0:  # sd-bus reports -errno
             reason = os.strerror(-code)
             if -code in (errno.ENOENT, errno.ECONNREFUSED):
-                reason += f" (no {'session' if self.bus == USER else 'system'} bus at {self._address()})"
+                reason += f" (no {'session' if self.bus == USER else 'system'} bus at {address(self.bus)})"
             return reason
         message = getattr(exc, "err_message", b"") or str(exc)
         return _text(message).strip() or type(exc).__name__

@@ -14,6 +14,7 @@ from bindguard.model.endpoints import Bind
 from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, unit_active
 from bindguard.model.kinds import ConflictKind
 from bindguard.model.record import Record, field
+from bindguard.systemd import busaddress
 from bindguard.systemd.unitfiles import manager_pid_from_env
 
 # Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
@@ -97,12 +98,13 @@ class SystemdContext(Record):
         """The open Systemd connection, or None (with a note) when the bus is unavailable."""
         if not self._tried:
             self._tried = True
-            from bindguard.systemd import bus
-
-            which = bus.choose_bus(self.bus_choice)
+            which = busaddress.choose_bus(self.bus_choice)
             try:
+                busaddress.check_socket(which, busaddress.socket_path(which))  # no bus: bus is not even imported
+                from bindguard.systemd import bus
+
                 self._connection = bus.Systemd(which)
-            except bus.SystemdError as exc:
+            except busaddress.SystemdError as exc:
                 self._unavailable = str(exc)
                 self.notes.append(f"{exc}; units are named from cgroups only, socket units are not checked")
         return self._connection
@@ -118,9 +120,9 @@ class SystemdContext(Record):
     def socket_units_may_claim(self, binds: list[Bind]) -> bool:
         """Whether an enabled .socket unit's files list one of these ports: on a clear start in a
         unit, the one reason to ask the manager anything (a latent socket unit). No D-Bus."""
-        from bindguard.systemd import bus, unitexec
+        from bindguard.systemd import unitexec
 
-        user = bus.choose_bus(self.bus_choice) == bus.USER
+        user = busaddress.choose_bus(self.bus_choice) == busaddress.USER
         return unitexec.socket_units_may_claim({b.endpoint.port for b in binds}, user, self.guarded_unit())
 
     @property
@@ -154,13 +156,12 @@ class SystemdContext(Record):
     def unit_user(self) -> str:
         """The guarded unit's User= ("" runs as root): from its unit files, without D-Bus, when it
         has any; else from the manager."""
-        from bindguard.systemd import bus
         from bindguard.systemd.unitfacts import unit_facts_from_files, unit_fragment
 
         unit = self.guarded_unit()
         if not unit:
             return ""
-        user_manager = bus.choose_bus(self.bus_choice) == bus.USER
+        user_manager = busaddress.choose_bus(self.bus_choice) == busaddress.USER
         if unit_fragment(unit, user_manager) is not None:
             return unit_facts_from_files(unit, user_manager).user
         info = self.unit_info()
@@ -168,9 +169,7 @@ class SystemdContext(Record):
 
     def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
         """What the manager says about the holders, and who the manager is, as far as proven."""
-        from bindguard.systemd import bus
-
-        user = bus.choose_bus(self.bus_choice) == bus.USER
+        user = busaddress.choose_bus(self.bus_choice) == busaddress.USER
         proven = proven_manager(user)
         facts = SystemdFacts(manager_pid=proven[0] if proven else None, manager_proof=proven[1] if proven else "",
                              guarded_unit=self.guarded_unit())
@@ -199,7 +198,7 @@ class SystemdContext(Record):
             ask_units(conn, [p.pid for p in holders if p.pid != facts.manager_pid], facts.unit_of_pid)
             for unit in dict.fromkeys(u for u in facts.unit_of_pid.values() if u):
                 facts.unit_states[unit] = conn.active_state(unit)
-        except bus.SystemdError as exc:
+        except busaddress.SystemdError as exc:
             self.notes.append(f"{exc}; the verdict stands on the kernel's answer")
         return facts
 
