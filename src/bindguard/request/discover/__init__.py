@@ -25,10 +25,10 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from bindguard.model.facts import UnitFacts
 from bindguard.model.kinds import Confidence
+from bindguard.model.record import Record, field
 from bindguard.request.discover.common import DaemonConfigError, Finding, Service, discovery_scope, read_text
 from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
 from bindguard.systemd.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
@@ -39,8 +39,7 @@ SOURCES = ("daemon-config", "exec-start", "socket-units")
 UnitFactsSource = Callable[[str], UnitFacts]
 
 
-@dataclass
-class Discovery:
+class Discovery(Record):
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     daemons: list[str] = field(default_factory=list)  # the daemons recognised in ExecStart=

@@ -10,7 +10,6 @@ import ipaddress
 import itertools
 import os
 import time
-from dataclasses import dataclass, field, replace
 
 from bindguard.model.endpoints import (
     TCP,
@@ -23,6 +22,7 @@ from bindguard.model.endpoints import (
 )
 from bindguard.model.host import host_bindv6only, ipv6_supported
 from bindguard.model.kinds import ANY_KIND, Confidence
+from bindguard.model.record import Record, field, replace
 from bindguard.model.text import excerpt
 from bindguard.request import files
 
@@ -40,8 +40,7 @@ class DaemonConfigError(Exception):
     """A daemon's configuration file that cannot be read or parsed; str() names the file (and line)."""
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(Record, frozen=True):
     """One socket a unit will bind (or systemd binds for it), where that was learnt, and how sure it is."""
 
     bind: Bind
@@ -56,8 +55,7 @@ class Finding:
         return self.confidence == Confidence.CONFIDENT
 
 
-@dataclass
-class Findings:
+class Findings(Record):
     """What one finder learnt: findings, and warnings about what it could not read."""
 
     daemon: str
@@ -178,8 +176,7 @@ class Budget:
             raise BudgetExceeded(f"{path}: discovery stopped after {bytes_limit >> 20} MiB read")
 
 
-@dataclass(frozen=True)
-class Service:
+class Service(Record, frozen=True):
     """Whom a discovery is for: the unit's User= and Group= ("": root, as systemd runs it) and its
     EnvironmentFile=s, which decide as whom a daemon's dump may run (bindguard.request.discover.dump)."""
 
@@ -188,8 +185,7 @@ class Service:
     environment_files: tuple[str, ...] = ()
 
 
-@dataclass
-class _Scope:
+class _Scope(Record):
     budget: Budget
     service: Service
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from bindguard.model.record import Record
 from bindguard.model.text import excerpt
 from bindguard.request.cache import incomplete
 from bindguard.request.discover.common import current_budget, current_service
@@ -74,8 +74,7 @@ def untrusted(path: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(Record, frozen=True):
     """Whom a dump runs as; uid None: the guard's own (it is not root and cannot change it)."""
 
     uid: int | None

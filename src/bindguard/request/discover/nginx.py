@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 from bindguard.model.endpoints import TCP, UDP, Endpoint, ascii_port
+from bindguard.model.record import Record
 from bindguard.request.discover import dump
 from bindguard.request.discover.common import (
     AddressError,
@@ -39,8 +39,7 @@ IMPLY_BIND_PREFIXES = ("backlog=", "rcvbuf=", "sndbuf=", "setfib=", "fastopen=",
                        "so_keepalive=")
 
 
-@dataclass
-class _Listen:
+class _Listen(Record):
     group: str
     endpoint: Endpoint
     v6only: bool
