@@ -231,6 +231,7 @@ def test_a_refusal_from_a_shell_loads_neither_argparse_nor_dataclasses_nor_the_b
     unwanted = {"argparse", "dataclasses", "inspect", "pystemd", "yaml", "bindguard.systemd.bus"}
     assert not unwanted & set(loaded.split()), sorted(unwanted & set(loaded.split()))
 
+
 READ = [  # command lines fastpath.arguments reads for the full command, as argparse does
     [], ["8080"], ["--unit", "web", "8080"], ["--unit=web.service"], ["--wait", "5", "8080", "--unit", "x"],
     ["--wait=inf", "--no-systemd", "--no-systemd", "udp:[::1]:53", "0.0.0.0:80"], ["8080", "9090", "--v6only"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -97,6 +98,27 @@ def user_bus(systemd_rig, monkeypatch):
     with Systemd(USER) as sd:
         yield sd
 
+
+LOADED_BY_THE_BUS = r"""
+import json, os, sys
+from bindguard.systemd.bus import USER, Systemd
+with Systemd(USER) as sd:
+    pid = sd.manager_pid()
+print(json.dumps([pid, sorted(m for m in sys.modules if m.split(".")[0] in ("pystemd", "lxml"))]))
+"""
+
+
+@pytest.mark.integration
+def test_asking_the_bus_loads_pystemds_binding_alone(systemd_rig):
+    """The guard talks through pystemd.dbuslib; pystemd's object layer (its __init__: pystemd.DBus,
+    pystemd.base, lxml) is never imported, a fifth of what pystemd costs a guard asking the bus."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "SYSTEMD_BUS_TIMEOUT": "10s",
+           "DBUS_SESSION_BUS_ADDRESS": systemd_rig.bus_address, "XDG_RUNTIME_DIR": str(systemd_rig.runtime_dir)}
+    done = subprocess.run([sys.executable, "-c", LOADED_BY_THE_BUS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pid, loaded = json.loads(done.stdout)
+    assert pid > 0 and "pystemd.dbuslib" in loaded, loaded
+    assert not {"pystemd.base", "pystemd.DBus", "lxml", "lxml.etree"} & set(loaded), loaded
 
 @pytest.mark.integration
 def test_unit_of_pid_and_unit_settings(systemd_rig, user_bus):

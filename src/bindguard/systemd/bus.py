@@ -46,11 +46,44 @@ _QUESTION_ERRORS = frozenset({
 })
 
 
+def _dbuslib():
+    """pystemd's sd-bus binding, pystemd.dbuslib (with pystemd.dbusexc, its errors), loaded
+    without running the package's __init__: that imports pystemd's object layer (pystemd.DBus,
+    pystemd.base, lxml), which bindguard never uses: 5 of the 24 ms pystemd costs a guard that
+    asks the bus. The package is found as `import pystemd` would find it; an `import pystemd`
+    later runs its __init__ as ever. Raises ImportError without pystemd."""
+    import sys
+
+    lib = sys.modules.get("pystemd.dbuslib")
+    if lib is not None:
+        return lib
+    if "pystemd" not in sys.modules:
+        import types
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec("pystemd")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("No module named 'pystemd'", name="pystemd")
+        package = types.ModuleType("pystemd")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["pystemd"] = package
+        try:
+            import pystemd.dbusexc  # noqa: F401 (dbuslib's errors, which _is_unreachable reads)
+            import pystemd.dbuslib  # noqa: F401
+        finally:
+            del sys.modules["pystemd"]
+        return sys.modules["pystemd.dbuslib"]
+    import pystemd.dbuslib
+
+    return pystemd.dbuslib
+
+
 def _is_unreachable(exc: Exception) -> bool:
     """Whether a pystemd error means the bus or manager is unreachable (vs. a wrong question)."""
-    from pystemd.dbusexc import DBusBaseError
+    import sys
 
-    if not isinstance(exc, DBusBaseError) or type(exc).__name__ in _QUESTION_ERRORS:
+    dbusexc = sys.modules.get("pystemd.dbusexc")  # loaded with the binding that raised exc, if it did
+    if dbusexc is None or not isinstance(exc, dbusexc.DBusBaseError) or type(exc).__name__ in _QUESTION_ERRORS:
         return False
     name = getattr(exc, "err_name", b"") or b""
     return not (isinstance(name, bytes) and name.startswith(b"org.freedesktop.systemd1."))
@@ -294,7 +327,7 @@ class Systemd:
         check_socket(bus, path)  # before paying for pystemd's import (30-40 ms): early boot, containers
         _answers(bus, path, min(CONNECT_TIMEOUT, self._call_timeout))
         try:
-            from pystemd.dbuslib import DBusAddress
+            DBusAddress = _dbuslib().DBusAddress
         except ImportError as exc:
             raise SystemdUnavailable(f"cannot talk to the {bus} bus: pystemd is not installed ({exc})") from None
         self._dbus = DBusAddress(b"unix:path=" + _address_escape(path))
@@ -362,7 +395,7 @@ class Systemd:
 
     def _call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: Iterable = (),
               destination: bytes = _DEST):
-        from pystemd.dbuslib import apply_signature
+        apply_signature = _dbuslib().apply_signature
 
         def question():
             call_args = apply_signature(signature, list(args)) if signature else None
@@ -393,9 +426,7 @@ class Systemd:
             path = self._call(_MANAGER_PATH, _MANAGER, b"GetUnitByPID", b"u", [pid])
         except SystemdRefused:
             return None  # org.freedesktop.systemd1.NoUnitForPID, or no such process
-        from pystemd.dbuslib import path_decode
-
-        return _text(path_decode(path, _UNIT_PATH_PREFIX))
+        return _text(_dbuslib().path_decode(path, _UNIT_PATH_PREFIX))
 
     def active_state(self, name: str) -> str:
         """A unit's ActiveState alone: one LoadUnit and one Get, where unit() reads ~20 properties."""
