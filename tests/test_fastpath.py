@@ -207,6 +207,8 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
         code, _, loaded = proc.stdout.strip().partition(" ")
         assert code == "0", (args, proc.stderr)
         assert not NEVER_LOADED & set(loaded.split()), (args, sorted(NEVER_LOADED & set(loaded.split())))
+        if args == ["8080"]:  # from a shell, with no unit named: no unit file to read
+            assert "bindguard.systemd" not in loaded.split(), loaded
     # The first start after a change: discovery runs (nginx -T), with its records as Records too.
     cache.forget("nginx.service", False)
     proc = netns.run([sys.executable, "-I", "-S", "-c", LOADED, package, "check", "--unit", "nginx.service"], env=env)

@@ -134,10 +134,14 @@ def check(args: list[str], console) -> int | None:
     unit, listen, no_systemd, user_bus = read["unit"], list(read["listen"]), read["no_systemd"], read["user_bus"]
 
     from bindguard.report import output
+
+    in_unit = unit is None and not no_systemd and bindguard.environment().get("INVOCATION_ID")
+    if unit is None and not in_unit:
+        return _trial(listen, options, None, None, [], console)  # from a shell: no unit to read
     from bindguard.systemd import unitfiles
 
     user_bus = unitfiles.user_manager(user_bus)
-    if unit is None and not no_systemd and bindguard.environment().get("INVOCATION_ID"):
+    if in_unit:
         cgroup = unitfiles.process_cgroup("self")
         unit = unitfiles.unit_from_cgroup(cgroup) if cgroup else None
         if unit is None:
@@ -174,9 +178,18 @@ def check(args: list[str], console) -> int | None:
         return None
     if unit is not None and not no_systemd and (options["reuseport"] or any(o[1] for o in per_bind or ())):
         return None  # SO_REUSEPORT shares a port within one uid: the trial needs the unit's User=
+    return _trial(listen, options, per_bind, unit, told, console, user_bus)
 
+
+def _trial(listen: list[str], options: dict, per_bind: list[tuple] | None, unit: str | None,
+           told: list[tuple[int, str]], console, user_bus: bool = False) -> int | None:
+    """The trial bind of every address, and the clear report when all can be bound; None for
+    anything the full command must read or explain."""
+    if not listen:
+        return None
     from bindguard.evidence import probe
     from bindguard.model import host
+    from bindguard.report import output
 
     v6only = options["v6only"] if options["v6only"] is not None else host.host_bindv6only()
     ipv6 = host.ipv6_supported()
