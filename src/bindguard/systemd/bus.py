@@ -324,7 +324,7 @@ class Systemd:
         started = time.monotonic()
         self._gave_up: str | None = None  # why no more questions are asked
         path = socket_path(bus)
-        check_socket(bus, path)  # before paying for pystemd's import (30-40 ms): early boot, containers
+        check_socket(bus, path)  # before paying for pystemd's binding (15 ms): early boot, containers
         _answers(bus, path, min(CONNECT_TIMEOUT, self._call_timeout))
         try:
             DBusAddress = _dbuslib().DBusAddress
