@@ -596,6 +596,23 @@ def publish(report: dict, out: Path) -> None:
     print(table)
 
 
+
+def remembered_discoveries() -> set[str]:
+    """The discoveries remembered on this host (bindguard.request.cache) before the run."""
+    from bindguard.request.cache import ENTRIES
+
+    return set(os.listdir(ENTRIES)) if os.path.isdir(ENTRIES) else set()
+
+
+def forget_discoveries(before: set[str]) -> None:
+    """The guards run as root on this host's /run: what they remembered for the benchmark's own
+    units (bench-*, *-storm-*) goes with the run; what was there before stays."""
+    from bindguard.request.cache import ENTRIES
+
+    for name in remembered_discoveries() - before:
+        Path(ENTRIES, name).unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny sizes and 3 rounds: proves the script works (CI)")
@@ -636,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: bindguard runs on {report['machine']['interpreter']}, the floor on {FLOOR_PYTHON}: "
             "not like with like")
     agent = None if args.no_unit else start_agent(log)
+    remembered_before = remembered_discoveries()
     try:
         for size in sizes:
             report["sizes"].append(measure_size(size, rounds, warmup, memory_runs, quick_passes, bindguard,
@@ -647,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if agent:
             agent.close()
+        forget_discoveries(remembered_before)
     report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     publish(report, args.out)
     failed = [f"{s['label']}: {e['label']} exited {e['exit']}" for s in report["sizes"]
