@@ -158,7 +158,7 @@ def test_refusal_report_names_holder_and_fix(netns):
     lines = proc.stderr.splitlines()
     assert lines[0] == "bindguard: refusing to start: [::]:8080 in use (exit 98)"
     assert f"\n  [::]:8080: listener: 0.0.0.0:8080 LISTEN, PID {holder.pid} (" in proc.stderr
-    assert "\n    fix: " in proc.stderr and "fuser -k 8080/tcp` is a last resort" in proc.stderr
+    assert "\n    fix: " in proc.stderr and "already serves this address" in proc.stderr
     assert proc.stdout == ""
 
 

@@ -189,7 +189,6 @@ def _orphan(c: Conflict) -> str:
 
 def _listener(c: Conflict) -> str:
     pid = _pid(c)
-    ep = c.bind.endpoint
     who = c.unit if c.unit and c.unit_status == UnitStatus.BY_MANAGER else f"PID {pid}" if pid else "the listener"
     if c.unit and c.unit.endswith(".service") and c.unit_status in (UnitStatus.BY_MANAGER, UnitStatus.BY_CGROUP):
         stop = f"`systemctl stop {c.unit}`"
@@ -199,7 +198,7 @@ def _listener(c: Conflict) -> str:
         stop = f"the way it was started, after finding out what it is with {_check_pid(c)}"
     return (f"{who} already serves this address. If it is the rightful owner, do not start a second "
             f"one; otherwise stop it cleanly ({stop}) or move this service to a free port or another "
-            f"address. `fuser -k {ep.port}/{ep.proto}` is a last resort: it kills whatever has the port open")
+            f"address")
 
 
 def _bound(c: Conflict) -> str:
