@@ -27,12 +27,17 @@ STAGES = [
 ]
 
 
-def guard_with_fault(netns, module: str, function: str, *args: str):
+def guard_with_fault(netns, module: str, function: str, *args: str, full_command: bool = False):
+    """`check ARGS` with `function` of `module` raising; full_command: not answered by the fast path,
+    which alone answers a clear port (and runs none of the stages above)."""
     code = f"""
 import importlib, sys
 def fault(*args, **kwargs):
     raise RuntimeError({SECRET!r})
 setattr(importlib.import_module({module!r}), {function!r}, fault)
+if {full_command!r}:
+    import bindguard.cli.fastpath
+    bindguard.cli.fastpath.check = lambda args, console: None
 from bindguard.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -67,7 +72,7 @@ def test_an_optional_address_still_only_warns(netns):
 
 @pytest.mark.parametrize("module,function", STAGES, ids=[f for _, f in STAGES])
 def test_a_fault_on_a_clear_port_passes(netns, module, function):
-    done = guard_with_fault(netns, module, function, f"127.0.0.1:{PORT}")
+    done = guard_with_fault(netns, module, function, f"127.0.0.1:{PORT}", full_command=True)
     assert done.returncode == 0, done.stderr
 
 
