@@ -193,6 +193,23 @@ def test_guard_failure_fails_open_or_closed(netns, tmp_path):
     assert proc.returncode == 70 and "Traceback" not in proc.stderr
 
 
+def test_debug_adds_a_traceback_and_still_fails_open(netns, tmp_path):
+    # --debug (on the ExecStartPre= line root wrote) shows where the guard failed, one escaped line
+    # at a time, and changes nothing else: the start goes on. The unit's environment cannot ask.
+    shim = tmp_path / "sitecustomize.py"
+    shim.write_text("import bindguard.evidence.probe as p\n"
+                    "def broken(*a, **k):\n    raise RuntimeError('simulated\\nforged')\n"
+                    "p.probe = broken\n")
+    netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = netns.run([*BINDGUARD, "--debug", "check", "--wait", "0", "8080"], env=env)
+    assert proc.returncode == 0 and "fail-open" in proc.stderr, proc.stderr
+    assert "Traceback (most recent call last):" in proc.stderr and "RuntimeError: simulated\\nforged" in proc.stderr
+    assert "\nforged" not in proc.stderr, proc.stderr
+    proc = netns.run([*BINDGUARD, "check", "--wait", "0", "8080"], env={**env, "BINDGUARD_DEBUG": "1"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_closed_stdout_ends_the_command_quietly():
     # `bindguard ... | head`: the reader goes away; like other tools, no complaint about it
     read_end, write_end = os.pipe()

@@ -55,7 +55,7 @@ def _site() -> None:
 
 
 def _main(argv: list[str], console, previous: dict) -> int:
-    debug = "--debug" in argv or bindguard.environment().get("BINDGUARD_DEBUG") == "1"
+    debug = "--debug" in argv
     from bindguard.report import output
 
     console = console or output.Console()
@@ -116,14 +116,18 @@ def _main(argv: list[str], console, previous: dict) -> int:
         if isinstance(exc, BrokenPipeError) and _reader_gone():
             _discard_output()  # `| head`: a quiet end, as for other tools
             return ExitCode.BROKEN_PIPE
-        if debug:  # the guard's own failure must not take the service down
-            raise
+        if debug:  # then the report: the guard's own failure must not take the service down, debugged or not
+            console.traceback()
         own = isinstance(exc, GuardFailure)
+        said = str(exc)  # emit() escapes it; an exception may quote what a service's user wrote, at length
+        said = said[:300] + ("..." if len(said) > 300 else "")
+        if not own:
+            said = f"{type(exc).__name__}: {said}"
         console.report(
             [(output.ERR if fail_closed else output.WARNING,
-              [f"bindguard: cannot check: {exc}" if own else f"bindguard: internal error: {type(exc).__name__}: {exc}",
+              [f"bindguard: cannot check: {said}" if own else f"bindguard: internal error: {said}",
                "  failing closed (--fail-closed)" if fail_closed else "  letting the start go on (fail-open)"
-               + ("" if own else "; rerun with --debug for a traceback")])],
+               + ("" if own or debug else "; rerun with --debug for a traceback")])],
             "guard-failed", [],
         )
         return ExitCode.INTERNAL if fail_closed else 0

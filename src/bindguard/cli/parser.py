@@ -98,7 +98,7 @@ def build_parser(only: str | None = None) -> Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"bindguard {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show a traceback when the guard itself fails")
+    parser.add_argument("--debug", action="store_true", help="also show a traceback when the guard itself fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (module_name, summary) in COMMANDS.items():
         if only is not None and name != only:

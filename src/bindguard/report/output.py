@@ -109,5 +109,17 @@ class Console:
         lines = [message] if len(problems) < 2 else [message.split("\n", 1)[0], *problems]
         self.emit(ERR, [f"bindguard: error: {lines[0]}", *lines[1:], *([f"  hint: {hint}"] if hint else [])])
 
+    def traceback(self) -> None:
+        """The traceback of the exception being handled (--debug): its frames, then the exception on
+        one line, escaped as every line is (its message may quote what a service's user wrote, and
+        a newline in it must not make a line of its own)."""
+        import traceback
+
+        exc = sys.exc_info()[1]
+        if exc is None:
+            return
+        frames = [line for frame in traceback.format_tb(exc.__traceback__) for line in frame.rstrip("\n").split("\n")]
+        self.emit(ERR, ["Traceback (most recent call last):", *frames, f"{type(exc).__name__}: {exc}"])
+
     def warning(self, message: str) -> None:
         self.emit(WARNING, f"bindguard: warning: {message}")

@@ -301,10 +301,8 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
         # Before that, the fault is the guard's own, and bindguard.cli fails open (or 70, --fail-closed).
         if not answered:
             raise
-        if args.debug or os.environ.get("BINDGUARD_DEBUG") == "1":
-            import traceback
-
-            traceback.print_exc()
+        if args.debug:
+            console.traceback()
         fault = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
         if outcome is None:
             outcome = guard.unexplained(request, answered[-1], fault)

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     except BindguardError:
         raise
     except Exception as exc:
-        if args.debug or os.environ.get("BINDGUARD_DEBUG") == "1":
-            raise
+        if args.debug:
+            console.traceback()
         raise BindguardError(f"the scan failed: {type(exc).__name__}: {exc}",
                              "rerun with --debug for a traceback") from None
     if args.json:
