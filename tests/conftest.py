@@ -21,6 +21,20 @@ HOLDER = TESTS / "holder.py"
 REQUIRE = os.environ.get("BINDGUARD_REQUIRE_INTEGRATION") == "1"
 
 
+def user_units(tmp_path: Path, config: Path | None = None, **extra: str) -> tuple[Path, dict[str, str]]:
+    """A user unit directory of the test's own ($XDG_CONFIG_HOME/systemd/user, with an empty
+    sockets.target.wants/) and the environment a guard reads it with: bindguard files from `config`
+    (by default none), this checkout's package, and `extra`."""
+    import sys
+
+    units = tmp_path / "config" / "systemd" / "user"
+    (units / "sockets.target.wants").mkdir(parents=True, exist_ok=True)
+    env = {"BINDGUARD_CONFIG_PATH": str(config or tmp_path / "none"), "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path),
+           **extra}
+    return units, env
+
+
 def need_root(what: str = "network namespaces") -> None:
     missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
     reason = None

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import user_units
 
 COMPARE = r"""
 import contextlib, io, json, sys
@@ -106,8 +107,7 @@ print(json.dumps([fastpath.check(args, Console(io.StringIO())) for args in json.
 
 @pytest.mark.integration
 def test_inside_a_unit_the_fast_path_reads_the_unit_files(netns, tmp_path):
-    units = tmp_path / "config" / "systemd" / "user"
-    (units / "sockets.target.wants").mkdir(parents=True)
+    units, env = user_units(tmp_path, INVOCATION_ID="0" * 32)
     (units / "web.service").write_text("[Service]\nExecStart=/usr/bin/webd\n")
     (units / "loose.service").write_text("[Service]\nExecStart=/usr/bin/webd\nKillMode=process\n")
     (units / "later.socket").write_text("[Socket]\nListenStream=0.0.0.0:8081\n[Install]\nWantedBy=sockets.target\n")
@@ -118,9 +118,6 @@ def test_inside_a_unit_the_fast_path_reads_the_unit_files(netns, tmp_path):
         ["--user", "--unit", "loose.service", "8080"],  # KillMode=process is no reason to look closer
         ["--user", "8080"],  # the unit from /proc/self/cgroup: none here, so the full command
     ]
-    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "XDG_CONFIG_HOME": str(tmp_path / "config"), "INVOCATION_ID": "0" * 32,
-           "PYTHONPATH": ":".join(sys.path)}
     proc = netns.run([sys.executable, "-c", IN_UNIT, json.dumps(cases)], env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [0, None, 0, None]
@@ -133,8 +130,7 @@ def test_a_socket_unit_with_nothing_held_is_answered_from_its_unit_files(netns, 
     is no socket unit that will claim its port. What it cannot read as the manager binds goes to
     the full command."""
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
-    units = tmp_path / "config" / "systemd" / "user"
-    (units / "sockets.target.wants").mkdir(parents=True)
+    units, env = user_units(tmp_path)
     files = {
         "web.socket": "[Socket]\nListenStream=127.0.0.1:8080\nListenDatagram=[::1]:8080\nBindIPv6Only=ipv6-only\n"
                       "[Install]\nWantedBy=sockets.target\n",
@@ -159,8 +155,6 @@ def test_a_socket_unit_with_nothing_held_is_answered_from_its_unit_files(netns, 
         ["--user", "--unit", "clash.socket"],  # an enabled socket unit declares 8082
         ["--user", "--v6only", "--unit", "web.socket"],  # an option over the unit's: the full command
     ]
-    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
     proc = netns.run([sys.executable, "-c", IN_UNIT, json.dumps(cases)], env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [0, 0, 0, None, None, None, None, None]
@@ -193,12 +187,9 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
     from bindguard.request import cache
 
     need_package("nginx", "/usr/sbin/nginx")
-    units = tmp_path / "config" / "systemd" / "user"
-    units.mkdir(parents=True)
+    units, env = user_units(tmp_path)
     (units / "web.service").write_text("[Service]\nExecStart=/usr/bin/webd --port 8080\n")
     package = str(Path(cache.__file__).parent.parent.parent)
-    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "XDG_CONFIG_HOME": str(tmp_path / "config")}
     first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"],
                       env={**env, "PYTHONPATH": package})
     assert first.returncode == 0 and cache.lookup("nginx.service", False) is not None, first.stderr

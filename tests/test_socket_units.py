@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import user_units
 
 pytestmark = pytest.mark.integration
 
@@ -160,17 +161,14 @@ def test_one_dropin_for_every_socket_unit(systemd_rig):
 def test_scan_without_a_bus_reads_enabled_socket_units_from_their_files(netns, tmp_path):
     """scan --no-systemd (or with no bus) covers enabled socket units as the guard's look-ahead
     does: their IP Listen entries from their unit files, beside the units with a bindguard file."""
-    units = tmp_path / "config" / "systemd" / "user"
-    (units / "sockets.target.wants").mkdir(parents=True)
+    config = tmp_path / "bindguard"
+    units, env = user_units(tmp_path, config)
     (units / "web.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\nListenStream=/run/web.sock\n"
                                       "[Install]\nWantedBy=sockets.target\n")
     (units / "idle.socket").write_text(f"[Socket]\nListenStream=127.0.0.1:{PORT + 1}\n")  # not enabled
     (units / "sockets.target.wants" / "web.socket").symlink_to(units / "web.socket")
-    config = tmp_path / "bindguard"
     config.mkdir()
     (config / "api.service.yaml").write_text(f'listen: ["0.0.0.0:{PORT}"]\n')
-    env = {"BINDGUARD_CONFIG_PATH": str(config), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
     done = netns.run([sys.executable, "-m", "bindguard", "scan", "--user", "--no-systemd", "--json"], env=env)
     report = json.loads(done.stdout)
     claims = {(c["unit"], c["address"], c["source"]) for c in report["claims"]}
@@ -186,12 +184,9 @@ def test_bind_to_device_is_tried_as_the_manager_binds_it(netns, tmp_path):
     netns.ip("link", "add", "d0", "type", "veth", "peer", "name", "d1")
     netns.ip("link", "set", "d0", "up")
     netns.hold({"host": "0.0.0.0", "port": PORT, "reuseaddr": True, "device": "d0"})
-    units = tmp_path / "config" / "systemd" / "user"
-    units.mkdir(parents=True)
+    units, env = user_units(tmp_path)
     (units / "onlo.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\nBindToDevice=lo\n")
     (units / "any.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\n")
-    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
     onlo = netns.run([sys.executable, "-m", "bindguard", "check", "--user", "--no-systemd", "--json",
                       "--unit", "onlo.socket"], env=env)
     assert onlo.returncode == 0, onlo.stderr
@@ -233,12 +228,9 @@ def test_what_the_trial_cannot_try_is_named_and_never_refused(netns, tmp_path):
     """SCTP (SocketProtocol=sctp, an IP ListenSequentialPacket=) is not a TCP trial: a TCP listener on
     the same port says nothing about it, so it is a warning, and the start goes on."""
     netns.hold({"host": "127.0.0.1", "port": PORT, "reuseaddr": True})
-    units = tmp_path / "config" / "systemd" / "user"
-    units.mkdir(parents=True)
+    units, env = user_units(tmp_path)
     (units / "sctp.socket").write_text(f"[Socket]\nListenStream={ADDRESS}\nSocketProtocol=sctp\n")
     (units / "seq.socket").write_text(f"[Socket]\nListenSequentialPacket={ADDRESS}\n")
-    env = {"BINDGUARD_CONFIG_PATH": str(tmp_path / "none"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path)}
     for unit in ("sctp.socket", "seq.socket"):
         done = netns.run([sys.executable, "-m", "bindguard", "check", "--user", "--no-systemd", "--unit", unit],
                          env=env)
