@@ -16,6 +16,7 @@ packages=(
 extras=()
 if [ "${1:-}" = "--test" ]; then
     extras=(procps lsof time)   # lsof and GNU time: the benchmark (bench/run.py)
+    extras+=(socat)             # a compiled daemon (tests/test_permission_denied.py)
     # discovery is tested on the configuration files these install (none of them is started)
     extras+=(nginx libnginx-mod-stream apache2 haproxy openssh-server redis-server postgresql mariadb-server)
     # the fleet example: ansible-playbook, and the Debian packages its hosts install bindguard on

@@ -67,6 +67,15 @@ def test_what_may_give_a_program_the_capability(tmp_path):
     env_file = tmp_path / "env"
     env_file.write_text("LD_PRELOAD=/usr/lib/authbind/libauthbind.so.1\n")
     assert "LD_PRELOAD" in privilege._may_gain(["/bin/true"], settings(EnvironmentFile=[f"-{env_file}"]))
+    # what the guard cannot read whole: an interpreter's script, a glob or a specifier, a long file
+    assert "interpreter" in privilege._may_gain(["/usr/bin/python3 /opt/app/server.py"], settings())
+    assert "interpreter" in privilege._may_gain(["/usr/bin/python3.11 -m app"], settings())
+    for pattern in (f"{tmp_path}/env.d/*.env", f"{tmp_path}/env-%i"):
+        assert "LD_PRELOAD" in privilege._may_gain(["/bin/true"], settings(EnvironmentFile=[f"-{pattern}"]))
+    env_file.write_text("A=1\n" * privilege.ENV_FILE_LIMIT + "LD_PRELOAD=/x.so\n")
+    assert "LD_PRELOAD" in privilege._may_gain(["/bin/true"], settings(EnvironmentFile=[str(env_file)]))
+    env_file.write_text("A=1\n")
+    assert privilege._may_gain(["/bin/true"], settings(EnvironmentFile=[str(env_file)])) is None
 
 
 def bind(text: str) -> Bind:

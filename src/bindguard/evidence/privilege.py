@@ -34,6 +34,11 @@ RUNS_OTHERS = frozenset((
     "sh", "bash", "dash", "zsh", "ksh", "busybox", "env", "sudo", "su", "doas", "runuser", "setpriv",
     "pkexec", "capsh", "chpst", "authbind", "docker", "podman", "nsenter", "systemd-run", "start-stop-daemon",
 ))
+# Interpreters (python3, python3.11, perl, node, ...): what they run is a script, which may run
+# anything, as a #! script may; by name prefix, as they carry their versions in it.
+INTERPRETERS = ("python", "perl", "ruby", "node", "java", "php", "lua", "tclsh", "guile", "bun", "deno", "dotnet")
+# An EnvironmentFile= path with these is a glob or a specifier: which files it names is not read here.
+NOT_ONE_FILE = ("%", "*", "?", "[")
 YES = ("1", "yes", "true", "on")
 ENV_FILE_LIMIT = 1 << 16
 
@@ -115,6 +120,8 @@ def _may_gain(exec_start: list[str], settings: dict[str, list[str]]) -> str | No
         name = path.rpartition("/")[2]
         if name in RUNS_OTHERS:
             return f"ExecStart= runs {name}, which runs other programs with privileges of their own"
+        if name.startswith(INTERPRETERS):
+            return f"ExecStart= runs {name}, an interpreter: its script may run anything, authbind or sudo among them"
         try:
             st = posix.stat(path)
         except OSError as exc:
@@ -145,6 +152,9 @@ def _is_script(path: str) -> bool:
 
 
 def _mentions_preload(path: str) -> bool:
+    """Whether an EnvironmentFile= may set LD_PRELOAD: it says so, or it cannot be read whole."""
+    if any(char in path for char in NOT_ONE_FILE):
+        return True
     try:
         fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_NOCTTY)
     except OSError:
@@ -152,7 +162,8 @@ def _mentions_preload(path: str) -> bool:
     try:
         if not _stat.S_ISREG(posix.fstat(fd).st_mode):
             return True
-        return b"LD_PRELOAD" in posix.read(fd, ENV_FILE_LIMIT)
+        text = posix.read(fd, ENV_FILE_LIMIT + 1)
+        return len(text) > ENV_FILE_LIMIT or b"LD_PRELOAD" in text
     finally:
         posix.close(fd)
 
