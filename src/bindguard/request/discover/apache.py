@@ -38,16 +38,17 @@ VARIABLE = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 
 
 class _Config:
-    def __init__(self, server_root: str, defines: dict[str, str], findings: Findings) -> None:
+    def __init__(self, server_root: str, defines: dict[str, str], findings: Findings, env: dict[str, str]) -> None:
         self.server_root = server_root
         self.defines = defines
+        self.env = env  # the unit's (Environment=, EnvironmentFile=), as apache2 gets it from systemd
         self.findings = findings
         self.modules = set(STATIC_MODULES)
         self.listens: list[tuple[str, str, bool, str]] = []  # (address, where, confident, note)
         self.depth = 0
 
     def expand(self, text: str) -> str:
-        return VARIABLE.sub(lambda m: self.defines.get(m.group(1), os.environ.get(m.group(1), m.group(0))), text)
+        return VARIABLE.sub(lambda m: self.defines.get(m.group(1), self.env.get(m.group(1), m.group(0))), text)
 
     def path(self, text: str) -> str:
         text = self.expand(text)
@@ -171,7 +172,7 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
     conf = config or conf
     if debian:
         defines.update({k: v for k, v in _envvars(confdir).items() if k not in defines})
-    parsed = _Config(server_root, defines, findings)
+    parsed = _Config(server_root, defines, findings, env)
     main = conf if os.path.isabs(conf) else os.path.join(server_root, conf)
     try:
         parsed.read(main)

@@ -62,7 +62,7 @@ def _files(argv: list[str], config: str | None) -> tuple[list[str], bool]:
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\{([A-Za-z_]\w*)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), "")), text)
+    return re.sub(r"\$\{([A-Za-z_]\w*)\}", lambda m: env.get(m.group(1), ""), text)
 
 
 @bounded

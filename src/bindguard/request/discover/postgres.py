@@ -65,7 +65,7 @@ class _Settings:
         self.depth -= 1
 
 
-def _command_line(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], str | None]:
+def _command_line(argv: list[str], env: dict[str, str]) -> tuple[str | None, list[tuple[str, str]], str | None]:
     """(data directory, [(setting, value)], cluster config file) from postgres/pg_ctl/pg_ctlcluster argv."""
     name = os.path.basename(argv[0]) if argv else ""
     settings: list[tuple[str, str]] = []
@@ -79,7 +79,7 @@ def _command_line(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], s
             version, cluster = positional[0], positional[1]
         else:
             return None, [], None
-        root = os.environ.get("PG_CLUSTER_CONF_ROOT", CLUSTER_CONF_ROOT)
+        root = env.get("PG_CLUSTER_CONF_ROOT", CLUSTER_CONF_ROOT)
         return None, [], os.path.join(root, version, cluster, "postgresql.conf")
     if name == "pg_ctl":
         import shlex
@@ -127,7 +127,7 @@ def _command_line(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], s
 @bounded
 def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Findings:
     findings = Findings("postgres")
-    datadir, cli, conf = _command_line(argv)
+    datadir, cli, conf = _command_line(argv, env)
     cli_values = dict(cli)
     conf = config or cli_values.get("config_file") or conf
     if conf is None and datadir:
