@@ -82,7 +82,10 @@ def find_in_command_lines(commands: Sequence[Sequence[str]], env: dict[str, str]
             for ep in parse_value(value):
                 note = f"read from {name} {value}"
                 if value.strip().isdigit() and host is not None:
-                    ep = endpoint(host.strip("[]"), ep.port)
+                    try:
+                        ep = endpoint(host.strip("[]"), ep.port)
+                    except AddressError:  # an IP is_ip() takes that no socket can bind (fe80::1, no zone)
+                        continue
                 elif value.strip().isdigit():
                     note += "; no address given, so all addresses"
                 findings.add(ep, "ExecStart=", confident=False, note=note)
