@@ -590,3 +590,20 @@ def test_finders_read_the_unit_s_environment_not_the_guard_s(monkeypatch):
     assert config.expand("Listen ${BINDGUARD_TEST_PORT}") == "Listen 80"
     assert apache._Config("/etc/apache2", {}, None, {}).expand("Listen ${BINDGUARD_TEST_PORT}") \
         == "Listen ${BINDGUARD_TEST_PORT}"
+
+
+def test_a_command_line_host_no_socket_can_bind_is_no_finding():
+    # is_ip() takes fe80::1, but without a zone no socket binds it: no guess, and no crash of the
+    # discovery (which took the guard down to fail-open, and the whole scan with it)
+    result = discover([["/usr/bin/app", "--host", "fe80::1", "--port", "8080"]], [], [], [], "app.service")
+    assert [s[0] for s in summary(result)] == []
+
+
+def test_thousands_of_addresses_are_each_found_once():
+    from bindguard.request.discover.common import Findings, endpoint
+
+    findings = Findings("test")
+    for _ in range(2):
+        for port in range(1, 5001):
+            findings.add(endpoint("127.0.0.1", port), "test")
+    assert len(findings.findings) == 5000

@@ -72,8 +72,14 @@ class Findings(Record):
             v6only = host_bindv6only()
         options = SocketOptions(reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only, freebind=freebind)
         bind = Bind(endpoint, options)
-        if any(f.bind == bind for f in self.findings):
+        # A set of what was found: a configuration the service's user may write can list thousands
+        # of addresses (haproxy's port ranges), and comparing each to all before it took minutes.
+        seen = self.__dict__.get("_seen")
+        if seen is None or len(seen) != len(self.findings):  # findings added or replaced by hand
+            seen = self.__dict__["_seen"] = {f.bind for f in self.findings}
+        if bind in seen:
             return
+        seen.add(bind)
         confidence = Confidence.CONFIDENT if confident else Confidence.GUESS
         self.findings.append(Finding(bind, source, confidence, note, survives=survives))
 
