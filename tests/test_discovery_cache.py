@@ -336,3 +336,12 @@ def test_fields_survive_the_entry_format():
     for text in ["plain", "tab\there", "line\nend\r", "back\\slash\\t", "nul\0", "ünï\udcff", "\\", ""]:
         escaped = cache._escape(text)
         assert not set(escaped) & {"\t", "\n", "\r", "\0"} and cache._unescape(escaped) == text, text
+
+
+def test_every_source_in_any_order_is_remembered(site):
+    # A YAML file's discovery sources are a set, whose order depends on the hash seed: with all of
+    # them it is the same discovery, and is remembered and used as one.
+    unit, _, _ = site
+    settled()
+    assert ports(cache.discover_from_files(unit, False, list(reversed(SOURCES)))) == [18181]
+    assert cache.lookup(unit, False) is not None

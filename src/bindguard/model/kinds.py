@@ -111,3 +111,8 @@ class Confidence(enum.StrEnum):
 
     CONFIDENT = "confident"
     GUESS = "guess"
+
+
+# Where discovery learns a unit's addresses, in the order it asks them (a YAML file's `discovery:`
+# names a subset; a remembered discovery is one made with all of them).
+DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")

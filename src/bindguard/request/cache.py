@@ -434,7 +434,7 @@ def discover_from_files(unit: str, user: bool, sources: list[str]):
             return None
         return discover.discover_unit(unit, lambda name: facts, sources)
 
-    if list(sources) != list(discover.SOURCES) or posix.geteuid() != ROOT:
+    if set(sources) != set(discover.SOURCES) or posix.geteuid() != ROOT:
         return run()
     remembered = lookup(unit, user)
     if remembered is not None:

@@ -20,12 +20,11 @@ import os
 from bindguard.model.endpoints import AddressError, Bind, Endpoint, SocketOptions, parse_listen
 from bindguard.model.errors import ConfigError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import NAT_MODES, POLICY_KINDS, Action
+from bindguard.model.kinds import DISCOVERY_SOURCES, NAT_MODES, POLICY_KINDS, Action
 from bindguard.model.record import Record, field
 from bindguard.systemd.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
 
 FAIL_MODES = ("open", "closed")
-DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
 TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses", "nat")
 NAT_SETTINGS = ("off",) + NAT_MODES  # off: the ruleset is not read (the default)

@@ -153,7 +153,8 @@ def discovered(unit: str, unit_config, ctx, warn: Warn, unavailable: str = "noth
     sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
     if not sources:
         return []
-    result = cache.discover_from_files(unit, user_manager(ctx.bus_choice if ctx else None), list(sources))
+    result = cache.discover_from_files(unit, user_manager(ctx.bus_choice if ctx else None),
+                                       [s for s in discover.SOURCES if s in sources])
     if result is None:  # no ExecStart= in its unit files
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
             return []

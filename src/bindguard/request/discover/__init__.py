@@ -27,13 +27,13 @@ import os
 from collections.abc import Callable, Sequence
 
 from bindguard.model.facts import UnitFacts
-from bindguard.model.kinds import Confidence
+from bindguard.model.kinds import DISCOVERY_SOURCES, Confidence
 from bindguard.model.record import Record, field
 from bindguard.request.discover.common import DaemonConfigError, Finding, Service, discovery_scope, read_text
 from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
 from bindguard.systemd.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
-SOURCES = ("daemon-config", "exec-start", "socket-units")
+SOURCES = DISCOVERY_SOURCES
 
 
 UnitFactsSource = Callable[[str], UnitFacts]
