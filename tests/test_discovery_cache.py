@@ -345,3 +345,25 @@ def test_every_source_in_any_order_is_remembered(site):
     settled()
     assert ports(cache.discover_from_files(unit, False, list(reversed(SOURCES)))) == [18181]
     assert cache.lookup(unit, False) is not None
+
+
+def test_a_file_that_could_not_be_read_is_not_remembered(site):
+    # A configuration file unreadable for a passing reason (EIO here; EACCES, EMFILE) leaves no trace
+    # in what discovery recorded: its answer, "addresses not known", must not be given again.
+    unit, _, root = site
+    from bindguard.request.discover import common
+
+    real = common.files.read_regular
+
+    def failing(path, limit):
+        if path.startswith(str(root / "conf.d")) or path.endswith("nginx.conf"):
+            raise OSError(5, "Input/output error")
+        return real(path, limit)
+
+    settled()
+    common.files.read_regular = failing
+    try:
+        cache.discover_from_files(unit, False, list(SOURCES))
+    finally:
+        common.files.read_regular = real
+    assert cache.lookup(unit, False) is None, "an I/O error was remembered as the configuration's answer"

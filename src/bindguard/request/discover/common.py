@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import ipaddress
 import itertools
@@ -25,6 +26,7 @@ from bindguard.model.kinds import ANY_KIND, Confidence
 from bindguard.model.record import Record, field, replace
 from bindguard.model.text import excerpt
 from bindguard.request import files
+from bindguard.request.cache import incomplete
 
 # What one discovery (one unit, or one `bindguard discover`) may cost. A daemon's configuration
 # can belong to its service's user (Debian's /etc/redis/redis.conf belongs to redis), so every
@@ -244,6 +246,8 @@ def read_text(path: str) -> str:
     except files.Refused as exc:
         raise DaemonConfigError(f"{path}: {exc}; not read") from None
     except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # a missing file is recorded as missing
+            incomplete(f"{path} could not be read")  # EACCES, EIO, EMFILE: the next run may read it
         raise DaemonConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     budget.spend(path, size=len(data))
     return data.decode("utf-8", errors="replace")

@@ -138,6 +138,8 @@ def allowed(program: str, inputs: Iterable[str] | None) -> tuple[Credentials | N
         return None, ""
     service = current_service()
     runs_as = credentials(service.user, service.group)
+    if isinstance(runs_as, str):  # a user the system knows only while its unit runs (DynamicUser=)
+        incomplete(runs_as)
     if inputs is None and isinstance(runs_as, Credentials) and runs_as.root:
         return None, ""  # the finder says why its configuration could not be read
     present = [path for path in service.environment_files if os.path.lexists(path)]  # "-": maybe missing
@@ -239,6 +241,7 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
             max(budget.bytes_left, 0), user=runs_as.uid, group=runs_as.gid if switch else None,
             extra_groups=list(runs_as.groups) if switch else None)
     except (OSError, subprocess.SubprocessError) as exc:
+        incomplete(f"{command} could not run")  # a fork, a setuid that failed: the next run may not
         return False, "", f"{command}: {exc}"
     if failure:
         failure = f"{command}: {failure}; stopped"
