@@ -185,8 +185,9 @@ def probe(binds: list, socket_uid: int | None = None) -> list:
     results = []
     for index, (bind, (error, step)) in enumerate(zip(binds, answers, strict=True)):
         collides_with = None
-        earlier = [i for i in range(index) if specs[i][1] == specs[index][1] and specs[i][2][1] == specs[index][2][1]]
-        if error == errno.EADDRINUSE and earlier and trial([specs[index]], socket_uid)[0][0] == 0:
+        earlier = [i for i in range(index) if specs[i][1] == specs[index][1] and specs[i][2][1] == specs[index][2][1]] \
+            if error == errno.EADDRINUSE else []  # only a refused bind is compared with those before it
+        if earlier and trial([specs[index]], socket_uid)[0][0] == 0:
             collides_with = _first_blocker([binds[i] for i in earlier], [specs[i] for i in earlier], specs[index],
                                            socket_uid)
             if collides_with is None:  # the obstacle left between the two tries
