@@ -73,10 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _verified_unit(args: argparse.Namespace) -> str | None:
-    """--unit, else the unit verify runs in."""
-    from bindguard.systemd import bus
-
-    return args.unit or bus.guarded_unit()
+    """--unit, else the unit verify runs in when a service manager started it (from a shell, the
+    cgroup names the shell's session scope, which is no unit to verify)."""
+    return args.unit or check.running_unit()
 
 
 def fails_closed(args: argparse.Namespace) -> bool:
