@@ -225,7 +225,8 @@ ReusePort=yes
 def test_the_guard_in_exec_start_pre_finds_its_unit_and_manager(systemd_rig):
     rig = systemd_rig
     out = rig.log("probe.out")
-    probe = ("import os, time; from bindguard.systemd.bus import *; from bindguard.systemd.context import proven_manager; bus = choose_bus(); sd = Systemd(bus); "
+    probe = ("import os, time; from bindguard.systemd.bus import *; from bindguard.systemd.context import proven_manager; "
+             "from bindguard.systemd.unitfiles import own_unit as guarded_unit; bus = choose_bus(); sd = Systemd(bus); "
              "me = sd.unit(guarded_unit()); "
              "print(guarded_unit(), bus, sd.manager_pid(), proven_manager(bus == USER)[0], sd.unit_of_pid(os.getpid()), "
              "me.active_state, round(me.start_deadline() - time.monotonic()))")

@@ -536,10 +536,6 @@ class Systemd:
         bind_ipv6_only = _text(self._get(path, _SOCKET, b"BindIPv6Only", b"s"))
         return bind_ipv6_only, bool(self._get(path, _SOCKET, b"ReusePort", b"b"))
 
-    def guarded_unit(self) -> str | None:
-        """The unit this process runs in: from /proc/self/cgroup, else GetUnitByPID."""
-        return guarded_unit(self)
-
     def list_units(self, pattern: str) -> list[tuple[str, str, str]]:
         """(name, load state, active state) of each unit the manager has loaded whose name matches the glob."""
         units = self._call(_MANAGER_PATH, _MANAGER, b"ListUnitsByPatterns", b"asas", [[], [pattern.encode()]])
@@ -602,17 +598,3 @@ def _port_of(address: str) -> int | None:
         return parse_listen(address).port
     except AddressError:
         return None
-
-
-def guarded_unit(systemd: Systemd | None = None) -> str | None:
-    """The unit this process runs in (an ExecStartPre= runs in its service's cgroup).
-
-    /proc/self/cgroup answers without D-Bus; GetUnitByPID is asked only when the cgroup path
-    names no unit and a connection is given.
-    """
-    from bindguard.systemd.unitfiles import own_unit
-
-    unit = own_unit()
-    if unit is None and systemd is not None:
-        unit = systemd.unit_of_pid(os.getpid())
-    return unit

@@ -15,7 +15,7 @@ from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, uni
 from bindguard.model.kinds import ConflictKind
 from bindguard.model.record import Record, field
 from bindguard.systemd import busaddress
-from bindguard.systemd.unitfiles import manager_pid_from_env
+from bindguard.systemd.unitfiles import manager_pid_from_env, own_unit
 
 # Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
 SYSTEMD_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
@@ -132,9 +132,7 @@ class SystemdContext(Record):
 
     def guarded_unit(self) -> str | None:
         if self.unit_name is None and self.in_unit:
-            from bindguard.systemd import bus
-
-            self.unit_name = bus.guarded_unit()
+            self.unit_name = own_unit()  # an ExecStartPre= runs in its service's cgroup
         return self.unit_name
 
     def unit_info(self):
