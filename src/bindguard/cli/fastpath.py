@@ -142,41 +142,35 @@ def check(args: list[str], console) -> int | None:
 
     user_bus = unitfiles.user_manager(user_bus)
     if in_unit:
-        cgroup = unitfiles.process_cgroup("self")
-        unit = unitfiles.unit_from_cgroup(cgroup) if cgroup else None
-        if unit is None:
+        unit = unitfiles.own_unit()
+    unit = unitfiles.unit_name(unit) if unit is not None else None
+    if unit is None:  # no unit in its cgroup, or a name systemd rejects: the full command says why
+        return None
+    if unitfiles.config_files(unit):
+        return None
+    if not listen and unit.endswith(".socket"):
+        if any(options[key] != value for key, value in DEFAULT_OPTIONS.items()):
+            return None  # the command line's options over the unit's: the full command
+        socket_listen = _socket_unit_listen(unit, user_bus, options)
+        if socket_listen is None:
             return None
-    if unit is not None:
-        unit = unitfiles.unit_name(unit)
-        if unit is None:  # the full command says what is wrong with it
-            return None
-        if unitfiles.config_files(unit):
-            return None
-        if not listen and unit.endswith(".socket"):
-            if any(options[key] != value for key, value in DEFAULT_OPTIONS.items()):
-                return None  # the command line's options over the unit's: the full command
-            socket_listen = _socket_unit_listen(unit, user_bus, options)
-            if socket_listen is None:
-                return None
-            if not socket_listen:
-                console.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}: it listens on no IP address")
-                return 0
-            listen = socket_listen
-        if not listen:
-            from bindguard.systemd import unitexec
-
-            if unitfiles.daemon_for_unit_name(unit) is None and not unitexec.runs_known_daemon(unit, user_bus):
-                console.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
-                return 0
-            remembered = _remembered(unit, user_bus, options)
-            if remembered is None:
-                return None
-            listen, per_bind, told = remembered
+        if not socket_listen:
+            console.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}: it listens on no IP address")
+            return 0
+        listen = socket_listen
     if not listen:
+        from bindguard.systemd import unitexec
+
+        if unitfiles.daemon_for_unit_name(unit) is None and not unitexec.runs_known_daemon(unit, user_bus):
+            console.emit(output.DEBUG, f"bindguard: nothing to guard for {unit}")
+            return 0
+        remembered = _remembered(unit, user_bus, options)
+        if remembered is None:
+            return None
+        listen, per_bind, told = remembered
+    if not no_systemd and _unit_needs_a_closer_look(unit, user_bus, listen):
         return None
-    if unit is not None and not no_systemd and _unit_needs_a_closer_look(unit, user_bus, listen):
-        return None
-    if unit is not None and not no_systemd and (options["reuseport"] or any(o[1] for o in per_bind or ())):
+    if not no_systemd and (options["reuseport"] or any(o[1] for o in per_bind or ())):
         return None  # SO_REUSEPORT shares a port within one uid: the trial needs the unit's User=
     return _trial(listen, options, per_bind, unit, told, console, user_bus)
 
