@@ -27,6 +27,8 @@ each with the evidence and the fix:
                          an outgoing connection can take it at any moment (the sysctl line to
                          reserve it is given, merged with what is reserved already)
   restart-loop           a service restarting after a bind conflict (exit status 98)
+  nat-shadowed           an address a unit claims whose connections a NAT rule (DNAT, REDIRECT)
+                         takes elsewhere: a published container port, a hostPort or NodePort
   config-error           a unit's bindguard file that cannot be used
 
 The table (sorted by port) goes to stdout, COMMAND cut at 60 characters only on a terminal (a
