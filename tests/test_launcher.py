@@ -191,13 +191,18 @@ def test_the_fast_path_skips_site_and_the_full_command_runs_it(tmp_path):
     assert full.returncode == 0 and '"clear": true' in full.stdout, full.stderr
     assert "site ran" in marker.read_text()
     marker.unlink()
-    site.chmod(0o777)  # a site-packages others may write: not taken as the package's place; site decides
-    try:
-        again = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:18471"],
-                               capture_output=True, text=True, env=env)
-    finally:
-        site.chmod(0o755)
-    assert again.returncode == 0 and "site ran" in marker.read_text(), again.stderr
+    for writable in (site, site / "bindguard"):  # others may write what runs: nothing is imported from it
+        writable.chmod(0o777)
+        try:
+            again = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:18471"],
+                                   capture_output=True, text=True, env=env)
+            closed = subprocess.run([str(bin_dir / "bindguard"), "check", "--fail-closed", "--no-systemd",
+                                     "127.0.0.1:18471"], capture_output=True, text=True, env=env)
+        finally:
+            writable.chmod(0o755)
+        assert again.returncode == 0 and not marker.exists(), again.stderr
+        assert f"{writable} can be written by others than root" in again.stderr and "failing open" in again.stderr
+        assert closed.returncode == 70 and "clear" not in closed.stderr, closed.stderr
 
 
 def test_an_editable_install_is_found_by_its_path_line_alone(tmp_path):
