@@ -80,7 +80,11 @@ def test_unclaimed_listener_in_no_unit_or_in_a_stopped_service():
     stopped = HostMap(listeners=[_listener("0.0.0.0:9000", "app.service", UnitStatus.BY_MANAGER)],
                       unit_states={"app.service": "failed"})
     [finding] = findings(stopped)
-    assert "its unit app.service is failed: a stray copy" in finding.evidence
+    assert "its unit app.service is failed, and it still listens" in finding.evidence
+    # no manager was asked: the facts, and how to find out what it is, but no kill
+    unknown = HostMap(listeners=[_listener("0.0.0.0:9000", None, UnitStatus.UNKNOWN)])
+    [finding] = findings(unknown)
+    assert "ps -o pid,ppid,lstart,cmd -p 4242" in finding.fix and "kill" not in finding.fix
 
 
 def test_no_unclaimed_listener_without_proof():

@@ -182,8 +182,8 @@ def _own_instance(c: Conflict) -> str:
 
 def _orphan(c: Conflict) -> str:
     pid = _pid(c)
-    return (f"PID {pid} was re-parented to the service manager and belongs to no running unit: a stray "
-            f"copy. Confirm it is stale with {_check_pid(c)} and `ls -l /proc/{pid}/exe`, then "
+    return (f"PID {pid} was re-parented to the service manager and belongs to no running unit. "
+            f"Confirm it is stale with {_check_pid(c)} and `ls -l /proc/{pid}/exe`, then "
             f"`kill -TERM {pid}` (and `kill -KILL {pid}` only if it ignores that)")
 
 

@@ -166,7 +166,7 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
             elif not service:
                 evidence.append(f"it runs in {unit}, not in a service")
             else:
-                evidence.append(f"its unit {unit} is {state}: a stray copy")
+                evidence.append(f"its unit {unit} is {state}, and it still listens")
             if p.container is not None:
                 evidence.append(f"it runs for the {p.container.label}")
         else:
@@ -177,10 +177,13 @@ def _unclaimed(hostmap: HostMap) -> list[Finding]:
                 evidence.append(f"{claim.describe()}: it cannot start while this holds the address")
         if p is not None and p.container is not None:
             fix = f"if the container should not serve this address, {stop_container(p.container)}"
-        elif p is not None:
+        elif p is not None and (status == UnitStatus.NO_UNIT or (status == UnitStatus.BY_MANAGER and service)):
             fix = (f"if it should run, run it as a unit (a service file, or `systemd-run --unit NAME ...`) so that "
                    f"it is managed and restarted; if it is a leftover, check it with {inspect_process(p.pid)} "
                    f"and stop it: `kill -TERM {p.pid}`")
+        elif p is not None:  # no manager asked, or a scope (a login session's, a tool's): what it is, first
+            fix = (f"find out what it is with {inspect_process(p.pid)}; if it should run as a service, make it a "
+                   "unit (a service file, or `systemd-run --unit NAME ...`)")
         else:
             fix = f"find the holder as root: {find_holder(s.local.port, listening=True)}"
         found.append(Finding(
