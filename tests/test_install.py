@@ -248,7 +248,7 @@ def test_install_warns_about_a_unit_the_manager_does_not_know(systemd_rig):
     "example, listens",
     [
         ("systemd/bindguard.conf.example", "--v6only 0.0.0.0:80 [::]:80"),
-        ("examples/nginx/bindguard.conf", "--v6only 0.0.0.0:80 [::]:80 0.0.0.0:443 [::]:443"),
+        ("examples/nginx/bindguard.conf", "--v6only 0.0.0.0:80 [::]:80"),
         ("examples/ssh/bindguard.conf", "--v6only 0.0.0.0:22 [::]:22"),
         ("examples/user-web/web.service.d/bindguard.conf", "--user 127.0.0.1:8080"),
     ],
