@@ -67,9 +67,18 @@ class Record:
 
     def __init_subclass__(cls, *, frozen: bool = False, **options: Any) -> None:
         super().__init_subclass__(**options)
+        # What dataclasses would do differently is refused, not silently done another way.
+        if "__post_init__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: a Record has no __post_init__")
+        if not frozen and getattr(cls, "__setattr__", None) is _frozen_setattr:
+            raise TypeError(f"{cls.__name__}: a record that is not frozen cannot extend a frozen one")
         defaults = dict(cls._defaults)
         fields = dict.fromkeys(cls._fields)
-        for name in cls.__dict__.get("__annotations__", {}):
+        for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+            if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
+                continue  # a class attribute, as for a dataclass
+            if isinstance(cls.__dict__.get(name), (list, dict, set)):
+                raise ValueError(f"{cls.__name__}.{name}: a mutable default is shared; use field(default_factory=...)")
             fields[name] = None
             if name in cls.__dict__:
                 defaults[name] = cls.__dict__[name]
