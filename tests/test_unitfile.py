@@ -231,3 +231,16 @@ def test_one_reading_of_a_template_name(tmp_path, monkeypatch):
     assert unitfiles.with_template("db@main.service") == ["db@main.service", "db@.service"]
     with pytest.raises(UsageError, match="is a template"):
         unitfiles.normalize_unit("web.v2@.service")
+
+
+def test_a_unit_file_that_is_no_regular_file_or_too_large_is_not_read(unit_path):
+    # The root guard reads a user manager's unit directories, which are the user's: a FIFO there
+    # must not hang it, nor a huge file cost it; neither is read (as if the unit had no such file).
+    from bindguard.systemd import unitexec
+
+    etc, _, lib = unit_path
+    write(lib / "big.service", "[Service]\nExecStart=/usr/sbin/nginx\n" + "# padding\n" * (unitexec.UNIT_FILE_MAX // 10))
+    os.mkfifo(etc / "fifo.service")
+    write(lib / "fine.service", "[Service]\nExecStart=/usr/sbin/nginx\n")
+    assert [unitexec.runs_known_daemon(u) for u in ("big.service", "fifo.service", "fine.service")] \
+        == [False, False, True]

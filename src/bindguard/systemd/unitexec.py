@@ -181,13 +181,47 @@ def unit_files(unit: str, user: bool = False) -> list[str]:
     return [fragment] + [chosen[e] for e in sorted(chosen) if isfile(chosen[e])]
 
 
+UNIT_FILE_MAX = 1 << 20  # bytes of one unit file, as for every file bindguard reads (README, "What it reads")
+
+
+def _unit_file_text(path: str) -> str | None:
+    """A unit file's text when it is a regular file of at most UNIT_FILE_MAX bytes, else None.
+    A user manager's unit directories are its user's: what is at the path may be a FIFO, or a
+    link to a device whose open() acts (a watchdog). As request.files reads (which this stage may
+    not import, and which loads os): O_PATH first, which opens nothing, then that same inode."""
+    try:
+        handle = posix.open(path, posix.O_PATH | posix.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        info = posix.fstat(handle)
+        if not _stat.S_ISREG(info.st_mode) or info.st_size > UNIT_FILE_MAX:
+            return None
+        fd = posix.open(f"/proc/self/fd/{handle}", posix.O_RDONLY | posix.O_NONBLOCK | posix.O_NOCTTY | posix.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        posix.close(handle)
+    try:
+        data = b""
+        while len(data) <= UNIT_FILE_MAX:
+            chunk = posix.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        posix.close(fd)
+    return None if len(data) > UNIT_FILE_MAX else data.decode("utf-8", "replace")
+
+
 def _assignments(path: str, section_wanted: str = "Service"):
     """(key, value) in one section, continuation lines joined."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    text = _unit_file_text(path)
+    if text is None:
         return
+    lines = text.splitlines()
     section, pending = None, ""
     for raw in lines:
         line = raw.strip()
