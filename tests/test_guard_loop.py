@@ -137,6 +137,22 @@ def test_another_guard_that_holds_on_is_refused_with_how_long(monkeypatch):
     assert conflict.kind == ConflictKind.GUARD_TRIAL and "through every probe again for" in conflict.evidence[-1], conflict
 
 
+def test_a_guard_met_whose_process_a_later_look_misses_is_still_waited_for(monkeypatch):
+    # The process list is read after the sockets: another guard's socket may be seen with no
+    # process, once the guard has been met. Those looks still allow the guards' longer budget.
+    monkeypatch.setattr(guard, "SETTLE_BUDGET", 0.05)
+    monkeypatch.setattr(guard, "GUARD_SETTLE_BUDGET", 5.0)
+    first = [held_by(process(4242, "/usr/bin/bindguard", "check"))]
+
+    def look() -> Evidence:
+        return first.pop() if first else Evidence(sockets=[SocketFact(ADDRESS.endpoint, "LISTEN", 0, 77)],
+                                                  observed_at=time.monotonic())
+
+    recorded = Recorded([IN_USE] * 8 + [{}], look)  # the guard's socket goes after ~0.3 s of pauses
+    outcome = run(recorded)
+    assert outcome.exit_code == errors.ExitCode.CLEAR and recorded.probes == 9, outcome
+
+
 def test_one_look_serves_the_probes_of_a_second_while_the_answer_stays():
     recorded = Recorded([IN_USE, IN_USE, IN_USE, {}], time_wait(200))  # one recorded look, read once
     outcome = run(recorded, wait=5)

@@ -284,11 +284,13 @@ def _wait_budget(request: Request) -> tuple[float, str | None]:
     return budget, None
 
 
-def _settling(request: Request, fleeting: list[Conflict], since: float, now: float, cache: dict) -> bool:
-    """Whether to probe again rather than report these fleeting conflicts (see SETTLE_BUDGET)."""
+def _settling(request: Request, guard_met: bool, since: float, now: float, cache: dict) -> bool:
+    """Whether to probe again rather than report fleeting conflicts (see SETTLE_BUDGET); guard_met:
+    another guard was seen holding the address since they began (a later look may find its socket
+    and no process: the process list is read after the sockets)."""
     if now < since + SETTLE_BUDGET:
         return True
-    if not any(c.kind == ConflictKind.GUARD_TRIAL for c in fleeting) or now >= since + GUARD_SETTLE_BUDGET:
+    if not guard_met or now >= since + GUARD_SETTLE_BUDGET:
         return False
     if "start_deadline" not in cache:  # the bus is asked only when a guard holds on past a second
         budget = request.systemd.start_budget() if request.systemd is not None else None
@@ -348,6 +350,7 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
     reaped: list[str] = []
     reaped_pids: set[int] = set()
     settling_since = None  # while only fleeting sockets refuse: since when
+    guard_met = False  # another guard seen holding the address since then
     pauses = 0
 
     def outcome(code: int) -> Outcome:
@@ -366,10 +369,11 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
             return outcome(errors.ExitCode.CLEAR)
         passing = [c for c in refusing if fleeting(c)]
         if not passing or len(passing) < len(refusing):  # a holder that stays: no reason to probe again
-            settling_since, pauses = None, 0
+            settling_since, guard_met, pauses = None, False, 0
         else:
             settling_since = now if settling_since is None else settling_since
-            if _settling(request, passing, settling_since, now, cache):
+            guard_met = guard_met or any(c.kind == ConflictKind.GUARD_TRIAL for c in passing)
+            if _settling(request, guard_met, settling_since, now, cache):
                 _note_other_guards(passing, met)
                 cache.pop("observed", None)
                 time.sleep(_settle_pause(pauses))
