@@ -174,9 +174,10 @@ StandardError=append:{log}
 SITE_MARKER_PTH = "import os; open({marker!r}, 'a').write('site ran\\n')\n"
 
 
-def test_the_fast_path_skips_site_and_the_full_command_runs_it(tmp_path):
+def test_site_runs_only_for_a_dependency(tmp_path):
     """bin/bindguard runs python3 -I -S: the package from the venv's own site-packages, no .pth
-    file processed on the fast path; the full command runs site for its dependencies."""
+    file processed on the fast path, nor on a full command that needs no dependency; site runs
+    just before PyYAML (or pystemd) is imported."""
     bin_dir = copy_install(tmp_path / "venv")
     site = next(bin_dir.parent.glob("lib/python3*/site-packages"))
     marker = tmp_path / "marker"
@@ -189,6 +190,12 @@ def test_the_fast_path_skips_site_and_the_full_command_runs_it(tmp_path):
     full = subprocess.run([str(bin_dir / "bindguard"), "check", "--json", "--no-systemd", "127.0.0.1:18471"],
                           capture_output=True, text=True, env=env)
     assert full.returncode == 0 and '"clear": true' in full.stdout, full.stderr
+    assert not marker.exists(), "site ran for a full command that imports no dependency"
+    config = tmp_path / "web.service.yaml"
+    config.write_text("listen: [127.0.0.1:18471]\n")
+    checked = subprocess.run([str(bin_dir / "bindguard"), "config", "check", str(config)],
+                             capture_output=True, text=True, env=env)
+    assert checked.returncode == 0, checked.stderr
     assert "site ran" in marker.read_text()
     marker.unlink()
     for writable in (site, site / "bindguard"):  # others may write what runs: nothing is imported from it

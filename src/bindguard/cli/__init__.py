@@ -45,15 +45,6 @@ def main(argv: list[str] | None = None, console=None) -> int:
             _signal.signal(signum, handler)
 
 
-def _site() -> None:
-    """The site processing bin/bindguard skips (-S) for the fast path: the full command's
-    dependencies (PyYAML, pystemd) are found through it."""
-    if sys.flags.no_site and "site" not in sys.modules:
-        import site
-
-        site.main()
-
-
 def _main(argv: list[str], console, previous: dict) -> int:
     debug = "--debug" in argv
     from bindguard.report import output
@@ -75,7 +66,6 @@ def _main(argv: list[str], console, previous: dict) -> int:
                 code = fastpath.check(argv[1:], console)
                 read = fastpath.arguments(argv[1:]) if code is None else None
             if code is None:
-                _site()
                 from types import SimpleNamespace
 
                 args: argparse.Namespace | SimpleNamespace

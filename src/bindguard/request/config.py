@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 
+from bindguard import find_dependencies
 from bindguard.model.endpoints import AddressError, Bind, Endpoint, SocketOptions, parse_listen
 from bindguard.model.errors import ConfigError
 from bindguard.model.host import host_bindv6only
@@ -126,6 +127,14 @@ class _Values(Record):
     nat: tuple[str, Origin] | None = None
 
 
+def _yaml():
+    """PyYAML, found through the site processing the launcher leaves to bindguard.find_dependencies."""
+    find_dependencies()
+    import yaml
+
+    return yaml
+
+
 @functools.cache
 def _loader_class():
     """A SafeLoader that resolves only decimal numbers, booleans and null, and bounds nesting.
@@ -135,7 +144,7 @@ def _loader_class():
     """
     import re
 
-    import yaml
+    yaml = _yaml()
 
     class Loader(yaml.SafeLoader):
         yaml_implicit_resolvers: dict = {}
@@ -240,7 +249,7 @@ class _FileReader:
         return values
 
     def _read(self, values: _Values) -> None:
-        import yaml
+        yaml = _yaml()
 
         try:
             text = _read_text(self.path)
@@ -275,7 +284,7 @@ class _FileReader:
     def _all_values_readable(self, root) -> bool:
         """Report every tag and value that cannot be read (each node once, aliases included);
         a document with one is not interpreted further."""
-        import yaml
+        yaml = _yaml()
 
         before = len(self.problems)
         seen: set[int] = set()
@@ -302,7 +311,7 @@ class _FileReader:
         """The (key, value) pairs of a mapping with known, unique keys; reports the others."""
         import difflib
 
-        import yaml
+        yaml = _yaml()
 
         seen: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
@@ -326,7 +335,7 @@ class _FileReader:
             yield key_node, value_node
 
     def _scalar(self, node):
-        import yaml
+        yaml = _yaml()
 
         if not isinstance(node, yaml.ScalarNode):
             return _NOT_SCALAR
@@ -340,7 +349,7 @@ class _FileReader:
         return None
 
     def _read_listen(self, node, values: _Values) -> None:
-        import yaml
+        yaml = _yaml()
 
         values.listen_origin = self.origin(node)
         if _is_null(node):
@@ -402,7 +411,7 @@ class _FileReader:
             return None
 
     def _read_options(self, node, values: _Values) -> None:
-        import yaml
+        yaml = _yaml()
 
         if _is_null(node):
             return
@@ -423,7 +432,7 @@ class _FileReader:
         values.wait = (float(value), self.origin(node))
 
     def _read_policy(self, node, values: _Values) -> None:
-        import yaml
+        yaml = _yaml()
 
         if _is_null(node):
             return
@@ -466,7 +475,7 @@ class _FileReader:
             values.trust_guesses = (flag, self.origin(node))
 
     def _read_discovery(self, node, values: _Values) -> None:
-        import yaml
+        yaml = _yaml()
 
         if isinstance(node, yaml.SequenceNode):
             sources = set()
@@ -497,7 +506,7 @@ def _is_null(node) -> bool:
 
 
 def _kind(node, budgeted: bool = True) -> str:
-    import yaml
+    yaml = _yaml()
 
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
@@ -625,7 +634,7 @@ def declares_fail_closed(unit: str | None, explicit: str | os.PathLike | None = 
 
 
 def _top_level_fail(path: str) -> str | None:
-    import yaml
+    yaml = _yaml()
 
     found = None
     try:

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterable
 
+import bindguard
 from bindguard.model.endpoints import TCP, UDP, AddressError, Endpoint, parse_listen
 from bindguard.model.host import host_bindv6only
 from bindguard.model.record import Record
@@ -57,6 +58,7 @@ def _dbuslib():
     lib = sys.modules.get("pystemd.dbuslib")
     if lib is not None:
         return lib
+    bindguard.find_dependencies()
     if "pystemd" not in sys.modules:
         import types
         from importlib.machinery import PathFinder
