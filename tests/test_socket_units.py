@@ -71,7 +71,7 @@ def test_socket_unit_refused_while_a_service_holds_its_port_then_starts_when_fre
     assert "systemd" in listening(rig)  # the manager bound it after the guard
 
 
-def test_socket_unit_refused_while_another_socket_unit_holds_its_port(systemd_rig):
+def test_socket_unit_refused_while_another_socket_unit_holds_its_port_then_starts_when_free(systemd_rig):
     rig = systemd_rig
     rig.write_unit("other.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
     rig.write_unit("other.socket", f"[Socket]\nListenStream=0.0.0.0:{PORT}\n", reload=False)
@@ -83,6 +83,12 @@ def test_socket_unit_refused_while_another_socket_unit_holds_its_port(systemd_ri
     assert "socket-unit" in out and "socket unit other.socket" in out
     assert f"PID {rig.manager_pid}" in out and "systemctl stop other.socket" in out
     assert rig.prop("other.socket", "ActiveState") == "active"
+
+    assert rig.stop("other.socket").ok
+    log.unlink()
+    run = rig.start("web.socket")
+    assert run.ok and run.pre_status == [0], (run.output, text(log))
+    assert f"clear: {ADDRESS} can be bound" in text(log)
 
 
 def test_socket_unit_refused_while_a_stray_process_holds_its_port(systemd_rig):
