@@ -3,10 +3,15 @@ monitor, conmon, holds the port, and netavark's NAT rule takes the traffic), and
 on-disk state of Docker, containerd and CRI-O as they record them.
 
 Podman runs in private mount and network namespaces: its storage and run directories are tmpfs
-mounts there, a cgroup2 file system is mounted over /sys/fs/cgroup (crun refuses a hybrid v1/v2
-host) and the container has no cgroup of its own (`--cgroups disabled`), ulimits within the test's
-own (no CAP_SYS_RESOURCE needed). The image is busybox-static's binary in a tarball (`podman
-import`): no registry is asked."""
+mounts there, ulimits within the test's own (no CAP_SYS_RESOURCE needed). The image is
+busybox-static's binary in a tarball (`podman import`): no registry is asked. A container with a
+published port has no cgroup of its own (`--cgroups disabled`: crun refuses a hybrid v1/v2 host, so a
+cgroup2 file system is mounted over /sys/fs/cgroup). One on the host's network gets its own cgroup
+(`libpod_parent/libpod-ID`, Podman's cgroupfs layout) in the cgroup v1 hierarchies of a hybrid
+host, whose cgroup2 part is unmounted in the test's mount namespace: on cgroup2, crun's device
+filter is an eBPF program, and loading it raises RLIMIT_MEMLOCK, which takes CAP_SYS_RESOURCE (a
+root without it, as in a Firecracker VM, gets "setrlimit (RLIM_MEMLOCK): Operation not
+permitted")."""
 
 from __future__ import annotations
 
@@ -108,23 +113,40 @@ def test_the_remedy_stops_a_container_with_its_engine_and_leaves_a_pod_to_its_ow
 # --- a real Podman container ---------------------------------------------------------------------
 
 
+# Run in private mount and network namespaces, the container web1 run by $RUN_WEB1; then the guard's
+# explain (JSON) and check on 0.0.0.0:18080. The cgroups Podman made in the host's hierarchies (its
+# monitor's libpod_parent/conmon) are removed with the container, where no other container uses them.
 PODMAN_SCRIPT = r"""
 set -eu
-cleanup() { podman rm -f -t 0 web1 >/dev/null 2>&1 || true; }
+cleanup() {
+    podman rm -f -t 0 web1 >/dev/null 2>&1 || true
+    for parent in /sys/fs/cgroup/libpod_parent /sys/fs/cgroup/*/libpod_parent; do
+        [ -d "$parent" ] && rmdir "$parent/conmon" "$parent" 2>/dev/null || true
+    done
+}
 trap cleanup EXIT
 mount -t tmpfs tmpfs /var/lib/containers
 mount -t tmpfs tmpfs /run
 mkdir -p /run/lock
-mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 podman import -q "$IMAGE" localhost/bindguard-test:1 >/dev/null
-podman run -d -q --name web1 --cgroups disabled --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
-    -p 18080:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
+eval "$RUN_WEB1"
 $BINDGUARD explain --no-systemd --json 0.0.0.0:18080 > "$OUT/explain.json" 2> "$OUT/explain.err" || true
 set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18080 2> "$OUT/check.err"
 echo $? > "$OUT/check.code"
 """
+PODMAN_RUN = "podman run -d -q --name web1 --ulimit nofile=1024:1024 --ulimit nproc=4096:4096"
+# A published port: conmon holds it, netavark's NAT rule takes its traffic; no cgroup of its own.
+RUN_PUBLISHED = f"""mount -t cgroup2 none /sys/fs/cgroup
+{PODMAN_RUN} --cgroups disabled -p 18080:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null"""
+# On the host's network, in a cgroup of its own: the listener is the container's process itself.
+# A hybrid host's cgroup2 part is unmounted here, so that crun uses the v1 hierarchies (see above).
+RUN_HOST_NETWORK = f"""if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/unified; then
+    umount /sys/fs/cgroup/unified
+fi
+{PODMAN_RUN} --cgroup-manager cgroupfs --cgroups enabled --network host localhost/bindguard-test:1 \
+    /bin/httpd -f -p 18080 >/dev/null"""
 
 
 def _busybox_image(tmp_path: Path) -> Path:
@@ -152,14 +174,19 @@ def need_podman() -> None:
         pytest.skip(reason)
 
 
-def test_a_podman_container_is_named_and_stopped_with_podman(tmp_path):
+def _run_podman(tmp_path: Path, run_web1: str) -> dict:
+    """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs."""
     need_podman()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path))
+               PYTHONPATH=os.pathsep.join(sys.path), RUN_WEB1=run_web1)
     done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
                            PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "explain.json").read_text())
+    return json.loads((tmp_path / "explain.json").read_text())
+
+
+def test_a_podman_container_is_named_and_stopped_with_podman(tmp_path):
+    report = _run_podman(tmp_path, RUN_PUBLISHED)
     held = [c for c in report["conflicts"] if c["kind"] == "listener"]
     assert len(held) == 1, report
     holder = held[0]
@@ -169,6 +196,24 @@ def test_a_podman_container_is_named_and_stopped_with_podman(tmp_path):
     assert "`podman stop web1`" in holder["remedy"] and "kill -TERM" not in holder["remedy"]
     nat = [c for c in report["conflicts"] if c["kind"] == "nat-shadowed"]
     assert nat and all(c["nat"]["owner"] == "Podman (netavark)" and c["nat"]["to"].endswith(":8080") for c in nat)
+    assert (tmp_path / "check.code").read_text().strip() == "98"
+    check = (tmp_path / "check.err").read_text()
+    assert "podman container web1, image localhost/bindguard-test:1" in check and "`podman stop web1`" in check
+
+
+def test_a_podman_container_in_its_own_cgroup_is_named_from_the_cgroup(tmp_path):
+    """The listener is the container's own process (host network), named from its cgroup path,
+    libpod_parent/libpod-ID, and Podman's containers.json; not from a monitor's command line."""
+    report = _run_podman(tmp_path, RUN_HOST_NETWORK)
+    held = [c for c in report["conflicts"] if c["kind"] == "listener"]
+    assert len(held) == 1, report
+    holder = held[0]
+    assert holder["name"] == "httpd", holder
+    assert holder["container"]["engine"] == "podman" and holder["container"]["name"] == "web1"
+    assert holder["container"]["image"] == "localhost/bindguard-test:1" and holder["container"]["via"] == "cgroup"
+    assert holder["container"]["source"] == containers.PODMAN_CONTAINERS
+    assert "`podman stop web1`" in holder["remedy"] and "kill -TERM" not in holder["remedy"]
+    assert "its cgroup is the container's" in holder["remedy"]
     assert (tmp_path / "check.code").read_text().strip() == "98"
     check = (tmp_path / "check.err").read_text()
     assert "podman container web1, image localhost/bindguard-test:1" in check and "`podman stop web1`" in check
