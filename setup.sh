@@ -24,8 +24,9 @@ if [ "${1:-}" = "--test" ]; then
     extras+=(ansible-core python3-apt python3-yaml python3-pystemd python3-setuptools python3-wheel)
     extras+=(prometheus)
     # NAT rules that take a port away (tests/test_nat.py): real nft and iptables-nft rules in namespaces;
-    # a container behind a holder (tests/test_containers.py): rootful Podman, its image made from busybox-static
-    extras+=(nftables iptables podman crun conmon netavark busybox-static)
+    # a container behind a holder (tests/test_containers.py): rootful and rootless Podman (uidmap and
+    # slirp4netns, only recommended by podman), its image made from busybox-static
+    extras+=(nftables iptables podman crun conmon netavark busybox-static uidmap slirp4netns)
     # the Debian package (tools/build-deb; tests/test_package.py): its Build-Depends, lintian, and
     # what its tests read it with: man-db renders the pages, bash-completion and zsh load the completion
     extras+=(build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all

@@ -1,6 +1,7 @@
-"""The container (and pod) behind a holder: a real rootful Podman container publishing a port (its
-monitor, conmon, holds the port, and netavark's NAT rule takes the traffic), and the cgroup paths and
-on-disk state of Docker, containerd and CRI-O as they record them.
+"""The container (and pod) behind a holder: real rootful Podman containers, one publishing a port (its
+monitor, conmon, holds the port, and netavark's NAT rule takes the traffic), one on the host's network
+in a cgroup of its own; a real rootless one, whose port rootlessport holds as its user; and the cgroup
+paths and on-disk state of Docker, containerd and CRI-O as they record them.
 
 Podman runs in private mount and network namespaces: its storage and run directories are tmpfs
 mounts there, ulimits within the test's own (no CAP_SYS_RESOURCE needed). The image is
@@ -162,13 +163,13 @@ def _busybox_image(tmp_path: Path) -> Path:
     return image
 
 
-def need_podman() -> None:
+def need_podman(*rootless: str) -> None:
     need_root("podman")
-    missing = [p for p in ("/usr/bin/podman", "/usr/bin/conmon", "/usr/bin/crun", "/usr/sbin/nft", "/bin/busybox")
-               if not os.access(p, os.X_OK)]
+    missing = [p for p in ("/usr/bin/podman", "/usr/bin/conmon", "/usr/bin/crun", "/usr/sbin/nft", "/bin/busybox",
+                           *rootless) if not os.access(p, os.X_OK)]
     if missing:
         reason = f"the container test needs {', '.join(missing)} (Debian's podman, conmon, crun, nftables, " \
-                 "busybox-static)"
+                 "busybox-static; rootless: uidmap, slirp4netns)"
         if REQUIRE:
             pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
         pytest.skip(reason)
@@ -217,6 +218,131 @@ def test_a_podman_container_in_its_own_cgroup_is_named_from_the_cgroup(tmp_path)
     assert (tmp_path / "check.code").read_text().strip() == "98"
     check = (tmp_path / "check.err").read_text()
     assert "podman container web1, image localhost/bindguard-test:1" in check and "`podman stop web1`" in check
+
+
+# Rootless Podman, run by a user of the test's own: passwd, group, subuid and subgid with that user
+# are bind-mounted over /etc's in the test's mount namespace, its home and /run are tmpfs there, so the
+# host's files are never changed. slirp4netns needs /dev/net/tun open to the user: a node of its own,
+# mode 666, over the host's (0600 here). crun runs on the cgroup v1 hierarchies (a hybrid host's cgroup2
+# part unmounted, as above) and the container has no cgroup (rootless Podman makes none on cgroup v1):
+# the port is held by rootlessport alone. Afterwards the user's processes (Podman's pause process) are
+# ended by their PIDs: none but the test's run as that user.
+ROOTLESS_SCRIPT = r"""
+set -eu
+as_user() { setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups env -i HOME="/home/$TEST_USER" \
+    XDG_RUNTIME_DIR="/run/user/$TEST_UID" PATH=/usr/sbin:/usr/bin:/sbin:/bin USER="$TEST_USER" "$@"; }
+cleanup() {
+    as_user podman rm -f -t 0 web2 >/dev/null 2>&1 || true
+    as_user podman system migrate >/dev/null 2>&1 || true
+    for pid in $(pgrep -u "$TEST_UID" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+mkdir -p "$OUT/etc" "$OUT/dev"
+cp /etc/passwd /etc/group "$OUT/etc/"
+echo "$TEST_USER:x:$TEST_UID:$TEST_UID::/home/$TEST_USER:/bin/sh" >> "$OUT/etc/passwd"
+echo "$TEST_USER:x:$TEST_UID:" >> "$OUT/etc/group"
+echo "$TEST_USER:200000:65536" > "$OUT/etc/subuid"
+echo "$TEST_USER:200000:65536" > "$OUT/etc/subgid"
+for f in passwd group subuid subgid; do
+    [ -e "/etc/$f" ] || touch "/etc/$f"
+    mount --bind "$OUT/etc/$f" "/etc/$f"
+done
+mount -t tmpfs -o mode=755 tmpfs "$OUT/dev"
+mknod -m 666 "$OUT/dev/tun" c 10 200
+mount --bind "$OUT/dev/tun" /dev/net/tun
+mount -t tmpfs -o mode=755 tmpfs /home
+mount -t tmpfs tmpfs /run
+mkdir -p /run/lock "/run/user/$TEST_UID" "/home/$TEST_USER"
+chown "$TEST_UID:$TEST_UID" "/run/user/$TEST_UID" "/home/$TEST_USER"
+chmod 700 "/run/user/$TEST_UID"
+if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/unified; then
+    umount /sys/fs/cgroup/unified
+fi
+ip link set lo up
+cd /
+install -o "$TEST_UID" -m 600 "$IMAGE" "/home/$TEST_USER/image.tar"
+as_user podman import -q "/home/$TEST_USER/image.tar" localhost/bindguard-test:1 >/dev/null
+as_user podman run -d -q --name web2 --cgroups disabled --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
+    -p 18081:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
+ss -ltnp 'sport = :18081' > "$OUT/ss.txt"
+$BINDGUARD explain --no-systemd --json 0.0.0.0:18081 > "$OUT/explain.json" 2> "$OUT/explain.err" || true
+set +e
+$BINDGUARD check --no-systemd --wait 0 0.0.0.0:18081 2> "$OUT/check.err"
+echo $? > "$OUT/check.code"
+set -e
+# The remedy's own command, as the guard wrote it; then the port is free.
+sh -c "$(sed -n 's/.*`\(runuser [^`]*\)`.*/\1/p' "$OUT/check.err" | head -n 1)" > /dev/null 2>&1
+set +e
+$BINDGUARD check --no-systemd --wait 0 0.0.0.0:18081 2> "$OUT/after.err"
+echo $? > "$OUT/after.code"
+"""
+
+
+def _free_uid() -> int:
+    """A uid no user and no process has: the test's rootless user's."""
+    import pwd
+
+    taken = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                taken.add(os.stat(f"/proc/{pid}").st_uid)
+            except OSError:
+                continue
+    for uid in range(64990, 60000, -1):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in taken:
+                return uid
+    raise AssertionError("no free uid for the test's user")
+
+
+def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(tmp_path):
+    """rootlessport holds the published port as the container's user: the container is named from
+    that user's Podman storage, and the remedy is that user's `podman stop`, which frees the port."""
+    need_podman("/usr/bin/newuidmap", "/usr/bin/slirp4netns", "/usr/lib/podman/rootlessport")
+    uid = _free_uid()
+    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
+               PYTHONPATH=os.pathsep.join(sys.path), TEST_UID=str(uid), TEST_USER="bgrootless")
+    done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
+                           ROOTLESS_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert '"rootlessport"' in (tmp_path / "ss.txt").read_text()
+    report = json.loads((tmp_path / "explain.json").read_text())
+    held = [c for c in report["conflicts"] if c["kind"] == "listener"]
+    assert len(held) == 1, report
+    holder = held[0]
+    assert holder["name"] == "rootlessport" and holder["user"] == "bgrootless", holder
+    container = holder["container"]
+    assert (container["engine"], container["name"], container["image"], container["via"], container["user"]) == (
+        "podman", "web2", "localhost/bindguard-test:1", "rootlessport", "bgrootless"), container
+    assert container["source"] == f"/home/bgrootless/{containers.ROOTLESS_STORAGE}/vfs-containers/containers.json" \
+        or container["source"].endswith("/overlay-containers/containers.json")
+    assert "`runuser -u bgrootless -- podman stop web2`" in holder["remedy"] and "kill -" not in holder["remedy"]
+    assert (tmp_path / "check.code").read_text().strip() == "98"
+    check = (tmp_path / "check.err").read_text()
+    assert "podman container web2 of user bgrootless, image localhost/bindguard-test:1" in check
+    assert (tmp_path / "after.code").read_text().strip() == "0", (tmp_path / "after.err").read_text()
+    left = subprocess.run(["pgrep", "--runstates", "D,R,S,T,t", "-u", str(uid)], capture_output=True, text=True)
+    assert not left.stdout, left  # nothing of the test's runs on (a zombie is left for PID 1 to reap)
+
+
+def test_a_rootlessport_that_forwards_into_no_container_names_none():
+    """A user's program called rootlessport, with no container of that user's behind it, is no container."""
+    impostor = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
+    try:
+        assert containers.container_of(impostor.pid, "/", ("rootlessport",)) is None
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+def test_a_name_from_a_users_file_is_no_shell_text():
+    fact = ContainerFact("podman", ID, "web2; rm -rf ~", user="bob", via="rootlessport")
+    assert fact.handle == ID[:12]
+    assert "`runuser -u bob -- podman stop f70f59f8dfac`" in remedy(_conflict(fact))
+    assert ContainerFact("podman", ID, "web-2_a.b").handle == "web-2_a.b"
 
 
 def test_a_conmon_that_is_not_root_names_no_container():

@@ -5,12 +5,16 @@ A container's process runs in a cgroup that bears its id: `docker-ID.scope` or `
 `libpod-ID.scope` or `/libpod_parent/libpod-ID`, `cri-containerd-ID.scope`, `crio-ID.scope`, or
 `/kubepods/.../podUID/ID` (never below a service, whose delegated cgroups its user names). Podman's
 monitor, conmon, holds a rootful container's published ports itself (it names the container with
-`-c ID -n NAME`), believed only when its real uid is root's.
+`-c ID -n NAME`), believed only when its real uid is root's. Rootless Podman's port forwarder,
+rootlessport, names no container: the container is its user's whose process (its conmon's child) is
+in the network namespace rootlessport forwards into, named from that user's storage and with that
+user's files only.
 The id (64 hex digits, nothing else ever makes a path) names the engine's files, read as regular
 files of bounded size (request.files):
 
   docker      /var/lib/docker/containers/ID/config.v2.json      Name, Config.Image, Config.Labels
   podman      /var/lib/containers/storage/overlay-containers/containers.json   names, metadata
+              (vfs-containers/ with the vfs driver; a rootless user's: ~/.local/share/containers/storage)
   containerd  /run/containerd/io.containerd.runtime.v2.task/k8s.io/ID/config.json   annotations
   cri-o       /run/containers/storage/overlay-containers/ID/userdata/config.json    annotations
 
@@ -19,10 +23,17 @@ Where the files cannot be read the container is still named by engine and id.
 
 from __future__ import annotations
 
+import os
+
 from bindguard.model.facts import ContainerFact
 
 DOCKER_STATE = "/var/lib/docker/containers/{id}/config.v2.json"
-PODMAN_CONTAINERS = "/var/lib/containers/storage/overlay-containers/containers.json"
+PODMAN_STORAGE = "/var/lib/containers/storage"  # rootful; a rootless user's is in its home (ROOTLESS_STORAGE)
+ROOTLESS_STORAGE = ".local/share/containers/storage"
+# Podman's list of containers, in its storage driver's directory: overlay, or vfs where overlay is not
+# available (a rootless user on an older kernel, a storage on tmpfs or overlay).
+PODMAN_LISTS = ("{storage}/overlay-containers/containers.json", "{storage}/vfs-containers/containers.json")
+PODMAN_CONTAINERS = PODMAN_LISTS[0].format(storage=PODMAN_STORAGE)
 PODMAN_CONFIG = "/var/lib/containers/storage/overlay-containers/{id}/userdata/config.json"
 CONTAINERD_CONFIG = "/run/containerd/io.containerd.runtime.v2.task/k8s.io/{id}/config.json"
 CRIO_CONFIG = "/run/containers/storage/overlay-containers/{id}/userdata/config.json"
@@ -85,13 +96,13 @@ def _option(argv: tuple[str, ...], flag: str) -> str | None:
     return None
 
 
-def _read_json(path: str, limit: int = MAX_STATE_BYTES):
+def _read_json(path: str, limit: int = MAX_STATE_BYTES, owner: int | None = None):
     import json  # only for a container: a refusal on a host without one need not load it
 
     from bindguard.request.files import Refused, read_regular
 
     try:
-        return json.loads(read_regular(path, limit))
+        return json.loads(read_regular(path, limit, owner))
     except (OSError, Refused, ValueError):
         return None
 
@@ -116,11 +127,16 @@ def _from_docker(cid: str) -> ContainerFact:
                          source=path)
 
 
-def _from_podman(cid: str) -> ContainerFact:
-    listing = _read_json(PODMAN_CONTAINERS, MAX_LIST_BYTES)
-    entry = next((e for e in listing if isinstance(e, dict) and e.get("id") == cid), None) \
-        if isinstance(listing, list) else None
-    if entry is None:
+def _from_podman(cid: str, storage: str = PODMAN_STORAGE, owner: int | None = None) -> ContainerFact:
+    """Podman's container from the list in its storage; a rootless user's (owner) read only from
+    files that user owns."""
+    for listing_path in (path.format(storage=storage) for path in PODMAN_LISTS):
+        listing = _read_json(listing_path, MAX_LIST_BYTES, owner)
+        entry = next((e for e in listing if isinstance(e, dict) and e.get("id") == cid), None) \
+            if isinstance(listing, list) else None
+        if entry is not None:
+            break
+    else:
         return ContainerFact("podman", cid)
     names = entry.get("names") if isinstance(entry.get("names"), list) else []
     import json
@@ -131,10 +147,10 @@ def _from_podman(cid: str) -> ContainerFact:
         metadata = {}
     metadata = metadata if isinstance(metadata, dict) else {}
     name = _str(names[0]) if names else _str(metadata.get("name"))
-    annotations = _annotations(PODMAN_CONFIG.format(id=cid))
+    annotations = _annotations(PODMAN_CONFIG.format(id=cid)) if owner is None else {}
     return ContainerFact("podman", cid, name, _str(metadata.get("image-name")),
                          _str(annotations.get("io.kubernetes.pod.name")),
-                         _str(annotations.get("io.kubernetes.pod.namespace")), source=PODMAN_CONTAINERS)
+                         _str(annotations.get("io.kubernetes.pod.namespace")), source=listing_path)
 
 
 def _annotations(path: str) -> dict:
@@ -179,9 +195,10 @@ def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFa
     cgroups = [cgroup, *_all_cgroups(pid)]
     ref = container_ref(cgroups, cmdline)
     if ref is None:
-        return None
+        program = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
+        return _from_rootlessport(pid) if program == "rootlessport" else None
     engine, cid, via = ref
-    if via == "conmon" and not _real_uid_is_root(pid):
+    if via == "conmon" and _real_uid(pid) != ROOT:
         return None  # any user can run a program named conmon: only rootful Podman's monitor is believed
     if engine == "kubernetes":
         fact = _from_containerd(cid)
@@ -193,18 +210,103 @@ def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFa
     return replace(fact, via=via)
 
 
-def _real_uid_is_root(pid: int) -> bool:
-    """Whether the process's real uid (/proc/PID/status) is root's: a uid no other user can take."""
+ROOT = 0
+
+
+def _real_uid(pid: int) -> int | None:
+    """The process's real uid (/proc/PID/status); None when it is gone. Root's is one no other
+    user can take."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             text = f.read(1 << 14).decode("ascii", "replace")
     except OSError:
-        return False
+        return None
     for line in text.splitlines():
         if line.startswith("Uid:"):
             fields = line.split()
-            return len(fields) > 1 and fields[1] == "0"
-    return False
+            return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    return None
+
+
+# Rootless Podman's rootlessport holds a container's published ports in the host's network namespace
+# and forwards them into the container's; its command line names nothing. The container is the one
+# whose process, a child of its monitor conmon (`-c ID`), is in the namespace rootlessport or its
+# child forwards into. Everything here is its user's (processes, files): it names that user's
+# container, and the remedy is that user's own `podman stop`, which can reach nothing of anyone else.
+MAX_PROCESSES = 1 << 16  # /proc entries looked at for the user's conmon processes
+MAX_TASKS = 256  # threads of one process whose children are read (a Go program starts its children from any)
+
+
+def _from_rootlessport(pid: int) -> ContainerFact | None:
+    from bindguard.model.record import replace
+
+    uid = _real_uid(pid)
+    if uid is None or uid == ROOT:
+        return None
+    served = {_netns(p) for p in (pid, *_children(pid))} - {_netns("self"), None}
+    if not served:
+        return None
+    found = {cid for conmon, cid in _conmons_of(uid) if any(_netns(c) in served for c in _children(conmon))}
+    if len(found) != 1:
+        return None  # none, or a pod's containers sharing the namespace: which one is not proven
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return None  # no user to run its podman as
+    fact = _from_podman(found.pop(), f"{user.pw_dir.rstrip('/')}/{ROOTLESS_STORAGE}", owner=uid)
+    return replace(fact, via="rootlessport", user=user.pw_name)
+
+
+def _netns(pid: int | str) -> tuple[int, int] | None:
+    """The process's network namespace: the device and inode of /proc/PID/ns/net ("self": the guard's)."""
+    try:
+        info = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _children(pid: int) -> list[int]:
+    """The process's children, from each of its threads' /proc/PID/task/TID/children."""
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")[:MAX_TASKS]
+    except OSError:
+        return children
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                children += [int(word) for word in f.read(1 << 16).split() if word.isdigit()]
+        except OSError:
+            continue
+    return children
+
+
+def _conmons_of(uid: int) -> list[tuple[int, str]]:
+    """(PID, container id) of each conmon the user runs (/proc/PID owned by uid, its comm conmon,
+    `-c ID` on its command line)."""
+    import re
+
+    found = []
+    for name in os.listdir("/proc")[:MAX_PROCESSES]:
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/comm", "rb") as f:
+                if f.read(64).strip() != b"conmon":
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = tuple(os.fsdecode(f.read(1 << 16)).split("\0"))
+        except OSError:
+            continue
+        cid = _option(argv, "-c") or _option(argv, "--cid")
+        if cid and re.fullmatch(_ID, cid):
+            found.append((int(name), cid))
+    return found
 
 
 def _all_cgroups(pid: int) -> list[str]:

@@ -58,15 +58,36 @@ class ContainerFact(Record, frozen=True):
     image: str = ""
     pod: str = ""  # Kubernetes: the pod's name
     namespace: str = ""  # Kubernetes: the pod's namespace
-    via: str = ""  # how the process belongs to it: "cgroup", or "conmon" (the engine's monitor holding its port)
+    via: str = ""  # how the process belongs to it: "cgroup", or the engine's process holding its port (VIA_PROXY)
     source: str = ""  # the file the name was read from
+    user: str = ""  # a rootless engine's: the user it runs as, whose container it is (root's: "")
 
     @property
     def label(self) -> str:
         who = self.name or self.id[:12]
+        user = f" of user {self.user}" if self.user else ""
         image = f", image {self.image}" if self.image else ""
         pod = f", pod {self.namespace}/{self.pod}" if self.pod else ""
-        return f"{self.engine} container {who}{image}{pod}"
+        return f"{self.engine} container {who}{user}{image}{pod}"
+
+    @property
+    def handle(self) -> str:
+        """What the engine's commands take: the name where it is one the engines allow (letters,
+        digits, then also _ . -: safe in a shell command as it is), else the short id."""
+        name = self.name
+        if name and name[0].isascii() and name[0].isalnum() and all(
+                c.isascii() and (c.isalnum() or c in "_.-") for c in name):
+            return name
+        return self.id[:12]
+
+
+# A process of the engine's own that holds a container's published port (ContainerFact.via), and what
+# it is, for the report: Podman's monitor (rootful), rootless Podman's port forwarder, Docker's.
+VIA_PROXY = {
+    "conmon": "Podman's monitor (conmon) holds the container's published port",
+    "rootlessport": "rootless Podman's port forwarder (rootlessport) holds the container's published port",
+    "docker-proxy": "Docker's userland proxy (docker-proxy) holds the container's published port",
+}
 
 
 class ProcessFact(Record, frozen=True):

@@ -105,7 +105,8 @@ def write_json(outcome: Outcome, mode: str | None = None) -> None:
 def container_json(container: ContainerFact) -> dict:
     return {"engine": container.engine, "id": container.id, "name": container.name or None,
             "image": container.image or None, "pod": container.pod or None,
-            "namespace": container.namespace or None, "via": container.via, "source": container.source or None}
+            "namespace": container.namespace or None, "via": container.via, "source": container.source or None,
+            "user": container.user or None}
 
 
 def nat_json(rule: NatRule) -> dict:

@@ -24,9 +24,11 @@ def _too_large(max_bytes: int, size: int | None = None) -> Refused:
     return Refused(f"{f'{size} bytes, ' if size is not None else ''}more than the {limit} bindguard reads of one file")
 
 
-def open_regular(path: str, max_bytes: int) -> int:
+def open_regular(path: str, max_bytes: int, owner: int | None = None) -> int:
     """A read-only descriptor of path (symlinks followed) only if it is a regular file of at most
-    max_bytes; Refused otherwise, OSError when it cannot be opened.
+    max_bytes (and, where `owner` is given, that user's: a user's file read for that user, which a
+    link could otherwise point at a file only root may read); Refused otherwise, OSError when it
+    cannot be opened.
 
     The path is opened with O_PATH first, which never runs a device's open() and never blocks on
     a FIFO; once fstat() says it is a regular file, that same inode is opened for reading through
@@ -39,6 +41,8 @@ def open_regular(path: str, max_bytes: int) -> int:
             raise Refused(f"{file_kind(info.st_mode)}, not a regular file")
         if info.st_size > max_bytes:
             raise _too_large(max_bytes, info.st_size)
+        if owner is not None and info.st_uid != owner:
+            raise Refused(f"owned by uid {info.st_uid}, not uid {owner}")
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
             return os.open(f"/proc/self/fd/{handle}", flags)
@@ -53,10 +57,10 @@ def open_regular(path: str, max_bytes: int) -> int:
         os.close(handle)
 
 
-def read_regular(path: str, max_bytes: int) -> bytes:
+def read_regular(path: str, max_bytes: int, owner: int | None = None) -> bytes:
     """The bytes of a regular file of at most max_bytes (it may grow after fstat(): never more
     than that is read); Refused or OSError as open_regular()."""
-    fd = open_regular(path, max_bytes)
+    fd = open_regular(path, max_bytes, owner)
     try:
         chunks, size = [], 0
         while size <= max_bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bindguard.model.endpoints import TCP
+from bindguard.model.facts import VIA_PROXY
 from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
 from bindguard.verdict.conflicts import Conflict
 
@@ -35,7 +36,7 @@ CONTAINER_HOLDER_KINDS = (ConflictKind.LISTENER, ConflictKind.BOUND, ConflictKin
 def stop_container(container: ContainerFact) -> str:
     """How a container (or a Kubernetes pod) is stopped by its owner, never by a signal to its
     process: the engine (or the pod's controller) restarts what was killed under it."""
-    who = container.name or container.id[:12]
+    who = container.handle
     if container.pod:
         return (f"the pod {container.pod} in namespace {container.namespace} holds it ({container.engine} container "
                 f"{who}): change the pod's hostPort (or hostNetwork port) in its manifest, or delete the pod only if "
@@ -45,6 +46,13 @@ def stop_container(container: ContainerFact) -> str:
         return (f"stop it with its engine: `docker stop {who}` (`docker update --restart=no {who}` first if a "
                 "restart policy would bring it back), or publish it on another port; killing its process lets "
                 "the engine restart it")
+    if container.engine == "podman" and container.user:
+        # Rootless: only its user's podman knows the container (its storage is in that user's home).
+        as_user = f"runuser -u {container.user} -- "
+        return (f"stop it with its engine, as its user {container.user}: `{as_user}podman stop {who}` (if a user "
+                f"unit runs it, Quadlet or `podman generate systemd`, stop that unit instead: `systemctl --user "
+                f"-M {container.user}@ stop UNIT`), or publish it on another port; killing its process lets its "
+                "restart policy bring it back")
     if container.engine == "podman":
         return (f"stop it with its engine: `podman stop {who}` (if a systemd unit runs it, Quadlet or `podman "
                 "generate systemd`, stop that unit instead), or publish it on another port; killing its process "
@@ -55,8 +63,7 @@ def stop_container(container: ContainerFact) -> str:
 def _container(c: Conflict) -> str:
     assert c.process is not None and c.process.container is not None  # remedy() asks only then
     container = c.process.container
-    how = ("Podman's monitor (conmon) holds the container's published port" if container.via == "conmon"
-           else "its cgroup is the container's")
+    how = VIA_PROXY.get(container.via, "its cgroup is the container's")
     return (f"PID {c.process.pid} is the {container.label} ({how}). If that container should serve this address, "
             f"do not start this service on it; otherwise {stop_container(container)}; or move this service to "
             "another port")
