@@ -142,6 +142,18 @@ def test_an_unconditional_return_ends_the_chain_and_garbage_is_no_rule():
         assert rules_from_ruleset(junk)[0] == []
 
 
+def test_a_negated_protocol_leaves_that_protocol_alone():
+    ruleset = {"nftables": [_chain("pre", "prerouting"), _rule("pre", {"match": {
+        "op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"redirect": {"port": 1}})]}
+    rules = rules_from_ruleset(ruleset)[0]
+    assert caught(rules, "0.0.0.0:80") == [] and len(caught(rules, "udp:0.0.0.0:80")) == 1
+
+
+def test_a_redirect_to_a_port_range_names_the_range():
+    ruleset = {"nftables": [_chain("pre", "prerouting"), _rule("pre", {"redirect": {"port": {"range": [9443, 9444]}}})]}
+    assert [r.to for r in rules_from_ruleset(ruleset)[0]] == ["ports 9443-9444 on this host"]
+
+
 # --- real nftables rules in a network namespace ---------------------------------------------------
 
 

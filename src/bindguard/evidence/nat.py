@@ -32,6 +32,7 @@ MAX_VISITS = 200_000  # rules looked at, over every path: a ruleset cannot make 
 HOOKS = ("prerouting", "output")
 PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "dccp", "udplite", "th"})
 L4_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp", 33: "dccp", 136: "udplite"}
+L4_WITH_PORTS = frozenset(L4_NUMBERS.values())  # what a daemon may bind: `l4proto != tcp` leaves these but tcp
 
 # Who writes rules in chains of these names (the chain's own name, or one on the path to it), and
 # where to look for the container or service that published the port.
@@ -221,8 +222,8 @@ def _apply_match(match: dict, cond: _Conditions, sets: dict[str, list]) -> bool:
         names = _protocols(elements) if elements is not None else None
         if names is None:
             cond.also.append(_short(match))
-        elif negated:
-            cond.also.append(f"l4proto != {', '.join(sorted(names))}")
+        elif negated:  # every protocol with ports but those: never claimed for the one it excludes
+            cond.protos = (L4_WITH_PORTS if cond.protos is None else cond.protos) - names
         else:
             cond.protos = names if cond.protos is None else cond.protos & names
         return True
@@ -252,6 +253,9 @@ def _target(expr: dict) -> tuple[str, str] | None:
         return "dnat", where
     if "redirect" in expr:
         port = (expr["redirect"] or {}).get("port")
+        span = port.get("range") if isinstance(port, dict) else None
+        if isinstance(span, list) and len(span) == 2 and all(isinstance(p, int) for p in span):
+            return "redirect", f"ports {span[0]}-{span[1]} on this host"
         return "redirect", (f"port {port} on this host" if isinstance(port, int) else "this host")
     xt = expr.get("xt")
     if isinstance(xt, dict) and xt.get("type") == "target" and xt.get("name") in ("DNAT", "REDIRECT"):
