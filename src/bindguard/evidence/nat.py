@@ -8,9 +8,10 @@ protocol, destination ports (values, ranges, anonymous and named sets) and desti
 they match. iptables-legacy's rules are not in nftables and are not read (`iptables-legacy-save`
 shows them).
 
-Root runs `nft`: only /usr/sbin/nft, when root owns it and every directory above it and no one else
-can write them, with PATH=/usr/sbin:/usr/bin alone, no stdin, a session of its own, killed after
-NFT_SECONDS or NFT_MAX_BYTES of output. Parsing (rules_from_ruleset) is pure and bounded too.
+Root runs `nft` only by its absolute path in /usr/sbin, when root owns it and every directory above
+it and no one else can write them, with PATH=/usr/sbin:/usr/bin alone, no stdin, a session of its
+own, killed after TOOL_SECONDS or TOOL_MAX_BYTES of output (run_tool). Parsing (rules_from_ruleset)
+is pure and bounded too.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from bindguard.model.nat import NatRule
 
 NFT = "/usr/sbin/nft"
-NFT_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin", "LC_ALL": "C"}
-NFT_SECONDS = 5.0
-NFT_MAX_BYTES = 64 << 20  # a kube-proxy host with thousands of services prints some MiB
+TOOL_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin", "LC_ALL": "C"}
+TOOL_SECONDS = 5.0
+TOOL_MAX_BYTES = 64 << 20  # a kube-proxy host with thousands of services prints some MiB
 MAX_DEPTH = 16  # jump/goto levels below a hooked chain
 MAX_VISITS = 200_000  # rules looked at, over every path: a ruleset cannot make the walk unbounded
 HOOKS = ("prerouting", "output")
@@ -67,23 +68,25 @@ class _Conditions:
                            self.local_only, list(self.also), self.family_of_daddr)
 
 
-def _run_nft(*args: str) -> bytes:
-    """nft's output; NatUnreadable when nft is missing, untrusted or fails."""
+def run_tool(path: str, package: str, *args: str) -> bytes:
+    """The output of the tool at path (absolute, under /usr/sbin) run with args; NatUnreadable when it
+    is missing, untrusted or fails. What is executed is the checked file path resolves to; argv[0]
+    stays path, since a multi-call binary (xtables-legacy-multi) picks its applet by that name."""
     import subprocess
 
     from bindguard.request.discover.dump import run_bounded, untrusted
 
-    if not os.path.exists(NFT):
-        raise NatUnreadable(f"{NFT} is not installed (Debian's nftables package)")
-    why = untrusted(NFT)
+    if not os.path.exists(path):
+        raise NatUnreadable(f"{path} is not installed (Debian's {package} package)")
+    why = untrusted(path)
     if why:
-        raise NatUnreadable(f"{NFT} is not run: {why}")
-    command = " ".join(["nft", *args])
+        raise NatUnreadable(f"{path} is not run: {why}")
+    command = " ".join([os.path.basename(path), *args])
     try:
-        code, out, err, failure = run_bounded([os.path.realpath(NFT), *args], NFT_ENVIRONMENT, NFT_SECONDS,
-                                              NFT_MAX_BYTES)
+        code, out, err, failure = run_bounded([path, *args], TOOL_ENVIRONMENT, TOOL_SECONDS, TOOL_MAX_BYTES,
+                                              program=os.path.realpath(path))
     except (OSError, subprocess.SubprocessError) as exc:
-        raise NatUnreadable(f"{NFT}: {exc}") from None
+        raise NatUnreadable(f"{path}: {exc}") from None
     if failure:
         raise NatUnreadable(f"`{command}`: {failure}; stopped")
     if code != 0:
@@ -96,7 +99,7 @@ def _run_nft(*args: str) -> bytes:
 
 def read_ruleset() -> dict:
     """`nft -j list ruleset`, parsed; NatUnreadable when nft is missing, untrusted or fails."""
-    out = _run_nft("-j", "list", "ruleset")
+    out = run_tool(NFT, "nftables", "-j", "list", "ruleset")
     try:
         ruleset = json.loads(out or b'{"nftables": []}')
     except ValueError as exc:
@@ -378,10 +381,11 @@ def nat_rules() -> tuple[list[NatRule], list[str]]:
         return [], [f"NAT rules not read: {exc}"]
     if any(not r.to for r in rules):
         try:
-            targets = xt_targets_from_text(_run_nft("-a", "list", "ruleset").decode("utf-8", "replace"))
+            text = run_tool(NFT, "nftables", "-a", "list", "ruleset").decode("utf-8", "replace")
         except NatUnreadable as exc:
             notes.append(f"where iptables-nft's DNAT/REDIRECT rules send the traffic was not read: {exc}")
         else:
+            targets = xt_targets_from_text(text)
             rules = [replace(r, to=targets.get((r.family, r.table, r.chain, r.handle or -1), r.to)) if not r.to
                      else r for r in rules]
     return rules, notes

@@ -174,18 +174,21 @@ def refusal(program: str, runs_as: Credentials | str, root_inputs: Iterable[str]
     return None
 
 
-def run_bounded(argv: list[str], env: dict[str, str], seconds: float, limit: int,
+def run_bounded(argv: list[str], env: dict[str, str], seconds: float, limit: int, program: str | None = None,
                 **popen) -> tuple[int, bytes, bytes, str]:
-    """Run argv[0] (an absolute path, already checked) with env alone, / as working directory, no
-    stdin and a session of its own; (exit code, stdout, stderr, why it was stopped: "" when it was
-    not). Past `seconds`, or past `limit` bytes of output, it is killed with everything it started.
-    OSError or SubprocessError when it cannot be started."""
+    """Run `program` (default argv[0]; an absolute path, already checked) with env alone, / as working
+    directory, no stdin and a session of its own; (exit code, stdout, stderr, why it was stopped: ""
+    when it was not). Past `seconds`, or past `limit` bytes of output, it is killed with everything it
+    started. OSError or SubprocessError when it cannot be started.
+
+    `program` apart from argv[0]: a multi-call binary (xtables-legacy-multi) picks what it does by
+    the name in argv[0], while the file executed is the checked one the name's symlink resolves to."""
     import selectors
     import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen(argv, executable=argv[0], env=dict(env), cwd="/", stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, executable=program or argv[0], env=dict(env), cwd="/", stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
                             **popen)
     out_pipe, err_pipe = proc.stdout, proc.stderr
