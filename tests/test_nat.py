@@ -204,9 +204,13 @@ def test_iptables_nft_rules_are_read_with_their_targets(netns):
                  ["-A", "PREROUTING", "-d", "192.0.2.50", "-p", "tcp", "--dport", "9020", "-j", "DNAT",
                   "--to-destination", "192.0.2.9"]):
         subprocess.run(netns.argv(["/usr/sbin/iptables-nft", "-t", "nat", *rule]), check=True)
-    found = shadowed(explain(netns, "0.0.0.0:9000", "0.0.0.0:9005", "0.0.0.0:9011", "127.0.0.1:9020"))
+    netns.ip("addr", "add", "192.0.2.50/32", "dev", "lo")
+    netns.ip("addr", "add", "192.0.2.51/32", "dev", "lo")
+    found = shadowed(explain(netns, "0.0.0.0:9000", "0.0.0.0:9005", "0.0.0.0:9011", "192.0.2.50:9020",
+                             "192.0.2.51:9020"))
     assert found == [("0.0.0.0:9000", "192.0.2.9:90", "PREROUTING"),
-                     ("0.0.0.0:9005", "port 7000 on this host", "OUTPUT")]
+                     ("0.0.0.0:9005", "port 7000 on this host", "OUTPUT"),
+                     ("192.0.2.50:9020", "192.0.2.9", "PREROUTING")]  # the rule is for .50, not .51
 
 
 def unit_yaml(tmp_path: Path, nat: str | None) -> dict:
