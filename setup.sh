@@ -23,7 +23,8 @@ if [ "${1:-}" = "--test" ]; then
     # (the test builds the wheel with Debian's setuptools and wheel); promtool checks the alert rules
     extras+=(ansible-core python3-apt python3-yaml python3-pystemd python3-setuptools python3-wheel)
     extras+=(prometheus)
-    # NAT rules that take a port away (tests/test_nat.py): real nft and iptables-nft rules in namespaces;
+    # NAT rules that take a port away (tests/test_nat.py): real nft, iptables-nft and iptables-legacy rules
+    # (iptables provides iptables-legacy-save) in namespaces;
     # a container behind a holder (tests/test_containers.py): rootful and rootless Podman (uidmap and
     # slirp4netns, only recommended by podman), its image made from busybox-static
     extras+=(nftables iptables podman crun conmon netavark busybox-static uidmap slirp4netns)

@@ -1,5 +1,6 @@
 """NAT rules that take a port away (nat-shadowed): recorded rulesets, and real nftables rules
-(nft and iptables-nft) in network namespaces, read by `explain` and by `check` as a unit's YAML asks.
+(nft and iptables-nft) and iptables-legacy rules in network namespaces, read by `explain` and by
+`check` as a unit's YAML asks.
 
 Rules name documentation addresses only (192.0.2.0/24, 198.51.100.0/24, 2001:db8::/32) as their
 targets: nothing is sent anywhere."""
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from bindguard.evidence.iptables_legacy import rules_from_save
 from bindguard.evidence.nat import MAX_DEPTH, rules_from_ruleset, xt_targets_from_text
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.verdict.nat import nat_conflicts
 from conftest import REQUIRE
 
 DATA = Path(__file__).resolve().parent / "data" / "nft"
+LEGACY = Path(__file__).resolve().parent / "data" / "iptables-legacy"  # rules.sh, and what -save printed after it
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
 
@@ -28,8 +31,8 @@ def bind(text: str, v6only: bool = False) -> Bind:
     return Bind(parse_listen(text), SocketOptions(v6only=v6only))
 
 
-def caught(rules, text: str) -> list:
-    return [c.nat for c in nat_conflicts([bind(text)], rules)]
+def caught(rules, text: str, v6only: bool = False) -> list:
+    return [c.nat for c in nat_conflicts([bind(text, v6only)], rules)]
 
 
 def recorded(name: str):
@@ -154,6 +157,75 @@ def test_a_redirect_to_a_port_range_names_the_range():
     assert [r.to for r in rules_from_ruleset(ruleset)[0]] == ["ports 9443-9444 on this host"]
 
 
+# --- recorded iptables-legacy-save output (of tests/data/iptables-legacy/rules.sh) ---------------
+
+
+def legacy(name: str, family: str):
+    rules, notes = rules_from_save((LEGACY / name).read_text(), family)
+    assert notes == []
+    return rules
+
+
+def test_legacy_docker_chain_reached_for_local_addresses():
+    rules = legacy("nat.save", "ip")
+    found = caught(rules, "0.0.0.0:8080")
+    assert sorted((r.hook, r.path, r.to) for r in found) == [("output", ("OUTPUT", "DOCKER"), "192.0.2.7:80"),
+                                                            ("prerouting", ("PREROUTING", "DOCKER"), "192.0.2.7:80")]
+    docker = next(r for r in found if r.hook == "prerouting")
+    assert docker.local_only and docker.owner == "Docker" and docker.source == "iptables-legacy"
+    assert docker.also == ('iifname != "docker0"',) and docker.handle == 2  # `-L DOCKER --line-numbers`
+    assert docker.where() == "iptables-legacy table nat, chain DOCKER (via PREROUTING -> DOCKER)"
+    assert caught(rules, "127.0.0.1:8080") == []  # OUTPUT: ! -d 127.0.0.0/8; PREROUTING: never loopback
+
+
+def test_legacy_dnat_redirect_ranges_and_multiport():
+    rules = legacy("nat.save", "ip")
+    assert [r.to for r in caught(rules, "0.0.0.0:9000")] == ["192.0.2.9:90"]
+    assert [r.to for r in caught(rules, "udp:0.0.0.0:53")] == ["port 5353 on this host"]
+    assert caught(rules, "0.0.0.0:53") == []  # the rule is for UDP
+    nodeport = caught(rules, "192.0.2.50:31000")  # 0.0.0.0 too is .51, where `! --dport 1:9100` holds
+    assert [(r.to, r.comment) for r in nodeport] == [("192.0.2.8", "default/web:http")]
+    assert caught(rules, "192.0.2.50:29999") == []
+    assert [r.to for r in caught(rules, "192.0.2.99:9505")] == ["ports 9443-9444 on this host"]
+    assert caught(rules, "192.0.2.99:444") == []
+
+
+def test_legacy_rule_for_another_address_does_not_match():
+    rules = legacy("nat.save", "ip")
+    assert [r.to for r in caught(rules, "192.0.2.50:9020")] == ["192.0.2.9"]
+    assert caught(rules, "192.0.2.51:9020") == []
+
+
+def test_legacy_negations_read_and_not_read():
+    rules = legacy("nat.save", "ip")
+    assert [r.to for r in caught(rules, "192.0.2.51:9040")] == ["192.0.2.13"]  # ! -d 192.0.2.50
+    assert caught(rules, "192.0.2.50:9040") == []
+    assert [r.to for r in caught(rules, "192.0.2.51:9500")] == ["192.0.2.10-192.0.2.11:8000-8010"]  # ! --dport 1:9100
+    assert caught(rules, "192.0.2.51:9099") == []
+    for port in (9030, 9060, 9050):  # ! --ctstate, ! --tcp-flags: not read; ! --dst-type LOCAL: no local address
+        assert caught(rules, f"0.0.0.0:{port}") == []
+    assert [r.also for r in caught(rules, "0.0.0.0:9031")] == [("-m conntrack --ctstate NEW",)]  # read as written
+
+
+def test_legacy_ip6_rules():
+    rules = legacy("nat6.save", "ip6")
+    assert [r.to for r in caught(rules, "[2001:db8::5]:8080")] == ["[2001:db8::7]:80"]
+    assert caught(rules, "[2001:db8::6]:8080") == []
+    assert [(r.source, r.to) for r in caught(rules, "udp:[::]:7777", v6only=True)] == [
+        ("ip6tables-legacy", "port 7778 on this host")]
+    assert caught(rules, "udp:0.0.0.0:7777") == []
+
+
+def test_legacy_lines_not_read_are_noted_and_bad_words_claim_nothing():
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m comment --comment \"open -j DNAT\n"
+            "-A PREROUTING -p tcp -m tcp --dport 99999 -j DNAT --to-destination 192.0.2.1\n"
+            "-A PREROUTING ! -f -p tcp -m tcp --dport 7 -j DNAT --to-destination 192.0.2.2\n"
+            "-A PREROUTING -p tcp -j NOSUCH\nCOMMIT\n*filter\n-A PREROUTING -j DNAT --to-destination 192.0.2.3\n")
+    rules, notes = rules_from_save(text, "ip")
+    assert len(notes) == 1 and "unbalanced quotes" in notes[0]
+    assert [(r.ports, r.also) for r in rules] == [(None, ("-m tcp --dport 99999",))]  # kept as written
+
+
 # --- real nftables rules in a network namespace ---------------------------------------------------
 
 
@@ -211,6 +283,68 @@ def test_iptables_nft_rules_are_read_with_their_targets(netns):
     assert found == [("0.0.0.0:9000", "192.0.2.9:90", "PREROUTING"),
                      ("0.0.0.0:9005", "port 7000 on this host", "OUTPUT"),
                      ("192.0.2.50:9020", "192.0.2.9", "PREROUTING")]  # the rule is for .50, not .51
+
+
+def need_legacy() -> None:
+    tools = ("/usr/sbin/iptables-legacy", "/usr/sbin/iptables-legacy-save", "/usr/sbin/ip6tables-legacy-save")
+    missing = [p for p in tools if not os.access(p, os.X_OK)]
+    if missing:
+        reason = f"iptables-legacy tests need {', '.join(missing)} (Debian's iptables package)"
+        if REQUIRE:
+            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
+        pytest.skip(reason)
+
+
+def legacy_tables(netns, version: str = "") -> list[str]:
+    return netns.run(["cat", f"/proc/net/ip{version}_tables_names"], check=True).stdout.split()
+
+
+def without_comments(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+def test_explain_reads_iptables_legacy_rules(netns):
+    need_legacy()
+    assert "nat" not in legacy_tables(netns)  # a namespace of its own: its legacy tables are its own
+    for address in ("192.0.2.50", "192.0.2.51", "192.0.2.99"):
+        netns.ip("addr", "add", f"{address}/32", "dev", "lo")
+    netns.ip("addr", "add", "2001:db8::5/128", "dev", "lo", "nodad")
+    subprocess.run(netns.argv(["sh", str(LEGACY / "rules.sh")]), check=True)
+    for tool, name in (("iptables-legacy-save", "nat.save"), ("ip6tables-legacy-save", "nat6.save")):
+        printed = netns.run([f"/usr/sbin/{tool}", "-t", "nat"], check=True).stdout
+        assert without_comments(printed) == without_comments((LEGACY / name).read_text())  # the recording holds
+    report = explain(netns, "0.0.0.0:8080", "0.0.0.0:9000", "udp:0.0.0.0:53", "192.0.2.50:31000", "192.0.2.50:9020",
+                     "192.0.2.51:9020", "192.0.2.51:9040", "0.0.0.0:9030", "0.0.0.0:9050", "[2001:db8::5]:8080")
+    assert report["clear"] and report["exit_code"] == 0
+    assert shadowed(report) == [
+        ("0.0.0.0:8080", "192.0.2.7:80", "DOCKER"), ("0.0.0.0:8080", "192.0.2.7:80", "DOCKER"),  # both hooks
+        ("0.0.0.0:9000", "192.0.2.9:90", "PREROUTING"),
+        ("192.0.2.50:31000", "192.0.2.8", "PREROUTING"),
+        ("192.0.2.50:9020", "192.0.2.9", "PREROUTING"),  # the rule for .50 leaves .51 alone
+        ("192.0.2.51:9040", "192.0.2.13", "PREROUTING"),
+        ("[2001:db8::5]:8080", "[2001:db8::7]:80", "PREROUTING"),
+        ("udp:0.0.0.0:53", "port 5353 on this host", "PREROUTING")]  # 9030, 9050: negations never claimed
+    nat = [c for c in report["conflicts"] if c["kind"] == "nat-shadowed"]
+    assert {c["nat"]["source"] for c in nat} == {"iptables-legacy", "ip6tables-legacy"}
+    nine = next(c for c in nat if c["address"] == "0.0.0.0:9000")
+    assert "`iptables-legacy -t nat -n -L PREROUTING --line-numbers`" in nine["remedy"]
+    assert nine["nat"]["handle"] == 2 and nine["nat"]["rule"].endswith("dnat to 192.0.2.9:90 # rule 2")
+
+
+def test_a_legacy_nat_table_is_read_only_where_the_kernel_has_one(netns, tmp_path):
+    """Looking makes no legacy nat table (iptables-legacy-save would), and a table there whose tool
+    is missing is a note."""
+    need_legacy()
+    explain(netns, "0.0.0.0:9000")
+    assert "nat" not in legacy_tables(netns) and "nat" not in legacy_tables(netns, "6")
+    subprocess.run(netns.argv(["sh", str(LEGACY / "rules.sh")]), check=True)
+    proc = netns.run(["unshare", "--mount", "--", "sh", "-c",
+                      f"mount -t tmpfs tmpfs /usr/sbin && exec {' '.join(BINDGUARD)} explain --no-systemd --json "
+                      "0.0.0.0:9000"])
+    assert proc.returncode == 0, proc.stderr
+    notes = json.loads(proc.stdout)["notes"]
+    assert any("the kernel has an iptables-legacy nat table (/proc/net/ip_tables_names)" in n and
+               "/usr/sbin/iptables-legacy-save is not installed (Debian's iptables package)" in n for n in notes), notes
 
 
 def unit_yaml(tmp_path: Path, nat: str | None) -> dict:

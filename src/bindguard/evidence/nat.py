@@ -5,13 +5,13 @@ Debian 12) both land in the kernel's nftables ruleset, which `nft` prints as JSO
 chains of type nat hooked at prerouting (traffic from outside) or output (this host's own), and
 the chains they jump or goto to (at most MAX_DEPTH deep), for rules that DNAT or REDIRECT, with the
 protocol, destination ports (values, ranges, anonymous and named sets) and destination addresses
-they match. iptables-legacy's rules are not in nftables and are not read (`iptables-legacy-save`
-shows them).
+they match. iptables-legacy's rules are not in nftables: evidence/iptables_legacy.py reads them where
+the kernel has a legacy nat table, and walks them here.
 
-Root runs `nft` only by its absolute path in /usr/sbin, when root owns it and every directory above
-it and no one else can write them, with PATH=/usr/sbin:/usr/bin alone, no stdin, a session of its
-own, killed after TOOL_SECONDS or TOOL_MAX_BYTES of output (run_tool). Parsing (rules_from_ruleset)
-is pure and bounded too.
+Root runs `nft` (and iptables-legacy-save) only by its absolute path in /usr/sbin, when root owns it
+and every directory above it and no one else can write them, with PATH=/usr/sbin:/usr/bin alone, no
+stdin, a session of its own, killed after TOOL_SECONDS or TOOL_MAX_BYTES of output (run_tool). Parsing
+(rules_from_ruleset) is pure and bounded too.
 """
 
 from __future__ import annotations
@@ -266,9 +266,10 @@ def _target(expr: dict) -> tuple[str, str] | None:
     return None
 
 
-def rules_from_ruleset(ruleset: dict) -> tuple[list[NatRule], list[str]]:
+def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[NatRule], list[str]]:
     """Every DNAT/REDIRECT reachable from a nat chain hooked at prerouting or output, with the
-    conditions on the way to it; and notes on what was not read."""
+    conditions on the way to it; and notes on what was not read. `source` names where the ruleset
+    was read (iptables_legacy translates iptables-legacy-save's rules into the same JSON)."""
     items = ruleset.get("nftables") if isinstance(ruleset, dict) else None
     if not isinstance(items, list):
         return [], ["the nftables ruleset has no `nftables` list"]
@@ -309,7 +310,8 @@ def rules_from_ruleset(ruleset: dict) -> tuple[list[NatRule], list[str]]:
                         break  # its conditions contradict those on the way here: never matches
                     continue
                 if isinstance(expr.get("xt"), dict) and expr["xt"].get("type") == "match":
-                    here.also.append(f"iptables match {expr['xt'].get('name')}")
+                    # iptables-nft's JSON names the match only; iptables_legacy keeps it as written
+                    here.also.append(str(expr["xt"].get("written") or f"iptables match {expr['xt'].get('name')}"))
                     matched = True
                     continue
                 if not matched and any(verdict in expr for verdict in ("return", "accept", "drop")):
@@ -325,7 +327,8 @@ def rules_from_ruleset(ruleset: dict) -> tuple[list[NatRule], list[str]]:
                         action=target[0], to=target[1], protos=here.protos, ports=here.ports,
                         ports_negated=here.ports_negated, daddrs=here.daddrs, daddrs_negated=here.daddrs_negated,
                         local_only=here.local_only, also=tuple(here.also),
-                        comment=str(rule.get("comment") or ""), owner=owner[0], owner_hint=owner[1]))
+                        comment=str(rule.get("comment") or ""), owner=owner[0], owner_hint=owner[1],
+                        source=source))
                     break
                 for verb in ("jump", "goto"):
                     if isinstance(expr.get(verb), dict):
@@ -342,7 +345,7 @@ def rules_from_ruleset(ruleset: dict) -> tuple[list[NatRule], list[str]]:
         if chain.get("type") == "nat" and chain.get("hook") in HOOKS:
             walk(key, str(chain["hook"]), _Conditions(), (key[2],))
     if visits > MAX_VISITS:
-        notes.append(f"the nftables ruleset has more than {MAX_VISITS} rules on the nat paths: not all were read")
+        notes.append(f"the {source} ruleset has more than {MAX_VISITS} rules on the nat paths: not all were read")
     return found, notes
 
 
@@ -371,7 +374,17 @@ def xt_targets_from_text(text: str) -> dict[tuple[str, str, str, int], str]:
 
 
 def nat_rules() -> tuple[list[NatRule], list[str]]:
-    """The host's DNAT/REDIRECT rules and notes; ([], [why]) when the ruleset cannot be read.
+    """The host's DNAT/REDIRECT rules, from nftables and from iptables-legacy's nat tables where the
+    kernel has them, and notes on what could not be read."""
+    from bindguard.evidence.iptables_legacy import legacy_nat_rules
+
+    rules, notes = _nftables_rules()
+    legacy, legacy_notes = legacy_nat_rules()
+    return rules + legacy, notes + legacy_notes
+
+
+def _nftables_rules() -> tuple[list[NatRule], list[str]]:
+    """The nftables ruleset's DNAT/REDIRECT rules and notes; ([], [why]) when it cannot be read.
 
     Where iptables-nft wrote a rule, the JSON names its target only ("xt target DNAT"): then the
     text listing is read once more for where the traffic goes."""

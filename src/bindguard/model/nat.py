@@ -1,5 +1,5 @@
 """A NAT rule that takes traffic for a port elsewhere (DNAT, REDIRECT), as read from the host's
-nftables ruleset, and whether it catches what a daemon binds. No I/O.
+nftables ruleset or iptables-legacy's nat tables, and whether it catches what a daemon binds. No I/O.
 
 A published port of Docker (userland-proxy=false), Kubernetes (hostPort, NodePort) or Podman
 (netavark) is such a rule and no socket: the daemon's bind() succeeds and its clients reach a
@@ -24,7 +24,7 @@ class NatRule:
     chain: str  # the chain holding the dnat/redirect
     path: tuple[str, ...]  # from the hooked chain down to `chain`, through jump/goto
     hook: str  # prerouting (traffic from outside) or output (this host's own)
-    handle: int | None
+    handle: int | None  # what deletes it: nft's rule handle; iptables-legacy's number of the rule in its chain
     action: str  # "dnat" or "redirect"
     to: str  # where the traffic goes: "192.0.2.7:80", "port 9443", "" when not readable
     protos: frozenset[str] | None = None  # tcp, udp, ...; None: any
@@ -37,6 +37,12 @@ class NatRule:
     comment: str = ""
     owner: str = ""  # who made it, where the chain's name says so (Docker, Kubernetes, Podman)
     owner_hint: str = ""  # where to see the container or service behind it
+    source: str = "nftables"  # where it was read: "nftables", or the legacy tool that lists it, "iptables-legacy" or
+    # "ip6tables-legacy" (its rules are not in nftables)
+
+    @property
+    def legacy(self) -> bool:
+        return self.source != "nftables"
 
     def catches(self, bind: Bind) -> bool:
         """Whether traffic to bind's address and port may be redirected by this rule."""
@@ -63,9 +69,16 @@ class NatRule:
         return inside != self.daddrs_negated
 
     def where(self) -> str:
-        """table/chain as nft names it, with the path the traffic took there."""
+        """table/chain as nft (or the iptables-legacy tool) names it, with the path the traffic took there."""
         via = f" (via {' -> '.join(self.path)})" if len(self.path) > 1 else ""
-        return f"table {self.family} {self.table}, chain {self.chain}{via}"
+        table = f"{self.source} table {self.table}" if self.legacy else f"table {self.family} {self.table}"
+        return f"{table}, chain {self.chain}{via}"
+
+    def listing(self) -> str:
+        """The command that lists the rule's chain with what identifies the rule (handle, number)."""
+        if self.legacy:
+            return f"{self.source} -t {self.table} -n -L {self.chain} --line-numbers"
+        return f"nft -a list chain {self.family} {self.table} {self.chain}"
 
     def describe(self) -> str:
         parts = []
@@ -81,5 +94,5 @@ class NatRule:
         parts.extend(self.also)
         target = self.action + (f" to {self.to}" if self.to else " (target not readable: an iptables-nft rule; "
                                                                     "`iptables-nft -t nat -S` shows it)")
-        handle = f" # handle {self.handle}" if self.handle is not None else ""
+        handle = "" if self.handle is None else f" # rule {self.handle}" if self.legacy else f" # handle {self.handle}"
         return " ".join([*parts, target]) + handle

@@ -112,7 +112,8 @@ def container_json(container: ContainerFact) -> dict:
 def nat_json(rule: NatRule) -> dict:
     return {"family": rule.family, "table": rule.table, "chain": rule.chain, "path": list(rule.path),
             "hook": rule.hook, "handle": rule.handle, "action": rule.action, "to": rule.to or None,
-            "rule": rule.describe(), "owner": rule.owner or None, "comment": rule.comment or None}
+            "rule": rule.describe(), "owner": rule.owner or None, "comment": rule.comment or None,
+            "source": rule.source}
 
 
 def describe_holder(c: Conflict) -> str:

@@ -230,7 +230,7 @@ def nat_remedy(address: object, rule: NatRule) -> str:
     """The fix for an address whose connections a NAT rule takes elsewhere (guard and scan alike)."""
     owner = (f"unpublish or move the port in {rule.owner}, which made the rule ({rule.owner_hint}); editing "
              "the rule by hand is undone when it is written again") if rule.owner else (
-        f"find what writes the rule (`nft -a list chain {rule.family} {rule.table} {rule.chain}`) and remove "
+        f"find what writes the rule (`{rule.listing()}`) and remove "
         "or narrow it")
     return (f"the daemon can bind {address}, but connections to it are redirected to {rule.to or 'somewhere else'} "
             f"by a NAT rule, not delivered to it. If the daemon is meant to serve this port, {owner}; otherwise "

@@ -235,7 +235,8 @@ def _nat_shadowed(hostmap: HostMap) -> list[Finding]:
             continue
         for rule in hostmap.nat_rules:
             if rule.catches(claim.bind):
-                key = (rule.family, rule.table, rule.chain, rule.handle, rule.hook, str(claim.bind.endpoint))
+                key = (rule.source, rule.family, rule.table, rule.chain, rule.handle, rule.hook,
+                       str(claim.bind.endpoint))
                 grouped.setdefault(key, (rule, claim.bind, []))[2].append(claim)
     found = []
     for rule, bind, claims in grouped.values():
