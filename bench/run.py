@@ -56,6 +56,8 @@ PSUTIL_SNIPPET = (
 
 EXIT_CLEAR, EXIT_TEMPFAIL, EXIT_INUSE, EXIT_USAGE = 0, 75, 98, 64
 NO_RIG = "needs the systemd rig (tests/rig.py), which did not start here"
+NFT = "/usr/sbin/nft"
+NAT_PUBLISHED = 36  # DNAT rules in the load's nftables ruleset: a container host's few dozen published ports
 
 
 @dataclass
@@ -103,7 +105,7 @@ def bindguard_argv(explicit: str | None) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "bindguard"], {"PYTHONPATH": str(REPO / "src")}
 
 
-def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent) -> list[Command]:
+def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent, config: Path) -> list[Command]:
     free, held, timewait = info["free_port"], info["held_port"], info["timewait_port"]
     bg = bindguard
     found = [
@@ -121,6 +123,7 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
                 [*bg, "check", "--no-reuseaddr", "--wait", "0", str(timewait)], (EXIT_TEMPFAIL,), bindguard_env),
         Command("noop", "bindguard: every-service drop-in, nothing to check (`check --unit bench-noop.service`)",
                 [*bg, "check", "--unit", "bench-noop.service"], (EXIT_CLEAR,), bindguard_env),
+        *nat_commands(bg, bindguard_env, free, config),
         Command("noop_unit", "bindguard: the same, run by a service as the drop-in runs it (`check --unit %n`)",
                 [*bg, "check", "--unit", UNIT_AGENT], (EXIT_CLEAR,), bindguard_env, agent=agent,
                 unavailable=None if agent else NO_RIG),
@@ -137,6 +140,40 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
     if os.path.realpath(sys.executable) != os.path.realpath(FLOOR_PYTHON) or sys.prefix != sys.base_prefix:
         found.insert(1, Command("venv_floor", f"`python -c pass` ({sys.executable})", [sys.executable, "-c", "pass"]))
     return found
+
+
+def nat_commands(bg: list[str], bindguard_env: dict[str, str], free: int, config: Path) -> list[Command]:
+    """A unit's check from its YAML (listen: the free port), without and with `nat: warn`, in a
+    namespace whose nftables ruleset holds nat_ruleset()'s rules: the difference is what reading the
+    host's NAT rules (`nft -j list ruleset` and its parsing) adds to a clear start."""
+    (config / "bench-yaml.service.yaml").write_text(f'listen: ["{free}"]\n')
+    (config / "bench-nat.service.yaml").write_text(f'listen: ["{free}"]\nnat: warn\n')
+    env = {**bindguard_env, "BINDGUARD_CONFIG_PATH": str(config)}
+    return [
+        Command("clear_yaml", f"bindguard: clear, from the unit's YAML (`check --unit bench-yaml.service`, "
+                f"listen: {free})", [*bg, "check", "--unit", "bench-yaml.service"], (EXIT_CLEAR,), env),
+        Command("nat_warn", f"bindguard: the same with `nat: warn` ({NAT_PUBLISHED} DNAT rules in nftables, none on "
+                f"{free})", [*bg, "check", "--unit", "bench-nat.service"], (EXIT_CLEAR,), env,
+                unavailable=None if os.access(NFT, os.X_OK) else f"needs {NFT} (Debian's nftables package)"),
+    ]
+
+
+def nat_ruleset(free: int) -> str:
+    """nft's text for a container host's nat table: PREROUTING and OUTPUT jump to DOCKER for local
+    addresses, with half the published ports there and half in a NodePort-style chain; none is `free`."""
+    ports = [port for port in range(30000, 30000 + NAT_PUBLISHED + 1) if port != free][:NAT_PUBLISHED]
+    half = len(ports) // 2
+    docker = "".join(f"    iifname != \"docker0\" tcp dport {port} dnat to 192.0.2.{i % 250 + 1}:80\n"
+                     for i, port in enumerate(ports[:half]))
+    nodeports = "".join(f"    tcp dport {port} dnat to 198.51.100.{i % 250 + 1}:8080\n"
+                        for i, port in enumerate(ports[half:]))
+    return ("table ip nat {\n"
+            "  chain PREROUTING {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+            "    fib daddr type local jump DOCKER\n    jump KUBE-NODEPORTS\n  }\n"
+            "  chain OUTPUT {\n    type nat hook output priority -100; policy accept;\n"
+            "    ip daddr != 127.0.0.0/8 fib daddr type local jump DOCKER\n  }\n"
+            f"  chain DOCKER {{\n    iifname \"docker0\" return\n{docker}  }}\n"
+            f"  chain KUBE-NODEPORTS {{\n{nodeports}  }}\n}}\n")
 
 
 # Debian's own unit files, run in the rig under another name so that no system unit is touched;
@@ -356,18 +393,21 @@ def probe(command: Command) -> dict:
 def measure_size(size: Size, rounds: int, warmup: int, memory_runs: int, quick_passes: int,
                  bindguard: list[str], bindguard_env: dict[str, str], agent, log) -> dict:
     started = time.monotonic()
-    with Load(size) as load:
+    with Load(size) as load, tempfile.TemporaryDirectory(prefix="bindguard-bench-") as config:
         log(f"{size.label}: built in {load.info['build_seconds']} s: {load.info['sockstat']}")
         result = {"size": {"sockets": size.sockets, "processes": size.processes}, "label": size.label,
                   "build_seconds": load.info["build_seconds"], "mix": load.info["mix"],
                   "held_pid": load.info["held_pid"], "held_scan_position": load.info["held_scan_position"],
                   "sockstat_start": load.info["sockstat"], "host_processes": host_processes(),
                   "load_average": round(os.getloadavg()[0], 2), "rounds": rounds, "commands": {}}
-        cmds = commands(load.info, bindguard, bindguard_env, agent)
+        cmds = commands(load.info, bindguard, bindguard_env, agent, Path(config))
         if agent:
             agent.enter(load.netns)
         try:
             with inside(load.netns):
+                if os.access(NFT, os.X_OK):  # the nat rows' ruleset, in the load's namespace: it goes with it
+                    subprocess.run([NFT, "-f", "-"], input=nat_ruleset(load.info["free_port"]), text=True,
+                                   check=True)
                 times, sockstats = measure_in(load, cmds, result["commands"], rounds, warmup, memory_runs,
                                               quick_passes)
         finally:
@@ -447,8 +487,8 @@ TARGETS = (
 STORM_LIMIT = 1.1
 GROWTH_LIMIT = 1.10
 MEMORY_LIMIT_BYTES = 40_000_000
-BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit", "daemon_nginx",
-                   "daemon_nginx_changed", "daemon_ssh", "daemon_ssh_changed")
+BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "clear_yaml", "nat_warn", "noop_unit", "unit",
+                   "held_unit", "daemon_nginx", "daemon_nginx_changed", "daemon_ssh", "daemon_ssh_changed")
 
 
 def target_sizes(sizes: list[dict]) -> list[dict]:

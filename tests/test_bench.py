@@ -11,7 +11,8 @@ from conftest import REQUIRE, need_root
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 REFERENCES = ("floor", "ss", "ss_p", "lsof", "psutil")
-BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "noop_unit", "unit", "held_unit")
+BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "clear_yaml", "nat_warn", "noop_unit", "unit",
+                   "held_unit")
 KNOWN_DAEMON_PATHS = ("daemon_nginx", "daemon_nginx_changed", "daemon_ssh", "daemon_ssh_changed")
 SOCKET_UNIT_PATHS = ("socket_path_unit", "socket_clear_unit")
 
