@@ -25,6 +25,10 @@ from bindguard.model.kinds import DISCOVERY_SOURCES, NAT_MODES, POLICY_KINDS, Ac
 from bindguard.model.record import Record, field
 from bindguard.systemd.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
 
+TYPE_CHECKING = False  # PyYAML is imported only when a file is read (_yaml)
+if TYPE_CHECKING:
+    from yaml import Node as YamlNode
+
 FAIL_MODES = ("open", "closed")
 OPTION_NAMES = ("reuseaddr", "reuseport", "v6only", "freebind")
 TOP_KEYS = ("listen", "options", "wait", "policy", "fail", "reap_stale", "discovery", "trust_guesses", "nat")
@@ -313,7 +317,7 @@ class _FileReader:
 
         yaml = _yaml()
 
-        seen: dict[str, yaml.Node] = {}
+        seen: dict[str, YamlNode] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 self.problem(key_node, f"a key must be a plain name, found {_kind(key_node)}")
