@@ -145,6 +145,29 @@ def test_an_unconditional_return_ends_the_chain_and_garbage_is_no_rule():
         assert rules_from_ruleset(junk)[0] == []
 
 
+def test_rules_after_a_chain_every_packet_leaves_the_nat_pass_in_are_never_reached():
+    """accept, drop, a NAT target or a goto in a chain jumped to without a condition ends the nat
+    pass for every packet: the rules after the jump are not claimed. A return comes back."""
+    later = _rule("pre", {"redirect": {"port": 2}})
+    for verdict in ({"accept": None}, {"drop": None}, {"redirect": {"port": 1}}):
+        ruleset = {"nftables": [_chain("pre", "prerouting"), _chain("a"), _rule("pre", {"jump": {"target": "a"}}),
+                                _rule("a", verdict), later]}
+        assert all(r.chain == "a" for r in rules_from_ruleset(ruleset)[0]), verdict
+    returns = {"nftables": [_chain("pre", "prerouting"), _chain("a"), _rule("pre", {"jump": {"target": "a"}}),
+                            _rule("a", {"return": None}), later]}
+    assert [r.chain for r in rules_from_ruleset(returns)[0]] == ["pre"]
+    # a goto never comes back: the chain that went there ends where the chain it went to ends
+    goto = {"nftables": [_chain("pre", "prerouting"), _chain("mid"), _chain("a"),
+                         _rule("pre", {"jump": {"target": "mid"}}), _rule("mid", {"goto": {"target": "a"}}),
+                         _rule("mid", {"redirect": {"port": 3}}), later]}
+    assert sorted(r.to for r in rules_from_ruleset(goto)[0]) == ["port 2 on this host"]
+    # with a condition on the jump, only the packets it matches leave: the rules after it stay
+    tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    conditional = {"nftables": [_chain("pre", "prerouting"), _chain("a"),
+                                _rule("pre", tcp, {"jump": {"target": "a"}}), _rule("a", {"accept": None}), later]}
+    assert [r.chain for r in rules_from_ruleset(conditional)[0]] == ["pre"]
+
+
 def test_a_negated_protocol_leaves_that_protocol_alone():
     ruleset = {"nftables": [_chain("pre", "prerouting"), _rule("pre", {"match": {
         "op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"redirect": {"port": 1}})]}

@@ -293,12 +293,15 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
     notes: list[str] = []
     visits = 0
 
-    def walk(key: tuple[str, str, str], hook: str, cond: _Conditions, path: tuple[str, ...]) -> None:
+    def walk(key: tuple[str, str, str], hook: str, cond: _Conditions, path: tuple[str, ...]) -> bool:
+        """Read the chain `key` for packets under `cond`; True when every such packet ends the
+        hook's nat pass in it (an accept, a drop, a NAT target or a goto with no condition), so
+        that the rules after the jump that led here are never reached."""
         nonlocal visits
         for rule in rules.get(key, ()):
             visits += 1
             if visits > MAX_VISITS:
-                return
+                return False
             here = cond.copy()
             matched = False
             for expr in rule["expr"]:
@@ -314,8 +317,10 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
                     here.also.append(str(expr["xt"].get("written") or f"iptables match {expr['xt'].get('name')}"))
                     matched = True
                     continue
-                if not matched and any(verdict in expr for verdict in ("return", "accept", "drop")):
-                    return  # every packet leaves this chain here: the rules below are never reached
+                if not matched and "return" in expr:
+                    return False  # every packet goes back to the chain that jumped here
+                if not matched and ("accept" in expr or "drop" in expr):
+                    return True  # every packet's nat pass ends here
                 target = _target(expr)
                 if target is not None:
                     if here.protos is not None and not here.protos:
@@ -329,6 +334,8 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
                         local_only=here.local_only, also=tuple(here.also),
                         comment=str(rule.get("comment") or ""), owner=owner[0], owner_hint=owner[1],
                         source=source))
+                    if not matched:
+                        return True  # a NAT target is a verdict: no rule below sees the packet
                     break
                 for verb in ("jump", "goto"):
                     if isinstance(expr.get(verb), dict):
@@ -338,8 +345,12 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
                         if len(path) > MAX_DEPTH:
                             notes.append(f"chain {name} is more than {MAX_DEPTH} jumps below {path[0]}: not read")
                             break
-                        walk((key[0], key[1], name), hook, here, (*path, name))
+                        ends = walk((key[0], key[1], name), hook, here, (*path, name))
+                        if not matched and (ends or verb == "goto"):
+                            # a goto never comes back here: its chain's end is this chain's end
+                            return ends
                         break
+        return False  # the chain's end: back to the chain that jumped here, or the base chain's policy
 
     for key, chain in chains.items():
         if chain.get("type") == "nat" and chain.get("hook") in HOOKS:
