@@ -180,6 +180,20 @@ def test_a_redirect_to_a_port_range_names_the_range():
     assert [r.to for r in rules_from_ruleset(ruleset)[0]] == ["ports 9443-9444 on this host"]
 
 
+def test_dnat_to_ranges_and_a_prefix_is_named_as_nft_writes_it():
+    """The statements as `nft -j list ruleset` gave them for `dnat to 192.0.2.1-192.0.2.5:8080-8090`,
+    `dnat to 192.0.2.0/28`, `dnat to [2001:db8::1]-[2001:db8::5]:8080`; a map stays a map."""
+    targets = [{"addr": {"range": ["192.0.2.1", "192.0.2.5"]}, "port": {"range": [8080, 8090]}},
+               {"addr": {"prefix": {"addr": "192.0.2.0", "len": 28}}},
+               {"addr": {"range": ["2001:db8::1", "2001:db8::5"]}, "port": 8080},
+               {"addr": {"map": {"key": {"ip": {"saddr": None}}, "data": "@m"}}, "port": {"map": {}}}]
+    ruleset = {"nftables": [_chain("pre", "prerouting"),
+                            *(_rule("pre", {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                                                      "right": 80 + i}}, {"dnat": to}) for i, to in enumerate(targets))]}
+    assert [r.to for r in rules_from_ruleset(ruleset)[0]] == [
+        "192.0.2.1-192.0.2.5:8080-8090", "192.0.2.0/28", "[2001:db8::1]-[2001:db8::5]:8080", "a map (port from a map)"]
+
+
 # --- recorded iptables-legacy-save output (of tests/data/iptables-legacy/rules.sh) ---------------
 
 

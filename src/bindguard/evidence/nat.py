@@ -241,25 +241,40 @@ def _apply_match(match: dict, cond: _Conditions, sets: dict[str, list]) -> bool:
     return True
 
 
+def _written(value) -> str | None:
+    """A NAT target's address or port as nft writes it: one value, a range a-b or a prefix a/n;
+    None for what is looked up in a map at run time."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, dict):
+        span, prefix = value.get("range"), value.get("prefix")
+        if isinstance(span, list) and len(span) == 2 and all(isinstance(v, (str, int)) for v in span):
+            return f"{span[0]}-{span[1]}"
+        if isinstance(prefix, dict) and isinstance(prefix.get("addr"), str) and isinstance(prefix.get("len"), int):
+            return f"{prefix['addr']}/{prefix['len']}"
+    return None
+
+
 def _target(expr: dict) -> tuple[str, str] | None:
     """(action, where to) for a dnat/redirect statement (native, or iptables-nft's xt target)."""
     if "dnat" in expr:
         to = expr["dnat"] or {}
         addr, port = to.get("addr"), to.get("port")
         where = ""
-        if isinstance(addr, str):
-            where = f"[{addr}]" if ":" in addr and port is not None else addr
-        elif addr is not None:
-            where = "a map"
+        if addr is not None:
+            where = _written(addr) or "a map"
+            if ":" in where and port is not None:  # IPv6, bracketed before a port as nft writes it
+                where = "-".join(f"[{end}]" for end in where.split("-"))
         if port is not None:
-            where += f":{port}" if isinstance(port, int) else " (port from a map)"
+            written = _written(port)
+            where += f":{written}" if written else " (port from a map)"
         return "dnat", where
     if "redirect" in expr:
         port = (expr["redirect"] or {}).get("port")
-        span = port.get("range") if isinstance(port, dict) else None
-        if isinstance(span, list) and len(span) == 2 and all(isinstance(p, int) for p in span):
-            return "redirect", f"ports {span[0]}-{span[1]} on this host"
-        return "redirect", (f"port {port} on this host" if isinstance(port, int) else "this host")
+        written = _written(port) if port is not None else None
+        if written is None:
+            return "redirect", "this host"
+        return "redirect", f"{'ports' if '-' in written else 'port'} {written} on this host"
     xt = expr.get("xt")
     if isinstance(xt, dict) and xt.get("type") == "target" and xt.get("name") in ("DNAT", "REDIRECT"):
         return xt["name"].lower(), ""
