@@ -26,8 +26,9 @@ if [ "${1:-}" = "--test" ]; then
     # NAT rules that take a port away (tests/test_nat.py): real nft, iptables-nft and iptables-legacy rules
     # (iptables provides iptables-legacy-save) in namespaces;
     # a container behind a holder (tests/test_containers.py): rootful and rootless Podman (uidmap and
-    # slirp4netns, only recommended by podman), its image made from busybox-static
-    extras+=(nftables iptables podman crun conmon netavark busybox-static uidmap slirp4netns)
+    # slirp4netns, only recommended by podman) and Docker's engine (docker.io, run by hand by the test,
+    # never as a service), their image made from busybox-static
+    extras+=(nftables iptables podman crun conmon netavark busybox-static uidmap slirp4netns docker.io)
     # the Debian package (tools/build-deb; tests/test_package.py): its Build-Depends, lintian, and
     # what its tests read it with: man-db renders the pages, bash-completion and zsh load the completion
     extras+=(build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all

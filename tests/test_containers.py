@@ -16,6 +16,7 @@ permitted")."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -163,13 +164,14 @@ def _busybox_image(tmp_path: Path) -> Path:
     return image
 
 
-def need_podman(*rootless: str) -> None:
-    need_root("podman")
+def need_engine(*more: str) -> None:
+    """Root, Podman's programs and busybox, and `more` (rootless Podman's, Docker's)."""
+    need_root("container engines")
     missing = [p for p in ("/usr/bin/podman", "/usr/bin/conmon", "/usr/bin/crun", "/usr/sbin/nft", "/bin/busybox",
-                           *rootless) if not os.access(p, os.X_OK)]
+                           *more) if not os.access(p, os.X_OK)]
     if missing:
         reason = f"the container test needs {', '.join(missing)} (Debian's podman, conmon, crun, nftables, " \
-                 "busybox-static; rootless: uidmap, slirp4netns)"
+                 "busybox-static, uidmap, slirp4netns, docker.io: setup.sh --test installs them)"
         if REQUIRE:
             pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
         pytest.skip(reason)
@@ -177,7 +179,7 @@ def need_podman(*rootless: str) -> None:
 
 def _run_podman(tmp_path: Path, run_web1: str) -> dict:
     """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs."""
-    need_podman()
+    need_engine()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), RUN_WEB1=run_web1)
     done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
@@ -301,7 +303,7 @@ def _free_uid() -> int:
 def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(tmp_path):
     """rootlessport holds the published port as the container's user: the container is named from
     that user's Podman storage, and the remedy is that user's `podman stop`, which frees the port."""
-    need_podman("/usr/bin/newuidmap", "/usr/bin/slirp4netns", "/usr/lib/podman/rootlessport")
+    need_engine("/usr/bin/newuidmap", "/usr/bin/slirp4netns", "/usr/lib/podman/rootlessport")
     uid = _free_uid()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), TEST_UID=str(uid), TEST_USER="bgrootless")
@@ -328,14 +330,21 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
     assert not left.stdout, left  # nothing of the test's runs on (a zombie is left for PID 1 to reap)
 
 
+@contextlib.contextmanager
+def _nobodys_process():
+    """A process of the user nobody's, alive for the block: a program any user could run."""
+    process = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_a_rootlessport_that_forwards_into_no_container_names_none():
     """A user's program called rootlessport, with no container of that user's behind it, is no container."""
-    impostor = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
-    try:
+    with _nobodys_process() as impostor:
         assert containers.container_of(impostor.pid, "/", ("rootlessport",)) is None
-    finally:
-        impostor.kill()
-        impostor.wait()
 
 
 def test_a_name_from_a_users_file_is_no_shell_text():
@@ -345,14 +354,123 @@ def test_a_name_from_a_users_file_is_no_shell_text():
     assert ContainerFact("podman", ID, "web-2_a.b").handle == "web-2_a.b"
 
 
+# Debian's Docker engine (docker.io), run by hand in private PID, mount and network namespaces: its
+# data root and /run are tmpfs there (the data root at the default /var/lib/docker, whose empty mount
+# point is made for the test if the host has none), vfs storage, cgroupfs on the cgroup v1 hierarchies
+# (a hybrid host's cgroup2 part unmounted, as for Podman), its bridge and iptables-nft rules in the
+# namespace. dockerd starts its own containerd; everything the test ran ends with the PID namespace.
+# web3 publishes a port through docker-proxy (and a DNAT rule), web4 runs on the host's network.
+DOCKER_SCRIPT = r"""
+set -eu
+docker=/usr/bin/docker  # Debian's client, as its engine's (another may come first in PATH)
+cleanup() {
+    $docker rm -f web3 web4 >/dev/null 2>&1 || true
+    if [ -s /run/docker.pid ]; then
+        pid=$(cat /run/docker.pid); kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+}
+trap cleanup EXIT
+mount -t tmpfs tmpfs /var/lib/docker
+mount -t tmpfs tmpfs /run
+mkdir -p /run/lock
+if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/unified; then
+    umount /sys/fs/cgroup/unified
+fi
+ip link set lo up
+dockerd --storage-driver vfs --exec-opt native.cgroupdriver=cgroupfs > "$OUT/dockerd.log" 2>&1 &
+for _ in $(seq 1 120); do $docker info >/dev/null 2>&1 && break; sleep 0.5; done
+$docker import "$IMAGE" bindguard-test:1 >/dev/null
+$docker run -d --name web3 -p 18082:8080 bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
+$docker run -d --name web4 --network host bindguard-test:1 /bin/httpd -f -p 18083 >/dev/null
+cp "/var/lib/docker/containers/$($docker inspect -f '{{.Id}}' web3)/config.v2.json" "$OUT/config.v2.json"
+for port in 18082 18083; do
+    $BINDGUARD explain --no-systemd --json 0.0.0.0:$port > "$OUT/explain-$port.json" 2> "$OUT/explain.err" || true
+done
+set +e
+$BINDGUARD check --no-systemd --wait 0 0.0.0.0:18082 2> "$OUT/check.err"
+echo $? > "$OUT/check.code"
+set -e
+# The remedy's own command, as the guard wrote it; then the port is free.
+$(sed -n 's/[^`]*`\(docker stop [^`]*\)`.*/\1/p' "$OUT/check.err" | head -n 1 | sed "s|^docker|$docker|") >/dev/null
+set +e
+$BINDGUARD check --no-systemd --wait 0 0.0.0.0:18082 2> "$OUT/after.err"
+echo $? > "$OUT/after.code"
+"""
+DOCKER_PROGRAMS = ("/usr/sbin/dockerd", "/usr/bin/docker", "/usr/sbin/docker-proxy", "/usr/bin/containerd",
+                   "/usr/sbin/runc")
+
+
+def _run_docker(tmp_path: Path) -> None:
+    """DOCKER_SCRIPT's run; the cgroups dockerd made in the host's hierarchies (docker/, emptied as
+    its containers stopped) and the mount point /var/lib/docker, if the test made it, go afterwards."""
+    need_engine(*DOCKER_PROGRAMS)
+    made = not os.path.lexists("/var/lib/docker")
+    os.makedirs("/var/lib/docker", exist_ok=True)
+    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
+               PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount", "--propagation",
+                               "private", "--", "sh", "-c", DOCKER_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        if made:
+            os.rmdir("/var/lib/docker")
+        for parent in Path("/sys/fs/cgroup").glob("*/docker"):
+            for cgroup in sorted(parent.glob("*/"), reverse=True) + [parent]:
+                try:
+                    cgroup.rmdir()
+                except OSError:
+                    pass  # still in use: another engine's, or not yet emptied
+    log = (tmp_path / "dockerd.log").read_text() if (tmp_path / "dockerd.log").exists() else ""
+    assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
+
+
+def test_a_docker_container_behind_docker_proxy_is_named_and_stopped_with_docker(tmp_path):
+    """docker-proxy, root's child of root's dockerd, holds web3's published port: the container is the
+    running one whose config.v2.json has -container-ip and publishes -container-port on -host-port. The
+    fix's `docker stop web3` frees the port. web4 on the host's network is named from its cgroup."""
+    _run_docker(tmp_path)
+    report = json.loads((tmp_path / "explain-18082.json").read_text())
+    held = [c for c in report["conflicts"] if c["kind"] == "listener"]
+    assert held, report
+    for holder in held:
+        assert holder["name"] == "docker-proxy", holder
+        container = holder["container"]
+        assert (container["engine"], container["name"], container["image"], container["via"]) == (
+            "docker", "web3", "bindguard-test:1", "docker-proxy"), container
+        assert "`docker stop web3`" in holder["remedy"] and "kill -" not in holder["remedy"]
+    nat = [c for c in report["conflicts"] if c["kind"] == "nat-shadowed"]
+    assert nat and all(c["nat"]["owner"] == "Docker" and c["nat"]["to"].endswith(":8080") for c in nat), report
+    assert (tmp_path / "check.code").read_text().strip() == "98"
+    assert "docker container web3, image bindguard-test:1" in (tmp_path / "check.err").read_text()
+    assert (tmp_path / "after.code").read_text().strip() == "0", (tmp_path / "after.err").read_text()
+    host = json.loads((tmp_path / "explain-18083.json").read_text())
+    held = [c for c in host["conflicts"] if c["kind"] == "listener"]
+    assert len(held) == 1 and held[0]["name"] == "httpd", host
+    container = held[0]["container"]
+    assert (container["engine"], container["name"], container["image"], container["via"]) == (
+        "docker", "web4", "bindguard-test:1", "cgroup"), container
+    assert "`docker stop web4`" in held[0]["remedy"]
+    state = json.loads((tmp_path / "config.v2.json").read_text())
+    ip = next(iter(state["NetworkSettings"]["Networks"].values()))["IPAddress"]
+    assert containers.docker_publishes(state, ip, "8080", "tcp", "18082")
+
+
+def test_a_docker_proxy_that_is_not_dockerds_names_no_container():
+    """Anyone can run a program called docker-proxy with a container's address: only root's, whose
+    parent is root's dockerd, is believed."""
+    argv = ("/usr/sbin/docker-proxy", "-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "18082",
+            "-container-ip", "172.17.0.2", "-container-port", "8080")
+    with _nobodys_process() as impostor:
+        assert containers.container_of(impostor.pid, "/", argv) is None
+    assert containers.container_of(os.getpid(), "/", argv) is None  # root's, but its parent is no dockerd
+
+
 def test_a_conmon_that_is_not_root_names_no_container():
     """Anyone can run a program called conmon with a real container's id: a non-root one is not
     taken for rootful Podman's monitor (its remedy would stop someone else's container)."""
     argv = ("/usr/bin/conmon", "-c", ID, "-n", "web1")
-    impostor = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
-    try:
+    with _nobodys_process() as impostor:
         assert containers.container_of(impostor.pid, "/user.slice/user-65534.slice/session-1.scope", argv) is None
-    finally:
-        impostor.kill()
-        impostor.wait()
     assert containers.container_of(os.getpid(), "/", argv).via == "conmon"  # root's is still named

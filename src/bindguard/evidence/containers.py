@@ -5,7 +5,10 @@ A container's process runs in a cgroup that bears its id: `docker-ID.scope` or `
 `libpod-ID.scope` or `/libpod_parent/libpod-ID`, `cri-containerd-ID.scope`, `crio-ID.scope`, or
 `/kubepods/.../podUID/ID` (never below a service, whose delegated cgroups its user names). Podman's
 monitor, conmon, holds a rootful container's published ports itself (it names the container with
-`-c ID -n NAME`), believed only when its real uid is root's. Rootless Podman's port forwarder,
+`-c ID -n NAME`), believed only when its real uid is root's; so does Docker's userland proxy,
+docker-proxy, for dockerd, which names the container's address and port (believed only as root's child
+of root's dockerd): the container is the running one whose config.v2.json has that address and publishes
+that port. Rootless Podman's port forwarder,
 rootlessport, names no container: the container is its user's whose process (its conmon's child) is
 in the network namespace rootlessport forwards into, named from that user's storage and with that
 user's files only.
@@ -27,7 +30,8 @@ import os
 
 from bindguard.model.facts import ContainerFact
 
-DOCKER_STATE = "/var/lib/docker/containers/{id}/config.v2.json"
+DOCKER_CONTAINERS = "/var/lib/docker/containers"
+DOCKER_STATE = DOCKER_CONTAINERS + "/{id}/config.v2.json"
 PODMAN_STORAGE = "/var/lib/containers/storage"  # rootful; a rootless user's is in its home (ROOTLESS_STORAGE)
 ROOTLESS_STORAGE = ".local/share/containers/storage"
 # Podman's list of containers, in its storage driver's directory: overlay, or vfs where overlay is not
@@ -196,7 +200,9 @@ def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFa
     ref = container_ref(cgroups, cmdline)
     if ref is None:
         program = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
-        return _from_rootlessport(pid) if program == "rootlessport" else None
+        if program == "rootlessport":
+            return _from_rootlessport(pid)
+        return _from_docker_proxy(pid, cmdline) if program == "docker-proxy" else None
     engine, cid, via = ref
     if via == "conmon" and _real_uid(pid) != ROOT:
         return None  # any user can run a program named conmon: only rootful Podman's monitor is believed
@@ -317,3 +323,49 @@ def _all_cgroups(pid: int) -> list[str]:
     except OSError:
         return []
     return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+
+
+# Docker's userland proxy, docker-proxy, holds a published port for dockerd; its command line names the
+# container's address and port, not the container. Believed only where root runs it and its parent is
+# root's dockerd (anyone can name programs so); the container is the running one of Docker's whose
+# address on one of its networks is -container-ip and which publishes -container-port/-proto on
+# -host-port, in its config.v2.json, each read as a regular file of bounded size.
+MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read for one docker-proxy
+
+
+def _from_docker_proxy(pid: int, argv: tuple[str, ...]) -> ContainerFact | None:
+    from bindguard.evidence.owners import read_stat
+    from bindguard.model.record import replace
+
+    stat = read_stat(pid)
+    parent = read_stat(stat.ppid) if stat is not None else None
+    if parent is None or parent.name != "dockerd" or _real_uid(pid) != ROOT or _real_uid(stat.ppid) != ROOT:
+        return None
+    published = tuple(_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
+                      for flag in ("container-ip", "container-port", "proto", "host-port"))
+    if not all(published[:2]) or not published[3]:
+        return None
+    try:
+        ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS) if len(name) == 64)[:MAX_DOCKER_CONTAINERS]
+    except OSError:
+        return None
+    import re
+
+    found = [cid for cid in ids if re.fullmatch(_ID, cid)
+             and docker_publishes(_read_json(DOCKER_STATE.format(id=cid)), *published)]
+    if len(found) != 1:
+        return None
+    return replace(_from_docker(found[0]), via="docker-proxy")
+
+
+def docker_publishes(state, container_ip: str, container_port: str, proto: str, host_port: str) -> bool:
+    """Whether a container's config.v2.json says it runs with container_ip on one of its networks and
+    publishes container_port/proto (tcp when not said) on host_port."""
+    if not isinstance(state, dict) or _dict(state.get("State")).get("Running") is not True:
+        return False
+    settings = _dict(state.get("NetworkSettings"))
+    addresses = {_str(_dict(net).get(key)) for net in _dict(settings.get("Networks")).values()
+                 for key in ("IPAddress", "GlobalIPv6Address")}
+    bindings = _dict(settings.get("Ports")).get(f"{container_port}/{proto or 'tcp'}")
+    return container_ip in addresses - {""} and isinstance(bindings, list) and any(
+        isinstance(b, dict) and b.get("HostPort") == host_port for b in bindings)
