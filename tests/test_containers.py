@@ -74,14 +74,20 @@ def test_conmon_names_its_container():
     assert containers.container_ref(["/"], argv) == ("podman", ID, "conmon")
 
 
+# A real config.v2.json: Debian's Docker 20.10 (docker.io), `docker run -d --name web -p 18082:8080 --label
+# io.kubernetes.pod.name=web-7d4 --label io.kubernetes.pod.namespace=shop bindguard-test:1 /bin/httpd -f -p
+# 8080`, as DOCKER_SCRIPT below runs its engine (the labels are those the kubelet's dockershim set).
+DOCKER_RECORDED = Path(__file__).resolve().parent / "data" / "docker" / "config.v2.json"
+
+
 def test_docker_and_kubernetes_state_on_disk(tmp_path, monkeypatch):
-    docker = tmp_path / "docker" / ID
+    recorded = json.loads(DOCKER_RECORDED.read_text())
+    docker = tmp_path / "docker" / recorded["ID"]
     docker.mkdir(parents=True)
-    (docker / "config.v2.json").write_text(json.dumps({"Name": "/web", "Config": {"Image": "nginx:1.25", "Labels": {
-        "io.kubernetes.pod.name": "web-7d4", "io.kubernetes.pod.namespace": "shop"}}}))
+    shutil.copy(DOCKER_RECORDED, docker / "config.v2.json")
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "docker" / "{id}" / "config.v2.json"))
-    fact = containers.container_of(os.getpid(), f"/system.slice/docker-{ID}.scope", ())
-    assert fact == ContainerFact("docker", ID, "web", "nginx:1.25", "web-7d4", "shop", "cgroup",
+    fact = containers.container_of(os.getpid(), f"/system.slice/docker-{recorded['ID']}.scope", ())
+    assert fact == ContainerFact("docker", recorded["ID"], "web", "bindguard-test:1", "web-7d4", "shop", "cgroup",
                                  str(docker / "config.v2.json"))
     k8s = tmp_path / "k8s" / ID
     k8s.mkdir(parents=True)
@@ -97,6 +103,18 @@ def test_docker_and_kubernetes_state_on_disk(tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "fifo")
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "fifo"))
     assert containers.container_of(os.getpid(), f"/docker/{ID}", ()).name == ""  # a FIFO is never opened
+
+
+def test_what_a_docker_container_publishes_from_its_recorded_state():
+    """docker-proxy's -container-ip, -container-port, -proto and -host-port against config.v2.json."""
+    state = json.loads(DOCKER_RECORDED.read_text())
+    assert containers.docker_publishes(state, "172.17.0.2", "8080", "tcp", "18082")
+    assert containers.docker_publishes(state, "172.17.0.2", "8080", "", "18082")  # docker-proxy's default
+    for other in (("172.17.0.3", "8080", "tcp", "18082"), ("172.17.0.2", "8081", "tcp", "18082"),
+                  ("172.17.0.2", "8080", "udp", "18082"), ("172.17.0.2", "8080", "tcp", "18083")):
+        assert not containers.docker_publishes(state, *other), other
+    state["State"]["Running"] = False  # only a running container publishes anything
+    assert not containers.docker_publishes(state, "172.17.0.2", "8080", "tcp", "18082")
 
 
 def _conflict(container: ContainerFact) -> Conflict:
