@@ -40,6 +40,10 @@ import holder
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 SERVE = TESTS / "serve.py"
+# This checkout's launcher, as pip copied bin/bindguard beside the venv's python: `install --program`
+# names it, so that a unit started under a drop-in install wrote runs this tree, not the package's
+# /usr/bin/bindguard that install names by default.
+TREE_PROGRAM = str(Path(sys.executable).parent / "bindguard")
 SYSTEMD = "/usr/lib/systemd/systemd"
 JOURNALD = "/usr/lib/systemd/systemd-journald"
 JOURNALD_CONF = """[Journal]

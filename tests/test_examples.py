@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from rig import TREE_PROGRAM
 from test_discover import need_package
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,14 +234,14 @@ def _install_as_documented(rig, argv: list[str]) -> None:
     """Run a documented install in the rig (with --user: the rig is a user manager); a --print
     one's output becomes the drop-in, as the documentation suggests."""
     if "--print" in argv:
-        printed = rig.bindguard(*argv)
+        printed = rig.bindguard(*argv, "--program", TREE_PROGRAM)
         assert printed.returncode == 0, printed.stderr
         unit = next(a for a in argv[1:] if a.endswith(".service"))
         rig.write_dropin(unit, "bindguard.conf", printed.stdout.replace(f" check --unit %n", " check --unit %n --user"),
                          reload=False)
         rig.daemon_reload()
         return
-    done = rig.bindguard("install", "--user", *argv[1:])
+    done = rig.bindguard("install", "--user", "--program", TREE_PROGRAM, *argv[1:])
     assert done.returncode == 0, done.stderr
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from bindguard.action import install
 from bindguard.model.errors import UsageError
+from rig import TREE_PROGRAM
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
@@ -51,6 +52,59 @@ def test_rendered_dropin():
     user = install.render("web.service", ["8080"], True, [], ["/usr/bin/bindguard"])
     assert "ExecStartPre=+/usr/bin/bindguard check --unit %n --user 8080\n" in user
     assert "uninstall --user web.service" in user
+
+
+def _program(path: Path, mode: int) -> Path:
+    path.write_text("#!/bin/sh\n")
+    path.chmod(mode)
+    return path
+
+
+def test_the_drop_in_names_the_packaged_program_when_root_alone_can_write_it(tmp_path):
+    """Even from a venv (as these tests run): the package's program, never the venv's launcher."""
+    packaged = _program(tmp_path / "bindguard", 0o755)
+    assert install.bindguard_command(packaged) == ([str(packaged)], None)
+
+
+@pytest.mark.parametrize("make, flaw", [
+    (lambda p: p, "does not exist"),
+    (lambda p: _program(p, 0o775), "can be written by others than its owner"),
+    (lambda p: _program(p, 0o644), "is not executable"),
+    (lambda p: (p.symlink_to(_program(p.with_name("real"), 0o755)), p)[1], "is not a regular file"),
+])
+def test_without_the_packaged_program_the_drop_in_names_this_launcher_and_says_why(tmp_path, make, flaw):
+    packaged = make(tmp_path / "bindguard")
+    command, why = install.bindguard_command(packaged)
+    assert command == [str((Path(sys.executable).parent / "bindguard").resolve())]
+    assert why == f"{packaged} {flaw}"
+
+
+def test_a_venv_only_install_warns_in_one_line_that_the_drop_in_names_a_path_outside_the_package(
+        tmp_path, monkeypatch, capsys):
+    from bindguard.cli import main
+
+    monkeypatch.setattr(install, "PACKAGED_PROGRAM", tmp_path / "absent")
+    assert main(["install", "--print", "web.service", "127.0.0.1:8080"]) == 0
+    out, err = capsys.readouterr()
+    launcher = (Path(sys.executable).parent / "bindguard").resolve()
+    assert f"\nExecStartPre=+{launcher} check --unit %n 127.0.0.1:8080\n" in out
+    (warning,) = [line for line in err.splitlines() if "warning" in line]
+    assert f"the drop-in runs {launcher}, outside the Debian package ({tmp_path}/absent does not exist)" in warning
+    assert "install the bindguard package" in warning
+
+
+def test_program_names_the_program_and_refuses_one_root_should_not_run(tmp_path):
+    mine = _program(tmp_path / "bindguard", 0o755)
+    printed = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(mine), "web.service", "8080"],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0 and f"\nExecStartPre=+{mine} check --unit %n 8080\n" in printed.stdout, printed
+    assert "warning" not in printed.stderr
+    for given, flaw in (("bindguard", "is not an absolute path"),
+                        (str(_program(tmp_path / "shared", 0o775)), "can be written by others than its owner")):
+        done = subprocess.run([*BINDGUARD, "install", "--print", "--program", given, "web.service", "8080"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 64 and f"--program {given!r} {flaw}" in done.stderr, done.stderr
+        assert done.stdout == "" and "Traceback" not in done.stderr
 
 
 def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):
@@ -133,8 +187,10 @@ def test_install_takes_socket_options_and_optional_addresses_from_discovery():
                            capture_output=True, text=True, timeout=60)
     assert redis.returncode == 0, redis.stderr
     assert _exec_start_pre(redis.stdout)[-4:] == ["--v6only", "--if-available", "[::1]:6379", "127.0.0.1:6379"]
-    whole = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "80"], capture_output=True,
-                           text=True, timeout=60)  # a bare port is the whole port: dual-stack, as written
+    # a bare port is the whole port: dual-stack, as written (--program: no warning whether or not the
+    # package is installed)
+    whole = subprocess.run([*BINDGUARD, "install", "--print", "--program", TREE_PROGRAM, "nginx.service", "80"],
+                           capture_output=True, text=True, timeout=60)
     assert _exec_start_pre(whole.stdout)[-3:] == ["--unit", "%n", "80"] and "warning" not in whole.stderr
     partial = subprocess.run([*BINDGUARD, "install", "--print", "nginx.service", "0.0.0.0:80"], capture_output=True,
                              text=True, timeout=60)
@@ -229,7 +285,7 @@ def test_install_reloads_through_systemctl_when_the_bus_is_down(systemd_rig):
     rig = systemd_rig
     rig.write_unit("web.service", WEB)
     rig.stop_bus()
-    done = rig.bindguard("install", "--user", "web.service", "8080")
+    done = rig.bindguard("install", "--user", "--program", TREE_PROGRAM, "web.service", "8080")
     assert done.returncode == 0, done.stderr
     assert "warning" not in done.stderr
     assert rig.show("web.service", "NeedDaemonReload")["NeedDaemonReload"] == "no"

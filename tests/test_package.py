@@ -12,12 +12,14 @@ import argparse
 import glob
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bindguard.cli.commands import COMMANDS
 from bindguard.cli.parser import build_parser
+from rig import TREE_PROGRAM
 from test_discover import need_package
 from test_examples import NGINX_HELD, daemons, debian_unit, guard_log, starts_free_and_is_refused_when_held  # noqa: F401
 
@@ -75,13 +77,17 @@ def test_the_package_depends_on_what_bindguard_imports(installed):
     assert {"python3-yaml", "python3-pystemd"} <= names and "python3-psutil" not in names, depends
 
 
-@pytest.mark.parametrize("argv", [[str(PROGRAM)], ["/usr/bin/python3", "-I", "-m", "bindguard"]])
+@pytest.mark.parametrize("argv", [[str(PROGRAM)], ["/usr/bin/python3", "-I", "-m", "bindguard"],
+                                  [sys.executable, "-m", "bindguard"], [TREE_PROGRAM]],
+                         ids=["program", "python3 -m", "venv python -m", "venv launcher"])
 def test_install_names_the_installed_program(installed, argv, tmp_path):
-    """Whichever way the package is run, the drop-in runs /usr/bin/bindguard."""
+    """Whichever way bindguard is run, the package's or this checkout's in its venv, the drop-in
+    runs /usr/bin/bindguard, and nothing warns."""
     printed = subprocess.run([*argv, "install", "--print", "web.service", "127.0.0.1:8080"],
                              capture_output=True, text=True, env=SYSTEM, cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     assert f"\nExecStartPre=+{PROGRAM} check --unit %n 127.0.0.1:8080\n" in printed.stdout, printed.stdout
+    assert "warning" not in printed.stderr, printed.stderr
 
 
 def test_the_every_service_dropin_is_shipped_but_not_enabled(installed):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import user_units
+from rig import TREE_PROGRAM
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ def test_install_guards_a_socket_unit_and_uninstall_removes_it(systemd_rig):
     rig = systemd_rig
     rig.write_unit("web.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
     rig.write_unit("web.socket", f"[Socket]\nListenStream={ADDRESS}\nListenStream=/run/unused.sock\n")
-    done = rig.bindguard("install", "--user", "web.socket")
+    done = rig.bindguard("install", "--user", "--program", TREE_PROGRAM, "web.socket")
     assert done.returncode == 0, done.stderr
     assert f"at each start the guard checks {ADDRESS} from web.socket's ListenStream={ADDRESS}" in done.stderr
     dropin = rig.unit_dir / "web.socket.d" / "bindguard.conf"

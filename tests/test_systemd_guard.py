@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from rig import TREE_PROGRAM
+
 pytestmark = pytest.mark.integration
 
 PORT = 18080
@@ -221,7 +223,7 @@ def test_9_installed_dropin_guards_the_unit_and_uninstall_removes_it(systemd_rig
     rig.write_unit("web.service", f"[Service]\nType=notify\nExecStart={rig.serve(SPEC)}\nStandardError=append:{log}\n")
     other_pid = holder_unit(rig)
 
-    done = rig.bindguard("install", "--user", "web.service", ADDRESS)
+    done = rig.bindguard("install", "--user", "--program", TREE_PROGRAM, "web.service", ADDRESS)
     assert done.returncode == 0, done.stderr
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98]

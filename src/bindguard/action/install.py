@@ -24,6 +24,8 @@ from bindguard.systemd.unitfiles import normalize_unit
 DROPIN_NAME = "bindguard.conf"
 MARKER = "# Written by `bindguard install`"
 SYSTEM_DIR = Path("/etc/systemd/system")
+# Where the Debian package installs the program (bin/bindguard); drop-ins name it when it is there.
+PACKAGED_PROGRAM = Path("/usr/bin/bindguard")
 
 # Characters that need no quoting in an ExecStartPre= argument (after % and $ are doubled).
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./\[\]$-]+")
@@ -81,15 +83,43 @@ def dropin_path(unit: str, user: bool, environ: os._Environ | dict | None = None
     return unit_dir(user, environ) / f"{unit}.d" / DROPIN_NAME
 
 
-def bindguard_command() -> list[str]:
-    """How to run this bindguard from a unit: its launcher (the one that runs us, else the one
-    beside our interpreter: /usr/bin/bindguard for Debian's package run as `python3 -m
-    bindguard`), else `python -I -m bindguard` (as root with the unit's environment: -I, or its
-    PYTHONPATH would choose the code that runs)."""
+def program_flaw(path: Path, owners: frozenset[int] = frozenset({0})) -> str | None:
+    """Why a drop-in should not run this program, or None: the check runs as root before every
+    start, so it must be an executable regular file (not a link to one) of root's (or of one of
+    `owners`) that no one else can write."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid not in owners:
+        return f"is owned by uid {info.st_uid}, not {'root' if owners == {0} else 'root or you'}"
+    if info.st_mode & 0o022:
+        return "can be written by others than its owner"
+    if not info.st_mode & 0o111:
+        return "is not executable"
+    return None
+
+
+def bindguard_command(packaged: Path | None = None) -> tuple[list[str], str | None]:
+    """How a unit runs bindguard, and why that is not the Debian package's program (None when it is).
+
+    The package's /usr/bin/bindguard (`packaged`) whenever it is installed as root's alone, also when
+    install runs from a venv: the drop-in outlives the venv it was written from, and root runs it
+    before every start. Else this bindguard's launcher (the one that runs us, else the one beside
+    our interpreter), else `python -I -m bindguard` (as root with the unit's environment: -I, or
+    its PYTHONPATH would choose the code that runs)."""
+    packaged = packaged or PACKAGED_PROGRAM
+    flaw = program_flaw(packaged)
+    if flaw is None:
+        return [str(packaged)], None
     for script in (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard")):
         if script and os.path.basename(script) == "bindguard" and os.path.isfile(script):
-            return [str(Path(script).resolve())]
-    return [sys.executable, "-I", "-m", "bindguard"]
+            return [str(Path(script).resolve())], f"{packaged} {flaw}"
+    return [sys.executable, "-I", "-m", "bindguard"], f"{packaged} {flaw}"
 
 
 def exec_quote(arg: str) -> str:

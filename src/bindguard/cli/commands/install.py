@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+from pathlib import Path
 
 from bindguard.action import install
 from bindguard.cli.parser import build_parser
@@ -29,7 +32,9 @@ address the daemon starts without (sshd's, PostgreSQL's; Redis's `bind -::1`). -
 wins over both. A bare port (80) is the whole port, dual-stack, and takes nothing from discovery;
 an address the daemon binds that LISTEN leaves out is named in a warning.
 
-The drop-in runs `ExecStartPre=+bindguard check --unit %n ...`.
+The drop-in runs `ExecStartPre=+PROGRAM check --unit %n ...`, PROGRAM being {install.PACKAGED_PROGRAM}
+where the Debian package installed it (also when install runs from a venv), else this run's own
+launcher, with a warning: the unit cannot start once that launcher's venv or checkout is gone.
 {install.PRIVILEGE_NOTE}"""
 
 EPILOG = """\
@@ -44,7 +49,7 @@ examples:
 EXIT_CODES: dict[ExitCode, str | None] = {
     ExitCode.CLEAR: "the drop-in is in place (a failed daemon-reload is a warning: run it yourself)",
     ExitCode.USAGE: ("a malformed address, unit name or check option; a control character in any of them; "
-                     "no LISTEN and no address to be found"),
+                     "no LISTEN and no address to be found; a --program root should not run"),
     ExitCode.CONFIG: ("cannot write: a file bindguard did not write is in the way, a UNIT.d that links out of "
                       "the unit directory, or no permission"),
 }
@@ -70,6 +75,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="more `bindguard check` options for the drop-in, as one shell word: --check-args='--wait 10'",
     )
     parser.add_argument("--print", action="store_true", help="print the drop-in to stdout and write nothing")
+    parser.add_argument("--program", metavar="PATH",
+                        help=f"the bindguard the drop-in runs, an absolute path to an executable file only root (or "
+                             f"you) can write (default: {install.PACKAGED_PROGRAM} where the package installed it)")
+
+
+def _program(given: str | None, console: output.Console) -> list[str]:
+    """The command the drop-in runs: --program, else what install.bindguard_command() chooses, with a
+    warning when that is not the package's program."""
+    if given is not None:
+        flaw = "is not an absolute path" if not os.path.isabs(given) else \
+            install.program_flaw(Path(given), frozenset({0, os.geteuid()}))
+        if flaw:
+            raise UsageError(f"--program {given!r} {flaw}", "name an executable file that only root (or you) "
+                             f"can write, e.g. {install.PACKAGED_PROGRAM}")
+        return [given]
+    command, flaw = install.bindguard_command()
+    if flaw:
+        console.warning(f"the drop-in runs {shlex.join(command)}, outside the Debian package ({flaw}): the unit "
+                        "cannot start once that is gone; install the bindguard package and run install again, or "
+                        "give --program")
+    return command
 
 
 def _address(text: str):
@@ -193,6 +219,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     for twice in (e for e in endpoints if endpoints.count(e) > 1):
         raise UsageError(f"{twice} is given twice", "give each address once: as LISTEN, --optional or --if-available")
     check_args = install.parse_check_args(args.check_args)
+    command = _program(args.program, console)
     install.refuse_control_characters([*listens, *marked, *check_args])
     given = validate_check_args(listens, args.user, check_args)
     if not listens and not marked:
@@ -206,7 +233,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
         check_args += [flag, text]
     validate_check_args(listens, args.user, check_args)
     path = install.dropin_path(unit, args.user)
-    text = install.render(unit, listens, args.user, check_args, install.bindguard_command())
+    text = install.render(unit, listens, args.user, check_args, command)
     dropin = install.DropIn(unit, path, text)
     if args.print:
         sys.stdout.write(dropin.text)
