@@ -62,7 +62,9 @@ fi
 .venv/bin/python -m compileall -q src  # ready bytecode: the guard runs before every start
 if [ "${1:-}" = "--test" ]; then
     # The tests run /usr/bin/bindguard from this tree's Debian package too: build it and install
-    # it (it stays installed; `apt-get remove bindguard` takes it away).
+    # it (it stays installed; `apt-get remove bindguard` takes it away). Never the package
+    # bindguard-every-service built beside it: it would guard every service of this machine (the
+    # tests read it from its .deb).
     tools/build-deb >/dev/null
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall ./bindguard_*_all.deb >/dev/null
     echo "setup: installed $(ls bindguard_*_all.deb): /usr/bin/bindguard" >&2

@@ -1,6 +1,8 @@
-"""The Debian package, as `./setup.sh --test` builds it from this tree (tools/build-deb) and
-installs it with apt: /usr/bin/bindguard from the package guards a unit under the packaged
-drop-in, its man pages render, lintian has nothing to say, and bash completes it.
+"""The Debian packages, as `./setup.sh --test` builds them from this tree (tools/build-deb):
+bindguard, installed with apt, and bindguard-every-service, which is never installed here (it
+would guard every service of this machine) but read from its .deb. /usr/bin/bindguard from the
+package guards a unit under the drop-in bindguard-every-service ships, its man pages render,
+lintian has nothing to say, and bash completes it.
 
 Every test here runs the installed package, never this checkout's code: the tests fail (never
 skip) when the package is missing or older than the tree, with the command that installs it.
@@ -26,8 +28,8 @@ from test_examples import NGINX_HELD, daemons, debian_unit, guard_log, starts_fr
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = Path("/usr/bin/bindguard")
 SITE = Path("/usr/lib/python3/dist-packages/bindguard")
-EVERY_SERVICE = Path("/usr/share/bindguard/service.d/bindguard.conf")
-EVERY_SOCKET = Path("/usr/share/bindguard/socket.d/bindguard.conf")
+DROPINS = {"service.d/bindguard.conf": ROOT / "systemd" / "service.d" / "bindguard.conf",
+           "socket.d/bindguard.conf": ROOT / "systemd" / "socket.d" / "bindguard.conf"}
 BASH_COMPLETION = Path("/usr/share/bash-completion/completions/bindguard")
 SYSTEM = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 REINSTALL = "rerun ./setup.sh --test (it builds the package from this tree and installs it)"
@@ -90,37 +92,81 @@ def test_install_names_the_installed_program(installed, argv, tmp_path):
     assert "warning" not in printed.stderr, printed.stderr
 
 
-def test_the_every_service_dropin_is_shipped_but_not_enabled(installed):
-    assert str(EVERY_SERVICE) in installed
-    assert EVERY_SERVICE.read_bytes() == (ROOT / "systemd" / "service.d" / "bindguard.conf").read_bytes()
-    assert not [f for f in installed if "/systemd/" in f and "/service.d/" in f], "it would guard every service"
+def test_the_program_package_guards_no_unit(installed):
+    assert not [f for f in installed if "/systemd/" in f and ".d/" in f + "/"], \
+        "a drop-in in bindguard itself would guard units as soon as it is installed"
     examples = "/usr/share/doc/bindguard/examples/"
     assert {examples + "nginx/bindguard.conf", examples + "ssh/bindguard.conf",
             examples + "bindguard.conf.example"} <= set(installed)
     readme = Path("/usr/share/doc/bindguard/README.Debian").read_text()
-    assert f"ln -s {EVERY_SERVICE} /etc/systemd/system/service.d/bindguard.conf" in readme
+    assert "apt install ./bindguard-every-service_*.deb" in readme
+    assert "apt remove bindguard-every-service" in readme
 
 
-def test_the_every_socket_dropin_is_shipped_but_not_enabled(installed):
-    assert str(EVERY_SOCKET) in installed
-    assert EVERY_SOCKET.read_bytes() == (ROOT / "systemd" / "socket.d" / "bindguard.conf").read_bytes()
-    assert not [f for f in installed if "/systemd/" in f and "/socket.d/" in f], "it would guard every socket unit"
-    readme = Path("/usr/share/doc/bindguard/README.Debian").read_text()
-    assert f"ln -s {EVERY_SOCKET} /etc/systemd/system/socket.d/bindguard.conf" in readme
+def built_deb(name: str) -> Path:
+    debs = glob.glob(str(ROOT / f"{name}_*_all.deb"))
+    assert len(debs) == 1, f"expected the one {name} package tools/build-deb built in {ROOT}, found {debs}: {REINSTALL}"
+    return Path(debs[0])
+
+
+def deb_field(deb: Path, field: str) -> str:
+    return subprocess.run(["dpkg-deb", "-f", deb, field], capture_output=True, text=True, env=SYSTEM,
+                          check=True).stdout.strip()
+
+
+def systemd_unit_dir() -> str:
+    """The system unit directory as systemd.pc names it, as debian/rules asks (Debian 12: /lib/systemd/system)."""
+    done = subprocess.run(["pkg-config", "--variable=systemdsystemunitdir", "systemd"], capture_output=True,
+                          text=True, env=SYSTEM)
+    assert done.returncode == 0 and done.stdout.strip().startswith("/"), done
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def every_service(installed, tmp_path_factory) -> Path:
+    """bindguard-every-service unpacked (dpkg-deb -x) into a directory of its own, once it is shown
+    to be of the installed bindguard's version (its drop-ins are compared with the tree's below)."""
+    deb = built_deb("bindguard-every-service")
+    installed_version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "bindguard"], capture_output=True,
+                                       text=True, env=SYSTEM).stdout
+    assert deb_field(deb, "Version") == deb_field(built_deb("bindguard"), "Version") == installed_version, \
+        f"{deb.name} is not of the installed bindguard's version: {REINSTALL}"
+    root = tmp_path_factory.mktemp("every-service")
+    subprocess.run(["dpkg-deb", "-x", deb, root], check=True, env=SYSTEM)
+    return root
+
+
+def test_bindguard_every_service_puts_the_dropins_in_systemd_s_unit_directory(every_service):
+    deb = built_deb("bindguard-every-service")
+    version = deb_field(deb, "Version")
+    assert deb_field(deb, "Architecture") == "all"
+    assert deb_field(deb, "Depends") == f"bindguard (= {version})"
+    description = deb_field(deb, "Description")
+    assert "every service" in description and "Removing this package turns it off" in description
+    listed = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, text=True, env=SYSTEM, check=True).stdout
+    files = sorted(line.split()[-1].removeprefix(".") for line in listed.splitlines() if line.startswith("-"))
+    unit_dir = systemd_unit_dir()
+    assert [f for f in files if not f.startswith("/usr/share/doc/")] == [f"{unit_dir}/{d}" for d in sorted(DROPINS)]
+    for name, source in DROPINS.items():
+        assert (every_service / unit_dir.lstrip("/") / name).read_bytes() == source.read_bytes(), name
+    # the manager reads new drop-ins at its next reload: the package asks for one when installed and removed
+    control = subprocess.run(["dpkg-deb", "--ctrl-tarfile", deb], capture_output=True, env=SYSTEM, check=True).stdout
+    members = subprocess.run(["tar", "-t"], input=control, capture_output=True, check=True).stdout.split()
+    assert {b"./postinst", b"./postrm"} <= set(members), members
 
 
 @pytest.mark.integration
-def test_a_start_is_refused_under_the_packaged_dropin(installed, daemons):
-    """The packaged every-service drop-in, turned on as README.Debian says (a symlink to it in
-    the manager's service.d/; it runs /usr/bin/bindguard): Debian's nginx starts on a free
-    port 80 and is refused (98) while another process holds it."""
+def test_a_start_is_refused_under_the_every_service_package_s_dropin(installed, every_service, daemons):
+    """bindguard-every-service's drop-in (it runs /usr/bin/bindguard), in the manager's service.d/ as
+    the package puts it in the system manager's: Debian's nginx starts on a free port 80 and is
+    refused (98) while another process holds it."""
     need_package("nginx", "/usr/sbin/nginx")
     rig = daemons
     debian_unit(rig, "nginx.service")
     log = guard_log(rig, "nginx.service")
     enabled = rig.unit_dir / "service.d" / "bindguard.conf"
     enabled.parent.mkdir()
-    enabled.symlink_to(EVERY_SERVICE)
+    enabled.symlink_to(every_service / systemd_unit_dir().lstrip("/") / "service.d" / "bindguard.conf")
     rig.daemon_reload()
     assert str(enabled) in rig.show("nginx.service", "DropInPaths")["DropInPaths"].split()
     starts_free_and_is_refused_when_held(rig, "nginx.service", 80, NGINX_HELD, log)
@@ -166,9 +212,8 @@ def test_the_pages_say_what_help_says(installed):
 
 
 def test_lintian_is_clean(installed):
-    debs = glob.glob(str(ROOT / "bindguard_*_all.deb"))
-    assert len(debs) == 1, f"expected the one package tools/build-deb built in {ROOT}, found {debs}: {REINSTALL}"
-    done = subprocess.run(["lintian", "--pedantic", "-I", "--fail-on", "error,warning", debs[0]],
+    debs = [built_deb("bindguard"), built_deb("bindguard-every-service")]
+    done = subprocess.run(["lintian", "--pedantic", "-I", "--fail-on", "error,warning", *debs],
                           capture_output=True, text=True, env=SYSTEM, timeout=300)
     tags = [line for line in done.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:", "X:")]
     assert done.returncode == 0 and not tags, done.stdout + done.stderr

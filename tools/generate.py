@@ -164,10 +164,9 @@ def command_pages(parser: argparse.ArgumentParser) -> dict[str, str]:
         top += [".TP", f"\\fBbindguard {name}\\fR, see \\fBbindguard\\-{name}\\fR(8)", escape(summary)]
     top += [*epilog(parser.epilog),
             ".SH FILES", ".TP", "/usr/share/doc/bindguard/examples/",
-            "drop\\-ins and configurations to copy", ".TP", "/usr/share/bindguard/service.d/bindguard.conf",
-            "the drop\\-in that guards every service, not enabled: see /usr/share/doc/bindguard/README.Debian",
-            ".TP", "/usr/share/bindguard/socket.d/bindguard.conf",
-            "the drop\\-in that guards every socket unit, not enabled: see /usr/share/doc/bindguard/README.Debian",
+            "drop\\-ins and configurations to copy", ".TP", "/usr/share/doc/bindguard/README.Debian",
+            "how the package bindguard\\-every\\-service guards every service and socket unit: its drop\\-ins "
+            "in the system unit directory's service.d/ and socket.d/",
             *see_also(*others, "bindguard.yaml(5)", "systemd.service(5)", "systemd.exec(5)", "systemd.socket(5)")]
     pages["bindguard.8"] = top
     for name, (child, summary) in commands.items():
