@@ -1,8 +1,8 @@
 """The Debian packages, as `./setup.sh --test` builds them from this tree (tools/build-deb):
 bindguard, installed with apt, and bindguard-every-service, which is never installed here (it
 would guard every service of this machine) but read from its .deb. /usr/bin/bindguard from the
-package guards a unit under the drop-in bindguard-every-service ships, its man pages render,
-lintian has nothing to say, and bash completes it.
+package guards a unit under the drop-in bindguard-every-service ships, talks to the manager
+through Debian's pystemd, its man pages render, lintian has nothing to say, and bash completes it.
 
 Every test here runs the installed package, never this checkout's code: the tests fail (never
 skip) when the package is missing or older than the tree, with the command that installs it.
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,45 @@ def test_a_start_is_refused_under_the_every_service_package_s_dropin(installed, 
     assert str(enabled) in rig.show("nginx.service", "DropInPaths")["DropInPaths"].split()
     starts_free_and_is_refused_when_held(rig, "nginx.service", 80, NGINX_HELD, log)
     assert "in use" in log.read_text() and "nginx" in log.read_text(), log.read_text()
+
+
+def release(version: str) -> tuple[int, ...]:
+    """0.11 and 0.11.0 alike."""
+    parts = [int(n) for n in version.split(".")]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def lowest_pystemd() -> str:
+    """The lowest pystemd pyproject.toml allows."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in dependencies if re.match(r"pystemd\b", d)]
+    return re.fullmatch(r"pystemd>=([\d.]+)", pin).group(1)
+
+
+@pytest.mark.integration
+def test_the_program_asks_the_manager_through_debian_s_pystemd_at_the_pinned_version(installed, systemd_rig):
+    """Debian's python3-pystemd (bookworm: 0.11.0) is the lowest pyproject.toml pins and the one
+    pystemd the program's python3 finds, and through it the holder's unit comes back as the
+    manager's word: `unit_status: manager` is set only from GetUnitByPID's answer over D-Bus."""
+    debian = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "python3-pystemd"], capture_output=True,
+                            text=True, env=SYSTEM).stdout
+    assert debian and release(debian.split("-")[0]) == release(lowest_pystemd()), (debian, lowest_pystemd())
+    # with site's whole path, /usr/local first: the launcher puts dist-packages before all of it
+    where = subprocess.run(["/usr/bin/python3", "-I", "-c", "import pystemd.dbuslib; print(pystemd.dbuslib.__file__)"],
+                           capture_output=True, text=True, env=SYSTEM)
+    owner = subprocess.run(["dpkg", "-S", where.stdout.strip()], capture_output=True, text=True, env=SYSTEM).stdout
+    assert owner.startswith("python3-pystemd:"), (where, owner)
+
+    rig = systemd_rig
+    rig.write_unit("other.service", "[Service]\nType=notify\n"
+                   f"ExecStart={rig.serve({'host': '127.0.0.1', 'port': 18091})}\n")
+    assert rig.start("other.service").ok
+    done = rig.run([str(PROGRAM), "check", "--user", "--json", "--wait", "0", "--unit", "web.service",
+                    "127.0.0.1:18091"])
+    assert done.returncode == 98, done.stderr
+    (conflict,) = json.loads(done.stdout)["conflicts"]
+    assert (conflict["pid"], conflict["unit"], conflict["unit_status"]) == (
+        rig.main_pid("other.service"), "other.service", "manager"), conflict
 
 
 def man_pages(installed: list[str]) -> list[str]:
