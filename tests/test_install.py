@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -278,6 +279,46 @@ def test_a_file_bindguard_did_not_write_is_left_alone(systemd_rig):
 
     done = rig.bindguard("uninstall", "--user", "web.service")
     assert done.returncode == 78 and foreign.read_text() == before
+
+
+@pytest.mark.integration
+def test_json_says_whether_the_file_changed_and_print_json_whether_it_would(systemd_rig):
+    """What a configuration tool (the Ansible role) reads to report a change only when there is one,
+    and in a dry run (--print) what would change without writing; --no-reload leaves the reload to it."""
+    rig = systemd_rig
+    rig.write_unit("web.service", WEB)
+    assert rig.systemctl("start", "web.service").returncode == 0  # kept loaded: `show` would load it afresh
+    dropin = rig.unit_dir / "web.service.d" / "bindguard.conf"
+
+    def install_json(*argv: str) -> dict:
+        done = rig.bindguard("install", "--user", "--json=short", *argv, "web.service", "127.0.0.1:8080")
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.splitlines()) == 1, done.stdout
+        document = json.loads(done.stdout)
+        assert document["schema_version"] == 1 and document["unit"] == "web.service"
+        assert document["path"] == str(dropin)
+        return document
+
+    would = install_json("--print")
+    assert would["changed"] is True and not dropin.exists()
+    assert "ExecStartPre=+" in would["dropin"] and "127.0.0.1:8080" in would["dropin"]
+
+    wrote = install_json("--no-reload")
+    assert wrote["changed"] is True and dropin.read_text() == wrote["dropin"] == would["dropin"]
+    assert rig.prop("web.service", "DropInPaths") == ""  # the manager has not read it: the caller reloads
+
+    assert install_json()["changed"] is False
+    assert install_json("--print")["changed"] is False
+    assert rig.prop("web.service", "DropInPaths") == ""  # nothing changed: no reload
+    rig.daemon_reload()
+    assert rig.prop("web.service", "DropInPaths") == str(dropin)
+
+    # what install would refuse, --print --json refuses too: a dry run fails where the run would
+    dropin.write_text("[Service]\nExecStartPre=/bin/true\n")
+    done = rig.bindguard("install", "--user", "--json", "--print", "web.service", "127.0.0.1:8080")
+    assert done.returncode == 78 and done.stdout == "", done.stdout
+    assert "was not written by bindguard" in done.stderr
+    assert rig.bindguard("install", "--user", "--print", "web.service", "127.0.0.1:8080").returncode == 0
 
 
 @pytest.mark.integration

@@ -225,15 +225,23 @@ def _refuse_outside(path: Path) -> None:
                           f"make {directory.name} a directory of its own, or link it within {directory.parent}")
 
 
+def differs(dropin: DropIn) -> bool:
+    """Whether writing the drop-in would change its file: False when an identical one is already
+    there. Refuses as write() does where write() would refuse."""
+    path = dropin.path
+    _refuse_outside(path)
+    if not os.path.lexists(path):
+        return True
+    if not owned_by_bindguard(path):
+        _refuse_foreign(path, dropin.unit)
+    return path.read_text() != dropin.text
+
+
 def write(dropin: DropIn, user: bool) -> bool:
     """Write the drop-in; False when an identical one is already there."""
     path = dropin.path
-    _refuse_outside(path)
-    if os.path.lexists(path):
-        if not owned_by_bindguard(path):
-            _refuse_foreign(path, dropin.unit)
-        if path.read_text() == dropin.text:
-            return False
+    if not differs(dropin):
+        return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -2,8 +2,8 @@
 reader that waits for the object gets it before the command goes on to its report on stderr).
 
 Every object begins with "schema_version": SCHEMA_VERSION, one number for all of bindguard's JSON
-documents (check and explain, scan, discover, verify, config show). It goes up when a field is
-removed, renamed or changes meaning; new fields are added without a new version.
+documents (check and explain, scan, discover, verify, config show, install). It goes up when a field
+is removed, renamed or changes meaning; new fields are added without a new version.
 
 The layout is chosen as systemd's tools choose it (--json=MODE): "pretty" indents by two spaces,
 "short" is the object on one line. Plain --json means pretty."""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bindguard.action import install
-from bindguard.cli.parser import build_parser
+from bindguard.cli.parser import add_json_option, build_parser
 from bindguard.model.endpoints import AddressError, parse_listen
 from bindguard.model.errors import ExitCode, UsageError
 from bindguard.report import output
@@ -45,13 +45,15 @@ examples:
   bindguard install ssh.service 22 --check-args='--wait 10'
   bindguard install --user web.service 127.0.0.1:8080
   bindguard install ssh.socket                    # its own ListenStream=/ListenDatagram=, before they are bound
-  bindguard install --print nginx.service         # show the drop-in, write nothing"""
+  bindguard install --print nginx.service         # show the drop-in, write nothing
+  bindguard install --json --print ssh.service 22 # would install change the file? ("changed")"""
 EXIT_CODES: dict[ExitCode, str | None] = {
-    ExitCode.CLEAR: "the drop-in is in place (a failed daemon-reload is a warning: run it yourself)",
+    ExitCode.CLEAR: ("the drop-in is in place, whether written now or already there (--json's \"changed\" says "
+                     "which; a failed daemon-reload is a warning: run it yourself)"),
     ExitCode.USAGE: ("a malformed address, unit name or check option; a control character in any of them; "
                      "no LISTEN and no address to be found; a --program root should not run"),
     ExitCode.CONFIG: ("cannot write: a file bindguard did not write is in the way, a UNIT.d that links out of "
-                      "the unit directory, or no permission"),
+                      "the unit directory, or no permission (--print --json refuses the first two as well)"),
 }
 
 OPTION_FLAGS = {"reuseaddr": ("--reuseaddr", "--no-reuseaddr"), "reuseport": ("--reuseport", None),
@@ -78,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--program", metavar="PATH",
                         help=f"the bindguard the drop-in runs, an absolute path to an executable file only root (or "
                              f"you) can write (default: {install.PACKAGED_PROGRAM} where the package installed it)")
+    parser.add_argument("--no-reload", action="store_true",
+                        help="write the drop-in but leave the daemon-reload to the caller, who reloads once for "
+                             "many units (as systemctl --no-reload enable)")
+    add_json_option(parser, 'print one JSON object on stdout: "unit", "path", "dropin" (its text) and "changed", '
+                            "whether the file did not hold that text (install wrote it; with --print, would)")
 
 
 def _program(given: str | None, console: output.Console) -> list[str]:
@@ -235,16 +242,25 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     path = install.dropin_path(unit, args.user)
     text = install.render(unit, listens, args.user, check_args, command)
     dropin = install.DropIn(unit, path, text)
-    if args.print:
+    if args.print and not args.json:
         sys.stdout.write(dropin.text)
         return 0
 
-    changed = install.write(dropin, args.user)
+    changed = install.differs(dropin) if args.print else install.write(dropin, args.user)
+    if args.json:
+        from bindguard.report.jsonout import write_json
+        write_json({"unit": unit, "path": str(path), "changed": changed, "dropin": text}, args.json)
+    if args.print:
+        return 0
     flag = " --user" if args.user else ""
     if not changed:
         console.emit(output.INFO, f"bindguard: {path} is already in place, unchanged")
         return 0
     console.emit(output.NOTICE, f"bindguard: wrote {path}")
+    if args.no_reload:
+        console.emit(output.INFO, f"bindguard: {unit} is guarded from its next start after `systemctl{flag} "
+                                  "daemon-reload`")
+        return 0
     failure = install.daemon_reload(args.user)
     if failure:
         console.warning(f"daemon-reload failed ({failure}); run `systemctl{flag} daemon-reload` before the next start")
