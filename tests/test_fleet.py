@@ -4,17 +4,18 @@ checked by promtool.
 
 Each inventory host uses the local connection with an ansible_python_interpreter that is a small
 wrapper, `nsenter --net=/proc/ANCHOR/ns/net -- /usr/bin/python3 "$@"`: every module Ansible runs on
-that host, and every command those modules start (`bindguard install --print`, `bindguard scan`),
+that host, and every command those modules start (`bindguard install`, `bindguard scan`),
 runs inside the host's own network namespace and sees only its listeners and its sysctls, as on a
 separate machine. One host is the systemd rig (tests/rig.py: its mount and network namespaces), so
 the role's daemon-reload handler reaches a real user manager. Hosts share the file system, so each
 gets its own bindguard files and drop-in directory.
 
-The role installs bindguard's Debian package with apt, and the package on this machine is the one
-`./setup.sh --test` built from this tree, which every other test runs too: replacing it here would
-change it under them. So the role is handed a .deb that carries the installed package's name and
-version (and nothing else), which apt leaves alone exactly as it leaves a host alone that already
-runs the version it is given; the test checks that the package step reports no change.
+The role installs bindguard's Debian package with apt from the .deb `./setup.sh --test` built from
+this tree (tools/build-deb leaves it in the tree's top directory) and installed, which every other
+test runs too. The hosts share one dpkg database: apt leaves the package alone on all three, as on
+hosts that run the .deb's version, and one test removes the package first so that the role really
+installs it (on one host; the package step is throttled to one host at a time, for one dpkg lock),
+putting it back with apt should the role not have.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from pathlib import Path
 import pytest
 
 from conftest import REQUIRE, NetNS, need_root
+from test_package import REINSTALL, installed  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = REPO / "examples" / "ansible" / "bindguard-fleet.yml"
 RULES = REPO / "examples" / "prometheus" / "bindguard-rules.yml"
 RULE_TESTS = REPO / "examples" / "prometheus" / "bindguard-rules.test.yml"
 SYSTEM_PYTHON = "/usr/bin/python3"
+SYSTEM = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
 PROGRAM = "/usr/bin/bindguard"
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 
@@ -50,24 +53,24 @@ def _need(tool: str, package: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def installed_version_deb(tmp_path_factory) -> Path:
-    """A .deb with the name, version and architecture of the installed bindguard package and no files."""
-    fields = subprocess.run(["dpkg-query", "--show", "--showformat=${Version} ${Architecture} ${Status}", "bindguard"],
-                            capture_output=True, text=True)
-    if fields.returncode != 0 or not fields.stdout.endswith("installed"):
-        pytest.fail("the bindguard package is not installed: ./setup.sh --test builds it from this tree and installs it")
-    version, architecture = fields.stdout.split()[:2]
-    root = tmp_path_factory.mktemp("deb")
-    (root / "pkg" / "DEBIAN").mkdir(parents=True)
-    (root / "pkg" / "DEBIAN" / "control").write_text(
-        f"Package: bindguard\nVersion: {version}\nArchitecture: {architecture}\n"
-        "Maintainer: The bindguard developers <bindguard@example.org>\n"
-        "Description: the installed bindguard's name and version, for tests/test_fleet.py\n")
-    deb = root / f"bindguard_{version}_{architecture}.deb"
-    built = subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root / "pkg"), str(deb)],
-                           capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
-    return deb
+def package_deb(installed) -> Path:
+    """The .deb tools/build-deb built from this tree, which is the installed package: removing the
+    package and installing this .deb leaves the machine as it was."""
+    debs = sorted(REPO.glob("bindguard_*_all.deb"))
+    assert len(debs) == 1, f"expected the one package tools/build-deb built in {REPO}, found {debs}: {REINSTALL}"
+    shipped = subprocess.run(["dpkg-deb", "--info", str(debs[0]), "md5sums"], capture_output=True, text=True, env=SYSTEM)
+    assert shipped.returncode == 0, shipped.stderr
+    assert shipped.stdout == Path("/var/lib/dpkg/info/bindguard.md5sums").read_text(), \
+        f"{debs[0].name} is not the installed package: {REINSTALL}"
+    return debs[0]
+
+
+def _package() -> str | None:
+    """The installed bindguard's version, or None."""
+    shown = subprocess.run(["dpkg-query", "--show", "--showformat=${Version} ${db:Status-Status}", "bindguard"],
+                           capture_output=True, text=True, env=SYSTEM)
+    version, _, status = shown.stdout.partition(" ")
+    return version if shown.returncode == 0 and status == "installed" else None
 
 
 @pytest.fixture
@@ -85,12 +88,13 @@ def hosts(tmp_path, systemd_rig):
 
 
 def _inventory(tmp_path: Path, hosts: dict) -> Path:
+    """hosts: name -> a NetNS, or for host2 the rig."""
     entries = {}
     for name, host in hosts.items():
         home = tmp_path / name
         (home / "bindguard").mkdir(parents=True)
         python = home / "python3"
-        enter = f"--target={host.manager.pid} --mount --net" if name == "host2" else f"--net={host.path}"
+        enter = f"--net={host.path}" if isinstance(host, NetNS) else f"--target={host.manager.pid} --mount --net"
         python.write_text(f'#!/bin/sh\nexec nsenter {enter} -- {SYSTEM_PYTHON} "$@"\n')
         python.chmod(0o755)
         entries[name] = {
@@ -98,16 +102,19 @@ def _inventory(tmp_path: Path, hosts: dict) -> Path:
             "bindguard_deb_dir": str(home / "deb"),
             "bindguard_environment": {"BINDGUARD_CONFIG_PATH": str(home / "bindguard")},
         }
-    # host2 guards a unit of its user manager: the drop-in goes to the rig's XDG_CONFIG_HOME, and the
-    # handler's daemon-reload reaches the rig's manager
-    rig = hosts["host2"]
-    entries["host2"]["bindguard_guards"] = [{"unit": "web.service", "listen": ["127.0.0.1:80"], "user": True,
-                                             "check_args": "--wait 10"}]
-    entries["host2"]["bindguard_environment"] |= {key: rig.env[key] for key in (
-        "HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")}
+    # host2 guards units of its user manager, a service and a socket unit: the drop-ins go to the rig's
+    # XDG_CONFIG_HOME, and the handler's daemon-reload reaches the rig's manager
+    if "host2" in hosts:
+        rig = hosts["host2"]
+        entries["host2"]["bindguard_guards"] = [
+            {"unit": "web.service", "listen": ["127.0.0.1:80"], "user": True, "check_args": "--wait 10"},
+            {"unit": "api.socket", "user": True}]
+        entries["host2"]["bindguard_environment"] |= {key: rig.env[key] for key in (
+            "HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps({"bindguard": {"hosts": entries, "vars": {
-        "ansible_connection": "local", "bindguard_scan_args": ["--no-systemd"]}}}))
+        "ansible_connection": "local", "bindguard_scan_args": ["--no-systemd"],
+        "bindguard_package_throttle": 1}}}))  # one dpkg database for all
     return inventory
 
 
@@ -131,7 +138,7 @@ def _recap(run: subprocess.CompletedProcess) -> dict[str, tuple[int, int, int]]:
 
 @pytest.mark.integration
 def test_role_installs_guards_scans_gathers_fails_on_a_conflict_and_changes_nothing_twice(
-        hosts, tmp_path, installed_version_deb):
+        hosts, tmp_path, package_deb):
     host1, rig, host3 = hosts.values()
     inventory = _inventory(tmp_path, hosts)
     config1, config2, config3 = (tmp_path / name / "bindguard" for name in hosts)
@@ -140,23 +147,26 @@ def test_role_installs_guards_scans_gathers_fails_on_a_conflict_and_changes_noth
     host1.hold({"host": "0.0.0.0", "port": 8080})
     (config2 / "web.service.yaml").write_text('listen: ["127.0.0.1:80"]\n')
     rig.write_unit("web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+    rig.write_unit("api.socket", "[Socket]\nListenStream=127.0.0.1:8081\n")
     rig.hold({"host": "127.0.0.1", "port": 9100})
     (config3 / "cache.service.yaml").write_text('listen: ["127.0.0.1:45000"]\n')
     host3.hold({"proto": "udp", "host": "::1", "port": 5353})
     report_path = tmp_path / "fleet.json"
-    dropin = Path(rig.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "web.service.d" / "bindguard.conf"
+    dropin, socket_dropin = (Path(rig.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / f"{unit}.d" / "bindguard.conf"
+                             for unit in ("web.service", "api.socket"))
 
     # --check on the hosts without a conflict: the play passes, writes nothing, and says what it would
-    dry = _playbook(tmp_path, inventory, installed_version_deb, report_path, "--check", "--diff", "--limit", "host2,host3")
+    dry = _playbook(tmp_path, inventory, package_deb, report_path, "--check", "--diff", "--limit", "host2,host3")
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert not dropin.exists() and not report_path.exists()
-    assert re.search(r"changed: \[host2\] => \(item=\S+/web.service.d\)", dry.stdout), dry.stdout
+    assert not dropin.parent.exists() and not socket_dropin.parent.exists() and not report_path.exists()
+    assert "changed: [host2] => (item=web.service)" in dry.stdout and "changed: [host2] => (item=api.socket)" \
+        in dry.stdout, dry.stdout
 
-    run = _playbook(tmp_path, inventory, installed_version_deb, report_path)
+    run = _playbook(tmp_path, inventory, package_deb, report_path)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "1 conflict(s): host1: a.service and b.service will collide on port 8080/tcp" in run.stdout
     report = json.loads(report_path.read_text())
-    assert set(report["hosts"]) == {"host1", "host2", "host3"}
+    assert set(report["hosts"]) == {"host1", "host2", "host3"}, run.stdout
     assert report["conflicts"] == ["host1: a.service and b.service will collide on port 8080/tcp"]
     ports = {name: sorted(entry["port"] for entry in scan["listeners"]) for name, scan in report["hosts"].items()}
     assert ports == {"host1": [8080], "host2": [9100], "host3": [5353]}  # each scan ran in its own namespace
@@ -167,8 +177,10 @@ def test_role_installs_guards_scans_gathers_fails_on_a_conflict_and_changes_noth
     # flushed while hosts took different paths under the next task's header, so ask the manager)
     assert str(dropin) in rig.prop("web.service", "DropInPaths").split()
     assert rig.prop("web.service", "NeedDaemonReload") == "no"
+    assert f"[Socket]\nExecStartPre=+{PROGRAM} check --unit %n --user\n" in socket_dropin.read_text()
+    assert str(socket_dropin) in rig.prop("api.socket", "DropInPaths").split()
 
-    again = _playbook(tmp_path, inventory, installed_version_deb, report_path)
+    again = _playbook(tmp_path, inventory, package_deb, report_path)
     assert again.returncode == 2, again.stdout + again.stderr
     assert _recap(again) == {"host1": (0, 0, 1), "host2": (0, 0, 0), "host3": (0, 0, 0)}, again.stdout
     assert "RUNNING HANDLER" not in again.stdout
@@ -176,6 +188,32 @@ def test_role_installs_guards_scans_gathers_fails_on_a_conflict_and_changes_noth
     for output in (run.stdout, again.stdout):
         step = output.split("TASK [bindguard : bindguard's Debian package]")[1].split("TASK [")[0]
         assert "changed:" not in step and step.count("ok: [") == 3, step
+
+
+@pytest.mark.integration
+def test_role_installs_the_package_with_apt(tmp_path, package_deb):
+    need_root("a host as a network namespace, and dpkg")
+    version = _package()
+    host = NetNS()
+    try:
+        inventory = _inventory(tmp_path, {"host1": host})
+        # dpkg refuses to remove a package another installed package depends on
+        removed = subprocess.run(["dpkg", "--remove", "bindguard"], capture_output=True, text=True, env=SYSTEM)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        try:
+            assert _package() is None and not Path(PROGRAM).exists()
+            run = _playbook(tmp_path, inventory, package_deb, tmp_path / "fleet.json")
+            assert run.returncode == 0, run.stdout + run.stderr
+            step = run.stdout.split("TASK [bindguard : bindguard's Debian package]")[1].split("TASK [")[0]
+            assert "changed: [host1]" in step, step
+            assert _package() == version and os.access(PROGRAM, os.X_OK)
+            assert "ok: [host1]" in run.stdout.split("TASK [bindguard : Scan the host]")[1].split("TASK [")[0]
+        finally:
+            if _package() is None:  # as setup.sh installs it
+                subprocess.run(["apt-get", "install", "-y", "-qq", f"./{package_deb.name}"], cwd=package_deb.parent,
+                               capture_output=True, text=True, env=SYSTEM, timeout=300)
+    finally:
+        host.close()
 
 
 def test_prometheus_alert_rules_pass_promtool():
