@@ -9,6 +9,12 @@
     python3 tools/generate.py OUTDIR      (run with src/ importable: the Debian build does)
 
 This is the one place outside the program that names its parser.
+
+Why not argparse-manpage's public Manpage class: at the version debian/rules builds with (bookworm's
+python3-argparse-manpage 1.2.2) it writes `.TH PROG "1" Manual` with no way to set section 8, date,
+source or manual, puts every subcommand in one page, and takes extra sections (EXIT STATUS, FILES,
+SEE ALSO) only as plain text broken at each line, with nothing escaped. So its _ManpageFormatter
+sets the options, as Manpage does, and this file writes the rest of the roff.
 """
 
 from __future__ import annotations
@@ -299,7 +305,16 @@ def completions(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def main() -> int:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "build/generated")
+    cli = argparse.ArgumentParser(
+        prog="tools/generate.py",
+        description="Write bindguard's man pages and shell completions, generated from its argument parser "
+                    "and README, under OUTDIR (man/, completion/).")
+    cli.add_argument("outdir", metavar="OUTDIR", nargs="?", default="build/generated",
+                     help="where to write them (default: %(default)s)")
+    outdir = cli.parse_args().outdir
+    if outdir.startswith("-"):  # after `--`: a mistyped option, not a directory to make
+        cli.error(f"OUTDIR {outdir!r} starts with '-': give a directory name (./{outdir} if you mean it)")
+    out = Path(outdir)
     files = {f"man/{page}": text for page, text in command_pages(build_parser()).items()}
     files["man/bindguard.yaml.5"] = config_page()
     files.update(completions(build_parser()))
