@@ -108,13 +108,14 @@ def test_docker_and_kubernetes_state_on_disk(tmp_path, monkeypatch):
 def test_what_a_docker_container_publishes_from_its_recorded_state():
     """docker-proxy's -container-ip, -container-port, -proto and -host-port against config.v2.json."""
     state = json.loads(DOCKER_RECORDED.read_text())
-    assert containers.docker_publishes(state, "172.17.0.2", "8080", "tcp", "18082")
-    assert containers.docker_publishes(state, "172.17.0.2", "8080", "", "18082")  # docker-proxy's default
-    for other in (("172.17.0.3", "8080", "tcp", "18082"), ("172.17.0.2", "8081", "tcp", "18082"),
-                  ("172.17.0.2", "8080", "udp", "18082"), ("172.17.0.2", "8080", "tcp", "18083")):
+    assert containers.docker_publishes(state, "18082", "tcp", "172.17.0.2", "8080")
+    assert containers.docker_publishes(state, "18082", "", "172.17.0.2", "8080")  # docker-proxy's default
+    assert containers.docker_publishes(state, "18082", "tcp")  # dockerd's own socket: the port alone
+    for other in (("18082", "tcp", "172.17.0.3", "8080"), ("18082", "tcp", "172.17.0.2", "8081"),
+                  ("18082", "udp", "172.17.0.2", "8080"), ("18083", "tcp", "172.17.0.2", "8080"), ("18083", "tcp")):
         assert not containers.docker_publishes(state, *other), other
     state["State"]["Running"] = False  # only a running container publishes anything
-    assert not containers.docker_publishes(state, "172.17.0.2", "8080", "tcp", "18082")
+    assert not containers.docker_publishes(state, "18082", "tcp", "172.17.0.2", "8080")
 
 
 def _conflict(container: ContainerFact) -> Conflict:
@@ -396,7 +397,7 @@ if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/un
     umount /sys/fs/cgroup/unified
 fi
 ip link set lo up
-dockerd --storage-driver vfs --exec-opt native.cgroupdriver=cgroupfs > "$OUT/dockerd.log" 2>&1 &
+dockerd --storage-driver vfs --exec-opt native.cgroupdriver=cgroupfs $DOCKERD_OPTIONS > "$OUT/dockerd.log" 2>&1 &
 for _ in $(seq 1 120); do $docker info >/dev/null 2>&1 && break; sleep 0.5; done
 $docker import "$IMAGE" bindguard-test:1 >/dev/null
 $docker run -d --name web3 -p 18082:8080 bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
@@ -409,7 +410,7 @@ set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18082 2> "$OUT/check.err"
 echo $? > "$OUT/check.code"
 set -e
-# The remedy's own command, as the guard wrote it; then the port is free.
+# The remedy's own command, as the guard wrote it (if it wrote one); then the port is free.
 $(sed -n 's/[^`]*`\(docker stop [^`]*\)`.*/\1/p' "$OUT/check.err" | head -n 1 | sed "s|^docker|$docker|") >/dev/null
 set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18082 2> "$OUT/after.err"
@@ -419,14 +420,14 @@ DOCKER_PROGRAMS = ("/usr/sbin/dockerd", "/usr/bin/docker", "/usr/sbin/docker-pro
                    "/usr/sbin/runc")
 
 
-def _run_docker(tmp_path: Path) -> None:
+def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
     """DOCKER_SCRIPT's run; the cgroups dockerd made in the host's hierarchies (docker/, emptied as
     its containers stopped) and the mount point /var/lib/docker, if the test made it, go afterwards."""
     need_engine(*DOCKER_PROGRAMS)
     made = not os.path.lexists("/var/lib/docker")
     os.makedirs("/var/lib/docker", exist_ok=True)
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path))
+               PYTHONPATH=os.pathsep.join(sys.path), DOCKERD_OPTIONS=dockerd_options)
     try:
         done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount", "--propagation",
                                "private", "--", "sh", "-c", DOCKER_SCRIPT], env=env, capture_output=True, text=True,
@@ -444,25 +445,32 @@ def _run_docker(tmp_path: Path) -> None:
     assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
 
 
-def test_a_docker_container_behind_docker_proxy_is_named_and_stopped_with_docker(tmp_path):
-    """docker-proxy, root's child of root's dockerd, holds web3's published port: the container is the
-    running one whose config.v2.json has -container-ip and publishes -container-port on -host-port. The
-    fix's `docker stop web3` frees the port. web4 on the host's network is named from its cgroup."""
-    _run_docker(tmp_path)
+def _assert_web3_named(tmp_path: Path, holder: str, via: str) -> None:
+    """Every listener on web3's published port is `holder`, named as web3 (reached `via`) with
+    `docker stop web3` as its fix, Docker's DNAT rule takes the port's traffic too, the guard refused
+    (98), and the fix freed the port."""
     report = json.loads((tmp_path / "explain-18082.json").read_text())
     held = [c for c in report["conflicts"] if c["kind"] == "listener"]
     assert held, report
-    for holder in held:
-        assert holder["name"] == "docker-proxy", holder
-        container = holder["container"]
+    for conflict in held:
+        assert conflict["name"] == holder, conflict
+        container = conflict["container"]
         assert (container["engine"], container["name"], container["image"], container["via"]) == (
-            "docker", "web3", "bindguard-test:1", "docker-proxy"), container
-        assert "`docker stop web3`" in holder["remedy"] and "kill -" not in holder["remedy"]
+            "docker", "web3", "bindguard-test:1", via), container
+        assert "`docker stop web3`" in conflict["remedy"] and "kill -" not in conflict["remedy"]
     nat = [c for c in report["conflicts"] if c["kind"] == "nat-shadowed"]
     assert nat and all(c["nat"]["owner"] == "Docker" and c["nat"]["to"].endswith(":8080") for c in nat), report
     assert (tmp_path / "check.code").read_text().strip() == "98"
     assert "docker container web3, image bindguard-test:1" in (tmp_path / "check.err").read_text()
     assert (tmp_path / "after.code").read_text().strip() == "0", (tmp_path / "after.err").read_text()
+
+
+def test_a_docker_container_behind_docker_proxy_is_named_and_stopped_with_docker(tmp_path):
+    """docker-proxy, root's child of root's dockerd, holds web3's published port: the container is the
+    running one whose config.v2.json has -container-ip and publishes -container-port on -host-port. The
+    fix's `docker stop web3` frees the port. web4 on the host's network is named from its cgroup."""
+    _run_docker(tmp_path)
+    _assert_web3_named(tmp_path, "docker-proxy", "docker-proxy")
     host = json.loads((tmp_path / "explain-18083.json").read_text())
     held = [c for c in host["conflicts"] if c["kind"] == "listener"]
     assert len(held) == 1 and held[0]["name"] == "httpd", host
@@ -472,7 +480,15 @@ def test_a_docker_container_behind_docker_proxy_is_named_and_stopped_with_docker
     assert "`docker stop web4`" in held[0]["remedy"]
     state = json.loads((tmp_path / "config.v2.json").read_text())
     ip = next(iter(state["NetworkSettings"]["Networks"].values()))["IPAddress"]
-    assert containers.docker_publishes(state, ip, "8080", "tcp", "18082")
+    assert containers.docker_publishes(state, "18082", "tcp", ip, "8080")
+
+
+def test_a_port_dockerd_holds_itself_without_its_proxy_is_named_as_the_container(tmp_path):
+    """With --userland-proxy=false a DNAT rule takes web3's traffic, and dockerd binds the published
+    port itself so that nothing else takes it: the daemon's bind would fail. The holder is named as
+    web3 (not dockerd, whose stop would stop every container), and the fix's `docker stop web3` frees it."""
+    _run_docker(tmp_path, "--userland-proxy=false")
+    _assert_web3_named(tmp_path, "dockerd", "dockerd")
 
 
 def test_a_docker_proxy_that_is_not_dockerds_names_no_container():

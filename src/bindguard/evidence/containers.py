@@ -329,43 +329,62 @@ def _all_cgroups(pid: int) -> list[str]:
 # container's address and port, not the container. Believed only where root runs it and its parent is
 # root's dockerd (anyone can name programs so); the container is the running one of Docker's whose
 # address on one of its networks is -container-ip and which publishes -container-port/-proto on
-# -host-port, in its config.v2.json, each read as a regular file of bounded size.
-MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read for one docker-proxy
+# -host-port, in its config.v2.json, each read as a regular file of bounded size. With the proxy off
+# (--userland-proxy=false) dockerd binds each published port itself, so that nothing else takes it, and
+# a DNAT rule carries the traffic: the container is then the running one publishing that port.
+MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read for one port
 
 
 def _from_docker_proxy(pid: int, argv: tuple[str, ...]) -> ContainerFact | None:
     from bindguard.evidence.owners import read_stat
-    from bindguard.model.record import replace
 
     stat = read_stat(pid)
     parent = read_stat(stat.ppid) if stat is not None else None
     if parent is None or parent.name != "dockerd" or _real_uid(pid) != ROOT or _real_uid(stat.ppid) != ROOT:
         return None
-    published = tuple(_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
-                      for flag in ("container-ip", "container-port", "proto", "host-port"))
-    if not all(published[:2]) or not published[3]:
+    ip, port, proto, host_port = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
+                                  for flag in ("container-ip", "container-port", "proto", "host-port"))
+    if not (ip and port and host_port):
         return None
+    return _the_docker_container(lambda state: docker_publishes(state, host_port, proto, ip, port), "docker-proxy")
+
+
+def docker_port_container(pid: int, proto: str, port: int) -> ContainerFact | None:
+    """The container a port root's dockerd holds itself is published for (its proxy off), or None."""
+    if _real_uid(pid) != ROOT:
+        return None
+    return _the_docker_container(lambda state: docker_publishes(state, str(port), proto), "dockerd")
+
+
+def _the_docker_container(publishes, via: str) -> ContainerFact | None:
+    """The one container of Docker's whose config.v2.json `publishes` says yes to; None for none or several."""
+    from bindguard.model.record import replace
+
     try:
         ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS) if len(name) == 64)[:MAX_DOCKER_CONTAINERS]
     except OSError:
         return None
     import re
 
-    found = [cid for cid in ids if re.fullmatch(_ID, cid)
-             and docker_publishes(_read_json(DOCKER_STATE.format(id=cid)), *published)]
-    if len(found) != 1:
-        return None
-    return replace(_from_docker(found[0]), via="docker-proxy")
+    found = [cid for cid in ids if re.fullmatch(_ID, cid) and publishes(_read_json(DOCKER_STATE.format(id=cid)))]
+    return replace(_from_docker(found[0]), via=via) if len(found) == 1 else None
 
 
-def docker_publishes(state, container_ip: str, container_port: str, proto: str, host_port: str) -> bool:
-    """Whether a container's config.v2.json says it runs with container_ip on one of its networks and
-    publishes container_port/proto (tcp when not said) on host_port."""
+def docker_publishes(state, host_port: str, proto: str = "", container_ip: str = "", container_port: str = "") -> bool:
+    """Whether a container's config.v2.json says it runs and publishes host_port for proto (tcp when
+    not said); from container_port, and with container_ip on one of its networks, where they are given."""
     if not isinstance(state, dict) or _dict(state.get("State")).get("Running") is not True:
         return False
     settings = _dict(state.get("NetworkSettings"))
     addresses = {_str(_dict(net).get(key)) for net in _dict(settings.get("Networks")).values()
                  for key in ("IPAddress", "GlobalIPv6Address")}
-    bindings = _dict(settings.get("Ports")).get(f"{container_port}/{proto or 'tcp'}")
-    return container_ip in addresses - {""} and isinstance(bindings, list) and any(
-        isinstance(b, dict) and b.get("HostPort") == host_port for b in bindings)
+    if container_ip and container_ip not in addresses - {""}:
+        return False
+    for published, bindings in _dict(settings.get("Ports")).items():
+        port, _, protocol = _str(published).partition("/")
+        if protocol != (proto or "tcp") or (container_port and port != container_port):
+            continue
+        if isinstance(bindings, list) and any(isinstance(b, dict) and b.get("HostPort") == host_port
+                                              for b in bindings):
+            return True
+    return False

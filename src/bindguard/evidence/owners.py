@@ -10,6 +10,7 @@ import errno
 import os
 from collections.abc import Iterable
 
+from bindguard.model.endpoints import Endpoint
 from bindguard.model.facts import ProcessFact, SocketFact
 from bindguard.model.record import Record
 from bindguard.systemd.unitfiles import cgroup_from_proc_file, process_cgroup, unit_from_cgroup  # noqa: F401 (API too)
@@ -90,6 +91,7 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
     inodes = {s.inode for s in sockets if s.inode}
     if not inodes:
         return SocketHolders({})
+    local = {s.inode: s.local for s in sockets if s.inode}
     found = find_holders(inodes, socket_cgroup_pids(sockets), every_holder=every_holder)
     facts: dict[int, ProcessFact | None] = {}
     processes: dict[int, list[ProcessFact]] = {}
@@ -100,7 +102,7 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
                 facts[pid] = process_facts(pid)
             fact = facts[pid]
             if fact is not None:
-                held.append(fact)
+                held.append(_for_container(fact, local[inode]))
                 if not every_holder:
                     break
         if held:
@@ -108,6 +110,18 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
     # Without every_holder, an inode with no holder found is the one a denied process may hold.
     incomplete = bool(found.unreadable) and (every_holder or len(found) < len(inodes))
     return SocketHolders(processes, incomplete)
+
+
+def _for_container(process: ProcessFact, local: Endpoint) -> ProcessFact:
+    """The process as the holder of a socket on `local`: dockerd, which holds the ports it publishes
+    itself where its userland proxy is off, holds it for the container the port is published for."""
+    if process.container is not None or process.name != "dockerd":
+        return process
+    from bindguard.evidence.containers import docker_port_container
+    from bindguard.model.record import replace
+
+    container = docker_port_container(process.pid, local.proto, local.port)
+    return replace(process, container=container) if container else process
 
 
 def _all_pids() -> list[int]:

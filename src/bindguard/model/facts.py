@@ -87,6 +87,8 @@ VIA_PROXY = {
     "conmon": "Podman's monitor (conmon) holds the container's published port",
     "rootlessport": "rootless Podman's port forwarder (rootlessport) holds the container's published port",
     "docker-proxy": "Docker's userland proxy (docker-proxy) holds the container's published port",
+    "dockerd": "dockerd holds the container's published port itself, its userland proxy off, and a DNAT rule "
+               "takes the port's traffic to the container",
 }
 
 

@@ -64,7 +64,8 @@ def _container(c: Conflict) -> str:
     assert c.process is not None and c.process.container is not None  # remedy() asks only then
     container = c.process.container
     how = VIA_PROXY.get(container.via, "its cgroup is the container's")
-    return (f"PID {c.process.pid} is the {container.label} ({how}). If that container should serve this address, "
+    relation = "holds it for" if container.via in VIA_PROXY else "is"
+    return (f"PID {c.process.pid} {relation} the {container.label} ({how}). If that container should serve this address, "
             f"do not start this service on it; otherwise {stop_container(container)}; or move this service to "
             "another port")
 
