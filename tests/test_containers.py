@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -135,16 +136,10 @@ def test_the_remedy_stops_a_container_with_its_engine_and_leaves_a_pod_to_its_ow
 
 
 # Run in private mount and network namespaces, the container web1 run by $RUN_WEB1; then the guard's
-# explain (JSON) and check on 0.0.0.0:18080. The cgroups Podman made in the host's hierarchies (its
-# monitor's libpod_parent/conmon) are removed with the container, where no other container uses them.
+# explain (JSON) and check on 0.0.0.0:18080.
 PODMAN_SCRIPT = r"""
 set -eu
-cleanup() {
-    podman rm -f -t 0 web1 >/dev/null 2>&1 || true
-    for parent in /sys/fs/cgroup/libpod_parent /sys/fs/cgroup/*/libpod_parent; do
-        [ -d "$parent" ] && rmdir "$parent/conmon" "$parent" 2>/dev/null || true
-    done
-}
+cleanup() { podman rm -f -t 0 web1 >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 mount -t tmpfs tmpfs /var/lib/containers
 mount -t tmpfs tmpfs /run
@@ -196,13 +191,34 @@ def need_engine(*more: str) -> None:
         pytest.skip(reason)
 
 
+def _remove_cgroups(name: str) -> None:
+    """The cgroups an engine made at the top of the host's hierarchies (/sys/fs/cgroup/*/NAME and
+    below; NAME on a cgroup2 host), once the processes in them have left (a monitor outlives `rm -f`
+    for a moment). One still in use after 10 s is another run's, and stays."""
+    deadline = time.monotonic() + 10
+    for top in [*Path("/sys/fs/cgroup").glob(f"*/{name}"), Path("/sys/fs/cgroup") / name]:
+        below = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for cgroup in [*below, top]:
+            while cgroup.is_dir():
+                try:
+                    cgroup.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+
+
 def _run_podman(tmp_path: Path, run_web1: str) -> dict:
-    """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs."""
+    """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; then the cgroups Podman
+    made in the host's hierarchies (its monitor's libpod_parent/conmon) go."""
     need_engine()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), RUN_WEB1=run_web1)
-    done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
-                           PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    try:
+        done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
+                               PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        _remove_cgroups("libpod_parent")
     assert done.returncode == 0, done.stderr
     return json.loads((tmp_path / "explain.json").read_text())
 
@@ -435,12 +451,7 @@ def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
     finally:
         if made:
             os.rmdir("/var/lib/docker")
-        for parent in Path("/sys/fs/cgroup").glob("*/docker"):
-            for cgroup in sorted(parent.glob("*/"), reverse=True) + [parent]:
-                try:
-                    cgroup.rmdir()
-                except OSError:
-                    pass  # still in use: another engine's, or not yet emptied
+        _remove_cgroups("docker")
     log = (tmp_path / "dockerd.log").read_text() if (tmp_path / "dockerd.log").exists() else ""
     assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
 
