@@ -186,6 +186,31 @@ def test_an_include_glob_of_too_many_files(tmp_path):
     assert code == 0 and any("more than 1000 entries" in w for w in found["warnings"]), found
 
 
+LONG = "1" * 100_000
+# daemon -> (its binary, a configuration with a 100,000-character address, argv naming CONF)
+LONG_ADDRESSES = {
+    "redis": ("/usr/bin/redis-server", f"port 7000\nbind {LONG}\n", "/usr/bin/redis-server CONF"),
+    "nginx": ("/usr/sbin/nginx", f"events {{}}\nstream {{ server {{ listen {LONG}; listen 127.0.0.1:{LONG}; }} }}\n",
+              "/usr/sbin/nginx -c CONF"),
+    "haproxy": ("/usr/sbin/haproxy", f"frontend f\n  bind {LONG}\n", "/usr/sbin/haproxy -f CONF"),
+    "apache": ("/usr/sbin/apache2", f"Listen {LONG}x\n", "/usr/sbin/apache2 -f CONF"),
+}
+
+
+@pytest.mark.parametrize("daemon", sorted(LONG_ADDRESSES))
+def test_a_long_address_is_quoted_in_part(tmp_path, daemon):
+    """A warning names the address the file's user wrote, but not all 100,000 characters of it."""
+    binary, text, argv = LONG_ADDRESSES[daemon]
+    need_package(daemon, binary)
+    conf = tmp_path / "daemon.conf"
+    conf.write_text(text)
+    code, found, _ = bounded_discover("--exec-start", argv.replace("CONF", str(conf)))
+    assert code == 0 and found["findings"] == [], found
+    warnings = [w for w in found["warnings"] if w.startswith(f"{conf}:")]
+    assert warnings and all("'1111111111" in w and len(w) < len(str(conf)) + 300 for w in warnings), \
+        [w[:300] for w in found["warnings"]]
+
+
 @pytest.mark.integration
 def test_the_guard_fails_open_on_a_fifo_in_the_units_configuration(systemd_rig, hostile):
     """Under the every-service guard, a FIFO in nginx's configuration costs a warning, not the start."""

@@ -197,10 +197,11 @@ def _emit(parsed: _Config, findings: Findings) -> None:
             host, _, port_text = address.rpartition(":")
         port = ascii_port(port_text)
         if not port:
-            findings.warn(f"{where}: Listen {address}: no valid port; Apache refuses it")
+            findings.warn(f"{where}: Listen {excerpt(address)}: no valid port; Apache refuses it")
             continue
         if (host, port) in seen:
-            findings.warn(f"{where}: Listen {address} repeats {seen[(host, port)]}; Apache refuses to start")
+            findings.warn(f"{where}: Listen {excerpt(address)} repeats {seen[(host, port)]}; "
+                          f"Apache refuses to start")
             continue
         seen[(host, port)] = where
         if host in ("", "::") and ipv6_supported():

@@ -14,6 +14,7 @@ import re
 import shlex
 
 from bindguard.model.endpoints import TCP, UDP, ascii_port
+from bindguard.model.text import excerpt
 from bindguard.request.discover.common import (
     AddressError,
     DaemonConfigError,
@@ -118,10 +119,11 @@ def _bind(findings: Findings, address: str, where: str, **options) -> None:
     low, _, high = ports.partition("-")
     first, last = ascii_port(low), ascii_port(high or low)
     if first is None or last is None:
-        findings.warn(f"{where}: bind {address}: no valid port")
+        findings.warn(f"{where}: bind {excerpt(address)}: no valid port")
         return
     if last - first >= MAX_RANGE:
-        findings.warn(f"{where}: bind {address}: a range of more than {MAX_RANGE} ports; only the first are checked")
+        findings.warn(f"{where}: bind {excerpt(address)}: a range of more than {MAX_RANGE} ports; "
+                      f"only the first are checked")
         last = first + MAX_RANGE - 1
     for a in ([host] if host in ("0.0.0.0", "::") else host_addresses(host, findings, where)):
         for port in range(first, last + 1):

@@ -19,6 +19,7 @@ import re
 
 from bindguard.model.endpoints import TCP, UDP, Endpoint, ascii_port
 from bindguard.model.record import Record
+from bindguard.model.text import excerpt
 from bindguard.request.discover import dump
 from bindguard.request.discover.common import (
     AddressError,
@@ -209,12 +210,12 @@ class _Parser:
             host = "0.0.0.0"
         if not port_text:
             if default_port is None:
-                self.findings.warn(f"{source}: listen {address} has no port; nginx refuses it")
+                self.findings.warn(f"{source}: listen {excerpt(address)} has no port; nginx refuses it")
                 return host, None
             return host, default_port
         port = ascii_port(port_text)
         if not port:
-            self.findings.warn(f"{source}: listen {address}: {port_text!r} is not a port")
+            self.findings.warn(f"{source}: listen {excerpt(address)}: {excerpt(port_text)} is not a port")
             return host, None
         return host, port
 
