@@ -12,6 +12,8 @@ import pytest
 
 from test_discover import need_package
 
+from bindguard.model.text import EXCERPT
+
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 SECRETS = [
     "root:$y$j9T$Zq8Xw7Vv6Uu5Tt4Ss3Rr2Qq1Pp0Oo9Nn8Mm7Ll6Kk5Jj4Ii3:19000:0:99999:7:::",
@@ -30,7 +32,6 @@ YAML_SECRETS = [
     "api_token_Qm9vX2xpbmUtdHdvLXNlY3JldC12YWx1ZS1oZXJl: x",
     "Tr0ub4dor3HorseBatteryStaple9921: x",
 ]
-EXCERPT = 40  # bindguard.model.text.excerpt's limit
 
 
 def longest_shared(secret: str, text: str) -> int:

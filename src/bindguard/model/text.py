@@ -18,8 +18,11 @@ def escape(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def excerpt(text: str, limit: int = 40) -> str:
+EXCERPT = 40  # characters of a file's text an error message quotes
+
+
+def excerpt(text: str, limit: int = EXCERPT, quote: str = "'") -> str:
     """At most `limit` characters of a file's (or any untrusted) text, escaped and quoted, for an
     error message that must name what it could not use without printing the whole file."""
     cut = text[:limit]
-    return "'" + escape(cut) + ("'..." if len(text) > limit else "'")
+    return quote + escape(cut) + quote + ("..." if len(text) > limit else "")

@@ -23,6 +23,7 @@ from bindguard.model.errors import ConfigError
 from bindguard.model.host import host_bindv6only
 from bindguard.model.kinds import DISCOVERY_SOURCES, NAT_MODES, POLICY_KINDS, Action
 from bindguard.model.record import Record, field
+from bindguard.model.text import EXCERPT, excerpt
 from bindguard.systemd.unitfiles import config_files, masks_with_nothing, normalize_unit, search_path  # noqa: F401 (API too)
 
 TYPE_CHECKING = False  # PyYAML is imported only when a file is read (_yaml)
@@ -100,7 +101,6 @@ MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32  # nesting of lists and mappings; PyYAML composes recursively
 MAX_PROBLEMS = 20  # per file; the rest are counted, not described
 MAX_DIGITS = 18  # an integer setting (a port, seconds) never needs more
-EXCERPT = 40  # characters of a value quoted in a message
 
 _TAG = "tag:yaml.org,2002:"
 STR, INT, FLOAT, BOOL, NULL, SEQ, MAP = (_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map"))
@@ -187,15 +187,14 @@ class _BadValue(ValueError):
 _quotes_left = [1]
 
 
-def _excerpt(text: str, budgeted: bool = True) -> str:
-    """A value as a message quotes it: control characters escaped, at most EXCERPT characters;
-    past the file's one excerpt of unexpected text (budgeted), nothing of it."""
+def _excerpt(text: str, budgeted: bool = True, quote: str = "'") -> str:
+    """A value as a message quotes it (bindguard.model.text.excerpt); past the file's one excerpt
+    of unexpected text (budgeted), nothing of it."""
     if budgeted and _quotes_left[0] <= 0:
         return "(not quoted: one excerpt per file)"
     if budgeted:
         _quotes_left[0] -= 1
-    shown = text if len(text) <= EXCERPT else text[:EXCERPT] + "..."
-    return repr(shown)
+    return excerpt(text, quote=quote)
 
 
 def _short_tag(tag: str) -> str:
@@ -525,8 +524,7 @@ def _describe(node, value) -> str:
         return _kind(node, budgeted=False)
     if value is None:
         return "nothing"
-    quoted = _excerpt(node.value, budgeted=False)
-    return quoted if isinstance(value, str) else quoted[1:-1]
+    return _excerpt(node.value, budgeted=False, quote="'" if isinstance(value, str) else "")
 
 
 def _read_text(path: str) -> str:
