@@ -186,6 +186,33 @@ def test_an_include_glob_of_too_many_files(tmp_path):
     assert code == 0 and any("more than 1000 entries" in w for w in found["warnings"]), found
 
 
+# daemon -> (its binary, a configuration that includes itself (SELF), argv naming CONF, the depth it stops at)
+SELF_INCLUDES = {
+    "nginx": ("/usr/sbin/nginx", "events {}\ninclude SELF;\n", "/usr/sbin/nginx -c CONF", None),
+    "apache": ("/usr/sbin/apache2", "Include SELF\n", "/usr/sbin/apache2 -f CONF", None),
+    "redis": ("/usr/bin/redis-server", "port 7000\ninclude SELF\n", "/usr/bin/redis-server CONF", None),
+    "sshd": ("/usr/sbin/sshd", "Port 2222\nInclude SELF\n", "/usr/sbin/sshd -D -f CONF", "sshd"),
+    "postgres": ("/usr/lib/postgresql", "port = 5433\ninclude 'SELF'\n",
+                 "/usr/lib/postgresql/15/bin/postgres -c config_file=CONF", "postgres"),
+    "mariadb": ("/usr/sbin/mariadbd", "[mysqld]\nport = 3307\n!include SELF\n",
+                "/usr/sbin/mariadbd --defaults-file=CONF", "mysql"),
+}
+
+
+@pytest.mark.parametrize("daemon", sorted(SELF_INCLUDES))
+def test_an_include_loop_stops_at_its_daemon_s_depth(tmp_path, daemon):
+    from bindguard.request.discover.common import DAEMON_INCLUDE_DEPTH, MAX_INCLUDE_DEPTH
+
+    binary, text, argv, own = SELF_INCLUDES[daemon]
+    need_package(daemon, binary)
+    conf = tmp_path / "daemon.conf"
+    conf.write_text(text.replace("SELF", str(conf)))
+    code, found, _ = bounded_discover("--exec-start", argv.replace("CONF", str(conf)))
+    depth = DAEMON_INCLUDE_DEPTH[own] if own else MAX_INCLUDE_DEPTH
+    assert code == 0 and found["findings"] == [], found
+    assert [w for w in found["warnings"] if f"{conf}: " in w and f"nested more than {depth} deep" in w], found
+
+
 LONG = "1" * 100_000
 # daemon -> (its binary, a configuration with a 100,000-character address, argv naming CONF)
 LONG_ADDRESSES = {

@@ -22,6 +22,7 @@ from bindguard.request.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    IncludeDepth,
     any_dual,
     bounded,
     endpoint,
@@ -45,7 +46,7 @@ class _Config:
         self.findings = findings
         self.modules = set(STATIC_MODULES)
         self.listens: list[tuple[str, str, bool, str]] = []  # (address, where, confident, note)
-        self.depth = 0
+        self.includes = IncludeDepth("Include")
 
     def expand(self, text: str) -> str:
         return VARIABLE.sub(lambda m: self.defines.get(m.group(1), self.env.get(m.group(1), m.group(0))), text)
@@ -55,70 +56,67 @@ class _Config:
         return text if os.path.isabs(text) else os.path.join(self.server_root, text)
 
     def read(self, path: str) -> None:
-        self.depth += 1
-        if self.depth > 20:
-            raise DaemonConfigError(f"{path}: Include nested more than 20 deep")
-        lines = read_text(path).splitlines()
-        stack: list[tuple[str, bool, bool, str]] = []  # (section, active, certain, where)
-        continued = ""
-        start = 0
-        for number, raw in enumerate(lines, 1):
-            if continued == "":
-                start = number
-            if raw.endswith("\\"):
-                continued += raw[:-1] + " "
-                continue
-            line = (continued + raw).strip()
+        with self.includes.entering(path):
+            lines = read_text(path).splitlines()
+            stack: list[tuple[str, bool, bool, str]] = []  # (section, active, certain, where)
             continued = ""
-            if not line or line.startswith("#"):
-                continue
-            where = f"{path}:{start}"
-            active = all(a for _, a, _, _ in stack)
-            certain = all(c for _, _, c, _ in stack)
-            if line.startswith("</"):
-                name = line[2:].rstrip(">").strip().lower()
-                if not stack or stack[-1][0] != name:
-                    raise DaemonConfigError(f"{where}: {excerpt(line)} without a matching opening section")
-                stack.pop()
-                continue
-            if line.startswith("<"):
-                if not line.endswith(">"):
-                    raise DaemonConfigError(f"{where}: section {excerpt(line)} is not closed with '>'")
-                name, _, arg = line[1:-1].strip().partition(" ")
-                stack.append((name.lower(), *self.condition(name.lower(), self.expand(arg.strip().strip("\"'")),
-                                                             where), where))
-                continue
-            if not active:
-                continue
-            directive, _, rest = line.partition(" ")
-            directive = directive.lower()
-            args = self.expand(rest).split()
-            if directive == "loadmodule" and len(args) >= 2:
-                self.modules.add(args[0])
-                self.modules.add(os.path.basename(args[1]).rsplit(".", 1)[0] + ".c")
-            elif directive == "define" and args:
-                self.defines[args[0]] = args[1] if len(args) > 1 else ""
-            elif directive == "serverroot" and args:
-                self.server_root = args[0].strip("\"'")
-            elif directive in ("include", "includeoptional") and args:
-                matches = expand_glob(self.path(args[0].strip("\"'")), "/")
-                for included in matches:
-                    if os.path.isdir(included):
-                        included_files = [os.path.join(included, n) for n in list_directory(included)]
-                    else:
-                        included_files = [included]
-                    for file in included_files:
-                        if os.path.isfile(file):
-                            self.read(file)
-                        elif directive == "include" and not any(c in args[0] for c in "*?["):
-                            raise DaemonConfigError(f"{where}: Include {args[0]}: no such file")
-            elif directive == "listen" and args:
-                sections = [s for s, _, c, _ in stack if not c]
-                note = f"inside <{sections[0]}>, taken as active" if sections else ""
-                self.listens.append((args[0], where, certain, note))
-        if stack:
-            raise DaemonConfigError(f"{stack[-1][3]}: <{stack[-1][0]}> is not closed")
-        self.depth -= 1
+            start = 0
+            for number, raw in enumerate(lines, 1):
+                if continued == "":
+                    start = number
+                if raw.endswith("\\"):
+                    continued += raw[:-1] + " "
+                    continue
+                line = (continued + raw).strip()
+                continued = ""
+                if not line or line.startswith("#"):
+                    continue
+                where = f"{path}:{start}"
+                active = all(a for _, a, _, _ in stack)
+                certain = all(c for _, _, c, _ in stack)
+                if line.startswith("</"):
+                    name = line[2:].rstrip(">").strip().lower()
+                    if not stack or stack[-1][0] != name:
+                        raise DaemonConfigError(f"{where}: {excerpt(line)} without a matching opening section")
+                    stack.pop()
+                    continue
+                if line.startswith("<"):
+                    if not line.endswith(">"):
+                        raise DaemonConfigError(f"{where}: section {excerpt(line)} is not closed with '>'")
+                    name, _, arg = line[1:-1].strip().partition(" ")
+                    stack.append((name.lower(), *self.condition(name.lower(), self.expand(arg.strip().strip("\"'")),
+                                                                 where), where))
+                    continue
+                if not active:
+                    continue
+                directive, _, rest = line.partition(" ")
+                directive = directive.lower()
+                args = self.expand(rest).split()
+                if directive == "loadmodule" and len(args) >= 2:
+                    self.modules.add(args[0])
+                    self.modules.add(os.path.basename(args[1]).rsplit(".", 1)[0] + ".c")
+                elif directive == "define" and args:
+                    self.defines[args[0]] = args[1] if len(args) > 1 else ""
+                elif directive == "serverroot" and args:
+                    self.server_root = args[0].strip("\"'")
+                elif directive in ("include", "includeoptional") and args:
+                    matches = expand_glob(self.path(args[0].strip("\"'")), "/")
+                    for included in matches:
+                        if os.path.isdir(included):
+                            included_files = [os.path.join(included, n) for n in list_directory(included)]
+                        else:
+                            included_files = [included]
+                        for file in included_files:
+                            if os.path.isfile(file):
+                                self.read(file)
+                            elif directive == "include" and not any(c in args[0] for c in "*?["):
+                                raise DaemonConfigError(f"{where}: Include {args[0]}: no such file")
+                elif directive == "listen" and args:
+                    sections = [s for s, _, c, _ in stack if not c]
+                    note = f"inside <{sections[0]}>, taken as active" if sections else ""
+                    self.listens.append((args[0], where, certain, note))
+            if stack:
+                raise DaemonConfigError(f"{stack[-1][3]}: <{stack[-1][0]}> is not closed")
 
     def condition(self, section: str, arg: str, where: str) -> tuple[bool, bool]:
         """(active, certain) for a section's content."""

@@ -36,6 +36,15 @@ MAX_FILE_BYTES = 1 << 20  # one file
 MAX_FILES = 1000  # files read, and entries of each include glob or directory
 MAX_BYTES = 16 << 20  # all files read, and a daemon's dump
 MAX_SECONDS = 10.0  # reading, parsing and a daemon's dump together
+# How deep includes may nest before a finder stops reading: an include loop ends there, long
+# before Python's recursion limit, and far deeper than a real tree goes. nginx, Apache and redis
+# set no limit of their own; where a daemon does, its finder stops where the daemon does.
+MAX_INCLUDE_DEPTH = 16
+DAEMON_INCLUDE_DEPTH = {
+    "sshd": 16,  # OpenSSH's SERVCONF_MAX_DEPTH
+    "postgres": 10,  # PostgreSQL's CONF_FILE_MAX_DEPTH
+    "mysql": 10,  # MySQL's and MariaDB's max_recursion_level (my_default.c)
+}
 
 
 class DaemonConfigError(Exception):
@@ -196,6 +205,27 @@ class Budget:
             raise BudgetExceeded(f"{path}: discovery stopped after {bytes_limit >> 20} MiB read")
 
 
+class IncludeDepth:
+    """How deep a finder is in its daemon's includes."""
+
+    def __init__(self, directive: str, limit: int = MAX_INCLUDE_DEPTH) -> None:
+        self.directive = directive  # as the daemon's files write it, for the message
+        self.limit = limit
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def entering(self, path: str):
+        """Reading path, one include deeper; DaemonConfigError past the limit."""
+        if self.depth >= self.limit:
+            raise DaemonConfigError(f"{path}: {self.directive} nested more than {self.limit} deep "
+                                    f"(an include loop?)")
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
 class Service(Record, frozen=True):
     """Whom a discovery is for: the unit's User= and Group= ("": root, as systemd runs it) and its
     EnvironmentFile=s, which decide as whom a daemon's dump may run (bindguard.request.discover.dump)."""
@@ -301,7 +331,7 @@ def parse_port(text: str, where: str) -> int:
 
 
 __all__ = [
-    "AddressError", "Budget", "BudgetExceeded", "DaemonConfigError", "Finding", "Findings",
+    "AddressError", "Budget", "BudgetExceeded", "DaemonConfigError", "Finding", "Findings", "IncludeDepth",
     "Service", "any_dual", "bounded", "current_budget", "current_service", "discovery_scope", "endpoint",
     "expand_glob", "host_addresses", "hosts_file_addresses", "is_ip", "list_directory", "parse_port", "read_text",
     "wildcard",

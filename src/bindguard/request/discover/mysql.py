@@ -19,9 +19,11 @@ import re
 from bindguard.model.host import ipv6_supported
 from bindguard.model.text import excerpt
 from bindguard.request.discover.common import (
+    DAEMON_INCLUDE_DEPTH,
     AddressError,
     DaemonConfigError,
     Findings,
+    IncludeDepth,
     any_dual,
     bounded,
     endpoint,
@@ -39,7 +41,7 @@ WANTED = ("bind-address", "port", "skip-networking", "extra-port")
 class _Options:
     def __init__(self) -> None:
         self.values: dict[str, tuple[str, str]] = {}
-        self.depth = 0
+        self.includes = IncludeDepth("!include", DAEMON_INCLUDE_DEPTH["mysql"])
 
     def set(self, name: str, value: str, where: str) -> None:
         name = name.strip().lower().replace("_", "-")
@@ -52,41 +54,38 @@ class _Options:
             self.values[name] = (value, where)
 
     def read(self, path: str) -> None:
-        self.depth += 1
-        if self.depth > 10:
-            raise DaemonConfigError(f"{path}: !include nested more than 10 deep")
-        group = None
-        for number, raw in enumerate(read_text(path).splitlines(), 1):
-            line = raw.strip()
-            if not line or line[0] in "#;":
-                continue
-            where = f"{path}:{number}"
-            if line.startswith("!include "):
-                self.read(line.split(None, 1)[1].strip())
-                continue
-            if line.startswith("!includedir "):
-                directory = line.split(None, 1)[1].strip()
-                if not os.path.isdir(directory):
+        with self.includes.entering(path):
+            group = None
+            for number, raw in enumerate(read_text(path).splitlines(), 1):
+                line = raw.strip()
+                if not line or line[0] in "#;":
                     continue
-                for name in list_directory(directory):
-                    if name.endswith(".cnf") and os.path.isfile(os.path.join(directory, name)):
-                        self.read(os.path.join(directory, name))
-                continue
-            if line.startswith("["):
-                if not line.endswith("]"):
-                    raise DaemonConfigError(f"{where}: wrong group definition {excerpt(line)}")
-                group = line[1:-1].strip().lower()
-                continue
-            if group is None:
-                raise DaemonConfigError(f"{where}: an option outside any [group]")
-            if not SERVER_GROUPS.match(group):
-                continue
-            name, eq, value = line.partition("=")
-            value = value.split("#", 1)[0].strip() if eq else "1"
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            self.set(name, value, where)
-        self.depth -= 1
+                where = f"{path}:{number}"
+                if line.startswith("!include "):
+                    self.read(line.split(None, 1)[1].strip())
+                    continue
+                if line.startswith("!includedir "):
+                    directory = line.split(None, 1)[1].strip()
+                    if not os.path.isdir(directory):
+                        continue
+                    for name in list_directory(directory):
+                        if name.endswith(".cnf") and os.path.isfile(os.path.join(directory, name)):
+                            self.read(os.path.join(directory, name))
+                    continue
+                if line.startswith("["):
+                    if not line.endswith("]"):
+                        raise DaemonConfigError(f"{where}: wrong group definition {excerpt(line)}")
+                    group = line[1:-1].strip().lower()
+                    continue
+                if group is None:
+                    raise DaemonConfigError(f"{where}: an option outside any [group]")
+                if not SERVER_GROUPS.match(group):
+                    continue
+                name, eq, value = line.partition("=")
+                value = value.split("#", 1)[0].strip() if eq else "1"
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                    value = value[1:-1]
+                self.set(name, value, where)
 
 
 def _flag(value: str) -> bool:

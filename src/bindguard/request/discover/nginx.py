@@ -25,6 +25,7 @@ from bindguard.request.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    IncludeDepth,
     bounded,
     endpoint,
     expand_glob,
@@ -99,7 +100,7 @@ class _Parser:
         self.findings = findings
         self.listens: list[_Listen] = []
         self.server_listens: list[int] = []  # listen directives seen in each open server block
-        self.depth = 0
+        self.includes = IncludeDepth("include")
         self.read: list[str] = []  # every file parsed
         self.modules: list[str] = []  # every load_module path
 
@@ -111,13 +112,10 @@ class _Parser:
         return read_text(path)
 
     def parse_file(self, path: str, contexts: list[str]) -> None:
-        self.depth += 1
-        if self.depth > 50:
-            raise DaemonConfigError(f"{path}: includes nested more than 50 deep (an include loop?)")
-        self.read.append(path)
-        tokens = _tokens(self.text(path), path)
-        self._block(tokens, path, contexts, closing=False)
-        self.depth -= 1
+        with self.includes.entering(path):
+            self.read.append(path)
+            tokens = _tokens(self.text(path), path)
+            self._block(tokens, path, contexts, closing=False)
 
     def _includes(self, pattern: str) -> list[str]:
         if self.files is not None:

@@ -15,9 +15,11 @@ import os
 import re
 
 from bindguard.request.discover.common import (
+    DAEMON_INCLUDE_DEPTH,
     AddressError,
     DaemonConfigError,
     Findings,
+    IncludeDepth,
     bounded,
     endpoint,
     expand_glob,
@@ -33,36 +35,33 @@ LINE = re.compile(r"""^\s*([A-Za-z_][\w.]*)\s*=?\s*('(?:[^']|'')*'|[^\s#'][^\s#]
 class _Settings:
     def __init__(self) -> None:
         self.values: dict[str, tuple[str, str]] = {}
-        self.depth = 0
+        self.includes = IncludeDepth("include", DAEMON_INCLUDE_DEPTH["postgres"])
 
     def read(self, path: str, required: bool = True) -> None:
         if not required and not os.path.exists(path):
             return
-        self.depth += 1
-        if self.depth > 10:
-            raise DaemonConfigError(f"{path}: includes nested more than 10 deep")
-        base = os.path.dirname(path)
-        for number, line in enumerate(read_text(path).splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            match = LINE.match(line)
-            if match is None:
-                raise DaemonConfigError(f"{path}:{number}: syntax error")
-            name, value = match.group(1).lower(), match.group(2)
-            if value.startswith("'"):
-                value = value[1:-1].replace("''", "'")
-            where = f"{path}:{number}"
-            if name in ("include", "include_if_exists"):
-                target = value if os.path.isabs(value) else os.path.join(base, value)
-                self.read(target, required=name == "include")
-            elif name == "include_dir":
-                directory = value if os.path.isabs(value) else os.path.join(base, value)
-                for included in expand_glob("*.conf", directory):
-                    if not os.path.basename(included).startswith("."):
-                        self.read(included)
-            else:
-                self.values[name] = (value, where)
-        self.depth -= 1
+        with self.includes.entering(path):
+            base = os.path.dirname(path)
+            for number, line in enumerate(read_text(path).splitlines(), 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                match = LINE.match(line)
+                if match is None:
+                    raise DaemonConfigError(f"{path}:{number}: syntax error")
+                name, value = match.group(1).lower(), match.group(2)
+                if value.startswith("'"):
+                    value = value[1:-1].replace("''", "'")
+                where = f"{path}:{number}"
+                if name in ("include", "include_if_exists"):
+                    target = value if os.path.isabs(value) else os.path.join(base, value)
+                    self.read(target, required=name == "include")
+                elif name == "include_dir":
+                    directory = value if os.path.isabs(value) else os.path.join(base, value)
+                    for included in expand_glob("*.conf", directory):
+                        if not os.path.basename(included).startswith("."):
+                            self.read(included)
+                else:
+                    self.values[name] = (value, where)
 
 
 def _command_line(argv: list[str], env: dict[str, str]) -> tuple[str | None, list[tuple[str, str]], str | None]:

@@ -17,6 +17,7 @@ from bindguard.request.discover.common import (
     AddressError,
     DaemonConfigError,
     Findings,
+    IncludeDepth,
     bounded,
     endpoint,
     parse_port,
@@ -30,30 +31,27 @@ DEFAULT_BIND = ["*", "-::*"]
 class _Settings:
     def __init__(self) -> None:
         self.values: dict[str, tuple[list[str], str]] = {}
-        self.depth = 0
+        self.includes = IncludeDepth("include")
 
     def set(self, key: str, args: list[str], where: str) -> None:
         if key in ("bind", "port", "tls-port"):
             self.values[key] = (args, where)
 
     def read(self, path: str) -> None:
-        self.depth += 1
-        if self.depth > 16:
-            raise DaemonConfigError(f"{path}: include nested more than 16 deep")
-        for number, line in enumerate(read_text(path).splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                words = shlex.split(line)
-            except ValueError:
-                raise DaemonConfigError(f"{path}:{number}: unbalanced quotes") from None
-            key, args = words[0].lower(), words[1:]
-            if key == "include" and args:
-                self.read(args[0] if os.path.isabs(args[0]) else os.path.join(os.getcwd(), args[0]))
-            else:
-                self.set(key, args, f"{path}:{number}")
-        self.depth -= 1
+        with self.includes.entering(path):
+            for number, line in enumerate(read_text(path).splitlines(), 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                try:
+                    words = shlex.split(line)
+                except ValueError:
+                    raise DaemonConfigError(f"{path}:{number}: unbalanced quotes") from None
+                key, args = words[0].lower(), words[1:]
+                if key == "include" and args:
+                    self.read(args[0] if os.path.isabs(args[0]) else os.path.join(os.getcwd(), args[0]))
+                else:
+                    self.set(key, args, f"{path}:{number}")
 
 
 @bounded

@@ -16,9 +16,11 @@ import shlex
 from bindguard.model.endpoints import ascii_port
 from bindguard.request.discover import dump
 from bindguard.request.discover.common import (
+    DAEMON_INCLUDE_DEPTH,
     AddressError,
     DaemonConfigError,
     Findings,
+    IncludeDepth,
     bounded,
     endpoint,
     expand_glob,
@@ -91,44 +93,41 @@ class _Config:
         self.ports: list[tuple[int, str]] = []
         self.listen: list[tuple[str, str | None, str]] = []
         self.family: str | None = None
-        self.depth = 0
+        self.includes = IncludeDepth("Include", DAEMON_INCLUDE_DEPTH["sshd"])
         self.files: list[str] = []  # every file read
 
     def read(self, path: str, in_match: bool = False) -> bool:
         """Read a file; returns whether it ended inside a Match block."""
-        self.depth += 1
-        if self.depth > 16:
-            raise DaemonConfigError(f"{path}: Include nested more than 16 deep")
-        self.files.append(path)
-        for number, line in enumerate(read_text(path).splitlines(), 1):
-            try:
-                words = shlex.split(line, comments=True)
-            except ValueError:
-                raise DaemonConfigError(f"{path}:{number}: unbalanced quotes") from None
-            if not words:
-                continue
-            key, args = words[0].lower(), words[1:]
-            if "=" in key:
-                key, _, first = key.partition("=")
-                args = [first] + args
-            where = f"{path}:{number}"
-            if key == "match":
-                in_match = not (args and args[0].lower() == "all")
-            elif key == "include":
-                for pattern in args:
-                    for included in expand_glob(pattern, "/etc/ssh"):
-                        if os.path.exists(included):
-                            in_match = self.read(included, in_match)
-            elif in_match:
-                continue
-            elif key == "port" and args:
-                self.ports.append((parse_port(args[0], where), where))
-            elif key == "listenaddress" and args:
-                host, port = _split_address(args[0])
-                self.listen.append((host, port, where))
-            elif key == "addressfamily" and args and self.family is None:
-                self.family = args[0].lower()
-        self.depth -= 1
+        with self.includes.entering(path):
+            self.files.append(path)
+            for number, line in enumerate(read_text(path).splitlines(), 1):
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError:
+                    raise DaemonConfigError(f"{path}:{number}: unbalanced quotes") from None
+                if not words:
+                    continue
+                key, args = words[0].lower(), words[1:]
+                if "=" in key:
+                    key, _, first = key.partition("=")
+                    args = [first] + args
+                where = f"{path}:{number}"
+                if key == "match":
+                    in_match = not (args and args[0].lower() == "all")
+                elif key == "include":
+                    for pattern in args:
+                        for included in expand_glob(pattern, "/etc/ssh"):
+                            if os.path.exists(included):
+                                in_match = self.read(included, in_match)
+                elif in_match:
+                    continue
+                elif key == "port" and args:
+                    self.ports.append((parse_port(args[0], where), where))
+                elif key == "listenaddress" and args:
+                    host, port = _split_address(args[0])
+                    self.listen.append((host, port, where))
+                elif key == "addressfamily" and args and self.family is None:
+                    self.family = args[0].lower()
         return in_match
 
 
