@@ -300,12 +300,20 @@ def test_unit_facts_adapter_reads_what_discovery_needs(systemd_rig, monkeypatch)
 ExecStart=/usr/bin/env api --port 18110
 Environment=A=1
 EnvironmentFile=-{rig.root}/api.env
+User=nobody
+Group=nogroup
 """)
     assert rig.start("api.socket").ok  # loaded units: the running socket unit references its service
     with Systemd(USER) as sd:
+        calls = []
+        ask = sd._call
+        monkeypatch.setattr(sd, "_call", lambda path, iface, method, *a, **k: (calls.append(method),
+                                                                               ask(path, iface, method, *a, **k))[1])
         facts = sd.unit_facts("api.service")
+        assert calls.count(b"LoadUnit") == 2, calls  # the service's, and its socket unit's
         assert [u for u, load, active in sd.list_units("api.*")] == ["api.service", "api.socket"]
     assert facts.exec_start == [["/usr/bin/env", "api", "--port", "18110"]]
     assert facts.environment == ["A=1"] and facts.environment_files == [f"-{rig.root}/api.env"]
+    assert (facts.user, facts.group) == ("nobody", "nogroup")
     assert facts.socket_listens == [("Stream", "127.0.0.1:18111", "api.socket", "default", False),
                                     ("Datagram", "[::1]:18112", "api.socket", "default", False)]

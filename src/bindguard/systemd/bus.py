@@ -430,9 +430,13 @@ class Systemd:
             return None  # org.freedesktop.systemd1.NoUnitForPID, or no such process
         return _text(_dbuslib().path_decode(path, _UNIT_PATH_PREFIX))
 
+    def _load(self, name: str) -> bytes:
+        """A unit's object path, the manager loading the unit if it has not (Manager.LoadUnit)."""
+        return self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+
     def active_state(self, name: str) -> str:
         """A unit's ActiveState alone: one LoadUnit and one Get, where unit() reads ~20 properties."""
-        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        path = self._load(name)
         return _text(self._get(path, _UNIT, b"ActiveState", b"s"))
 
     def unit(self, name: str, file_state: bool = False) -> UnitInfo:
@@ -443,7 +447,9 @@ class Systemd:
         UnitFileState is read only with file_state=True: the manager looks for the unit's
         install symlinks to answer it, 1.5 ms with 360 unit files.
         """
-        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        return self._unit_at(self._load(name), name, file_state)
+
+    def _unit_at(self, path: bytes, name: str, file_state: bool = False) -> UnitInfo:
         load_state = _text(self._get(path, _UNIT, b"LoadState", b"s"))
         if load_state == "not-found":
             raise UnitNotFound(name, self.bus)
@@ -503,7 +509,7 @@ class Systemd:
             unit_path = [_text(d) for d in self._get(_MANAGER_PATH, _MANAGER, b"UnitPath", b"as") or ()]
             for name, state in enabled_socket_units(unit_path).items():
                 if name not in candidates:
-                    path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+                    path = self._load(name)
                     candidates[name] = (path, "", "", state)
 
         result = []
@@ -546,7 +552,7 @@ class Systemd:
     def socket_listens(self, name: str) -> list[tuple[str, str, str, str, bool]]:
         """The network entries of one .socket unit's Listen property, as discovery takes them:
         (type, address, the unit's name, its BindIPv6Only=, its ReusePort=)."""
-        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        path = self._load(name)
         listens = self._network_listens(path)
         if not listens:
             return []
@@ -558,7 +564,7 @@ class Systemd:
         its bind() (bindguard.model.facts.SocketUnitSettings). Raises UnitNotFound for an unknown name."""
         from bindguard.model.facts import SocketUnitSettings
 
-        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
+        path = self._load(name)
         if _text(self._get(path, _UNIT, b"LoadState", b"s")) == "not-found":
             raise UnitNotFound(name, self.bus)
         listens = tuple((_text(kind), _text(address))
@@ -581,19 +587,17 @@ class Systemd:
         """A service's settings as discovery takes them (bindguard.model.facts.UnitFacts)."""
         from bindguard.model.facts import UnitFacts
 
-        info = info or self.unit(name)
+        path = self._load(name)
+        info = info or self._unit_at(path, name)
         return UnitFacts(
             exec_start=[list(command.argv) for command in info.exec_start],
             environment=list(info.environment),
-            environment_files=[("-" if optional else "") + path for path, optional in info.environment_files],
+            environment_files=[("-" if optional else "") + file for file, optional in info.environment_files],
             socket_listens=[entry for socket_unit in info.sockets for entry in self.socket_listens(socket_unit)],
             user=info.user,
-            group=self._service_group(name) if info.user else "",  # without User= it runs as root
+            group=_text(self._get(path, _SERVICE, b"Group", b"s")) if info.user else "",  # else it runs as root
         )
 
-    def _service_group(self, name: str) -> str:
-        path = self._call(_MANAGER_PATH, _MANAGER, b"LoadUnit", b"s", [name.encode()])
-        return _text(self._get(path, _SERVICE, b"Group", b"s"))
 
 def _port_of(address: str) -> int | None:
     try:
