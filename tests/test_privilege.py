@@ -53,6 +53,9 @@ def test_what_may_give_a_program_the_capability(tmp_path):
     os.chmod(program, 0o4755)
     assert "setuid" in privilege._may_gain([str(program)], settings())
     assert privilege._may_gain([str(program)], settings(NoNewPrivileges=["yes"])) is None
+    assert privilege._may_gain([str(program)], settings(NoNewPrivileges=["y"])) is None  # systemd's boolean
+    assert "setuid" in privilege._may_gain([str(program)], settings(NoNewPrivileges=["yes", "off"]))
+    assert "setuid" in privilege._may_gain([f"@{program} daemon"], settings())  # @: the path is still the program
     os.chmod(program, 0o755)
     subprocess.run(["setcap", "cap_net_bind_service+ep", str(program)], check=True)
     assert "file capabilities" in privilege._may_gain([str(program)], settings())

@@ -39,7 +39,6 @@ RUNS_OTHERS = frozenset((
 INTERPRETERS = ("python", "perl", "ruby", "node", "java", "php", "lua", "tclsh", "guile", "bun", "deno", "dotnet")
 # An EnvironmentFile= path with these is a glob or a specifier: which files it names is not read here.
 NOT_ONE_FILE = ("%", "*", "?", "[")
-YES = ("1", "yes", "true", "on")
 ENV_FILE_LIMIT = 1 << 16
 
 
@@ -89,23 +88,25 @@ def _includes_cap(values: list[str], unset: bool) -> bool | None:
     return unset if result is None else result
 
 
-def _exec_prefix_and_path(value: str) -> tuple[str, str]:
-    import shlex
+def _yes(values: list[str]) -> bool:
+    """Whether a boolean setting's last assignment is true, as systemd reads it."""
+    from bindguard.systemd.unitexec import parse_boolean
 
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        words = value.split()
-    if not words:
-        return "", ""
-    first = words[0]
-    path = first.lstrip("-@:+!")
-    return first[: len(first) - len(path)], path
+    return bool(parse_boolean(_last(values)))
+
+
+def _prefixes_and_path(value: str) -> tuple[str, str]:
+    """An ExecStart= value's -@:+! prefixes, and the program it runs."""
+    from bindguard.systemd.unitexec import exec_argv, exec_prefixes, split_words
+
+    words = split_words(value)
+    argv = exec_argv(words)
+    return exec_prefixes(words), argv[0] if argv else ""
 
 
 def _may_gain(exec_start: list[str], settings: dict[str, list[str]]) -> str | None:
     """Why the daemon's program might gain CAP_NET_BIND_SERVICE when it runs; None if it cannot."""
-    if _last(settings["NoNewPrivileges"]).lower() in YES:
+    if _yes(settings["NoNewPrivileges"]):
         return None
     environment = " ".join(settings["Environment"])
     if "LD_PRELOAD" in environment:
@@ -114,7 +115,7 @@ def _may_gain(exec_start: list[str], settings: dict[str, list[str]]) -> str | No
         if _mentions_preload(env_file.lstrip("-")):
             return f"{env_file.lstrip('-')} may set LD_PRELOAD"
     for value in exec_start:
-        _, path = _exec_prefix_and_path(value)
+        _, path = _prefixes_and_path(value)
         if not path.startswith("/") or "%" in path or "$" in path:
             return f"ExecStart= runs {path!r}, not an absolute path"
         name = path.rpartition("/")[2]
@@ -197,22 +198,22 @@ def assess(unit: str, user_manager: bool, ports: set[int], denied_to_guard: bool
         return None
     settings = unit_settings(unit, user_manager, keys=SETTINGS)
     exec_start = settings["ExecStart"]
-    if not exec_start or any({"+", "!"} & set(_exec_prefix_and_path(v)[0]) for v in exec_start):
+    if not exec_start or any({"+", "!"} & set(_prefixes_and_path(v)[0]) for v in exec_start):
         return None  # no daemon, or one that runs with full privileges
     user = _last(settings["User"])
-    shown = user or ("a dynamic user" if _last(settings["DynamicUser"]).lower() in YES else "")
+    shown = user or ("a dynamic user" if _yes(settings["DynamicUser"]) else "")
     facts = [f"ports below {start} need CAP_NET_BIND_SERVICE (net.ipv4.ip_unprivileged_port_start={start})"]
     if _includes_cap(settings["CapabilityBoundingSet"], unset=True) is False:
         facts.append(f"{unit}'s CapabilityBoundingSet= leaves out CAP_NET_BIND_SERVICE: no process of the "
                      "unit can have it")
         return BindPrivilege(start, shown, bounding_set=True, facts=tuple(facts))
-    if _last(settings["PrivateUsers"]).lower() in YES:
+    if _yes(settings["PrivateUsers"]):
         return None
     if denied_to_guard:
         facts.append(f"the guard runs as {unit}'s ExecStartPre= with the credentials the daemon gets, and the "
                      "kernel denied it the port (EACCES)")
     else:
-        uid = _uid_of(user, _last(settings["DynamicUser"]).lower() in YES, user_manager)
+        uid = _uid_of(user, _yes(settings["DynamicUser"]), user_manager)
         ambient = _includes_cap(settings["AmbientCapabilities"], unset=False)
         if uid is None or uid == 0 or ambient is not False:
             return None
@@ -221,10 +222,10 @@ def assess(unit: str, user_manager: bool, ports: set[int], denied_to_guard: bool
     why_not = _may_gain(exec_start, settings)
     if why_not is not None:
         return BindPrivilege(start, shown, facts=tuple(facts), unproven=why_not) if denied_to_guard else None
-    if _last(settings["NoNewPrivileges"]).lower() in YES:
+    if _yes(settings["NoNewPrivileges"]):
         facts.append("NoNewPrivileges=yes: its programs cannot gain privileges when they run")
     else:
-        programs = ", ".join(dict.fromkeys(_exec_prefix_and_path(v)[1] for v in exec_start))
+        programs = ", ".join(dict.fromkeys(_prefixes_and_path(v)[1] for v in exec_start))
         facts.append(f"{programs}: no setuid/setgid bit, no file capabilities, not a script, so the daemon "
                      "cannot gain the capability when it runs")
     return BindPrivilege(start, shown, facts=tuple(facts))

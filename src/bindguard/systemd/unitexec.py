@@ -332,14 +332,30 @@ EXEC_PREFIXES = "-@:+!"
 SCRIPT_PUNCTUATION = ";&|()`"
 
 
+def split_words(value: str) -> list[str]:
+    """A unit file value's words (ExecStart=, Environment=), unquoted (by shlex: near enough to
+    systemd's rules); split at blanks where its quotes do not balance."""
+    import shlex  # here, not above: the every-service path loads this module, and no shlex
+
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
+
+
+def exec_prefixes(words: list[str]) -> str:
+    """The -@:+! prefixes of an ExecStart= command, from its unquoted words ("" for none)."""
+    first = words[0] if words else ""
+    return first[:len(first) - len(first.lstrip(EXEC_PREFIXES))]
+
+
 def exec_argv(words: list[str]) -> list[str]:
     """An ExecStart= command as the argv it runs, from its unquoted words: the -@:+! prefixes taken
     off the path, and with `@` the second word dropped (it only names argv[0])."""
     if not words:
         return []
-    first = words[0]
-    prefixes = first[:len(first) - len(first.lstrip(EXEC_PREFIXES))]
-    argv = [first[len(prefixes):], *words[1:]]
+    prefixes = exec_prefixes(words)
+    argv = [words[0][len(prefixes):], *words[1:]]
     return [argv[0], *argv[2:]] if "@" in prefixes and len(argv) >= 2 else argv
 
 

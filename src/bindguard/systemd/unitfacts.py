@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 
 from bindguard.model.facts import SocketUnitSettings, UnitFacts
 from bindguard.systemd.unitexec import (
@@ -22,6 +21,7 @@ from bindguard.systemd.unitexec import (
     exec_argv,
     parse_boolean,
     socket_unit_settings,
+    split_words,
     unit_files,
     unit_settings,
 )
@@ -48,13 +48,6 @@ def _resolve(text: str, specifiers: dict[str, str]) -> str:
     return re.sub(r"%(.)", lambda m: specifiers.get(m.group(1), m.group(0)), text)
 
 
-def _split(value: str) -> list[str]:
-    try:
-        return shlex.split(value)
-    except ValueError:
-        return value.split()
-
-
 def unit_fragment(unit: str, user: bool = False) -> str | None:
     """The file a unit is loaded from (following aliases; an instance's template), or None."""
     files = unit_files(unit, user)
@@ -67,8 +60,8 @@ def unit_facts_from_files(unit: str, user: bool = False) -> UnitFacts:
     specifiers = _specifiers(unit, user)
     resolved = {key: [_resolve(v, specifiers) for v in values] for key, values in settings.items()}
     return UnitFacts(
-        exec_start=[argv for argv in (exec_argv(_split(value)) for value in resolved["ExecStart"]) if argv],
-        environment=[word for value in resolved["Environment"] for word in _split(value)],
+        exec_start=[argv for argv in (exec_argv(split_words(value)) for value in resolved["ExecStart"]) if argv],
+        environment=[word for value in resolved["Environment"] for word in split_words(value)],
         environment_files=resolved["EnvironmentFile"],
         user=resolved["User"][-1] if resolved["User"] else "",
         group=resolved["Group"][-1] if resolved["Group"] else "",
