@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import holder
@@ -25,14 +26,33 @@ def user_units(tmp_path: Path, config: Path | None = None, **extra: str) -> tupl
     """A user unit directory of the test's own ($XDG_CONFIG_HOME/systemd/user, with an empty
     sockets.target.wants/) and the environment a guard reads it with: bindguard files from `config`
     (by default none), this checkout's package, and `extra`."""
-    import sys
-
     units = tmp_path / "config" / "systemd" / "user"
     (units / "sockets.target.wants").mkdir(parents=True, exist_ok=True)
     env = {"BINDGUARD_CONFIG_PATH": str(config or tmp_path / "none"), "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONPATH": ":".join(sys.path),
            **extra}
     return units, env
+
+
+# The guard as a unit's ExecStartPre= runs it: `check --unit %n`, from this checkout's package.
+GUARD = f"{sys.executable} -m bindguard check --unit %n"
+
+
+def guarded(rig, address: str, spec: dict, name: str = "web.service", check_args: str = "", extra: str = "",
+            fork: bool = False, exec_start: str | None = None) -> Path:
+    """A Type=notify service in the rig whose daemon holds `spec` (tests/serve.py, or exec_start),
+    with the guard (`check --unit %n CHECK_ARGS ADDRESS`, as root) in ExecStartPre= and EXTRA
+    [Service] lines; returns the guard's log."""
+    log = rig.log(f"{name}.log")
+    rig.write_unit(name, f"""\
+[Service]
+Type=notify
+ExecStartPre=+{GUARD} {check_args} {address}
+ExecStart={exec_start or rig.serve(spec, fork=fork)}
+StandardError=append:{log}
+{extra}
+""")
+    return log
 
 
 def need_root(what: str = "network namespaces") -> None:

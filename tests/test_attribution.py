@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import guarded
+
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parent
@@ -24,10 +26,10 @@ SERVE = TESTS / "serve.py"
 PORT = 18090
 ADDRESS = f"127.0.0.1:{PORT}"
 SPEC = {"host": "127.0.0.1", "port": PORT}
-GUARD = f"{sys.executable} -m bindguard check --unit %n"
 # The interpreter's own path, as /proc/PID/exe shows it: the old guard took a holder running the
 # unit's ExecStart= executable for proof that it is the unit's own stray copy.
 PYTHON = os.path.realpath(sys.executable)
+SERVED = f"{PYTHON} {SERVE} '{json.dumps({'sockets': [SPEC]})}'"  # a daemon holding SPEC, as PYTHON
 
 
 def alive(pid: int) -> bool:
@@ -50,20 +52,6 @@ def listener_pid(run, port: int = PORT, timeout: float = 10.0) -> int:
             return int(found.group(1))
         time.sleep(0.05)
     raise AssertionError(f"nothing listens on port {port}")
-
-
-def guarded(rig, check_args: str = "") -> Path:
-    """web.service on ADDRESS with the guard in ExecStartPre=; its ExecStart= runs PYTHON."""
-    log = rig.log("web.log")
-    serve = json.dumps({"sockets": [SPEC]})
-    rig.write_unit("web.service", f"""\
-[Service]
-Type=notify
-ExecStartPre=+{GUARD} {check_args} {ADDRESS}
-ExecStart={PYTHON} {SERVE} '{serve}'
-StandardError=append:{log}
-""")
-    return log
 
 
 def text(log: Path) -> str:
@@ -105,9 +93,8 @@ def start_in_scope(rig, scope: str = "session-3") -> int:
     """A daemon started by hand in a login session, as `sudo nginx` over SSH is: a process of the
     manager's tree moves itself into a scope (systemd-run --scope) and starts the daemon in the
     background; the manager, a subreaper, adopts it. Returns the daemon's PID."""
-    serve = json.dumps({"sockets": [SPEC]})
     script = rig.root / "login.sh"
-    script.write_text(f"#!/bin/sh\n{PYTHON} {SERVE} '{serve}' </dev/null >/dev/null 2>&1 &\n")
+    script.write_text(f"#!/bin/sh\n{SERVED} </dev/null >/dev/null 2>&1 &\n")
     rig.write_unit("login.service", "[Service]\nType=oneshot\n"
                    f"ExecStart=/usr/bin/systemd-run --user --scope --unit={scope} -- /bin/sh {script}\n")
     run = rig.start("login.service")
@@ -121,7 +108,7 @@ def start_in_scope(rig, scope: str = "session-3") -> int:
 def test_a_daemon_in_a_running_scope_is_a_listener_and_never_reaped(systemd_rig):
     rig = systemd_rig
     daemon = start_in_scope(rig)
-    log = guarded(rig, "--reap-stale")
+    log = guarded(rig, ADDRESS, SPEC, check_args="--reap-stale", exec_start=SERVED)
 
     done = rig.bindguard("check", "--user", "--json", "--unit", "web.service", "--reap-stale", ADDRESS)
     assert done.returncode == 98, done.stderr
@@ -161,7 +148,7 @@ def test_a_cgroup_path_that_only_ends_in_the_units_name_is_not_reaped(systemd_ri
     pid = listener_pid(rig.run)
     fake_unit_cgroup(rig, pid)
 
-    log = guarded(rig, "--reap-stale")
+    log = guarded(rig, ADDRESS, SPEC, check_args="--reap-stale", exec_start=SERVED)
     rig.stop_bus()
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98], text(log)

@@ -7,18 +7,17 @@ unit's start budget, and refuses naming it if it has not left by then.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from conftest import guarded
 
 pytestmark = pytest.mark.integration
 
 PORT = 18095
 ADDRESS = f"127.0.0.1:{PORT}"
 SPEC = {"host": "127.0.0.1", "port": PORT}
-GUARD = f"{sys.executable} -m bindguard check --unit %n"
 
 
 def stopping_holder(rig, stop_seconds: int) -> int:
@@ -36,23 +35,10 @@ def stopping_holder(rig, stop_seconds: int) -> int:
     return pid
 
 
-def guarded(rig, extra: str = "") -> Path:
-    log = rig.log("web.service.log")
-    rig.write_unit("web.service", f"""\
-[Service]
-Type=notify
-ExecStartPre=+{GUARD} {ADDRESS}
-ExecStart={rig.serve(SPEC)}
-StandardError=append:{log}
-{extra}
-""")
-    return log
-
-
 def test_a_holder_whose_unit_is_stopping_is_waited_for(systemd_rig):
     rig = systemd_rig
     stopping_holder(rig, 3)
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     run = rig.start("web.service")
     out = log.read_text()
     assert run.ok and run.pre_status == [0], (run.output, out)
@@ -63,7 +49,7 @@ def test_a_holder_whose_unit_is_stopping_is_waited_for(systemd_rig):
 def test_a_holder_still_stopping_when_the_start_budget_ends_is_named(systemd_rig):
     rig = systemd_rig
     pid = stopping_holder(rig, 8)
-    log = guarded(rig, extra="TimeoutStartSec=4")  # a wait of 2 s: TimeoutStartSec= less its margin
+    log = guarded(rig, ADDRESS, SPEC, extra="TimeoutStartSec=4")  # a wait of 2 s: TimeoutStartSec= less its margin
     started = time.monotonic()
     run = rig.start("web.service")
     out = log.read_text()
@@ -134,7 +120,7 @@ def test_a_socket_unit_that_is_stopping_is_waited_for(systemd_rig):
     while rig.prop("other.socket", "ActiveState") != "deactivating":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     run = rig.start("web.service")
     out = log.read_text()
     assert run.ok and run.pre_status == [0], (run.output, out)

@@ -8,12 +8,12 @@ unit's stderr goes to a file: the rig has no journal).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import GUARD, guarded
 from rig import TREE_PROGRAM
 
 pytestmark = pytest.mark.integration
@@ -21,21 +21,6 @@ pytestmark = pytest.mark.integration
 PORT = 18080
 ADDRESS = f"127.0.0.1:{PORT}"
 SPEC = {"host": "127.0.0.1", "port": PORT}
-GUARD = f"{sys.executable} -m bindguard check --unit %n"
-
-
-def guarded(rig, name: str = "web.service", check_args: str = "", extra: str = "", fork: bool = False) -> Path:
-    """A Type=notify service on ADDRESS, with the guard in ExecStartPre=; returns the guard's log."""
-    log = rig.log(f"{name}.log")
-    rig.write_unit(name, f"""\
-[Service]
-Type=notify
-ExecStartPre=+{GUARD} {check_args} {ADDRESS}
-ExecStart={rig.serve(SPEC, fork=fork)}
-StandardError=append:{log}
-{extra}
-""")
-    return log
 
 
 def holder_unit(rig, name: str = "other.service", extra: str = "", fork: bool = False) -> int:
@@ -69,7 +54,7 @@ def cgroup_pids(rig, unit: str) -> set[int]:
 
 def test_1_starts_when_the_address_is_free(systemd_rig):
     rig = systemd_rig
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     run = rig.start("web.service")
     assert run.ok, (run.output, text(log))
     assert run.pre_status == [0] and run.active_state == "active"
@@ -79,7 +64,7 @@ def test_1_starts_when_the_address_is_free(systemd_rig):
 def test_2_refuses_when_another_units_process_holds_it(systemd_rig):
     rig = systemd_rig
     other_pid = holder_unit(rig)
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     run = rig.start("web.service")
     assert not run.ok
     assert run.pre_status == [98] and run.result == "exit-code"
@@ -93,7 +78,7 @@ def test_2_refuses_when_another_units_process_holds_it(systemd_rig):
 def test_3_socket_unit_holds_it_own_and_foreign(systemd_rig):
     rig = systemd_rig
     rig.write_unit("web.socket", f"[Socket]\nListenStream={ADDRESS}\n", reload=False)
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     assert rig.start("web.socket").ok
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98]
@@ -120,7 +105,7 @@ def test_4_latent_socket_unit_warns_without_blocking(systemd_rig):
     rig.write_unit("later.socket", f"[Socket]\nListenStream={ADDRESS}\nService=other.service\n"
                    "[Install]\nWantedBy=sockets.target\n", reload=False)
     rig.write_unit("other.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     assert rig.systemctl("enable", "later.socket").returncode == 0
     run = rig.start("web.service")
     assert run.ok and run.pre_status == [0], text(log)
@@ -136,7 +121,7 @@ def test_4b_latent_socket_unit_refuses_when_configured(systemd_rig):
     rig.write_unit("later.socket", f"[Socket]\nListenStream={ADDRESS}\nService=other.service\n"
                    "[Install]\nWantedBy=sockets.target\n", reload=False)
     rig.write_unit("other.service", "[Service]\nExecStart=/bin/sleep infinity\n", reload=False)
-    log = guarded(rig, check_args=f"--config {config}")
+    log = guarded(rig, ADDRESS, SPEC, check_args=f"--config {config}")
     assert rig.systemctl("enable", "later.socket").returncode == 0
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98], text(log)
@@ -145,7 +130,7 @@ def test_4b_latent_socket_unit_refuses_when_configured(systemd_rig):
 
 def test_5_stale_own_instance_is_reported_then_reaped_when_asked(systemd_rig):
     rig = systemd_rig
-    log = guarded(rig, extra="KillMode=process", fork=True)
+    log = guarded(rig, ADDRESS, SPEC, extra="KillMode=process", fork=True)
     assert rig.start("web.service").ok
     first = rig.main_pid("web.service")
     assert rig.stop("web.service").ok  # KillMode=process: the forked child stays, holding the port
@@ -162,7 +147,7 @@ def test_5_stale_own_instance_is_reported_then_reaped_when_asked(systemd_rig):
     assert alive(child), "without --reap-stale nothing is killed"
 
     log.unlink()
-    guarded(rig, check_args="--reap-stale", extra="KillMode=process", fork=True)
+    guarded(rig, ADDRESS, SPEC, check_args="--reap-stale", extra="KillMode=process", fork=True)
     run = rig.start("web.service")
     assert run.ok and run.pre_status == [0], (run.output, text(log))
     assert not alive(child)
@@ -176,7 +161,7 @@ def test_6_orphan_whose_unit_has_stopped(systemd_rig):
     assert rig.stop("other.service").ok
     (orphan,) = cgroup_pids(rig, "other.service")
     assert int(Path(f"/proc/{orphan}/stat").read_text().split(")")[1].split()[1]) == rig.manager_pid
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98]
     out = text(log)
@@ -189,7 +174,7 @@ def test_7_time_wait_wait_is_capped_by_the_start_timeout(systemd_rig):
     rig = systemd_rig
     rig.hold({**SPEC, "mode": "timewait-server"})
     assert "TIME-WAIT" in rig.run(["ss", "-Htan", f"sport = :{PORT}"]).stdout
-    log = guarded(rig, check_args="--no-reuseaddr", extra="TimeoutStartSec=6")
+    log = guarded(rig, ADDRESS, SPEC, check_args="--no-reuseaddr", extra="TimeoutStartSec=6")
     began = time.monotonic()
     run = rig.start("web.service")
     took = time.monotonic() - began
@@ -203,7 +188,7 @@ def test_7_time_wait_wait_is_capped_by_the_start_timeout(systemd_rig):
 def test_8_no_bus_keeps_the_kernel_verdict(systemd_rig):
     rig = systemd_rig
     other_pid = holder_unit(rig)
-    log = guarded(rig)
+    log = guarded(rig, ADDRESS, SPEC)
     rig.stop_bus()
     run = rig.start("web.service")
     assert not run.ok and run.pre_status == [98]
@@ -275,7 +260,7 @@ def test_killmode_process_is_nobody_s_business_on_a_clear_start(systemd_rig):
     """Debian's ssh.service sets KillMode=process on purpose (a restart keeps open sessions):
     a clear start says nothing about it, and no path of the guard advises changing it."""
     rig = systemd_rig
-    log = guarded(rig, extra="KillMode=process")
+    log = guarded(rig, ADDRESS, SPEC, extra="KillMode=process")
     run = rig.start("web.service")
     assert run.ok
     assert "KillMode" not in text(log), text(log)
@@ -284,7 +269,7 @@ def test_killmode_process_is_nobody_s_business_on_a_clear_start(systemd_rig):
 def test_restart_loop_on_a_conflict_gets_advice_that_works(systemd_rig):
     rig = systemd_rig
     holder_unit(rig)
-    log = guarded(rig, extra="Restart=on-failure\nRestartSec=100ms")
+    log = guarded(rig, ADDRESS, SPEC, extra="Restart=on-failure\nRestartSec=100ms")
     rig.write_dropin("web.service", "limit.conf", "[Unit]\nStartLimitIntervalSec=0\n")
     assert not rig.start("web.service").ok
     deadline = time.monotonic() + 20
