@@ -339,7 +339,9 @@ def _from_docker_proxy(pid: int, argv: tuple[str, ...]) -> ContainerFact | None:
     from bindguard.evidence.owners import read_stat
 
     stat = read_stat(pid)
-    parent = read_stat(stat.ppid) if stat is not None else None
+    if stat is None:
+        return None
+    parent = read_stat(stat.ppid)
     if parent is None or parent.name != "dockerd" or _real_uid(pid) != ROOT or _real_uid(stat.ppid) != ROOT:
         return None
     ip, port, proto, host_port = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""

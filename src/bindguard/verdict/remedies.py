@@ -65,9 +65,9 @@ def _container(c: Conflict) -> str:
     container = c.process.container
     how = VIA_PROXY.get(container.via, "its cgroup is the container's")
     relation = "holds it for" if container.via in VIA_PROXY else "is"
-    return (f"PID {c.process.pid} {relation} the {container.label} ({how}). If that container should serve this address, "
-            f"do not start this service on it; otherwise {stop_container(container)}; or move this service to "
-            "another port")
+    return (f"PID {c.process.pid} {relation} the {container.label} ({how}). If that container should serve "
+            f"this address, do not start this service on it; otherwise {stop_container(container)}; or move this "
+            "service to another port")
 
 
 def remedy(c: Conflict) -> str:
