@@ -510,8 +510,9 @@ def bindguard(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_exec_start_and_daemon(tmp_path):
     need_package("redis-server", "/etc/redis/redis.conf")
+    # an ExecStart= value as a unit file has it: prefixes, and with @ a second word that only names argv[0]
     proc = bindguard("discover", "--no-legend", "--exec-start",
-                     "/usr/bin/redis-server /etc/redis/redis.conf --daemonize no")
+                     "-@/usr/bin/redis-server redis-custom /etc/redis/redis.conf --daemonize no")
     assert proc.returncode == 0 and proc.stderr == ""
     line = line_of("/etc/redis/redis.conf", r"^bind ")
     assert proc.stdout.splitlines()[0].split() == ["127.0.0.1:6379", "confident", f"/etc/redis/redis.conf:{line}",

@@ -297,7 +297,9 @@ def test_unit_facts_adapter_reads_what_discovery_needs(systemd_rig, monkeypatch)
                    "ListenStream=%t/api.sock\n", reload=False)
     rig.write_unit("api.service", f"""\
 [Service]
+Type=oneshot
 ExecStart=/usr/bin/env api --port 18110
+ExecStart=@/usr/sbin/nginx nginx-worker -g daemon off;
 Environment=A=1
 EnvironmentFile=-{rig.root}/api.env
 User=nobody
@@ -312,7 +314,8 @@ Group=nogroup
         facts = sd.unit_facts("api.service")
         assert calls.count(b"LoadUnit") == 2, calls  # the service's, and its socket unit's
         assert [u for u, load, active in sd.list_units("api.*")] == ["api.service", "api.socket"]
-    assert facts.exec_start == [["/usr/bin/env", "api", "--port", "18110"]]
+    assert facts.exec_start == [["/usr/bin/env", "api", "--port", "18110"],
+                                ["/usr/sbin/nginx", "-g", "daemon", "off;"]]  # @: argv[0] only names it
     assert facts.environment == ["A=1"] and facts.environment_files == [f"-{rig.root}/api.env"]
     assert (facts.user, facts.group) == ("nobody", "nogroup")
     assert facts.socket_listens == [("Stream", "127.0.0.1:18111", "api.socket", "default", False),

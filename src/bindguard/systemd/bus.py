@@ -590,7 +590,8 @@ class Systemd:
         path = self._load(name)
         info = info or self._unit_at(path, name)
         return UnitFacts(
-            exec_start=[list(command.argv) for command in info.exec_start],
+            # the program run, then its arguments: argv[0] is another name under ExecStart=@
+            exec_start=[[command.path, *command.argv[1:]] for command in info.exec_start if command.path],
             environment=list(info.environment),
             environment_files=[("-" if optional else "") + file for file, optional in info.environment_files],
             socket_listens=[entry for socket_unit in info.sockets for entry in self.socket_listens(socket_unit)],

@@ -10,6 +10,7 @@ from bindguard.model.errors import BindguardError, ExitCode, UsageError
 from bindguard.model.text import escape
 from bindguard.report import output
 from bindguard.report.jsonout import write_json
+from bindguard.systemd.unitexec import exec_argv
 from bindguard.systemd.unitfiles import normalize_unit
 
 DESCRIPTION = """\
@@ -106,7 +107,7 @@ def _discover(args: argparse.Namespace, console: output.Console):
         exec_start = []
         for line in args.exec_start:
             try:
-                exec_start.append(shlex.split(line))
+                exec_start.append(exec_argv(shlex.split(line)))  # an ExecStart= value, prefixes and all
             except ValueError as exc:
                 raise UsageError(f"--exec-start {line!r}: {exc}", "quote the command line as a shell would") from None
         listens = [("Datagram", a[4:]) if a.lower().startswith("udp:") else ("Stream", a) for a in args.socket_listen]

@@ -112,9 +112,7 @@ def expand_argv(argv: Sequence[str], env: dict[str, str]) -> list[str]:
     """Environment variables in an ExecStart= argv as systemd expands them: a word that is only
     $NAME splits into the words of its value; ${NAME} is replaced within a word."""
     words: list[str] = []
-    for i, word in enumerate(argv):
-        if i == 0:
-            word = word.lstrip("-@+!:")
+    for word in argv:
         if len(word) > 1 and word[0] == "$" and (word[1:].replace("_", "a").isalnum()):
             words += env.get(word[1:], "").split()
         else:
