@@ -190,21 +190,42 @@ def test_a_dump_is_stopped_at_its_time_and_output_budget(monkeypatch):
     assert not ok and "more than 1 MiB of output" in why, why
 
 
+def test_a_path_is_resolved_as_the_kernel_resolves_it(tmp_path, monkeypatch):
+    """bindguard.real_path (posix alone, for the fast path) agrees with os.path.realpath(strict=True)."""
+    import bindguard
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "file").write_text("")
+    (tmp_path / "up").symlink_to("a/b/..")  # relative, with .. after a directory
+    (tmp_path / "abs").symlink_to(tmp_path / "up" / "b")
+    (tmp_path / "chain").symlink_to("abs/../../abs/file")  # .. taken after the link is resolved
+    (tmp_path / "loop").symlink_to("loop")
+    monkeypatch.chdir(tmp_path / "a")
+    for path in ("/", "/usr/bin/env", f"{tmp_path}/up", f"{tmp_path}//abs/./file", f"{tmp_path}/chain",
+                 "b/file", "..", "../chain", "/proc/self"):
+        assert bindguard.real_path(path) == os.path.realpath(path, strict=True), path
+    for path in (f"{tmp_path}/loop", f"{tmp_path}/missing", f"{tmp_path}/a/b/file/x", ""):
+        with pytest.raises(OSError):
+            bindguard.real_path(path)
+
+
 def test_which_paths_are_roots_alone(world):
+    import bindguard
     from bindguard.request.discover import dump
 
-    assert dump.untrusted("/usr/bin/env") is None
-    assert dump.untrusted("/tmp") is None  # world-writable, but sticky and root's
+    assert bindguard.untrusted("/usr/bin/env") is None
+    assert bindguard.untrusted("/tmp") == "/tmp can be written by every user"  # anyone may add to it
     mine = world / "prog"
     mine.write_text("")
-    assert dump.untrusted(str(mine)) is None
+    assert bindguard.untrusted(str(mine)) is None  # below /tmp: sticky, so no one else may replace it
     mine.chmod(0o666)
-    assert "can be written by every user" in dump.untrusted(str(mine))
+    assert "can be written by every user" in bindguard.untrusted(str(mine))
     owned_by_nobody(mine)
-    assert f"belongs to uid {NOBODY}" in dump.untrusted(str(mine))
+    assert f"belongs to uid {NOBODY}" in bindguard.untrusted(str(mine))
     link = world / "link"
     link.symlink_to(mine)  # a root-owned link to a file nobody owns: the file is what counts
-    assert f"belongs to uid {NOBODY}" in dump.untrusted(str(link))
+    assert f"belongs to uid {NOBODY}" in bindguard.untrusted(str(link))
+    assert bindguard.untrusted(str(world / "missing")) == f"{world}/missing: No such file or directory"
     assert dump.systemd_resolved("env") in ("/usr/bin/env", "/bin/env")
     assert dump.systemd_resolved("no-such-program-here") is None
 

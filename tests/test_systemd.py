@@ -310,6 +310,34 @@ def test_only_a_unix_path_is_a_bus(monkeypatch, address, why):
         Systemd(SYSTEM)
 
 
+def test_a_bus_socket_is_trusted_only_with_every_directory_above_it_and_its_links_resolved(tmp_path):
+    """The socket from $DBUS_*_BUS_ADDRESS is checked as the root guard's other paths are
+    (bindguard.resolve_trusted): a directory of another user's above a socket of root's lets that
+    user swap it; through a link, the socket it leads to is checked, and that path is connected to."""
+    from bindguard.systemd.busaddress import check_socket
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(theirs / "bus"))
+    try:
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid 65534, not root"):
+            check_socket(SYSTEM, str(theirs / "bus"))
+        os.chown(theirs, 0, 0)
+        os.chmod(theirs / "bus", 0o777)  # as the system bus's: anyone may connect, no one else change it
+        link = tmp_path / "link"
+        link.symlink_to(theirs / "bus")
+        assert check_socket(SYSTEM, str(link)) == str(theirs / "bus")
+        os.chown(theirs, 65534, 65534)  # the link is root's, what it leads to is not
+        with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid 65534"):
+            check_socket(SYSTEM, str(link))
+    finally:
+        server.close()
+
+
 def test_a_bus_socket_of_another_user_is_not_asked(monkeypatch, tmp_path):
     """A socket someone else made could answer for systemd: only root's or our own is used."""
     path = tmp_path / "a bus"  # a space: escaped as %20 in the address
@@ -320,7 +348,7 @@ def test_a_bus_socket_of_another_user_is_not_asked(monkeypatch, tmp_path):
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={str(path).replace(' ', '%20')},guid=0")
         if os.geteuid() == 0:  # as any other user, a socket of its own cannot be given away
             os.chown(path, 65534, 65534)
-            with pytest.raises(SystemdUnavailable, match=f"{path} belongs to uid 65534, neither root nor this user"):
+            with pytest.raises(SystemdUnavailable, match=f"{path} is not trusted: {path} belongs to uid 65534, not root"):
                 Systemd(SYSTEM)
             os.chown(path, 0, 0)
         with pytest.raises(SystemdUnavailable, match=f"the system bus at {path} did not answer within 1 s"):

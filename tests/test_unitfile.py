@@ -126,6 +126,29 @@ def test_runs_known_daemon_without_imports(unit_path, tmp_path):
 
 
 
+def test_a_search_path_from_the_environment_keeps_only_directories_root_alone_can_change(tmp_path):
+    """$SYSTEMD_UNIT_PATH and $BINDGUARD_CONFIG_PATH come from the unit's environment: a directory is
+    kept, its links resolved, only when it and every directory above it are root's (or the guard's
+    user's) and no one else can write them; a root-owned directory below another user's is not."""
+    from bindguard.systemd.unitfiles import environment_dirs
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    theirs = tmp_path / "theirs"
+    units = theirs / "units"
+    units.mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)  # they may rename units and put their own in its place
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (tmp_path / "link").symlink_to(mine)
+    (tmp_path / "their-link").symlink_to(units)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o1777)  # sticky, as /tmp: still anyone may add a unit file to it
+    assert environment_dirs(f"{units}:{tmp_path}/link:{tmp_path}/their-link:{open_to_all}::{mine}") \
+        == [str(mine), str(mine)]
+
+
 def test_a_unit_directory_that_appears_is_read_a_moment_later(tmp_path, monkeypatch):
     """Which unit directories exist is remembered for a moment only (unitexec.PRESENT_FOR): a guard
     that waits reads a directory that appeared meanwhile. A directory reached twice (as Debian's

@@ -1,7 +1,9 @@
 """bindguard: will this daemon's bind() succeed, and if not, who is in the way?
 
 Below every stage, so that each may use it: the version, the environment read without os, the
-dependencies found on demand, and the record of a stop signal.
+dependencies found on demand, the record of a stop signal, and the one check of whether a path is
+trusted (root's alone, every directory above it too), with posix alone: the fast path's
+environment search paths and bus socket are checked by it as discovery's dump programs are.
 """
 
 __version__ = "0.1.0"
@@ -71,3 +73,90 @@ def stop_if_asked() -> None:
     """Raise Stopped again if a stop signal arrived, its first raising swallowed or not."""
     if stops:
         raise Stopped(stops[0])
+
+
+ROOT = 0
+SYMLINKS_MAX = 40  # links one path may pass through before the kernel says ELOOP (MAXSYMLINKS)
+
+
+def real_path(path: str) -> str:
+    """os.path.realpath(path, strict=True) with posix alone: the path with every symlink, `.` and
+    `..` resolved, as the kernel resolves it. OSError when some part of it is missing, not a
+    directory, or the links loop."""
+    import _stat
+    import posix
+
+    if not path:
+        raise FileNotFoundError(2, "No such file or directory", path)
+    pending = [name for name in path.split("/") if name][::-1]  # what is left to walk, next last
+    resolved = "" if path.startswith("/") else posix.getcwd().rstrip("/")  # "" is /
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            resolved = resolved.rpartition("/")[0]  # resolved holds no link: its parent is physical
+            continue
+        candidate = resolved + "/" + name
+        if _stat.S_ISLNK(posix.lstat(candidate).st_mode):
+            links += 1
+            if links > SYMLINKS_MAX:
+                raise OSError(40, "Too many levels of symbolic links", path)  # ELOOP
+            target = posix.readlink(candidate)
+            if target.startswith("/"):
+                resolved = ""
+            pending += [name for name in target.split("/") if name][::-1]
+        else:
+            resolved = candidate
+    return resolved or "/"
+
+
+def resolve_trusted(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, str | None]:
+    """(path with its symlinks resolved, why that path is not trusted: None when it is).
+
+    Trusted: the path and every directory above it belong to one of owners (root, and where the
+    caller says so the guard's own user), and no one else can write any of them: not other users,
+    not a group but root's. A world-writable directory above the path is excused by its sticky bit
+    (no one else can rename or remove what is in it, /tmp); the path itself is not, for a
+    directory whose entries are read (a search path) is no one's alone when every user may add one.
+    A socket may be writable by all: that is who may connect to it.
+    What another user could change, or re-point through a symlink, must not decide what the root
+    guard reads, runs or asks. OSError when the path cannot be resolved (real_path).
+    """
+    import _stat
+    import posix
+
+    real = real_path(path)
+    part = real
+    while True:
+        try:
+            info = posix.lstat(part)
+        except OSError as exc:
+            return real, f"{part}: {exc.strerror or exc}"
+        if _stat.S_ISLNK(info.st_mode):  # swapped in since it was resolved: someone could
+            return real, f"{part} changed while it was checked"
+        if info.st_uid not in owners:
+            return real, f"{part} belongs to uid {info.st_uid}, not {_owners_named(owners)}"
+        # A socket's write bit lets one connect (the system bus is 0666), not change it.
+        excused = _stat.S_ISSOCK(info.st_mode) or (
+            part != real and _stat.S_ISDIR(info.st_mode) and info.st_mode & _stat.S_ISVTX)
+        if info.st_mode & _stat.S_IWOTH and not excused:
+            return real, f"{part} can be written by every user"
+        if info.st_mode & _stat.S_IWGRP and info.st_gid != ROOT and not excused:
+            return real, f"{part} can be written by group {info.st_gid}"
+        if part == "/":
+            return real, None
+        part = part.rpartition("/")[0] or "/"
+
+
+def untrusted(path: str, owners: tuple[int, ...] = (ROOT,)) -> str | None:
+    """Why path (symlinks followed) is not trusted as resolve_trusted() says, or None when it is."""
+    try:
+        return resolve_trusted(path, owners)[1]
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+
+
+def _owners_named(owners: tuple[int, ...]) -> str:
+    return " or ".join("root" if uid == ROOT else f"uid {uid} (this user)" for uid in dict.fromkeys(owners))

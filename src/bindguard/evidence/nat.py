@@ -74,11 +74,12 @@ def run_tool(path: str, package: str, *args: str) -> bytes:
     stays path, since a multi-call binary (xtables-legacy-multi) picks its applet by that name."""
     import subprocess
 
-    from bindguard.request.discover.dump import run_bounded, untrusted
+    import bindguard
+    from bindguard.request.discover.dump import run_bounded
 
     if not os.path.exists(path):
         raise NatUnreadable(f"{path} is not installed (Debian's {package} package)")
-    why = untrusted(path)
+    why = bindguard.untrusted(path)
     if why:
         raise NatUnreadable(f"{path} is not run: {why}")
     command = " ".join([os.path.basename(path), *args])

@@ -325,8 +325,9 @@ class Systemd:
         self._call_timeout = min(call_timeout, budget)
         started = time.monotonic()
         self._gave_up: str | None = None  # why no more questions are asked
-        path = socket_path(bus)
-        check_socket(bus, path)  # before paying for pystemd's binding (15 ms): early boot, containers
+        # before paying for pystemd's binding (15 ms): early boot, containers; the path checked,
+        # its symlinks resolved, is the one connected to
+        path = check_socket(bus, socket_path(bus))
         _answers(bus, path, min(CONNECT_TIMEOUT, self._call_timeout))
         try:
             DBusAddress = _dbuslib().DBusAddress

@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Mapping
 
+import bindguard
 from bindguard.systemd.unitfiles import user_manager
 
 SYSTEM = "system"
@@ -74,16 +75,19 @@ def _address_unescape(value: str) -> str:
     return os.fsdecode(bytes(raw))
 
 
-def check_socket(bus: str, path: str) -> None:
-    """The bus socket exists, is a socket, and belongs to root or to this user: a socket someone
-    else made (named by an environment a service's user wrote) would let them answer for systemd."""
+def check_socket(bus: str, path: str) -> str:
+    """The bus socket's path with its symlinks resolved, which is what must be connected to. It
+    must be a socket, and it and every directory above it must belong to root or to this user with
+    no one else able to write them (bindguard.resolve_trusted): a socket someone else made, or a
+    link or directory of theirs on the way to it (named by an environment a service's user wrote),
+    would let them answer for systemd."""
     try:
-        st = os.stat(path)
+        real, why = bindguard.resolve_trusted(path, (bindguard.ROOT, os.geteuid()))
     except OSError as exc:
         raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {path}"
                                  + ("" if exc.errno == errno.ENOENT else f" ({exc.strerror})")) from None
-    if not stat.S_ISSOCK(st.st_mode):
+    if why:
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not trusted: {why}")
+    if not stat.S_ISSOCK(os.stat(real).st_mode):
         raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not a socket")
-    if st.st_uid not in (0, os.geteuid()):
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} belongs to uid {st.st_uid}, "
-                                 "neither root nor this user")
+    return real

@@ -79,19 +79,21 @@ def search_path() -> list[str]:
 
 
 def environment_dirs(value: str) -> list[str]:
-    """The directories of a colon-separated search path taken from the environment, keeping only
-    those root or the guard's own user owns and no one else can write. Under `ExecStartPre=+` the
+    """The directories of a colon-separated search path taken from the environment, their symlinks
+    resolved, keeping only those that root or the guard's own user owns with every directory above
+    them, and no one else can write (bindguard.resolve_trusted). Under `ExecStartPre=+` the
     environment is the unit's, which its user may write (an EnvironmentFile=): a directory of that
-    user's must not become where the root guard reads its configuration or unit files."""
+    user's, or a link of theirs to one of root's, must not become where the root guard reads its
+    configuration or unit files."""
+    owners = (bindguard.ROOT, posix.geteuid())
     kept = []
     for directory in value.split(":"):
         try:
-            info = posix.stat(directory)
+            real, why = bindguard.resolve_trusted(directory, owners)
         except (OSError, ValueError):
             continue
-        if (_stat.S_ISDIR(info.st_mode) and info.st_uid in (0, posix.geteuid())
-                and not info.st_mode & (_stat.S_IWGRP | _stat.S_IWOTH)):
-            kept.append(directory)
+        if why is None and _stat.S_ISDIR(posix.stat(real).st_mode):
+            kept.append(real)
     return kept
 
 

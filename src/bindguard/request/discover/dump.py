@@ -23,9 +23,9 @@ else the finder reads the files itself (and says why the dump was not run):
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable
 
+import bindguard
 from bindguard.model.record import Record
 from bindguard.model.text import excerpt
 from bindguard.request.cache import incomplete
@@ -36,7 +36,7 @@ from bindguard.request.discover.common import current_budget, current_service
 SYSTEMD_SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 DUMP_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin"}
 DUMP_SECONDS = 10.0  # at most; never more than the discovery's time left
-ROOT = 0
+ROOT = bindguard.ROOT
 
 
 def systemd_resolved(name: str) -> str | None:
@@ -47,30 +47,6 @@ def systemd_resolved(name: str) -> str | None:
         path = os.path.join(directory, name)
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
-    return None
-
-
-def untrusted(path: str) -> str | None:
-    """Why path (symlinks followed) is not root's alone, or None when root owns it and every
-    directory above it and no one else can write to any of them."""
-    real = os.path.realpath(path)
-    chain = [real]
-    while chain[-1] != "/":
-        chain.append(os.path.dirname(chain[-1]))
-    for part in chain:
-        try:
-            info = os.lstat(part)
-        except OSError as exc:
-            return f"{part}: {exc.strerror or exc}"
-        if stat.S_ISLNK(info.st_mode):  # swapped in since realpath(): someone could
-            return f"{part} changed while it was checked"
-        if info.st_uid != ROOT:
-            return f"{part} belongs to uid {info.st_uid}, not root"
-        sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
-        if info.st_mode & stat.S_IWOTH and not sticky_dir:
-            return f"{part} can be written by every user"
-        if info.st_mode & stat.S_IWGRP and info.st_gid != ROOT and not sticky_dir:
-            return f"{part} can be written by group {info.st_gid}"
     return None
 
 
@@ -159,7 +135,7 @@ def refusal(program: str, runs_as: Credentials | str, root_inputs: Iterable[str]
     """
     if not os.path.isabs(program):
         return f"{program} is not an absolute path (a bare name in a shell or after env: the unit's PATH finds it)"
-    why = untrusted(program)
+    why = bindguard.untrusted(program)
     if why:
         return f"{program} is not root's alone ({why})"
     if isinstance(runs_as, str):
@@ -168,7 +144,7 @@ def refusal(program: str, runs_as: Credentials | str, root_inputs: Iterable[str]
         if root_inputs is None:
             return "it would run as root, and its configuration could not be read through first"
         for path in root_inputs:
-            why = untrusted(path)
+            why = bindguard.untrusted(path)
             if why:
                 return f"it would run as root, and {path} is not root's alone ({why})"
     return None
