@@ -35,11 +35,13 @@ from bindguard.systemd.bus import (
 def test_choose_bus_follows_flags_then_managerpid():
     assert choose_bus(True, {}) == USER
     assert choose_bus(False, {"MANAGERPID": "4242"}) == SYSTEM
-    assert choose_bus(None, {"MANAGERPID": "4242"}) == USER
     assert choose_bus(None, {"MANAGERPID": "1"}) == SYSTEM
     assert choose_bus(None, {}) == SYSTEM
-    # $MANAGERPID is a claim: only a live process running systemd's binary proves a manager
-    assert proven_manager(True, {"MANAGERPID": str(os.getpid())}) is None
+    # $MANAGERPID is a claim: only a live process running systemd's binary proves a manager; a root
+    # guard's environment may be a unit's that its user wrote, so as root the claim alone is not taken
+    claimed = {"MANAGERPID": str(os.getpid())}
+    assert choose_bus(None, claimed) == (SYSTEM if os.geteuid() == 0 else USER)
+    assert proven_manager(True, claimed) is None
     assert proven_manager(True, {}) is None
 
 
@@ -242,6 +244,41 @@ StandardError=inherit
     assert run.ok, (run.output, out.read_text())
     manager = str(rig.manager_pid)
     assert out.read_text().split() == ["guarded.service", "user", manager, manager, "guarded.service", "activating", "30"]
+
+
+@pytest.mark.integration
+def test_a_root_guard_takes_the_user_search_path_from_its_manager_not_the_units_environment(systemd_rig, tmp_path):
+    """As root (`ExecStartPre=+`) the environment is the unit's: its $HOME and $XDG_* do not say where
+    the user manager's units are, and its $MANAGERPID counts only for a proven manager of root's.
+    The directories come from the manager's own environment, what its search path was made from."""
+    rig = systemd_rig
+    out = rig.log("paths.out")
+    planted = tmp_path / "planted"
+    probe = ("import json; from bindguard.systemd import unitexec, unitfiles; "
+             "print(json.dumps([unitfiles.user_manager(), unitexec.user_unit_path()]))")
+    rig.write_unit("paths.service", f"""\
+[Service]
+Type=oneshot
+Environment=HOME={planted} XDG_CONFIG_HOME={planted}/config XDG_RUNTIME_DIR={planted}/run
+Environment=XDG_DATA_HOME={planted}/data XDG_CONFIG_DIRS={planted}/xdg XDG_DATA_DIRS={planted}/share
+ExecStart={sys.executable} -c "{probe}"
+ExecStart=/usr/bin/env MANAGERPID={os.getpid()} {sys.executable} -c "{probe}"
+StandardOutput=append:{out}
+StandardError=append:{out}
+""")
+    run = rig.start("paths.service")
+    assert run.ok, (run.output, out.read_text())
+    (user, dirs), (planted_user, _) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert user and not planted_user  # this test's PID: a live process of root's, but no systemd
+    assert not [d for d in dirs if d.startswith(str(planted))], dirs
+    assert dirs == [
+        f"{rig.config_home}/systemd/user.control", f"{rig.runtime_dir}/systemd/user.control",
+        f"{rig.runtime_dir}/systemd/transient", f"{rig.runtime_dir}/systemd/generator.early",
+        f"{rig.config_home}/systemd/user", "/etc/xdg/systemd/user", "/etc/systemd/user",
+        f"{rig.runtime_dir}/systemd/user", "/run/systemd/user", f"{rig.runtime_dir}/systemd/generator",
+        f"{rig.home}/.local/share/systemd/user", "/usr/local/share/systemd/user", "/usr/share/systemd/user",
+        "/usr/local/lib/systemd/user", "/usr/lib/systemd/user", f"{rig.runtime_dir}/systemd/generator.late",
+    ]
 
 
 @pytest.mark.integration

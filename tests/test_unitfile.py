@@ -149,6 +149,47 @@ def test_a_search_path_from_the_environment_keeps_only_directories_root_alone_ca
         == [str(mine), str(mine)]
 
 
+@pytest.mark.parametrize("environ", [
+    {"HOME": "/h", "XDG_RUNTIME_DIR": "/rt"},
+    {"HOME": "/h", "XDG_RUNTIME_DIR": "/rt", "XDG_CONFIG_DIRS": "/cfg/a:/cfg/b", "XDG_DATA_DIRS": "/data/a:/data/b"},
+    {"HOME": "/h", "XDG_CONFIG_DIRS": "/etc:/etc/xdg", "XDG_DATA_DIRS": "/usr/lib:/usr/share"},  # repeats: the first counts
+    {"HOME": "/h", "XDG_CONFIG_HOME": "/c", "XDG_DATA_HOME": "/d", "XDG_CONFIG_DIRS": "", "XDG_DATA_DIRS": "::/x"},
+    {},
+])
+def test_the_user_search_path_is_systemds_own(environ):
+    """The user manager's search path, in the order of systemd.unit(5), as systemd itself makes it
+    from an environment (`systemd-analyze --user unit-paths`: systemd's own lookup code)."""
+    from bindguard.systemd import unitexec
+
+    analyze = subprocess.run(["systemd-analyze", "--user", "unit-paths"], env={"PATH": "/usr/bin:/bin", **environ},
+                             capture_output=True, text=True, timeout=30)
+    if analyze.returncode != 0:
+        pytest.skip(f"systemd-analyze: {analyze.stderr.strip()}")
+    assert list(unitexec.user_unit_path(environ)) == analyze.stdout.split()
+
+
+def test_as_root_without_a_proven_manager_the_environments_user_directories_must_be_roots(tmp_path, monkeypatch):
+    """`--user` as root with no $MANAGERPID to prove: $HOME and $XDG_* are the unit's, so a directory
+    they name is kept only when root alone can change it (bindguard.resolve_trusted)."""
+    from bindguard.systemd import unitexec
+
+    if os.geteuid() != 0:
+        pytest.skip("the root guard's rule")
+    theirs = tmp_path / "theirs"
+    (theirs / "systemd" / "user").mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    mine = tmp_path / "mine"
+    (mine / "systemd" / "user").mkdir(parents=True)
+    monkeypatch.delenv("MANAGERPID", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(theirs))
+    (tmp_path / "link").symlink_to(mine)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "link"))
+    dirs = unitexec.user_unit_path()
+    assert f"{mine}/systemd/user" in dirs and not [d for d in dirs if d.startswith(str(theirs))], dirs
+    assert not [d for d in dirs if d.startswith(f"{tmp_path}/link")], dirs  # what is read is what was checked
+
+
 def test_a_unit_directory_that_appears_is_read_a_moment_later(tmp_path, monkeypatch):
     """Which unit directories exist is remembered for a moment only (unitexec.PRESENT_FOR): a guard
     that waits reads a directory that appeared meanwhile. A directory reached twice (as Debian's

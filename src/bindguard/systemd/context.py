@@ -15,24 +15,12 @@ from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, uni
 from bindguard.model.kinds import ConflictKind
 from bindguard.model.record import Record, field
 from bindguard.systemd import busaddress
-from bindguard.systemd.unitfiles import manager_pid_from_env, own_unit
+from bindguard.systemd.unitfiles import own_unit, proven_user_manager, runs_systemd
 
-# Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
-SYSTEMD_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
 # A service between runs: stopped (facts.unit_active), or starting but not yet past ExecCondition=/
 # ExecStartPre= (the guard's own phase), or waiting to restart. Processes in its cgroup then are left
 # from a run before.
 NOT_YET_STARTED_SUB_STATES = ("condition", "start-pre", "auto-restart")
-
-
-def _runs_systemd(pid: int) -> bool:
-    """Whether /proc shows PID running systemd's own binary (a name is no proof: any process can
-    call itself "systemd"; only root or the process's owner may read its exe link)."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return False
-    return exe.removesuffix(" (deleted)") in SYSTEMD_BINARIES  # (deleted): upgraded while running
 
 
 def proven_manager(user: bool, environ=None) -> tuple[int, str] | None:
@@ -41,14 +29,13 @@ def proven_manager(user: bool, environ=None) -> tuple[int, str] | None:
     The system manager: PID 1 runs systemd and /run/systemd/system exists (as sd_booted() checks).
     In a container, in CI or under `unshare --pid` PID 1 is something else, and a process whose
     parent is PID 1 was not re-parented to any service manager. A user manager: $MANAGERPID, which
-    the manager sets for what it starts, names a live process running systemd.
+    the manager sets for what it starts, names a live process running systemd (for a root guard,
+    one of root's: unitfiles.proven_user_manager).
     """
     if user:
-        pid = manager_pid_from_env(environ)
-        if pid and _runs_systemd(pid):
-            return pid, f"$MANAGERPID {pid} runs systemd"
-        return None
-    if os.path.isdir("/run/systemd/system") and _runs_systemd(1):
+        pid = proven_user_manager(environ)
+        return (pid, f"$MANAGERPID {pid} runs systemd") if pid is not None else None
+    if os.path.isdir("/run/systemd/system") and runs_systemd(1):
         return 1, "PID 1 is systemd"
     return None
 

@@ -15,7 +15,17 @@ import _stat
 import posix
 
 import bindguard
-from bindguard.systemd.unitfiles import environment_dirs, is_template, isfile, join, lexists, with_template
+from bindguard.systemd.unitfiles import (
+    environment_dirs,
+    is_template,
+    isfile,
+    join,
+    lexists,
+    process_environment,
+    proven_user_manager,
+    trusted_dirs,
+    with_template,
+)
 
 SYSTEM_UNIT_PATH = (
     "/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
@@ -51,18 +61,54 @@ SHELLS = ("sh", "bash", "dash", "zsh")
 
 
 def user_unit_path(environ=None) -> tuple[str, ...]:
-    env = bindguard.environment() if environ is None else environ
+    """A user manager's unit search path, in systemd 252's order (systemd.unit(5), "User Unit Search
+    Path"; `systemd-analyze --user unit-paths` prints the same), each directory once.
+
+    With environ, from it. Otherwise from the guard's own environment, which a user manager's
+    service inherits from it; but the root guard's environment is the unit's (`ExecStartPre=+`),
+    so as root it is taken from the proven user manager's own environment (/proc/PID/environ: what
+    its search path was made from), and where no manager is proven (`--user` alone) the
+    directories $HOME and $XDG_* name are kept only when root alone can change them (trusted_dirs).
+    """
+    trusted_only = False
+    if environ is None:
+        environ = bindguard.environment()
+        if posix.geteuid() == bindguard.ROOT:
+            manager = proven_user_manager(environ)
+            if manager is not None:
+                environ = process_environment(manager)
+            else:
+                trusted_only = True
+    named = _user_dirs_from_environment(environ)
+    if trusted_only:
+        named = {key: trusted_dirs(dirs) for key, dirs in named.items()}
+    dirs = [*named["control"], *named["config"], "/etc/systemd/user", *named["runtime"], "/run/systemd/user",
+            *named["generator"], *named["data"], "/usr/local/lib/systemd/user", "/usr/local/share/systemd/user",
+            "/usr/lib/systemd/user", "/usr/share/systemd/user", *named["late"]]
+    return tuple(dict.fromkeys(dirs))
+
+
+def _user_dirs_from_environment(env) -> dict[str, list[str]]:
+    """The user search path's directories that $HOME, $XDG_CONFIG_HOME, $XDG_CONFIG_DIRS,
+    $XDG_RUNTIME_DIR, $XDG_DATA_HOME and $XDG_DATA_DIRS name, by their place in it."""
     home = env.get("HOME", "/root")
     config = env.get("XDG_CONFIG_HOME") or join(home, ".config")
     data = env.get("XDG_DATA_HOME") or join(home, ".local", "share")
     runtime = env.get("XDG_RUNTIME_DIR", "")
     in_runtime = (lambda *names: [join(runtime, "systemd", n) for n in names]) if runtime else (lambda *n: [])
-    dirs = [join(config, "systemd", "user.control"),
-            *in_runtime("user.control", "transient", "generator.early"),
-            join(config, "systemd", "user"), "/etc/systemd/user", *in_runtime("user", "generator"),
-            join(data, "systemd", "user"), "/usr/local/lib/systemd/user", "/usr/lib/systemd/user",
-            "/lib/systemd/user", *in_runtime("generator.late")]
-    return tuple(dirs)
+
+    def listed(key: str, default: str) -> list[str]:  # an unset list is the default; an empty one is empty
+        return [join(d, "systemd", "user") for d in env.get(key, default).split(":") if d.startswith("/")]
+
+    return {
+        "control": [join(config, "systemd", "user.control"),
+                    *in_runtime("user.control", "transient", "generator.early")],
+        "config": [join(config, "systemd", "user"), *listed("XDG_CONFIG_DIRS", "/etc/xdg")],
+        "runtime": in_runtime("user"),
+        "generator": in_runtime("generator"),
+        "data": [join(data, "systemd", "user"), *listed("XDG_DATA_DIRS", "/usr/local/share:/usr/share")],
+        "late": in_runtime("generator.late"),
+    }
 
 
 def unit_path(user: bool = False) -> tuple[str, ...]:

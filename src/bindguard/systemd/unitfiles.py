@@ -52,23 +52,72 @@ def isfile(path: str) -> bool:
 
 def user_manager(choice: bool | None = None, environ=None) -> bool:
     """Whether to talk to a user manager: --user/--system (True/False) decide; otherwise
-    $MANAGERPID, which a manager sets for what it starts, other than 1 means a user manager."""
+    $MANAGERPID, which a manager sets for what it starts, other than 1 means a user manager. The
+    root guard believes it only of a user manager /proc proves (proven_user_manager): under
+    `ExecStartPre=+` its environment is the unit's, where a service's user may have planted it."""
     if choice is not None:
         return choice
+    if posix.geteuid() == bindguard.ROOT:
+        return proven_user_manager(environ) is not None
     manager = _env_manager_pid(environ)
     return manager is not None and manager != 1
-
-
-def manager_pid_from_env(environ=None) -> int | None:
-    """$MANAGERPID, the PID a user manager names for what it starts; None when unset. A claim only:
-    attribution.proven_manager checks that it is systemd."""
-    return _env_manager_pid(environ)
 
 
 def _env_manager_pid(environ) -> int | None:
     """$MANAGERPID in ASCII digits (int() reads '٥' as 5 and raises on '²'), else None."""
     manager = (bindguard.environment() if environ is None else environ).get("MANAGERPID", "")
     return int(manager) if manager.isascii() and manager.isdigit() and len(manager) <= 10 else None
+
+
+# Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
+SYSTEMD_BINARIES = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
+ENVIRON_BYTES = 1 << 16  # a manager's own environment: a few hundred bytes from PAM and user@.service
+
+
+def runs_systemd(pid: int) -> bool:
+    """Whether /proc shows PID running systemd's own binary (a name is no proof: any process can
+    call itself "systemd"; only root or the process's owner may read its exe link)."""
+    try:
+        exe = posix.readlink(f"/proc/{pid}/exe")
+    except (OSError, ValueError):
+        return False
+    return exe.removesuffix(" (deleted)") in SYSTEMD_BINARIES  # (deleted): upgraded while running
+
+
+def proven_user_manager(environ=None) -> int | None:
+    """$MANAGERPID when /proc proves it a user manager, else None: a live process other than PID 1
+    running systemd's binary, and for a root guard one that root runs. A manager starts its
+    services as its own user, so a root guard under another user's manager was not started by it:
+    that user (who may exec systemd with an environment of their choosing) planted the PID."""
+    pid = _env_manager_pid(environ)
+    if pid is None or pid <= 1 or not runs_systemd(pid):
+        return None
+    if posix.geteuid() == bindguard.ROOT:
+        try:
+            if posix.stat(f"/proc/{pid}").st_uid != bindguard.ROOT:
+                return None
+        except (OSError, ValueError):
+            return None
+    return pid
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    """The environment PID started with (/proc/PID/environ, at most ENVIRON_BYTES; an entry the
+    bound cuts is left out), {} when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read(ENVIRON_BYTES + 1)
+    except OSError:
+        return {}
+    entries = data.split(b"\0")
+    if len(data) > ENVIRON_BYTES:
+        entries.pop()
+    found: dict[str, str] = {}
+    for entry in entries:
+        key, equals, value = entry.partition(b"=")
+        if equals and key:
+            found.setdefault(key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+    return found
 
 
 def search_path() -> list[str]:
@@ -79,15 +128,20 @@ def search_path() -> list[str]:
 
 
 def environment_dirs(value: str) -> list[str]:
-    """The directories of a colon-separated search path taken from the environment, their symlinks
-    resolved, keeping only those that root or the guard's own user owns with every directory above
-    them, and no one else can write (bindguard.resolve_trusted). Under `ExecStartPre=+` the
-    environment is the unit's, which its user may write (an EnvironmentFile=): a directory of that
-    user's, or a link of theirs to one of root's, must not become where the root guard reads its
-    configuration or unit files."""
+    """The directories of a colon-separated search path taken from the environment that
+    trusted_dirs keeps. Under `ExecStartPre=+` the environment is the unit's, which its user may
+    write (an EnvironmentFile=): a directory of that user's, or a link of theirs to one of root's,
+    must not become where the root guard reads its configuration or unit files."""
+    return trusted_dirs(value.split(":"))
+
+
+def trusted_dirs(dirs) -> list[str]:
+    """Those of dirs that are directories root or the guard's own user owns with every directory
+    above them, and no one else can write (bindguard.resolve_trusted), with their symlinks resolved:
+    the path checked is the one read, not a link someone could re-point."""
     owners = (bindguard.ROOT, posix.geteuid())
     kept = []
-    for directory in value.split(":"):
+    for directory in dirs:
         try:
             real, why = bindguard.resolve_trusted(directory, owners)
         except (OSError, ValueError):
