@@ -87,7 +87,7 @@ def test_docker_and_kubernetes_state_on_disk(tmp_path, monkeypatch):
     docker.mkdir(parents=True)
     shutil.copy(DOCKER_RECORDED, docker / "config.v2.json")
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "docker" / "{id}" / "config.v2.json"))
-    fact = containers.container_of(os.getpid(), f"/system.slice/docker-{recorded['ID']}.scope", ())
+    fact = containers.container_of(os.getpid(), f"0::/system.slice/docker-{recorded['ID']}.scope\n", (), 0)
     assert fact == ContainerFact("docker", recorded["ID"], "web", "bindguard-test:1", "web-7d4", "shop", "cgroup",
                                  str(docker / "config.v2.json"))
     k8s = tmp_path / "k8s" / ID
@@ -96,14 +96,14 @@ def test_docker_and_kubernetes_state_on_disk(tmp_path, monkeypatch):
         "io.kubernetes.cri.container-name": "api", "io.kubernetes.cri.image-name": "registry.example/api:2",
         "io.kubernetes.cri.sandbox-name": "api-5f6", "io.kubernetes.cri.sandbox-namespace": "prod"}}))
     monkeypatch.setattr(containers, "CONTAINERD_CONFIG", str(tmp_path / "k8s" / "{id}" / "config.json"))
-    fact = containers.container_of(os.getpid(), f"/kubepods/besteffort/pod1b2c/{ID}", ())
+    fact = containers.container_of(os.getpid(), f"0::/kubepods/besteffort/pod1b2c/{ID}\n", (), 0)
     assert (fact.engine, fact.name, fact.pod, fact.namespace) == ("containerd", "api", "api-5f6", "prod")
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "missing" / "{id}"))
-    fact = containers.container_of(os.getpid(), f"/docker/{ID}", ())
+    fact = containers.container_of(os.getpid(), f"4:memory:/docker/{ID}\n0::/\n", (), 0)
     assert (fact.engine, fact.name, fact.source) == ("docker", "", "")  # named by engine and id alone
     os.mkfifo(tmp_path / "fifo")
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "fifo"))
-    assert containers.container_of(os.getpid(), f"/docker/{ID}", ()).name == ""  # a FIFO is never opened
+    assert containers.container_of(os.getpid(), f"4:memory:/docker/{ID}\n0::/\n", (), 0).name == ""  # a FIFO is never opened
 
 
 def test_what_a_docker_container_publishes_from_its_recorded_state():
@@ -379,7 +379,7 @@ def _nobodys_process():
 def test_a_rootlessport_that_forwards_into_no_container_names_none():
     """A user's program called rootlessport, with no container of that user's behind it, is no container."""
     with _nobodys_process() as impostor:
-        assert containers.container_of(impostor.pid, "/", ("rootlessport",)) is None
+        assert containers.container_of(impostor.pid, "0::/\n", ("rootlessport",), 65534) is None
 
 
 def test_a_name_from_a_users_file_is_no_shell_text():
@@ -508,14 +508,62 @@ def test_a_docker_proxy_that_is_not_dockerds_names_no_container():
     argv = ("/usr/sbin/docker-proxy", "-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "18082",
             "-container-ip", "172.17.0.2", "-container-port", "8080")
     with _nobodys_process() as impostor:
-        assert containers.container_of(impostor.pid, "/", argv) is None
-    assert containers.container_of(os.getpid(), "/", argv) is None  # root's, but its parent is no dockerd
+        assert containers.container_of(impostor.pid, "0::/\n", argv, 65534) is None
+    assert containers.container_of(os.getpid(), "0::/\n", argv, 0) is None  # root's, but its parent is no dockerd
+
+
+CONMON_ARGV = ["/usr/bin/conmon", "-", "-c", ID, "-n", "web1"]  # python reading its program from stdin
+
+
+def _named_conmon(user: int | None = None) -> subprocess.Popen:
+    """A real process (Debian's python3, which nobody may run too; its argv[0] conmon's path) whose
+    command line is conmon's naming a container."""
+    proc = subprocess.Popen(CONMON_ARGV, executable="/usr/bin/python3", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            user=user, group=user, text=True)
+    proc.stdin.write("import sys, time; print(flush=True); time.sleep(30)\n")
+    proc.stdin.close()
+    proc.stdout.readline()  # it runs the program: its command line is conmon's
+    return proc
 
 
 def test_a_conmon_that_is_not_root_names_no_container():
     """Anyone can run a program called conmon with a real container's id: a non-root one is not
     taken for rootful Podman's monitor (its remedy would stop someone else's container)."""
-    argv = ("/usr/bin/conmon", "-c", ID, "-n", "web1")
-    with _nobodys_process() as impostor:
-        assert containers.container_of(impostor.pid, "/user.slice/user-65534.slice/session-1.scope", argv) is None
-    assert containers.container_of(os.getpid(), "/", argv).via == "conmon"  # root's is still named
+    from bindguard.evidence import owners
+
+    for user, named in ((65534, False), (None, True)):  # nobody's is not named; root's is
+        conmon = _named_conmon(user)
+        try:
+            facts = owners.process_facts(conmon.pid)
+            assert facts.cmdline == tuple(CONMON_ARGV)
+            assert (facts.container is not None and facts.container.via == "conmon") == named, facts
+        finally:
+            conmon.kill()
+            conmon.wait()
+
+
+READS = r"""
+import json, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and isinstance(args[0], str) else None)
+from bindguard.evidence import owners
+facts = owners.process_facts(int(sys.argv[1]))
+print(json.dumps([facts.container.via, opened]))
+"""
+
+
+def test_a_holders_proc_files_are_read_once(tmp_path):
+    """process_facts reads /proc/PID/status and /proc/PID/cgroup once each, and the container lookup
+    takes what it read (one bound, one read), also for conmon, whose real uid decides."""
+    conmon = _named_conmon()
+    try:
+        done = subprocess.run([sys.executable, "-c", READS, str(conmon.pid)], capture_output=True, text=True,
+                              timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    finally:
+        conmon.kill()
+        conmon.wait()
+    assert done.returncode == 0, done.stderr
+    via, opened = json.loads(done.stdout)
+    assert via == "conmon"
+    for name in ("status", "cgroup"):
+        assert opened.count(f"/proc/{conmon.pid}/{name}") == 1, opened

@@ -191,20 +191,22 @@ def _from_crio(cid: str) -> ContainerFact:
 READERS = {"docker": _from_docker, "podman": _from_podman, "containerd": _from_containerd, "cri-o": _from_crio}
 
 
-def container_of(pid: int, cgroup: str, cmdline: tuple[str, ...]) -> ContainerFact | None:
-    """The container the process runs for, or None when neither its cgroups nor its command line
-    name one. A Kubernetes pod's container is looked up as containerd's, then CRI-O's."""
+def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid: int) -> ContainerFact | None:
+    """The container the process runs for, or None when neither its cgroups (cgroup_file: the text
+    of its /proc/PID/cgroup, every hierarchy's path) nor its command line name one. real_uid: its
+    real uid, from /proc/PID/status. What owners.process_facts read once, given here, not read again.
+    A Kubernetes pod's container is looked up as containerd's, then CRI-O's."""
     from bindguard.model.record import replace
 
-    cgroups = [cgroup, *_all_cgroups(pid)]
+    cgroups = [line.split(":", 2)[2] for line in cgroup_file.splitlines() if line.count(":") >= 2]
     ref = container_ref(cgroups, cmdline)
     if ref is None:
         program = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
         if program == "rootlessport":
-            return _from_rootlessport(pid)
-        return _from_docker_proxy(pid, cmdline) if program == "docker-proxy" else None
+            return _from_rootlessport(pid, real_uid)
+        return _from_docker_proxy(pid, cmdline, real_uid) if program == "docker-proxy" else None
     engine, cid, via = ref
-    if via == "conmon" and _real_uid(pid) != ROOT:
+    if via == "conmon" and real_uid != ROOT:
         return None  # any user can run a program named conmon: only rootful Podman's monitor is believed
     if engine == "kubernetes":
         fact = _from_containerd(cid)
@@ -220,18 +222,11 @@ ROOT = 0
 
 
 def _real_uid(pid: int) -> int | None:
-    """The process's real uid (/proc/PID/status); None when it is gone. Root's is one no other
-    user can take."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            text = f.read(1 << 14).decode("ascii", "replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("Uid:"):
-            fields = line.split()
-            return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
-    return None
+    """Another process's real uid (the holder's own is given to container_of); None when it is gone."""
+    from bindguard.evidence.owners import status_ids
+
+    ids = status_ids(pid)
+    return ids[0] if ids else None
 
 
 # Rootless Podman's rootlessport holds a container's published ports in the host's network namespace
@@ -243,11 +238,10 @@ MAX_PROCESSES = 1 << 16  # /proc entries looked at for the user's conmon process
 MAX_TASKS = 256  # threads of one process whose children are read (a Go program starts its children from any)
 
 
-def _from_rootlessport(pid: int) -> ContainerFact | None:
+def _from_rootlessport(pid: int, uid: int) -> ContainerFact | None:
     from bindguard.model.record import replace
 
-    uid = _real_uid(pid)
-    if uid is None or uid == ROOT:
+    if uid == ROOT:
         return None
     served = {_netns(p) for p in (pid, *_children(pid))} - {_netns("self"), None}
     if not served:
@@ -315,16 +309,6 @@ def _conmons_of(uid: int) -> list[tuple[int, str]]:
     return found
 
 
-def _all_cgroups(pid: int) -> list[str]:
-    """Every hierarchy's path of the process (/proc/PID/cgroup), at most 64 KiB of it."""
-    try:
-        with open(f"/proc/{pid}/cgroup", "rb") as f:
-            text = f.read(1 << 16).decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
-
-
 # Docker's userland proxy, docker-proxy, holds a published port for dockerd; its command line names the
 # container's address and port, not the container. Believed only where root runs it and its parent is
 # root's dockerd (anyone can name programs so); the container is the running one of Docker's whose
@@ -335,14 +319,14 @@ def _all_cgroups(pid: int) -> list[str]:
 MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read for one port
 
 
-def _from_docker_proxy(pid: int, argv: tuple[str, ...]) -> ContainerFact | None:
+def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int) -> ContainerFact | None:
     from bindguard.evidence.owners import read_stat
 
     stat = read_stat(pid)
     if stat is None:
         return None
     parent = read_stat(stat.ppid)
-    if parent is None or parent.name != "dockerd" or _real_uid(pid) != ROOT or _real_uid(stat.ppid) != ROOT:
+    if parent is None or parent.name != "dockerd" or real_uid != ROOT or _real_uid(stat.ppid) != ROOT:
         return None
     ip, port, proto, host_port = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
                                   for flag in ("container-ip", "container-port", "proto", "host-port"))

@@ -13,7 +13,12 @@ from collections.abc import Iterable
 from bindguard.model.endpoints import Endpoint
 from bindguard.model.facts import ProcessFact, SocketFact
 from bindguard.model.record import Record
-from bindguard.systemd.unitfiles import cgroup_from_proc_file, process_cgroup, unit_from_cgroup  # noqa: F401 (API too)
+from bindguard.systemd.unitfiles import (  # noqa: F401 (process_cgroup: API too)
+    cgroup_file,
+    cgroup_from_proc_file,
+    process_cgroup,
+    unit_from_cgroup,
+)
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
 CGROUP_V1_SYSTEMD = "/sys/fs/cgroup/systemd"  # name=systemd hierarchy on legacy and hybrid hosts
@@ -182,7 +187,7 @@ def process_facts(pid: int) -> ProcessFact | None:
     stat = read_stat(pid)
     if stat is None:
         return None
-    ids = _status_ids(pid)
+    ids = status_ids(pid)  # read once: the container lookup's conmon rule takes its real uid from here
     if ids is None:
         return None
     real_uid, uid = ids
@@ -192,7 +197,8 @@ def process_facts(pid: int) -> ProcessFact | None:
         extended = os.path.basename(cmdline[0])
         if extended.startswith(name):
             name = extended
-    cgroup = process_cgroup(pid) or ""
+    cgroups = cgroup_file(pid) or ""  # read once: unit and container are both named from it
+    cgroup = cgroup_from_proc_file(cgroups) or ""
     from bindguard.evidence.containers import container_of
 
     return ProcessFact(
@@ -207,7 +213,7 @@ def process_facts(pid: int) -> ProcessFact | None:
         started=stat.started,
         cgroup=cgroup,
         unit=unit_from_cgroup(cgroup),
-        container=container_of(pid, cgroup, cmdline),
+        container=container_of(pid, cgroups, cmdline, real_uid),
     )
 
 
@@ -306,16 +312,24 @@ def _boot_time() -> float:
     return _boot_times[0]
 
 
-def _status_ids(pid: int) -> tuple[int, int] | None:
-    """(real, effective) UID from the Uid: line of /proc/PID/status; None if the process is gone."""
+STATUS_BYTES = 1 << 14  # /proc/PID/status: about 1.5 KiB; the Uid: line is its ninth
+
+
+def status_ids(pid: int) -> tuple[int, int] | None:
+    """(real, effective) UID from the Uid: line of /proc/PID/status, of its first STATUS_BYTES;
+    None if the process is gone."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    ids = line.split()
-                    return int(ids[1]), int(ids[2])
-    except (OSError, ValueError, IndexError):
+            text = f.read(STATUS_BYTES)
+    except OSError:
         return None
+    for line in text.splitlines():
+        if line.startswith(b"Uid:"):
+            ids = line.split()
+            try:
+                return int(ids[1]), int(ids[2])
+            except (ValueError, IndexError):
+                return None
     return None
 
 

@@ -278,6 +278,9 @@ def configured_units() -> list[str]:
     return sorted(units)
 
 
+CGROUP_FILE_BYTES = 1 << 16  # /proc/PID/cgroup: a line a hierarchy, a few hundred bytes
+
+
 def process_cgroup(pid: int | str) -> str | None:
     """The cgroup path systemd tracks the process by, from /proc/PID/cgroup.
 
@@ -285,9 +288,15 @@ def process_cgroup(pid: int | str) -> str | None:
     line: on legacy and hybrid hosts a manager may track its units in the v1 hierarchy while
     the `0::` line stays elsewhere. None if the process is gone.
     """
+    text = cgroup_file(pid)
+    return None if text is None else cgroup_from_proc_file(text)
+
+
+def cgroup_file(pid: int | str) -> str | None:
+    """The text of /proc/PID/cgroup, at most CGROUP_FILE_BYTES of it; None if the process is gone."""
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            return cgroup_from_proc_file(f.read())
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            return f.read(CGROUP_FILE_BYTES).decode("utf-8", "replace")
     except OSError:
         return None
 
