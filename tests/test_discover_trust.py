@@ -226,6 +226,7 @@ def test_which_paths_are_roots_alone(world):
     link.symlink_to(mine)  # a root-owned link to a file nobody owns: the file is what counts
     assert f"belongs to uid {NOBODY}" in bindguard.untrusted(str(link))
     assert bindguard.untrusted(str(world / "missing")) == f"{world}/missing: No such file or directory"
+    assert "null byte" in bindguard.untrusted("/usr/bin/env\0")  # from a file's text: untrusted, no crash
     assert dump.systemd_resolved("env") in ("/usr/bin/env", "/bin/env")
     assert dump.systemd_resolved("no-such-program-here") is None
 

@@ -371,6 +371,8 @@ def test_a_bus_socket_is_trusted_only_with_every_directory_above_it_and_its_link
         os.chown(theirs, 65534, 65534)  # the link is root's, what it leads to is not
         with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid 65534"):
             check_socket(SYSTEM, str(link))
+        with pytest.raises(SystemdUnavailable, match="is no path"):  # %00 in the address
+            check_socket(SYSTEM, f"{theirs}/bus\0")
     finally:
         server.close()
 

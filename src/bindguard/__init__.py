@@ -154,8 +154,8 @@ def untrusted(path: str, owners: tuple[int, ...] = (ROOT,)) -> str | None:
     """Why path (symlinks followed) is not trusted as resolve_trusted() says, or None when it is."""
     try:
         return resolve_trusted(path, owners)[1]
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        return f"{path}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def _owners_named(owners: tuple[int, ...]) -> str:

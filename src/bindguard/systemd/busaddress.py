@@ -83,11 +83,14 @@ def check_socket(bus: str, path: str) -> str:
     would let them answer for systemd."""
     try:
         real, why = bindguard.resolve_trusted(path, (bindguard.ROOT, os.geteuid()))
+        mode = os.lstat(real).st_mode
+    except ValueError:  # a NUL: %00 in the address
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path!r} is no path") from None
     except OSError as exc:
         raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {path}"
                                  + ("" if exc.errno == errno.ENOENT else f" ({exc.strerror})")) from None
     if why:
         raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not trusted: {why}")
-    if not stat.S_ISSOCK(os.stat(real).st_mode):
+    if not stat.S_ISSOCK(mode):
         raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not a socket")
     return real

@@ -144,10 +144,10 @@ def trusted_dirs(dirs) -> list[str]:
     for directory in dirs:
         try:
             real, why = bindguard.resolve_trusted(directory, owners)
-        except (OSError, ValueError):
+            if why is None and _stat.S_ISDIR(posix.stat(real).st_mode):
+                kept.append(real)
+        except (OSError, ValueError):  # missing, or gone since
             continue
-        if why is None and _stat.S_ISDIR(posix.stat(real).st_mode):
-            kept.append(real)
     return kept
 
 
