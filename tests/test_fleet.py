@@ -190,6 +190,20 @@ def test_role_installs_guards_scans_gathers_fails_on_a_conflict_and_changes_noth
         assert "changed:" not in step and step.count("ok: [") == 3, step
 
 
+def _restore(deb: Path, version: str | None) -> None:
+    """Put the package back as setup.sh installs it, whatever the test left, and fail when the machine
+    is not left with the version it had."""
+    restored = None
+    if _package() is None:
+        restored = subprocess.run(["apt-get", "install", "-y", "-qq", f"./{deb.name}"], cwd=deb.parent,
+                                  capture_output=True, text=True, env=SYSTEM, timeout=300)
+    shown = subprocess.run(["dpkg-query", "-W", "--showformat=${Version}", "bindguard"],
+                           capture_output=True, text=True, env=SYSTEM)
+    assert shown.returncode == 0 and shown.stdout == version, \
+        f"bindguard {version} is not installed again ({shown.stdout or shown.stderr.strip()}): " + (
+            restored.stdout + restored.stderr if restored is not None else "apt-get did not run") + f"; {REINSTALL}"
+
+
 @pytest.mark.integration
 def test_role_installs_the_package_with_apt(tmp_path, package_deb):
     need_root("a host as a network namespace, and dpkg")
@@ -197,10 +211,10 @@ def test_role_installs_the_package_with_apt(tmp_path, package_deb):
     host = NetNS()
     try:
         inventory = _inventory(tmp_path, {"host1": host})
-        # dpkg refuses to remove a package another installed package depends on
-        removed = subprocess.run(["dpkg", "--remove", "bindguard"], capture_output=True, text=True, env=SYSTEM)
-        assert removed.returncode == 0, removed.stdout + removed.stderr
         try:
+            # dpkg refuses to remove a package another installed package depends on
+            removed = subprocess.run(["dpkg", "--remove", "bindguard"], capture_output=True, text=True, env=SYSTEM)
+            assert removed.returncode == 0, removed.stdout + removed.stderr
             assert _package() is None and not Path(PROGRAM).exists()
             run = _playbook(tmp_path, inventory, package_deb, tmp_path / "fleet.json")
             assert run.returncode == 0, run.stdout + run.stderr
@@ -209,9 +223,7 @@ def test_role_installs_the_package_with_apt(tmp_path, package_deb):
             assert _package() == version and os.access(PROGRAM, os.X_OK)
             assert "ok: [host1]" in run.stdout.split("TASK [bindguard : Scan the host]")[1].split("TASK [")[0]
         finally:
-            if _package() is None:  # as setup.sh installs it
-                subprocess.run(["apt-get", "install", "-y", "-qq", f"./{package_deb.name}"], cwd=package_deb.parent,
-                               capture_output=True, text=True, env=SYSTEM, timeout=300)
+            _restore(package_deb, version)
     finally:
         host.close()
 
