@@ -39,6 +39,7 @@ RULE_TESTS = REPO / "examples" / "prometheus" / "bindguard-rules.test.yml"
 SYSTEM_PYTHON = "/usr/bin/python3"
 SYSTEM = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
 PROGRAM = "/usr/bin/bindguard"
+SYSTEM_UNITS = Path("/etc/systemd/system")
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 
 
@@ -87,8 +88,8 @@ def hosts(tmp_path, systemd_rig):
             ns.close()
 
 
-def _inventory(tmp_path: Path, hosts: dict) -> Path:
-    """hosts: name -> a NetNS, or for host2 the rig."""
+def _inventory(tmp_path: Path, hosts: dict, guards: dict[str, list[dict]] | None = None) -> Path:
+    """hosts: name -> a NetNS, or for host2 the rig; guards: name -> the host's bindguard_guards."""
     entries = {}
     for name, host in hosts.items():
         home = tmp_path / name
@@ -101,7 +102,7 @@ def _inventory(tmp_path: Path, hosts: dict) -> Path:
             "ansible_python_interpreter": str(python),
             "bindguard_deb_dir": str(home / "deb"),
             "bindguard_environment": {"BINDGUARD_CONFIG_PATH": str(home / "bindguard")},
-        }
+        } | ({"bindguard_guards": guards[name]} if guards and name in guards else {})
     # host2 guards units of its user manager, a service and a socket unit: the drop-ins go to the rig's
     # XDG_CONFIG_HOME, and the handler's daemon-reload reaches the rig's manager
     if "host2" in hosts:
@@ -224,6 +225,28 @@ def test_role_installs_the_package_with_apt(tmp_path, package_deb):
             assert "ok: [host1]" in run.stdout.split("TASK [bindguard : Scan the host]")[1].split("TASK [")[0]
         finally:
             _restore(package_deb, version)
+    finally:
+        host.close()
+
+
+@pytest.mark.integration
+def test_role_reloads_the_system_manager_for_a_guard_without_user(tmp_path, package_deb):
+    """A guard without `user:` (a system unit, as inventory.example.yml's) notifies the handler, which
+    picks the system manager. In --check, which writes no drop-in into this machine's
+    /etc/systemd/system and reloads no manager: the handler's loop is templated all the same, and the
+    module it runs only says what it would do."""
+    need_root("a host as a network namespace")
+    host = NetNS()
+    unit = "bindguard-fleet-test.service"
+    try:
+        inventory = _inventory(tmp_path, {"host1": host},
+                               guards={"host1": [{"unit": unit, "listen": ["127.0.0.1:8080"]}]})
+        run = _playbook(tmp_path, inventory, package_deb, tmp_path / "fleet.json", "--check")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"changed: [host1] => (item={unit})" in run.stdout, run.stdout
+        handler = run.stdout.split("RUNNING HANDLER [bindguard : bindguard daemon-reload]")[1].split("TASK [")[0]
+        assert "ok: [host1] => (item=system)" in handler and "item=user" not in handler, handler
+        assert not (SYSTEM_UNITS / f"{unit}.d").exists()
     finally:
         host.close()
 
