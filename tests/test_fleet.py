@@ -88,8 +88,8 @@ def hosts(tmp_path, systemd_rig):
             ns.close()
 
 
-def _inventory(tmp_path: Path, hosts: dict, guards: dict[str, list[dict]] | None = None) -> Path:
-    """hosts: name -> a NetNS, or for host2 the rig; guards: name -> the host's bindguard_guards."""
+def _inventory(tmp_path: Path, hosts: dict, host_vars: dict[str, dict] | None = None) -> Path:
+    """hosts: name -> a NetNS, or for host2 the rig; host_vars: name -> more of the host's variables."""
     entries = {}
     for name, host in hosts.items():
         home = tmp_path / name
@@ -102,7 +102,7 @@ def _inventory(tmp_path: Path, hosts: dict, guards: dict[str, list[dict]] | None
             "ansible_python_interpreter": str(python),
             "bindguard_deb_dir": str(home / "deb"),
             "bindguard_environment": {"BINDGUARD_CONFIG_PATH": str(home / "bindguard")},
-        } | ({"bindguard_guards": guards[name]} if guards and name in guards else {})
+        } | (host_vars or {}).get(name, {})
     # host2 guards units of its user manager, a service and a socket unit: the drop-ins go to the rig's
     # XDG_CONFIG_HOME, and the handler's daemon-reload reaches the rig's manager
     if "host2" in hosts:
@@ -230,20 +230,25 @@ def test_role_installs_the_package_with_apt(tmp_path, package_deb):
 
 
 @pytest.mark.integration
-def test_role_reloads_the_system_manager_for_a_guard_without_user(tmp_path, package_deb):
+def test_role_reloads_the_system_manager_for_a_guard_without_user_and_names_its_program(tmp_path, package_deb):
     """A guard without `user:` (a system unit, as inventory.example.yml's) notifies the handler, which
     picks the system manager. In --check, which writes no drop-in into this machine's
     /etc/systemd/system and reloads no manager: the handler's loop is templated all the same, and the
-    module it runs only says what it would do."""
+    module it runs only says what it would do. The drop-in names bindguard_program, here a copy of
+    the package's program."""
     need_root("a host as a network namespace")
     host = NetNS()
     unit = "bindguard-fleet-test.service"
+    program = tmp_path / "bin" / "bindguard"
+    program.parent.mkdir()
+    shutil.copy2(PROGRAM, program)
     try:
-        inventory = _inventory(tmp_path, {"host1": host},
-                               guards={"host1": [{"unit": unit, "listen": ["127.0.0.1:8080"]}]})
-        run = _playbook(tmp_path, inventory, package_deb, tmp_path / "fleet.json", "--check")
+        inventory = _inventory(tmp_path, {"host1": host}, {"host1": {
+            "bindguard_guards": [{"unit": unit, "listen": ["127.0.0.1:8080"]}], "bindguard_program": str(program)}})
+        run = _playbook(tmp_path, inventory, package_deb, tmp_path / "fleet.json", "--check", "-v")
         assert run.returncode == 0, run.stdout + run.stderr
         assert f"changed: [host1] => (item={unit})" in run.stdout, run.stdout
+        assert f"ExecStartPre=+{program} check --unit %n 127.0.0.1:8080" in run.stdout, run.stdout
         handler = run.stdout.split("RUNNING HANDLER [bindguard : bindguard daemon-reload]")[1].split("TASK [")[0]
         assert "ok: [host1] => (item=system)" in handler and "item=user" not in handler, handler
         assert not (SYSTEM_UNITS / f"{unit}.d").exists()
