@@ -90,3 +90,17 @@ def test_every_stage_says_what_it_may_import():
 
 def test_the_readme_states_the_same_order():
     assert ORDER_LINE in README.read_text(), f"README's Layout must state the stages as: {ORDER_LINE}"
+
+
+def test_the_readme_module_table_has_one_row_for_each_stage():
+    """A Markdown table ends at the first line that is not a row: a row broken over two lines hides
+    every row after it."""
+    lines = README.read_text().splitlines()
+    start = lines.index("| where | what |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1])
+    named = {stage for stage in STAGES for first in rows if f"{stage}/`" in first}
+    assert named == set(STAGES), f"README's module table, one row a line, has no row for {set(STAGES) - named}"
