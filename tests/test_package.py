@@ -24,6 +24,7 @@ import pytest
 
 from bindguard.cli.commands import COMMANDS
 from bindguard.cli.parser import build_parser
+from conftest import need_root
 from rig import TREE_PROGRAM
 from test_discover import need_package
 from test_examples import NGINX_HELD, daemons, debian_unit, guard_log, starts_free_and_is_refused_when_held  # noqa: F401
@@ -152,10 +153,43 @@ def test_bindguard_every_service_puts_the_dropins_in_systemd_s_unit_directory(ev
     assert [f for f in files if not f.startswith("/usr/share/doc/")] == [f"{unit_dir}/{d}" for d in sorted(DROPINS)]
     for name, source in DROPINS.items():
         assert (every_service / unit_dir.lstrip("/") / name).read_bytes() == source.read_bytes(), name
-    # the manager reads new drop-ins at its next reload: the package asks for one when installed and removed
-    control = subprocess.run(["dpkg-deb", "--ctrl-tarfile", deb], capture_output=True, env=SYSTEM, check=True).stdout
-    members = subprocess.run(["tar", "-t"], input=control, capture_output=True, check=True).stdout.split()
-    assert {b"./postinst", b"./postrm"} <= set(members), members
+
+
+# What the maintainer scripts of bindguard-every-service ask of the manager, as debhelper's snippets for
+# a unit file do (dh_installsystemd: postinst-systemd-dont-enable, postrm-systemd-reload-only): a
+# reload after configure (and the abort-* that put the package back) and after remove, never on an
+# upgrade's or purge's steps, and only where systemd runs (/run/systemd/system) and not in a DPKG_ROOT.
+RELOADS = {("postinst", "configure"): True, ("postinst", "abort-upgrade"): True,
+           ("postinst", "abort-remove"): True, ("postinst", "abort-deconfigure"): True,
+           ("postrm", "remove"): True, ("postrm", "purge"): False, ("postrm", "upgrade"): False,
+           ("postrm", "abort-install"): False}
+
+
+def test_bindguard_every_service_reloads_the_manager_as_debhelper_s_snippets_do(tmp_path):
+    """The scripts run for real, in a mount namespace of their own where /run/systemd/system is made
+    (or not) on a tmpfs and `systemctl` is a stand-in that records its arguments: no manager of this
+    machine is asked anything."""
+    need_root("a mount namespace")
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "--control", built_deb("bindguard-every-service"), control], env=SYSTEM, check=True)
+    record = tmp_path / "systemctl.log"
+    stand_in = tmp_path / "bin" / "systemctl"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f'#!/bin/sh\necho "$*" >>{record}\n')
+    stand_in.chmod(0o755)
+    for (script, step), reloads in RELOADS.items():
+        for booted, root in ((True, ""), (False, ""), (True, "/tmp/elsewhere")):
+            record.unlink(missing_ok=True)
+            made = "mkdir /run/systemd/system && " if booted else ""
+            run = subprocess.run(
+                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                 f'mount -t tmpfs bindguard-test /run/systemd && {made}exec sh "$0" "$1"', control / script, step],
+                env={**SYSTEM, "PATH": f"{stand_in.parent}:{SYSTEM['PATH']}"} | ({"DPKG_ROOT": root} if root else {}),
+                capture_output=True, text=True, timeout=30)
+            assert run.returncode == 0, (script, step, run.stdout + run.stderr)
+            asked = record.read_text() if record.exists() else ""
+            expected = "--system daemon-reload\n" if reloads and booted and not root else ""
+            assert asked == expected, (script, step, f"booted={booted}", f"DPKG_ROOT={root}", asked)
 
 
 @pytest.mark.integration
