@@ -223,6 +223,13 @@ def lowest_pystemd() -> str:
     return re.fullmatch(r"pystemd>=([\d.]+)", pin).group(1)
 
 
+def test_the_package_depends_on_the_lowest_pystemd_pyproject_allows():
+    """debian/control repeats pyproject.toml's pin: the .deb built from it asks apt for that version."""
+    depends = deb_field(built_deb("bindguard"), "Depends")
+    bound = re.search(r"\bpython3-pystemd \(>= ([\d.]+)\)", depends)
+    assert bound and release(bound.group(1)) == release(lowest_pystemd()), (depends, lowest_pystemd())
+
+
 @pytest.mark.integration
 def test_the_program_asks_the_manager_through_debian_s_pystemd_at_the_pinned_version(installed, systemd_rig):
     """Debian's python3-pystemd (bookworm: 0.11.0) is the lowest pyproject.toml pins and the one
