@@ -4,6 +4,7 @@ tree, which render without warnings (tests/test_package.py checks the installed 
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -51,3 +52,19 @@ def test_every_page_is_written_and_renders_without_warnings(tmp_path):
         rendered = subprocess.run(["man", "--warnings", "-l", str(page)], capture_output=True, text=True,
                                   env={**SYSTEM, "MANWIDTH": "80"})
         assert rendered.returncode == 0 and rendered.stdout and rendered.stderr == "", (page.name, rendered.stderr)
+
+
+def test_the_build_takes_only_the_argparse_manpage_series_generate_py_was_written_for():
+    """generate.py uses argparse-manpage's private _ManpageFormatter, as 1.2.x has it: debian/control
+    bounds the Build-Depends to that series, and this machine's, with which the pages are tested,
+    is in it."""
+    control = (ROOT / "debian" / "control").read_text()
+    build_depends = re.search(r"^Build-Depends:(.*?)^\S", control, re.MULTILINE | re.DOTALL).group(1)
+    bounds = re.findall(r"\bpython3-argparse-manpage \(([<>=]+) ([^)]+)\)", build_depends)
+    assert sorted(bounds) == [("<<", "1.3~"), (">=", "1.2.2")], bounds
+    installed = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "python3-argparse-manpage"],
+                               capture_output=True, text=True, env=SYSTEM).stdout
+    for relation, version in bounds:
+        operator = {"<<": "lt", ">=": "ge"}[relation]
+        assert subprocess.run(["dpkg", "--compare-versions", installed, operator, version], env=SYSTEM).returncode \
+            == 0, f"python3-argparse-manpage {installed!r} is not {relation} {version}"

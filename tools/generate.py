@@ -15,6 +15,10 @@ python3-argparse-manpage 1.2.2) it writes `.TH PROG "1" Manual` with no way to s
 source or manual, puts every subcommand in one page, and takes extra sections (EXIT STATUS, FILES,
 SEE ALSO) only as plain text broken at each line, with nothing escaped. So its _ManpageFormatter
 sets the options, as Manpage does, and this file writes the rest of the roff.
+
+These reasons, and the private _ManpageFormatter, hold for the 1.2.x series, the versions
+debian/control's Build-Depends allows (>= 1.2.2, << 1.3~): a later argparse-manpage must be read
+again (a private class may change or go without notice) before that bound is raised.
 """
 
 from __future__ import annotations
