@@ -27,7 +27,7 @@ if [ "${1:-}" = "--test" ]; then
     # (iptables provides iptables-legacy-save) in namespaces;
     # a container behind a holder (tests/test_containers.py): rootful and rootless Podman (uidmap and
     # slirp4netns, only recommended by podman) and Docker's engine (docker.io, run by hand by the test,
-    # never as a service), their image made from busybox-static
+    # never as a service: its units are disabled below), their image made from busybox-static
     extras+=(nftables iptables podman crun conmon netavark busybox-static uidmap slirp4netns docker.io)
     # the Debian package (tools/build-deb; tests/test_package.py): its Build-Depends, lintian, and
     # what its tests read it with: man-db renders the pages, bash-completion and zsh load the completion
@@ -49,8 +49,18 @@ if [ ${#missing[@]} -gt 0 ]; then
         $sudo chmod 755 /usr/sbin/policy-rc.d
         trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
     fi
+    # policy-rc.d only keeps a daemon from starting now: docker.io still enables its units (and
+    # containerd's, which it brings) for the next boot. The test runs dockerd by hand, never as a
+    # service: disable those units, offline too (no running manager needed), but only those this run
+    # installs: a Docker someone enabled before is theirs.
+    services=()
+    if [[ " ${missing[*]} " == *" docker.io "* ]]; then
+        services+=(docker.service docker.socket)
+        dpkg -s containerd >/dev/null 2>&1 || services+=(containerd.service)
+    fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ ${#services[@]} -eq 0 ] || $sudo systemctl disable --quiet "${services[@]}"
 fi
 
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
