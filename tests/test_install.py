@@ -108,6 +108,35 @@ def test_program_names_the_program_and_refuses_one_root_should_not_run(tmp_path)
         assert done.stdout == "" and "Traceback" not in done.stderr
 
 
+NOBODY = 65534
+
+
+def test_program_under_a_directory_another_user_owns_is_refused(tmp_path):
+    """The file is root's and no one else can write it, but nobody owns the directory it is in, and
+    could put another file in its place: root would run that before every start."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    program = _program(theirs / "bindguard", 0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(program), "web.service", "8080"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 64 and done.stdout == "", done
+    assert f"--program '{program}' can be replaced by others ({theirs} belongs to uid {NOBODY}, not root)" \
+        in done.stderr, done.stderr
+
+
+def test_program_is_named_with_the_links_above_it_resolved(tmp_path):
+    """What is checked is what the drop-in names: a link above the program, which whoever owns the
+    link's directory could re-point, is not in it."""
+    real = tmp_path / "real"
+    real.mkdir()
+    program = _program(real / "bindguard", 0o755)
+    (tmp_path / "link").symlink_to(real)
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(tmp_path / "link" / "bindguard"),
+                           "web.service", "8080"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"\nExecStartPre=+{program} check --unit %n 8080\n" in done.stdout, done
+
+
 def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "PYTHONPATH": ":".join(sys.path)}
     for argv, needle in (

@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from bindguard import __version__
+from bindguard import ROOT, __version__, resolve_trusted
 from bindguard.model.errors import ConfigError, UsageError
 from bindguard.systemd.unitfiles import normalize_unit
 
@@ -83,25 +83,33 @@ def dropin_path(unit: str, user: bool, environ: os._Environ | dict | None = None
     return unit_dir(user, environ) / f"{unit}.d" / DROPIN_NAME
 
 
-def program_flaw(path: Path, owners: frozenset[int] = frozenset({0})) -> str | None:
-    """Why a drop-in should not run this program, or None: the check runs as root before every
-    start, so it must be an executable regular file (not a link to one) of root's (or of one of
-    `owners`) that no one else can write."""
+def trusted_program(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, str | None]:
+    """(the path a drop-in names for this program, why it should not run it: None when it may).
+
+    The check runs as root before every start, so the program must be an executable regular file
+    (not a link to one) of root's (or of one of `owners`) that no one else can write, under
+    directories no one else can change either (bindguard.untrusted: whoever can write one of
+    them can put another file in its place). The path named is the one checked: with the links
+    of the directories above resolved, for whoever owns a link's directory could re-point it."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be examined ({exc.strerror})"
+        return path, "does not exist"
+    except (OSError, ValueError) as exc:  # ValueError: a NUL
+        return path, f"cannot be examined ({getattr(exc, 'strerror', None) or exc})"
     if not stat.S_ISREG(info.st_mode):
-        return "is not a regular file"
+        return path, "is not a regular file"
     if info.st_uid not in owners:
-        return f"is owned by uid {info.st_uid}, not {'root' if owners == {0} else 'root or you'}"
+        return path, f"is owned by uid {info.st_uid}, not {'root' if set(owners) == {ROOT} else 'root or you'}"
     if info.st_mode & 0o022:
-        return "can be written by others than its owner"
+        return path, "can be written by others than its owner"
     if not info.st_mode & 0o111:
-        return "is not executable"
-    return None
+        return path, "is not executable"
+    try:
+        real, why = resolve_trusted(path, owners)
+    except OSError as exc:
+        return path, f"cannot be examined ({exc.strerror or exc})"
+    return real, None if why is None else f"can be replaced by others ({why})"
 
 
 def bindguard_command(packaged: Path | None = None) -> tuple[list[str], str | None]:
@@ -113,7 +121,7 @@ def bindguard_command(packaged: Path | None = None) -> tuple[list[str], str | No
     our interpreter), else `python -I -m bindguard` (as root with the unit's environment: -I, or
     its PYTHONPATH would choose the code that runs)."""
     packaged = packaged or PACKAGED_PROGRAM
-    flaw = program_flaw(packaged)
+    flaw = trusted_program(str(packaged))[1]
     if flaw is None:
         return [str(packaged)], None
     for script in (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard")):

@@ -6,8 +6,8 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
+from bindguard import ROOT
 from bindguard.action import install
 from bindguard.cli.parser import add_json_option, build_parser
 from bindguard.model.endpoints import AddressError, parse_listen
@@ -78,8 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--print", action="store_true", help="print the drop-in to stdout and write nothing")
     parser.add_argument("--program", metavar="PATH",
-                        help=f"the bindguard the drop-in runs, an absolute path to an executable file only root (or "
-                             f"you) can write (default: {install.PACKAGED_PROGRAM} where the package installed it)")
+                        help=f"the bindguard the drop-in runs, an absolute path to an executable file that only "
+                             f"root (or you) can change, nor any directory above it; the drop-in names it with the "
+                             f"links above it resolved (default: {install.PACKAGED_PROGRAM} where the package "
+                             f"installed it)")
     parser.add_argument("--no-reload", action="store_true",
                         help="write the drop-in but leave the daemon-reload to the caller, who reloads once for "
                              "many units (as systemctl --no-reload enable)")
@@ -91,12 +93,15 @@ def _program(given: str | None, console: output.Console) -> list[str]:
     """The command the drop-in runs: --program, else what install.bindguard_command() chooses, with a
     warning when that is not the package's program."""
     if given is not None:
-        flaw = "is not an absolute path" if not os.path.isabs(given) else \
-            install.program_flaw(Path(given), frozenset({0, os.geteuid()}))
+        flaw: str | None
+        if not os.path.isabs(given):
+            named, flaw = given, "is not an absolute path"
+        else:
+            named, flaw = install.trusted_program(given, (ROOT, os.geteuid()))
         if flaw:
             raise UsageError(f"--program {given!r} {flaw}", "name an executable file that only root (or you) "
-                             f"can write, e.g. {install.PACKAGED_PROGRAM}")
-        return [given]
+                             f"can change, nor any directory above it, e.g. {install.PACKAGED_PROGRAM}")
+        return [named]
     command, flaw = install.bindguard_command()
     if flaw:
         console.warning(f"the drop-in runs {shlex.join(command)}, outside the Debian package ({flaw}): the unit "
