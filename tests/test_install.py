@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def _program(path: Path, mode: int) -> Path:
 def test_the_drop_in_names_the_packaged_program_when_root_alone_can_write_it(tmp_path):
     """Even from a venv (as these tests run): the package's program, never the venv's launcher."""
     packaged = _program(tmp_path / "bindguard", 0o755)
-    assert install.bindguard_command(packaged) == ([str(packaged)], None)
+    assert install.bindguard_command(packaged=packaged) == ([str(packaged)], None)
 
 
 @pytest.mark.parametrize("make, flaw", [
@@ -75,7 +76,7 @@ def test_the_drop_in_names_the_packaged_program_when_root_alone_can_write_it(tmp
 ])
 def test_without_the_packaged_program_the_drop_in_names_this_launcher_and_says_why(tmp_path, make, flaw):
     packaged = make(tmp_path / "bindguard")
-    command, why = install.bindguard_command(packaged)
+    command, why = install.bindguard_command(packaged=packaged)
     assert command == [str((Path(sys.executable).parent / "bindguard").resolve())]
     assert why == f"{packaged} {flaw}"
 
@@ -135,6 +136,70 @@ def test_program_is_named_with_the_links_above_it_resolved(tmp_path):
     done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(tmp_path / "link" / "bindguard"),
                            "web.service", "8080"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and f"\nExecStartPre=+{program} check --unit %n 8080\n" in done.stdout, done
+
+
+def _theirs(tmp_path: Path) -> Path:
+    """A directory nobody owns (root's files in it could be replaced by nobody)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    return theirs
+
+
+def _interpreter(where: Path) -> Path:
+    """A copy of this interpreter in `where` (a copy, not a link: the check follows links)."""
+    python = where / "python3"
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    return python
+
+
+@pytest.mark.parametrize("launcher_in_theirs", [True, False])
+def test_without_the_package_a_launcher_others_can_change_is_refused(tmp_path, monkeypatch, launcher_in_theirs):
+    """The venv's launcher, or the python3 beside it that it runs, under a directory nobody owns."""
+    theirs = _theirs(tmp_path)
+    home = theirs if launcher_in_theirs else tmp_path / "bin"
+    home.mkdir(exist_ok=True)
+    launcher = _program(home / "bindguard", 0o755)
+    python = _interpreter(theirs)
+    if not launcher_in_theirs:
+        (home / "python3").symlink_to(python)
+    monkeypatch.setattr(sys, "argv", [str(launcher), "install"])
+    monkeypatch.setattr(sys, "executable", str(home / "python3"))
+    with pytest.raises(UsageError) as refused:
+        install.bindguard_command(packaged=tmp_path / "absent")
+    reason = f"({theirs} belongs to uid {NOBODY}, not root)"
+    assert refused.value.message == "no bindguard that a unit may run as root: " + (
+        f"{tmp_path}/absent does not exist; " + (f"{launcher} can be replaced by others {reason}" if launcher_in_theirs
+                                                 else f"{launcher} runs what others can change {reason}"))
+    assert refused.value.hint == "install the bindguard package, or give --program"
+
+
+def test_without_a_launcher_an_interpreter_others_can_change_is_refused(tmp_path, monkeypatch):
+    """`python -I -m bindguard`, the last resort, with a python3 in a directory nobody owns."""
+    theirs = _theirs(tmp_path)
+    python = _interpreter(theirs)
+    monkeypatch.setattr(sys, "argv", ["-m", "install"])
+    monkeypatch.setattr(sys, "executable", str(python))
+    with pytest.raises(UsageError) as refused:
+        install.bindguard_command(packaged=tmp_path / "absent")
+    assert f"; {python} -I -m bindguard runs what others can change ({theirs} belongs to uid {NOBODY}, not root)" \
+        in refused.value.message
+
+
+def test_without_the_package_nor_a_trusted_launcher_install_exits_64_in_one_line(tmp_path, monkeypatch, capsys):
+    from bindguard.cli import main
+
+    theirs = _theirs(tmp_path)
+    launcher = _program(theirs / "bindguard", 0o755)
+    monkeypatch.setattr(install, "PACKAGED_PROGRAM", tmp_path / "absent")
+    monkeypatch.setattr(sys, "argv", [str(launcher), "install"])
+    monkeypatch.setattr(sys, "executable", str(_interpreter(theirs)))
+    assert main(["install", "--print", "web.service", "127.0.0.1:8080"]) == 64
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    error, hint = err.splitlines()
+    assert error.startswith("bindguard: error: no bindguard that a unit may run as root:") and str(launcher) in error
+    assert hint.strip() == "hint: install the bindguard package, or give --program"
 
 
 def test_bad_input_is_one_clear_message_and_exit_64(tmp_path):

@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from bindguard import ROOT, __version__, resolve_trusted
+from bindguard import ROOT, __version__, resolve_trusted, untrusted
 from bindguard.model.errors import ConfigError, UsageError
 from bindguard.systemd.unitfiles import normalize_unit
 
@@ -112,22 +112,51 @@ def trusted_program(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, 
     return real, None if why is None else f"can be replaced by others ({why})"
 
 
-def bindguard_command(packaged: Path | None = None) -> tuple[list[str], str | None]:
+def bindguard_command(owners: tuple[int, ...] = (ROOT,), packaged: Path | None = None) -> tuple[list[str], str | None]:
     """How a unit runs bindguard, and why that is not the Debian package's program (None when it is).
 
     The package's /usr/bin/bindguard (`packaged`) whenever it is installed as root's alone, also when
     install runs from a venv: the drop-in outlives the venv it was written from, and root runs it
     before every start. Else this bindguard's launcher (the one that runs us, else the one beside
     our interpreter), else `python -I -m bindguard` (as root with the unit's environment: -I, or
-    its PYTHONPATH would choose the code that runs)."""
+    its PYTHONPATH would choose the code that runs). The launcher and the python3 it runs, or the
+    interpreter and the bindguard package it imports, only as trusted_program() and
+    bindguard.untrusted() trust them for `owners`: UsageError when they do not."""
     packaged = packaged or PACKAGED_PROGRAM
     flaw = trusted_program(str(packaged))[1]
     if flaw is None:
         return [str(packaged)], None
-    for script in (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard")):
-        if script and os.path.basename(script) == "bindguard" and os.path.isfile(script):
-            return [str(Path(script).resolve())], f"{packaged} {flaw}"
-    return [sys.executable, "-I", "-m", "bindguard"], f"{packaged} {flaw}"
+    scripts = (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard"))
+    launchers = dict.fromkeys(os.path.realpath(script) for script in scripts
+                              if script and os.path.basename(script) == "bindguard" and os.path.isfile(script))
+    refusals = []
+    for found in launchers:
+        launcher, why = trusted_program(found, owners)
+        # what bin/bindguard runs: the python3 beside it, else Debian's
+        beside = os.path.join(os.path.dirname(launcher), "python3")
+        why = why or _interpreter_flaw(beside if os.access(beside, os.X_OK) else "/usr/bin/python3", owners)
+        if why is None:
+            return [launcher], f"{packaged} {flaw}"
+        refusals.append(f"{launcher} {why}")
+    if not launchers:
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bindguard/, above action/
+        why = _interpreter_flaw(sys.executable, owners) or _reach(package, owners)
+        if why is None:
+            return [sys.executable, "-I", "-m", "bindguard"], f"{packaged} {flaw}"
+        refusals.append(f"{sys.executable} -I -m bindguard {why}")
+    raise UsageError(f"no bindguard that a unit may run as root: {packaged} {flaw}; {'; '.join(refusals)}",
+                     "install the bindguard package, or give --program")
+
+
+def _interpreter_flaw(python: str, owners: tuple[int, ...]) -> str | None:
+    """Why root should not run this interpreter: it, or the link it is, or a directory above either
+    is in the reach of others than owners."""
+    return _reach(os.path.dirname(os.path.abspath(python)), owners) or _reach(python, owners)
+
+
+def _reach(path: str, owners: tuple[int, ...]) -> str | None:
+    why = untrusted(path, owners)
+    return None if why is None else f"runs what others can change ({why})"
 
 
 def exec_quote(arg: str) -> str:

@@ -34,7 +34,8 @@ an address the daemon binds that LISTEN leaves out is named in a warning.
 
 The drop-in runs `ExecStartPre=+PROGRAM check --unit %n ...`, PROGRAM being {install.PACKAGED_PROGRAM}
 where the Debian package installed it (also when install runs from a venv), else this run's own
-launcher, with a warning: the unit cannot start once that launcher's venv or checkout is gone.
+launcher, with a warning: the unit cannot start once that launcher's venv or checkout is gone. The
+launcher and its python3 must be beyond others' reach as --program must be, or install refuses.
 {install.PRIVILEGE_NOTE}"""
 
 EPILOG = """\
@@ -51,7 +52,8 @@ EXIT_CODES: dict[ExitCode, str | None] = {
     ExitCode.CLEAR: ("the drop-in is in place, whether written now or already there (--json's \"changed\" says "
                      "which; a failed daemon-reload is a warning: run it yourself)"),
     ExitCode.USAGE: ("a malformed address, unit name or check option; a control character in any of them; "
-                     "no LISTEN and no address to be found; a --program root should not run"),
+                     "no LISTEN and no address to be found; a --program root should not run, or without the "
+                     "package, no launcher of this bindguard that it should"),
     ExitCode.CONFIG: ("cannot write: a file bindguard did not write is in the way, a UNIT.d that links out of "
                       "the unit directory, or no permission (--print --json refuses the first two as well)"),
 }
@@ -92,17 +94,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _program(given: str | None, console: output.Console) -> list[str]:
     """The command the drop-in runs: --program, else what install.bindguard_command() chooses, with a
     warning when that is not the package's program."""
+    owners = (ROOT, os.geteuid())
     if given is not None:
         flaw: str | None
         if not os.path.isabs(given):
             named, flaw = given, "is not an absolute path"
         else:
-            named, flaw = install.trusted_program(given, (ROOT, os.geteuid()))
+            named, flaw = install.trusted_program(given, owners)
         if flaw:
             raise UsageError(f"--program {given!r} {flaw}", "name an executable file that only root (or you) "
                              f"can change, nor any directory above it, e.g. {install.PACKAGED_PROGRAM}")
         return [named]
-    command, flaw = install.bindguard_command()
+    command, flaw = install.bindguard_command(owners)
     if flaw:
         console.warning(f"the drop-in runs {shlex.join(command)}, outside the Debian package ({flaw}): the unit "
                         "cannot start once that is gone; install the bindguard package and run install again, or "
