@@ -8,15 +8,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from bindguard.action import install
 from bindguard.model.errors import UsageError
+from conftest import need_root
 from rig import TREE_PROGRAM
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 # --- pure logic ----------------------------------------------------------------------------
@@ -112,13 +115,27 @@ def test_program_names_the_program_and_refuses_one_root_should_not_run(tmp_path)
 NOBODY = 65534
 
 
+def _theirs(tmp_path: Path) -> Path:
+    """A directory nobody owns (root's files in it could be replaced by nobody)."""
+    need_root("files of another user's")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    return theirs
+
+
+def _interpreter(where: Path) -> Path:
+    """A copy of this interpreter in `where` (a copy, not a link: the check follows links)."""
+    python = where / "python3"
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    return python
+
+
 def test_program_under_a_directory_another_user_owns_is_refused(tmp_path):
     """The file is root's and no one else can write it, but nobody owns the directory it is in, and
     could put another file in its place: root would run that before every start."""
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
+    theirs = _theirs(tmp_path)
     program = _program(theirs / "bindguard", 0o755)
-    os.chown(theirs, NOBODY, NOBODY)
     done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(program), "web.service", "8080"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 64 and done.stdout == "", done
@@ -138,19 +155,28 @@ def test_program_is_named_with_the_links_above_it_resolved(tmp_path):
     assert done.returncode == 0 and f"\nExecStartPre=+{program} check --unit %n 8080\n" in done.stdout, done
 
 
-def _theirs(tmp_path: Path) -> Path:
-    """A directory nobody owns (root's files in it could be replaced by nobody)."""
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    os.chown(theirs, NOBODY, NOBODY)
-    return theirs
-
-
-def _interpreter(where: Path) -> Path:
-    """A copy of this interpreter in `where` (a copy, not a link: the check follows links)."""
-    python = where / "python3"
-    shutil.copy2(os.path.realpath(sys.executable), python)
-    return python
+def test_a_user_s_own_program_is_taken_for_a_user_unit_only():
+    """Run as nobody: the program nobody owns may run a unit of nobody's user manager (--user), which
+    runs it as nobody, but not a system unit, which runs it as root."""
+    need_root("files of another user's")
+    home = Path(tempfile.mkdtemp(prefix="bindguard-test-"))  # not under tmp_path: only root enters that
+    try:
+        program = _program(home / "bindguard", 0o755)
+        for path in (home, program):
+            os.chown(path, NOBODY, NOBODY)
+        home.chmod(0o755)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_CONFIG_HOME": str(home), "PYTHONPATH": str(SRC)}
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+                     "/usr/bin/python3", "-m", "bindguard", "install", "--print", "--program", str(program)]
+        mine = subprocess.run([*as_nobody, "--user", "web.service", "8080"], capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert mine.returncode == 0 and f"\nExecStartPre=+{program} check --unit %n --user 8080\n" in mine.stdout, mine
+        system = subprocess.run([*as_nobody, "web.service", "8080"], capture_output=True, text=True, env=env,
+                                timeout=60)
+        assert system.returncode == 64 and system.stdout == "", system
+        assert f"--program '{program}' is owned by uid {NOBODY}, not root\n" in system.stderr, system.stderr
+    finally:
+        shutil.rmtree(home)
 
 
 @pytest.mark.parametrize("launcher_in_theirs", [True, False])

@@ -81,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print", action="store_true", help="print the drop-in to stdout and write nothing")
     parser.add_argument("--program", metavar="PATH",
                         help=f"the bindguard the drop-in runs, an absolute path to an executable file that only "
-                             f"root (or you) can change, nor any directory above it; the drop-in names it with the "
-                             f"links above it resolved (default: {install.PACKAGED_PROGRAM} where the package "
-                             f"installed it)")
+                             f"root (with --user, or you) can change, nor any directory above it; the drop-in names "
+                             f"it with the links above it resolved (default: {install.PACKAGED_PROGRAM} where the "
+                             f"package installed it)")
     parser.add_argument("--no-reload", action="store_true",
                         help="write the drop-in but leave the daemon-reload to the caller, who reloads once for "
                              "many units (as systemctl --no-reload enable)")
@@ -91,10 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "whether the file did not hold that text (install wrote it; with --print, would)")
 
 
-def _program(given: str | None, console: output.Console) -> list[str]:
+def _program(given: str | None, user: bool, console: output.Console) -> list[str]:
     """The command the drop-in runs: --program, else what install.bindguard_command() chooses, with a
-    warning when that is not the package's program."""
-    owners = (ROOT, os.geteuid())
+    warning when that is not the package's program. Root's alone; for a unit of your user manager
+    (--user), which runs it as you, root's or yours."""
+    owners = (ROOT, os.geteuid()) if user else (ROOT,)
     if given is not None:
         flaw: str | None
         if not os.path.isabs(given):
@@ -102,8 +103,9 @@ def _program(given: str | None, console: output.Console) -> list[str]:
         else:
             named, flaw = install.trusted_program(given, owners)
         if flaw:
-            raise UsageError(f"--program {given!r} {flaw}", "name an executable file that only root (or you) "
-                             f"can change, nor any directory above it, e.g. {install.PACKAGED_PROGRAM}")
+            raise UsageError(f"--program {given!r} {flaw}", "name an executable file that only root "
+                             f"{'(or you) ' if user else ''}can change, nor any directory above it, "
+                             f"e.g. {install.PACKAGED_PROGRAM}")
         return [named]
     command, flaw = install.bindguard_command(owners)
     if flaw:
@@ -234,7 +236,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
     for twice in (e for e in endpoints if endpoints.count(e) > 1):
         raise UsageError(f"{twice} is given twice", "give each address once: as LISTEN, --optional or --if-available")
     check_args = install.parse_check_args(args.check_args)
-    command = _program(args.program, console)
+    command = _program(args.program, args.user, console)
     install.refuse_control_characters([*listens, *marked, *check_args])
     given = validate_check_args(listens, args.user, check_args)
     if not listens and not marked:
