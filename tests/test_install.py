@@ -104,8 +104,12 @@ def test_program_names_the_program_and_refuses_one_root_should_not_run(tmp_path)
                              capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0 and f"\nExecStartPre=+{mine} check --unit %n 8080\n" in printed.stdout, printed
     assert "warning" not in printed.stderr
+    (tmp_path / "shared").mkdir()
     for given, flaw in (("bindguard", "is not an absolute path"),
-                        (str(_program(tmp_path / "shared", 0o775)), "can be written by others than its owner")):
+                        (str(_program(tmp_path / "shared" / "bindguard", 0o775)),
+                         "can be written by others than its owner"),
+                        ("/usr/bin/dash", "is not named bindguard"),  # root's alone, but no guard
+                        (str(_program(tmp_path / "bindguard-old", 0o755)), "is not named bindguard")):
         done = subprocess.run([*BINDGUARD, "install", "--print", "--program", given, "web.service", "8080"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 64 and f"--program {given!r} {flaw}" in done.stderr, done.stderr

@@ -80,10 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--print", action="store_true", help="print the drop-in to stdout and write nothing")
     parser.add_argument("--program", metavar="PATH",
-                        help=f"the bindguard the drop-in runs, an absolute path to an executable file that only "
-                             f"root (with --user, or you) can change, nor any directory above it; the drop-in names "
-                             f"it with the links above it resolved (default: {install.PACKAGED_PROGRAM} where the "
-                             f"package installed it)")
+                        help=f"the bindguard the drop-in runs, an absolute path to an executable file named "
+                             f"bindguard that only root (with --user, or you) can change, nor any directory above "
+                             f"it; the drop-in names it with the links above it resolved (default: "
+                             f"{install.PACKAGED_PROGRAM} where the package installed it)")
     parser.add_argument("--no-reload", action="store_true",
                         help="write the drop-in but leave the daemon-reload to the caller, who reloads once for "
                              "many units (as systemctl --no-reload enable)")
@@ -100,10 +100,12 @@ def _program(given: str | None, user: bool, console: output.Console) -> list[str
         flaw: str | None
         if not os.path.isabs(given):
             named, flaw = given, "is not an absolute path"
+        elif os.path.basename(given) != "bindguard":  # ExecStartPre=+/usr/bin/dash check ... runs no guard
+            named, flaw = given, "is not named bindguard"
         else:
             named, flaw = install.trusted_program(given, owners)
         if flaw:
-            raise UsageError(f"--program {given!r} {flaw}", "name an executable file that only root "
+            raise UsageError(f"--program {given!r} {flaw}", "name bindguard's program, an executable that only root "
                              f"{'(or you) ' if user else ''}can change, nor any directory above it, "
                              f"e.g. {install.PACKAGED_PROGRAM}")
         return [named]
