@@ -133,9 +133,15 @@ def test_every_documented_invocation_parses(argv):
         build_binds(check.request_options(args, unit=None))  # every address is valid, with the options given
 
 
+def _without_print(args: list[str]) -> list[str]:
+    """A documented install's arguments but --print and --json: with --print alone, it prints the
+    drop-in's text (--json would print an object that holds it)."""
+    return [a for a in args if a != "--print" and a.partition("=")[0] != "--json"]
+
+
 def _install_check_args(argv: list[str], tmp_path: Path) -> list[str]:
     """What an install command puts after `check` in its drop-in (from its --print output)."""
-    printed = run_bindguard(["install", "--print", *[a for a in argv[1:] if a != "--print"]], tmp_path)
+    printed = run_bindguard(["install", "--print", *_without_print(argv[1:])], tmp_path)
     assert printed.returncode == 0, printed.stderr
     (line,) = [l for l in printed.stdout.splitlines() if l.startswith("ExecStartPre=")]
     words = shlex.split(line.split("=", 1)[1].lstrip("+"))
@@ -234,7 +240,7 @@ def _install_as_documented(rig, argv: list[str]) -> None:
     """Run a documented install in the rig (with --user: the rig is a user manager); a --print
     one's output becomes the drop-in, as the documentation suggests."""
     if "--print" in argv:
-        printed = rig.bindguard(*argv, "--program", TREE_PROGRAM)
+        printed = rig.bindguard("install", "--print", *_without_print(argv[1:]), "--program", TREE_PROGRAM)
         assert printed.returncode == 0, printed.stderr
         unit = next(a for a in argv[1:] if a.endswith(".service"))
         rig.write_dropin(unit, "bindguard.conf", printed.stdout.replace(f" check --unit %n", " check --unit %n --user"),
