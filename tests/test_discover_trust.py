@@ -231,6 +231,24 @@ def test_which_paths_are_roots_alone(world):
     assert dump.systemd_resolved("no-such-program-here") is None
 
 
+def test_a_link_on_the_way_counts_as_much_as_where_it_leads(world):
+    """Whoever can re-point a symlink passed on the way decides where the path leads: the link
+    and the directories above it must be root's alone too, though its target is /usr/bin/env."""
+    import bindguard
+
+    theirs = nobody_dir(world, "theirs")
+    (theirs / "env").symlink_to("/usr/bin/env")
+    via = world / "via"
+    via.symlink_to(theirs / "env")  # root's link, to a link in a directory nobody owns
+    assert f"{theirs} belongs to uid {NOBODY}" in bindguard.untrusted(str(via))
+    assert f"{theirs} belongs to uid {NOBODY}" in bindguard.untrusted(str(theirs / "env"))
+    os.chown(theirs, 0, 0)
+    assert bindguard.untrusted(str(via)) is None
+    os.lchown(theirs / "env", NOBODY, NOBODY)  # its own link in a sticky /tmp-like place: theirs to replace
+    assert f"{theirs}/env belongs to uid {NOBODY}" in bindguard.untrusted(str(via))
+    assert bindguard.resolve_trusted(str(via))[0] in ("/usr/bin/env", "/bin/env")
+
+
 def test_what_decides_a_dump_as_root(tmp_path):
     """Without User= a dump runs as root only when every file that decides it is root's alone;
     a missing optional EnvironmentFile= decides nothing."""

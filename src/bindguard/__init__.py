@@ -79,10 +79,11 @@ ROOT = 0
 SYMLINKS_MAX = 40  # links one path may pass through before the kernel says ELOOP (MAXSYMLINKS)
 
 
-def real_path(path: str) -> str:
+def real_path(path: str, links: list[str] | None = None) -> str:
     """os.path.realpath(path, strict=True) with posix alone: the path with every symlink, `.` and
     `..` resolved, as the kernel resolves it. OSError when some part of it is missing, not a
-    directory, or the links loop."""
+    directory, or the links loop. Each symlink passed on the way is added to links, by a path
+    that holds no other link."""
     import _stat
     import posix
 
@@ -90,7 +91,7 @@ def real_path(path: str) -> str:
         raise FileNotFoundError(2, "No such file or directory", path)
     pending = [name for name in path.split("/") if name][::-1]  # what is left to walk, next last
     resolved = "" if path.startswith("/") else posix.getcwd().rstrip("/")  # "" is /
-    links = 0
+    passed = 0
     while pending:
         name = pending.pop()
         if name == ".":
@@ -100,8 +101,10 @@ def real_path(path: str) -> str:
             continue
         candidate = resolved + "/" + name
         if _stat.S_ISLNK(posix.lstat(candidate).st_mode):
-            links += 1
-            if links > SYMLINKS_MAX:
+            passed += 1
+            if links is not None:
+                links.append(candidate)
+            if passed > SYMLINKS_MAX:
                 raise OSError(40, "Too many levels of symbolic links", path)  # ELOOP
             target = posix.readlink(candidate)
             if target.startswith("/"):
@@ -117,36 +120,51 @@ def resolve_trusted(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, 
 
     Trusted: the path and every directory above it belong to one of owners (root, and where the
     caller says so the guard's own user), and no one else can write any of them: not other users,
-    not a group but root's. A world-writable directory above the path is excused by its sticky bit
-    (no one else can rename or remove what is in it, /tmp); the path itself is not, for a
-    directory whose entries are read (a search path) is no one's alone when every user may add one.
-    A socket may be writable by all: that is who may connect to it.
+    not a group but root's. So do each symlink passed on the way to it and the directories above
+    that link: whoever can re-point a link decides where the path leads. A world-writable
+    directory above the path is excused by its sticky bit (no one else can rename or remove what
+    is in it, /tmp); the path itself is not, for a directory whose entries are read (a search
+    path) is no one's alone when every user may add one. A socket may be writable by all: that is
+    who may connect to it.
     What another user could change, or re-point through a symlink, must not decide what the root
     guard reads, runs or asks. OSError when the path cannot be resolved (real_path).
     """
+    links: list[str] = []
+    real = real_path(path, links)
+    for start in (real, *links):
+        why = _chain_flaw(start, owners, link=start != real)
+        if why:
+            return real, why
+    return real, None
+
+
+def _chain_flaw(start: str, owners: tuple[int, ...], link: bool) -> str | None:
+    """Why start (a path holding no symlink but, with link, itself one) or a directory above it is
+    not trusted as resolve_trusted() says; None when all are."""
     import _stat
     import posix
 
-    real = real_path(path)
-    part = real
+    part = start
     while True:
         try:
             info = posix.lstat(part)
         except OSError as exc:
-            return real, f"{part}: {exc.strerror or exc}"
-        if _stat.S_ISLNK(info.st_mode):  # swapped in since it was resolved: someone could
-            return real, f"{part} changed while it was checked"
+            return f"{part}: {exc.strerror or exc}"
+        passed_link = link and part == start
+        if _stat.S_ISLNK(info.st_mode) and not passed_link:  # swapped in since it was resolved: someone could
+            return f"{part} changed while it was checked"
         if info.st_uid not in owners:
-            return real, f"{part} belongs to uid {info.st_uid}, not {_owners_named(owners)}"
-        # A socket's write bit lets one connect (the system bus is 0666), not change it.
-        excused = _stat.S_ISSOCK(info.st_mode) or (
-            part != real and _stat.S_ISDIR(info.st_mode) and info.st_mode & _stat.S_ISVTX)
+            return f"{part} belongs to uid {info.st_uid}, not {_owners_named(owners)}"
+        # A socket's write bit lets one connect (the system bus is 0666), not change it; a link's
+        # mode is always 0777 and means nothing.
+        excused = passed_link or _stat.S_ISSOCK(info.st_mode) or (
+            part != start and _stat.S_ISDIR(info.st_mode) and info.st_mode & _stat.S_ISVTX)
         if info.st_mode & _stat.S_IWOTH and not excused:
-            return real, f"{part} can be written by every user"
+            return f"{part} can be written by every user"
         if info.st_mode & _stat.S_IWGRP and info.st_gid != ROOT and not excused:
-            return real, f"{part} can be written by group {info.st_gid}"
+            return f"{part} can be written by group {info.st_gid}"
         if part == "/":
-            return real, None
+            return None
         part = part.rpartition("/")[0] or "/"
 
 
