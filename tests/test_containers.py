@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -382,11 +383,32 @@ def test_a_rootlessport_that_forwards_into_no_container_names_none():
         assert containers.container_of(impostor.pid, "0::/\n", ("rootlessport",), 65534) is None
 
 
+def _commands(text: str) -> list[str]:
+    return re.findall(r"`([^`]*)`", text)
+
+
 def test_a_name_from_a_users_file_is_no_shell_text():
     fact = ContainerFact("podman", ID, "web2; rm -rf ~", user="bob", via="rootlessport")
     assert fact.handle == ID[:12]
     assert "`runuser -u bob -- podman stop f70f59f8dfac`" in remedy(_conflict(fact))
     assert ContainerFact("podman", ID, "web-2_a.b").handle == "web-2_a.b"
+    assert ContainerFact("podman", ID, "-rf").handle == ID[:12]  # an option, not a name
+
+
+@pytest.mark.parametrize("pod, namespace", [("api;reboot", "prod"), ("api", "$(reboot)"), ("api", "-A")])
+def test_a_pod_or_namespace_that_is_no_plain_word_is_in_no_command(pod, namespace):
+    text = remedy(_conflict(ContainerFact("containerd", ID, "api", pod=pod, namespace=namespace, via="cgroup")))
+    assert f"the pod {pod} in namespace {namespace}" in text
+    assert not any(pod in c or namespace in c for c in _commands(text)), text
+    plain = remedy(_conflict(ContainerFact("containerd", ID, "api", pod="api-5f6", namespace="prod", via="cgroup")))
+    assert "`kubectl -n prod get pod api-5f6 -o yaml`" in plain
+
+
+@pytest.mark.parametrize("user", ["bob;reboot", "ad\\bob", "bob smith", "-bob"])
+def test_a_rootless_users_name_that_is_no_plain_word_is_in_no_command(user):
+    text = remedy(_conflict(ContainerFact("podman", ID, "web2", user=user, via="rootlessport")))
+    assert f"as its user {user}" in text and "`podman stop web2`" in text
+    assert not any(user in c for c in _commands(text)) and "runuser" not in text, text
 
 
 # Debian's Docker engine (docker.io), run by hand in private PID, mount and network namespaces: its

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,6 +304,19 @@ def test_explain_reports_dnat_redirect_and_a_nodeport_range(netns):
     docker = next(c for c in report["conflicts"] if c["kind"] == "nat-shadowed" and c["nat"]["chain"] == "DOCKER")
     assert "Docker" in docker["remedy"] and "192.0.2.7:80" in docker["remedy"] and "kill" not in docker["remedy"]
     assert docker["blocking"] is False
+
+
+def test_a_chain_named_with_shell_text_is_not_written_into_a_command(netns):
+    """The kernel takes any bytes for a chain's name, and nft's JSON input writes them (its command
+    line takes no `;`): anyone with CAP_NET_ADMIN in the namespace can name a chain `x;reboot`. The
+    remedy's command then lists the whole ruleset; the name is never in a command."""
+    need_nft()
+    subprocess.run(netns.argv(["nft", "-j", "-f", str(DATA / "shell-text-chain.json")]), check=True)
+    report = explain(netns, "0.0.0.0:8080")
+    found = [c for c in report["conflicts"] if c["kind"] == "nat-shadowed"]
+    assert [c["nat"]["chain"] for c in found] == ["x;reboot"], report
+    commands = re.findall(r"`([^`]*)`", found[0]["remedy"])
+    assert commands == ["nft -a list ruleset"], found[0]["remedy"]
 
 
 def test_iptables_nft_rules_are_read_with_their_targets(netns):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from bindguard.model.endpoints import Bind, Endpoint
 from bindguard.model.kinds import UnitStatus
 from bindguard.model.record import Record, field
+from bindguard.model.text import shell_word
 
 # TCP states as the kernel numbers them (include/net/tcp_states.h).
 TCP_STATES = {
@@ -72,13 +73,9 @@ class ContainerFact(Record, frozen=True):
 
     @property
     def handle(self) -> str:
-        """What the engine's commands take: the name where it is one the engines allow (letters,
-        digits, then also _ . -: safe in a shell command as it is), else the short id."""
-        name = self.name
-        if name and name[0].isascii() and name[0].isalnum() and all(
-                c.isascii() and (c.isalnum() or c in "_.-") for c in name):
-            return name
-        return self.id[:12]
+        """What the engine's commands take: the name where it is safe in a shell command as it is
+        (model.text.shell_word), else the short id."""
+        return self.name if shell_word(self.name) else self.id[:12]
 
 
 # A process of the engine's own that holds a container's published port (ContainerFact.via), and what

@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from bindguard.model.endpoints import Bind
+from bindguard.model.text import shell_word
 
 IPV4_FAMILIES = frozenset({"ip", "inet"})
 IPV6_FAMILIES = frozenset({"ip6", "inet"})
@@ -75,7 +76,11 @@ class NatRule:
         return f"{table}, chain {self.chain}{via}"
 
     def listing(self) -> str:
-        """The command that lists the rule's chain with what identifies the rule (handle, number)."""
+        """The command that lists the rule's chain with what identifies the rule (handle, number); the
+        whole nat table's where a name in the ruleset is not safe in a command as it is (the kernel
+        takes any bytes for a chain's name: `x;reboot` too)."""
+        if not all(shell_word(name) for name in (self.family, self.table, self.chain)):
+            return f"{self.source}-save -t nat" if self.legacy else "nft -a list ruleset"
         if self.legacy:
             return f"{self.source} -t {self.table} -n -L {self.chain} --line-numbers"
         return f"nft -a list chain {self.family} {self.table} {self.chain}"

@@ -26,3 +26,17 @@ def excerpt(text: str, limit: int = EXCERPT, quote: str = "'") -> str:
     error message that must name what it could not use without printing the whole file."""
     cut = text[:limit]
     return quote + escape(cut) + quote + ("..." if len(text) > limit else "")
+
+
+# What a name may hold to be written into a shell command as it is: letters, digits, _ . - (what
+# container engines, Kubernetes and useradd allow in names; no quoting, expansion or separator).
+_SHELL_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def shell_word(name: str) -> bool:
+    """Whether an observed name (a container's, a pod's, a user's, a chain's) can stand in a command
+    the guard advises, as it is: only then does a remedy write it into one; else it says in words
+    what to do. Anything else a process, a user or the holder of CAP_NET_ADMIN chose (a chain may be
+    named `x;reboot`) would run as root when the advice is pasted. Not beginning with '-', which
+    the command would take for an option."""
+    return bool(name) and name[0] != "-" and all(c in _SHELL_WORD for c in name)

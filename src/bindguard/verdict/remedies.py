@@ -9,6 +9,7 @@ from collections.abc import Callable
 from bindguard.model.endpoints import TCP
 from bindguard.model.facts import VIA_PROXY
 from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
+from bindguard.model.text import shell_word
 from bindguard.verdict.conflicts import Conflict
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
@@ -38,16 +39,23 @@ def stop_container(container: ContainerFact) -> str:
     process: the engine (or the pod's controller) restarts what was killed under it."""
     who = container.handle
     if container.pod:
+        owner = (f"`kubectl -n {container.namespace} get pod {container.pod} -o yaml` shows its owner"
+                 if shell_word(container.namespace) and shell_word(container.pod) else
+                 "its metadata.ownerReferences name its owner")
         return (f"the pod {container.pod} in namespace {container.namespace} holds it ({container.engine} container "
                 f"{who}): change the pod's hostPort (or hostNetwork port) in its manifest, or delete the pod only if "
-                f"nothing recreates it (`kubectl -n {container.namespace} get pod {container.pod} -o yaml` shows its "
-                "owner); a killed process is restarted by the kubelet")
+                f"nothing recreates it ({owner}); a killed process is restarted by the kubelet")
     if container.engine == "docker":
         return (f"stop it with its engine: `docker stop {who}` (`docker update --restart=no {who}` first if a "
                 "restart policy would bring it back), or publish it on another port; killing its process lets "
                 "the engine restart it")
     if container.engine == "podman" and container.user:
         # Rootless: only its user's podman knows the container (its storage is in that user's home).
+        if not shell_word(container.user):
+            return (f"stop it with its engine, as its user {container.user}, whose name is not written into a "
+                    f"command here: that user's `podman stop {who}` (or, if a user unit runs it, Quadlet or "
+                    "`podman generate systemd`, that unit's stop), or publish it on another port; killing its "
+                    "process lets its restart policy bring it back")
         as_user = f"runuser -u {container.user} -- "
         return (f"stop it with its engine, as its user {container.user}: `{as_user}podman stop {who}` (if a user "
                 f"unit runs it, Quadlet or `podman generate systemd`, stop that unit instead: `systemctl --user "
