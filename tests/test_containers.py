@@ -308,8 +308,11 @@ set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18081 2> "$OUT/check.err"
 echo $? > "$OUT/check.code"
 set -e
-# The remedy's own command, as the guard wrote it; then the port is free.
-sh -c "$(sed -n 's/.*`\(runuser [^`]*\)`.*/\1/p' "$OUT/check.err" | head -n 1)" > /dev/null 2>&1
+# The remedy's own command, as the guard wrote it, run as from a root login, whose pam_systemd set root's
+# runtime directory and bus; then the port is free.
+mkdir -m 700 -p /run/user/0
+XDG_RUNTIME_DIR=/run/user/0 DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/0/bus \
+    sh -c "$(sed -n 's/.*`\(runuser [^`]*\)`.*/\1/p' "$OUT/check.err" | head -n 1)" > "$OUT/remedy.out" 2>&1 || true
 set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18081 2> "$OUT/after.err"
 echo $? > "$OUT/after.code"
@@ -357,11 +360,12 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
         "podman", "web2", "localhost/bindguard-test:1", "rootlessport", "bgrootless"), container
     assert container["source"] == f"/home/bgrootless/{containers.ROOTLESS_STORAGE}/vfs-containers/containers.json" \
         or container["source"].endswith("/overlay-containers/containers.json")
-    assert "`runuser -u bgrootless -- podman stop web2`" in holder["remedy"] and "kill -" not in holder["remedy"]
+    assert ("`runuser -u bgrootless -- env -u XDG_RUNTIME_DIR -u DBUS_SESSION_BUS_ADDRESS podman stop web2`"
+            in holder["remedy"]) and "kill -" not in holder["remedy"]
     assert (tmp_path / "check.code").read_text().strip() == "98"
     check = (tmp_path / "check.err").read_text()
     assert "podman container web2 of user bgrootless, image localhost/bindguard-test:1" in check
-    assert (tmp_path / "after.code").read_text().strip() == "0", (tmp_path / "after.err").read_text()
+    assert (tmp_path / "after.code").read_text().strip() == "0", (tmp_path / "remedy.out").read_text()
     left = subprocess.run(["pgrep", "--runstates", "D,R,S,T,t", "-u", str(uid)], capture_output=True, text=True)
     assert not left.stdout, left  # nothing of the test's runs on (a zombie is left for PID 1 to reap)
 
@@ -390,7 +394,8 @@ def _commands(text: str) -> list[str]:
 def test_a_name_from_a_users_file_is_no_shell_text():
     fact = ContainerFact("podman", ID, "web2; rm -rf ~", user="bob", via="rootlessport")
     assert fact.handle == ID[:12]
-    assert "`runuser -u bob -- podman stop f70f59f8dfac`" in remedy(_conflict(fact))
+    assert "`runuser -u bob -- env -u XDG_RUNTIME_DIR -u DBUS_SESSION_BUS_ADDRESS podman stop f70f59f8dfac`" in \
+        remedy(_conflict(fact))
     assert ContainerFact("podman", ID, "web-2_a.b").handle == "web-2_a.b"
     assert ContainerFact("podman", ID, "-rf").handle == ID[:12]  # an option, not a name
 

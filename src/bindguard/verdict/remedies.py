@@ -56,7 +56,9 @@ def stop_container(container: ContainerFact) -> str:
                     f"command here: that user's `podman stop {who}` (or, if a user unit runs it, Quadlet or "
                     "`podman generate systemd`, that unit's stop), or publish it on another port; killing its "
                     "process lets its restart policy bring it back")
-        as_user = f"runuser -u {container.user} -- "
+        # runuser keeps the caller's environment: a root login's XDG_RUNTIME_DIR (/run/user/0, set by
+        # pam_systemd), which that user's podman refuses; without it, podman takes the user's own.
+        as_user = f"runuser -u {container.user} -- env -u XDG_RUNTIME_DIR -u DBUS_SESSION_BUS_ADDRESS "
         return (f"stop it with its engine, as its user {container.user}: `{as_user}podman stop {who}` (if a user "
                 f"unit runs it, Quadlet or `podman generate systemd`, stop that unit instead: `systemctl --user "
                 f"-M {container.user}@ stop UNIT`), or publish it on another port; killing its process lets its "
