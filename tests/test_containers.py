@@ -140,10 +140,10 @@ def test_the_remedy_stops_a_container_with_its_engine_and_leaves_a_pod_to_its_ow
 # explain (JSON) and check on 0.0.0.0:18080.
 PODMAN_SCRIPT = r"""
 set -eu
-cleanup() { podman rm -f -t 0 web1 >/dev/null 2>&1 || true; }
-trap cleanup EXIT
 mount -t tmpfs tmpfs /var/lib/containers
 mount -t tmpfs tmpfs /run
+cleanup() { podman rm -f -t 0 web1 >/dev/null 2>&1 || true; }
+trap cleanup EXIT  # only once Podman's storage is the test's: it would make the host's
 mkdir -p /run/lock
 ip link set lo up
 podman import -q "$IMAGE" localhost/bindguard-test:1 >/dev/null
@@ -209,15 +209,33 @@ def _remove_cgroups(name: str) -> None:
                     time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _mount_points(*paths: str):
+    """The directories a script mounts over in its mount namespace: one the host lacks (no Debian
+    package makes /var/lib/containers or /var/lib/docker) is made for the block, and removed after it."""
+    made = []
+    try:
+        for path in paths:
+            if not os.path.lexists(path):
+                os.mkdir(path)
+                made.append(path)
+        yield
+    finally:
+        for path in reversed(made):
+            os.rmdir(path)
+
+
 def _run_podman(tmp_path: Path, run_web1: str) -> dict:
     """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; then the cgroups Podman
-    made in the host's hierarchies (its monitor's libpod_parent/conmon) go."""
+    made in the host's hierarchies (its monitor's libpod_parent/conmon) go, and the mount point
+    /var/lib/containers, if the test made it."""
     need_engine()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), RUN_WEB1=run_web1)
     try:
-        done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
-                               PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+        with _mount_points("/var/lib/containers"):
+            done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
+                                   PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
     finally:
         _remove_cgroups("libpod_parent")
     assert done.returncode == 0, done.stderr
@@ -274,7 +292,6 @@ cleanup() {
     as_user podman system migrate >/dev/null 2>&1 || true
     for pid in $(pgrep -u "$TEST_UID" || true); do kill -KILL "$pid" 2>/dev/null || true; done
 }
-trap cleanup EXIT
 mkdir -p "$OUT/etc" "$OUT/dev"
 cp /etc/passwd /etc/group "$OUT/etc/"
 echo "$TEST_USER:x:$TEST_UID:$TEST_UID::/home/$TEST_USER:/bin/sh" >> "$OUT/etc/passwd"
@@ -290,6 +307,7 @@ mknod -m 666 "$OUT/dev/tun" c 10 200
 mount --bind "$OUT/dev/tun" /dev/net/tun
 mount -t tmpfs -o mode=755 tmpfs /home
 mount -t tmpfs tmpfs /run
+trap cleanup EXIT  # only once the user's home and runtime directory are the test's
 mkdir -p /run/lock "/run/user/$TEST_UID" "/home/$TEST_USER"
 chown "$TEST_UID:$TEST_UID" "/run/user/$TEST_UID" "/home/$TEST_USER"
 chmod 700 "/run/user/$TEST_UID"
@@ -432,9 +450,9 @@ cleanup() {
         for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
 }
-trap cleanup EXIT
 mount -t tmpfs tmpfs /var/lib/docker
 mount -t tmpfs tmpfs /run
+trap cleanup EXIT  # only once /run is the test's: the host's docker.sock and docker.pid are not
 mkdir -p /run/lock
 if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/unified; then
     umount /sys/fs/cgroup/unified
@@ -467,17 +485,14 @@ def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
     """DOCKER_SCRIPT's run; the cgroups dockerd made in the host's hierarchies (docker/, emptied as
     its containers stopped) and the mount point /var/lib/docker, if the test made it, go afterwards."""
     need_engine(*DOCKER_PROGRAMS)
-    made = not os.path.lexists("/var/lib/docker")
-    os.makedirs("/var/lib/docker", exist_ok=True)
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), DOCKERD_OPTIONS=dockerd_options)
     try:
-        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount", "--propagation",
-                               "private", "--", "sh", "-c", DOCKER_SCRIPT], env=env, capture_output=True, text=True,
-                              timeout=240)
+        with _mount_points("/var/lib/docker"):
+            done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount",
+                                   "--propagation", "private", "--", "sh", "-c", DOCKER_SCRIPT], env=env,
+                                  capture_output=True, text=True, timeout=240)
     finally:
-        if made:
-            os.rmdir("/var/lib/docker")
         _remove_cgroups("docker")
     log = (tmp_path / "dockerd.log").read_text() if (tmp_path / "dockerd.log").exists() else ""
     assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
