@@ -104,7 +104,8 @@ def test_docker_and_kubernetes_state_on_disk(tmp_path, monkeypatch):
     assert (fact.engine, fact.name, fact.source) == ("docker", "", "")  # named by engine and id alone
     os.mkfifo(tmp_path / "fifo")
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "fifo"))
-    assert containers.container_of(os.getpid(), f"4:memory:/docker/{ID}\n0::/\n", (), 0).name == ""  # a FIFO is never opened
+    # a FIFO is never opened
+    assert containers.container_of(os.getpid(), f"4:memory:/docker/{ID}\n0::/\n", (), 0).name == ""
 
 
 def test_what_a_docker_container_publishes_from_its_recorded_state():
@@ -136,12 +137,26 @@ def test_the_remedy_stops_a_container_with_its_engine_and_leaves_a_pod_to_its_ow
 # --- a real Podman container ---------------------------------------------------------------------
 
 
+# A copy of the directory $1 on a tmpfs, mounted over it in the script's mount namespace: what an
+# engine writes there (netavark's /etc/containers/networks, the test's user in /etc/passwd; files the
+# host may not have, as /etc/subuid) stays in the namespace, and the host's files are never changed.
+PRIVATE_COPY = r"""
+private_copy() {
+    copy="$OUT/copy$(printf %s "$1" | tr / -)"
+    mkdir "$copy"
+    mount -t tmpfs tmpfs "$copy"
+    chmod --reference="$1" "$copy"
+    chown --reference="$1" "$copy"
+    cp -a "$1/." "$copy/"
+    mount --bind "$copy" "$1"
+}
+"""
 # Run in private mount and network namespaces, the container web1 run by $RUN_WEB1; then the guard's
 # explain (JSON) and check on 0.0.0.0:18080.
-PODMAN_SCRIPT = r"""
-set -eu
+PODMAN_SCRIPT = "set -eu\n" + PRIVATE_COPY + r"""
 mount -t tmpfs tmpfs /var/lib/containers
 mount -t tmpfs tmpfs /run
+private_copy /etc/containers
 cleanup() { podman rm -f -t 0 web1 >/dev/null 2>&1 || true; }
 trap cleanup EXIT  # only once Podman's storage is the test's: it would make the host's
 mkdir -p /run/lock
@@ -225,6 +240,32 @@ def _mount_points(*paths: str):
             os.rmdir(path)
 
 
+# What an engine run on the host would write (its configuration, keys, users and storage): the tests'
+# engines run in mount namespaces of their own, and must leave these as they were.
+HOST_PATHS = ("/etc/docker", "/etc/containers", "/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid",
+              "/var/lib/containers", "/var/lib/docker")
+
+
+def _state(path: Path) -> list[tuple[str, int, int, int]]:
+    """path and everything below it: (path, mode, size, modification time), [] where it is not."""
+    try:
+        stat = path.lstat()
+    except FileNotFoundError:
+        return []
+    below = sorted(path.iterdir()) if path.is_dir() and not path.is_symlink() else []
+    return [(str(path), stat.st_mode, stat.st_size, stat.st_mtime_ns), *(s for p in below for s in _state(p))]
+
+
+@contextlib.contextmanager
+def _host_unchanged():
+    """The block leaves HOST_PATHS as they were."""
+    before = {path: _state(Path(path)) for path in HOST_PATHS}
+    yield
+    after = {path: _state(Path(path)) for path in HOST_PATHS}
+    assert after == before, {path: sorted(set(after[path]) ^ set(before[path])) for path in HOST_PATHS
+                             if after[path] != before[path]}
+
+
 def _run_podman(tmp_path: Path, run_web1: str) -> dict:
     """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; then the cgroups Podman
     made in the host's hierarchies (its monitor's libpod_parent/conmon) go, and the mount point
@@ -233,7 +274,7 @@ def _run_podman(tmp_path: Path, run_web1: str) -> dict:
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), RUN_WEB1=run_web1)
     try:
-        with _mount_points("/var/lib/containers"):
+        with _mount_points("/var/lib/containers"), _host_unchanged():
             done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
                                    PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
     finally:
@@ -277,14 +318,14 @@ def test_a_podman_container_in_its_own_cgroup_is_named_from_the_cgroup(tmp_path)
 
 
 # Rootless Podman, run by a user of the test's own: passwd, group, subuid and subgid with that user
-# are bind-mounted over /etc's in the test's mount namespace, its home and /run are tmpfs there, so the
-# host's files are never changed. slirp4netns needs /dev/net/tun open to the user: a node of its own,
+# are written in a private copy of /etc in the test's mount namespace, its home and /run are tmpfs
+# there, so the host's files are never changed (nor made, where the host has no /etc/subuid).
+# slirp4netns needs /dev/net/tun open to the user: a node of its own,
 # mode 666, over the host's (0600 here). crun runs on the cgroup v1 hierarchies (a hybrid host's cgroup2
 # part unmounted, as above) and the container has no cgroup (rootless Podman makes none on cgroup v1):
 # the port is held by rootlessport alone. Afterwards the user's processes (Podman's pause process) are
 # ended by their PIDs: none but the test's run as that user.
-ROOTLESS_SCRIPT = r"""
-set -eu
+ROOTLESS_SCRIPT = "set -eu\n" + PRIVATE_COPY + r"""
 as_user() { setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups env -i HOME="/home/$TEST_USER" \
     XDG_RUNTIME_DIR="/run/user/$TEST_UID" PATH=/usr/sbin:/usr/bin:/sbin:/bin USER="$TEST_USER" "$@"; }
 cleanup() {
@@ -292,16 +333,12 @@ cleanup() {
     as_user podman system migrate >/dev/null 2>&1 || true
     for pid in $(pgrep -u "$TEST_UID" || true); do kill -KILL "$pid" 2>/dev/null || true; done
 }
-mkdir -p "$OUT/etc" "$OUT/dev"
-cp /etc/passwd /etc/group "$OUT/etc/"
-echo "$TEST_USER:x:$TEST_UID:$TEST_UID::/home/$TEST_USER:/bin/sh" >> "$OUT/etc/passwd"
-echo "$TEST_USER:x:$TEST_UID:" >> "$OUT/etc/group"
-echo "$TEST_USER:200000:65536" > "$OUT/etc/subuid"
-echo "$TEST_USER:200000:65536" > "$OUT/etc/subgid"
-for f in passwd group subuid subgid; do
-    [ -e "/etc/$f" ] || touch "/etc/$f"
-    mount --bind "$OUT/etc/$f" "/etc/$f"
-done
+mkdir -p "$OUT/dev"
+private_copy /etc
+echo "$TEST_USER:x:$TEST_UID:$TEST_UID::/home/$TEST_USER:/bin/sh" >> /etc/passwd
+echo "$TEST_USER:x:$TEST_UID:" >> /etc/group
+echo "$TEST_USER:200000:65536" > /etc/subuid
+echo "$TEST_USER:200000:65536" > /etc/subgid
 mount -t tmpfs -o mode=755 tmpfs "$OUT/dev"
 mknod -m 666 "$OUT/dev/tun" c 10 200
 mount --bind "$OUT/dev/tun" /dev/net/tun
@@ -364,8 +401,9 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
     uid = _free_uid()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), TEST_UID=str(uid), TEST_USER="bgrootless")
-    done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
-                           ROOTLESS_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    with _host_unchanged():
+        done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
+                               ROOTLESS_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert '"rootlessport"' in (tmp_path / "ss.txt").read_text()
     report = json.loads((tmp_path / "explain.json").read_text())
@@ -435,11 +473,12 @@ def test_a_rootless_users_name_that_is_no_plain_word_is_in_no_command(user):
 
 
 # Debian's Docker engine (docker.io), run by hand in private PID, mount and network namespaces: its
-# data root and /run are tmpfs there (the data root at the default /var/lib/docker, whose empty mount
-# point is made for the test if the host has none), vfs storage, cgroupfs on the cgroup v1 hierarchies
-# (a hybrid host's cgroup2 part unmounted, as for Podman), its bridge and iptables-nft rules in the
-# namespace. dockerd starts its own containerd; everything the test ran ends with the PID namespace.
-# web3 publishes a port through docker-proxy (and a DNAT rule), web4 runs on the host's network.
+# data root, /etc/docker (where it writes key.json) and /run are tmpfs there (the data root at the
+# default /var/lib/docker; a mount point the host lacks is made for the test), vfs storage, cgroupfs
+# on the cgroup v1 hierarchies (a hybrid host's cgroup2 part unmounted, as for Podman), its bridge and
+# iptables-nft rules in the namespace. dockerd starts its own containerd; everything the test ran ends
+# with the PID namespace. web3 publishes a port through docker-proxy (and a DNAT rule), web4 runs on
+# the host's network.
 DOCKER_SCRIPT = r"""
 set -eu
 docker=/usr/bin/docker  # Debian's client, as its engine's (another may come first in PATH)
@@ -451,6 +490,7 @@ cleanup() {
     fi
 }
 mount -t tmpfs tmpfs /var/lib/docker
+mount -t tmpfs tmpfs /etc/docker
 mount -t tmpfs tmpfs /run
 trap cleanup EXIT  # only once /run is the test's: the host's docker.sock and docker.pid are not
 mkdir -p /run/lock
@@ -488,7 +528,7 @@ def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), DOCKERD_OPTIONS=dockerd_options)
     try:
-        with _mount_points("/var/lib/docker"):
+        with _mount_points("/var/lib/docker", "/etc/docker"), _host_unchanged():
             done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount",
                                    "--propagation", "private", "--", "sh", "-c", DOCKER_SCRIPT], env=env,
                                   capture_output=True, text=True, timeout=240)
