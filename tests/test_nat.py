@@ -264,6 +264,14 @@ def test_legacy_lines_not_read_are_noted_and_bad_words_claim_nothing():
     assert [(r.ports, r.also) for r in rules] == [(None, ("-m tcp --dport 99999",))]  # kept as written
 
 
+def test_a_legacy_line_not_read_still_counts_in_its_chains_rule_numbers():
+    """`iptables -L CHAIN --line-numbers` counts every rule: the one after a line not read is rule 2."""
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m comment --comment \"open -j DNAT\n"
+            "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.0.2.7:80\nCOMMIT\n")
+    rules, notes = rules_from_save(text, "ip")
+    assert len(notes) == 1 and [r.handle for r in rules] == [2]
+
+
 # --- real nftables rules in a network namespace ---------------------------------------------------
 
 

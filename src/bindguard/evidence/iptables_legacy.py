@@ -117,8 +117,10 @@ def ruleset_from_save(text: str, family: str) -> tuple[dict, list[str]]:
     for line in lines:
         if line.startswith("*"):
             table = line[1:].strip()
-        if table != "nat" or not line.startswith("-A "):
+        if table != "nat" or not line.startswith("-A ") or len(line.split(maxsplit=2)) < 2:
             continue
+        chain = line.split(maxsplit=2)[1]  # counted before the rest is read: iptables numbers every rule
+        numbers[chain] = numbers.get(chain, 0) + 1
         try:
             words = shlex.split(line)
         except ValueError:
@@ -126,10 +128,6 @@ def ruleset_from_save(text: str, family: str) -> tuple[dict, list[str]]:
 
             notes.append(f"an iptables-legacy rule not read (unbalanced quotes): {excerpt(line)}")
             continue
-        if len(words) < 2:
-            continue
-        chain = words[1]
-        numbers[chain] = numbers.get(chain, 0) + 1
         try:
             expr, comment = _expressions(words[2:], family, user_chains)
         except _Unclaimable:
