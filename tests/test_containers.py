@@ -121,6 +121,20 @@ def test_what_a_docker_container_publishes_from_its_recorded_state():
     assert not containers.docker_publishes(state, "18082", "tcp", "172.17.0.2", "8080")
 
 
+def test_a_docker_port_published_on_one_address_is_that_address_only():
+    """`-p 127.0.0.1:18082:8080` publishes HostIp 127.0.0.1: a socket on another address is not its;
+    an empty HostIp, 0.0.0.0 or :: (as recorded) publishes every address."""
+    state = json.loads(DOCKER_RECORDED.read_text())
+    for address in ("0.0.0.0", "::", "127.0.0.1", "192.0.2.1", ""):
+        assert containers.docker_publishes(state, "18082", "tcp", host_ip=address), address
+    state["NetworkSettings"]["Ports"]["8080/tcp"] = [{"HostIp": "127.0.0.1", "HostPort": "18082"}]
+    assert containers.docker_publishes(state, "18082", "tcp", "172.17.0.2", "8080", host_ip="127.0.0.1")
+    for address in ("0.0.0.0", "::", "127.0.0.2", "192.0.2.1"):
+        assert not containers.docker_publishes(state, "18082", "tcp", host_ip=address), address
+    state["NetworkSettings"]["Ports"]["8080/tcp"] = [{"HostIp": "", "HostPort": "18082"}]
+    assert containers.docker_publishes(state, "18082", "tcp", host_ip="192.0.2.1")
+
+
 def _conflict(container: ContainerFact) -> Conflict:
     process = ProcessFact(4242, 1, "conmon", ("/usr/bin/conmon",), "/usr/bin/conmon", 0, "root", 0.0, "/",
                           container=container)

@@ -332,14 +332,17 @@ def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int) -> Contai
                                   for flag in ("container-ip", "container-port", "proto", "host-port"))
     if not (ip and port and host_port):
         return None
-    return _the_docker_container(lambda state: docker_publishes(state, host_port, proto, ip, port), "docker-proxy")
+    host_ip = _option(argv, "-host-ip") or _option(argv, "--host-ip") or ""  # the address it holds
+    return _the_docker_container(lambda state: docker_publishes(state, host_port, proto, ip, port, host_ip),
+                                 "docker-proxy")
 
 
-def docker_port_container(pid: int, proto: str, port: int) -> ContainerFact | None:
-    """The container a port root's dockerd holds itself is published for (its proxy off), or None."""
+def docker_port_container(pid: int, proto: str, port: int, host_ip: str) -> ContainerFact | None:
+    """The container a port root's dockerd holds itself on host_ip is published for (its proxy off), or None."""
     if _real_uid(pid) != ROOT:
         return None
-    return _the_docker_container(lambda state: docker_publishes(state, str(port), proto), "dockerd")
+    return _the_docker_container(lambda state: docker_publishes(state, str(port), proto, host_ip=host_ip),
+                                 "dockerd")
 
 
 def _the_docker_container(publishes, via: str) -> ContainerFact | None:
@@ -356,9 +359,16 @@ def _the_docker_container(publishes, via: str) -> ContainerFact | None:
     return replace(_from_docker(found[0]), via=via) if len(found) == 1 else None
 
 
-def docker_publishes(state, host_port: str, proto: str = "", container_ip: str = "", container_port: str = "") -> bool:
+# A published port's HostIp that publishes it on every address of the host.
+EVERY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
+def docker_publishes(state, host_port: str, proto: str = "", container_ip: str = "", container_port: str = "",
+                     host_ip: str = "") -> bool:
     """Whether a container's config.v2.json says it runs and publishes host_port for proto (tcp when
-    not said); from container_port, and with container_ip on one of its networks, where they are given."""
+    not said); from container_port, with container_ip on one of its networks, and on host_ip (the
+    holder's local address: a port published on 127.0.0.1 is not the one held on 192.0.2.1, nor on
+    0.0.0.0), where they are given."""
     if not isinstance(state, dict) or _dict(state.get("State")).get("Running") is not True:
         return False
     settings = _dict(state.get("NetworkSettings"))
@@ -371,6 +381,17 @@ def docker_publishes(state, host_port: str, proto: str = "", container_ip: str =
         if protocol != (proto or "tcp") or (container_port and port != container_port):
             continue
         if isinstance(bindings, list) and any(isinstance(b, dict) and b.get("HostPort") == host_port
-                                              for b in bindings):
+                                              and _on_address(_str(b.get("HostIp")), host_ip) for b in bindings):
             return True
     return False
+
+
+def _on_address(published: str, host_ip: str) -> bool:
+    if not host_ip or published in EVERY_ADDRESS:
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(published) == ipaddress.ip_address(host_ip)
+    except ValueError:
+        return False

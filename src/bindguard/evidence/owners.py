@@ -125,7 +125,7 @@ def _for_container(process: ProcessFact, local: Endpoint) -> ProcessFact:
     from bindguard.evidence.containers import docker_port_container
     from bindguard.model.record import replace
 
-    container = docker_port_container(process.pid, local.proto, local.port)
+    container = docker_port_container(process.pid, local.proto, local.port, str(local.host))
     return replace(process, container=container) if container else process
 
 
