@@ -169,6 +169,46 @@ def test_rules_after_a_chain_every_packet_leaves_the_nat_pass_in_are_never_reach
     assert [r.chain for r in rules_from_ruleset(conditional)[0]] == ["pre"]
 
 
+TCP_8083 = {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8083}}
+
+
+@pytest.mark.parametrize("statement", [{"limit": {"rate": 10, "burst": 5, "per": "second"}},
+                                       {"quota": {"val": 1000, "val_unit": "bytes"}}, {"ct count": {"val": 10}},
+                                       {"some statement nft adds later": {}}])
+def test_a_rate_limit_or_quota_is_a_condition_not_a_verdict_for_every_packet(statement):
+    """`limit rate 10/second accept` (as nft 1.0.6 writes it in JSON) accepts only the packets under
+    the rate: the others go on to the rules after it. So does any statement not known to take every
+    packet; a counter does, and its accept ends the chain."""
+    later = _rule("pre", TCP_8083, {"dnat": {"addr": "192.0.2.8", "port": 80}})
+    ruleset = {"nftables": [_chain("pre", "prerouting"), _rule("pre", statement, {"accept": None}), later]}
+    assert [r.to for r in rules_from_ruleset(ruleset)[0]] == ["192.0.2.8:80"]
+    limited = {"nftables": [_chain("pre", "prerouting"), _rule("pre", TCP_8083, statement,
+                                                                {"dnat": {"addr": "192.0.2.8", "port": 80}})]}
+    [rule] = rules_from_ruleset(limited)[0]
+    assert rule.also and next(iter(statement)) in rule.also[0]  # the rule is said with its condition
+    counted = {"nftables": [_chain("pre", "prerouting"), _rule("pre", {"counter": {"packets": 0, "bytes": 0}},
+                                                               {"accept": None}), later]}
+    assert rules_from_ruleset(counted)[0] == []
+
+
+def test_a_verdict_map_in_a_nat_chain_is_noted_as_not_followed():
+    """kube-proxy's nftables mode and netavark's nftables driver send ports through verdict maps
+    (`tcp dport vmap @ports`, as nft 1.0.6 writes it in JSON): they are not followed, and a note
+    says so; the rules after one are still read (a packet not in the map goes on)."""
+    key = {"payload": {"protocol": "tcp", "field": "dport"}}
+    ruleset = {"nftables": [
+        _chain("pre", "prerouting"), _chain("svc"),
+        {"map": {"family": "ip", "table": "nat", "name": "ports", "type": "inet_service", "map": "verdict",
+                 "elem": [[8081, {"jump": {"target": "svc"}}]]}},
+        _rule("svc", {"dnat": {"addr": "192.0.2.7", "port": 80}}),
+        _rule("pre", {"vmap": {"key": key, "data": "@ports"}}),
+        _rule("pre", {"vmap": {"key": key, "data": {"set": [[8082, {"jump": {"target": "svc"}}]]}}}),
+        _rule("pre", TCP_8083, {"dnat": {"addr": "192.0.2.8", "port": 80}})]}
+    rules, notes = rules_from_ruleset(ruleset)
+    assert [r.to for r in rules] == ["192.0.2.8:80"]
+    assert len(notes) == 1 and "verdict map" in notes[0] and "chain pre" in notes[0], notes
+
+
 def test_a_negated_protocol_leaves_that_protocol_alone():
     ruleset = {"nftables": [_chain("pre", "prerouting"), _rule("pre", {"match": {
         "op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"redirect": {"port": 1}})]}

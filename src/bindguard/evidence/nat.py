@@ -34,6 +34,13 @@ HOOKS = ("prerouting", "output")
 PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "dccp", "udplite", "th"})
 L4_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp", 33: "dccp", 136: "udplite"}
 L4_WITH_PORTS = frozenset(L4_NUMBERS.values())  # what a daemon may bind: `l4proto != tcp` leaves these but tcp
+# Statements known to act on every packet that reaches them and let it go on: before an accept or a
+# drop they leave it unconditional (`counter accept`). Any other statement may stop some packets
+# (limit, quota, ct count, a meter; one nft adds later): a verdict after it is a condition's.
+UNCONDITIONAL = frozenset({"counter", "log", "mangle", "notrack", "dup", "secmark", "ct helper", "ct timeout",
+                           "ct expectation"})
+# What the walk itself reads in a rule: matches, verdicts and NAT targets (xt: iptables-nft's).
+READ = frozenset({"match", "xt", "accept", "drop", "return", "continue", "jump", "goto", "dnat", "redirect"})
 
 # Who writes rules in chains of these names (the chain's own name, or one on the path to it), and
 # where to look for the container or service that published the port.
@@ -331,6 +338,17 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
                 if isinstance(expr.get("xt"), dict) and expr["xt"].get("type") == "match":
                     # iptables-nft's JSON names the match only; iptables_legacy keeps it as written
                     here.also.append(str(expr["xt"].get("written") or f"iptables match {expr['xt'].get('name')}"))
+                    matched = True
+                    continue
+                if "vmap" in expr:  # kube-proxy's nftables mode, netavark's nftables driver
+                    note = (f"chain {key[2]} of table {key[0]} {key[1]} sends packets through a verdict map, whose "
+                            "chains were not read: a port taken elsewhere through it is not reported")
+                    if note not in notes:
+                        notes.append(note)
+                    matched = True  # a packet not in the map goes on to the next rule
+                    continue
+                if not READ.intersection(expr) and not UNCONDITIONAL.intersection(expr):
+                    here.also.append(_short(expr))  # limit, quota, ct count...: not every packet passes
                     matched = True
                     continue
                 if not matched and "return" in expr:
