@@ -312,6 +312,80 @@ def test_a_legacy_line_not_read_still_counts_in_its_chains_rule_numbers():
     assert len(notes) == 1 and [r.handle for r in rules] == [2]
 
 
+def _kube_proxy_save(services: int) -> str:
+    """iptables-legacy-save's nat table as kube-proxy writes it for `services` NodePort services: a
+    rule per service in KUBE-NODEPORTS, each a jump to a chain of its own that DNATs."""
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":KUBE-NODEPORTS - [0:0]"]
+    lines += [f":KUBE-SVC-{i} - [0:0]" for i in range(services)]
+    lines += ["-A PREROUTING -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"]
+    for i in range(services):
+        port = 30000 + i % 2768
+        lines += [f"-A KUBE-NODEPORTS -p tcp -m tcp --dport {port} -j KUBE-SVC-{i}",
+                  f"-A KUBE-SVC-{i} -p tcp -j DNAT --to-destination 192.0.2.{i % 250 + 1}:80"]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+class _Ticks:
+    """A NAT reading's budget (nat_budget's) whose time is up after `looks` looks at the clock."""
+
+    def __init__(self, looks: int) -> None:
+        self.looks, self.limits = looks, (0, 0, 5.0)
+
+    def seconds_left(self) -> float:
+        self.looks -= 1
+        return 1.0 if self.looks >= 0 else 0.0
+
+
+def test_reading_a_large_ruleset_stops_at_its_deadline_with_a_note():
+    """20,000 kube-proxy services (some MiB of iptables-legacy-save) took seconds to parse and walk,
+    with no bound but the tools'. A spent budget stops the parse at once (a table read in part
+    claims nothing: the rule that ends a chain could be among those not read), and the walk where it
+    is: what it found before stands, the rest is said not read."""
+    from bindguard.evidence.nat import nat_budget
+
+    text = _kube_proxy_save(20_000)
+    rules, notes = rules_from_save(text, "ip", nat_budget(0))
+    assert rules == [] and len(notes) == 1 and "iptables-legacy nat table not all read" in notes[0], notes
+    ruleset = json.loads(json.dumps({"nftables": [
+        _chain("pre", "prerouting"),
+        *(_rule("pre", {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                                  "right": 30000 + i}}, {"dnat": {"addr": "192.0.2.1", "port": i}})
+          for i in range(2000))]}))
+    whole, notes = rules_from_ruleset(ruleset)
+    assert len(whole) == 2000 and notes == []
+    part, notes = rules_from_ruleset(ruleset, budget=_Ticks(10))  # a look every 256 items, then rules
+    assert 0 < len(part) < 2000 and part == whole[:len(part)], len(part)
+    assert len(notes) == 1 and "nftables ruleset not all read" in notes[0] and "after 5 s" in notes[0], notes
+
+
+def test_no_tool_runs_once_the_nat_reading_has_spent_its_time():
+    from bindguard.evidence.nat import NFT, NatUnreadable, nat_budget, run_tool
+
+    with pytest.raises(NatUnreadable, match="not run: reading the NAT rules stops after 0 s"):
+        run_tool(NFT, "nftables", "-j", "list", "ruleset", budget=nat_budget(0))
+
+
+def test_the_guard_reads_nat_rules_within_its_units_start_budget(monkeypatch):
+    """Run by the manager (INVOCATION_ID), the NAT reading ends before TimeoutStartSec= would kill the
+    start; elsewhere it takes its own bound, and the bus is not asked for it."""
+    from types import SimpleNamespace
+
+    from bindguard.action.guard import _nat_seconds
+
+    asked = []
+
+    def request(left):
+        return SimpleNamespace(systemd=SimpleNamespace(start_budget=lambda: asked.append(left) or left))
+
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    assert _nat_seconds(request(1.5), 5.0) == 5.0 and asked == []
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    assert _nat_seconds(request(1.5), 5.0) == 1.5
+    assert _nat_seconds(request(None), 5.0) == 5.0
+    assert _nat_seconds(request(30.0), 5.0) == 5.0
+    assert _nat_seconds(SimpleNamespace(systemd=None), 5.0) == 5.0
+
+
 # --- real nftables rules in a network namespace ---------------------------------------------------
 
 

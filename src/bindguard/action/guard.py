@@ -179,7 +179,7 @@ def _investigate(request: Request, cache: dict, answered: list, trial: Probe,
         notes += [n for n in ctx.notes if n not in notes]
     privilege = _privilege(request, results, cache)
     notes += [n for n in _denied_port_notes(request, results, privilege) if n not in notes]
-    nat = _nat_rules(cache) if request.nat or request.observe_always else None
+    nat = _nat_rules(request, cache) if request.nat or request.observe_always else None
     if nat is not None:
         notes += [n for n in nat[1] if n not in notes]
     evidence = replace(observed, systemd=systemd, privilege=privilege, notes=notes)
@@ -196,13 +196,25 @@ def _investigate(request: Request, cache: dict, answered: list, trial: Probe,
     return results, evidence, conflicts
 
 
-def _nat_rules(cache: dict) -> tuple[list, list[str]]:
+def _nat_rules(request: Request, cache: dict) -> tuple[list, list[str]]:
     """The host's DNAT/REDIRECT rules and what could not be read of them, read once a run."""
     if "nat" not in cache:
-        from bindguard.evidence.nat import nat_rules
+        from bindguard.evidence.nat import NAT_SECONDS, nat_rules
 
-        cache["nat"] = nat_rules()
+        cache["nat"] = nat_rules(_nat_seconds(request, NAT_SECONDS))
     return cache["nat"]
+
+
+def _nat_seconds(request: Request, most: float) -> float:
+    """How long reading the NAT rules may take: `most`, and where the manager runs the guard, no longer
+    than the unit's start budget leaves (a start killed on TimeoutStartSec= is a refusal, which `nat:
+    warn` must never cause). The bus is asked only there: elsewhere nothing kills the guard."""
+    import bindguard
+
+    if request.systemd is None or not bindguard.environment().get("INVOCATION_ID"):
+        return most
+    budget = request.systemd.start_budget()
+    return most if budget is None else min(most, budget)
 
 
 def _privilege(request: Request, results: list[ProbeResult], cache: dict):

@@ -22,14 +22,19 @@ from __future__ import annotations
 import ipaddress
 import shlex
 
-from bindguard.evidence.nat import NatUnreadable, rules_from_ruleset, run_tool
+from bindguard.evidence.nat import NatUnreadable, not_all_read, rules_from_ruleset, run_tool, spent
 from bindguard.model.nat import NatRule
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from bindguard.request.discover.common import Budget
 
 # family: (the kernel's list of legacy tables in use, the tool that prints them)
 LEGACY_TABLES = {
     "ip": ("/proc/net/ip_tables_names", "/usr/sbin/iptables-legacy-save"),
     "ip6": ("/proc/net/ip6_tables_names", "/usr/sbin/ip6tables-legacy-save"),
 }
+SOURCES = {"ip": "iptables-legacy", "ip6": "ip6tables-legacy"}  # a rule's source (NatRule.source), by family
 NAMES_MAX_BYTES = 4096  # a handful of table names
 BUILTIN_HOOKS = {"PREROUTING": "prerouting", "INPUT": "input", "OUTPUT": "output", "POSTROUTING": "postrouting"}
 PORT_MODULES = frozenset({"tcp", "udp", "sctp", "dccp", "udplite"})
@@ -62,8 +67,9 @@ def _in_use(names_path: str) -> bool | str:
     return "nat" in names
 
 
-def legacy_nat_rules() -> tuple[list[NatRule], list[str]]:
-    """The DNAT/REDIRECT rules of the legacy nat tables the kernel has, and notes on what was not read."""
+def legacy_nat_rules(budget: Budget | None = None) -> tuple[list[NatRule], list[str]]:
+    """The DNAT/REDIRECT rules of the legacy nat tables the kernel has, read within budget's time, and
+    notes on what was not read."""
     rules: list[NatRule] = []
     notes: list[str] = []
     for family, (names_path, tool) in LEGACY_TABLES.items():
@@ -74,35 +80,42 @@ def legacy_nat_rules() -> tuple[list[NatRule], list[str]]:
             notes.append(f"iptables-legacy's nat rules not read: {in_use}")
             continue
         try:
-            text = run_tool(tool, "iptables", "-t", "nat").decode("utf-8", "replace")
+            text = run_tool(tool, "iptables", "-t", "nat", budget=budget).decode("utf-8", "replace")
         except NatUnreadable as exc:
             notes.append(f"the kernel has an iptables-legacy nat table ({names_path}), whose rules are not in "
                          f"nftables, but they were not read: {exc}")
             continue
-        found, more = rules_from_save(text, family)
+        found, more = rules_from_save(text, family, budget)
         rules.extend(found)
         notes.extend(more)
     return rules, notes
 
 
-def rules_from_save(text: str, family: str) -> tuple[list[NatRule], list[str]]:
-    """The DNAT/REDIRECT rules reachable in the nat table of iptables-legacy-save's text, and notes."""
-    ruleset, notes = ruleset_from_save(text, family)
-    source = "ip6tables-legacy" if family == "ip6" else "iptables-legacy"
-    rules, more = rules_from_ruleset(ruleset, source)
+def rules_from_save(text: str, family: str, budget: Budget | None = None) -> tuple[list[NatRule], list[str]]:
+    """The DNAT/REDIRECT rules reachable in the nat table of iptables-legacy-save's text, read within
+    budget's time, and notes."""
+    ruleset, notes = ruleset_from_save(text, family, budget)
+    if ruleset is None:
+        return [], notes
+    rules, more = rules_from_ruleset(ruleset, SOURCES[family], budget)
     return rules, notes + more
 
 
-def ruleset_from_save(text: str, family: str) -> tuple[dict, list[str]]:
+def ruleset_from_save(text: str, family: str, budget: Budget | None = None) -> tuple[dict | None, list[str]]:
     """iptables-save's nat table as `nft -j list ruleset` would show it: chains (the built-in ones
-    hooked), and per rule its number in the chain, comment and expressions; notes on lines not read."""
+    hooked), and per rule its number in the chain, comment and expressions; notes on lines not read.
+    None where budget's time ran out first: a table read in part could lose the rule that ends a chain."""
     items: list[dict] = []
     notes: list[str] = []
     table = ""
     user_chains: set[str] = set()
     numbers: dict[str, int] = {}
     lines = text.splitlines()
-    for line in lines:  # chains first: a rule may jump to a chain declared after it is used
+    source = SOURCES[family]
+    for count, line in enumerate(lines):  # chains first: a rule may jump to a chain declared after it is used
+        if spent(budget, count):
+            assert budget is not None
+            return None, [not_all_read(f"the {source} nat table", budget)]
         if line.startswith("*"):
             table = line[1:].strip()
         elif table == "nat" and line.startswith(":") and line[1:].split():
@@ -114,7 +127,10 @@ def ruleset_from_save(text: str, family: str) -> tuple[dict, list[str]]:
                 user_chains.add(name)
             items.append({"chain": body})
     table = ""
-    for line in lines:
+    for count, line in enumerate(lines):
+        if spent(budget, count):
+            assert budget is not None
+            return None, [*notes, not_all_read(f"the {source} nat table", budget)]
         if line.startswith("*"):
             table = line[1:].strip()
         if table != "nat" or not line.startswith("-A ") or len(line.split(maxsplit=2)) < 2:

@@ -11,7 +11,10 @@ the kernel has a legacy nat table, and walks them here.
 Root runs `nft` (and iptables-legacy-save) only by its absolute path in /usr/sbin, when root owns it
 and every directory above it and no one else can write them, with PATH=/usr/sbin:/usr/bin alone, no
 stdin, a session of its own, killed after TOOL_SECONDS or TOOL_MAX_BYTES of output (run_tool). Parsing
-(rules_from_ruleset) is pure and bounded too.
+(rules_from_ruleset) is pure and bounded too. All of it, tools, parsing and walking, shares one time
+budget (NAT_SECONDS, or less where the guard's unit leaves less before TimeoutStartSec=): a kube-proxy
+host's ruleset of some MiB takes seconds to walk, and a start killed on its timeout is a refusal that
+`nat: warn` must never cause. What is not read by then is said in a note.
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ from dataclasses import dataclass, field, replace
 
 from bindguard.model.nat import NatRule
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from bindguard.request.discover.common import Budget
+
 NFT = "/usr/sbin/nft"
 TOOL_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin", "LC_ALL": "C"}
 TOOL_SECONDS = 5.0
+NAT_SECONDS = 5.0  # reading the NAT rules: the tools, parsing and walking together
+CHECK_EVERY = 256  # lines or rules between two looks at the clock
 TOOL_MAX_BYTES = 64 << 20  # a kube-proxy host with thousands of services prints some MiB
 MAX_DEPTH = 16  # jump/goto levels below a hooked chain
 MAX_VISITS = 200_000  # rules looked at, over every path: a ruleset cannot make the walk unbounded
@@ -59,6 +68,26 @@ class NatUnreadable(Exception):
     """The ruleset could not be read; str() says why."""
 
 
+def nat_budget(seconds: float = NAT_SECONDS) -> Budget:
+    """The time budget of one reading of the NAT rules (discovery's Budget: its clock alone counts)."""
+    from bindguard.request.discover.common import Budget
+
+    return Budget(seconds=seconds)
+
+
+def spent(budget: Budget | None, count: int) -> bool:
+    """Whether the budget's time is up; looked at once every CHECK_EVERY lines or rules."""
+    return budget is not None and count % CHECK_EVERY == 0 and budget.seconds_left() <= 0
+
+
+def not_all_read(what: str, budget: Budget) -> str:
+    return f"{what} not all read: {stopped(budget)}; a rule not read is not reported"
+
+
+def stopped(budget: Budget) -> str:
+    return f"reading the NAT rules stops after {budget.limits[2]:g} s"
+
+
 @dataclass
 class _Conditions:
     protos: frozenset[str] | None = None
@@ -75,10 +104,11 @@ class _Conditions:
                            self.local_only, list(self.also), self.family_of_daddr)
 
 
-def run_tool(path: str, package: str, *args: str) -> bytes:
-    """The output of the tool at path (absolute, under /usr/sbin) run with args; NatUnreadable when it
-    is missing, untrusted or fails. What is executed is the checked file path resolves to; argv[0]
-    stays path, since a multi-call binary (xtables-legacy-multi) picks its applet by that name."""
+def run_tool(path: str, package: str, *args: str, budget: Budget | None = None) -> bytes:
+    """The output of the tool at path (absolute, under /usr/sbin) run with args, within TOOL_SECONDS and
+    what is left of budget; NatUnreadable when it is missing, untrusted or fails. What is executed is the
+    checked file path resolves to; argv[0] stays path, since a multi-call binary (xtables-legacy-multi)
+    picks its applet by that name."""
     import subprocess
 
     import bindguard
@@ -90,8 +120,11 @@ def run_tool(path: str, package: str, *args: str) -> bytes:
     if why:
         raise NatUnreadable(f"{path} is not run: {why}")
     command = " ".join([os.path.basename(path), *args])
+    seconds = TOOL_SECONDS if budget is None else min(TOOL_SECONDS, budget.seconds_left())
+    if budget is not None and seconds <= 0:
+        raise NatUnreadable(f"`{command}` not run: {stopped(budget)}")
     try:
-        code, out, err, failure = run_bounded([path, *args], TOOL_ENVIRONMENT, TOOL_SECONDS, TOOL_MAX_BYTES,
+        code, out, err, failure = run_bounded([path, *args], TOOL_ENVIRONMENT, seconds, TOOL_MAX_BYTES,
                                               program=os.path.realpath(path))
     except (OSError, subprocess.SubprocessError) as exc:
         raise NatUnreadable(f"{path}: {exc}") from None
@@ -105,9 +138,9 @@ def run_tool(path: str, package: str, *args: str) -> bytes:
     return out
 
 
-def read_ruleset() -> dict:
+def read_ruleset(budget: Budget | None = None) -> dict:
     """`nft -j list ruleset`, parsed; NatUnreadable when nft is missing, untrusted or fails."""
-    out = run_tool(NFT, "nftables", "-j", "list", "ruleset")
+    out = run_tool(NFT, "nftables", "-j", "list", "ruleset", budget=budget)
     try:
         ruleset = json.loads(out or b'{"nftables": []}')
     except ValueError as exc:
@@ -289,17 +322,22 @@ def _target(expr: dict) -> tuple[str, str] | None:
     return None
 
 
-def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[NatRule], list[str]]:
+def rules_from_ruleset(ruleset: dict, source: str = "nftables",
+                       budget: Budget | None = None) -> tuple[list[NatRule], list[str]]:
     """Every DNAT/REDIRECT reachable from a nat chain hooked at prerouting or output, with the
-    conditions on the way to it; and notes on what was not read. `source` names where the ruleset
-    was read (iptables_legacy translates iptables-legacy-save's rules into the same JSON)."""
+    conditions on the way to it; and notes on what was not read (within budget's time, where given).
+    `source` names where the ruleset was read (iptables_legacy translates iptables-legacy-save's rules
+    into the same JSON)."""
     items = ruleset.get("nftables") if isinstance(ruleset, dict) else None
     if not isinstance(items, list):
         return [], ["the nftables ruleset has no `nftables` list"]
     chains: dict[tuple[str, str, str], dict] = {}
     rules: dict[tuple[str, str, str], list[dict]] = {}
     sets: dict[tuple[str, str], dict[str, list]] = {}
-    for item in items:
+    for count, item in enumerate(items):
+        if spent(budget, count):
+            assert budget is not None
+            return [], [not_all_read(f"the {source} ruleset", budget)]
         if not isinstance(item, dict):
             continue
         for what, body in item.items():
@@ -315,15 +353,17 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
     found: list[NatRule] = []
     notes: list[str] = []
     visits = 0
+    out_of_time = False
 
     def walk(key: tuple[str, str, str], hook: str, cond: _Conditions, path: tuple[str, ...]) -> bool:
         """Read the chain `key` for packets under `cond`; True when every such packet ends the
         hook's nat pass in it (an accept, a drop, a NAT target or a goto with no condition), so
         that the rules after the jump that led here are never reached."""
-        nonlocal visits
+        nonlocal visits, out_of_time
         for rule in rules.get(key, ()):
             visits += 1
-            if visits > MAX_VISITS:
+            out_of_time = out_of_time or spent(budget, visits)
+            if visits > MAX_VISITS or out_of_time:
                 return False
             here = cond.copy()
             matched = False
@@ -391,6 +431,9 @@ def rules_from_ruleset(ruleset: dict, source: str = "nftables") -> tuple[list[Na
             walk(key, str(chain["hook"]), _Conditions(), (key[2],))
     if visits > MAX_VISITS:
         notes.append(f"the {source} ruleset has more than {MAX_VISITS} rules on the nat paths: not all were read")
+    if out_of_time:
+        assert budget is not None
+        notes.append(not_all_read(f"the {source} ruleset", budget))
     return found, notes
 
 
@@ -399,14 +442,16 @@ _CHAIN = re.compile(r"^\s*chain (\S+) \{")
 _XLATED = re.compile(r"\b(dnat|redirect) to (\S+).*# handle (\d+)\s*$")
 
 
-def xt_targets_from_text(text: str) -> dict[tuple[str, str, str, int], str]:
+def xt_targets_from_text(text: str, budget: Budget | None = None) -> dict[tuple[str, str, str, int], str]:
     """Where iptables-nft's DNAT/REDIRECT targets send the traffic, from `nft -a list ruleset`: its
     text (not its JSON) translates an xt target back (`dnat to 10.88.0.2:8080`), keyed by the rule's
-    (family, table, chain, handle)."""
+    (family, table, chain, handle); those read within budget's time."""
     found: dict[tuple[str, str, str, int], str] = {}
     table: tuple[str, str] | None = None
     chain = ""
-    for line in text.splitlines():
+    for count, line in enumerate(text.splitlines()):
+        if spent(budget, count):
+            break
         if m := _TABLE.match(line):
             table, chain = (m.group(1), m.group(2)), ""
         elif m := _CHAIN.match(line):
@@ -418,32 +463,33 @@ def xt_targets_from_text(text: str) -> dict[tuple[str, str, str, int], str]:
     return found
 
 
-def nat_rules() -> tuple[list[NatRule], list[str]]:
+def nat_rules(seconds: float = NAT_SECONDS) -> tuple[list[NatRule], list[str]]:
     """The host's DNAT/REDIRECT rules, from nftables and from iptables-legacy's nat tables where the
-    kernel has them, and notes on what could not be read."""
+    kernel has them, read within `seconds`, and notes on what could not be read."""
     from bindguard.evidence.iptables_legacy import legacy_nat_rules
 
-    rules, notes = _nftables_rules()
-    legacy, legacy_notes = legacy_nat_rules()
+    budget = nat_budget(seconds)
+    rules, notes = _nftables_rules(budget)
+    legacy, legacy_notes = legacy_nat_rules(budget)
     return rules + legacy, notes + legacy_notes
 
 
-def _nftables_rules() -> tuple[list[NatRule], list[str]]:
+def _nftables_rules(budget: Budget) -> tuple[list[NatRule], list[str]]:
     """The nftables ruleset's DNAT/REDIRECT rules and notes; ([], [why]) when it cannot be read.
 
     Where iptables-nft wrote a rule, the JSON names its target only ("xt target DNAT"): then the
     text listing is read once more for where the traffic goes."""
     try:
-        rules, notes = rules_from_ruleset(read_ruleset())
+        rules, notes = rules_from_ruleset(read_ruleset(budget), budget=budget)
     except NatUnreadable as exc:
         return [], [f"NAT rules not read: {exc}"]
     if any(not r.to for r in rules):
         try:
-            text = run_tool(NFT, "nftables", "-a", "list", "ruleset").decode("utf-8", "replace")
+            text = run_tool(NFT, "nftables", "-a", "list", "ruleset", budget=budget).decode("utf-8", "replace")
         except NatUnreadable as exc:
             notes.append(f"where iptables-nft's DNAT/REDIRECT rules send the traffic was not read: {exc}")
         else:
-            targets = xt_targets_from_text(text)
+            targets = xt_targets_from_text(text, budget)
             rules = [replace(r, to=targets.get((r.family, r.table, r.chain, r.handle or -1), r.to)) if not r.to
                      else r for r in rules]
     return rules, notes
