@@ -163,6 +163,26 @@ def test_a_cgroup_path_that_only_ends_in_the_units_name_is_not_reaped(systemd_ri
     assert alive(pid)
 
 
+def test_a_cgroup_a_delegated_unit_named_is_no_unit_and_reaches_no_command(systemd_rig):
+    """Below a delegated unit its user may make cgroups of any name: one named
+    `x$(reboot);.service` is no unit systemd could have, so the holder's unit is the one above it,
+    and the name reaches no command the advice writes."""
+    import re
+
+    rig = systemd_rig
+    rig.hold(SPEC, uid=65534)
+    pid = listener_pid(rig.run)
+    fake_unit_cgroup(rig, pid, "user.slice/user-65534.slice/user@65534.service/app.slice/web.service/"
+                               "x$(reboot);.service")
+    rig.stop_bus()
+    done = rig.bindguard("check", "--user", "--json", ADDRESS)
+    (conflict,) = json.loads(done.stdout)["conflicts"]
+    assert (conflict["unit"], conflict["unit_status"]) == ("web.service", "cgroup"), conflict
+    said = rig.bindguard("check", "--user", ADDRESS).stderr
+    assert "`systemctl stop web.service`" in said
+    assert not [command for command in re.findall(r"`[^`]*`", said) if "reboot" in command], said
+
+
 # --- issue 10.3: the unit of a socket-unit conflict is the socket unit ----------------------------------------
 
 

@@ -15,7 +15,8 @@ from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import BOUND, ProcessFact, SocketFact
 from bindguard.verdict.remedies import remedy
 from bindguard.systemd.bus import UnitInfo
-from bindguard.model.kinds import ConflictKind
+from bindguard.model.kinds import ConflictKind, UnitStatus
+from bindguard.model.text import command_unit
 from bindguard.verdict.conflicts import Conflict
 
 
@@ -85,6 +86,16 @@ def ssh_context(kill_mode="process", n_restarts=0) -> SystemdContext:
                               sub_state="start-pre", unit_file_state="", control_group="/system.slice/ssh.service",
                               invocation_id="", triggered_by=(), kill_mode=kill_mode, n_restarts=n_restarts)
     return ctx
+
+
+def test_a_unit_name_with_systemd_s_escapes_is_quoted_in_a_command():
+    """`systemctl stop foo\\x2dbar.service` in a shell would stop foox2dbar.service."""
+    unit = "web\\x2d1.service"
+    c = Conflict(bind("0.0.0.0:80"), ConflictKind.LISTENER, socket=sock("0.0.0.0:80"),
+                 process=holder(unit=unit, cgroup=f"/system.slice/{unit}"), unit=unit, unit_status=UnitStatus.BY_MANAGER)
+    assert f"`systemctl stop 'web\\x2d1.service'`" in remedy(c)
+    assert command_unit("nginx.service") == "nginx.service" and command_unit("getty@tty1.service") == "getty@tty1.service"
+    assert command_unit("it's.service") == "'it'\\''s.service'"
 
 
 def test_no_advice_about_the_unit_on_a_clear_start():

@@ -54,6 +54,9 @@ def test_choose_bus_follows_flags_then_managerpid():
         ("/system.slice/system-getty.slice/getty@tty1.service", "getty@tty1.service"),
         ("/system.slice/systemd-fsck@dev-disk-by\\x2duuid-1.service", "systemd-fsck@dev-disk-by\\x2duuid-1.service"),
         ("/user.slice/user-1000.slice/session-3.scope", "session-3.scope"),
+        # a delegated unit's own cgroups are named as its user likes: no unit systemd could have
+        ("/user.slice/user-1000.slice/user@1000.service/app.slice/web.service/x$(reboot);.service", "web.service"),
+        (f"/system.slice/docker.service/{'a' * 250}.service", "docker.service"),
         ("/user.slice/user-1000.slice", None),
         ("/", None),
     ],

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from bindguard.model.endpoints import TCP
 from bindguard.model.facts import VIA_PROXY
 from bindguard.model.kinds import ConflictKind, Leaving, UnitStatus
-from bindguard.model.text import shell_word
+from bindguard.model.text import command_unit, shell_word
 from bindguard.verdict.conflicts import Conflict
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
@@ -167,13 +167,14 @@ def _socket_unit(c: Conflict) -> str:
         return (f"{name} is this service's own socket unit: systemd binds the address and passes it to "
                 "the daemon (sd_listen_fds, LISTEN_FDS). Configure the daemon to take the socket from "
                 "systemd, or remove the unit's Sockets=: never both")
-    return (f"{name} listens there for socket activation: `systemctl stop {name}` and `systemctl disable "
-            f"{name}` if it should not, or move one of them to another address")
+    unit = command_unit(name)
+    return (f"{name} listens there for socket activation: `systemctl stop {unit}` and `systemctl disable "
+            f"{unit}` if it should not, or move one of them to another address")
 
 
 def _guard_trial(c: Conflict) -> str:
     unit = f" for {c.unit}" if c.unit else ""
-    status = f"; if it is stuck, `systemctl status {c.unit}` shows its start" if c.unit else ""
+    status = f"; if it is stuck, `systemctl status {command_unit(c.unit)}` shows its start" if c.unit else ""
     return (f"PID {_pid(c)}'s command line is bindguard's: another guard trying this address{unit}, whose trial "
             "socket held it each time this guard probed again. If both units' daemons bind this address, "
             "only one of them can run: give them different addresses, or let only one of them start "
@@ -182,18 +183,18 @@ def _guard_trial(c: Conflict) -> str:
 
 def _latent_socket_unit(c: Conflict) -> str:
     return (f"{c.socket_unit} is not listening now but declares this address: it will collide when it "
-            f"starts (at next boot if enabled). `systemctl disable --now {c.socket_unit}`, or change its "
-            "ListenStream=/ListenDatagram=")
+            f"starts (at next boot if enabled). `systemctl disable --now {command_unit(c.socket_unit or '')}`, or "
+            "change its ListenStream=/ListenDatagram=")
 
 
 def _own_instance(c: Conflict) -> str:
     unit = c.unit or "the unit"
     pid = _pid(c)
     if pid is None:
-        return (f"a process still in {unit}'s own cgroup holds the port: find it with `systemctl status {unit}` "
-                "and confirm it is an old listener of the unit before ending it")
-    return (f"PID {pid} is still in {unit}'s own cgroup from an earlier run, holding the port. Confirm "
-            f"with {_check_pid(c)} and `systemctl status {unit}` that it is an old listener of {unit} (not a "
+        return (f"a process still in {unit}'s own cgroup holds the port: find it with `systemctl status "
+                f"{command_unit(unit)}` and confirm it is an old listener of the unit before ending it")
+    return (f"PID {pid} is still in {unit}'s own cgroup from an earlier run, holding the port. Confirm with "
+            f"{_check_pid(c)} and `systemctl status {command_unit(unit)}` that it is an old listener of {unit} (not a "
             f"process the unit keeps on purpose), then `kill -TERM {pid}`; --reap-stale does exactly "
             "that, for processes proven to be the unit's own")
 
@@ -209,9 +210,10 @@ def _listener(c: Conflict) -> str:
     pid = _pid(c)
     who = c.unit if c.unit and c.unit_status == UnitStatus.BY_MANAGER else f"PID {pid}" if pid else "the listener"
     if c.unit and c.unit.endswith(".service") and c.unit_status in (UnitStatus.BY_MANAGER, UnitStatus.BY_CGROUP):
-        stop = f"`systemctl stop {c.unit}`"
+        stop = f"`systemctl stop {command_unit(c.unit)}`"
         if c.unit_status == UnitStatus.BY_CGROUP:
-            stop += f" once `systemctl status {c.unit}` lists PID {pid}: only its cgroup path names that unit"
+            stop += (f" once `systemctl status {command_unit(c.unit)}` lists PID {pid}: only its cgroup path "
+                     "names that unit")
     else:
         stop = f"the way it was started, after finding out what it is with {_check_pid(c)}"
     return (f"{who} already serves this address. If it is the rightful owner, do not start a second "

@@ -22,6 +22,7 @@ from bindguard.model.facts import unit_active
 from bindguard.model.hostmap import Claim, HostMap, UnitState
 from bindguard.model.kinds import ClaimSource, FindingKind, UnitStatus
 from bindguard.model.nat import NatRule
+from bindguard.model.text import command_unit
 from bindguard.verdict.nat import nat_evidence
 from bindguard.verdict.remedies import find_holder, inspect_process, nat_remedy, stop_container
 
@@ -87,7 +88,8 @@ def reserved_with(current: str, ports: list[int]) -> str:
 def _config_errors(hostmap: HostMap) -> list[Finding]:
     return [Finding(FindingKind.CONFIG_ERROR, f"{u.name}: its bindguard configuration cannot be used",
                     u.config_problems,
-                    f"fix the file, then `bindguard config check {u.name}`; until then its addresses are discovered",
+                    f"fix the file, then `bindguard config check {command_unit(u.name)}`; until then its addresses "
+                    "are discovered",
                     units=(u.name,))
             for u in hostmap.units if u.config_problems]
 
@@ -121,7 +123,8 @@ def _collisions(hostmap: HostMap) -> list[Finding]:
             service = next(c for pair in pairs for c in pair if c.source != ClaimSource.SOCKET_UNIT)
             owner = ", ".join(sock.triggers) or "its service"
             summary = f"{service.unit} and {sock.unit} both bind port {port}/{proto}"
-            fix = (f"never both: {sock.unit} binds it for {owner}. Either `systemctl disable --now {sock.unit}` "
+            fix = (f"never both: {sock.unit} binds it for {owner}. Either `systemctl disable --now "
+                   f"{command_unit(sock.unit)}` "
                    f"if {service.unit} should serve it, or move {service.unit} to another address "
                    f"(or let it take the socket from systemd: Sockets={sock.unit} in {service.unit})")
         else:
@@ -277,8 +280,8 @@ def _restart_loops(hostmap: HostMap) -> list[Finding]:
                     "process): bound the retries with StartLimitIntervalSec= and StartLimitBurst= in [Unit]")
         else:
             stop = "add RestartPreventExitStatus=98 to the unit so that systemd stops restarting into the same conflict"
-        fix = (f"see who holds the address with {probe} and `systemctl status {unit.name}`; {stop}; then "
-               f"`systemctl reset-failed {unit.name}` once it is resolved")
+        fix = (f"see who holds the address with {probe} and `systemctl status {command_unit(unit.name)}`; {stop}; "
+               f"then `systemctl reset-failed {command_unit(unit.name)}` once it is resolved")
         found.append(Finding(FindingKind.RESTART_LOOP, f"{unit.name} restarts on a bind conflict", evidence, fix,
                              units=(unit.name,), addresses=addresses,
                              port=min((c.bind.endpoint.port for c in claims), default=None)))

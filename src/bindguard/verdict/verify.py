@@ -18,6 +18,7 @@ from bindguard.model.endpoints import Bind, addresses_overlap
 from bindguard.model.errors import ExitCode
 from bindguard.model.facts import ProcessFact, SocketFact, cgroup_within, holder_unit
 from bindguard.model.kinds import UnitStatus, VerifyKind
+from bindguard.model.text import command_unit
 from bindguard.verdict.conflicts import unit_phrase
 from bindguard.verdict.remedies import find_holder, inspect_process
 
@@ -109,7 +110,8 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
         p = h.processes[0] if h else None
         named = (h.units[0] if h.units else holder_unit(p, {})) if h and p else (None, "")
         holder, how = named
-        stop = (f"`systemctl stop {holder}`" if how == UnitStatus.BY_MANAGER and holder and holder.endswith(".service")
+        stop = (f"`systemctl stop {command_unit(holder)}`"
+                if how == UnitStatus.BY_MANAGER and holder and holder.endswith(".service")
                 else f"the way it was started, after finding out what it is with {inspect_process(p.pid)}" if p
                 else f"find it as root with {find_holder(ep.port, listening=True)}")
         fix = (f"{unit} does not own {ep}: if {unit} should serve it, stop the holder ({stop}) and restart "
@@ -123,9 +125,9 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
     elif not ours:
         kind = VerifyKind.NOT_LISTENING
         evidence = [f"nothing listens on {ep} after {waited:.1f} s"]
-        fix = (f"the daemon did not reach listen() on {ep}: see why in `systemctl status {unit}` and "
-               f"`journalctl -u {unit}`; if it is only slow, raise --timeout or make the unit Type=notify "
-               "so that ExecStartPost= runs once it is ready")
+        fix = (f"the daemon did not reach listen() on {ep}: see why in `systemctl status {command_unit(unit)}` "
+               f"and `journalctl -u {command_unit(unit)}`; if it is only slow, raise --timeout or make the unit "
+               "Type=notify so that ExecStartPost= runs once it is ready")
     elif foreign:
         kind = VerifyKind.SHARED
         evidence = [f"{unit} holds {_who(h)}" for h in ours] + [
