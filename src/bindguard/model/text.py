@@ -42,17 +42,6 @@ def shell_word(name: str) -> bool:
     return bool(name) and name[0] != "-" and all(c in _SHELL_WORD for c in name)
 
 
-# What systemd allows in a unit name (unit_name_is_valid): letters, digits and : - _ . \ @, at most
-# 255 of them. A cgroup directory a delegated unit made may be named anything.
-_UNIT_NAME = _SHELL_WORD | frozenset(":@\\")
-UNIT_NAME_MAX = 255
-
-
-def unit_name_chars(name: str) -> bool:
-    """Whether name holds only what systemd allows in a unit name."""
-    return 0 < len(name) <= UNIT_NAME_MAX and all(c in _UNIT_NAME for c in name)
-
-
 _COMMAND_PLAIN = _SHELL_WORD | frozenset(":@")  # a unit name a shell reads as it is
 
 

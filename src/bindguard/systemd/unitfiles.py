@@ -9,7 +9,6 @@ import _stat
 import posix
 
 import bindguard
-from bindguard.model.text import unit_name_chars
 
 DEFAULT_SEARCH_PATH = ("/etc/bindguard", "/run/bindguard", "/usr/lib/bindguard")
 SEARCH_PATH_ENV = "BINDGUARD_CONFIG_PATH"
@@ -333,13 +332,10 @@ def unit_from_cgroup(path: str) -> str | None:
     web.service (a unit of the user manager); /init.scope -> init.scope (PID 1). Slices
     hold no processes of their own: /system.slice -> None. systemd's cgroup escaping (a
     leading "_") is undone. A directory a delegated unit made below itself is no unit, whatever
-    its name: one with a character systemd allows in no unit name is passed over.
+    its name: one no unit could be named (a character systemd allows in none) is passed over.
     """
     for component in reversed(path.split("/")):
         name = component[1:] if component.startswith("_") else component
-        if not unit_name_chars(name):
-            continue
-        for suffix in PROCESS_UNIT_SUFFIXES:
-            if name.endswith(suffix) and len(name) > len(suffix):
-                return name
+        if name.endswith(PROCESS_UNIT_SUFFIXES) and _named(name, template=False)[1] is None:
+            return name
     return None
