@@ -332,15 +332,16 @@ def test_a_podman_container_in_its_own_cgroup_is_named_from_the_cgroup(tmp_path)
 
 
 # Rootless Podman, run by a user of the test's own: passwd, group, subuid and subgid with that user
-# are written in a private copy of /etc in the test's mount namespace, its home and /run are tmpfs
-# there, so the host's files are never changed (nor made, where the host has no /etc/subuid).
+# are written in a private copy of /etc in the test's mount namespace, and /run is a tmpfs there, which
+# holds its home (ROOTLESS_HOME: not under /home, which may hold this checkout and its python) and
+# runtime directory, so the host's files are never changed (nor made, where the host has no /etc/subuid).
 # slirp4netns needs /dev/net/tun open to the user: a node of its own,
 # mode 666, over the host's (0600 here). crun runs on the cgroup v1 hierarchies (a hybrid host's cgroup2
 # part unmounted, as above) and the container has no cgroup (rootless Podman makes none on cgroup v1):
 # the port is held by rootlessport alone. Afterwards the user's processes (Podman's pause process) are
 # ended by their PIDs: none but the test's run as that user.
 ROOTLESS_SCRIPT = "set -eu\n" + PRIVATE_COPY + r"""
-as_user() { setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups env -i HOME="/home/$TEST_USER" \
+as_user() { setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups env -i HOME="$TEST_HOME" \
     XDG_RUNTIME_DIR="/run/user/$TEST_UID" PATH=/usr/sbin:/usr/bin:/sbin:/bin USER="$TEST_USER" "$@"; }
 cleanup() {
     as_user podman rm -f -t 0 web2 >/dev/null 2>&1 || true
@@ -349,26 +350,25 @@ cleanup() {
 }
 mkdir -p "$OUT/dev"
 private_copy /etc
-echo "$TEST_USER:x:$TEST_UID:$TEST_UID::/home/$TEST_USER:/bin/sh" >> /etc/passwd
+echo "$TEST_USER:x:$TEST_UID:$TEST_UID::$TEST_HOME:/bin/sh" >> /etc/passwd
 echo "$TEST_USER:x:$TEST_UID:" >> /etc/group
 echo "$TEST_USER:200000:65536" > /etc/subuid
 echo "$TEST_USER:200000:65536" > /etc/subgid
 mount -t tmpfs -o mode=755 tmpfs "$OUT/dev"
 mknod -m 666 "$OUT/dev/tun" c 10 200
 mount --bind "$OUT/dev/tun" /dev/net/tun
-mount -t tmpfs -o mode=755 tmpfs /home
 mount -t tmpfs tmpfs /run
 trap cleanup EXIT  # only once the user's home and runtime directory are the test's
-mkdir -p /run/lock "/run/user/$TEST_UID" "/home/$TEST_USER"
-chown "$TEST_UID:$TEST_UID" "/run/user/$TEST_UID" "/home/$TEST_USER"
+mkdir -p /run/lock "/run/user/$TEST_UID" "$TEST_HOME"
+chown "$TEST_UID:$TEST_UID" "/run/user/$TEST_UID" "$TEST_HOME"
 chmod 700 "/run/user/$TEST_UID"
 if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/unified; then
     umount /sys/fs/cgroup/unified
 fi
 ip link set lo up
 cd /
-install -o "$TEST_UID" -m 600 "$IMAGE" "/home/$TEST_USER/image.tar"
-as_user podman import -q "/home/$TEST_USER/image.tar" localhost/bindguard-test:1 >/dev/null
+install -o "$TEST_UID" -m 600 "$IMAGE" "$TEST_HOME/image.tar"
+as_user podman import -q "$TEST_HOME/image.tar" localhost/bindguard-test:1 >/dev/null
 as_user podman run -d -q --name web2 --cgroups disabled --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
     -p 18081:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
 ss -ltnp 'sport = :18081' > "$OUT/ss.txt"
@@ -386,6 +386,8 @@ set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18081 2> "$OUT/after.err"
 echo $? > "$OUT/after.code"
 """
+ROOTLESS_USER = "bgrootless"
+ROOTLESS_HOME = f"/run/home/{ROOTLESS_USER}"  # on the script's own /run
 
 
 def _free_uid() -> int:
@@ -414,7 +416,8 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
     need_engine("/usr/bin/newuidmap", "/usr/bin/slirp4netns", "/usr/lib/podman/rootlessport")
     uid = _free_uid()
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path), TEST_UID=str(uid), TEST_USER="bgrootless")
+               PYTHONPATH=os.pathsep.join(sys.path), TEST_UID=str(uid), TEST_USER=ROOTLESS_USER,
+               TEST_HOME=ROOTLESS_HOME)
     with _host_unchanged():
         done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
                                ROOTLESS_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
@@ -424,17 +427,17 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
     held = [c for c in report["conflicts"] if c["kind"] == "listener"]
     assert len(held) == 1, report
     holder = held[0]
-    assert holder["name"] == "rootlessport" and holder["user"] == "bgrootless", holder
+    assert holder["name"] == "rootlessport" and holder["user"] == ROOTLESS_USER, holder
     container = holder["container"]
     assert (container["engine"], container["name"], container["image"], container["via"], container["user"]) == (
-        "podman", "web2", "localhost/bindguard-test:1", "rootlessport", "bgrootless"), container
-    assert container["source"] == f"/home/bgrootless/{containers.ROOTLESS_STORAGE}/vfs-containers/containers.json" \
-        or container["source"].endswith("/overlay-containers/containers.json")
-    assert ("`runuser -u bgrootless -- env -u XDG_RUNTIME_DIR -u DBUS_SESSION_BUS_ADDRESS podman stop web2`"
+        "podman", "web2", "localhost/bindguard-test:1", "rootlessport", ROOTLESS_USER), container
+    storage = f"{ROOTLESS_HOME}/{containers.ROOTLESS_STORAGE}"  # the user's home, from its passwd entry
+    assert container["source"] in {listed.format(storage=storage) for listed in containers.PODMAN_LISTS}, container
+    assert (f"`runuser -u {ROOTLESS_USER} -- env -u XDG_RUNTIME_DIR -u DBUS_SESSION_BUS_ADDRESS podman stop web2`"
             in holder["remedy"]) and "kill -" not in holder["remedy"]
     assert (tmp_path / "check.code").read_text().strip() == "98"
     check = (tmp_path / "check.err").read_text()
-    assert "podman container web2 of user bgrootless, image localhost/bindguard-test:1" in check
+    assert f"podman container web2 of user {ROOTLESS_USER}, image localhost/bindguard-test:1" in check
     assert (tmp_path / "after.code").read_text().strip() == "0", (tmp_path / "remedy.out").read_text()
     left = subprocess.run(["pgrep", "--runstates", "D,R,S,T,t", "-u", str(uid)], capture_output=True, text=True)
     assert not left.stdout, left  # nothing of the test's runs on (a zombie is left for PID 1 to reap)
