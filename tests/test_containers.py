@@ -182,7 +182,9 @@ set +e
 $BINDGUARD check --no-systemd --wait 0 0.0.0.0:18080 2> "$OUT/check.err"
 echo $? > "$OUT/check.code"
 """
-PODMAN_RUN = "podman run -d -q --name web1 --ulimit nofile=1024:1024 --ulimit nproc=4096:4096"
+# busybox httpd, a container's PID 1, ignores SIGTERM (a PID 1 has no default action for it): every
+# `podman stop` or `docker stop` waits out the container's stop timeout before SIGKILL, 1 s, not 10.
+PODMAN_RUN = "podman run -d -q --name web1 --stop-timeout 1 --ulimit nofile=1024:1024 --ulimit nproc=4096:4096"
 # A published port: conmon holds it, netavark's NAT rule takes its traffic; no cgroup of its own.
 RUN_PUBLISHED = f"""mount -t cgroup2 none /sys/fs/cgroup
 {PODMAN_RUN} --cgroups disabled -p 18080:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null"""
@@ -369,8 +371,8 @@ ip link set lo up
 cd /
 install -o "$TEST_UID" -m 600 "$IMAGE" "$TEST_HOME/image.tar"
 as_user podman import -q "$TEST_HOME/image.tar" localhost/bindguard-test:1 >/dev/null
-as_user podman run -d -q --name web2 --cgroups disabled --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
-    -p 18081:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
+as_user podman run -d -q --name web2 --stop-timeout 1 --cgroups disabled --ulimit nofile=1024:1024 \
+    --ulimit nproc=4096:4096 -p 18081:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
 ss -ltnp 'sport = :18081' > "$OUT/ss.txt"
 $BINDGUARD explain --no-systemd --json 0.0.0.0:18081 > "$OUT/explain.json" 2> "$OUT/explain.err" || true
 set +e
@@ -518,8 +520,8 @@ ip link set lo up
 dockerd --storage-driver vfs --exec-opt native.cgroupdriver=cgroupfs $DOCKERD_OPTIONS > "$OUT/dockerd.log" 2>&1 &
 for _ in $(seq 1 120); do $docker info >/dev/null 2>&1 && break; sleep 0.5; done
 $docker import "$IMAGE" bindguard-test:1 >/dev/null
-$docker run -d --name web3 -p 18082:8080 bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
-$docker run -d --name web4 --network host bindguard-test:1 /bin/httpd -f -p 18083 >/dev/null
+$docker run -d --name web3 --stop-timeout 1 -p 18082:8080 bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
+$docker run -d --name web4 --stop-timeout 1 --network host bindguard-test:1 /bin/httpd -f -p 18083 >/dev/null
 cp "/var/lib/docker/containers/$($docker inspect -f '{{.Id}}' web3)/config.v2.json" "$OUT/config.v2.json"
 for port in 18082 18083; do
     $BINDGUARD explain --no-systemd --json 0.0.0.0:$port > "$OUT/explain-$port.json" 2> "$OUT/explain.err" || true
