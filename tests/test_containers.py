@@ -456,10 +456,67 @@ def _nobodys_process():
         process.wait()
 
 
-def test_a_rootlessport_that_forwards_into_no_container_names_none():
-    """A user's program called rootlessport, with no container of that user's behind it, is no container."""
-    with _nobodys_process() as impostor:
-        assert containers.container_of(impostor.pid, "0::/\n", ("rootlessport",), 65534) is None
+NOBODY = 65534
+AS_NOBODY = f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups"
+
+
+@pytest.fixture
+def named_sleep():
+    """named_sleep(NAME): the path of a copy of /bin/sleep called NAME (its process's comm), in a
+    directory of root's that every user may run programs from, removed after the test."""
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="bindguard-names-"))
+    where.chmod(0o755)
+
+    def copy(name: str) -> str:
+        shutil.copy2("/bin/sleep", where / name)
+        return str(where / name)
+
+    try:
+        yield copy
+    finally:
+        shutil.rmtree(where)
+
+
+def _status_uid(pid: int) -> int | None:
+    from bindguard.evidence import owners
+
+    ids = owners.status_ids(pid)
+    return ids[0] if ids else None
+
+
+def _until(ready, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not ready():
+        assert time.monotonic() < deadline, f"not ready in 10 s: {what}"
+        time.sleep(0.02)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_a_rootlessport_that_forwards_into_no_container_names_none(named_sleep):
+    """A user's program called rootlessport, with no container of that user's behind it, is no container:
+    in a network namespace of its own, as the real one's child forwards into, so that what decides is
+    that no conmon of the user's has a child there (or, where the guard checks it, its program)."""
+    need_root("another user's process in a network namespace")
+    impostor = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), named_sleep("rootlessport"), "30"])
+    try:
+        _until(lambda: _comm(impostor.pid) == "rootlessport", "the impostor's exec")
+        assert os.stat(f"/proc/{impostor.pid}/ns/net") != os.stat("/proc/self/ns/net")
+        assert _status_uid(impostor.pid) == NOBODY
+        from bindguard.evidence import owners
+
+        facts = owners.process_facts(impostor.pid)
+        assert facts is not None and facts.cmdline[0].endswith("/rootlessport") and facts.container is None, facts
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 def _commands(text: str) -> list[str]:
@@ -603,13 +660,49 @@ def test_a_port_dockerd_holds_itself_without_its_proxy_is_named_as_the_container
     _assert_web3_named(tmp_path, "dockerd", "dockerd")
 
 
-def test_a_docker_proxy_that_is_not_dockerds_names_no_container():
+@contextlib.contextmanager
+def _dockerd_with_proxy(named_sleep, dockerd_uid: int, proxy_uid: int):
+    """A process called dockerd run as dockerd_uid whose child called docker-proxy runs as proxy_uid
+    (root's or nobody's: a nobody's dockerd drops root after starting its child); the child's PID."""
+    runs_as = {0: "", NOBODY: AS_NOBODY}
+    script = f'{runs_as[proxy_uid]} "$1" 30 & exec {runs_as[dockerd_uid]} "$2" 30'
+    dockerd = subprocess.Popen(["sh", "-c", script, "sh", named_sleep("docker-proxy"), named_sleep("dockerd")])
+    proxies: list[int] = []
+
+    def started() -> bool:
+        children = Path(f"/proc/{dockerd.pid}/task/{dockerd.pid}/children").read_text().split()
+        proxies[:] = [int(c) for c in children if _comm(int(c)) == "docker-proxy"]
+        return _comm(dockerd.pid) == "dockerd" and len(proxies) == 1
+
+    try:
+        _until(started, "dockerd and its docker-proxy")
+        assert (_status_uid(dockerd.pid), _status_uid(proxies[0])) == (dockerd_uid, proxy_uid)
+        yield proxies[0]
+    finally:
+        for pid in proxies:
+            os.kill(pid, 9)
+        dockerd.kill()
+        dockerd.wait()
+
+
+def test_only_roots_docker_proxy_child_of_roots_dockerd_names_a_container(named_sleep, tmp_path, monkeypatch):
     """Anyone can run a program called docker-proxy with a container's address: only root's, whose
-    parent is root's dockerd, is believed."""
+    parent is root's dockerd, is believed; each check decides for a process that passes every other,
+    against Docker's state that names the container for root's pair."""
+    need_root("processes of other users")
+    recorded = json.loads(DOCKER_RECORDED.read_text())
+    (tmp_path / recorded["ID"]).mkdir()
+    shutil.copy(DOCKER_RECORDED, tmp_path / recorded["ID"] / "config.v2.json")
+    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
+    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
     argv = ("/usr/sbin/docker-proxy", "-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "18082",
             "-container-ip", "172.17.0.2", "-container-port", "8080")
+    for dockerd_uid, proxy_uid, named in ((0, 0, "web"), (0, NOBODY, None), (NOBODY, 0, None)):
+        with _dockerd_with_proxy(named_sleep, dockerd_uid, proxy_uid) as proxy:
+            fact = containers.container_of(proxy, "0::/\n", argv, _status_uid(proxy))
+            assert (fact.name if fact else None) == named, (dockerd_uid, proxy_uid, fact)
     with _nobodys_process() as impostor:
-        assert containers.container_of(impostor.pid, "0::/\n", argv, 65534) is None
+        assert containers.container_of(impostor.pid, "0::/\n", argv, NOBODY) is None
     assert containers.container_of(os.getpid(), "0::/\n", argv, 0) is None  # root's, but its parent is no dockerd
 
 
