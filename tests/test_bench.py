@@ -35,8 +35,10 @@ def test_small_benchmark_runs_and_cleans_up(tmp_path):
         assert commands[key]["peak_rss_kib"] > 0
     for key in BINDGUARD_PATHS:
         assert commands[key]["status"] in ("ok", "n/a"), commands[key]
-    if REQUIRE:  # CI has the systemd rig: the in-unit paths, the known daemons and the boot storm must have run
-        for key in ("unit", "noop_unit", "held_unit", *KNOWN_DAEMON_PATHS, *SOCKET_UNIT_PATHS):
+    if REQUIRE:  # CI has the systemd rig and nftables (setup.sh --test): the in-unit paths, the unit's YAML
+        # with and without `nat: warn`, the known daemons and the boot storm must have run
+        for key in ("unit", "noop_unit", "held_unit", "clear_yaml", "nat_warn", *KNOWN_DAEMON_PATHS,
+                    *SOCKET_UNIT_PATHS):
             assert commands[key]["status"] == "ok", commands[key]
             assert len(commands[key]["times_ms"]) == 2
         storm = report["boot_storm"]
