@@ -397,3 +397,40 @@ def test_a_bus_socket_of_another_user_is_not_asked(monkeypatch, tmp_path):
             Systemd(SYSTEM)
     finally:
         server.close()
+
+
+# A process of nobody's that makes itself non-dumpable (prctl PR_SET_DUMPABLE 0), as a service's user
+# could make an `LD_PRELOAD=x.so /usr/lib/systemd/systemd` they run: proc(5) then shows the files in its
+# /proc/PID as root's (Linux keeps /proc/PID itself its effective uid's, task_dump_owner).
+UNDUMPABLE = """\
+import ctypes, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_a_non_dumpable_process_of_another_user_is_no_manager_of_roots(monkeypatch):
+    """A root guard believes $MANAGERPID only of a manager root runs: by the real and effective uid
+    on the Uid: line of /proc/PID/status, not by who owns a file in /proc/PID, which for a
+    non-dumpable process proc(5) shows as root."""
+    from bindguard.systemd import unitfiles
+
+    if os.geteuid() != 0:
+        pytest.skip("the root guard's rule; setpriv needs root")
+    process = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                "/usr/bin/python3", "-I", "-c", UNDUMPABLE], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == b"ready\n"
+        assert os.stat(f"/proc/{process.pid}/status").st_uid == 0  # what an owner in /proc would prove
+        assert unitfiles.status_ids(process.pid) == (65534, 65534)
+        assert not unitfiles.root_runs(process.pid)
+        assert unitfiles.root_runs(os.getpid())
+        # Its exe cannot be systemd's binary without it being systemd: grant that, so the uid decides.
+        monkeypatch.setattr(unitfiles, "runs_systemd", lambda pid: True)
+        assert unitfiles.proven_user_manager({"MANAGERPID": str(process.pid)}) is None
+        assert unitfiles.proven_user_manager({"MANAGERPID": str(os.getpid())}) == os.getpid()
+    finally:
+        process.kill()
+        process.wait()

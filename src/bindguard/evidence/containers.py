@@ -223,7 +223,7 @@ ROOT = 0
 
 def _real_uid(pid: int) -> int | None:
     """Another process's real uid (the holder's own is given to container_of); None when it is gone."""
-    from bindguard.evidence.owners import status_ids
+    from bindguard.systemd.unitfiles import status_ids
 
     ids = status_ids(pid)
     return ids[0] if ids else None

@@ -17,6 +17,7 @@ from bindguard.systemd.unitfiles import (  # noqa: F401 (process_cgroup: API too
     cgroup_file,
     cgroup_from_proc_file,
     process_cgroup,
+    status_ids,
     unit_from_cgroup,
 )
 
@@ -310,27 +311,6 @@ def _boot_time() -> float:
             else:
                 raise OSError(errno.ENODATA, "no btime line in /proc/stat")
     return _boot_times[0]
-
-
-STATUS_BYTES = 1 << 14  # /proc/PID/status: about 1.5 KiB; the Uid: line is its ninth
-
-
-def status_ids(pid: int) -> tuple[int, int] | None:
-    """(real, effective) UID from the Uid: line of /proc/PID/status, of its first STATUS_BYTES;
-    None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            text = f.read(STATUS_BYTES)
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(b"Uid:"):
-            ids = line.split()
-            try:
-                return int(ids[1]), int(ids[2])
-            except (ValueError, IndexError):
-                return None
-    return None
 
 
 def _cmdline(pid: int) -> tuple[str, ...]:

@@ -86,19 +86,43 @@ def runs_systemd(pid: int) -> bool:
 
 def proven_user_manager(environ=None) -> int | None:
     """$MANAGERPID when /proc proves it a user manager, else None: a live process other than PID 1
-    running systemd's binary, and for a root guard one that root runs. A manager starts its
+    running systemd's binary, and for a root guard one that root runs (root_runs). A manager starts its
     services as its own user, so a root guard under another user's manager was not started by it:
     that user (who may exec systemd with an environment of their choosing) planted the PID."""
     pid = _env_manager_pid(environ)
     if pid is None or pid <= 1 or not runs_systemd(pid):
         return None
-    if posix.geteuid() == bindguard.ROOT:
-        try:
-            if posix.stat(f"/proc/{pid}").st_uid != bindguard.ROOT:
-                return None
-        except (OSError, ValueError):
-            return None
+    if posix.geteuid() == bindguard.ROOT and not root_runs(pid):
+        return None
     return pid
+
+
+def root_runs(pid: int) -> bool:
+    """Whether the process's real and effective uid are root's (the Uid: line of /proc/PID/status).
+    Not /proc/PID's owner: proc(5) shows a process that made itself non-dumpable (prctl
+    PR_SET_DUMPABLE 0) as root's, whoever runs it."""
+    return status_ids(pid) == (bindguard.ROOT, bindguard.ROOT)
+
+
+STATUS_BYTES = 1 << 14  # /proc/PID/status: about 1.5 KiB; the Uid: line is its ninth
+
+
+def status_ids(pid: int | str) -> tuple[int, int] | None:
+    """(real, effective) UID from the Uid: line of /proc/PID/status, of its first STATUS_BYTES;
+    None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read(STATUS_BYTES)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(b"Uid:"):
+            ids = line.split()
+            try:
+                return int(ids[1]), int(ids[2])
+            except (ValueError, IndexError):
+                return None
+    return None
 
 
 def process_environment(pid: int) -> dict[str, str]:
