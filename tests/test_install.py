@@ -147,6 +147,30 @@ def test_program_under_a_directory_another_user_owns_is_refused(tmp_path):
         in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("console_script", [False, True])
+def test_program_whose_python3_others_can_change_is_refused(tmp_path, console_script):
+    """--program is a launcher; root runs the python3 it runs too: the one beside it (bin/bindguard's
+    rule), or a console script's `#!` python. Here root's, as is the launcher, but a link into a
+    directory nobody owns, who could put another python3 in its place."""
+    theirs = _theirs(tmp_path)
+    python = _interpreter(theirs)
+    home = tmp_path / "bin"
+    home.mkdir()
+    program = home / "bindguard"
+    if console_script:
+        program.write_text(f"#!{home}/python\nimport bindguard\n")
+        program.chmod(0o755)
+        (home / "python").symlink_to(python)
+    else:
+        _program(program, 0o755)
+        (home / "python3").symlink_to(python)
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(program), "web.service", "8080"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 64 and done.stdout == "" and "Traceback" not in done.stderr, done
+    assert f"--program '{program}' runs what others can change ({theirs} belongs to uid {NOBODY}, not root)" \
+        in done.stderr, done.stderr
+
+
 def test_program_is_named_with_the_links_above_it_resolved(tmp_path):
     """What is checked is what the drop-in names: a link above the program, which whoever owns the
     link's directory could re-point, is not in it."""

@@ -131,10 +131,7 @@ def bindguard_command(owners: tuple[int, ...] = (ROOT,), packaged: Path | None =
                               if script and os.path.basename(script) == "bindguard" and os.path.isfile(script))
     refusals = []
     for found in launchers:
-        launcher, why = trusted_program(found, owners)
-        # what bin/bindguard runs: the python3 beside it, else Debian's
-        beside = os.path.join(os.path.dirname(launcher), "python3")
-        why = why or _interpreter_flaw(beside if os.access(beside, os.X_OK) else "/usr/bin/python3", owners)
+        launcher, why = launcher_flaw(found, owners)
         if why is None:
             return [launcher], f"{packaged} {flaw}"
         refusals.append(f"{launcher} {why}")
@@ -146,6 +143,34 @@ def bindguard_command(owners: tuple[int, ...] = (ROOT,), packaged: Path | None =
         refusals.append(f"{sys.executable} -I -m bindguard {why}")
     raise UsageError(f"no bindguard that a unit may run as root: {packaged} {flaw}; {'; '.join(refusals)}",
                      "install the bindguard package, or give --program")
+
+
+def launcher_flaw(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, str | None]:
+    """(the path a drop-in names for this launcher, why root should not run it: None when it may):
+    the launcher as trusted_program() trusts it, and the interpreter it runs (launcher_interpreter)
+    as _interpreter_flaw() does. --program and the launcher install falls back to, alike."""
+    launcher, why = trusted_program(path, owners)
+    if why is None:
+        why = _interpreter_flaw(launcher_interpreter(launcher), owners)
+    return launcher, why
+
+
+SHEBANG_BYTES = 256  # a `#!` line; the kernel reads at most BINPRM_BUF_SIZE (256) of it
+
+
+def launcher_interpreter(launcher: str) -> str:
+    """The python a launcher runs: a console script's `#!` interpreter where its first line names a
+    python; else what bin/bindguard runs, the python3 beside it, else Debian's /usr/bin/python3."""
+    try:
+        with open(launcher, "rb") as f:
+            first = f.read(SHEBANG_BYTES).split(b"\n", 1)[0]
+    except OSError:
+        first = b""
+    words = first[2:].split() if first.startswith(b"#!") else []
+    if words and os.path.basename(words[0]).startswith(b"python"):
+        return os.fsdecode(words[0])
+    beside = os.path.join(os.path.dirname(launcher), "python3")
+    return beside if os.access(beside, os.X_OK) else "/usr/bin/python3"
 
 
 def _interpreter_flaw(python: str, owners: tuple[int, ...]) -> str | None:

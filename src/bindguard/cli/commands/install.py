@@ -82,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--program", metavar="PATH",
                         help=f"the bindguard the drop-in runs, an absolute path to an executable file named "
                              f"bindguard that only root (with --user, or you) can change, nor any directory above "
-                             f"it; the drop-in names it with the links above it resolved (default: "
-                             f"{install.PACKAGED_PROGRAM} where the package installed it)")
+                             f"it, nor the python3 it runs; the drop-in names it with the links above it resolved "
+                             f"(default: {install.PACKAGED_PROGRAM} where the package installed it)")
     parser.add_argument("--no-reload", action="store_true",
                         help="write the drop-in but leave the daemon-reload to the caller, who reloads once for "
                              "many units (as systemctl --no-reload enable)")
@@ -103,7 +103,7 @@ def _program(given: str | None, user: bool, console: output.Console) -> list[str
         elif os.path.basename(given) != "bindguard":  # ExecStartPre=+/usr/bin/dash check ... runs no guard
             named, flaw = given, "is not named bindguard"
         else:
-            named, flaw = install.trusted_program(given, owners)
+            named, flaw = install.launcher_flaw(given, owners)
         if flaw:
             raise UsageError(f"--program {given!r} {flaw}", "name bindguard's program, an executable that only root "
                              f"{'(or you) ' if user else ''}can change, nor any directory above it, "
