@@ -761,3 +761,23 @@ def test_a_holders_proc_files_are_read_once(tmp_path):
     assert via == "conmon"
     for name in ("status", "cgroup"):
         assert opened.count(f"/proc/{conmon.pid}/{name}") == 1, opened
+
+
+def test_a_state_file_nested_too_deep_names_the_container_by_engine_and_id(tmp_path, monkeypatch):
+    """json raises RecursionError, not ValueError, for nesting deeper than the interpreter's stack: a
+    file of the engine's (a rootless user's own containers.json, and the metadata text in it) that
+    nests so is a file that names nothing, not a traceback."""
+    deep = "[" * 200_000 + "]" * 200_000
+    docker = tmp_path / "docker" / ID
+    docker.mkdir(parents=True)
+    (docker / "config.v2.json").write_text(deep)
+    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "docker" / "{id}" / "config.v2.json"))
+    fact = containers.container_of(os.getpid(), f"0::/system.slice/docker-{ID}.scope\n", (), 0)
+    assert (fact.engine, fact.id, fact.name, fact.source) == ("docker", ID, "", "")
+    storage = tmp_path / "storage"
+    (storage / "overlay-containers").mkdir(parents=True)
+    (storage / "overlay-containers" / "containers.json").write_text(json.dumps([{"id": ID, "metadata": deep}]))
+    fact = containers._from_podman(ID, str(storage))
+    assert (fact.engine, fact.id, fact.name) == ("podman", ID, "")
+    (storage / "overlay-containers" / "containers.json").write_text(deep)
+    assert containers._from_podman(ID, str(storage)) == ContainerFact("podman", ID)

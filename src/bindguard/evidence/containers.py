@@ -107,7 +107,7 @@ def _read_json(path: str, limit: int = MAX_STATE_BYTES, owner: int | None = None
 
     try:
         return json.loads(read_regular(path, limit, owner))
-    except (OSError, Refused, ValueError):
+    except (OSError, Refused, ValueError, RecursionError):  # RecursionError: nested deeper than the stack
         return None
 
 
@@ -147,7 +147,7 @@ def _from_podman(cid: str, storage: str = PODMAN_STORAGE, owner: int | None = No
 
     try:
         metadata = json.loads(entry.get("metadata") or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         metadata = {}
     metadata = metadata if isinstance(metadata, dict) else {}
     name = _str(names[0]) if names else _str(metadata.get("name"))
