@@ -98,6 +98,19 @@ def test_a_unit_name_with_systemd_s_escapes_is_quoted_in_a_command():
     assert command_unit("it's.service") == "'it'\\''s.service'"
 
 
+def test_a_unit_name_beginning_with_a_dash_follows_double_dash_in_a_command():
+    """`systemctl stop -Hroot@host:x.service` would run on a host of the cgroup's namer's choosing
+    (-H); `-.mount` is the root file system's. After `--` each is an argument, as systemctl reads it."""
+    unit = "-Hroot@host:x.service"
+    c = Conflict(bind("0.0.0.0:80"), ConflictKind.LISTENER, socket=sock("0.0.0.0:80"), process=holder(
+        unit=unit, cgroup=f"/user.slice/user-1000.slice/user@1000.service/{unit}"), unit=unit,
+        unit_status=UnitStatus.BY_CGROUP)
+    advice = remedy(c)
+    assert f"`systemctl stop -- {unit}` once `systemctl status -- {unit}` lists PID" in advice, advice
+    assert f"systemctl stop {unit}" not in advice and f"status {unit}" not in advice
+    assert command_unit("-.mount") == "-- -.mount" and command_unit("-it's.service") == "-- '-it'\\''s.service'"
+
+
 def test_no_advice_about_the_unit_on_a_clear_start():
     assert ssh_context().advice([], refused=False) == []
 

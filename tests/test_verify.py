@@ -94,6 +94,14 @@ def test_optional_addresses_and_the_exit_code():
                       optional=True).ok
 
 
+def test_a_unit_name_beginning_with_a_dash_is_no_option_in_the_commands_advised():
+    """As an argument after `--`, as an option's value in `--unit=` (journalctl): never read as options."""
+    bind = Bind(parse_listen("127.0.0.1:80"), SocketOptions())
+    fix = assess(bind, [], {}, "-Hroot@host:x.service", False, 1.0).fix
+    assert "`systemctl status -- -Hroot@host:x.service`" in fix and "`journalctl --unit=-Hroot@host:x.service`" in fix
+    assert "`journalctl --unit=web.service`" in _assess("127.0.0.1:80").fix
+
+
 def test_a_foreign_owner_without_a_unit_is_looked_at_before_it_is_stopped():
     taken = _assess("127.0.0.1:80", _listener("127.0.0.1:80", 4242, None))
     assert taken.kind == VerifyKind.FOREIGN_OWNER and "ps -o pid,ppid,lstart,cmd -p 4242" in taken.fix

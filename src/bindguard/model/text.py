@@ -45,10 +45,20 @@ def shell_word(name: str) -> bool:
 _COMMAND_PLAIN = _SHELL_WORD | frozenset(":@")  # a unit name a shell reads as it is
 
 
-def command_unit(unit: str) -> str:
-    """A unit name as the commands the guard advises write it: as it is, or in single quotes where it
-    holds systemd's escapes (`foo\\x2dbar.service`: a shell reads \\x as x) or anything else a shell
-    would act on (each ' then written '\\'')."""
+def unit_word(unit: str) -> str:
+    """A unit name as one shell word: as it is, or in single quotes where it holds systemd's escapes
+    (`foo\\x2dbar.service`: a shell reads \\x as x) or anything else a shell would act on (each '
+    then written '\\'')."""
     if unit and all(c in _COMMAND_PLAIN for c in unit):
         return unit
     return "'" + unit.replace("'", "'\\''") + "'"
+
+
+def command_unit(unit: str) -> str:
+    """A unit name as the commands the guard advises write it as an argument (`systemctl stop UNIT`,
+    `bindguard config check UNIT`): unit_word(), after `--` where it begins with '-', which the
+    command would read as options: `-.mount` is the root file system's, and a user may name a
+    cgroup `-Hroot@host:x.service`, which systemctl reads as -H, a host to run it on over ssh. An
+    option's value is written `--unit=WORD` (journalctl) instead, read as a value whatever it begins with."""
+    word = unit_word(unit)
+    return "-- " + word if unit.startswith("-") else word

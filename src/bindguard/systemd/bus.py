@@ -124,10 +124,11 @@ class UnitNotFound(SystemdError):
     """systemd knows no unit by this name (no unit file, not loaded)."""
 
     def __init__(self, name: str, bus: str) -> None:
+        from bindguard.model.text import command_unit
+
         flag = " --user" if bus == USER else ""
-        super().__init__(
-            f"unit {name!r} not found on the {bus} manager; check the name with `systemctl{flag} status {name}`"
-        )
+        super().__init__(f"unit {name!r} not found on the {bus} manager; check the name with "
+                         f"`systemctl{flag} status {command_unit(name)}`")
         self.name = name
 
 

@@ -18,7 +18,7 @@ from bindguard.model.endpoints import Bind, addresses_overlap
 from bindguard.model.errors import ExitCode
 from bindguard.model.facts import ProcessFact, SocketFact, cgroup_within, holder_unit
 from bindguard.model.kinds import UnitStatus, VerifyKind
-from bindguard.model.text import command_unit
+from bindguard.model.text import command_unit, unit_word
 from bindguard.verdict.conflicts import unit_phrase
 from bindguard.verdict.remedies import find_holder, inspect_process
 
@@ -126,7 +126,7 @@ def assess(bind: Bind, sockets_on_port: Sequence[SocketFact], holders: Mapping[i
         kind = VerifyKind.NOT_LISTENING
         evidence = [f"nothing listens on {ep} after {waited:.1f} s"]
         fix = (f"the daemon did not reach listen() on {ep}: see why in `systemctl status {command_unit(unit)}` "
-               f"and `journalctl -u {command_unit(unit)}`; if it is only slow, raise --timeout or make the unit "
+               f"and `journalctl --unit={unit_word(unit)}`; if it is only slow, raise --timeout or make the unit "
                "Type=notify so that ExecStartPost= runs once it is ready")
     elif foreign:
         kind = VerifyKind.SHARED

@@ -12,6 +12,7 @@ from bindguard.action import install
 from bindguard.cli.parser import add_json_option, build_parser
 from bindguard.model.endpoints import AddressError, parse_listen
 from bindguard.model.errors import ExitCode, UsageError
+from bindguard.model.text import command_unit
 from bindguard.report import output
 
 DESCRIPTION = f"""\
@@ -148,7 +149,7 @@ def _found_at_each_start(unit: str, user: bool, console: output.Console) -> None
     if not findings:
         raise UsageError(f"no address to guard for {unit}: no LISTEN given, and no listen list in a bindguard "
                          "file or address in its daemon's configuration was found",
-                         f"give the addresses, e.g. `bindguard install {unit} 0.0.0.0:8080`")
+                         f"give the addresses, e.g. `bindguard install {command_unit(unit)} 0.0.0.0:8080`")
     for f in findings:
         optional = " (optional: the daemon starts without it)" if f.survives else ""
         console.emit(output.INFO, f"bindguard: at each start the guard reads what {unit} binds; now "
@@ -166,7 +167,7 @@ def _socket_unit_listens(unit: str, user: bool, console: output.Console) -> None
     if not request.binds:
         reason = why or "it lists no IP address in ListenStream= or ListenDatagram="
         raise UsageError(f"no address to guard for {unit}: {reason}",
-                         f"check the unit with `systemctl{' --user' if user else ''} cat {unit}`")
+                         f"check the unit with `systemctl{' --user' if user else ''} cat {command_unit(unit)}`")
     for line in request.sources:
         console.emit(output.INFO, f"bindguard: at each start the guard checks {line}")
 
@@ -280,5 +281,6 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
         console.warning(f"the{' user' if args.user else ''} manager knows no unit {unit} yet; "
                        "the drop-in applies once it is installed")
     else:
-        console.emit(output.INFO, f"bindguard: {unit} is guarded from its next start; see `systemctl{flag} cat {unit}`")
+        console.emit(output.INFO, f"bindguard: {unit} is guarded from its next start; see "
+                                  f"`systemctl{flag} cat {command_unit(unit)}`")
     return 0
