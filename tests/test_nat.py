@@ -594,3 +594,23 @@ def test_scan_reports_a_declared_address_a_nat_rule_takes(netns, tmp_path):
     assert report["counts"]["nat-shadowed"] == 2
     finding = next(f for f in report["findings"] if f["kind"] == "nat-shadowed")
     assert any("chain DOCKER" in e for e in finding["evidence"]) and "Docker" in finding["fix"]
+
+
+def test_a_tool_runs_as_the_file_its_check_resolved(tmp_path, monkeypatch):
+    """run_tool resolves the tool's links once, in its trust check (bindguard.checked_path), and runs
+    that file: no second resolution, whose answer a re-pointed link could change in between."""
+    from bindguard.evidence import nat
+
+    tool = tmp_path / "real-tool"
+    tool.write_text("#!/bin/sh\necho \"$0 $*\"\n")  # $0: the script the kernel ran
+    tool.chmod(0o755)
+    (tmp_path / "nft").symlink_to(tool)
+    realpath, asked = os.path.realpath, []
+    monkeypatch.setattr(os.path, "realpath", lambda path, **kwargs: (asked.append(str(path)), realpath(path, **kwargs))[1])
+    assert nat.run_tool(str(tmp_path / "nft"), "nftables", "-j") == f"{tool} -j\n".encode()
+    monkeypatch.undo()
+    assert str(tmp_path / "nft") not in asked
+    os.chmod(tmp_path, 0o777)  # anyone could re-point the link: not run
+    with pytest.raises(nat.NatUnreadable, match=f"{tmp_path}/nft is not run: {tmp_path} can be written by every user"):
+        nat.run_tool(str(tmp_path / "nft"), "nftables", "-j")
+    os.chmod(tmp_path, 0o700)

@@ -170,10 +170,16 @@ def _chain_flaw(start: str, owners: tuple[int, ...], link: bool) -> str | None:
 
 def untrusted(path: str, owners: tuple[int, ...] = (ROOT,)) -> str | None:
     """Why path (symlinks followed) is not trusted as resolve_trusted() says, or None when it is."""
+    return checked_path(path, owners)[1]
+
+
+def checked_path(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, str | None]:
+    """resolve_trusted(), with a path that cannot be resolved given back as it is and why, not raised:
+    (the path to use, its links resolved, why it is not trusted or None)."""
     try:
-        return resolve_trusted(path, owners)[1]
+        return resolve_trusted(path, owners)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-        return f"{path}: {getattr(exc, 'strerror', None) or exc}"
+        return path, f"{path}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def _owners_named(owners: tuple[int, ...]) -> str:

@@ -85,7 +85,8 @@ def not_all_read(what: str, budget: Budget) -> str:
 
 
 def stopped(budget: Budget) -> str:
-    return f"reading the NAT rules stops after {budget.limits[2]:g} s"
+    _files, _size, seconds = budget.limits
+    return f"reading the NAT rules stops after {seconds:g} s"
 
 
 @dataclass
@@ -116,7 +117,7 @@ def run_tool(path: str, package: str, *args: str, budget: Budget | None = None) 
 
     if not os.path.exists(path):
         raise NatUnreadable(f"{path} is not installed (Debian's {package} package)")
-    why = bindguard.untrusted(path)
+    program, why = bindguard.checked_path(path)  # program: the file checked, which is the one run
     if why:
         raise NatUnreadable(f"{path} is not run: {why}")
     command = " ".join([os.path.basename(path), *args])
@@ -125,7 +126,7 @@ def run_tool(path: str, package: str, *args: str, budget: Budget | None = None) 
         raise NatUnreadable(f"`{command}` not run: {stopped(budget)}")
     try:
         code, out, err, failure = run_bounded([path, *args], TOOL_ENVIRONMENT, seconds, TOOL_MAX_BYTES,
-                                              program=os.path.realpath(path))
+                                              program=program)
     except (OSError, subprocess.SubprocessError) as exc:
         raise NatUnreadable(f"{path}: {exc}") from None
     if failure:
