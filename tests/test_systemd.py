@@ -57,6 +57,8 @@ def test_choose_bus_follows_flags_then_managerpid():
         # a delegated unit's own cgroups are named as its user likes: no unit systemd could have
         ("/user.slice/user-1000.slice/user@1000.service/app.slice/web.service/x$(reboot);.service", "web.service"),
         (f"/system.slice/docker.service/{'a' * 250}.service", "docker.service"),
+        # a valid name is taken, wherever its user put it: only the manager confirms it (unit_status "cgroup")
+        ("/user.slice/user-1000.slice/user@1000.service/x/nginx.service", "nginx.service"),
         ("/user.slice/user-1000.slice", None),
         ("/", None),
     ],

@@ -349,14 +349,18 @@ def own_unit() -> str | None:
 
 
 def unit_from_cgroup(path: str) -> str | None:
-    """The systemd unit a cgroup path names: its innermost component that is a unit holding processes.
+    """The systemd unit a cgroup path names: its innermost component that systemd would accept as
+    the name of a unit holding processes (a .service, .scope, .socket, .mount or .swap name that
+    unit_name_is_valid() takes), after undoing systemd's cgroup escaping (a leading "_").
 
     /system.slice/nginx.service -> nginx.service; /system.slice/foo.service/payload ->
     foo.service; /user.slice/user-1000.slice/user@1000.service/app.slice/web.service ->
     web.service (a unit of the user manager); /init.scope -> init.scope (PID 1). Slices
-    hold no processes of their own: /system.slice -> None. systemd's cgroup escaping (a
-    leading "_") is undone. A directory a delegated unit made below itself is no unit, whatever
-    its name: one no unit could be named (a character systemd allows in none) is passed over.
+    hold no processes of their own: /system.slice -> None. A directory a delegated unit made below
+    itself is named by that unit's user: one no unit could be named (a character systemd allows in
+    none) is passed over for the one above it, but one with a valid name is taken
+    (…/user@1000.service/x/nginx.service -> nginx.service), which only the manager can confirm:
+    callers without its answer mark the unit unconfirmed (UnitStatus.BY_CGROUP).
     """
     for component in reversed(path.split("/")):
         name = component[1:] if component.startswith("_") else component
