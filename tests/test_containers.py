@@ -781,3 +781,41 @@ def test_a_state_file_nested_too_deep_names_the_container_by_engine_and_id(tmp_p
     assert (fact.engine, fact.id, fact.name) == ("podman", ID, "")
     (storage / "overlay-containers" / "containers.json").write_text(deep)
     assert containers._from_podman(ID, str(storage)) == ContainerFact("podman", ID)
+
+
+# A conmon of the user's own making (Debian's python3 copied as conmon, reading its program from stdin,
+# `-c ID` on its command line) whose child is a program of theirs called rootlessport: in the network
+# namespace the conmon runs in, its child's, as the real rootlessport's child forwards into.
+FAKE_CONMON = """\
+import subprocess, sys
+child = subprocess.Popen([sys.argv[-1], "30"])
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sleep):
+    """Only Podman's packaged rootlessport (/proc/PID/exe, a file root alone can change) is taken for
+    the forwarder: a user's program so named, behind which a conmon of the user's own has a child in
+    the namespace it serves, would name a container, and advise a stop, that are the user's fiction."""
+    need_root("another user's processes in a network namespace")
+    rootlessport = named_sleep("rootlessport")
+    conmon = named_sleep("conmon")
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), conmon)
+    fake = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), conmon, "-", "-c", ID, "-n", "web1",
+                             rootlessport], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        fake.stdin.write(FAKE_CONMON)
+        fake.stdin.close()
+        child = int(fake.stdout.readline())
+        _until(lambda: _comm(child) == "rootlessport", "the impostor's exec")
+        assert _comm(fake.pid) == "conmon" and _status_uid(child) == NOBODY
+        assert containers._conmons_of(NOBODY) == [(fake.pid, ID)]  # all the rest would name ID
+        assert not containers.runs_rootlessport(child)
+        from bindguard.evidence import owners
+
+        facts = owners.process_facts(child)
+        assert facts is not None and facts.container is None, facts
+    finally:
+        fake.kill()
+        fake.wait()

@@ -8,10 +8,10 @@ monitor, conmon, holds a rootful container's published ports itself (it names th
 `-c ID -n NAME`), believed only when its real uid is root's; so does Docker's userland proxy,
 docker-proxy, for dockerd, which names the container's address and port (believed only as root's child
 of root's dockerd): the container is the running one whose config.v2.json has that address and publishes
-that port. Rootless Podman's port forwarder,
-rootlessport, names no container: the container is its user's whose process (its conmon's child) is
-in the network namespace rootlessport forwards into, named from that user's storage and with that
-user's files only.
+that port. Rootless Podman's port forwarder, rootlessport (believed only where /proc/PID/exe is
+Podman's packaged program), names no container: the container is its user's whose process (its
+conmon's child) is in the network namespace rootlessport forwards into, named from that user's
+storage and with that user's files only.
 The id (64 hex digits, nothing else ever makes a path) names the engine's files, read as regular
 files of bounded size (request.files):
 
@@ -202,7 +202,7 @@ def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid:
     ref = container_ref(cgroups, cmdline)
     if ref is None:
         program = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
-        if program == "rootlessport":
+        if program == "rootlessport" and runs_rootlessport(pid):
             return _from_rootlessport(pid, real_uid)
         return _from_docker_proxy(pid, cmdline, real_uid) if program == "docker-proxy" else None
     engine, cid, via = ref
@@ -235,6 +235,21 @@ def _real_uid(pid: int) -> int | None:
 # child forwards into. Everything here is its user's (processes, files): it names that user's
 # container, and the remedy is that user's own `podman stop`, which can reach nothing of anyone else.
 MAX_PROCESSES = 1 << 16  # /proc entries looked at for the user's conmon processes
+# Where Podman's packages install rootlessport: Debian's, and the libexec of other distributions'.
+ROOTLESSPORT_PROGRAMS = ("/usr/lib/podman/rootlessport", "/usr/libexec/podman/rootlessport")
+
+
+def runs_rootlessport(pid: int) -> bool:
+    """Whether the process runs Podman's packaged rootlessport, a file root alone can change
+    (bindguard.untrusted): any user may call a program of theirs rootlessport, and have it forward
+    into a namespace where a conmon of theirs, as fake, has a child."""
+    import bindguard
+
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")  # (deleted): upgraded while running
+    except OSError:
+        return False
+    return exe in ROOTLESSPORT_PROGRAMS and bindguard.untrusted(exe) is None
 MAX_TASKS = 256  # threads of one process whose children are read (a Go program starts its children from any)
 
 
