@@ -819,3 +819,21 @@ def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sle
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_a_name_and_image_from_a_users_own_file_are_bounded(tmp_path):
+    """A rootless user's containers.json may name a container in MiB: the name and image kept are cut
+    to containers.USER_TEXT_MAX characters, marked so (…), and a cut name is never the engine's handle."""
+    storage = tmp_path / "storage"
+    (storage / "overlay-containers").mkdir(parents=True)
+    long = "w" * (1 << 20)
+    (storage / "overlay-containers" / "containers.json").write_text(json.dumps(
+        [{"id": ID, "names": [long], "metadata": json.dumps({"image-name": "i" * (1 << 20)})}]))
+    fact = containers._from_podman(ID, str(storage), owner=os.getuid())
+    limit = containers.USER_TEXT_MAX
+    assert fact.name == "w" * limit + "…" and fact.image == "i" * limit + "…"
+    assert fact.handle == ID[:12] and len(fact.label) < 3 * limit, fact.label
+    text = remedy(_conflict(fact))
+    assert long not in text and f"podman stop {ID[:12]}" in text
+    root = containers._from_podman(ID, str(storage))  # root's storage: as written
+    assert root.name == long

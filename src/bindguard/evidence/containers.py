@@ -115,8 +115,20 @@ def _dict(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _str(value) -> str:
-    return value if isinstance(value, str) else ""
+# Characters kept of a name or image read from a rootless user's own file (which may hold 32 MiB of
+# one): Podman's names and image references are far shorter, and the rest would only fill the
+# refusal line and the JSON.
+USER_TEXT_MAX = 256
+
+
+def _str(value, owner: int | None = None) -> str:
+    """value where it is a string, else ""; from a file of a user's (owner), at most USER_TEXT_MAX characters."""
+    text = value if isinstance(value, str) else ""
+    if owner is None:
+        return text
+    from bindguard.model.text import shortened
+
+    return shortened(text, USER_TEXT_MAX)
 
 
 def _from_docker(cid: str) -> ContainerFact:
@@ -150,9 +162,9 @@ def _from_podman(cid: str, storage: str = PODMAN_STORAGE, owner: int | None = No
     except (TypeError, ValueError, RecursionError):
         metadata = {}
     metadata = metadata if isinstance(metadata, dict) else {}
-    name = _str(names[0]) if names else _str(metadata.get("name"))
+    name = _str(names[0], owner) if names else _str(metadata.get("name"), owner)
     annotations = _annotations(PODMAN_CONFIG.format(id=cid)) if owner is None else {}
-    return ContainerFact("podman", cid, name, _str(metadata.get("image-name")),
+    return ContainerFact("podman", cid, name, _str(metadata.get("image-name"), owner),
                          _str(annotations.get("io.kubernetes.pod.name")),
                          _str(annotations.get("io.kubernetes.pod.namespace")), source=listing_path)
 

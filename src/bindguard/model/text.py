@@ -28,6 +28,12 @@ def excerpt(text: str, limit: int = EXCERPT, quote: str = "'") -> str:
     return quote + escape(cut) + quote + ("..." if len(text) > limit else "")
 
 
+def shortened(text: str, limit: int) -> str:
+    """Text of at most `limit` characters kept as it is, longer text cut there and marked with '…':
+    a character no name has, so that what was cut is never taken for a whole name (shell_word)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 # What a name may hold to be written into a shell command as it is: letters, digits, _ . - (what
 # container engines, Kubernetes and useradd allow in names; no quoting, expansion or separator).
 _SHELL_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
