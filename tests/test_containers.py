@@ -837,3 +837,31 @@ def test_a_name_and_image_from_a_users_own_file_are_bounded(tmp_path):
     assert long not in text and f"podman stop {ID[:12]}" in text
     root = containers._from_podman(ID, str(storage))  # root's storage: as written
     assert root.name == long
+
+
+def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_time(tmp_path, monkeypatch):
+    """dockerd holds each port it publishes with its proxy off: the lookup for each reads Docker's
+    states once in a run while their files stay as they were, again once one changes, and not past
+    DOCKER_SECONDS, after which no container is named (one not read could publish the port too)."""
+    need_root("root's dockerd: the lookup believes a holder whose real uid is root's")
+    recorded = json.loads(DOCKER_RECORDED.read_text())
+    for cid in (recorded["ID"], "a" * 64, "b" * 64):
+        (tmp_path / cid).mkdir()
+        (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == recorded["ID"] else {}))
+    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
+    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
+    monkeypatch.setattr(containers, "_docker_states_read", [])
+    read_json, reads = containers._read_json, []
+    monkeypatch.setattr(containers, "_read_json", lambda path, *args: (reads.append(path), read_json(path, *args))[1])
+    for port in range(18000, 18010):
+        containers.docker_port_container(os.getpid(), "tcp", port, "0.0.0.0")
+    assert len(reads) == 3, reads
+    assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"
+    assert len(reads) == 4  # the one container's own state, for its name
+    (tmp_path / ("a" * 64) / "config.v2.json").write_text("{ }")  # Docker replaced a state
+    containers.docker_port_container(os.getpid(), "tcp", 18000, "0.0.0.0")
+    assert len(reads) == 7, reads
+    monkeypatch.setattr(containers, "DOCKER_SECONDS", 0.0)
+    (tmp_path / ("b" * 64) / "config.v2.json").write_text("{  }")
+    assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0") is None
+    assert len(reads) == 7

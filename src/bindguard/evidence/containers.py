@@ -343,7 +343,8 @@ def _conmons_of(uid: int) -> list[tuple[int, str]]:
 # -host-port, in its config.v2.json, each read as a regular file of bounded size. With the proxy off
 # (--userland-proxy=false) dockerd binds each published port itself, so that nothing else takes it, and
 # a DNAT rule carries the traffic: the container is then the running one publishing that port.
-MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read for one port
+MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read
+DOCKER_SECONDS = 2.0  # reading them, once in a run, however many ports dockerd holds
 
 
 def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int) -> ContainerFact | None:
@@ -373,17 +374,54 @@ def docker_port_container(pid: int, proto: str, port: int, host_ip: str) -> Cont
 
 
 def _the_docker_container(publishes, via: str) -> ContainerFact | None:
-    """The one container of Docker's whose config.v2.json `publishes` says yes to; None for none or several."""
+    """The one container of Docker's whose config.v2.json `publishes` says yes to; None for none or
+    several, or when not every state was read in time (an unread one could say yes too)."""
     from bindguard.model.record import replace
 
-    try:
-        ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS) if len(name) == 64)[:MAX_DOCKER_CONTAINERS]
-    except OSError:
+    states = _docker_states()
+    if states is None:
         return None
+    found = [cid for cid, state in states if publishes(state)]
+    return replace(_from_docker(found[0]), via=via) if len(found) == 1 else None
+
+
+# The states last read: (each container's id and its config.v2.json's inode, mtime and size; the states,
+# or None where DOCKER_SECONDS ran out first). dockerd may hold many ports, each asking for the states:
+# they are read once while the files stay as they were (Docker replaces the file as a state changes).
+_docker_states_read: list[tuple[tuple, list[tuple[str, object]] | None]] = []
+
+
+def _docker_states() -> list[tuple[str, object]] | None:
+    """(id, parsed config.v2.json) of Docker's containers (at most MAX_DOCKER_CONTAINERS), read within
+    DOCKER_SECONDS (discovery's Budget, as the NAT rules' reading); None when they could not all be read."""
     import re
 
-    found = [cid for cid in ids if re.fullmatch(_ID, cid) and publishes(_read_json(DOCKER_STATE.format(id=cid)))]
-    return replace(_from_docker(found[0]), via=via) if len(found) == 1 else None
+    try:
+        ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS)
+                     if re.fullmatch(_ID, name))[:MAX_DOCKER_CONTAINERS]
+    except OSError:
+        return None
+    files = []
+    for cid in ids:
+        try:
+            info = os.stat(DOCKER_STATE.format(id=cid))
+            files.append((cid, info.st_ino, info.st_mtime_ns, info.st_size))
+        except OSError:
+            files.append((cid, 0, 0, 0))
+    key = (DOCKER_STATE, tuple(files))
+    if _docker_states_read and _docker_states_read[0][0] == key:
+        return _docker_states_read[0][1]
+    from bindguard.request.discover.common import Budget
+
+    budget = Budget(seconds=DOCKER_SECONDS)
+    read: list[tuple[str, object]] = []
+    for cid in ids:
+        if budget.seconds_left() <= 0:
+            break
+        read.append((cid, _read_json(DOCKER_STATE.format(id=cid))))
+    states = read if len(read) == len(ids) else None
+    _docker_states_read[:] = [(key, states)]
+    return states
 
 
 # A published port's HostIp that publishes it on every address of the host.
