@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -186,10 +188,10 @@ def test_an_include_glob_of_too_many_files(tmp_path):
     assert code == 0 and any("more than 1000 entries" in w for w in found["warnings"]), found
 
 
-# daemon -> (its binary, a configuration that includes itself (SELF), argv naming CONF, the depth it stops at)
+# daemon -> (its binary, a configuration that includes itself (SELF), argv naming CONF, its own depth limit)
 SELF_INCLUDES = {
     "nginx": ("/usr/sbin/nginx", "events {}\ninclude SELF;\n", "/usr/sbin/nginx -c CONF", None),
-    "apache": ("/usr/sbin/apache2", "Include SELF\n", "/usr/sbin/apache2 -f CONF", None),
+    "apache": ("/usr/sbin/apache2", "Include SELF\n", "/usr/sbin/apache2 -f CONF", "apache"),
     "redis": ("/usr/bin/redis-server", "port 7000\ninclude SELF\n", "/usr/bin/redis-server CONF", None),
     "sshd": ("/usr/sbin/sshd", "Port 2222\nInclude SELF\n", "/usr/sbin/sshd -D -f CONF", "sshd"),
     "postgres": ("/usr/lib/postgresql", "port = 5433\ninclude 'SELF'\n",
@@ -201,6 +203,8 @@ SELF_INCLUDES = {
 
 @pytest.mark.parametrize("daemon", sorted(SELF_INCLUDES))
 def test_an_include_loop_stops_at_its_daemon_s_depth(tmp_path, daemon):
+    """A loop stops where the daemon stops it: a failed start (no addresses known), or for MariaDB a
+    skipped `!include` (the server starts with what it read); bindguard's own bound where there is none."""
     from bindguard.request.discover.common import DAEMON_INCLUDE_DEPTH, MAX_INCLUDE_DEPTH
 
     binary, text, argv, own = SELF_INCLUDES[daemon]
@@ -209,8 +213,112 @@ def test_an_include_loop_stops_at_its_daemon_s_depth(tmp_path, daemon):
     conf.write_text(text.replace("SELF", str(conf)))
     code, found, _ = bounded_discover("--exec-start", argv.replace("CONF", str(conf)))
     depth = DAEMON_INCLUDE_DEPTH[own] if own else MAX_INCLUDE_DEPTH
-    assert code == 0 and found["findings"] == [], found
-    assert [w for w in found["warnings"] if f"{conf}: " in w and f"nested more than {depth} deep" in w], found
+    assert code == 0, found
+    if daemon == "mariadb":
+        assert [f["address"] for f in found["findings"]] == ["0.0.0.0:3307", "[::]:3307"], found
+        assert [w for w in found["warnings"] if w.startswith(f"{conf}:3: ") and "not read" in w], found
+        return
+    assert found["findings"] == [], found
+    assert [w for w in found["warnings"] if f"{conf}:" in w and f"nested more than {depth} deep" in w], found
+
+
+# An include chain: the file the daemon starts from (depth 0) includes one at depth 1, and so on; the
+# deepest holds LEAF, and with "and an include of nothing" also an include that names no file.
+# daemon -> (its binary, its limit's key, argv naming DIR and CONF, the first file's head, an include of
+# NEXT, the deepest file, an include of nothing, the port the deepest file sets)
+CHAINS = {
+    "sshd": ("/usr/sbin/sshd", "sshd", "/usr/sbin/sshd -D -f CONF", "", "Include NEXT\n", "Port 2299\n",
+             "Include DIR/none/*.conf\n"),
+    "postgres": ("/usr/lib/postgresql/15/bin/postgres", "postgres",
+                 "/usr/lib/postgresql/15/bin/postgres -c config_file=CONF", "", "include 'NEXT'\n", "port = 5499\n",
+                 "include_if_exists 'DIR/none.conf'\n"),
+    "mariadb": ("/usr/sbin/mariadbd", "mysql", "/usr/sbin/mariadbd --defaults-file=CONF", "",
+                "[mysqld]\nport = 33DEPTH\n!include NEXT\n", "[mysqld]\nport = 33DEPTH\n", "!includedir DIR/none\n"),
+    "apache": ("/usr/sbin/apache2", "apache", "/usr/sbin/apache2 -d DIR -f CONF",
+               "LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so\nErrorLog /dev/null\n"
+               "ServerName localhost\nPidFile DIR/pid\n", "Include NEXT\n", "Listen 127.0.0.1:8099\n",
+               "IncludeOptional DIR/none/*.conf\n"),
+}
+# (daemon, how much deeper than its limit the deepest file is, whether it includes nothing too): what the
+# daemon does, checked on the daemon itself: "read" (it starts with everything), "refused" (it does not
+# start), "skipped" (it starts without what the deepest `!` line names, and warns)
+DEPTHS = [
+    ("sshd", 0, False, "read"), ("sshd", 1, False, "refused"), ("sshd", 0, True, "read"),
+    ("postgres", 0, False, "read"), ("postgres", 1, False, "refused"), ("postgres", 0, True, "refused"),
+    ("mariadb", 0, False, "read"), ("mariadb", 1, False, "skipped"), ("mariadb", 0, True, "skipped"),
+    ("apache", 0, False, "read"), ("apache", 1, False, "refused"), ("apache", 0, True, "refused"),
+]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user may read (PostgreSQL runs as postgres), removed after the test; its name and
+    its files' are short, as Apache's message names every file of a chain, in a buffer of its own."""
+    where = Path(tempfile.mkdtemp(prefix="bg-"))
+    where.chmod(0o755)
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where)
+
+
+def _chain(where: Path, daemon: str, deepest: int, nothing: bool) -> Path:
+    _, _, _, head, include, leaf, include_nothing = CHAINS[daemon]
+    files = [where / f"d{depth}" for depth in range(deepest + 1)]
+    for depth, path in enumerate(files):
+        text = (head if depth == 0 else "") + (include if depth < deepest else leaf + (include_nothing * nothing))
+        text = text.replace("NEXT", str(files[depth + 1]) if depth < deepest else "")
+        path.write_text(text.replace("DEPTH", f"{depth:02d}").replace("DIR", str(where)))
+        path.chmod(0o644)
+    return files[0]
+
+
+def _daemon_verdict(daemon: str, where: Path, conf: Path) -> str:
+    """What the daemon itself does with conf: read, refused or skipped."""
+    if daemon == "sshd":  # its privilege separation directory, on a /run of its own
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(where / "key")], check=True)
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount -t tmpfs tmpfs /run && mkdir /run/sshd && exec /usr/sbin/sshd -t -f "$0" -h "$1"',
+                str(conf), str(where / "key")]
+    elif daemon == "postgres":
+        (where / "data").mkdir(mode=0o700)
+        shutil.chown(where / "data", "postgres")
+        argv = ["runuser", "-u", "postgres", "--", CHAINS[daemon][0], "-D", str(where / "data"), "-c",
+                f"config_file={conf}", "-C", "port"]
+    elif daemon == "mariadb":
+        argv = ["/usr/sbin/mariadbd", f"--defaults-file={conf}", "--print-defaults"]
+    else:
+        argv = ["/usr/sbin/apache2", "-d", str(where), "-f", str(conf), "-t"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    said = done.stdout + done.stderr
+    if done.returncode != 0:
+        assert any(why in said for why in ("Too many recursive configuration includes", "maximum nesting depth "
+                                           "exceeded", "Exceeded maximum include depth of 128")), said
+        return "refused"
+    return "skipped" if "Warning: skipping '!include" in said else "read"
+
+
+@pytest.mark.parametrize("daemon, past, nothing, verdict", DEPTHS)
+def test_includes_are_read_exactly_as_deep_as_the_daemon_reads_them(shared_dir, daemon, past, nothing, verdict):
+    """At its limit the finder reads what the daemon reads (a finder must never turn down what its daemon
+    starts with); one deeper it does what the daemon does; both checked against the daemon itself."""
+    from bindguard.request.discover.common import DAEMON_INCLUDE_DEPTH
+
+    binary, limit_key, argv = CHAINS[daemon][:3]
+    need_package(daemon, binary)
+    limit = DAEMON_INCLUDE_DEPTH[limit_key]
+    conf = _chain(shared_dir, daemon, limit + past, nothing)
+    assert _daemon_verdict(daemon, shared_dir, conf) == verdict
+    code, found, _ = bounded_discover("--exec-start", argv.replace("DIR", str(shared_dir)).replace("CONF", str(conf)))
+    assert code == 0, found
+    ports = {f["address"].rsplit(":", 1)[1] for f in found["findings"]}
+    too_deep = [w for w in found["warnings"] if f"nested more than {limit} deep" in w]
+    skipped = [w for w in found["warnings"] if "skips a `!` directive" in w]
+    if verdict == "refused":
+        assert not ports and too_deep and not skipped, found
+    else:
+        port = {"sshd": "2299", "postgres": "5499", "apache": "8099"}.get(daemon, f"33{limit:02d}")
+        assert ports == {port} and not too_deep and bool(skipped) == (verdict == "skipped"), found
 
 
 LONG = "1" * 100_000

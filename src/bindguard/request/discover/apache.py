@@ -19,6 +19,7 @@ from bindguard.model.endpoints import ascii_port
 from bindguard.model.host import ipv6_supported
 from bindguard.model.text import excerpt
 from bindguard.request.discover.common import (
+    DAEMON_INCLUDE_DEPTH,
     AddressError,
     DaemonConfigError,
     Findings,
@@ -46,7 +47,7 @@ class _Config:
         self.findings = findings
         self.modules = set(STATIC_MODULES)
         self.listens: list[tuple[str, str, bool, str]] = []  # (address, where, confident, note)
-        self.includes = IncludeDepth("Include")
+        self.includes = IncludeDepth("Include", DAEMON_INCLUDE_DEPTH["apache"])
 
     def expand(self, text: str) -> str:
         return VARIABLE.sub(lambda m: self.defines.get(m.group(1), self.env.get(m.group(1), m.group(0))), text)
@@ -100,6 +101,8 @@ class _Config:
                 elif directive == "serverroot" and args:
                     self.server_root = args[0].strip("\"'")
                 elif directive in ("include", "includeoptional") and args:
+                    if self.includes.full:  # Apache counts the directive, whatever it names
+                        raise self.includes.too_deep(where)
                     matches = expand_glob(self.path(args[0].strip("\"'")), "/")
                     for included in matches:
                         if os.path.isdir(included):

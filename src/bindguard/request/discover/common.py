@@ -36,14 +36,24 @@ MAX_FILE_BYTES = 1 << 20  # one file
 MAX_FILES = 1000  # files read, and entries of each include glob or directory
 MAX_BYTES = 16 << 20  # all files read, and a daemon's dump
 MAX_SECONDS = 10.0  # reading, parsing and a daemon's dump together
-# How deep includes may nest before a finder stops reading: an include loop ends there, long
-# before Python's recursion limit, and far deeper than a real tree goes. nginx, Apache and redis
-# set no limit of their own; where a daemon does, its finder stops where the daemon does.
+# How deep includes may nest: the file a daemon starts from is at depth 0, a file it includes at 1.
+# Where the daemon has a limit, its finder reads exactly as deep and does past it what the daemon does
+# (DAEMON_INCLUDE_DEPTH; checked against Debian 12's daemons by tests/test_discover_bounds.py). nginx and
+# redis set none (nginx reads 1,200 nested files): their finders stop at MAX_INCLUDE_DEPTH, bindguard's
+# own bound, which ends an include loop long before Python's recursion limit; a deeper tree, which the
+# daemon would read, leaves the unit's addresses unknown, with a warning that says so.
 MAX_INCLUDE_DEPTH = 16
 DAEMON_INCLUDE_DEPTH = {
-    "sshd": 16,  # OpenSSH's SERVCONF_MAX_DEPTH
-    "postgres": 10,  # PostgreSQL's CONF_FILE_MAX_DEPTH
-    "mysql": 10,  # MySQL's and MariaDB's max_recursion_level (my_default.c)
+    # servconf.c SERVCONF_MAX_DEPTH: a file deeper is fatal ("Too many recursive configuration includes")
+    "sshd": 16,
+    # CONF_FILE_MAX_DEPTH (guc-file.l): a file deeper, even a missing include_if_exists, fails the start
+    "postgres": 10,
+    # my_default.c max_recursion_level: a `!` directive in a file at this depth is skipped with a
+    # warning, and the rest of the file is read
+    "mysql": 10,
+    # AP_MAX_INCLUDE_DEPTH (core.c include_config): an Include in a file at this depth fails the
+    # configuration, whether it names a file or not
+    "apache": 128,
 }
 
 
@@ -206,24 +216,31 @@ class Budget:
 
 
 class IncludeDepth:
-    """How deep a finder is in its daemon's includes."""
+    """How deep a finder is in its daemon's includes; limit: the deepest a file may be (DAEMON_INCLUDE_DEPTH)."""
 
     def __init__(self, directive: str, limit: int = MAX_INCLUDE_DEPTH) -> None:
         self.directive = directive  # as the daemon's files write it, for the message
         self.limit = limit
-        self.depth = 0
+        self.reading = 0  # files being read: the innermost is at depth reading - 1
+
+    @property
+    def full(self) -> bool:
+        """Whether a file included by the one being read would be deeper than the limit."""
+        return self.reading > self.limit
+
+    def too_deep(self, where: str) -> DaemonConfigError:
+        return DaemonConfigError(f"{where}: {self.directive} nested more than {self.limit} deep (an include loop?)")
 
     @contextlib.contextmanager
     def entering(self, path: str):
-        """Reading path, one include deeper; DaemonConfigError past the limit."""
-        if self.depth >= self.limit:
-            raise DaemonConfigError(f"{path}: {self.directive} nested more than {self.limit} deep "
-                                    f"(an include loop?)")
-        self.depth += 1
+        """Reading path, one include deeper; DaemonConfigError where that is deeper than the limit."""
+        if self.full:
+            raise self.too_deep(path)
+        self.reading += 1
         try:
             yield
         finally:
-            self.depth -= 1
+            self.reading -= 1
 
 
 class Service(Record, frozen=True):

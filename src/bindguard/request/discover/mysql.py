@@ -42,6 +42,7 @@ class _Options:
     def __init__(self) -> None:
         self.values: dict[str, tuple[str, str]] = {}
         self.includes = IncludeDepth("!include", DAEMON_INCLUDE_DEPTH["mysql"])
+        self.skipped: list[str] = []  # warnings: directives nested too deep, which the server skips too
 
     def set(self, name: str, value: str, where: str) -> None:
         name = name.strip().lower().replace("_", "-")
@@ -61,6 +62,10 @@ class _Options:
                 if not line or line[0] in "#;":
                     continue
                 where = f"{path}:{number}"
+                if line.startswith("!") and self.includes.full:
+                    self.skipped.append(f"{where}: {excerpt(line)} not read: the server skips a `!` directive in a "
+                                        f"file included {self.includes.limit} deep, with a warning")
+                    continue
                 if line.startswith("!include "):
                     self.read(line.split(None, 1)[1].strip())
                     continue
@@ -127,6 +132,8 @@ def find(argv: list[str], env: dict[str, str], config: str | None = None) -> Fin
     except DaemonConfigError as exc:
         findings.warn(f"{findings.daemon} configuration: {exc}; its listen addresses are not known")
         return findings
+    for skipped in options.skipped:
+        findings.warn(skipped)
     for name, value in cli:
         options.set(name, value, f"{os.path.basename(argv[0])} --{name}")
     if "skip-networking" in options.values and _flag(options.values["skip-networking"][0]):

@@ -38,9 +38,9 @@ class _Settings:
         self.includes = IncludeDepth("include", DAEMON_INCLUDE_DEPTH["postgres"])
 
     def read(self, path: str, required: bool = True) -> None:
-        if not required and not os.path.exists(path):
-            return
-        with self.includes.entering(path):
+        with self.includes.entering(path):  # PostgreSQL checks the depth before it looks for the file
+            if not required and not os.path.exists(path):
+                return
             base = os.path.dirname(path)
             for number, line in enumerate(read_text(path).splitlines(), 1):
                 if not line.strip() or line.lstrip().startswith("#"):
