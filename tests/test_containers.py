@@ -804,6 +804,7 @@ def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sle
     shutil.copy2(os.path.realpath("/usr/bin/python3"), conmon)
     fake = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), conmon, "-", "-c", ID, "-n", "web1",
                              rootlessport], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = None
     try:
         fake.stdin.write(FAKE_CONMON)
         fake.stdin.close()
@@ -817,6 +818,8 @@ def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sle
         facts = owners.process_facts(child)
         assert facts is not None and facts.container is None, facts
     finally:
+        if child is not None:  # the fake conmon's child: ended by its PID, not left to sleep on
+            os.kill(child, 9)
         fake.kill()
         fake.wait()
 
