@@ -70,15 +70,25 @@ def user_unit_path(environ=None) -> tuple[str, ...]:
     its search path was made from), and where no manager is proven (`--user` alone) the
     directories $HOME and $XDG_* name are kept only when root alone can change them (trusted_dirs).
     """
-    trusted_only = False
-    if environ is None:
-        environ = bindguard.environment()
-        if posix.geteuid() == bindguard.ROOT:
-            manager = proven_user_manager(environ)
-            if manager is not None:
-                environ = process_environment(manager)
-            else:
-                trusted_only = True
+    if environ is not None:
+        return _search_path(environ)
+    environ = bindguard.environment()
+    if posix.geteuid() != bindguard.ROOT:
+        return _search_path(environ)
+    claim = environ.get("MANAGERPID", "")
+    if claim not in _proven_managers_path:
+        manager = proven_user_manager(environ)
+        _proven_managers_path[claim] = _search_path(process_environment(manager)) if manager is not None else None
+    return _proven_managers_path[claim] or _search_path(environ, trusted_only=True)
+
+
+# The search path of a proven user manager by the $MANAGERPID that named it (None: none proven):
+# each unit file a run reads asks for it, and each proof reads /proc twice. The path made from
+# directories that must exist to be trusted is not kept. look_at_directories_again() forgets it.
+_proven_managers_path: dict[str, tuple[str, ...] | None] = {}
+
+
+def _search_path(environ, trusted_only: bool = False) -> tuple[str, ...]:
     named = _user_dirs_from_environment(environ)
     if trusted_only:
         named = {key: trusted_dirs(dirs) for key, dirs in named.items()}
@@ -152,8 +162,10 @@ def _present_dirs(dirs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def look_at_directories_again() -> None:
-    """Forget which unit directories exist: a discovery being remembered must make every look itself."""
+    """Forget which unit directories exist, and the user managers' search paths: a discovery being
+    remembered must make every look itself."""
     _present.clear()
+    _proven_managers_path.clear()
 
 
 def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None, list[str]]:
