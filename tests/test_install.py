@@ -158,7 +158,7 @@ def test_program_whose_python3_others_can_change_is_refused(tmp_path, console_sc
     home.mkdir()
     program = home / "bindguard"
     if console_script:
-        program.write_text(f"#!{home}/python\nimport bindguard\n")
+        program.write_text(f"#!{home}/python -I\nimport bindguard\n")
         program.chmod(0o755)
         (home / "python").symlink_to(python)
     else:
@@ -169,6 +169,30 @@ def test_program_whose_python3_others_can_change_is_refused(tmp_path, console_sc
     assert done.returncode == 64 and done.stdout == "" and "Traceback" not in done.stderr, done
     assert f"--program '{program}' runs what others can change ({theirs} belongs to uid {NOBODY}, not root)" \
         in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("first_line, flaw", [
+    ("#!/usr/bin/python3", "runs /usr/bin/python3 without -I"),
+    ("#!/usr/bin/python3 -S", "runs /usr/bin/python3 without -I"),
+    ("#!python", "runs 'python', which the unit's working directory would decide"),
+    ("#!/usr/bin/env python3", "is no bindguard launcher"),
+    ("import bindguard", "is no bindguard launcher"),
+])
+def test_a_launcher_that_runs_python_other_than_isolated_is_refused(tmp_path, first_line, flaw):
+    """Root runs the drop-in's program with the unit's environment: a console script whose python is
+    not isolated (-I) would take PYTHONPATH, and a user's site-packages under the $HOME systemd gives
+    a `+` command of a unit with User=, from the unit; a relative or env-found one from its
+    working directory or PATH."""
+    program = tmp_path / "bindguard"
+    program.write_text(f"{first_line}\nimport bindguard\n")
+    program.chmod(0o755)
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(program), "web.service", "8080"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 64 and done.stdout == "" and f"--program '{program}' {flaw}" in done.stderr, done
+    program.write_text(f"#!{os.path.realpath(sys.executable)} -I\nimport bindguard\n")
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(program), "web.service", "8080"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"\nExecStartPre=+{program} check --unit %n 8080\n" in done.stdout, done
 
 
 def test_program_is_named_with_the_links_above_it_resolved(tmp_path):
@@ -537,3 +561,11 @@ def test_hard_arguments_reach_systemd_as_given_and_nothing_more(systemd_rig):
     refused = rig.bindguard("install", "--user", "web.service", f"[fe80::1%lo\n{INJECTED}\n#]:8080")
     assert refused.returncode == 64
     assert rig.show("web.service", "ExecStartPre")["ExecStartPre"] == pre
+
+
+def test_the_drop_in_names_an_escaped_unit_as_a_shell_takes_it():
+    """`bindguard uninstall foo\\x2dbar.service` in a shell would name foox2dbar.service."""
+    printed = subprocess.run([*BINDGUARD, "install", "--print", "foo\\x2dbar.service", "8080"],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    assert "`bindguard uninstall 'foo\\x2dbar.service'` removes it." in printed.stdout, printed.stdout

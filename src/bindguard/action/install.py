@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bindguard import ROOT, __version__, resolve_trusted, untrusted
 from bindguard.model.errors import ConfigError, UsageError
+from bindguard.model.text import command_unit
 from bindguard.systemd.unitfiles import normalize_unit
 
 DROPIN_NAME = "bindguard.conf"
@@ -151,26 +152,42 @@ def launcher_flaw(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, st
     as _interpreter_flaw() does. --program and the launcher install falls back to, alike."""
     launcher, why = trusted_program(path, owners)
     if why is None:
-        why = _interpreter_flaw(launcher_interpreter(launcher), owners)
+        python, why = launcher_interpreter(launcher)
+        if why is None:
+            why = _interpreter_flaw(python, owners)
     return launcher, why
 
 
 SHEBANG_BYTES = 256  # a `#!` line; the kernel reads at most BINPRM_BUF_SIZE (256) of it
 
 
-def launcher_interpreter(launcher: str) -> str:
-    """The python a launcher runs: a console script's `#!` interpreter where its first line names a
-    python; else what bin/bindguard runs, the python3 beside it, else Debian's /usr/bin/python3."""
+def launcher_interpreter(launcher: str) -> tuple[str, str | None]:
+    """(the python a launcher runs, why root should not run the launcher: None when it may).
+
+    bin/bindguard's form, `#!/bin/sh`, runs the python3 beside it (else Debian's /usr/bin/python3)
+    isolated itself. A console script's `#!` must name its python by an absolute path and run it
+    isolated (-I): run as root with the unit's environment, a python without -I takes PYTHONPATH
+    from it, and the user site-packages from the $HOME systemd gives a `+` command of a unit with
+    User=; a relative one is looked up in the unit's working directory, `env` on the unit's PATH.
+    """
     try:
         with open(launcher, "rb") as f:
             first = f.read(SHEBANG_BYTES).split(b"\n", 1)[0]
-    except OSError:
-        first = b""
+    except OSError as exc:
+        return "", f"cannot be read ({exc.strerror or exc})"
     words = first[2:].split() if first.startswith(b"#!") else []
-    if words and os.path.basename(words[0]).startswith(b"python"):
-        return os.fsdecode(words[0])
-    beside = os.path.join(os.path.dirname(launcher), "python3")
-    return beside if os.access(beside, os.X_OK) else "/usr/bin/python3"
+    if words == [b"/bin/sh"]:
+        beside = os.path.join(os.path.dirname(launcher), "python3")
+        return (beside if os.access(beside, os.X_OK) else "/usr/bin/python3"), None
+    if not words or not os.path.basename(words[0]).startswith(b"python"):
+        return "", "is no bindguard launcher (its first line is neither #!/bin/sh nor #! and a python)"
+    python = os.fsdecode(words[0])
+    if not python.startswith("/"):
+        return python, f"runs {python!r}, which the unit's working directory would decide"
+    options = words[1:]
+    if not (len(options) == 1 and options[0].startswith(b"-") and b"I" in options[0]):
+        return python, f"runs {python} without -I, which takes PYTHONPATH and a user's site-packages from the unit"
+    return python, None
 
 
 def _interpreter_flaw(python: str, owners: tuple[int, ...]) -> str | None:
@@ -216,7 +233,7 @@ def render(unit: str, listens: list[str], user: bool, check_args: list[str], com
     what = "its own Listen*= addresses" if section == "Socket" and not listens else "the addresses below"
     before = f"the manager binds {unit}'s sockets" if section == "Socket" else f"{unit} starts"
     return f"""\
-{MARKER} (bindguard {__version__}); `bindguard uninstall{flag} {unit}` removes it.
+{MARKER} (bindguard {__version__}); `bindguard uninstall{flag} {command_unit(unit)}` removes it.
 # Put your own settings in another drop-in: this file is bindguard's and is rewritten.
 #
 # Before {before}, bindguard checks that {what} can be bound: the start
@@ -264,8 +281,8 @@ def owned_by_bindguard(path: Path) -> bool:
 def _refuse_foreign(path: Path, unit: str) -> None:
     raise ConfigError(
         f"{path} exists and was not written by bindguard; leaving it alone",
-        f"add bindguard's ExecStartPre= line to that file yourself (see `bindguard install --print {unit} ...`), "
-        "or move the file away and run install again",
+        f"add bindguard's ExecStartPre= line to that file yourself (see `bindguard install --print "
+        f"{command_unit(unit)} ...`), or move the file away and run install again",
     )
 
 

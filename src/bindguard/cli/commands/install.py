@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--program", metavar="PATH",
                         help=f"the bindguard the drop-in runs, an absolute path to an executable file named "
                              f"bindguard that only root (with --user, or you) can change, nor any directory above "
-                             f"it, nor the python3 it runs; the drop-in names it with the links above it resolved "
+                             f"it, nor the python3 it runs (a console script's #! must run an absolute python with "
+                             f"-I); the drop-in names it with the links above it resolved "
                              f"(default: {install.PACKAGED_PROGRAM} where the package installed it)")
     parser.add_argument("--no-reload", action="store_true",
                         help="write the drop-in but leave the daemon-reload to the caller, who reloads once for "
