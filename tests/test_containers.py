@@ -824,6 +824,30 @@ def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sle
         fake.wait()
 
 
+def test_podmans_rootlessport_is_known_by_its_file_not_by_the_path_its_process_sees(named_sleep):
+    """/proc/PID/exe names the program as the process's own mount namespace sees it: a user may
+    `unshare -Urm`, mount a program of theirs over Podman's packaged rootlessport, and run it by that
+    path. The program is the file the guard finds at the packaged path (device and inode), so the
+    mounted one is not believed, and the packaged one, run by the same user, still is."""
+    packaged = containers.ROOTLESSPORT_PROGRAMS[0]
+    need_engine(packaged)
+    genuine = subprocess.Popen([*AS_NOBODY.split(), packaged], stdin=subprocess.PIPE)  # waits for its config
+    impostor = subprocess.Popen(["unshare", "-Urm", "--", "sh", "-c",
+                                 f'mount --bind "$0" {packaged} && exec {packaged} 30', named_sleep("rootlessport")],
+                                user=NOBODY, group=NOBODY)
+    try:
+        _until(lambda: _comm(genuine.pid) == "rootlessport" and _comm(impostor.pid) == "rootlessport",
+               "the programs' exec")
+        assert os.readlink(f"/proc/{impostor.pid}/exe") == packaged  # what the name alone would believe
+        assert _status_uid(impostor.pid) == NOBODY == _status_uid(genuine.pid)
+        assert not containers.runs_rootlessport(impostor.pid)
+        assert containers.runs_rootlessport(genuine.pid)
+    finally:
+        for process in (genuine, impostor):
+            process.kill()
+            process.wait()
+
+
 def test_a_name_and_image_from_a_users_own_file_are_bounded(tmp_path):
     """A rootless user's containers.json may name a container in MiB: the name and image kept are cut
     to containers.USER_TEXT_MAX characters, marked so (…), and a cut name is never the engine's handle."""

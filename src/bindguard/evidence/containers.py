@@ -9,7 +9,7 @@ monitor, conmon, holds a rootful container's published ports itself (it names th
 docker-proxy, for dockerd, which names the container's address and port (believed only as root's child
 of root's dockerd): the container is the running one whose config.v2.json has that address and publishes
 that port. Rootless Podman's port forwarder, rootlessport (believed only where /proc/PID/exe is
-Podman's packaged program), names no container: the container is its user's whose process (its
+the file of Podman's packaged program), names no container: the container is its user's whose process (its
 conmon's child) is in the network namespace rootlessport forwards into, named from that user's
 storage and with that user's files only.
 The id (64 hex digits, nothing else ever makes a path) names the engine's files, read as regular
@@ -249,20 +249,32 @@ def _real_uid(pid: int) -> int | None:
 MAX_PROCESSES = 1 << 16  # /proc entries looked at for the user's conmon processes
 # Where Podman's packages install rootlessport: Debian's, and the libexec of other distributions'.
 ROOTLESSPORT_PROGRAMS = ("/usr/lib/podman/rootlessport", "/usr/libexec/podman/rootlessport")
+MAX_TASKS = 256  # threads of one process whose children are read (a Go program starts its children from any)
 
 
 def runs_rootlessport(pid: int) -> bool:
     """Whether the process runs Podman's packaged rootlessport, a file root alone can change
     (bindguard.untrusted): any user may call a program of theirs rootlessport, and have it forward
-    into a namespace where a conmon of theirs, as fake, has a child."""
+    into a namespace where a conmon of theirs, as fake, has a child. The program is known by its file
+    (/proc/PID/exe's device and inode, the packaged path's in the guard's mount namespace), never by
+    the path /proc/PID/exe reads as: that is the path in the process's own mount namespace, where a
+    user may have mounted a program of theirs over the packaged one (`unshare -Urm`). This proves which
+    program runs, not that Podman started it. One upgraded while running is no longer the packaged
+    file, and is not believed."""
     import bindguard
 
     try:
-        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")  # (deleted): upgraded while running
+        running = os.stat(f"/proc/{pid}/exe")
     except OSError:
         return False
-    return exe in ROOTLESSPORT_PROGRAMS and bindguard.untrusted(exe) is None
-MAX_TASKS = 256  # threads of one process whose children are read (a Go program starts its children from any)
+    for path in ROOTLESSPORT_PROGRAMS:
+        try:
+            packaged = os.stat(path)
+        except OSError:
+            continue
+        if (packaged.st_dev, packaged.st_ino) == (running.st_dev, running.st_ino):
+            return bindguard.untrusted(path) is None
+    return False
 
 
 def _from_rootlessport(pid: int, uid: int) -> ContainerFact | None:
