@@ -435,6 +435,27 @@ def test_mariadb_debian_default():
     assert summary(result) == [("127.0.0.1:3306", f"{server}:{line_of(server, r'^bind-address')}", "confident")]
 
 
+def test_mariadb_warns_once_for_a_file_whose_bang_lines_it_skips(tmp_path):
+    """In a file included as deep as the server reads, the server skips each `!` line and reads the
+    rest: the finder too, with one warning for the file (its first skipped line, and how many), not one
+    a line; a 1 MiB file of them would otherwise make some 350,000."""
+    from bindguard.request.discover.common import DAEMON_INCLUDE_DEPTH, MAX_FILE_BYTES
+
+    limit = DAEMON_INCLUDE_DEPTH["mysql"]
+    files = [tmp_path / f"d{depth}.cnf" for depth in range(limit + 1)]
+    for depth, path in enumerate(files[:-1]):
+        write(path, f"!include {files[depth + 1]}\n")
+    head, tail = "[mysqld]\n", "port = 3310\n"
+    bangs = (MAX_FILE_BYTES - len(head) - len(tail)) // len("!x\n")
+    write(files[-1], head + "!x\n" * bangs + tail)
+    assert files[-1].stat().st_size <= MAX_FILE_BYTES
+    result = discover([["mariadbd", f"--defaults-file={files[0]}"]], [], [], [], "mariadb.service")
+    assert [s[0] for s in summary(result)] == ["0.0.0.0:3310", "[::]:3310 v6only"]
+    skipped = [w for w in result.warnings if "skips a `!` directive" in w]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{files[-1]}:2: '!x' not read, nor the {bangs - 1} "
+                                                       "`!` lines after it:"), skipped
+
+
 def test_mariadb_edited_copy(tmp_path):
     need_package("mariadb-server", "/etc/mysql/my.cnf")
     write(tmp_path / "my.cnf", f"[client]\nport = 1\n!includedir {tmp_path}/conf.d/\n")

@@ -57,14 +57,15 @@ class _Options:
     def read(self, path: str) -> None:
         with self.includes.entering(path):
             group = None
+            first_skipped, skipped = "", 0  # one warning for the file, not one a line: it may hold 1 MiB of them
             for number, raw in enumerate(read_text(path).splitlines(), 1):
                 line = raw.strip()
                 if not line or line[0] in "#;":
                     continue
                 where = f"{path}:{number}"
                 if line.startswith("!") and self.includes.full:
-                    self.skipped.append(f"{where}: {excerpt(line)} not read: the server skips a `!` directive in a "
-                                        f"file included {self.includes.limit} deep, with a warning")
+                    first_skipped = first_skipped or f"{where}: {excerpt(line)} not read"
+                    skipped += 1
                     continue
                 if line.startswith("!include "):
                     self.read(line.split(None, 1)[1].strip())
@@ -91,6 +92,10 @@ class _Options:
                 if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                     value = value[1:-1]
                 self.set(name, value, where)
+            if skipped:
+                more = f", nor the {skipped - 1} `!` lines after it" if skipped > 1 else ""
+                self.skipped.append(f"{first_skipped}{more}: the server skips a `!` directive in a file included "
+                                    f"{self.includes.limit} deep, with a warning")
 
 
 def _flag(value: str) -> bool:
