@@ -868,8 +868,9 @@ def test_a_name_and_image_from_a_users_own_file_are_bounded(tmp_path):
 
 def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_time(tmp_path, monkeypatch):
     """dockerd holds each port it publishes with its proxy off: the lookup for each reads Docker's
-    states once in a run while their files stay as they were, again once one changes, and not past
-    DOCKER_SECONDS, after which no container is named (one not read could publish the port too)."""
+    states once in a run while their files stay as they were, a file again once it changes, and not
+    past the run's DOCKER_SECONDS, after which no container is named (one not read could publish the
+    port too)."""
     need_root("root's dockerd: the lookup believes a holder whose real uid is root's")
     recorded = json.loads(DOCKER_RECORDED.read_text())
     for cid in (recorded["ID"], "a" * 64, "b" * 64):
@@ -877,18 +878,56 @@ def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_
         (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == recorded["ID"] else {}))
     monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
     monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
-    monkeypatch.setattr(containers, "_docker_states_read", [])
+    monkeypatch.setattr(containers, "_docker_states_read", {})
+    monkeypatch.setattr(containers, "_docker_seconds_left", [])
     read_json, reads = containers._read_json, []
     monkeypatch.setattr(containers, "_read_json", lambda path, *args: (reads.append(path), read_json(path, *args))[1])
     for port in range(18000, 18010):
         containers.docker_port_container(os.getpid(), "tcp", port, "0.0.0.0")
     assert len(reads) == 3, reads
-    assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"
-    assert len(reads) == 4  # the one container's own state, for its name
+    web = containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0")
+    assert web == ContainerFact("docker", recorded["ID"], "web", "bindguard-test:1", "web-7d4", "shop", "dockerd",
+                                str(tmp_path / recorded["ID"] / "config.v2.json")), web
+    assert len(reads) == 3  # named from what was kept of its state
     (tmp_path / ("a" * 64) / "config.v2.json").write_text("{ }")  # Docker replaced a state
     containers.docker_port_container(os.getpid(), "tcp", 18000, "0.0.0.0")
-    assert len(reads) == 7, reads
-    monkeypatch.setattr(containers, "DOCKER_SECONDS", 0.0)
+    assert reads[3:] == [str(tmp_path / ("a" * 64) / "config.v2.json")], reads
+    monkeypatch.setattr(containers, "_docker_seconds_left", [0.0])  # the run's reading time spent
+    assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"  # nothing changed
     (tmp_path / ("b" * 64) / "config.v2.json").write_text("{  }")
     assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0") is None
-    assert len(reads) == 7
+    assert len(reads) == 4
+
+
+def test_a_rewritten_docker_state_is_read_again_alone_and_only_what_is_used_is_kept(tmp_path, monkeypatch):
+    """Docker rewrites a container's config.v2.json after each health-check: the states are kept file
+    by file, each read again only once its file changed, and of each only what docker_publishes and the
+    container's name use (a state may be 4 MiB), with the same answers as the whole state gives."""
+    recorded = json.loads(DOCKER_RECORDED.read_text())
+    recorded["Config"]["Env"] = ["X=" + "x" * (1 << 16)]  # nothing the lookup uses
+    web, other = recorded["ID"], "a" * 64
+    for cid in (web, other):
+        (tmp_path / cid).mkdir()
+        (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == web else {"State": {}}))
+    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
+    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
+    monkeypatch.setattr(containers, "_docker_states_read", {})
+    monkeypatch.setattr(containers, "_docker_seconds_left", [])
+    read_json, reads = containers._read_json, []
+    monkeypatch.setattr(containers, "_read_json", lambda path, *args: (reads.append(path), read_json(path, *args))[1])
+    states = dict(containers._docker_states())
+    assert sorted(states) == sorted((web, other)) and len(reads) == 2, reads
+    assert containers._docker_states() is not None and len(reads) == 2
+    kept = states[web]
+    assert "x" * 100 not in json.dumps(kept) and len(json.dumps(kept)) < 1024, kept
+    for question in (("18082", "tcp", "172.17.0.2", "8080"), ("18082", "", "172.17.0.2", "8080"), ("18082", "tcp"),
+                     ("18082", "tcp", "172.17.0.3", "8080"), ("18082", "udp", "172.17.0.2", "8080"),
+                     ("18083", "tcp"), ("18082", "tcp", "", "", "127.0.0.1")):
+        assert containers.docker_publishes(kept, *question) == containers.docker_publishes(recorded, *question)
+    assert containers.docker_publishes(kept, "18082", "tcp")
+    rewritten = tmp_path / other / "config.v2.json.tmp"  # as Docker writes one: a new file renamed over it
+    rewritten.write_text(json.dumps({"State": {"Running": True}}))
+    os.replace(rewritten, tmp_path / other / "config.v2.json")
+    states = dict(containers._docker_states())
+    assert reads[2:] == [str(tmp_path / other / "config.v2.json")], reads
+    assert states[other]["State"]["Running"] is True and states[web] == kept

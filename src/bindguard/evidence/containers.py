@@ -133,13 +133,21 @@ def _str(value, owner: int | None = None) -> str:
 
 def _from_docker(cid: str) -> ContainerFact:
     path = DOCKER_STATE.format(id=cid)
-    state = _read_json(path)
+    return _docker_fact(cid, _read_json(path), path)
+
+
+# The labels naming a Kubernetes pod's container's pod, and its namespace.
+POD_LABELS = ("io.kubernetes.pod.name", "io.kubernetes.pod.namespace")
+
+
+def _docker_fact(cid: str, state, path: str) -> ContainerFact:
+    """The container as its config.v2.json (state, read from path) names it."""
     if not isinstance(state, dict):
         return ContainerFact("docker", cid)
     config = _dict(state.get("Config"))
     labels = _dict(config.get("Labels"))
-    return ContainerFact("docker", cid, _str(state.get("Name")).lstrip("/"), _str(config.get("Image")),
-                         _str(labels.get("io.kubernetes.pod.name")), _str(labels.get("io.kubernetes.pod.namespace")),
+    pod, namespace = (_str(labels.get(label)) for label in POD_LABELS)
+    return ContainerFact("docker", cid, _str(state.get("Name")).lstrip("/"), _str(config.get("Image")), pod, namespace,
                          source=path)
 
 
@@ -356,7 +364,7 @@ def _conmons_of(uid: int) -> list[tuple[int, str]]:
 # (--userland-proxy=false) dockerd binds each published port itself, so that nothing else takes it, and
 # a DNAT rule carries the traffic: the container is then the running one publishing that port.
 MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read
-DOCKER_SECONDS = 2.0  # reading them, once in a run, however many ports dockerd holds
+DOCKER_SECONDS = 2.0  # reading them, in all of a run, however many ports dockerd holds and however long it waits
 
 
 def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int) -> ContainerFact | None:
@@ -393,47 +401,80 @@ def _the_docker_container(publishes, via: str) -> ContainerFact | None:
     states = _docker_states()
     if states is None:
         return None
-    found = [cid for cid, state in states if publishes(state)]
-    return replace(_from_docker(found[0]), via=via) if len(found) == 1 else None
+    found = [(cid, state) for cid, state in states if publishes(state)]
+    if len(found) != 1:
+        return None
+    cid, state = found[0]
+    return replace(_docker_fact(cid, state, DOCKER_STATE.format(id=cid)), via=via)
 
 
-# The states last read: (each container's id and its config.v2.json's inode, mtime and size; the states,
-# or None where DOCKER_SECONDS ran out first). dockerd may hold many ports, each asking for the states:
-# they are read once while the files stay as they were (Docker replaces the file as a state changes).
-_docker_states_read: list[tuple[tuple, list[tuple[str, object]] | None]] = []
+# Each container's config.v2.json as last read: its id -> (the file's inode, mtime and size; what is kept
+# of it, _docker_kept). dockerd may hold many ports, each asking for the states, and the guard asks again
+# as it waits: a file is read again only once it changed (Docker rewrites one after each health-check),
+# and only the containers listed now are kept.
+_docker_states_read: dict[str, tuple[tuple[int, int, int], dict | None]] = {}
+# The seconds left to reading them in this run, however often they are asked for: time spent reading,
+# not a deadline, so that a wait does not use it up. Set from DOCKER_SECONDS on first use.
+_docker_seconds_left: list[float] = []
 
 
-def _docker_states() -> list[tuple[str, object]] | None:
-    """(id, parsed config.v2.json) of Docker's containers (at most MAX_DOCKER_CONTAINERS), read within
-    DOCKER_SECONDS (discovery's Budget, as the NAT rules' reading); None when they could not all be read."""
+def _docker_states() -> list[tuple[str, dict | None]] | None:
+    """(id, what is kept of its config.v2.json) of Docker's containers (at most MAX_DOCKER_CONTAINERS),
+    each file read when it changed and while the run's DOCKER_SECONDS last; None when not all could be."""
     import re
+    import time
 
     try:
         ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS)
                      if re.fullmatch(_ID, name))[:MAX_DOCKER_CONTAINERS]
     except OSError:
         return None
-    files = []
+    if not _docker_seconds_left:
+        _docker_seconds_left.append(DOCKER_SECONDS)
+    states: list[tuple[str, dict | None]] = []
+    known: dict[str, tuple[tuple[int, int, int], dict | None]] = {}
     for cid in ids:
+        path = DOCKER_STATE.format(id=cid)
         try:
-            info = os.stat(DOCKER_STATE.format(id=cid))
-            files.append((cid, info.st_ino, info.st_mtime_ns, info.st_size))
+            info = os.stat(path)
         except OSError:
-            files.append((cid, 0, 0, 0))
-    key = (DOCKER_STATE, tuple(files))
-    if _docker_states_read and _docker_states_read[0][0] == key:
-        return _docker_states_read[0][1]
-    from bindguard.request.discover.common import Budget
+            states.append((cid, None))  # no state to read: a container being created or removed
+            continue
+        version = (info.st_ino, info.st_mtime_ns, info.st_size)
+        seen = _docker_states_read.get(cid)
+        if seen is None or seen[0] != version:
+            if _docker_seconds_left[0] <= 0:
+                continue
+            started = time.monotonic()
+            seen = (version, _docker_kept(_read_json(path)))
+            _docker_seconds_left[0] -= time.monotonic() - started
+        known[cid] = seen
+        states.append((cid, seen[1]))
+    _docker_states_read.clear()
+    _docker_states_read.update(known)
+    return states if len(states) == len(ids) else None
 
-    budget = Budget(seconds=DOCKER_SECONDS)
-    read: list[tuple[str, object]] = []
-    for cid in ids:
-        if budget.seconds_left() <= 0:
-            break
-        read.append((cid, _read_json(DOCKER_STATE.format(id=cid))))
-    states = read if len(read) == len(ids) else None
-    _docker_states_read[:] = [(key, states)]
-    return states
+
+# The addresses of a container on one of its networks.
+NETWORK_ADDRESSES = ("IPAddress", "GlobalIPv6Address")
+
+
+def _docker_kept(state) -> dict | None:
+    """What docker_publishes and _docker_fact read of a config.v2.json, in its shape: states are kept for
+    the run, and one may be 4 MiB."""
+    if not isinstance(state, dict):
+        return None
+    config, settings = _dict(state.get("Config")), _dict(state.get("NetworkSettings"))
+    labels = _dict(config.get("Labels"))
+    networks = {name: {key: _str(_dict(network).get(key)) for key in NETWORK_ADDRESSES}
+                for name, network in _dict(settings.get("Networks")).items()}
+    ports = {published: [{"HostIp": _str(b.get("HostIp")), "HostPort": _str(b.get("HostPort"))}
+                         for b in bindings if isinstance(b, dict)] if isinstance(bindings, list) else None
+             for published, bindings in _dict(settings.get("Ports")).items()}
+    return {"State": {"Running": _dict(state.get("State")).get("Running") is True}, "Name": _str(state.get("Name")),
+            "Config": {"Image": _str(config.get("Image")),
+                       "Labels": {label: _str(labels.get(label)) for label in POD_LABELS}},
+            "NetworkSettings": {"Networks": networks, "Ports": ports}}
 
 
 # A published port's HostIp that publishes it on every address of the host.
@@ -450,7 +491,7 @@ def docker_publishes(state, host_port: str, proto: str = "", container_ip: str =
         return False
     settings = _dict(state.get("NetworkSettings"))
     addresses = {_str(_dict(net).get(key)) for net in _dict(settings.get("Networks")).values()
-                 for key in ("IPAddress", "GlobalIPv6Address")}
+                 for key in NETWORK_ADDRESSES}
     if container_ip and container_ip not in addresses - {""}:
         return False
     for published, bindings in _dict(settings.get("Ports")).items():
