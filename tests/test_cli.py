@@ -176,17 +176,23 @@ def test_explain_shows_everything_on_the_port(netns):
     assert "already receives on this UDP port" in proc.stdout
 
 
+def broken_probe(netns, tmp_path, message: str) -> dict[str, str]:
+    """The environment of a guard whose full path's probe raises RuntimeError(message), with port
+    8080 held in netns so that the fast path hands over to it."""
+    (tmp_path / "sitecustomize.py").write_text("import bindguard.evidence.probe as p\n"
+                                               "def broken(*a, **k):\n"
+                                               f"    raise RuntimeError({message!r})\n"
+                                               "p.probe = broken\n")
+    netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
+    return {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+
+
 @pytest.mark.integration
 def test_guard_failure_fails_open_or_closed(netns, tmp_path):
     # A guard that breaks before the kernel answered (here: the full path's probe raises) must not
     # block the start unless --fail-closed is given. (Once the kernel refused, a fault explaining
     # it keeps the refusal: tests/test_unexplained.py.)
-    shim = tmp_path / "sitecustomize.py"
-    shim.write_text("import bindguard.evidence.probe as p\n"
-                    "def broken(*a, **k):\n    raise RuntimeError('simulated failure')\n"
-                    "p.probe = broken\n")
-    netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    env = broken_probe(netns, tmp_path, "simulated failure")
     proc = netns.run([*BINDGUARD, "check", "--wait", "0", "8080"], env=env)
     assert proc.returncode == 0 and "internal error" in proc.stderr and "fail-open" in proc.stderr
     proc = netns.run([*BINDGUARD, "check", "--fail-closed", "--wait", "0", "8080"], env=env)
@@ -196,12 +202,7 @@ def test_guard_failure_fails_open_or_closed(netns, tmp_path):
 def test_debug_adds_a_traceback_and_still_fails_open(netns, tmp_path):
     # --debug (on the ExecStartPre= line root wrote) shows where the guard failed, one escaped line
     # at a time, and changes nothing else: the start goes on. The unit's environment cannot ask.
-    shim = tmp_path / "sitecustomize.py"
-    shim.write_text("import bindguard.evidence.probe as p\n"
-                    "def broken(*a, **k):\n    raise RuntimeError('simulated\\nforged')\n"
-                    "p.probe = broken\n")
-    netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    env = broken_probe(netns, tmp_path, "simulated\nforged")
     proc = netns.run([*BINDGUARD, "--debug", "check", "--wait", "0", "8080"], env=env)
     assert proc.returncode == 0 and "fail-open" in proc.stderr, proc.stderr
     assert "Traceback (most recent call last):" in proc.stderr and "RuntimeError: simulated\\nforged" in proc.stderr

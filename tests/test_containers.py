@@ -866,6 +866,18 @@ def test_a_name_and_image_from_a_users_own_file_are_bounded(tmp_path):
     assert root.name == long
 
 
+def docker_states_in(tmp_path, monkeypatch) -> list[str]:
+    """Docker's container states taken from tmp_path/ID/config.v2.json, none read yet in this run;
+    the list each read of a state file is appended to."""
+    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
+    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
+    monkeypatch.setattr(containers, "_docker_states_read", {})
+    monkeypatch.setattr(containers, "_docker_seconds_left", [])
+    read_json, reads = containers._read_json, []
+    monkeypatch.setattr(containers, "_read_json", lambda path, *args: (reads.append(path), read_json(path, *args))[1])
+    return reads
+
+
 def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_time(tmp_path, monkeypatch):
     """dockerd holds each port it publishes with its proxy off: the lookup for each reads Docker's
     states once in a run while their files stay as they were, a file again once it changes, and not
@@ -876,12 +888,7 @@ def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_
     for cid in (recorded["ID"], "a" * 64, "b" * 64):
         (tmp_path / cid).mkdir()
         (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == recorded["ID"] else {}))
-    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
-    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
-    monkeypatch.setattr(containers, "_docker_states_read", {})
-    monkeypatch.setattr(containers, "_docker_seconds_left", [])
-    read_json, reads = containers._read_json, []
-    monkeypatch.setattr(containers, "_read_json", lambda path, *args: (reads.append(path), read_json(path, *args))[1])
+    reads = docker_states_in(tmp_path, monkeypatch)
     for port in range(18000, 18010):
         containers.docker_port_container(os.getpid(), "tcp", port, "0.0.0.0")
     assert len(reads) == 3, reads
@@ -909,12 +916,7 @@ def test_a_rewritten_docker_state_is_read_again_alone_and_only_what_is_used_is_k
     for cid in (web, other):
         (tmp_path / cid).mkdir()
         (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == web else {"State": {}}))
-    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
-    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
-    monkeypatch.setattr(containers, "_docker_states_read", {})
-    monkeypatch.setattr(containers, "_docker_seconds_left", [])
-    read_json, reads = containers._read_json, []
-    monkeypatch.setattr(containers, "_read_json", lambda path, *args: (reads.append(path), read_json(path, *args))[1])
+    reads = docker_states_in(tmp_path, monkeypatch)
     states = dict(containers._docker_states())
     assert sorted(states) == sorted((web, other)) and len(reads) == 2, reads
     assert containers._docker_states() is not None and len(reads) == 2
