@@ -55,6 +55,14 @@ StandardError=append:{log}
     return log
 
 
+def need(reason: str) -> None:
+    """What a test needs is missing: a failure under BINDGUARD_REQUIRE_INTEGRATION=1 (CI, where a
+    skip would hide an untested claim), else a skip saying why."""
+    if REQUIRE:
+        pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
+    pytest.skip(reason)
+
+
 def need_root(what: str = "network namespaces") -> None:
     missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
     reason = None
@@ -63,9 +71,7 @@ def need_root(what: str = "network namespaces") -> None:
     elif missing:
         reason = f"{what} need {', '.join(missing)} (install util-linux and iproute2)"
     if reason:
-        if REQUIRE:
-            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
-        pytest.skip(reason)
+        need(reason)
 
 
 class NetNS:
@@ -153,9 +159,7 @@ def systemd_rig():
 
     if not os.access(SYSTEMD, os.X_OK) or not os.path.exists("/usr/lib/systemd/user/dbus.socket"):
         reason = f"the systemd rig needs {SYSTEMD} and the user unit dbus.socket (install systemd, dbus-user-session)"
-        if REQUIRE:
-            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
-        pytest.skip(reason)
+        need(reason)
     rig = SystemdRig()
     try:
         yield rig

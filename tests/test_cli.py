@@ -176,15 +176,20 @@ def test_explain_shows_everything_on_the_port(netns):
     assert "already receives on this UDP port" in proc.stdout
 
 
+def with_sitecustomize(tmp_path, source: str) -> dict[str, str]:
+    """This environment, with a sitecustomize.py of `source` in tmp_path that Python loads first."""
+    (tmp_path / "sitecustomize.py").write_text(source)
+    return {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+
+
 def broken_probe(netns, tmp_path, message: str) -> dict[str, str]:
     """The environment of a guard whose full path's probe raises RuntimeError(message), with port
     8080 held in netns so that the fast path hands over to it."""
-    (tmp_path / "sitecustomize.py").write_text("import bindguard.evidence.probe as p\n"
-                                               "def broken(*a, **k):\n"
-                                               f"    raise RuntimeError({message!r})\n"
-                                               "p.probe = broken\n")
     netns.hold({"proto": "tcp", "host": "0.0.0.0", "port": 8080, "reuseaddr": True})
-    return {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    return with_sitecustomize(tmp_path, "import bindguard.evidence.probe as p\n"
+                                        "def broken(*a, **k):\n"
+                                        f"    raise RuntimeError({message!r})\n"
+                                        "p.probe = broken\n")
 
 
 @pytest.mark.integration
@@ -199,6 +204,7 @@ def test_guard_failure_fails_open_or_closed(netns, tmp_path):
     assert proc.returncode == 70 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_debug_adds_a_traceback_and_still_fails_open(netns, tmp_path):
     # --debug (on the ExecStartPre= line root wrote) shows where the guard failed, one escaped line
     # at a time, and changes nothing else: the start goes on. The unit's environment cannot ask.
@@ -253,10 +259,8 @@ def test_a_signal_ends_the_command_with_a_line_saying_so(netns, signum, says):
 
 def _verify_with(netns, tmp_path, shim: str, timeout: str) -> subprocess.CompletedProcess:
     """verify waiting for a listener that never comes, with sitecustomize `shim` loaded first."""
-    (tmp_path / "sitecustomize.py").write_text(shim)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
     return netns.run([*BINDGUARD, "verify", "--unit", "web.service", "--no-systemd", "--timeout", timeout,
-                      "127.0.0.1:9"], env=env, timeout=30)
+                      "127.0.0.1:9"], env=with_sitecustomize(tmp_path, shim), timeout=30)
 
 
 @pytest.mark.integration

@@ -35,7 +35,7 @@ from bindguard.model.facts import ContainerFact, ProcessFact
 from bindguard.model.kinds import ConflictKind
 from bindguard.verdict.conflicts import Conflict
 from bindguard.verdict.remedies import remedy
-from conftest import REQUIRE, need_root
+from conftest import need, need_root
 
 ID = "f70f59f8dfac8409672c00f9015b0a3fd50bce9cbc39d58d9ea9e356e956bb6d"
 BINDGUARD = f"{sys.executable} -m bindguard"
@@ -218,9 +218,7 @@ def need_engine(*more: str) -> None:
     if missing:
         reason = f"the container test needs {', '.join(missing)} (Debian's podman, conmon, crun, nftables, " \
                  "busybox-static, uidmap, slirp4netns, docker.io: setup.sh --test installs them)"
-        if REQUIRE:
-            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
-        pytest.skip(reason)
+        need(reason)
 
 
 def _remove_cgroups(name: str) -> None:

@@ -20,15 +20,13 @@ import pytest
 from bindguard.request.discover import discover, discover_daemon
 from bindguard.request.discover.common import hosts_file_addresses
 from bindguard.model.endpoints import parse_listen
-from conftest import REQUIRE, need_root
+from conftest import need, need_root
 
 
 def need_package(package: str, path: str) -> None:
     if not os.path.exists(path):
         reason = f"{path} is missing: install Debian's {package} (./setup.sh --test)"
-        if REQUIRE:
-            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
-        pytest.skip(reason)
+        need(reason)
 
 
 def write(path: Path, text: str) -> Path:

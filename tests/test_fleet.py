@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRE, NetNS, need_root
+from conftest import NetNS, need, need_root
 from test_package import REINSTALL, installed  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,9 +47,7 @@ def _need(tool: str, package: str) -> str:
     path = shutil.which(tool)
     if path is None:
         reason = f"{tool} is missing: ./setup.sh --test installs Debian's {package}"
-        if REQUIRE:
-            pytest.fail(reason)
-        pytest.skip(reason)
+        need(reason)
     return path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bindguard.cli.commands import COMMANDS
-from conftest import REQUIRE
+from conftest import need
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = ROOT / "tools" / "generate.py"
@@ -22,9 +22,7 @@ def generate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     missing = subprocess.run(["/usr/bin/python3", "-c", "import build_manpages, shtab"], capture_output=True, env=SYSTEM)
     if missing.returncode != 0:
         reason = "Debian's python3-argparse-manpage and python3-shtab are missing: ./setup.sh --test installs them"
-        if REQUIRE:
-            pytest.fail(reason)
-        pytest.skip(reason)
+        need(reason)
     return subprocess.run(["/usr/bin/python3", str(GENERATE), *args], cwd=cwd, capture_output=True, text=True,
                           env=SYSTEM, timeout=120)
 

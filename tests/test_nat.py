@@ -21,7 +21,7 @@ from bindguard.evidence.iptables_legacy import rules_from_save
 from bindguard.evidence.nat import MAX_DEPTH, rules_from_ruleset, xt_targets_from_text
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.verdict.nat import nat_conflicts
-from conftest import REQUIRE
+from conftest import need
 
 DATA = Path(__file__).resolve().parent / "data" / "nft"
 LEGACY = Path(__file__).resolve().parent / "data" / "iptables-legacy"  # rules.sh, and what -save printed after it
@@ -393,9 +393,7 @@ def need_nft() -> None:
     missing = [p for p in ("/usr/sbin/nft", "/usr/sbin/iptables-nft") if not os.access(p, os.X_OK)]
     if missing:
         reason = f"NAT tests need {', '.join(missing)} (Debian's nftables and iptables packages)"
-        if REQUIRE:
-            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
-        pytest.skip(reason)
+        need(reason)
 
 
 def explain(netns, *listen: str) -> dict:
@@ -463,9 +461,7 @@ def need_legacy() -> None:
     missing = [p for p in tools if not os.access(p, os.X_OK)]
     if missing:
         reason = f"iptables-legacy tests need {', '.join(missing)} (Debian's iptables package)"
-        if REQUIRE:
-            pytest.fail(f"BINDGUARD_REQUIRE_INTEGRATION=1 but {reason}")
-        pytest.skip(reason)
+        need(reason)
 
 
 def legacy_tables(netns, version: str = "") -> list[str]:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HOLDER, REQUIRE, need_root
+from conftest import HOLDER, need, need_root
 from observe import query
 
 import bindguard
@@ -156,10 +156,7 @@ def scratch_cgroup():
     need_root("cgroups")
     roots = owners._cgroup2_roots()
     if not roots:
-        message = "no cgroup2 hierarchy is mounted"
-        if REQUIRE:
-            pytest.fail(message)
-        pytest.skip(message)
+        need("no cgroup2 hierarchy is mounted")
     path = f"/bindguard-test-{uuid.uuid4().hex[:8]}"
     directory = Path(roots[0] + path)
     directory.mkdir()

@@ -93,7 +93,7 @@ def test_a_unit_name_with_systemd_s_escapes_is_quoted_in_a_command():
     unit = "web\\x2d1.service"
     c = Conflict(bind("0.0.0.0:80"), ConflictKind.LISTENER, socket=sock("0.0.0.0:80"),
                  process=holder(unit=unit, cgroup=f"/system.slice/{unit}"), unit=unit, unit_status=UnitStatus.BY_MANAGER)
-    assert f"`systemctl stop 'web\\x2d1.service'`" in remedy(c)
+    assert "`systemctl stop 'web\\x2d1.service'`" in remedy(c)
     assert command_unit("nginx.service") == "nginx.service" and command_unit("getty@tty1.service") == "getty@tty1.service"
     assert command_unit("it's.service") == "'it'\\''s.service'"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import need_root
 
 from bindguard.evidence import owners
 from bindguard.systemd.context import proven_manager
@@ -358,8 +359,7 @@ def test_a_bus_socket_is_trusted_only_with_every_directory_above_it_and_its_link
     user swap it; through a link, the socket it leads to is checked, and that path is connected to."""
     from bindguard.systemd.busaddress import check_socket
 
-    if os.geteuid() != 0:
-        pytest.skip("giving a directory to another user needs root")
+    need_root("giving a directory to another user")
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -419,8 +419,7 @@ def test_a_non_dumpable_process_of_another_user_is_no_manager_of_roots(monkeypat
     non-dumpable process proc(5) shows as root."""
     from bindguard.systemd import unitfiles
 
-    if os.geteuid() != 0:
-        pytest.skip("the root guard's rule; setpriv needs root")
+    need_root("the root guard's rule (setpriv)")
     process = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                 "/usr/bin/python3", "-I", "-c", UNDUMPABLE], stdout=subprocess.PIPE)
     try:

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import need, need_root
 
 from bindguard.action import install
 from bindguard.systemd import unitfiles
@@ -132,8 +133,7 @@ def test_a_search_path_from_the_environment_keeps_only_directories_root_alone_ca
     user's) and no one else can write them; a root-owned directory below another user's is not."""
     from bindguard.systemd.unitfiles import environment_dirs
 
-    if os.geteuid() != 0:
-        pytest.skip("giving a directory to another user needs root")
+    need_root("giving a directory to another user")
     theirs = tmp_path / "theirs"
     units = theirs / "units"
     units.mkdir(parents=True)
@@ -164,7 +164,7 @@ def test_the_user_search_path_is_systemds_own(environ):
     analyze = subprocess.run(["systemd-analyze", "--user", "unit-paths"], env={"PATH": "/usr/bin:/bin", **environ},
                              capture_output=True, text=True, timeout=30)
     if analyze.returncode != 0:
-        pytest.skip(f"systemd-analyze: {analyze.stderr.strip()}")
+        need(f"systemd-analyze: {analyze.stderr.strip()}")
     assert list(unitexec.user_unit_path(environ)) == analyze.stdout.split()
 
 
@@ -173,8 +173,7 @@ def test_as_root_without_a_proven_manager_the_environments_user_directories_must
     they name is kept only when root alone can change it (bindguard.resolve_trusted)."""
     from bindguard.systemd import unitexec
 
-    if os.geteuid() != 0:
-        pytest.skip("the root guard's rule")
+    need_root("the root guard's rule")
     theirs = tmp_path / "theirs"
     (theirs / "systemd" / "user").mkdir(parents=True)
     os.chown(theirs, 65534, 65534)
