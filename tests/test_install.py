@@ -174,6 +174,8 @@ def test_program_whose_python3_others_can_change_is_refused(tmp_path, console_sc
 @pytest.mark.parametrize("first_line, flaw", [
     ("#!/usr/bin/python3", "runs /usr/bin/python3 without -I"),
     ("#!/usr/bin/python3 -S", "runs /usr/bin/python3 without -I"),
+    ("#!/usr/bin/python3 -WI", "runs /usr/bin/python3 without -I"),  # I: -W's value
+    ("#!/usr/bin/python3 -XI", "runs /usr/bin/python3 without -I"),
     ("#!python", "runs 'python', which the unit's working directory would decide"),
     ("#!/usr/bin/env python3", "is no bindguard launcher"),
     ("import bindguard", "is no bindguard launcher"),

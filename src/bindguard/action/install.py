@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from bindguard import ROOT, __version__, resolve_trusted, untrusted
+from bindguard import ROOT, __version__, checked_path, untrusted
 from bindguard.model.errors import ConfigError, UsageError
 from bindguard.model.text import command_unit
 from bindguard.systemd.unitfiles import normalize_unit
@@ -106,10 +106,7 @@ def trusted_program(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, 
         return path, "can be written by others than its owner"
     if not info.st_mode & 0o111:
         return path, "is not executable"
-    try:
-        real, why = resolve_trusted(path, owners)
-    except OSError as exc:
-        return path, f"cannot be examined ({exc.strerror or exc})"
+    real, why = checked_path(path, owners)
     return real, None if why is None else f"can be replaced by others ({why})"
 
 
@@ -124,7 +121,7 @@ def bindguard_command(owners: tuple[int, ...] = (ROOT,), packaged: Path | None =
     interpreter and the bindguard package it imports, only as trusted_program() and
     bindguard.untrusted() trust them for `owners`: UsageError when they do not."""
     packaged = packaged or PACKAGED_PROGRAM
-    flaw = trusted_program(str(packaged))[1]
+    flaw = launcher_flaw(str(packaged))[1]
     if flaw is None:
         return [str(packaged)], None
     scripts = (sys.argv[0] if sys.argv else "", os.path.join(os.path.dirname(sys.executable), "bindguard"))
@@ -159,6 +156,9 @@ def launcher_flaw(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, st
 
 
 SHEBANG_BYTES = 256  # a `#!` line; the kernel reads at most BINPRM_BUF_SIZE (256) of it
+# The one option word a kernel passes from a `#!` line: -I among Python's flags that take no value
+# (in -WI or -XI the I is -W's or -X's value, and Python does not run isolated).
+ISOLATED_OPTIONS = re.compile(rb"-[BEIOPRSbdqsuv]*I[BEIOPRSbdqsuv]*")
 
 
 def launcher_interpreter(launcher: str) -> tuple[str, str | None]:
@@ -185,7 +185,7 @@ def launcher_interpreter(launcher: str) -> tuple[str, str | None]:
     if not python.startswith("/"):
         return python, f"runs {python!r}, which the unit's working directory would decide"
     options = words[1:]
-    if not (len(options) == 1 and options[0].startswith(b"-") and b"I" in options[0]):
+    if not (len(options) == 1 and ISOLATED_OPTIONS.fullmatch(options[0])):
         return python, f"runs {python} without -I, which takes PYTHONPATH and a user's site-packages from the unit"
     return python, None
 
