@@ -2,8 +2,8 @@
 The cli stage may import every stage; the stages never import it.
 
 Nothing heavy is imported before the subcommand needs it: `bindguard check` on its common
-paths (see fastpath.py) never imports argparse, nor bindguard.model.errors; nor on the others
-(a refusal, discovery) when every argument is one the fast path reads (fastpath.arguments).
+paths (see fastpath.py) never imports argparse, nor bindguard.model.errors; nor argparse on the
+others (a refusal, discovery) when every argument is one the fast path reads (fastpath.arguments).
 """
 
 import _signal
@@ -109,8 +109,9 @@ def _main(argv: list[str], console, previous: dict) -> int:
         if debug:  # then the report: the guard's own failure must not take the service down, debugged or not
             console.traceback()
         own = isinstance(exc, GuardFailure)
-        said = str(exc)  # emit() escapes it; an exception may quote what a service's user wrote, at length
-        said = said[:300] + ("..." if len(said) > 300 else "")
+        from bindguard.model.text import shortened
+
+        said = shortened(str(exc), 300)  # emit() escapes it; an exception may quote what a service's user wrote
         if not own:
             said = f"{type(exc).__name__}: {said}"
         console.report(
