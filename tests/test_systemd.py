@@ -353,6 +353,16 @@ def test_only_a_unix_path_is_a_bus(monkeypatch, address, why):
         Systemd(SYSTEM)
 
 
+@pytest.mark.parametrize("address", ["tcp:host=" + "x" * 100_000, "unix:path=/" + "x" * 100_000])
+def test_a_bus_address_is_cut_in_the_message_that_quotes_it(monkeypatch, address):
+    """The unit's environment (its user's EnvironmentFile=) names the bus under ExecStartPre=+: what
+    the root guard's note quotes of it is bounded."""
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+    with pytest.raises(SystemdUnavailable) as raised:
+        Systemd(SYSTEM)
+    assert "xxx…" in str(raised.value) and len(str(raised.value)) < 400, len(str(raised.value))
+
+
 def test_a_bus_socket_is_trusted_only_with_every_directory_above_it_and_its_links_resolved(tmp_path):
     """The socket from $DBUS_*_BUS_ADDRESS is checked as the root guard's other paths are
     (bindguard.resolve_trusted): a directory of another user's above a socket of root's lets that

@@ -28,6 +28,7 @@ from bindguard.systemd.busaddress import (  # noqa: F401 (this module's API too)
     address,
     check_socket,
     choose_bus,
+    shown,
     socket_path,
 )
 from bindguard.systemd.unitexec import enabled_socket_units
@@ -367,7 +368,7 @@ class Systemd:
         if isinstance(code, int) and code < 0:  # sd-bus reports -errno
             reason = os.strerror(-code)
             if -code in (errno.ENOENT, errno.ECONNREFUSED):
-                reason += f" (no {'session' if self.bus == USER else 'system'} bus at {address(self.bus)})"
+                reason += f" (no {'session' if self.bus == USER else 'system'} bus at {shown(address(self.bus))})"
             return reason
         message = getattr(exc, "err_message", b"") or str(exc)
         return _text(message).strip() or type(exc).__name__

@@ -55,8 +55,19 @@ def socket_path(bus: str) -> str:
             key, _, value = pair.partition("=")
             if key == "path" and value:
                 return _address_unescape(value)
-    raise SystemdUnavailable(f"cannot connect to the {bus} bus: its address {named!r} names no "
+    raise SystemdUnavailable(f"cannot connect to the {bus} bus: its address {shown(named)!r} names no "
                              "unix:path= socket, the only kind bindguard uses")
+
+
+def shown(text: str) -> str:
+    """An address or path from $DBUS_*_BUS_ADDRESS, which a unit's environment sets (a service's user,
+    through its EnvironmentFile=), cut for a message: the root guard's notes reach the journal."""
+    from bindguard.model.text import shortened  # only for a message: the bus's own path is short
+
+    return shortened(text, SHOWN_CHARS)
+
+
+SHOWN_CHARS = 200
 
 
 def _address_unescape(value: str) -> str:
@@ -85,12 +96,12 @@ def check_socket(bus: str, path: str) -> str:
         real, why = bindguard.resolve_trusted(path, (bindguard.ROOT, os.geteuid()))
         mode = os.lstat(real).st_mode
     except ValueError:  # a NUL: %00 in the address
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path!r} is no path") from None
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {shown(path)!r} is no path") from None
     except OSError as exc:
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {path}"
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: no socket at {shown(path)}"
                                  + ("" if exc.errno == errno.ENOENT else f" ({exc.strerror})")) from None
     if why:
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not trusted: {why}")
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {shown(path)} is not trusted: {shown(why)}")
     if not stat.S_ISSOCK(mode):
-        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {path} is not a socket")
+        raise SystemdUnavailable(f"cannot connect to the {bus} bus: {shown(path)} is not a socket")
     return real
