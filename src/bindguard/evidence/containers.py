@@ -211,10 +211,12 @@ def _from_crio(cid: str) -> ContainerFact:
 READERS = {"docker": _from_docker, "podman": _from_podman, "containerd": _from_containerd, "cri-o": _from_crio}
 
 
-def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid: int) -> ContainerFact | None:
+def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid: int,
+                 ppid: int | None = None) -> ContainerFact | None:
     """The container the process runs for, or None when neither its cgroups (cgroup_file: the text
     of its /proc/PID/cgroup, every hierarchy's path) nor its command line name one. real_uid: its
-    real uid, from /proc/PID/status. What owners.process_facts read once, given here, not read again.
+    real uid, from /proc/PID/status; ppid: its parent's PID, from /proc/PID/stat (read here when
+    None). What owners.process_facts read once, given here, not read again.
     A Kubernetes pod's container is looked up as containerd's, then CRI-O's."""
     from bindguard.model.record import replace
 
@@ -224,7 +226,7 @@ def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid:
         program = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
         if program == "rootlessport" and runs_rootlessport(pid):
             return _from_rootlessport(pid, real_uid)
-        return _from_docker_proxy(pid, cmdline, real_uid) if program == "docker-proxy" else None
+        return _from_docker_proxy(pid, cmdline, real_uid, ppid) if program == "docker-proxy" else None
     engine, cid, via = ref
     if via == "conmon" and real_uid != ROOT:
         return None  # any user can run a program named conmon: only rootful Podman's monitor is believed
@@ -367,14 +369,16 @@ MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read
 DOCKER_SECONDS = 2.0  # reading them, in all of a run, however many ports dockerd holds and however long it waits
 
 
-def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int) -> ContainerFact | None:
+def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int | None) -> ContainerFact | None:
     from bindguard.evidence.owners import read_stat
 
-    stat = read_stat(pid)
-    if stat is None:
-        return None
-    parent = read_stat(stat.ppid)
-    if parent is None or parent.name != "dockerd" or real_uid != ROOT or _real_uid(stat.ppid) != ROOT:
+    if ppid is None:
+        stat = read_stat(pid)
+        if stat is None:
+            return None
+        ppid = stat.ppid
+    parent = read_stat(ppid)
+    if parent is None or parent.name != "dockerd" or real_uid != ROOT or _real_uid(ppid) != ROOT:
         return None
     ip, port, proto, host_port = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
                                   for flag in ("container-ip", "container-port", "proto", "host-port"))

@@ -214,7 +214,7 @@ def process_facts(pid: int) -> ProcessFact | None:
         started=stat.started,
         cgroup=cgroup,
         unit=unit_from_cgroup(cgroup),
-        container=container_of(pid, cgroups, cmdline, real_uid),
+        container=container_of(pid, cgroups, cmdline, real_uid, stat.ppid),
     )
 
 
