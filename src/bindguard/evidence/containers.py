@@ -380,11 +380,12 @@ def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int
     parent = read_stat(ppid)
     if parent is None or parent.name != "dockerd" or real_uid != ROOT or _real_uid(ppid) != ROOT:
         return None
-    ip, port, proto, host_port = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
-                                  for flag in ("container-ip", "container-port", "proto", "host-port"))
+    # host-ip: the address it holds
+    ip, port, proto, host_port, host_ip = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
+                                           for flag in ("container-ip", "container-port", "proto", "host-port",
+                                                        "host-ip"))
     if not (ip and port and host_port):
         return None
-    host_ip = _option(argv, "-host-ip") or _option(argv, "--host-ip") or ""  # the address it holds
     return _the_docker_container(lambda state: docker_publishes(state, host_port, proto, ip, port, host_ip),
                                  "docker-proxy")
 
