@@ -338,23 +338,22 @@ def _conmons_of(uid: int) -> list[tuple[int, str]]:
     `-c ID` on its command line)."""
     import re
 
+    from bindguard.evidence.owners import all_pids, read_cmdline, read_stat
+
     found = []
-    for name in os.listdir("/proc")[:MAX_PROCESSES]:
-        if not name.isdigit():
-            continue
+    for pid in all_pids()[:MAX_PROCESSES]:
         try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
                 continue
-            with open(f"/proc/{name}/comm", "rb") as f:
-                if f.read(64).strip() != b"conmon":
-                    continue
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = tuple(os.fsdecode(f.read(1 << 16)).split("\0"))
-        except OSError:
+        except OSError:  # gone
             continue
+        stat = read_stat(pid)
+        if stat is None or stat.name != "conmon":
+            continue
+        argv = read_cmdline(pid)
         cid = _option(argv, "-c") or _option(argv, "--cid")
         if cid and re.fullmatch(_ID, cid):
-            found.append((int(name), cid))
+            found.append((pid, cid))
     return found
 
 

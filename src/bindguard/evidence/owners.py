@@ -58,7 +58,7 @@ def find_holders(inodes: set[int], first_pids: Iterable[int] = (), *, every_hold
     seen: set[int] = set()
     first = sorted({pid for pid in first_pids if pid > 0})
     for group in (first, None):
-        pids = group if group is not None else _own_namespace_first(_all_pids())
+        pids = group if group is not None else _own_namespace_first(all_pids())
         for pid in pids:
             if pid in seen:
                 continue
@@ -130,7 +130,8 @@ def _for_container(process: ProcessFact, local: Endpoint) -> ProcessFact:
     return replace(process, container=container) if container else process
 
 
-def _all_pids() -> list[int]:
+def all_pids() -> list[int]:
+    """Every process's PID in /proc, ascending."""
     return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
 
 
@@ -192,7 +193,7 @@ def process_facts(pid: int) -> ProcessFact | None:
     if ids is None:
         return None
     real_uid, uid = ids
-    cmdline = _cmdline(pid)
+    cmdline = read_cmdline(pid)
     name = stat.name
     if len(name) >= 15 and cmdline:  # comm is cut to 15 bytes: "gnome-keyring-d" is gnome-keyring-daemon
         extended = os.path.basename(cmdline[0])
@@ -313,7 +314,7 @@ def _boot_time() -> float:
     return _boot_times[0]
 
 
-def _cmdline(pid: int) -> tuple[str, ...]:
+def read_cmdline(pid: int) -> tuple[str, ...]:
     """/proc/PID/cmdline as arguments, () for a kernel thread or a zombie. Arguments end in NUL;
     a process that rewrote its title (setproctitle) may leave one string with spaces instead,
     which is split at the spaces, as psutil does."""
