@@ -288,14 +288,15 @@ def runs_rootlessport(pid: int) -> bool:
 
 
 def _from_rootlessport(pid: int, uid: int) -> ContainerFact | None:
+    from bindguard.evidence.owners import netns
     from bindguard.model.record import replace
 
     if uid == ROOT:
         return None
-    served = {_netns(p) for p in (pid, *_children(pid))} - {_netns("self"), None}
+    served = {netns(p) for p in (pid, *_children(pid))} - {netns("self"), None}
     if not served:
         return None
-    found = {cid for conmon, cid in _conmons_of(uid) if any(_netns(c) in served for c in _children(conmon))}
+    found = {cid for conmon, cid in _conmons_of(uid) if any(netns(c) in served for c in _children(conmon))}
     if len(found) != 1:
         return None  # none, or a pod's containers sharing the namespace: which one is not proven
     import pwd
@@ -306,15 +307,6 @@ def _from_rootlessport(pid: int, uid: int) -> ContainerFact | None:
         return None  # no user to run its podman as
     fact = _from_podman(found.pop(), f"{user.pw_dir.rstrip('/')}/{ROOTLESS_STORAGE}", owner=uid)
     return replace(fact, via="rootlessport", user=user.pw_name)
-
-
-def _netns(pid: int | str) -> tuple[int, int] | None:
-    """The process's network namespace: the device and inode of /proc/PID/ns/net ("self": the guard's)."""
-    try:
-        info = os.stat(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 def _children(pid: int) -> list[int]:

@@ -139,18 +139,25 @@ def _own_namespace_first(pids: list[int]) -> list[int]:
     """Processes in this network namespace first: a socket's holder nearly always lives where the
     socket does, and on a host full of containers one stat() per process spares thousands of
     fd reads. The others follow, for a socket passed across namespaces."""
-    try:
-        own = os.stat("/proc/self/ns/net").st_ino
-    except OSError:
+    own = netns("self")
+    if own is None:
         return pids
     here: list[int] = []
     elsewhere: list[int] = []
     for pid in pids:
-        try:
-            (here if os.stat(f"/proc/{pid}/ns/net").st_ino == own else elsewhere).append(pid)
-        except OSError:  # gone, or not ours to look at: keep it in the first round
-            here.append(pid)
+        namespace = netns(pid)  # None: gone, or not ours to look at: kept in the first round
+        (here if namespace in (own, None) else elsewhere).append(pid)
     return here + elsewhere
+
+
+def netns(pid: int | str) -> tuple[int, int] | None:
+    """The process's network namespace ("self": the guard's) as namespaces(7) tells one from another:
+    the device and inode of /proc/PID/ns/net. None when the process is gone or not ours to look at."""
+    try:
+        info = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _socket_inodes_of(pid: int, wanted: set[int], holders: Holders) -> set[int]:
