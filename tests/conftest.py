@@ -129,15 +129,22 @@ class NetNS:
 def _forget_the_discoveries_tests_remember():
     """The guard remembers discoveries under the host's /run/bindguard/discovery (request/cache.py),
     and the tests' guards run as root on the host's /run: remove what this session added there,
-    leaving what was there before it."""
-    from bindguard.request.cache import ENTRIES
+    leaving what was there before it, the two directories too where the session made them (and
+    nothing else has put an entry in them since)."""
+    from bindguard.request.cache import ENTRIES, RUN_DIR
 
     entries = Path(ENTRIES)
+    made = [Path(d) for d in (ENTRIES, RUN_DIR) if not os.path.lexists(d)]  # child first: rmdir needs it empty
     before = set(os.listdir(entries)) if entries.is_dir() else set()
     yield
     if entries.is_dir():
         for name in set(os.listdir(entries)) - before:
             (entries / name).unlink(missing_ok=True)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:  # not made after all, or not empty
+            pass
 
 
 @pytest.fixture
