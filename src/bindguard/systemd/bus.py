@@ -318,7 +318,8 @@ class Systemd:
     to bound it (no sd_bus_set_method_call_timeout, and its calls hold the GIL).
     """
 
-    def __init__(self, bus: str = SYSTEM, budget: float = BUS_BUDGET, call_timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, bus: str = SYSTEM, budget: float = BUS_BUDGET, call_timeout: float = CALL_TIMEOUT,
+                 checked_socket: str | None = None) -> None:
         if bus not in (SYSTEM, USER):
             raise ValueError(f"bus must be {SYSTEM!r} or {USER!r}, not {bus!r}")
         self.bus = bus
@@ -328,8 +329,9 @@ class Systemd:
         started = time.monotonic()
         self._gave_up: str | None = None  # why no more questions are asked
         # before paying for pystemd's binding (15 ms): early boot, containers; the path checked,
-        # its symlinks resolved, is the one connected to
-        path = check_socket(bus, socket_path(bus))
+        # its symlinks resolved, is the one connected to (checked_socket: what check_socket returned
+        # to a caller that checked before importing this module; one walk up the path is enough)
+        path = checked_socket if checked_socket is not None else check_socket(bus, socket_path(bus))
         _answers(bus, path, min(CONNECT_TIMEOUT, self._call_timeout))
         try:
             DBusAddress = _dbuslib().DBusAddress

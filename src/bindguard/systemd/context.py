@@ -87,10 +87,11 @@ class SystemdContext(Record):
             self._tried = True
             which = busaddress.choose_bus(self.bus_choice)
             try:
-                busaddress.check_socket(which, busaddress.socket_path(which))  # no bus: bus is not even imported
+                # checked before bus is imported: without a socket, neither it nor pystemd is loaded
+                checked = busaddress.check_socket(which, busaddress.socket_path(which))
                 from bindguard.systemd import bus
 
-                self._connection = bus.Systemd(which)
+                self._connection = bus.Systemd(which, checked_socket=checked)
             except busaddress.SystemdError as exc:
                 self._unavailable = str(exc)
                 self.notes.append(f"{exc}; units are named from cgroups only, socket units are not checked")
