@@ -80,12 +80,33 @@ class SystemdContext(Record):
     _unavailable: str = ""  # why connection() is None
     _unit_info: object = None
     _unit_info_tried: bool = False
+    _bus: str = ""  # chosen_bus(), once chosen
+    _proven: tuple[int, str] | None = None  # proven(), once worked out
+    _proven_tried: bool = False
+
+    def chosen_bus(self) -> str:
+        """USER or SYSTEM, chosen once per run (as the connection is kept): a root guard's choice
+        proves the user manager from /proc, which is not done again for each question."""
+        if not self._bus:
+            self._bus = busaddress.choose_bus(self.bus_choice)
+        return self._bus
+
+    @property
+    def user_bus(self) -> bool:
+        return self.chosen_bus() == busaddress.USER
+
+    def proven(self) -> tuple[int, str] | None:
+        """proven_manager() for this run's bus, worked out once per run."""
+        if not self._proven_tried:
+            self._proven_tried = True
+            self._proven = proven_manager(self.user_bus)
+        return self._proven
 
     def connection(self):
         """The open Systemd connection, or None (with a note) when the bus is unavailable."""
         if not self._tried:
             self._tried = True
-            which = busaddress.choose_bus(self.bus_choice)
+            which = self.chosen_bus()
             try:
                 # checked before bus is imported: without a socket, neither it nor pystemd is loaded
                 checked = busaddress.check_socket(which, busaddress.socket_path(which))
@@ -110,8 +131,7 @@ class SystemdContext(Record):
         unit, the one reason to ask the manager anything (a latent socket unit). No D-Bus."""
         from bindguard.systemd import unitexec
 
-        user = busaddress.choose_bus(self.bus_choice) == busaddress.USER
-        return unitexec.socket_units_may_claim({b.endpoint.port for b in binds}, user, self.guarded_unit())
+        return unitexec.socket_units_may_claim({b.endpoint.port for b in binds}, self.user_bus, self.guarded_unit())
 
     @property
     def in_unit(self) -> bool:
@@ -147,16 +167,15 @@ class SystemdContext(Record):
         unit = self.guarded_unit()
         if not unit:
             return ""
-        user_manager = busaddress.choose_bus(self.bus_choice) == busaddress.USER
-        if unit_fragment(unit, user_manager) is not None:
-            return unit_facts_from_files(unit, user_manager).user
+        if unit_fragment(unit, self.user_bus) is not None:
+            return unit_facts_from_files(unit, self.user_bus).user
         info = self.unit_info()
         return info.user if info is not None else ""
 
     def facts(self, binds: list[Bind], holders: list[ProcessFact]) -> SystemdFacts:
         """What the manager says about the holders, and who the manager is, as far as proven."""
-        user = busaddress.choose_bus(self.bus_choice) == busaddress.USER
-        proven = proven_manager(user)
+        user = self.user_bus
+        proven = self.proven()
         facts = SystemdFacts(manager_pid=proven[0] if proven else None, manager_proof=proven[1] if proven else "",
                              guarded_unit=self.guarded_unit())
         conn = self.connection()
