@@ -182,7 +182,7 @@ def _service_claims(hostmap: HostMap, connection: bus.Systemd | None, socket_uni
         elif info is not None and connection is not None:
             sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
             found = discover.discover_unit(name, functools.partial(connection.unit_facts, info=info),
-                                           [s for s in discover.SOURCES if s in sources])
+                                           discover.ordered_sources(sources))
             state.warnings = found.warnings
             daemon_binds = [f for f in found.findings if f.socket_unit is None]
             if daemon_binds:

@@ -5,6 +5,7 @@ string the JSON carries (a StrEnum member is that str); no I/O.
 Not on the guard's fast path (cli/fastpath.py), which must not pay for `enum`."""
 
 import enum
+from collections.abc import Collection
 
 
 class ConflictKind(enum.StrEnum):
@@ -116,3 +117,8 @@ class Confidence(enum.StrEnum):
 # Where discovery learns a unit's addresses, in the order it asks them (a YAML file's `discovery:`
 # names a subset; a remembered discovery is one made with all of them).
 DISCOVERY_SOURCES = ("daemon-config", "exec-start", "socket-units")
+
+
+def ordered_sources(chosen: Collection[str]) -> list[str]:
+    """The chosen discovery sources (a config's set of them) in the order discovery asks them."""
+    return [s for s in DISCOVERY_SOURCES if s in chosen]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, parse_listen
 from bindguard.model.errors import UsageError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ANY_KIND, ConflictKind
+from bindguard.model.kinds import ANY_KIND, ConflictKind, ordered_sources
 from bindguard.model.record import Record, field, replace
 from bindguard.systemd.unitfiles import user_manager
 
@@ -154,7 +154,7 @@ def discovered(unit: str, unit_config, ctx, warn: Warn, unavailable: str = "noth
     if not sources:
         return []
     result = cache.discover_from_files(unit, user_manager(ctx.bus_choice if ctx else None),
-                                       [s for s in discover.SOURCES if s in sources])
+                                       ordered_sources(sources))
     if result is None:  # no ExecStart= in its unit files
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
             return []

@@ -10,7 +10,7 @@ import sys
 
 from bindguard.cli.parser import add_json_option
 from bindguard.model.errors import ConfigError, ExitCode, UsageError
-from bindguard.model.kinds import POLICY_KINDS
+from bindguard.model.kinds import POLICY_KINDS, ordered_sources
 from bindguard.model.text import escape
 from bindguard.report import output
 from bindguard.report.jsonout import write_json
@@ -142,7 +142,7 @@ def _settings(loaded: config.UnitConfig) -> tuple[dict, dict[str, str]]:
     settings = {
         "listen": listen, "options": options, "wait": loaded.wait, "policy": policy,
         "fail": loaded.fail or "open", "reap_stale": bool(loaded.reap_stale),
-        "discovery": [s for s in config.DISCOVERY_SOURCES if s in sources] if sources else False,
+        "discovery": ordered_sources(sources) if sources else False,
         "trust_guesses": bool(loaded.trust_guesses), "nat": loaded.nat or "off",
     }
     for key in TOP_LEVEL_SCALARS:

@@ -99,7 +99,7 @@ def _discover(args: argparse.Namespace, console: output.Console):
         unit = normalize_unit(args.unit)
         unit_config = config.load_unit_config(unit)
         if unit_config is not None:
-            sources = [s for s in discover.SOURCES if s in unit_config.discovery_sources]
+            sources = discover.ordered_sources(unit_config.discovery_sources)
             if unit_config.listen is not None:
                 console.emit(output.NOTICE, f"bindguard: {unit} has a listen list in {unit_config.origins['listen']}; "
                                            f"`check --unit` uses that, not discovery")
