@@ -21,21 +21,6 @@ class AddressError(ValueError):
     """A listen address that cannot be parsed; the message names it and the fix."""
 
 
-# Longer than any address a socket takes (45 characters of IPv6, a zone of at most 20 more).
-QUOTED_CHARS = 80
-
-
-def _quoted(text: str) -> str:
-    """An address, or a part of one, as an error message quotes it: as repr() writes it, or where it
-    is longer than any address (a daemon's configuration may be its user's, and hold 100,000
-    characters of one) its first QUOTED_CHARS characters and its length."""
-    if len(text) <= QUOTED_CHARS:
-        return repr(text)
-    from bindguard.model.text import excerpt
-
-    return f"{excerpt(text, QUOTED_CHARS)} ({len(text)} characters)"
-
-
 class Endpoint(Record, frozen=True):
     """One address and port a daemon binds, for TCP or UDP."""
 
@@ -125,12 +110,11 @@ def ascii_port(text: str) -> int | None:
 
 def _parse_port(text: str, original: str) -> int:
     if not (text.isascii() and text.isdigit()):  # str.isdigit() is true of '²', '٨٠' and '８０' too
-        raise AddressError(f"{_quoted(original)}: port {_quoted(text)} is not a number; write a port from 1 to "
-                           "65535")
+        raise AddressError(f"{original!r}: port {text!r} is not a number; write a port from 1 to 65535")
     port = ascii_number(text.lstrip("0") or "0", 5)  # leading zeros as systemd takes them
     if port is None or not 1 <= port <= 65535:
         shown = port if port is not None else f"{text[:12]}... ({len(text)} digits)"
-        raise AddressError(f"{_quoted(original)}: port {shown} is out of range; write a port from 1 to 65535")
+        raise AddressError(f"{original!r}: port {shown} is out of range; write a port from 1 to 65535")
     return port
 
 
@@ -161,10 +145,10 @@ def parse_listen(text: str, default_proto: str = TCP) -> Endpoint:
             proto, text = prefix, text[len(prefix) + 1 :]
             break
     if not text:
-        raise AddressError(f"{_quoted(original)}: empty address; write e.g. 8080, 0.0.0.0:8080 or [::1]:8080")
+        raise AddressError(f"{original!r}: empty address; write e.g. 8080, 0.0.0.0:8080 or [::1]:8080")
     if text.startswith("/") or text.startswith("@") or text.startswith("vsock:"):
         raise AddressError(
-            f"{_quoted(original)}: not an IP address; bindguard guards IPv4/IPv6 ports, not AF_UNIX or vsock sockets"
+            f"{original!r}: not an IP address; bindguard guards IPv4/IPv6 ports, not AF_UNIX or vsock sockets"
         )
     if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):  # a bare port; _parse_port judges it
         port = _parse_port(text, original)
@@ -173,41 +157,36 @@ def parse_listen(text: str, default_proto: str = TCP) -> Endpoint:
     if text.startswith("["):
         close = text.find("]")
         if close < 0 or text[close + 1 : close + 2] != ":":
-            raise AddressError(f"{_quoted(original)}: an IPv6 address is written [ADDRESS]:PORT, e.g. [::1]:8080")
+            raise AddressError(f"{original!r}: an IPv6 address is written [ADDRESS]:PORT, e.g. [::1]:8080")
         inner, port_text = text[1:close], text[close + 2 :]
         scope = ""
         if "%" in inner:
             inner, scope = inner.split("%", 1)
             if not scope:
-                raise AddressError(f"{_quoted(original)}: empty interface after '%'; write e.g. [fe80::1%eth0]:8080")
+                raise AddressError(f"{original!r}: empty interface after '%'; write e.g. [fe80::1%eth0]:8080")
             if not _is_scope(scope):
-                raise AddressError(f"{_quoted(original)}: {scope[:20]!r} is not an interface name (at most "
+                raise AddressError(f"{original!r}: {scope[:20]!r} is not an interface name (at most "
                                    f"{IFNAME_MAX} characters, no spaces, '/' or ':') or index")
         try:
             host = ipaddress.IPv6Address(inner)
         except ValueError:
-            raise AddressError(f"{_quoted(original)}: {_quoted(inner)} is not an IPv6 address") from None
+            raise AddressError(f"{original!r}: {inner!r} is not an IPv6 address") from None
         port = _parse_port(port_text, original)
         if host.is_link_local and not scope:
             raise AddressError(
-                f"{_quoted(original)}: a link-local address needs its interface; write e.g. [{host}%eth0]:{port}"
+                f"{original!r}: a link-local address needs its interface; write e.g. [{host}%eth0]:{port}"
             )
         return Endpoint(proto, host, port, scope)
     if text.count(":") != 1:
         if text.count(":") > 1:
-            from bindguard.model.text import shortened
-
-            example = shortened(text.rsplit(":", 1)[0], QUOTED_CHARS)
-            raise AddressError(f"{_quoted(original)}: put an IPv6 address in brackets, e.g. [{example}]:PORT")
-        raise AddressError(f"{_quoted(original)}: missing port; write ADDRESS:PORT, e.g. 127.0.0.1:8080, or a bare "
-                           "port")
+            raise AddressError(f"{original!r}: put an IPv6 address in brackets, e.g. [{text.rsplit(':', 1)[0]}]:PORT")
+        raise AddressError(f"{original!r}: missing port; write ADDRESS:PORT, e.g. 127.0.0.1:8080, or a bare port")
     host_text, port_text = text.split(":")
     try:
         v4 = ipaddress.IPv4Address(host_text)
     except ValueError:
         raise AddressError(
-            f"{_quoted(original)}: {_quoted(host_text)} is not an IPv4 address (host names are not resolved; "
-            "write the address)"
+            f"{original!r}: {host_text!r} is not an IPv4 address (host names are not resolved; write the address)"
         ) from None
     return Endpoint(proto, v4, _parse_port(port_text, original))
 

@@ -114,11 +114,22 @@ class Findings(Record):
         self.warnings.append(message)
 
 
+# Longer than any address a socket takes (45 characters of IPv6, a zone of at most 20 more).
+ADDRESS_CHARS = 80
+
+
 def endpoint(host: str, port: int, proto: str = TCP) -> Endpoint:
-    """An Endpoint from a literal address (no brackets) and a port; raises AddressError, whose
-    message quotes at most an excerpt of an address longer than any (parse_listen)."""
+    """An Endpoint from a literal address (no brackets) and a port; raises AddressError. The
+    address comes from a file the service's user may write: parse_listen's message, which quotes
+    it whole, is kept only for an address short enough to quote."""
     literal = f"[{host}]" if ":" in host else host
-    return parse_listen(f"{proto}:{literal}:{port}")
+    try:
+        return parse_listen(f"{proto}:{literal}:{port}")
+    except AddressError:
+        if len(host) <= ADDRESS_CHARS:
+            raise
+        raise AddressError(f"{excerpt(host, ADDRESS_CHARS)} ({len(host)} characters) is not an address a "
+                           f"socket can bind") from None
 
 
 def wildcard(port: int, version: int, proto: str = TCP) -> Endpoint:
