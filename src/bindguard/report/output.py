@@ -77,9 +77,11 @@ class Console:
         only the structure the guard itself gives its message makes lines."""
         if not self.shows(priority):
             return
-        from bindguard.model.text import escape  # not before a line is written: the every-service path writes none
+        lines = [text] if isinstance(text, str) else list(text)
+        if not all(line.isprintable() for line in lines):  # every character escape() changes is not printable
+            from bindguard.model.text import escape  # only then: the clear path's line needs none
 
-        lines = [escape(line) for line in ([text] if isinstance(text, str) else text)]
+            lines = [escape(line) for line in lines]
         if self.journal:
             self.stream.write("".join(f"<{priority}>{line}\n" for line in lines))
         elif self.color and priority in _COLOURS:
