@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import need_root
+from conftest import need, need_root
 
 from bindguard.evidence import owners
 from bindguard.systemd.context import proven_manager
@@ -127,6 +127,108 @@ def test_asking_the_bus_loads_pystemds_binding_alone(systemd_rig):
     pid, loaded = json.loads(done.stdout)
     assert pid > 0 and "pystemd.dbuslib" in loaded, loaded
     assert not {"pystemd.base", "pystemd.DBus", "lxml", "lxml.etree"} & set(loaded), loaded
+
+
+# The same questions through the binding as bindguard loads it (stand-ins for pprint and
+# pystemd.utils while it is imported) and as `import pystemd.dbuslib` loads it (all of pystemd):
+# bytes, which bindguard sends, a str, which only pystemd's own x2char_star converts, and an
+# argument the binding cannot append, whose TypeError pprint.pformat words.
+BINDING_CALLS = r"""
+import json, sys
+LIGHTENED = ("pprint", "pystemd.utils")
+if sys.argv[1] == "ordinary":
+    import pystemd.dbuslib as lib
+    bus = lib.DBusAddress(sys.argv[2].encode())
+    bus.open()
+else:
+    from bindguard.systemd.bus import USER, Systemd, _dbuslib
+    lib, bus = _dbuslib(), Systemd(USER)._dbus
+def ask(signature, *args):
+    try:
+        return bus.call_method(b"org.freedesktop.DBus", b"/org/freedesktop/DBus", b"org.freedesktop.DBus",
+                               b"GetConnectionUnixProcessID", lib.apply_signature(signature, list(args))).body
+    except TypeError as exc:
+        return f"TypeError: {exc}"
+answers = [ask(b"s", b"org.freedesktop.systemd1")]
+before = [m for m in (*LIGHTENED, "pystemd") if m in sys.modules]
+answers += [ask(b"s", "org.freedesktop.systemd1"), ask(b"ss", b"x" * 80, 5)]
+print(json.dumps({"binding": lib.__file__, "answers": answers, "before": before,
+                  "after": [m for m in LIGHTENED if m in sys.modules]}))
+"""
+DEBIAN_PYSTEMD = "/usr/lib/python3/dist-packages/pystemd"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"], ids=["pip-pystemd", "debian-pystemd"])
+def test_the_binding_loads_without_pprint_and_pystemd_utils_and_answers_as_ever(systemd_rig, python):
+    """pprint and pystemd.utils cost pystemd's binding 12 of its 14 ms, for two names it takes from
+    them (bus._StandIn). Loaded with stand-ins, the binding asks the bus without either being
+    imported, and every answer and message is the one an ordinary import of pystemd gives: for
+    pip's pystemd in this venv and Debian's python3-pystemd (0.11, the oldest pinned)."""
+    import bindguard
+
+    if python == "/usr/bin/python3" and not os.path.isdir(DEBIAN_PYSTEMD):
+        need(f"Debian's python3-pystemd ({DEBIAN_PYSTEMD})")
+    src = os.path.dirname(os.path.dirname(bindguard.__file__))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path) if python == sys.executable else src,
+           "SYSTEMD_BUS_TIMEOUT": "10s", "DBUS_SESSION_BUS_ADDRESS": systemd_rig.bus_address,
+           "XDG_RUNTIME_DIR": str(systemd_rig.runtime_dir)}
+    seen = {}
+    for how in ("stand-ins", "ordinary"):
+        done = subprocess.run([python, "-c", BINDING_CALLS, how, systemd_rig.bus_address], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        seen[how] = json.loads(done.stdout)
+    light, ordinary = seen["stand-ins"], seen["ordinary"]
+    assert light["binding"] == ordinary["binding"]
+    assert light["binding"].startswith(DEBIAN_PYSTEMD if python == "/usr/bin/python3" else sys.prefix)
+    assert light["before"] == [] and ordinary["before"] == ["pprint", "pystemd.utils", "pystemd"]
+    assert light["answers"][0] == light["answers"][1] == systemd_rig.manager_pid
+    assert "\n" in light["answers"][2]  # pformat's own wrapping, not a repr
+    assert light["answers"] == ordinary["answers"]
+    assert light["after"] == ["pprint", "pystemd.utils"]  # imported for the str and the TypeError alone
+
+
+LATER_PYSTEMD = {
+    "__init__.py": "raise RuntimeError('pystemd.__init__ ran')\n",
+    "dbusexc.py": "class DBusBaseError(Exception):\n    pass\n",
+    "utils.py": ("def x2char_star(what, convert_all=False):\n    return what\n\n\n"
+                 "def str2cmd(cmd):\n    return cmd.split()\n"),
+    "dbuslib.py": ("import pprint\nfrom pprint import pformat, pp\nfrom pystemd.utils import x2char_star, str2cmd\n"
+                   "PRINTER = pprint.PrettyPrinter\n"),
+}
+LOAD_LATER_PYSTEMD = r"""
+import json, sys
+sys.path[:0] = sys.argv[1:3]
+from bindguard.systemd import bus
+lib = bus._dbuslib()
+import pprint
+utils = sys.modules["pystemd.utils"]
+print(json.dumps({"binding": lib.__file__, "utils": utils.__file__, "pp": lib.pp is pprint.pp,
+                  "printer": lib.PRINTER is pprint.PrettyPrinter, "str2cmd": lib.str2cmd is utils.str2cmd,
+                  "module": lib.pprint.saferepr is pprint.saferepr, "package": "pystemd" in sys.modules,
+                  "stand_ins_left": [n for n, m in sys.modules.items() if isinstance(m, bus._StandIn)]}))
+"""
+
+
+def test_a_pystemd_that_takes_more_from_those_modules_gets_the_real_ones(tmp_path):
+    """A pystemd whose binding takes other names from pprint and pystemd.utils, or pprint whole,
+    gets them from the real modules, imported then; its __init__ still never runs, and no stand-in
+    is left in sys.modules."""
+    import bindguard
+
+    package = tmp_path / "pystemd"
+    package.mkdir()
+    for name, text in LATER_PYSTEMD.items():
+        (package / name).write_text(text)
+    src = os.path.dirname(os.path.dirname(bindguard.__file__))
+    done = subprocess.run([sys.executable, "-I", "-c", LOAD_LATER_PYSTEMD, str(tmp_path), src],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "binding": str(package / "dbuslib.py"), "utils": str(package / "utils.py"), "pp": True, "printer": True,
+        "str2cmd": True, "module": True, "package": False, "stand_ins_left": []}
+
 
 @pytest.mark.integration
 def test_unit_of_pid_and_unit_settings(systemd_rig, user_bus):

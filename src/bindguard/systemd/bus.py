@@ -14,6 +14,7 @@ import _socket  # not socket, whose import is 1 ms
 import errno
 import os
 import time
+import types
 from collections.abc import Iterable
 
 import bindguard
@@ -53,14 +54,35 @@ def _dbuslib():
     without running the package's __init__: that imports pystemd's object layer (pystemd.DBus,
     pystemd.base, lxml), which bindguard never uses: 5 of the 24 ms pystemd costs a guard that
     asks the bus. The package is found as `import pystemd` would find it; an `import pystemd`
-    later runs its __init__ as ever. Raises ImportError without pystemd."""
+    later runs its __init__ as ever. Raises ImportError without pystemd.
+
+    While the binding is imported, and only then, sys.modules holds a _StandIn for each of the
+    two modules it takes a name from as it loads (`from pprint import pformat`, `from
+    pystemd.utils import x2char_star`, in every pystemd from 0.9 to 0.15.3) that no one has
+    imported yet. They were most of what the binding cost: under `python -X importtime`, in a
+    guard run by a service, 7.0 ms for pprint (it brings dataclasses, inspect, ast, dis, tokenize)
+    and 5.6 ms for pystemd.utils (shlex, pathlib, uuid, platform, typing) of the binding's 13.9 ms;
+    without them the refusal such a guard gives takes 30 ms where it took 45. bindguard needs
+    neither: pformat only words the TypeError of an argument the binding cannot send, and
+    x2char_star turns a string argument into bytes, where bindguard sends bytes. The binding
+    answers as an ordinary import's does, word for word (see _StandIn); a pystemd that takes
+    another name from either module, or the module itself, gets the real one's.
+    """
     import sys
 
     lib = sys.modules.get("pystemd.dbuslib")
     if lib is not None:
         return lib
     bindguard.find_dependencies()
-    return _pystemd("pystemd.dbusexc", "pystemd.dbuslib")  # dbusexc: its errors, which _is_unreachable reads
+    stand_ins = [_StandIn(name, light) for name, light in _LIGHT.items() if name not in sys.modules]
+    sys.modules.update((module.__name__, module) for module in stand_ins)
+    try:
+        # pystemd.dbusexc: dbuslib's errors, which _is_unreachable reads
+        return _pystemd("pystemd.dbusexc", "pystemd.dbuslib")
+    finally:
+        for module in stand_ins:
+            if sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]
 
 
 def _pystemd(*names: str):
@@ -81,8 +103,6 @@ def _pystemd(*names: str):
             break
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("No module named 'pystemd'", name="pystemd")
-    import types
-
     package = types.ModuleType("pystemd")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["pystemd"] = package
@@ -92,6 +112,59 @@ def _pystemd(*names: str):
     finally:
         del sys.modules["pystemd"]
     return sys.modules[names[-1]]
+
+
+def _real(name: str):
+    """The module itself, in place of its stand-in: imported as ever on the first need (pystemd's
+    without its __init__), and kept in sys.modules as an ordinary import keeps it."""
+    import sys
+
+    module = sys.modules.get(name)
+    if module is None or isinstance(module, _StandIn):
+        sys.modules.pop(name, None)
+        if name.startswith("pystemd."):
+            return _pystemd(name)
+        __import__(name)
+        module = sys.modules[name]
+    return module
+
+
+def _pformat(*args, **kwargs):
+    """pprint.pformat itself, pprint imported on the first call: the binding calls it only to word
+    the TypeError of an argument it cannot append to a message."""
+    return _real("pprint").pformat(*args, **kwargs)
+
+
+def _x2char_star(what_to_convert, *args, **kwargs):
+    """pystemd.utils.x2char_star: bytes given back as they are, as pystemd's own does (the same
+    body from 0.9 to 0.15.3: a Path encoded, bytes returned, a str encoded, anything else returned
+    or, with convert_all, its repr encoded), and bytes are all bindguard sends; anything else goes
+    to pystemd's own, imported on the first such call."""
+    if type(what_to_convert) is bytes:
+        return what_to_convert
+    return _real("pystemd.utils").x2char_star(what_to_convert, *args, **kwargs)
+
+
+# What a stand-in holds itself: the names pystemd's binding takes from each module as it loads.
+_LIGHT = {"pprint": {"pformat": _pformat}, "pystemd.utils": {"x2char_star": _x2char_star}}
+
+
+class _StandIn(types.ModuleType):
+    """A module in sys.modules under another's name while pystemd's binding is imported (_dbuslib),
+    holding the few names it takes from that module as it loads (_LIGHT), each of which imports the
+    real module only when called with something it does not answer itself (_pformat, _x2char_star).
+    Any other name asked of it, at the binding's import or later (a pystemd that takes another name
+    from the module, or the module itself), is the real module's, imported then: a binding given a
+    stand-in behaves as the one an ordinary import gives, whichever pystemd it is."""
+
+    def __init__(self, name: str, light: dict) -> None:
+        super().__init__(name, f"bindguard's stand-in for {name} while pystemd's binding is imported")
+        self.__dict__.update(light)
+
+    def __getattr__(self, attribute: str):  # only for a name not in the stand-in itself
+        if attribute == "__path__":  # asked by each `from ... import`: neither module is a package
+            raise AttributeError(attribute)
+        return getattr(_real(self.__name__), attribute)
 
 
 def _is_unreachable(exc: Exception) -> bool:
@@ -341,7 +414,7 @@ class Systemd:
         self._call_timeout = min(call_timeout, budget)
         started = time.monotonic()
         self._gave_up: str | None = None  # why no more questions are asked
-        # before paying for pystemd's binding (15 ms): early boot, containers; the path checked,
+        # before paying for pystemd's binding (1.5 ms, _dbuslib): early boot, containers; the path checked,
         # its symlinks resolved, is the one connected to (checked_socket: what check_socket returned
         # to a caller that checked before importing this module; one walk up the path is enough)
         path = checked_socket if checked_socket is not None else check_socket(bus, socket_path(bus))
