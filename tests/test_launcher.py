@@ -4,6 +4,7 @@ unit's environment. Its interpreter is isolated from that environment, and a bro
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -26,13 +27,32 @@ def installed_launcher() -> Path:
     return VENV_LAUNCHER
 
 
-def copy_install(root: Path) -> Path:
+def package_launcher(python: Path) -> str:
+    """The Debian package's form of the launcher (tools/launcher.py): bin/bindguard's Python text as
+    a `#!PYTHON -IS` script."""
+    spec = importlib.util.spec_from_file_location("launcher", REPO / "tools" / "launcher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.script(str(python))
+
+
+# The launcher's two forms: bin/bindguard (/bin/sh, for a venv, whose interpreter may go away),
+# and the package's script, which its python3 runs directly (a dependency dpkg keeps installed).
+FORMS = ("sh", "script")
+
+
+def copy_install(root: Path, form: str = "sh") -> Path:
     """A second install of this tree: a venv of the same interpreter (Debian's psutil, PyYAML and
-    pystemd from the system site), the package copied into it, and the launcher. Returns its bin/."""
+    pystemd from the system site), the package copied into it, and the launcher in `form`. Returns
+    its bin/."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(root)], check=True)
     site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     shutil.copytree(SRC / "bindguard", site / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO / "bin" / "bindguard", root / "bin" / "bindguard")
+    if form == "sh":
+        shutil.copy2(REPO / "bin" / "bindguard", root / "bin" / "bindguard")
+    else:
+        (root / "bin" / "bindguard").write_text(package_launcher(root / "bin" / "python3"))
+        (root / "bin" / "bindguard").chmod(0o755)
     return root / "bin"
 
 
@@ -55,10 +75,16 @@ def test_the_installed_launcher_is_bin_bindguard():
 
 
 @pytest.mark.integration
-def test_the_units_environment_does_not_reach_the_interpreter(systemd_rig):
+@pytest.mark.parametrize("form", FORMS)
+def test_the_units_environment_does_not_reach_the_interpreter(systemd_rig, form, tmp_path):
     """ExecStartPre=+ keeps the unit's Environment= and WorkingDirectory=: with PYTHONPATH naming
     a directory of the service's, its bindguard/ and sitecustomize.py would run as root."""
-    launcher = installed_launcher()
+    if form == "sh":
+        launcher = installed_launcher()
+    else:  # this checkout's, as the venv's python finds it (its editable install's .pth)
+        launcher = tmp_path / "bindguard"
+        launcher.write_text(package_launcher(VENV_LAUNCHER.parent / "python3"))
+        launcher.chmod(0o755)
     rig = systemd_rig
     planted, marker = rig.root / "planted", rig.root / "marker"
     user_site = planted / "userbase" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -89,7 +115,8 @@ StandardError=append:{log}
 
 
 @pytest.mark.integration
-def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig):
+@pytest.mark.parametrize("form", FORMS)
+def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig, form):
     rig = systemd_rig
     cases = {  # how the install is broken -> what the unit's log says
         "whole": "bindguard: nothing to guard for whole.service",
@@ -102,9 +129,11 @@ def test_a_broken_install_lets_every_service_start_and_says_why(systemd_rig):
     }
     shipped = SHIPPED_DROPIN.read_text()
     assert "ExecStartPre=+/usr/bin/bindguard check --unit %n\n" in shipped
+    if form == "script":
+        del cases["no interpreter"]  # the package's python3 is a dependency: dpkg keeps it installed
     for how, says in cases.items():
         unit = how.replace(" ", "-") + ".service"
-        bin_dir = copy_install(rig.root / unit.replace(".service", ""))
+        bin_dir = copy_install(rig.root / unit.replace(".service", ""), form)
         break_install(bin_dir, how)
         rig.write_dropin("service", "bindguard.conf", shipped.replace("/usr/bin/bindguard", str(bin_dir / "bindguard")),
                          reload=False)
@@ -225,3 +254,18 @@ def test_an_editable_install_is_found_by_its_path_line_alone(tmp_path):
                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert clear.returncode == 0 and "clear: 127.0.0.1:18472 can be bound" in clear.stderr, clear.stderr
     assert not marker.exists(), "a line of the .pth file other than the path ran"
+
+
+def test_the_package_launcher_is_written_from_bin_bindguard_alone(tmp_path):
+    """tools/launcher.py, which debian/rules runs: the text after its #! line is what bin/bindguard
+    passes to python3 -I -S -c; a #! line it cannot write is refused in one line."""
+    text = package_launcher(Path("/usr/bin/python3"))
+    first, _, rest = text.partition("\n")
+    assert first == "#!/usr/bin/python3 -IS"
+    assert rest.split("\n", 1)[1] in (REPO / "bin" / "bindguard").read_text()
+    out = tmp_path / "bindguard"
+    written = subprocess.run([sys.executable, str(REPO / "tools" / "launcher.py"), str(out)], capture_output=True, text=True)
+    assert written.returncode == 0 and out.read_text() == text and out.stat().st_mode & 0o777 == 0o755, written.stderr
+    for argv in (["--python", "python3", str(out)], ["--python", "/opt/my python/bin/python3", str(out)], ["-x"]):
+        refused = subprocess.run([sys.executable, str(REPO / "tools" / "launcher.py"), *argv], capture_output=True, text=True)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr

@@ -64,8 +64,12 @@ def installed() -> list[str]:
 
 
 def test_the_program_is_the_launcher_on_debian_s_python(installed):
+    """bin/bindguard's Python text as a script of Debian's python3 (tools/launcher.py), not a pip entry point."""
+    from test_launcher import package_launcher
+
     assert str(PROGRAM) in installed
-    assert PROGRAM.read_bytes() == (ROOT / "bin" / "bindguard").read_bytes()  # not a pip entry point
+    assert PROGRAM.read_text() == package_launcher(Path("/usr/bin/python3"))
+    assert PROGRAM.read_text().startswith("#!/usr/bin/python3 -IS\n")
     where = subprocess.run(["/usr/bin/python3", "-I", "-c", "import bindguard, pystemd, yaml\n"
                             "print(bindguard.__file__, pystemd.__file__, yaml.__file__)"],
                            capture_output=True, text=True, env=SYSTEM)
