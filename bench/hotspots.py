@@ -19,6 +19,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: sudo .venv/bin/python bench/hotspots.py")
-    bindguard, extra = bindguard_argv(None)
+    launcher_dir = tempfile.TemporaryDirectory(prefix="bindguard-hotspots-")
+    bindguard, extra, _ = bindguard_argv(None, Path(launcher_dir.name))  # the package's launcher: a Python script
     python = [sys.executable] if bindguard[0].endswith("/bindguard") else bindguard[:-2]
     script = [bindguard[0]] if bindguard[0].endswith("/bindguard") else ["-m", "bindguard"]
     env = child_env(extra)

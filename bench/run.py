@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -95,17 +96,30 @@ class Command:
         return peak
 
 
-def bindguard_argv(explicit: str | None) -> tuple[list[str], dict[str, str]]:
-    """The installed console script next to this interpreter, else `python -m bindguard` on src/."""
+def bindguard_argv(explicit: str | None, workdir: Path) -> tuple[list[str], dict[str, str], list[str] | None]:
+    """(the command timed, its environment, bin/bindguard as pip installed it next to this interpreter).
+
+    The command is the launcher as the Debian package installs it (tools/launcher.py: bin/bindguard's
+    Python text as a `#!python3 -IS` script), written into workdir with this interpreter on its #!
+    line, so that it runs this tree as installed next to it: what /usr/bin/bindguard runs before
+    every start. bin/bindguard itself, the /bin/sh form a venv keeps, is timed on the clear path
+    beside it. Without that script here, `python -m bindguard` on src/."""
     if explicit:
-        return shlex.split(explicit), {}
+        return shlex.split(explicit), {}, None
     script = Path(sys.executable).parent / "bindguard"
-    if script.exists():
-        return [str(script)], {}
-    return [sys.executable, "-m", "bindguard"], {"PYTHONPATH": str(REPO / "src")}
+    if not script.exists():
+        return [sys.executable, "-m", "bindguard"], {"PYTHONPATH": str(REPO / "src")}, None
+    spec = importlib.util.spec_from_file_location("launcher", REPO / "tools" / "launcher.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    package_form = workdir / "bindguard"
+    package_form.write_text(launcher.script(sys.executable))
+    package_form.chmod(0o755)
+    return [str(package_form)], {}, [str(script)]
 
 
-def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent, config: Path) -> list[Command]:
+def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent, config: Path,
+             sh_launcher: list[str] | None = None) -> list[Command]:
     free, held, timewait = info["free_port"], info["held_port"], info["timewait_port"]
     bg = bindguard
     found = [
@@ -125,6 +139,9 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
                                                                              str(held)]),
         Command("clear", f"bindguard: clear (`check {free}`)", [*bg, "check", str(free)], (EXIT_CLEAR,),
                 bindguard_env),
+        *([Command("clear_sh", f"bindguard: the same through bin/bindguard, the `/bin/sh` launcher a venv keeps "
+                   f"(`check {free}`)", [*sh_launcher, "check", str(free)], (EXIT_CLEAR,), bindguard_env)]
+          if sh_launcher else []),
         Command("held", f"bindguard: held by a listener (`check {held}`, exit 98)", [*bg, "check", str(held)],
                 (EXIT_INUSE,), bindguard_env),
         Command("timewait", f"bindguard: TIME_WAIT (`check --no-reuseaddr --wait 0 {timewait}`, exit 75)",
@@ -399,7 +416,8 @@ def probe(command: Command) -> dict:
 
 
 def measure_size(size: Size, rounds: int, warmup: int, memory_runs: int, quick_passes: int,
-                 bindguard: list[str], bindguard_env: dict[str, str], agent, log) -> dict:
+                 bindguard: list[str], bindguard_env: dict[str, str], agent, log,
+                 sh_launcher: list[str] | None = None) -> dict:
     started = time.monotonic()
     with Load(size) as load, tempfile.TemporaryDirectory(prefix="bindguard-bench-") as config:
         log(f"{size.label}: built in {load.info['build_seconds']} s: {load.info['sockstat']}")
@@ -408,7 +426,7 @@ def measure_size(size: Size, rounds: int, warmup: int, memory_runs: int, quick_p
                   "held_pid": load.info["held_pid"], "held_scan_position": load.info["held_scan_position"],
                   "sockstat_start": load.info["sockstat"], "host_processes": host_processes(),
                   "load_average": round(os.getloadavg()[0], 2), "rounds": rounds, "commands": {}}
-        cmds = commands(load.info, bindguard, bindguard_env, agent, Path(config))
+        cmds = commands(load.info, bindguard, bindguard_env, agent, Path(config), sh_launcher)
         if agent:
             agent.enter(load.netns)
         try:
@@ -692,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or list(SMALL_SIZES if args.small else FULL_SIZES)
     rounds = args.rounds or (3 if args.small else 21)
     warmup, memory_runs, quick_passes = (1, 1, 0) if args.small else (2, 3, 4)
-    bindguard, bindguard_env = bindguard_argv(args.bindguard)
+    launcher_dir = tempfile.TemporaryDirectory(prefix="bindguard-bench-launcher-")
+    bindguard, bindguard_env, sh_launcher = bindguard_argv(args.bindguard, Path(launcher_dir.name))
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
@@ -705,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{rounds} interleaved rounds, commands under {QUICK_MS} ms {1 + quick_passes} times a round; "
                    "peak RSS by GNU time"),
         "bindguard": bindguard,
+        "sh_launcher": sh_launcher,
         "small": args.small,
         "sizes": [],
     }
@@ -716,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for size in sizes:
             report["sizes"].append(measure_size(size, rounds, warmup, memory_runs, quick_passes, bindguard,
-                                                bindguard_env, agent, log))
+                                                bindguard_env, agent, log, sh_launcher))
         if agent and not args.no_storm:
             units, daemons = (10, 2) if args.small else (100, 10)
             report["boot_storm"] = boot_storm(agent, bindguard, bindguard_env, units, daemons,
@@ -725,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         if agent:
             agent.close()
         forget_discoveries(remembered_before)
+        launcher_dir.cleanup()
     report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     publish(report, args.out)
     failed = [f"{s['label']}: {e['label']} exited {e['exit']}" for s in report["sizes"]
