@@ -190,6 +190,56 @@ def test_a_dump_is_stopped_at_its_time_and_output_budget(monkeypatch):
     assert not ok and "more than 1 MiB of output" in why, why
 
 
+CHILD_REPORT = ("import json, os; print(json.dumps({'cwd': os.getcwd(), 'stdin': os.readlink('/proc/self/fd/0'), "
+                "'session': os.getsid(0) == os.getpid(), 'fds': os.listdir('/proc/self/fd'), 'uid': os.getuid(), "
+                "'env': open('/proc/self/environ').read()}))")  # as exec'd: Python adds LC_CTYPE to os.environ
+
+
+@pytest.mark.parametrize("user", ["", "nobody"])
+def test_a_dump_child_is_the_same_spawned_or_forked(user, tmp_path, monkeypatch):
+    """A dump that keeps the guard's credentials (a root service's, by the root guard) is started by
+    posix_spawn, one that changes user by subprocess's fork; either child gets / as its working
+    directory, /dev/null as stdin, a session of its own, no signal of 1-31 ignored (Python ignores
+    SIGPIPE and SIGXFSZ), the clean environment, and no descriptor of the guard's; the guard's
+    working directory stays its own."""
+    import json
+
+    from bindguard.request.discover import dump
+
+    need_root("changing user")
+    spawned = []
+    real_spawn = os.posix_spawn
+    monkeypatch.setattr(os, "posix_spawn", lambda *a, **k: spawned.append(a[0]) or real_spawn(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    leaked = os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        os.dup2(leaked, 100, inheritable=True)
+        ok, out, why = dump.run(["/usr/bin/python3", "-c", CHILD_REPORT], dump.credentials(user, ""))
+        ok_status, status, _ = dump.run(["/usr/bin/grep", "SigIgn", "/proc/self/status"], dump.credentials(user, ""))
+    finally:
+        os.close(leaked)
+        os.close(100)
+    assert ok and ok_status, why
+    child = json.loads(out)
+    assert spawned == ([] if user else [os.path.realpath("/usr/bin/python3"), os.path.realpath("/usr/bin/grep")])
+    assert child["uid"] == (NOBODY if user else 0)
+    assert child["cwd"] == "/" and child["stdin"] == "/dev/null" and child["session"], child
+    assert int(status.split()[1], 16) & 0x7FFFFFFF == 0, status  # bit N-1: signal N
+    assert "100" not in child["fds"] and child["env"] == "PATH=/usr/sbin:/usr/bin\0", child
+    assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize("user", ["", "nobody"])
+def test_a_dump_that_closes_its_output_and_lingers_is_stopped_at_its_time_budget(user, monkeypatch):
+    """Its exit is awaited within the budget too, not only its output."""
+    from bindguard.request.discover import dump
+
+    need_root("changing user")
+    monkeypatch.setattr(dump, "DUMP_SECONDS", 1.0)
+    ok, out, why = dump.run(["/usr/bin/sh", "-c", "exec >&- 2>&-; sleep 30"], dump.credentials(user, ""))
+    assert not ok and "no answer in 1.0 s" in why, why
+
+
 def test_a_path_is_resolved_as_the_kernel_resolves_it(tmp_path, monkeypatch):
     """bindguard.real_path (posix alone, for the fast path) agrees with os.path.realpath(strict=True)."""
     import bindguard

@@ -77,6 +77,18 @@ def test_a_changed_listen_line_is_read_at_the_next_run(site):
     assert cache.lookup(unit, False) is not None
 
 
+def test_the_program_a_dump_ran_is_part_of_what_is_remembered(site):
+    """A new nginx binary (an upgrade) is a change like any file read: the dump's program (run by
+    posix_spawn for a service that runs as root, as by subprocess for one that changes user) is in
+    the entry."""
+    unit, _, _ = site
+    settled()
+    result = cache.discover_from_files(unit, False, list(SOURCES))
+    assert [f.source.endswith("(nginx -T)") for f in result.findings] == [True], result
+    entry = Path(cache._entry_path(unit, False)).read_text()
+    assert f"\nread\t1\t{os.path.realpath(NGINX)}\t" in entry, entry
+
+
 def test_a_file_new_in_an_include_glob_is_read(site):
     unit, _, root = site
     settled()

@@ -110,8 +110,6 @@ def run_tool(path: str, package: str, *args: str, budget: Budget | None = None) 
     what is left of budget; NatUnreadable when it is missing, untrusted or fails. What is executed is the
     checked file path resolves to; argv[0] stays path, since a multi-call binary (xtables-legacy-multi)
     picks its applet by that name."""
-    import subprocess
-
     import bindguard
     from bindguard.request.discover.dump import run_bounded
 
@@ -127,7 +125,7 @@ def run_tool(path: str, package: str, *args: str, budget: Budget | None = None) 
     try:
         code, out, err, failure = run_bounded([path, *args], TOOL_ENVIRONMENT, seconds, TOOL_MAX_BYTES,
                                               program=program)
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         raise NatUnreadable(f"{path}: {exc}") from None
     if failure:
         raise NatUnreadable(f"`{command}`: {failure}; stopped")

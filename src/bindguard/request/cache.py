@@ -280,7 +280,7 @@ class Recorder:
             self.saw(path, not (isinstance(flags, int) and flags & posix.O_NOFOLLOW))
         elif event in ("os.listdir", "os.scandir"):
             self.saw(args[0] if args else ".", True)
-        elif event == "subprocess.Popen":
+        elif event in ("subprocess.Popen", "os.posix_spawn"):  # the program run (a dump)
             self.saw(args[0], True)
         elif event == INCOMPLETE_EVENT:
             self.incomplete = self.incomplete or str(args[0] if args else "cut short")
