@@ -5,6 +5,7 @@ unit's environment. Its interpreter is isolated from that environment, and a bro
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -198,6 +199,39 @@ StandardError=append:{log}
     started = rig.start("slow.service")
     assert not started.ok and started.result == "timeout", started
     assert log.read_text() == "bindguard: stopped by SIGTERM before it finished (exit 143)\n"
+
+
+EXIT_HOOKS = """
+import atexit as _atexit, threading as _threading, time as _time
+def _mark(what):
+    with open({marker!r}, "a") as f:
+        f.write(what + "\\n")
+_atexit.register(_mark, "exit handler ran")
+if {thread!r}:
+    _threading.Thread(target=lambda: (_time.sleep(0.3), _mark("thread finished"))).start()
+"""
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("thread", [False, True])
+def test_the_process_ends_with_its_output_written_and_its_exit_handlers_run(tmp_path, form, thread):
+    """The launcher ends the process without the interpreter's teardown: still, JSON on a pipe is
+    whole, the exit code is the command's, exit handlers run, and a thread that is still running
+    is waited for (the exit then is Python's own)."""
+    bin_dir = copy_install(tmp_path / "venv", form)
+    site = next(bin_dir.parent.glob("lib/python3*/site-packages"))
+    marker = tmp_path / "marker"
+    with open(site / "bindguard" / "cli" / "__init__.py", "a") as f:
+        f.write(EXIT_HOOKS.format(marker=str(marker), thread=thread))
+    env = {"PATH": "/usr/bin:/bin"}
+    clear = subprocess.run([str(bin_dir / "bindguard"), "check", "--json=short", "--no-systemd", "127.0.0.1:18473"],
+                           capture_output=True, text=True, env=env)
+    assert clear.returncode == 0 and json.loads(clear.stdout)["verdict"] == "clear", clear.stderr
+    usage = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:99999"],
+                           capture_output=True, text=True, env=env)
+    assert usage.returncode == 64 and "out of range" in usage.stderr, usage.stderr
+    lines = marker.read_text().splitlines()
+    assert sorted(lines) == sorted(["exit handler ran"] * 2 + ["thread finished"] * 2 * thread), lines
 
 
 SITE_MARKER_PTH = "import os; open({marker!r}, 'a').write('site ran\\n')\n"
