@@ -3,6 +3,7 @@
     sudo .venv/bin/python bench/hotspots.py --size 20k:2000            # every path
     sudo .venv/bin/python bench/hotspots.py --size 100k:2000 held      # one path
     sudo .venv/bin/python bench/hotspots.py unit held_unit              # run by a service (the rig)
+    sudo .venv/bin/python bench/hotspots.py daemon_nginx_first          # nginx.service, discovery run each time
 
 For each path, in the loaded namespace: the median over --runs runs of `python -X importtime`
 (each module's cumulative import time, top-level modules and their biggest children), then one
@@ -43,8 +44,10 @@ sys.exit(code)
 """
 
 
-PATHS = ("clear", "held", "timewait", "noop", "unit", "held_unit", "daemon_nginx", "daemon_ssh")
-IN_UNIT = ("unit", "held_unit", "daemon_nginx", "daemon_ssh")  # daemon_*: Debian's units, discovery remembered
+PATHS = ("clear", "held", "timewait", "noop", "unit", "held_unit", "daemon_nginx", "daemon_nginx_first", "daemon_ssh")
+# daemon_*: Debian's units, discovery remembered; daemon_nginx_first: the first start after a change,
+# nginx.service's unit file touched before each run (as bench/run.py does), so discovery runs in full
+IN_UNIT = ("unit", "held_unit", "daemon_nginx", "daemon_nginx_first", "daemon_ssh")
 
 
 def paths(info: dict) -> dict[str, list[str]]:
@@ -56,6 +59,7 @@ def paths(info: dict) -> dict[str, list[str]]:
         "unit": ["check", str(info["free_port"])],
         "held_unit": ["check", str(info["held_port"])],
         "daemon_nginx": ["check", "--unit", "bench-nginx.service"],
+        "daemon_nginx_first": ["check", "--unit", "bench-nginx.service"],
         "daemon_ssh": ["check", "--unit", "bench-ssh.service"],
     }
 
@@ -65,6 +69,14 @@ def runner(agent):
     if agent is None:
         return lambda argv, env: subprocess.run(argv, env=env, capture_output=True, text=True).stderr
     return lambda argv, env: agent.probe(argv, env, limit=1_000_000)["sample"]
+
+
+def touching(run, path: Path):
+    """run, the file at path touched (its ctime moved) before each run: discovery's answer is not remembered."""
+    def touched(argv, env):
+        os.utime(path)
+        return run(argv, env)
+    return touched
 
 
 def import_times(run, python: list[str], args: list[str], env: dict[str, str], runs: int) -> str:
@@ -115,9 +127,10 @@ def main() -> None:
     env = child_env(extra)
     out = Path(f"/tmp/bindguard-bench-{os.getpid()}.prof")
     agent = UnitAgent() if set(args.paths) & set(IN_UNIT) else None
+    units = {}
     try:
         if agent:
-            install_debian_units(agent)
+            units = install_debian_units(agent)
         with Load(args.size) as load:
             print(f"{args.size.label}: {load.info['sockstat']}, held PID {load.info['held_pid']} "
                   f"({load.info['held_scan_position']} in PID order)")
@@ -129,6 +142,8 @@ def main() -> None:
                         load.refresh()
                         argv = paths(load.info)[name]
                         run = runner(agent if name in IN_UNIT else None)
+                        if name == "daemon_nginx_first":
+                            run = touching(run, units["nginx"])
                         where = " (run by a service)" if name in IN_UNIT else ""
                         print(f"\n== {name}: bindguard {' '.join(argv)}{where}")
                         print(import_times(run, python, [*script, *argv], env, args.runs))
