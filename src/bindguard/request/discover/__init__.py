@@ -22,8 +22,8 @@ another user controls). Only the finder of the daemon found is imported.
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from bindguard.model.facts import UnitFacts
@@ -153,7 +153,11 @@ def daemon_of(argv: Sequence[str]) -> str | None:
 
 
 def _finder(module: str):
-    return importlib.import_module(f"bindguard.request.discover.{module}")
+    """A daemon's finder module, imported by __import__ (what importlib.import_module does for a
+    name like this, without importing importlib and warnings: 0.2 ms of a first start)."""
+    name = f"bindguard.request.discover.{module}"
+    __import__(name)
+    return sys.modules[name]
 
 
 def _as_systemd_runs_it(argv: list[str]) -> list[str]:
