@@ -240,6 +240,23 @@ def test_a_dump_that_closes_its_output_and_lingers_is_stopped_at_its_time_budget
     assert not ok and "no answer in 1.0 s" in why, why
 
 
+@pytest.mark.parametrize("user", ["", "nobody"])
+def test_a_dump_runs_where_sigchld_is_ignored(user):
+    """A guard started with SIGCHLD ignored (a disposition that survives exec): its children are
+    reaped by the kernel, and a dump still runs and gives its output, spawned or forked alike."""
+    import signal
+
+    from bindguard.request.discover import dump
+
+    need_root("changing user")
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        ok, out, why = dump.run(["/usr/bin/echo", "dumped"], dump.credentials(user, ""))
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert ok and out == "dumped\n", why
+
+
 def test_a_path_is_resolved_as_the_kernel_resolves_it(tmp_path, monkeypatch):
     """bindguard.real_path (posix alone, for the fast path) agrees with os.path.realpath(strict=True)."""
     import bindguard

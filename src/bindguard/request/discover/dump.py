@@ -230,7 +230,7 @@ def _start(argv: list[str], program: str, env: dict[str, str], runs_as: Credenti
     if switch is None or _keeps_credentials(switch):
         pid = _spawn(argv, program, env, stdout, stderr)
         if pid is not None:
-            return pid, lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            return pid, lambda: _reap(pid)
     import subprocess
 
     try:
@@ -241,6 +241,15 @@ def _start(argv: list[str], program: str, env: dict[str, str], runs_as: Credenti
     except subprocess.SubprocessError as exc:
         raise OSError(f"{program} could not be started: {exc}") from None
     return proc.pid, proc.wait
+
+
+def _reap(pid: int) -> int:
+    """The exit code of a child of posix_spawn, as Popen.wait gives it: 0 when the kernel reaped it
+    itself (SIGCHLD ignored, a disposition a parent can leave across exec) and its status is gone."""
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return 0
 
 
 def _keeps_credentials(runs_as: Credentials) -> bool:
