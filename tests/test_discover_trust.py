@@ -190,7 +190,8 @@ def test_a_dump_is_stopped_at_its_time_and_output_budget(monkeypatch):
     assert not ok and "more than 1 MiB of output" in why, why
 
 
-CHILD_REPORT = ("import json, os; print(json.dumps({'cwd': os.getcwd(), 'stdin': os.readlink('/proc/self/fd/0'), "
+CHILD_REPORT = ("import fcntl, json, os; print(json.dumps({'cwd': os.getcwd(), 'stdin': os.readlink('/proc/self/fd/0'), "
+                "'stdin_mode': fcntl.fcntl(0, fcntl.F_GETFL) & os.O_ACCMODE, "
                 "'session': os.getsid(0) == os.getpid(), 'fds': os.listdir('/proc/self/fd'), 'uid': os.getuid(), "
                 "'env': open('/proc/self/environ').read()}))")  # as exec'd: Python adds LC_CTYPE to os.environ
 
@@ -223,7 +224,8 @@ def test_a_dump_child_is_the_same_spawned_or_forked(user, tmp_path, monkeypatch)
     child = json.loads(out)
     assert spawned == ([] if user else [os.path.realpath("/usr/bin/python3"), os.path.realpath("/usr/bin/grep")])
     assert child["uid"] == (NOBODY if user else 0)
-    assert child["cwd"] == "/" and child["stdin"] == "/dev/null" and child["session"], child
+    assert child["cwd"] == "/" and child["stdin"] == "/dev/null" and child["stdin_mode"] == os.O_RDWR, child
+    assert child["session"], child
     assert int(status.split()[1], 16) & 0x7FFFFFFF == 0, status  # bit N-1: signal N
     assert "100" not in child["fds"] and child["env"] == "PATH=/usr/sbin:/usr/bin\0", child
     assert os.getcwd() == str(tmp_path)

@@ -276,7 +276,7 @@ def _spawn(argv: list[str], program: str, env: dict[str, str], stdout: int, stde
         here = os.open("/proc/self/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
-    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                (os.POSIX_SPAWN_DUP2, stderr, 2), *((os.POSIX_SPAWN_CLOSE, fd) for fd in inherited)]
     try:
         os.chdir("/")
