@@ -7,7 +7,7 @@
 For each size, bench/load.py builds the host in a network namespace; this process enters it (setns)
 and times whole processes: os.posix_spawn, then os.wait4, between two time.perf_counter_ns() reads,
 stdout and stderr to /dev/null. Every command runs twice to warm the caches, then once per round in
-interleaved rounds (the order rotates each round); TIME_WAIT is remade between rounds, never inside
+interleaved rounds (a new random order each pass); TIME_WAIT is remade between rounds, never inside
 one. The in-unit rows are timed the same way by a service of a real user manager (unit_agent.py).
 Peak memory is a separate pass under GNU time (%M, the child's ru_maxrss): a child spawned by this
 Python process would inherit its memory high-water mark across exec.
@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -45,6 +46,7 @@ FULL_SIZES = (Size(1000, 100), Size(20000, 2000), Size(100000, 2000))
 SMALL_SIZES = (Size(300, 20), Size(1000, 50))
 FLOOR_PYTHON = "/usr/bin/python3"
 QUICK_MS = 50
+ORDER_SEED = 12  # the commands' order in each pass (measure_in)
 GNU_TIME = "/usr/bin/time"
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -463,7 +465,10 @@ def measure_in(load: Load, cmds: list[Command], entries: dict, rounds: int, warm
     """Probe, warm up, time in interleaved rounds, then measure peak memory; in the load's namespace.
 
     Each round runs every command once, then the quick ones (under QUICK_MS when warm) quick_passes
-    more times: they are the ones whose medians a few milliseconds of noise would move.
+    more times: they are the ones whose medians a few milliseconds of noise would move. Every pass
+    runs its commands in a new random order (seeded, so a run can be repeated): a command always
+    run after the same one would carry that one's wake (a heavy scan leaves caches cold for the
+    next process, a twin leaves them warm), and a rotation keeps each command's neighbour.
     """
     load.refresh()
     for c in cmds:
@@ -475,14 +480,14 @@ def measure_in(load: Load, cmds: list[Command], entries: dict, rounds: int, warm
         warm[c.key] = max(c.timed_run()[0] for _ in range(max(warmup, 1)))
     quick = [c for c in active if warm[c.key] < QUICK_MS * 1_000_000]
     sockstats = []
+    order = random.Random(ORDER_SEED)
     gc.disable()
     try:
         for r in range(rounds):
             sockstats.append(load.refresh())
             passes = [active] + [quick] * quick_passes
-            for p, group in enumerate(passes):
-                turn = (r + p) % len(group) if group else 0
-                for c in group[turn:] + group[:turn]:
+            for group in passes:
+                for c in order.sample(group, len(group)):
                     elapsed, code = c.timed_run()
                     if code not in c.expect:
                         raise RuntimeError(f"{c.label} exited {code} in round {r}, expected {c.expect}")
