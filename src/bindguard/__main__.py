@@ -8,9 +8,10 @@ fails open (70 with --fail-closed) when the package does not load, and says so i
 import sys
 
 try:
-    from bindguard.cli import main
+    from bindguard.cli import end, main
 
     code = main()
+    end(code)  # returns only where the ordinary exit must end it
 except Exception as exc:  # main() handles its own faults; this is a package that does not load
     if "--debug" in sys.argv:
         raise
