@@ -275,6 +275,24 @@ def test_site_runs_only_for_a_dependency(tmp_path):
         assert closed.returncode == 70 and "clear" not in closed.stderr, closed.stderr
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_site_sees_the_launchers_setuptools_setting_not_the_units(tmp_path, form):
+    """setuptools' distutils-precedence.pth shims distutils unless SETUPTOOLS_USE_DISTUTILS=stdlib:
+    the launcher sets it for site, whatever the unit's environment says, in both forms."""
+    bin_dir = copy_install(tmp_path / "venv", form)
+    site = next(bin_dir.parent.glob("lib/python3*/site-packages"))
+    marker = tmp_path / "marker"
+    (site / "zz-setting.pth").write_text(
+        f"import os; open({str(marker)!r}, 'a').write(os.environ.get('SETUPTOOLS_USE_DISTUTILS', '-') + '\\n')\n")
+    config = tmp_path / "web.service.yaml"
+    config.write_text("listen: [127.0.0.1:18473]\n")
+    checked = subprocess.run([str(bin_dir / "bindguard"), "config", "check", str(config)], capture_output=True,
+                             text=True, env={"PATH": "/usr/bin:/bin", "SETUPTOOLS_USE_DISTUTILS": "local"})
+    assert checked.returncode == 0, checked.stderr
+    # (site reads a --system-site-packages venv's .pth files twice: once in its venv step)
+    assert set(marker.read_text().splitlines()) == {"stdlib"}, marker.read_text()
+
+
 def test_an_editable_install_is_found_by_its_path_line_alone(tmp_path):
     """pip's editable install names the source tree in __editable__.bindguard-VERSION.pth: that line
     is read, any other (an `import` line that site would run) is not."""
