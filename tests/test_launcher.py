@@ -207,6 +207,7 @@ def _mark(what):
     with open({marker!r}, "a") as f:
         f.write(what + "\\n")
 _atexit.register(_mark, "exit handler ran")
+_atexit.register(print, "said at exit")  # to stdout, which a pipe buffers: flushed after the handlers
 if {thread!r}:
     _threading.Thread(target=lambda: (_time.sleep(0.3), _mark("thread finished"))).start()
 """
@@ -226,10 +227,13 @@ def test_the_process_ends_with_its_output_written_and_its_exit_handlers_run(tmp_
     env = {"PATH": "/usr/bin:/bin"}
     clear = subprocess.run([str(bin_dir / "bindguard"), "check", "--json=short", "--no-systemd", "127.0.0.1:18473"],
                            capture_output=True, text=True, env=env)
-    assert clear.returncode == 0 and json.loads(clear.stdout)["verdict"] == "clear", clear.stderr
+    report, said = clear.stdout.rsplit("\n", 2)[:2] if clear.stdout.endswith("\n") else (clear.stdout, "")
+    assert clear.returncode == 0 and json.loads(report)["verdict"] == "clear", clear.stderr
+    assert said == "said at exit", clear.stdout
     usage = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:99999"],
                            capture_output=True, text=True, env=env)
     assert usage.returncode == 64 and "out of range" in usage.stderr, usage.stderr
+    assert usage.stdout == "said at exit\n", usage.stdout
     lines = marker.read_text().splitlines()
     assert sorted(lines) == sorted(["exit handler ran"] * 2 + ["thread finished"] * 2 * thread), lines
 
