@@ -20,6 +20,7 @@ from test_discover import need_package
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 NGINX = "/usr/sbin/nginx"
+DEBIAN_NGINX_UNIT = "/lib/systemd/system/nginx.service"
 
 
 def nginx_conf(root: Path, port: int, include: str = "") -> str:
@@ -261,8 +262,14 @@ def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discove
     full command's words (its findings' sources, then the verdict)."""
     from test_fastpath import COMPARE
 
+    import compileall
+
     need_package("nginx", NGINX)
     cache.forget("nginx.service", False)
+    # Run first (or alone) on a fresh tree, the guard would write __pycache__ as it discovers, and
+    # the directories it looked at would change under it (test_a_module_compiled_again_...).
+    compileall.compile_dir(SRC / "bindguard", quiet=1)
+    time.sleep(cache.FRESH_NS / 1e9 + 0.05)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
     first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"], env=env)
     assert first.returncode == 0, first.stderr
@@ -309,6 +316,42 @@ def test_sshd_dump_runs_once_its_privilege_separation_directory_appears(tmp_path
         "remembered False",
         "[] ['sshd -T']",
     ], proc.stdout
+
+
+DISCOVER_NGINX = r"""
+import os, sys
+from bindguard.model.kinds import DISCOVERY_SOURCES as SOURCES  # the finders are imported as the guard does: recorded
+from bindguard.request import cache
+root = sys.argv[1]
+cache.RUN_DIR, cache.ENTRIES = root + "/run", root + "/run/discovery"
+os.environ["SYSTEMD_UNIT_PATH"] = root + "/units"
+found = cache.discover_from_files("nginx.service", False, list(SOURCES))
+print(sorted({f.source.rpartition(" ")[2] for f in found.findings}), cache.lookup("nginx.service", False) is not None)
+"""
+
+
+def test_a_module_compiled_again_during_its_discovery_leaves_it_remembered(tmp_path):
+    """A module a discovery imports whose .pyc is older than its source (an edit, an upgrade without
+    byte-compiling) is compiled again and its .pyc rewritten during that discovery: Python's bytecode
+    cache is no input of the answer (the source is), and the answer is remembered at once. (A tree
+    with no __pycache__ yet is not: the directories the import system looks at change as it writes one.)"""
+    import compileall
+    import shutil
+
+    need_package("nginx", NGINX)
+    need_root("the cache is root's alone")
+    package = tmp_path / "package"
+    shutil.copytree(SRC / "bindguard", package / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
+    assert compileall.compile_dir(package, quiet=1)
+    (tmp_path / "units").mkdir()
+    shutil.copy(DEBIAN_NGINX_UNIT, tmp_path / "units" / "nginx.service")
+    source = package / "bindguard" / "request" / "discover" / "dump.py"  # imported as discovery runs nginx -T
+    os.utime(source, ns=(time.time_ns() - 10**10,) * 2)  # its .pyc no longer matches it
+    time.sleep(cache.FRESH_NS / 1e9 + 0.05)  # past the files' own change
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package)}  # bytecode written (no PYTHONDONTWRITEBYTECODE)
+    proc = subprocess.run([sys.executable, "-c", DISCOVER_NGINX, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert (proc.returncode, proc.stdout) == (0, "['-T)'] True\n"), (proc.stdout, proc.stderr)
 
 
 SSHD_RESOLVES = r"""

@@ -270,7 +270,7 @@ class Recorder:
         if not path.startswith("/"):
             self.incomplete = self.incomplete or f"a relative path was read ({path!r})"
             return
-        if path.startswith(NOT_FILES) or (path, follow) in self.reads:
+        if path.startswith(NOT_FILES) or (path, follow) in self.reads or _bytecode_cache(path):
             return
         self.reads[(path, follow)] = recorded if recorded is not None else signature(path, follow)
 
@@ -296,6 +296,14 @@ class Recorder:
             if ctime > self.started_ns - (COARSE_FRESH_NS if coarse else FRESH_NS):
                 return f"{path} changed just before"
         return ""
+
+
+def _bytecode_cache(path: str) -> bool:
+    """Whether the path is Python's bytecode cache (__pycache__): a module imported during a discovery
+    looks at its old .pyc, then writes a new one where its source changed, so the signature recorded
+    was stale at once, and the next start discovered again. What the code is, is its source, which
+    _code_files (bindguard's) and the import's own stat of each source file record."""
+    return "/__pycache__/" in path or path.endswith("/__pycache__")
 
 
 _active: list[Recorder] = []
