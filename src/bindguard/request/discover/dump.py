@@ -225,7 +225,8 @@ def _start(argv: list[str], program: str, env: dict[str, str], runs_as: Credenti
     copy of the guard's memory and without the subprocess module (its import, its fork and its share
     of the interpreter's teardown were 4.7 ms of a 39.5 ms first start of nginx.service). One that
     must change user is forked by subprocess, which sets its groups, gid and uid before exec. Both
-    give the child the same descriptors, working directory, session and signal dispositions."""
+    give the child the same descriptors, working directory, session and signal dispositions (but
+    glibc's two internal real-time signals, which _spawn leaves ignored)."""
     switch = runs_as if runs_as is not None and runs_as.uid is not None else None  # None: stay the guard
     if switch is None or _keeps_credentials(switch):
         pid = _spawn(argv, program, env, stdout, stderr)
@@ -278,15 +279,24 @@ def _spawn(argv: list[str], program: str, env: dict[str, str], stdout: int, stde
         return None
     actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                (os.POSIX_SPAWN_DUP2, stderr, 2), *((os.POSIX_SPAWN_CLOSE, fd) for fd in inherited)]
+    pid = None
     try:
         os.chdir("/")
         # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec. (glibc
         # leaves its own two internal signals, 32 and 33, ignored in a posix_spawn child, as in any
         # Popen child made by posix_spawn: real-time signals no dump uses.)
-        return os.posix_spawn(program, argv, env, file_actions=actions, setsid=True,
-                              setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
-    finally:
+        pid = os.posix_spawn(program, argv, env, file_actions=actions, setsid=True,
+                             setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
         os.fchdir(here)
+        return pid
+    except BaseException:
+        if pid is not None:  # started, but the guard could not go back: nothing is left running
+            os.killpg(pid, _signal.SIGKILL)
+            _reap(pid)
+        else:
+            os.fchdir(here)
+        raise
+    finally:
         os.close(here)
 
 
