@@ -114,10 +114,8 @@ def bindguard_argv(explicit: str | None, workdir: Path) -> tuple[list[str], dict
     spec = importlib.util.spec_from_file_location("launcher", REPO / "tools" / "launcher.py")
     launcher = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launcher)
-    package_form = workdir / "bindguard"
-    package_form.write_text(launcher.script(sys.executable))
-    package_form.chmod(0o755)
-    return [str(package_form)], {}, [str(script)]
+    launcher.write(workdir / "bindguard", sys.executable)
+    return [str(workdir / "bindguard")], {}, [str(script)]
 
 
 def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], agent, config: Path,

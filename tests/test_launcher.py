@@ -28,13 +28,17 @@ def installed_launcher() -> Path:
     return VENV_LAUNCHER
 
 
-def package_launcher(python: Path) -> str:
-    """The Debian package's form of the launcher (tools/launcher.py): bin/bindguard's Python text as
-    a `#!PYTHON -IS` script."""
+def launcher_tool():
+    """tools/launcher.py, which writes the Debian package's form of the launcher."""
     spec = importlib.util.spec_from_file_location("launcher", REPO / "tools" / "launcher.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.script(str(python))
+    return module
+
+
+def package_launcher(python: Path) -> str:
+    """The Debian package's form of the launcher: bin/bindguard's Python text as a `#!PYTHON -IS` script."""
+    return launcher_tool().script(str(python))
 
 
 # The launcher's two forms: bin/bindguard (/bin/sh, for a venv, whose interpreter may go away),
@@ -52,8 +56,7 @@ def copy_install(root: Path, form: str = "sh") -> Path:
     if form == "sh":
         shutil.copy2(REPO / "bin" / "bindguard", root / "bin" / "bindguard")
     else:
-        (root / "bin" / "bindguard").write_text(package_launcher(root / "bin" / "python3"))
-        (root / "bin" / "bindguard").chmod(0o755)
+        launcher_tool().write(root / "bin" / "bindguard", str(root / "bin" / "python3"))
     return root / "bin"
 
 
@@ -325,3 +328,6 @@ def test_the_package_launcher_is_written_from_bin_bindguard_alone(tmp_path):
     for argv in (["--python", "python3", str(out)], ["--python", "/opt/my python/bin/python3", str(out)], ["-x"]):
         refused = subprocess.run([sys.executable, str(REPO / "tools" / "launcher.py"), *argv], capture_output=True, text=True)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    quoted = (REPO / "bin" / "bindguard").read_text().replace("import sys, posix\n", "import sys, posix  # it's\n", 1)
+    with pytest.raises(ValueError, match="single quote"):
+        launcher_tool().python_text(quoted)

@@ -27,9 +27,13 @@ CLOSING = "\n' \"$0\" \"$@\"\n"  # ... to the quote that ends it
 
 
 def python_text(sh_launcher: str) -> str:
-    """The Python text bin/bindguard runs with `python3 -I -S -c`."""
+    """The Python text bin/bindguard runs with `python3 -I -S -c`. ValueError if it holds a single
+    quote: the shell's string would end there, and the two forms would run different code."""
     start = sh_launcher.index(OPENING) + len(OPENING)
-    return sh_launcher[start:sh_launcher.index(CLOSING, start)] + "\n"
+    text = sh_launcher[start:sh_launcher.index(CLOSING, start)] + "\n"
+    if "'" in text:
+        raise ValueError("bin/bindguard's Python text holds a single quote, which ends its shell string")
+    return text
 
 
 def script(python: str = "/usr/bin/python3") -> str:
@@ -41,6 +45,12 @@ def script(python: str = "/usr/bin/python3") -> str:
             + python_text(SH_LAUNCHER.read_text()))
 
 
+def write(out: Path, python: str = "/usr/bin/python3") -> None:
+    """The launcher script at `out`, mode 755."""
+    out.write_text(script(python))
+    os.chmod(out, 0o755)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="tools/launcher.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default="/usr/bin/python3", help="the interpreter of the #! line")
@@ -49,12 +59,9 @@ def main() -> int:
     if args.outfile.startswith("-"):
         parser.error(f"{args.outfile!r}: an output path that starts with '-' is taken for an option")
     try:
-        text = script(args.python)
+        write(Path(args.outfile), args.python)
     except ValueError as exc:
         parser.error(str(exc))
-    out = Path(args.outfile)
-    out.write_text(text)
-    os.chmod(out, 0o755)
     return 0
 
 
