@@ -146,7 +146,9 @@ def main() -> None:
                             run = touching(run, units["nginx"])
                         where = " (run by a service)" if name in IN_UNIT else ""
                         print(f"\n== {name}: bindguard {' '.join(argv)}{where}")
-                        print(import_times(run, python, [*script, *argv], env, args.runs))
+                        # the launcher's #! line runs python -IS: given to python as a script, spelled out
+                        isolated = ["-I", "-S"] if script[0].endswith("/bindguard") else []
+                        print(import_times(run, [*python, *isolated], [*script, *argv], env, args.runs))
                         print(profile(run, python, argv, env, out))
             finally:
                 if agent:
