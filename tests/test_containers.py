@@ -878,30 +878,84 @@ def docker_states_in(tmp_path, monkeypatch) -> list[str]:
 
 def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_time(tmp_path, monkeypatch):
     """dockerd holds each port it publishes with its proxy off: the lookup for each reads Docker's
-    states once in a run while their files stay as they were, a file again once it changes, and not
-    past the run's DOCKER_SECONDS, after which no container is named (one not read could publish the
-    port too)."""
+    states once in a run while their files stay as they were (each look lists them again), a file
+    again once it changes, and not past the run's DOCKER_SECONDS, after which no container is named
+    (one not read could publish the port too)."""
     need_root("root's dockerd: the lookup believes a holder whose real uid is root's")
     recorded = json.loads(DOCKER_RECORDED.read_text())
     for cid in (recorded["ID"], "a" * 64, "b" * 64):
         (tmp_path / cid).mkdir()
         (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == recorded["ID"] else {}))
     reads = docker_states_in(tmp_path, monkeypatch)
+    look = containers.DockerdPorts()
     for port in range(18000, 18010):
-        containers.docker_port_container(os.getpid(), "tcp", port, "0.0.0.0")
+        look.container(os.getpid(), "tcp", port, "0.0.0.0")
     assert len(reads) == 3, reads
-    web = containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0")
+    web = containers.DockerdPorts().container(os.getpid(), "tcp", 18082, "0.0.0.0")  # another look
     assert web == ContainerFact("docker", recorded["ID"], "web", "bindguard-test:1", "web-7d4", "shop", "dockerd",
                                 str(tmp_path / recorded["ID"] / "config.v2.json")), web
     assert len(reads) == 3  # named from what was kept of its state
     (tmp_path / ("a" * 64) / "config.v2.json").write_text("{ }")  # Docker replaced a state
-    containers.docker_port_container(os.getpid(), "tcp", 18000, "0.0.0.0")
+    containers.DockerdPorts().container(os.getpid(), "tcp", 18000, "0.0.0.0")
     assert reads[3:] == [str(tmp_path / ("a" * 64) / "config.v2.json")], reads
     monkeypatch.setattr(containers, "_docker_seconds_left", [0.0])  # the run's reading time spent
-    assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"  # nothing changed
+    assert containers.DockerdPorts().container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"  # nothing changed
     (tmp_path / ("b" * 64) / "config.v2.json").write_text("{  }")
-    assert containers.docker_port_container(os.getpid(), "tcp", 18082, "0.0.0.0") is None
+    assert containers.DockerdPorts().container(os.getpid(), "tcp", 18082, "0.0.0.0") is None
     assert len(reads) == 4
+
+
+# A process called dockerd (Debian's python3 copied so, reading its program from stdin) holding listeners
+# on loopback, as root's dockerd holds the ports it publishes with its proxy off.
+FAKE_DOCKERD = """\
+import json, socket, time
+held = [socket.create_server(("127.0.0.1", 0)) for _ in range(8)]
+print(json.dumps([s.getsockname()[1] for s in held]), flush=True)
+time.sleep(30)
+"""
+# One look at its sockets' holders, with Docker's states in argv[2]: how often its /proc/PID/status was
+# opened and the states' directory listed, and the container named for each port.
+DOCKERD_LOOK = r"""
+import json, sys
+from bindguard.evidence import containers, owners, sockets
+pid, states, ports = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+containers.DOCKER_CONTAINERS, containers.DOCKER_STATE = states, states + "/{id}/config.v2.json"
+held = [s for s in sockets.listening_sockets("tcp") if s.local.port in ports]
+asked = []
+sys.addaudithook(lambda event, args: asked.append(args[0]) if event in ("open", "os.listdir") else None)
+found = owners.holders_of(held)
+named = {s.local.port: getattr(found.first(s.inode).container, "name", None) for s in held}
+print(json.dumps([asked.count(f"/proc/{pid}/status"), asked.count(states), named]))
+"""
+
+
+def test_a_look_at_every_port_dockerd_holds_reads_its_uid_and_lists_dockers_states_once(named_sleep, tmp_path):
+    """holders_of for the ports one dockerd holds: its real uid (/proc/PID/status) is read once for its
+    process facts and once for the container lookup, and Docker's states are listed once, not once a
+    port; the port a container publishes is still named as that container, and no other."""
+    need_root("root's dockerd: the lookup believes a holder whose real uid is root's")
+    dockerd = named_sleep("dockerd")
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), dockerd)
+    recorded = json.loads(DOCKER_RECORDED.read_text())
+    process = subprocess.Popen([dockerd, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        process.stdin.write(FAKE_DOCKERD)
+        process.stdin.close()
+        ports = json.loads(process.stdout.readline())
+        recorded["NetworkSettings"]["Ports"]["8080/tcp"] = [{"HostIp": "", "HostPort": str(ports[0])}]
+        for cid, state in ((recorded["ID"], recorded), ("a" * 64, {})):
+            (tmp_path / cid).mkdir()
+            (tmp_path / cid / "config.v2.json").write_text(json.dumps(state))
+        done = subprocess.run([sys.executable, "-c", DOCKERD_LOOK, str(process.pid), str(tmp_path), json.dumps(ports)],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    finally:
+        process.kill()
+        process.wait()
+    assert done.returncode == 0, done.stderr
+    status_reads, listings, named = json.loads(done.stdout)
+    assert named == {str(port): "web" if port == ports[0] else None for port in ports}, named
+    assert (status_reads, listings) == (2, 1)
 
 
 def test_a_rewritten_docker_state_is_read_again_alone_and_only_what_is_used_is_kept(tmp_path, monkeypatch):

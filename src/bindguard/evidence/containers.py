@@ -377,24 +377,45 @@ def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int
                                                         "host-ip"))
     if not (ip and port and host_port):
         return None
-    return _the_docker_container(lambda state: docker_publishes(state, host_port, proto, ip, port, host_ip),
+    return _the_docker_container(_docker_states(),
+                                 lambda state: docker_publishes(state, host_port, proto, ip, port, host_ip),
                                  "docker-proxy")
 
 
-def docker_port_container(pid: int, proto: str, port: int, host_ip: str) -> ContainerFact | None:
-    """The container a port root's dockerd holds itself on host_ip is published for (its proxy off), or None."""
-    if _real_uid(pid) != ROOT:
-        return None
-    return _the_docker_container(lambda state: docker_publishes(state, str(port), proto, host_ip=host_ip),
-                                 "dockerd")
+class DockerdPorts:
+    """The containers whose published ports root's dockerd holds itself (its proxy off), for one look at
+    the holders (owners.holders_of): each dockerd's real uid is read once, and Docker's states listed
+    once (_docker_states: each file stat()ed, and read only where it changed), however many ports it
+    holds. Not kept past the look: the next (a wait looks again) sees the containers started, stopped
+    or removed since, and asks again about a PID that may since be another process's."""
+
+    __slots__ = ("_root", "_states", "_listed")
+
+    def __init__(self) -> None:
+        self._root: dict[int, bool] = {}  # dockerd's PID -> whether its real uid is root's
+        self._states: list[tuple[str, dict | None]] | None = None
+        self._listed = False
+
+    def container(self, pid: int, proto: str, port: int, host_ip: str) -> ContainerFact | None:
+        """The container the port dockerd (pid) holds on host_ip is published for, or None: a dockerd
+        not root's, no container or several, or not every state read in time."""
+        if pid not in self._root:
+            self._root[pid] = _real_uid(pid) == ROOT
+        if not self._root[pid]:
+            return None
+        if not self._listed:
+            self._states, self._listed = _docker_states(), True
+        return _the_docker_container(self._states,
+                                     lambda state: docker_publishes(state, str(port), proto, host_ip=host_ip),
+                                     "dockerd")
 
 
-def _the_docker_container(publishes, via: str) -> ContainerFact | None:
-    """The one container of Docker's whose config.v2.json `publishes` says yes to; None for none or
-    several, or when not every state was read in time (an unread one could say yes too)."""
+def _the_docker_container(states: list[tuple[str, dict | None]] | None, publishes, via: str) -> ContainerFact | None:
+    """The one container among Docker's states (_docker_states) whose config.v2.json `publishes` says
+    yes to; None for none or several, or when not every state was read in time (states None: an unread
+    one could say yes too)."""
     from bindguard.model.record import replace
 
-    states = _docker_states()
     if states is None:
         return None
     found = [(cid, state) for cid, state in states if publishes(state)]

@@ -21,6 +21,10 @@ from bindguard.systemd.unitfiles import (  # noqa: F401 (process_cgroup: API too
     unit_from_cgroup,
 )
 
+TYPE_CHECKING = False  # typing's own costs an import on the guard's path
+if TYPE_CHECKING:
+    from bindguard.evidence.containers import DockerdPorts
+
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
 CGROUP_V1_SYSTEMD = "/sys/fs/cgroup/systemd"  # name=systemd hierarchy on legacy and hybrid hosts
 
@@ -100,6 +104,7 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
     local = {s.inode: s.local for s in sockets if s.inode}
     found = find_holders(inodes, socket_cgroup_pids(sockets), every_holder=every_holder)
     facts: dict[int, ProcessFact | None] = {}
+    dockerd: list[DockerdPorts] = []  # made at the first socket a dockerd holds, for the whole look
     processes: dict[int, list[ProcessFact]] = {}
     for inode, pids in found.items():
         held: list[ProcessFact] = []
@@ -108,7 +113,7 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
                 facts[pid] = process_facts(pid)
             fact = facts[pid]
             if fact is not None:
-                held.append(_for_container(fact, local[inode]))
+                held.append(_for_container(fact, local[inode], dockerd))
                 if not every_holder:
                     break
         if held:
@@ -118,15 +123,19 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
     return SocketHolders(processes, incomplete)
 
 
-def _for_container(process: ProcessFact, local: Endpoint) -> ProcessFact:
+def _for_container(process: ProcessFact, local: Endpoint, dockerd: list[DockerdPorts]) -> ProcessFact:
     """The process as the holder of a socket on `local`: dockerd, which holds the ports it publishes
-    itself where its userland proxy is off, holds it for the container the port is published for."""
+    itself where its userland proxy is off, holds it for the container the port is published for.
+    dockerd: the look's one DockerdPorts, made here at its first dockerd (a dockerd may hold hundreds
+    of ports, and each would otherwise read its uid and list Docker's states again)."""
     if process.container is not None or process.name != "dockerd":
         return process
-    from bindguard.evidence.containers import docker_port_container
+    from bindguard.evidence.containers import DockerdPorts
     from bindguard.model.record import replace
 
-    container = docker_port_container(process.pid, local.proto, local.port, str(local.host))
+    if not dockerd:
+        dockerd.append(DockerdPorts())
+    container = dockerd[0].container(process.pid, local.proto, local.port, str(local.host))
     return replace(process, container=container) if container else process
 
 
