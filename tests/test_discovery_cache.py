@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bindguard.model.kinds import DISCOVERY_SOURCES
 from bindguard.request import cache
-from bindguard.request.discover import SOURCES
 from conftest import need_root
 from test_discover import need_package
 
@@ -61,7 +61,7 @@ def settled() -> None:
 def test_a_changed_listen_line_is_read_at_the_next_run(site):
     unit, conf, _ = site
     settled()
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18181]
     remembered = cache.lookup(unit, False)
     assert remembered is not None and [f[0] for f in remembered.findings] == ["127.0.0.1:18181"]
     assert ports(remembered.discovery()) == [18181]
@@ -71,10 +71,10 @@ def test_a_changed_listen_line_is_read_at_the_next_run(site):
         f.seek(0)
         f.write(text.replace("18181", "18182"))
     assert cache.lookup(unit, False) is None
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18182]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18182]
     assert cache.lookup(unit, False) is None, "remembered a file that had just changed"
     settled()
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18182]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18182]
     assert cache.lookup(unit, False) is not None
 
 
@@ -84,7 +84,7 @@ def test_the_program_a_dump_ran_is_part_of_what_is_remembered(site):
     the entry."""
     unit, _, _ = site
     settled()
-    result = cache.discover_from_files(unit, False, list(SOURCES))
+    result = cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     assert [f.source.endswith("(nginx -T)") for f in result.findings] == [True], result
     entry = Path(cache._entry_path(unit, False)).read_text()
     assert f"\nread\t1\t{os.path.realpath(NGINX)}\t" in entry, entry
@@ -93,11 +93,11 @@ def test_the_program_a_dump_ran_is_part_of_what_is_remembered(site):
 def test_a_file_new_in_an_include_glob_is_read(site):
     unit, _, root = site
     settled()
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18181]
     assert cache.lookup(unit, False) is not None
     (root / "conf.d" / "more.conf").write_text("server { listen 127.0.0.1:18183; }\n")
     assert cache.lookup(unit, False) is None
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181, 18183]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18181, 18183]
 
 
 def test_a_new_drop_in_or_environment_file_is_read(site, monkeypatch):
@@ -107,17 +107,18 @@ def test_a_new_drop_in_or_environment_file_is_read(site, monkeypatch):
     units = Path(os.environ["SYSTEMD_UNIT_PATH"])
     (units / unit).write_text(f"[Service]\nEnvironmentFile=-{root}/env\nExecStart={NGINX} -c $CONF\n")
     settled()
-    assert 18181 not in ports(cache.discover_from_files(unit, False, list(SOURCES)))  # no CONF: the default file
+    # no CONF: the default file
+    assert 18181 not in ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES)))
     (root / "env").write_text(f"CONF={conf}\n")  # an optional EnvironmentFile= that appears
     assert cache.lookup(unit, False) is None
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18181]
     settled()
-    cache.discover_from_files(unit, False, list(SOURCES))
+    cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     assert cache.lookup(unit, False) is not None
     (units / f"{unit}.d").mkdir()
     (units / f"{unit}.d" / "override.conf").write_text(f"[Service]\nEnvironment=CONF={other}\nEnvironmentFile=\n")
     assert cache.lookup(unit, False) is None
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18184]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18184]
 
 
 
@@ -140,19 +141,19 @@ def test_a_drop_in_in_a_unit_directory_that_appears_later_is_read(site, monkeypa
         monkeypatch.setenv(name, str(path))
     assert unitexec.unit_files(unit, True), "the unit is in the user unit path"
     settled()
-    assert ports(cache.discover_from_files(unit, True, list(SOURCES))) == [18181]
+    assert ports(cache.discover_from_files(unit, True, list(DISCOVERY_SOURCES))) == [18181]
     assert cache.lookup(unit, True) is not None
     dropin = config / "systemd" / "user.control" / f"{unit}.d"  # before systemd/user in the path
     dropin.mkdir(parents=True)
     (dropin / "override.conf").write_text(f"[Service]\nExecStart=\nExecStart={NGINX} -c {other}\n")
     assert cache.lookup(unit, True) is None
-    assert ports(cache.discover_from_files(unit, True, list(SOURCES))) == [18185]
+    assert ports(cache.discover_from_files(unit, True, list(DISCOVERY_SOURCES))) == [18185]
 
 
 def test_an_entry_not_roots_alone_or_malformed_is_ignored(site):
     unit, _, _ = site
     settled()
-    cache.discover_from_files(unit, False, list(SOURCES))
+    cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     entry = Path(cache._entry_path(unit, False))
     good = entry.read_bytes()
     assert cache.lookup(unit, False) is not None
@@ -176,7 +177,7 @@ def test_an_entry_not_roots_alone_or_malformed_is_ignored(site):
     assert cache.lookup(unit, False) is not None
     os.chown(cache.ENTRIES, 1, 1)
     assert cache.lookup(unit, False) is None, "a directory of another user's"
-    assert ports(cache.discover_from_files(unit, False, list(SOURCES))) == [18181]
+    assert ports(cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))) == [18181]
     assert entry.read_bytes() == good, "wrote into a directory of another user's"
     os.chown(cache.ENTRIES, 0, 0)
 
@@ -187,7 +188,7 @@ def test_run_dir_is_made_root_only(site, monkeypatch, tmp_path):
     monkeypatch.setattr(cache, "RUN_DIR", str(fresh))
     monkeypatch.setattr(cache, "ENTRIES", str(fresh / "discovery"))
     settled()
-    cache.discover_from_files(unit, False, list(SOURCES))
+    cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     for directory in (fresh, fresh / "discovery"):
         info = directory.stat()
         assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700), directory
@@ -201,7 +202,7 @@ def test_a_discovery_cut_short_is_not_remembered(site, monkeypatch):
     monkeypatch.setattr(common, "MAX_SECONDS", 0.0)
     monkeypatch.setattr(common.Budget.__init__, "__defaults__", (common.MAX_FILES, common.MAX_BYTES, 0.0))
     settled()
-    result = cache.discover_from_files(unit, False, list(SOURCES))
+    result = cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     assert any("discovery stopped after" in w for w in result.warnings), result.warnings
     assert cache.lookup(unit, False) is None
 
@@ -284,17 +285,17 @@ def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discove
 SSHD_APPEARS = r"""
 import os, sys, time
 from bindguard.request import cache
-from bindguard.request.discover import SOURCES
+from bindguard.model.kinds import DISCOVERY_SOURCES
 root = sys.argv[1]
 cache.RUN_DIR, cache.ENTRIES = root + "/run", root + "/run/discovery"
 os.environ["SYSTEMD_UNIT_PATH"] = root + "/units"
 time.sleep(cache.FRESH_NS / 1e9 + 0.05)
-first = cache.discover_from_files("ssh.service", False, list(SOURCES))
+first = cache.discover_from_files("ssh.service", False, list(DISCOVERY_SOURCES))
 print(first.warnings[0].split(",")[0], sorted({f.source for f in first.findings}))
 print("remembered", cache.lookup("ssh.service", False) is not None)
 os.mkdir("/run/sshd")
 print("remembered", cache.lookup("ssh.service", False) is not None)
-then = cache.discover_from_files("ssh.service", False, list(SOURCES))
+then = cache.discover_from_files("ssh.service", False, list(DISCOVERY_SOURCES))
 print(then.warnings, sorted({f.source for f in then.findings}))
 """
 
@@ -320,12 +321,12 @@ def test_sshd_dump_runs_once_its_privilege_separation_directory_appears(tmp_path
 
 DISCOVER_NGINX = r"""
 import os, sys
-from bindguard.model.kinds import DISCOVERY_SOURCES as SOURCES  # the finders are imported as the guard does: recorded
+from bindguard.model.kinds import DISCOVERY_SOURCES  # the finders are imported as the guard does: recorded
 from bindguard.request import cache
 root = sys.argv[1]
 cache.RUN_DIR, cache.ENTRIES = root + "/run", root + "/run/discovery"
 os.environ["SYSTEMD_UNIT_PATH"] = root + "/units"
-found = cache.discover_from_files("nginx.service", False, list(SOURCES))
+found = cache.discover_from_files("nginx.service", False, list(DISCOVERY_SOURCES))
 print(sorted({f.source.rpartition(" ")[2] for f in found.findings}), cache.lookup("nginx.service", False) is not None)
 """
 
@@ -357,14 +358,14 @@ def test_a_module_compiled_again_during_its_discovery_leaves_it_remembered(tmp_p
 SSHD_RESOLVES = r"""
 import os, sys, time
 from bindguard.request import cache
-from bindguard.request.discover import SOURCES
+from bindguard.model.kinds import DISCOVERY_SOURCES
 root = sys.argv[1]
 cache.RUN_DIR, cache.ENTRIES = root + "/run", root + "/run/discovery"
 os.environ["SYSTEMD_UNIT_PATH"] = root + "/units"
 os.mkdir("/run/sshd")
 time.sleep(cache.FRESH_NS / 1e9 + 0.05)
 for unit in ("literal.service", "named.service"):
-    found = cache.discover_from_files(unit, False, list(SOURCES))
+    found = cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     print(unit, sorted({f.source for f in found.findings}), cache.lookup(unit, False) is not None)
 """
 
@@ -398,7 +399,7 @@ def test_every_source_in_any_order_is_remembered(site):
     # them it is the same discovery, and is remembered and used as one.
     unit, _, _ = site
     settled()
-    assert ports(cache.discover_from_files(unit, False, list(reversed(SOURCES)))) == [18181]
+    assert ports(cache.discover_from_files(unit, False, list(reversed(DISCOVERY_SOURCES)))) == [18181]
     assert cache.lookup(unit, False) is not None
 
 
@@ -418,7 +419,7 @@ def test_a_file_that_could_not_be_read_is_not_remembered(site):
     settled()
     common.files.read_regular = failing
     try:
-        cache.discover_from_files(unit, False, list(SOURCES))
+        cache.discover_from_files(unit, False, list(DISCOVERY_SOURCES))
     finally:
         common.files.read_regular = real
     assert cache.lookup(unit, False) is None, "an I/O error was remembered as the configuration's answer"

@@ -14,7 +14,7 @@ from bindguard.model.errors import ConfigError
 from bindguard.model.facts import SocketFact, holder_unit, unit_active
 from bindguard.model.host import host_bindv6only
 from bindguard.model.hostmap import Claim, ExitedCommand, HostMap, Listener, UnitState
-from bindguard.model.kinds import ClaimSource, UnitStatus
+from bindguard.model.kinds import DISCOVERY_SOURCES, ClaimSource, UnitStatus
 from bindguard.systemd import bus
 
 ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
@@ -180,7 +180,7 @@ def _service_claims(hostmap: HostMap, connection: bus.Systemd | None, socket_uni
             for entry, bind in zip(unit_config.listen, unit_config.binds(), strict=True):
                 hostmap.claims.append(Claim(name, bind, ClaimSource.CONFIG, str(entry.origin), will_run))
         elif info is not None and connection is not None:
-            sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
+            sources = unit_config.discovery_sources if unit_config is not None else DISCOVERY_SOURCES
             found = discover.discover_unit(name, functools.partial(connection.unit_facts, info=info),
                                            discover.ordered_sources(sources))
             state.warnings = found.warnings

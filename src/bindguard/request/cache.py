@@ -433,6 +433,7 @@ def discover_from_files(unit: str, user: bool, sources: list[str]):
     """discover_unit() with the unit's facts from its unit files, remembered when discovery runs
     with every source (no YAML file narrows it) and the guard is root; None when the unit's files
     give it no ExecStart= (not on disk: the caller may ask systemd)."""
+    from bindguard.model.kinds import DISCOVERY_SOURCES
     from bindguard.request import discover
     from bindguard.systemd.unitfacts import unit_facts_from_files
 
@@ -442,7 +443,7 @@ def discover_from_files(unit: str, user: bool, sources: list[str]):
             return None
         return discover.discover_unit(unit, lambda name: facts, sources)
 
-    if set(sources) != set(discover.SOURCES) or posix.geteuid() != ROOT:
+    if set(sources) != set(DISCOVERY_SOURCES) or posix.geteuid() != ROOT:
         return run()
     remembered = lookup(unit, user)
     if remembered is not None:

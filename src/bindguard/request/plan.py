@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from bindguard.model.endpoints import AddressError, Bind, SocketOptions, parse_listen
 from bindguard.model.errors import UsageError
 from bindguard.model.host import host_bindv6only
-from bindguard.model.kinds import ANY_KIND, ConflictKind, ordered_sources
+from bindguard.model.kinds import ANY_KIND, DISCOVERY_SOURCES, ConflictKind, ordered_sources
 from bindguard.model.record import Record, field, replace
 from bindguard.systemd.unitfiles import user_manager
 
@@ -150,7 +150,7 @@ def discovered(unit: str, unit_config, ctx, warn: Warn, unavailable: str = "noth
     """
     from bindguard.request import cache, discover
 
-    sources = unit_config.discovery_sources if unit_config is not None else discover.SOURCES
+    sources = unit_config.discovery_sources if unit_config is not None else DISCOVERY_SOURCES
     if not sources:
         return []
     result = cache.discover_from_files(unit, user_manager(ctx.bus_choice if ctx else None),

@@ -33,7 +33,7 @@ from bindguard.request.discover.common import DaemonConfigError, Finding, Servic
 from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
 from bindguard.systemd.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
-SOURCES = DISCOVERY_SOURCES
+SOURCES = DISCOVERY_SOURCES  # only cli.commands.discover's name for it still: DISCOVERY_SOURCES everywhere else
 
 
 UnitFactsSource = Callable[[str], UnitFacts]
@@ -171,7 +171,7 @@ def _as_systemd_runs_it(argv: list[str]) -> list[str]:
 
 def discover(exec_start: Sequence[Sequence[str]], environment: Sequence[str], environment_files: Sequence[str],
              socket_listens: Sequence[tuple[str | bool, ...]], unit_name: str,
-             sources: Sequence[str] = SOURCES, user: str = "", group: str = "") -> Discovery:
+             sources: Sequence[str] = DISCOVERY_SOURCES, user: str = "", group: str = "") -> Discovery:
     """Everything a unit will bind that can be learnt from its unit settings and its daemon's files.
 
     socket_listens: (type, address) as the Listen property of its .socket units gives them
@@ -226,7 +226,7 @@ def discover_daemon(daemon: str, argv: Sequence[str] = (), config: str | None = 
     return Discovery(found.findings, found.warnings, [found.daemon])
 
 
-def discover_unit(unit: str, unit_facts: UnitFactsSource, sources: Sequence[str] = SOURCES) -> Discovery:
+def discover_unit(unit: str, unit_facts: UnitFactsSource, sources: Sequence[str] = DISCOVERY_SOURCES) -> Discovery:
     """discover() for a unit by name, its facts asked of unit_facts (the systemd module's D-Bus reader)."""
     facts = unit_facts(unit)
     return discover(facts.exec_start, facts.environment, facts.environment_files, facts.socket_listens, unit,
