@@ -280,19 +280,32 @@ def _host_unchanged():
                              if after[path] != before[path]}
 
 
+def _run_engine(tmp_path: Path, script: str, *, mount_points: tuple[str, ...] = (), cgroups: str | None = None,
+                new_pids: bool = False, **variables: str) -> subprocess.CompletedProcess:
+    """script run by sh in private mount and network namespaces (and PID namespace: new_pids), as every
+    engine test runs its engine: in its environment the busybox image ($IMAGE), the test's directory
+    ($OUT), the guard's command ($BINDGUARD, importing this bindguard) and `variables`. The host's files
+    are left as they were (_host_unchanged); mount_points the host lacks are made for the run and removed
+    after it, and so are the cgroups the engine made in the host's hierarchies (named `cgroups`)."""
+    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
+               PYTHONPATH=os.pathsep.join(sys.path), **variables)
+    namespaces = ["--pid", "--fork", "--mount-proc"] if new_pids else []
+    try:
+        with _mount_points(*mount_points), _host_unchanged():
+            return subprocess.run(["unshare", *namespaces, "--net", "--mount", "--propagation", "private", "--",
+                                   "sh", "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        if cgroups is not None:
+            _remove_cgroups(cgroups)
+
+
 def _run_podman(tmp_path: Path, run_web1: str) -> dict:
     """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; then the cgroups Podman
     made in the host's hierarchies (its monitor's libpod_parent/conmon) go, and the mount point
     /var/lib/containers, if the test made it."""
     need_engine()
-    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path), RUN_WEB1=run_web1)
-    try:
-        with _mount_points("/var/lib/containers"), _host_unchanged():
-            done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
-                                   PODMAN_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
-    finally:
-        _remove_cgroups("libpod_parent")
+    done = _run_engine(tmp_path, PODMAN_SCRIPT, mount_points=("/var/lib/containers",), cgroups="libpod_parent",
+                       RUN_WEB1=run_web1)
     assert done.returncode == 0, done.stderr
     return json.loads((tmp_path / "explain.json").read_text())
 
@@ -415,12 +428,7 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
     that user's Podman storage, and the remedy is that user's `podman stop`, which frees the port."""
     need_engine("/usr/bin/newuidmap", "/usr/bin/slirp4netns", "/usr/lib/podman/rootlessport")
     uid = _free_uid()
-    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path), TEST_UID=str(uid), TEST_USER=ROOTLESS_USER,
-               TEST_HOME=ROOTLESS_HOME)
-    with _host_unchanged():
-        done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
-                               ROOTLESS_SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    done = _run_engine(tmp_path, ROOTLESS_SCRIPT, TEST_UID=str(uid), TEST_USER=ROOTLESS_USER, TEST_HOME=ROOTLESS_HOME)
     assert done.returncode == 0, done.stderr
     assert '"rootlessport"' in (tmp_path / "ss.txt").read_text()
     report = json.loads((tmp_path / "explain.json").read_text())
@@ -599,15 +607,8 @@ def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
     """DOCKER_SCRIPT's run; the cgroups dockerd made in the host's hierarchies (docker/, emptied as
     its containers stopped) and the mount point /var/lib/docker, if the test made it, go afterwards."""
     need_engine(*DOCKER_PROGRAMS)
-    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path), DOCKERD_OPTIONS=dockerd_options)
-    try:
-        with _mount_points("/var/lib/docker", "/etc/docker"), _host_unchanged():
-            done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount",
-                                   "--propagation", "private", "--", "sh", "-c", DOCKER_SCRIPT], env=env,
-                                  capture_output=True, text=True, timeout=240)
-    finally:
-        _remove_cgroups("docker")
+    done = _run_engine(tmp_path, DOCKER_SCRIPT, mount_points=("/var/lib/docker", "/etc/docker"), cgroups="docker",
+                       new_pids=True, DOCKERD_OPTIONS=dockerd_options)
     log = (tmp_path / "dockerd.log").read_text() if (tmp_path / "dockerd.log").exists() else ""
     assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
 
