@@ -8,11 +8,11 @@ mounts there, ulimits within the test's own (no CAP_SYS_RESOURCE needed). The im
 busybox-static's binary in a tarball (`podman import`): no registry is asked. A container with a
 published port has no cgroup of its own (`--cgroups disabled`: crun refuses a hybrid v1/v2 host, so a
 cgroup2 file system is mounted over /sys/fs/cgroup). One on the host's network gets its own cgroup
-(`libpod_parent/libpod-ID`, Podman's cgroupfs layout) in the cgroup v1 hierarchies of a hybrid
-host, whose cgroup2 part is unmounted in the test's mount namespace: on cgroup2, crun's device
-filter is an eBPF program, and loading it raises RLIMIT_MEMLOCK, which takes CAP_SYS_RESOURCE (a
-root without it, as in a Firecracker VM, gets "setrlimit (RLIM_MEMLOCK): Operation not
-permitted")."""
+(`libpod_parent/libpod-ID`, Podman's cgroupfs layout, below a parent of the test's own) in the
+cgroup v1 hierarchies of a hybrid host, whose cgroup2 part is unmounted in the test's mount
+namespace: on cgroup2, crun's device filter is an eBPF program, and loading it raises
+RLIMIT_MEMLOCK, which takes CAP_SYS_RESOURCE (a root without it, as in a Firecracker VM, gets
+"setrlimit (RLIM_MEMLOCK): Operation not permitted")."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -189,12 +190,14 @@ PODMAN_RUN = "podman run -d -q --name web1 --stop-timeout 1 --ulimit nofile=1024
 RUN_PUBLISHED = f"""mount -t cgroup2 none /sys/fs/cgroup
 {PODMAN_RUN} --cgroups disabled -p 18080:8080 localhost/bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null"""
 # On the host's network, in a cgroup of its own: the listener is the container's process itself.
-# A hybrid host's cgroup2 part is unmounted here, so that crun uses the v1 hierarchies (see above).
+# A hybrid host's cgroup2 part is unmounted here, so that crun uses the v1 hierarchies (see above). Its
+# cgroups (the container's, its monitor's) are below the test's own parent, named as Podman's cgroupfs
+# parent (libpod_parent/libpod-ID, libpod_parent/conmon), never in the host's /libpod_parent.
 RUN_HOST_NETWORK = f"""if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/unified; then
     umount /sys/fs/cgroup/unified
 fi
-{PODMAN_RUN} --cgroup-manager cgroupfs --cgroups enabled --network host localhost/bindguard-test:1 \
-    /bin/httpd -f -p 18080 >/dev/null"""
+{PODMAN_RUN} --cgroup-manager cgroupfs --cgroups enabled --cgroup-parent "$CGROUP_PARENT/libpod_parent" \
+    --network host localhost/bindguard-test:1 /bin/httpd -f -p 18080 >/dev/null"""
 
 
 def _busybox_image(tmp_path: Path) -> Path:
@@ -221,12 +224,14 @@ def need_engine(*more: str) -> None:
         need(reason)
 
 
-def _remove_cgroups(name: str) -> None:
-    """The cgroups an engine made at the top of the host's hierarchies (/sys/fs/cgroup/*/NAME and
-    below; NAME on a cgroup2 host), once the processes in them have left (a monitor outlives `rm -f`
-    for a moment). One still in use after 10 s is another run's, and stays."""
+def _remove_cgroups(parent: str) -> None:
+    """The cgroups an engine made below the test's own parent, at the top of the host's hierarchies
+    (/sys/fs/cgroup/*/PARENT and below; PARENT on a cgroup2 host), once the processes in them have left
+    (a monitor outlives `rm -f` for a moment): a name no engine uses, so that a real engine's cgroups
+    (docker/, libpod_parent/ on a cgroup v1 host) are never looked at. One still in use after 10 s stays."""
+    assert parent.startswith("bindguard-test-"), parent
     deadline = time.monotonic() + 10
-    for top in [*Path("/sys/fs/cgroup").glob(f"*/{name}"), Path("/sys/fs/cgroup") / name]:
+    for top in [*Path("/sys/fs/cgroup").glob(f"*/{parent}"), Path("/sys/fs/cgroup") / parent]:
         below = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
         for cgroup in [*below, top]:
             while cgroup.is_dir():
@@ -280,32 +285,32 @@ def _host_unchanged():
                              if after[path] != before[path]}
 
 
-def _run_engine(tmp_path: Path, script: str, *, mount_points: tuple[str, ...] = (), cgroups: str | None = None,
-                new_pids: bool = False, **variables: str) -> subprocess.CompletedProcess:
+def _run_engine(tmp_path: Path, script: str, *, mount_points: tuple[str, ...] = (), new_pids: bool = False,
+                **variables: str) -> subprocess.CompletedProcess:
     """script run by sh in private mount and network namespaces (and PID namespace: new_pids), as every
     engine test runs its engine: in its environment the busybox image ($IMAGE), the test's directory
-    ($OUT), the guard's command ($BINDGUARD, importing this bindguard) and `variables`. The host's files
-    are left as they were (_host_unchanged); mount_points the host lacks are made for the run and removed
-    after it, and so are the cgroups the engine made in the host's hierarchies (named `cgroups`)."""
+    ($OUT), the guard's command ($BINDGUARD, importing this bindguard), the cgroup its engine puts its
+    containers below ($CGROUP_PARENT: the test's own, at the top of the host's hierarchies, which the
+    cgroup v1 ones are, shared with the host) and `variables`. The host's files are left as they were
+    (_host_unchanged); mount_points the host lacks are made for the run and removed after it, and so
+    are the cgroups below the test's parent."""
+    parent = f"bindguard-test-{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path), **variables)
+               PYTHONPATH=os.pathsep.join(sys.path), CGROUP_PARENT=f"/{parent}", **variables)
     namespaces = ["--pid", "--fork", "--mount-proc"] if new_pids else []
     try:
         with _mount_points(*mount_points), _host_unchanged():
             return subprocess.run(["unshare", *namespaces, "--net", "--mount", "--propagation", "private", "--",
                                    "sh", "-c", script], env=env, capture_output=True, text=True, timeout=240)
     finally:
-        if cgroups is not None:
-            _remove_cgroups(cgroups)
+        _remove_cgroups(parent)
 
 
 def _run_podman(tmp_path: Path, run_web1: str) -> dict:
-    """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; then the cgroups Podman
-    made in the host's hierarchies (its monitor's libpod_parent/conmon) go, and the mount point
-    /var/lib/containers, if the test made it."""
+    """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; the mount point
+    /var/lib/containers, if the test made it, goes afterwards."""
     need_engine()
-    done = _run_engine(tmp_path, PODMAN_SCRIPT, mount_points=("/var/lib/containers",), cgroups="libpod_parent",
-                       RUN_WEB1=run_web1)
+    done = _run_engine(tmp_path, PODMAN_SCRIPT, mount_points=("/var/lib/containers",), RUN_WEB1=run_web1)
     assert done.returncode == 0, done.stderr
     return json.loads((tmp_path / "explain.json").read_text())
 
@@ -557,7 +562,8 @@ def test_a_rootless_users_name_that_is_no_plain_word_is_in_no_command(user):
 # Debian's Docker engine (docker.io), run by hand in private PID, mount and network namespaces: its
 # data root, /etc/docker (where it writes key.json) and /run are tmpfs there (the data root at the
 # default /var/lib/docker; a mount point the host lacks is made for the test), vfs storage, cgroupfs
-# on the cgroup v1 hierarchies (a hybrid host's cgroup2 part unmounted, as for Podman), its bridge and
+# on the cgroup v1 hierarchies (a hybrid host's cgroup2 part unmounted, as for Podman; its containers'
+# docker/ID below a parent of the test's own, not the host's /docker), its bridge and
 # iptables-nft rules in the namespace. dockerd starts its own containerd; everything the test ran ends
 # with the PID namespace. web3 publishes a port through docker-proxy (and a DNAT rule), web4 runs on
 # the host's network.
@@ -580,7 +586,8 @@ if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && mountpoint -q /sys/fs/cgroup/un
     umount /sys/fs/cgroup/unified
 fi
 ip link set lo up
-dockerd --storage-driver vfs --exec-opt native.cgroupdriver=cgroupfs $DOCKERD_OPTIONS > "$OUT/dockerd.log" 2>&1 &
+dockerd --storage-driver vfs --exec-opt native.cgroupdriver=cgroupfs --cgroup-parent "$CGROUP_PARENT/docker" \
+    $DOCKERD_OPTIONS > "$OUT/dockerd.log" 2>&1 &
 for _ in $(seq 1 120); do $docker info >/dev/null 2>&1 && break; sleep 0.5; done
 $docker import "$IMAGE" bindguard-test:1 >/dev/null
 $docker run -d --name web3 --stop-timeout 1 -p 18082:8080 bindguard-test:1 /bin/httpd -f -p 8080 >/dev/null
@@ -604,11 +611,11 @@ DOCKER_PROGRAMS = ("/usr/sbin/dockerd", "/usr/bin/docker", "/usr/sbin/docker-pro
 
 
 def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
-    """DOCKER_SCRIPT's run; the cgroups dockerd made in the host's hierarchies (docker/, emptied as
-    its containers stopped) and the mount point /var/lib/docker, if the test made it, go afterwards."""
+    """DOCKER_SCRIPT's run; the mount points /var/lib/docker and /etc/docker, if the test made them,
+    go afterwards."""
     need_engine(*DOCKER_PROGRAMS)
-    done = _run_engine(tmp_path, DOCKER_SCRIPT, mount_points=("/var/lib/docker", "/etc/docker"), cgroups="docker",
-                       new_pids=True, DOCKERD_OPTIONS=dockerd_options)
+    done = _run_engine(tmp_path, DOCKER_SCRIPT, mount_points=("/var/lib/docker", "/etc/docker"), new_pids=True,
+                       DOCKERD_OPTIONS=dockerd_options)
     log = (tmp_path / "dockerd.log").read_text() if (tmp_path / "dockerd.log").exists() else ""
     assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
 
