@@ -259,10 +259,15 @@ def _mount_points(*paths: str):
             os.rmdir(path)
 
 
-# What an engine run on the host would write (its configuration, keys, users and storage): the tests'
-# engines run in mount namespaces of their own, and must leave these as they were.
-HOST_PATHS = ("/etc/docker", "/etc/containers", "/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid",
-              "/var/lib/containers", "/var/lib/docker")
+# What an engine run on the host would write, were the mounts over them not its own: rootful Podman's and
+# Docker's configuration (netavark's networks, dockerd's key.json) and storage, directories that engine
+# alone writes, so that any change in them (a file's size or time, an entry more) is an engine's.
+PODMAN_PATHS = ("/etc/containers", "/var/lib/containers")
+DOCKER_PATHS = ("/etc/docker", "/var/lib/docker")
+# The files the rootless script adds its user to (in its private copy of /etc). Other processes may change
+# them (a package adds its user, a tool rewrites one as it was): what the test could change is only a
+# line of its own user's.
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid")
 
 
 def _state(path: Path) -> list[tuple[str, int, int, int]]:
@@ -275,31 +280,45 @@ def _state(path: Path) -> list[tuple[str, int, int, int]]:
     return [(str(path), stat.st_mode, stat.st_size, stat.st_mtime_ns), *(s for p in below for s in _state(p))]
 
 
+def _account_lines(user: str) -> list[str]:
+    """The lines of the host's ACCOUNT_FILES that name `user`."""
+    lines = []
+    for path in ACCOUNT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            lines += [f"{path}: {line}" for line in Path(path).read_text().splitlines() if line.split(":")[0] == user]
+    return lines
+
+
 @contextlib.contextmanager
-def _host_unchanged():
-    """The block leaves HOST_PATHS as they were."""
-    before = {path: _state(Path(path)) for path in HOST_PATHS}
+def _host_unchanged(paths: tuple[str, ...], user: str | None = None):
+    """The block leaves the engine's directories `paths` as they were, and adds no line for the test's
+    `user` to the host's ACCOUNT_FILES (a user the host must not have)."""
+    assert user is None or not _account_lines(user), f"the host has a user {user}: the test's must be its own"
+    before = {path: _state(Path(path)) for path in paths}
     yield
-    after = {path: _state(Path(path)) for path in HOST_PATHS}
-    assert after == before, {path: sorted(set(after[path]) ^ set(before[path])) for path in HOST_PATHS
+    after = {path: _state(Path(path)) for path in paths}
+    assert after == before, {path: sorted(set(after[path]) ^ set(before[path])) for path in paths
                              if after[path] != before[path]}
+    assert user is None or not _account_lines(user), _account_lines(user)
 
 
-def _run_engine(tmp_path: Path, script: str, *, mount_points: tuple[str, ...] = (), new_pids: bool = False,
+def _run_engine(tmp_path: Path, script: str, host_paths: tuple[str, ...], *, user: str | None = None,
+                mount_points: tuple[str, ...] = (), new_pids: bool = False,
                 **variables: str) -> subprocess.CompletedProcess:
     """script run by sh in private mount and network namespaces (and PID namespace: new_pids), as every
     engine test runs its engine: in its environment the busybox image ($IMAGE), the test's directory
     ($OUT), the guard's command ($BINDGUARD, importing this bindguard), the cgroup its engine puts its
     containers below ($CGROUP_PARENT: the test's own, at the top of the host's hierarchies, which the
-    cgroup v1 ones are, shared with the host) and `variables`. The host's files are left as they were
-    (_host_unchanged); mount_points the host lacks are made for the run and removed after it, and so
-    are the cgroups below the test's parent."""
+    cgroup v1 ones are, shared with the host) and `variables`. The engine's directories on the host,
+    host_paths, are left as they were, and no line of the test's user is added to the host's account
+    files (_host_unchanged); mount_points the host lacks are made for the run and removed after it, and
+    so are the cgroups below the test's parent."""
     parent = f"bindguard-test-{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), CGROUP_PARENT=f"/{parent}", **variables)
     namespaces = ["--pid", "--fork", "--mount-proc"] if new_pids else []
     try:
-        with _mount_points(*mount_points), _host_unchanged():
+        with _mount_points(*mount_points), _host_unchanged(host_paths, user):
             return subprocess.run(["unshare", *namespaces, "--net", "--mount", "--propagation", "private", "--",
                                    "sh", "-c", script], env=env, capture_output=True, text=True, timeout=240)
     finally:
@@ -310,7 +329,8 @@ def _run_podman(tmp_path: Path, run_web1: str) -> dict:
     """The guard's explain report (JSON) on 0.0.0.0:18080 while web1 runs; the mount point
     /var/lib/containers, if the test made it, goes afterwards."""
     need_engine()
-    done = _run_engine(tmp_path, PODMAN_SCRIPT, mount_points=("/var/lib/containers",), RUN_WEB1=run_web1)
+    done = _run_engine(tmp_path, PODMAN_SCRIPT, PODMAN_PATHS, mount_points=("/var/lib/containers",),
+                       RUN_WEB1=run_web1)
     assert done.returncode == 0, done.stderr
     return json.loads((tmp_path / "explain.json").read_text())
 
@@ -433,7 +453,8 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
     that user's Podman storage, and the remedy is that user's `podman stop`, which frees the port."""
     need_engine("/usr/bin/newuidmap", "/usr/bin/slirp4netns", "/usr/lib/podman/rootlessport")
     uid = _free_uid()
-    done = _run_engine(tmp_path, ROOTLESS_SCRIPT, TEST_UID=str(uid), TEST_USER=ROOTLESS_USER, TEST_HOME=ROOTLESS_HOME)
+    done = _run_engine(tmp_path, ROOTLESS_SCRIPT, (), user=ROOTLESS_USER, TEST_UID=str(uid), TEST_USER=ROOTLESS_USER,
+                       TEST_HOME=ROOTLESS_HOME)
     assert done.returncode == 0, done.stderr
     assert '"rootlessport"' in (tmp_path / "ss.txt").read_text()
     report = json.loads((tmp_path / "explain.json").read_text())
@@ -614,8 +635,8 @@ def _run_docker(tmp_path: Path, dockerd_options: str = "") -> None:
     """DOCKER_SCRIPT's run; the mount points /var/lib/docker and /etc/docker, if the test made them,
     go afterwards."""
     need_engine(*DOCKER_PROGRAMS)
-    done = _run_engine(tmp_path, DOCKER_SCRIPT, mount_points=("/var/lib/docker", "/etc/docker"), new_pids=True,
-                       DOCKERD_OPTIONS=dockerd_options)
+    done = _run_engine(tmp_path, DOCKER_SCRIPT, DOCKER_PATHS, mount_points=("/var/lib/docker", "/etc/docker"),
+                       new_pids=True, DOCKERD_OPTIONS=dockerd_options)
     log = (tmp_path / "dockerd.log").read_text() if (tmp_path / "dockerd.log").exists() else ""
     assert done.returncode == 0, f"{done.stderr}\ndockerd: {log[-3000:]}"
 
