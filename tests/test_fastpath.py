@@ -19,8 +19,9 @@ def run(args, fast):
     console = Console(io.StringIO())
     real, read = fastpath.check, fastpath.arguments
     with contextlib.redirect_stdout(io.StringIO()):
-        if fast:
-            code = real(args, console)
+        if fast:  # as cli.main asks it: the command line read once, the fast path's answer on that reading
+            reading = read(args)
+            code = real(reading, console) if reading is not None else None
         else:  # argparse's reading, the authority on syntax
             fastpath.check, fastpath.arguments = (lambda a, c: None), (lambda a: None)
             try:
@@ -101,7 +102,8 @@ IN_UNIT = r"""
 import io, json, sys
 from bindguard.cli import fastpath
 from bindguard.report.output import Console
-print(json.dumps([fastpath.check(args, Console(io.StringIO())) for args in json.loads(sys.argv[1])]))
+print(json.dumps([fastpath.check(fastpath.arguments(args), Console(io.StringIO()))
+                  for args in json.loads(sys.argv[1])]))
 """
 
 
@@ -253,3 +255,26 @@ def test_the_fast_path_reads_the_full_commands_arguments_as_argparse_does():
     for args in NOT_READ[:4]:
         with pytest.raises(UsageError):
             build_parser("check").parse_args(["check", *args])
+
+
+def test_the_command_line_is_read_once_and_the_full_command_runs_on_that_reading(monkeypatch):
+    """cli.main reads `check`'s arguments once (fastpath.arguments), hands that reading to the fast
+    path, and when it has no answer runs the full command on the same reading, unchanged by it."""
+    import io
+
+    from bindguard import cli
+    from bindguard.cli import fastpath
+    from bindguard.report.output import Console
+
+    args = ["--no-systemd", "--wait", "0", "70000"]  # read here, refused by the full command: no trial
+    real, readings = fastpath.arguments, []
+
+    def reading(args):
+        readings.append(real(args))
+        return readings[-1]
+
+    monkeypatch.setattr(fastpath, "arguments", reading)
+    console = Console(io.StringIO())
+    assert cli.main(["check", *args], console=console) == 64, console.stream.getvalue()
+    assert "port 70000 is out of range" in console.stream.getvalue()
+    assert readings == [real(args)]

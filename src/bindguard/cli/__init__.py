@@ -63,8 +63,8 @@ def _main(argv: list[str], console, previous: dict) -> int:
             if argv[:1] == ["check"]:
                 from bindguard.cli import fastpath
 
-                code = fastpath.check(argv[1:], console)
-                read = fastpath.arguments(argv[1:]) if code is None else None
+                read = fastpath.arguments(argv[1:])  # once: the full command runs on it too
+                code = fastpath.check(read, console) if read is not None else None
             if code is None:
                 from types import SimpleNamespace
 

@@ -123,11 +123,9 @@ def arguments(args: list[str]) -> dict | None:
     return read
 
 
-def check(args: list[str], console) -> int | None:
-    """The exit code when it can be given cheaply and surely, else None."""
-    read = arguments(args)
-    if read is None:
-        return None
+def check(read: dict, console) -> int | None:
+    """The exit code when it can be given cheaply and surely, else None. read is the command line as
+    arguments() read it, left unchanged: when this returns None, the full command runs on it."""
     options = {key: default if read[key] is None else read[key] for key, default in DEFAULT_OPTIONS.items()}
     per_bind: list[tuple] | None = None  # each address's own options, from a remembered discovery
     told: list[tuple[int, str]] = []  # what the full command says before its verdict
