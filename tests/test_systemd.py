@@ -389,6 +389,48 @@ StandardError=append:{out}
     ]
 
 
+# `check ARGS` with every proof of $MANAGERPID counted: each reads its exe link and its status.
+COUNTED_PROOFS = r"""
+import json, posix, sys
+claim = posix.environ[b"MANAGERPID"].decode()
+seen = {"exe": 0, "status": 0}
+readlink = posix.readlink
+def counted(path, *args, **kwargs):
+    seen["exe"] += path == f"/proc/{claim}/exe"
+    return readlink(path, *args, **kwargs)
+posix.readlink = counted
+sys.addaudithook(lambda event, args: seen.__setitem__("status", seen["status"] + (
+    event == "open" and args[0] == f"/proc/{claim}/status")))
+from bindguard.cli import main
+code = main(sys.argv[1:])
+print(json.dumps([code, seen]))
+"""
+
+
+@pytest.mark.integration
+def test_a_root_guard_proves_its_user_manager_once_a_run(systemd_rig):
+    """Under `ExecStartPre=+` the guard proves $MANAGERPID from /proc once, and every question
+    that needs the manager shares that proof: the fast path (which bus, the user search path)
+    and the full command it hands over to (the bus, the manager the evidence names, ...)."""
+    rig = systemd_rig
+    rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
+    out, script = rig.log("proofs.out"), rig.log("counted_proofs.py")
+    script.write_text(COUNTED_PROOFS)
+    rig.write_unit("proofs.service", f"""\
+[Service]
+Type=oneshot
+ExecStartPre=+{sys.executable} {script} check --unit %n --wait 0 127.0.0.1:8080
+ExecStartPre=-+{sys.executable} {script} check --unit %n --wait 0 127.0.0.1:9000
+ExecStart=/bin/true
+StandardOutput=append:{out}
+StandardError=append:{out}
+""")
+    run = rig.start("proofs.service")
+    assert run.ok, (run.output, out.read_text())
+    counted = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("[")]
+    assert counted == [[0, {"exe": 1, "status": 1}], [98, {"exe": 1, "status": 1}]], out.read_text()
+
+
 @pytest.mark.integration
 def test_no_bus_is_systemd_unavailable_naming_the_bus(systemd_rig, user_bus, monkeypatch):
     systemd_rig.stop_bus()

@@ -85,8 +85,9 @@ class SystemdContext(Record):
     _proven_tried: bool = False
 
     def chosen_bus(self) -> str:
-        """USER or SYSTEM, chosen once per run (as the connection is kept): a root guard's choice
-        proves the user manager from /proc, which is not done again for each question."""
+        """USER or SYSTEM, chosen once per run (as the connection is kept). A root guard's choice
+        proves the user manager from /proc: once a run, shared with proven() and the unit files'
+        search path (unitfiles.proven_user_manager)."""
         if not self._bus:
             self._bus = busaddress.choose_bus(self.bus_choice)
         return self._bus

@@ -77,14 +77,15 @@ def user_unit_path(environ=None) -> tuple[str, ...]:
         return _search_path(environ)
     claim = environ.get("MANAGERPID", "")
     if claim not in _proven_managers_path:
-        manager = proven_user_manager(environ)
+        manager = proven_user_manager()  # the guard's own claim: proven once, shared with the bus's choice
         _proven_managers_path[claim] = _search_path(process_environment(manager)) if manager is not None else None
     return _proven_managers_path[claim] or _search_path(environ, trusted_only=True)
 
 
 # The search path of a proven user manager by the $MANAGERPID that named it (None: none proven):
-# each unit file a run reads asks for it, and each proof reads /proc twice. The path made from
-# directories that must exist to be trusted is not kept. look_at_directories_again() forgets it.
+# each unit file a run reads asks for it, and making it reads the manager's /proc/PID/environ.
+# The path made from directories that must exist to be trusted is not kept.
+# look_at_directories_again() forgets it.
 _proven_managers_path: dict[str, tuple[str, ...] | None] = {}
 
 

@@ -59,14 +59,18 @@ def user_manager(choice: bool | None = None, environ=None) -> bool:
         return choice
     if posix.geteuid() == bindguard.ROOT:
         return proven_user_manager(environ) is not None
-    manager = _env_manager_pid(environ)
+    manager = _claimed_pid(_claim(environ))
     return manager is not None and manager != 1
 
 
-def _env_manager_pid(environ) -> int | None:
-    """$MANAGERPID in ASCII digits (int() reads '٥' as 5 and raises on '²'), else None."""
-    manager = (bindguard.environment() if environ is None else environ).get("MANAGERPID", "")
-    return int(manager) if manager.isascii() and manager.isdigit() and len(manager) <= 10 else None
+def _claim(environ) -> str:
+    """$MANAGERPID as the environment has it: the guard's own (environ None) or environ's."""
+    return (bindguard.environment() if environ is None else environ).get("MANAGERPID", "")
+
+
+def _claimed_pid(claim: str) -> int | None:
+    """The PID a $MANAGERPID names in ASCII digits (int() reads '٥' as 5 and raises on '²'), else None."""
+    return int(claim) if claim.isascii() and claim.isdigit() and len(claim) <= 10 else None
 
 
 # Where systemd's binary is; /proc/PID/exe names the file the process runs (merged /usr: the first).
@@ -88,8 +92,29 @@ def proven_user_manager(environ=None) -> int | None:
     """$MANAGERPID when /proc proves it a user manager, else None: a live process other than PID 1
     running systemd's binary, and for a root guard one that root runs (root_runs). A manager starts its
     services as its own user, so a root guard under another user's manager was not started by it:
-    that user (who may exec systemd with an environment of their choosing) planted the PID."""
-    pid = _env_manager_pid(environ)
+    that user (who may exec systemd with an environment of their choosing) planted the PID.
+
+    The guard's own $MANAGERPID (environ None) is proven once per process, a run of the guard, and
+    the answer shared: choosing the bus, the manager the evidence names and the user search path
+    each ask, and a proof reads /proc twice. Kept by the claim's text and the uid that judged it
+    (the rule is stricter for root), so a changed environment is proven anew. The manager that
+    started the guard outlives its run; a planted PID that failed stays refused."""
+    claim = _claim(environ)
+    if environ is not None:
+        return _proof(claim)
+    judged = (claim, posix.geteuid())
+    if judged not in _own_proof:
+        _own_proof[judged] = _proof(claim)
+    return _own_proof[judged]
+
+
+# The guard's own $MANAGERPID's proof by (its text, the euid that judged it): proven_user_manager().
+_own_proof: dict[tuple[str, int], int | None] = {}
+
+
+def _proof(claim: str) -> int | None:
+    """The PID claim names when /proc proves it a user manager (proven_user_manager), else None."""
+    pid = _claimed_pid(claim)
     if pid is None or pid <= 1 or not runs_systemd(pid):
         return None
     if posix.geteuid() == bindguard.ROOT and not root_runs(pid):
