@@ -109,6 +109,52 @@ def test_template_instance_specifiers_and_masking(unit_path):
     assert aliased.exec_start == [["/usr/bin/new-daemon"]] and aliased.environment == ["FROM_TARGET_NAME=1"]
 
 
+# Unit files that are links, by name -> target as written (relative to the link's directory,
+# etc/), as aliases, masks and linked units are, and as a unit directory's owner may make them.
+LINKED_UNITS = {
+    "chain.service": "../run/mid.service",  # -> run/mid.service -> lib/real.service (absolute)
+    "gone.service": "/nonexistent/bindguard/gone.service",  # dangling: the directory is missing
+    "missing.service": "nothere.service",  # dangling, in the same directory
+    "to-gone.service": "gone.service",  # a chain ending in a dangling link
+    "mask.service": "/dev/null",
+    "through-dir.service": "../libdir/./real.service",  # through a linked directory
+    "up-again.service": "../libdir/../lib//real.service",  # `..` after a linked directory
+    "missing-then-up.service": "nowhere/../../lib/real.service",  # os.path walks up from what is missing
+    "not-a-dir.service": "../lib/real.service/x",
+    "loop-a.service": "loop-b.service",
+    "loop-b.service": "loop-a.service",
+    "self.service": "self.service",
+    "into-loop.service": "loop-a.service/../real.service",
+}
+
+
+def test_a_linked_unit_file_resolves_as_os_path_does_without_os(unit_path, tmp_path):
+    """A unit file that is a link is resolved as os.path.realpath resolves it, dangling links and
+    loops included (the name a link leads to is an alias), without loading os where it can."""
+    from bindguard.systemd import unitexec
+
+    etc, run, lib = unit_path
+    write(lib / "real.service", "[Service]\nExecStart=/usr/sbin/nginx\n")
+    (run / "mid.service").symlink_to(lib / "real.service")
+    (tmp_path / "libdir").symlink_to(lib)
+    for name, target in LINKED_UNITS.items():
+        (etc / name).symlink_to(target)
+    for name in LINKED_UNITS:
+        link = str(etc / name)
+        assert unitfiles.realpath(link) == unitexec._resolved(link) == os.path.realpath(link), name
+    assert unitexec._resolved(str(etc / "chain.service")) == str(lib / "real.service")
+    assert unitexec._resolved(str(etc / "mask.service")) == "/dev/null"
+    assert unitexec._resolved(str(etc / "to-gone.service")) == "/nonexistent/bindguard/gone.service"
+    assert unitexec.unit_files("chain.service") == [str(lib / "real.service")]
+    assert unitexec.unit_files("gone.service") == [] and unitexec.unit_files("loop-a.service") == []
+    # Every-service's path, from the launcher's interpreter (-I -S): a chain of links loads no os.
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    probe = (f"import sys; sys.path.insert(0, {src!r}); from bindguard.systemd import unitexec; "
+             f"print(unitexec._resolved({str(etc / 'chain.service')!r}), 'os' in sys.modules)")
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == [str(lib / "real.service"), "False"], done.stderr
+
+
 def test_runs_known_daemon_without_imports(unit_path, tmp_path):
     from bindguard.systemd import unitexec
 

@@ -23,6 +23,7 @@ from bindguard.systemd.unitfiles import (
     lexists,
     process_environment,
     proven_user_manager,
+    realpath,
     trusted_dirs,
     with_template,
 )
@@ -188,17 +189,15 @@ def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None,
 
 
 def _resolved(path: str) -> str:
-    """os.path.realpath of a unit file found in the search path. A file that is no symlink is
-    taken where it was found: only a link (an alias, a mask, a linked unit) needs os.path's
-    resolution, and only then is os loaded."""
+    """A unit file found in the search path, where it leads: a file that is no symlink is taken
+    where it was found; a link (an alias, a mask, a linked unit) as os.path.realpath resolves it
+    (unitfiles.realpath, without loading os)."""
     try:
         if not _stat.S_ISLNK(posix.lstat(path).st_mode):
             return path
     except (OSError, ValueError):
         return path
-    import os
-
-    return os.path.realpath(path)
+    return realpath(path)
 
 
 def _basename(path: str) -> str:
