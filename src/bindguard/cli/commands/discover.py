@@ -7,6 +7,7 @@ import shlex
 
 from bindguard.cli.parser import add_json_option, add_legend_option
 from bindguard.model.errors import BindguardError, ExitCode, UsageError
+from bindguard.model.kinds import DISCOVERY_SOURCES
 from bindguard.model.text import escape
 from bindguard.report import output
 from bindguard.report.jsonout import write_json
@@ -92,7 +93,7 @@ def _discover(args: argparse.Namespace, console: output.Console):
             raise UsageError(f"--daemon {args.daemon}: not a daemon bindguard knows", f"use one of {known}") from None
     if args.config:
         raise UsageError("--config needs --daemon", "e.g. --daemon nginx --config /etc/nginx/nginx.conf")
-    sources = list(discover.SOURCES)
+    sources = list(DISCOVERY_SOURCES)
     if args.unit:
         from bindguard.request import config
 

@@ -33,9 +33,6 @@ from bindguard.request.discover.common import DaemonConfigError, Finding, Servic
 from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
 from bindguard.systemd.unitfiles import daemon_for_unit_name  # noqa: F401 (this module's API too)
 
-SOURCES = DISCOVERY_SOURCES  # only cli.commands.discover's name for it still: DISCOVERY_SOURCES everywhere else
-
-
 UnitFactsSource = Callable[[str], UnitFacts]
 
 
@@ -233,5 +230,5 @@ def discover_unit(unit: str, unit_facts: UnitFactsSource, sources: Sequence[str]
                     sources, facts.user, facts.group)
 
 
-__all__ = ["DAEMONS", "SOURCES", "Discovery", "Finding", "UnitFacts", "UnitFactsSource",
+__all__ = ["DAEMONS", "Discovery", "Finding", "UnitFacts", "UnitFactsSource",
            "discover", "discover_daemon", "discover_unit", "expand_argv", "ordered_sources", "unit_environment"]
