@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import need, need_root
@@ -411,7 +412,9 @@ print(json.dumps([code, seen]))
 def test_a_root_guard_proves_its_user_manager_once_a_run(systemd_rig):
     """Under `ExecStartPre=+` the guard proves $MANAGERPID from /proc once, and every question
     that needs the manager shares that proof: the fast path (which bus, the user search path)
-    and the full command it hands over to (the bus, the manager the evidence names, ...)."""
+    and the full command it hands over to (the bus, the manager the evidence names, ...). The one
+    more is made after the manager's own environment is read for the user search path, so that
+    what was read was that manager's (unitexec.user_unit_path): 2 a run, where it was 2 and 5."""
     rig = systemd_rig
     rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
     out, script = rig.log("proofs.out"), rig.log("counted_proofs.py")
@@ -428,7 +431,35 @@ StandardError=append:{out}
     run = rig.start("proofs.service")
     assert run.ok, (run.output, out.read_text())
     counted = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("[")]
-    assert counted == [[0, {"exe": 1, "status": 1}], [98, {"exe": 1, "status": 1}]], out.read_text()
+    assert counted == [[0, {"exe": 2, "status": 2}], [98, {"exe": 2, "status": 2}]], out.read_text()
+
+
+def test_the_managers_environment_counts_only_while_the_pid_still_proves_a_manager(tmp_path, monkeypatch):
+    """The proof of $MANAGERPID is kept for the run, the PID alone: the manager's environment, read
+    later (a recorded discovery makes the user search path again), is used only if the PID proves a
+    manager again after the read. Here the kept proof names a process that is no systemd (as a
+    PID reused by then would be): its environment, where a user planted directories, is not read
+    into the search path."""
+    from bindguard.systemd import unitexec, unitfiles
+
+    need_root("a root guard's rule")
+    planted = tmp_path / "planted"
+    other = subprocess.Popen(["sleep", "60"], env={"XDG_CONFIG_HOME": str(planted), "HOME": str(planted)})
+    try:
+        claim = str(other.pid)
+        monkeypatch.setenv("MANAGERPID", claim)
+        monkeypatch.setitem(unitfiles._own_proof, (claim, os.geteuid()), other.pid)  # proven, then reused
+        monkeypatch.setattr(unitexec, "_proven_managers_path", {})
+        assert unitfiles.proven_user_manager() == other.pid
+        for _ in range(500):  # until it has exec'd: before, /proc shows the environment it was forked with
+            if unitfiles.process_environment(other.pid).get("XDG_CONFIG_HOME") == str(planted):
+                break
+            time.sleep(0.01)
+        assert unitfiles.process_environment(other.pid)["XDG_CONFIG_HOME"] == str(planted)
+        assert not [d for d in unitexec.user_unit_path() if d.startswith(str(planted))]
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.integration

@@ -22,6 +22,7 @@ from bindguard.systemd.unitfiles import (
     join,
     lexists,
     process_environment,
+    proof_of,
     proven_user_manager,
     realpath,
     trusted_dirs,
@@ -79,7 +80,13 @@ def user_unit_path(environ=None) -> tuple[str, ...]:
     claim = environ.get("MANAGERPID", "")
     if claim not in _proven_managers_path:
         manager = proven_user_manager()  # the guard's own claim: proven once, shared with the bus's choice
-        _proven_managers_path[claim] = _search_path(process_environment(manager)) if manager is not None else None
+        managers = process_environment(manager) if manager is not None else None
+        # Read from the process the claim names now, which the proof above may predate (a run
+        # makes the path again at each recorded discovery): proven again after the read, or the
+        # PID could be another process's by then, and the path made from its environment.
+        if managers is not None and proof_of(claim) != manager:
+            managers = None
+        _proven_managers_path[claim] = _search_path(managers) if managers is not None else None
     return _proven_managers_path[claim] or _search_path(environ, trusted_only=True)
 
 

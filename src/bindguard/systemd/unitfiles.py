@@ -147,14 +147,15 @@ def proven_user_manager(environ=None) -> int | None:
     The guard's own $MANAGERPID (environ None) is proven once per process, a run of the guard, and
     the answer shared: choosing the bus, the manager the evidence names and the user search path
     each ask, and a proof reads /proc twice. Kept by the claim's text and the uid that judged it
-    (the rule is stricter for root), so a changed environment is proven anew. The manager that
-    started the guard outlives its run; a planted PID that failed stays refused."""
+    (the rule is stricter for root), so a changed environment is proven anew; a planted PID that
+    failed stays refused. What is read from the process later is read with a proof made after it
+    (proof_of, as unitexec.user_unit_path reads its environment): the PID alone is kept here."""
     claim = _claim(environ)
     if environ is not None:
-        return _proof(claim)
+        return proof_of(claim)
     judged = (claim, posix.geteuid())
     if judged not in _own_proof:
-        _own_proof[judged] = _proof(claim)
+        _own_proof[judged] = proof_of(claim)
     return _own_proof[judged]
 
 
@@ -162,8 +163,9 @@ def proven_user_manager(environ=None) -> int | None:
 _own_proof: dict[tuple[str, int], int | None] = {}
 
 
-def _proof(claim: str) -> int | None:
-    """The PID claim names when /proc proves it a user manager (proven_user_manager), else None."""
+def proof_of(claim: str) -> int | None:
+    """The PID claim ($MANAGERPID's text) names when /proc proves it a user manager now
+    (proven_user_manager's rule), else None."""
     pid = _claimed_pid(claim)
     if pid is None or pid <= 1 or not runs_systemd(pid):
         return None
