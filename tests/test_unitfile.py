@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+import bindguard
 from conftest import need, need_root
 
 from bindguard.action import install
@@ -153,6 +155,35 @@ def test_a_linked_unit_file_resolves_as_os_path_does_without_os(unit_path, tmp_p
              f"print(unitexec._resolved({str(etc / 'chain.service')!r}), 'os' in sys.modules)")
     done = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True)
     assert done.stdout.split() == [str(lib / "real.service"), "False"], done.stderr
+
+
+def test_a_chain_of_links_is_followed_as_far_as_the_kernel_follows_one(unit_path, tmp_path):
+    """Up to the kernel's 40 links a linked unit file resolves as os.path.realpath resolves it; past
+    them (a chain a user's linked unit can make as long as it likes) it is given back as it is, so
+    that reading it fails with ELOOP as systemd's does, and the unit has no file: no recursion, no
+    RecursionError (os.path.realpath raises one for a chain of a few thousand links)."""
+    from bindguard.systemd import unitexec
+
+    etc, _, lib = unit_path
+    write(lib / "real.service", "[Service]\nExecStart=/usr/sbin/nginx\n")
+    links = tmp_path / "links"
+    links.mkdir()
+
+    def chain(name: str, length: int) -> str:
+        target = str(lib / "real.service")
+        for i in range(length - 1):
+            (links / f"{name}-{i}").symlink_to(target)
+            target = str(links / f"{name}-{i}")
+        (etc / f"{name}.service").symlink_to(target)
+        return str(etc / f"{name}.service")
+
+    within = chain("within", bindguard.SYMLINKS_MAX)
+    assert unitfiles.realpath(within) == os.path.realpath(within) == str(lib / "real.service")
+    assert unitexec.unit_files("within.service") == [str(lib / "real.service")]
+    for name, length in (("past", bindguard.SYMLINKS_MAX + 1), ("long", 3000)):
+        path = chain(name, length)
+        assert unitfiles.realpath(path) == path, name
+        assert unitexec.unit_files(f"{name}.service") == [], name
 
 
 def test_runs_known_daemon_without_imports(unit_path, tmp_path):

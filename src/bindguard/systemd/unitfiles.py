@@ -56,9 +56,15 @@ def realpath(path: str) -> str:
     Not bindguard.real_path, which is strict: it raises for a link that leads nowhere, which os.path
     follows as far as it goes, keeping the rest of its target as written. A loop of links (whose
     rest os.path normalizes) and a relative path (rare: a unit search path from a relative $HOME)
-    are left to os.path itself. tests/test_unitfile.py compares the two on real links."""
+    are left to os.path itself. Past the kernel's SYMLINKS_MAX links, where os.path would go on (a
+    chain a user's linked unit can make as long as it likes: os.path recursed into RecursionError),
+    the path is given back as it is: opening it fails with ELOOP, as systemd's would.
+    tests/test_unitfile.py compares the two on real links."""
     if path.startswith("/"):
-        resolved = _joined_real("/", path, {})
+        try:
+            resolved = _joined_real("/", path, {})
+        except _TooManyLinks:
+            return path
         if resolved is not None:
             return resolved
     import os
@@ -66,9 +72,14 @@ def realpath(path: str) -> str:
     return os.path.realpath(path)
 
 
+class _TooManyLinks(Exception):
+    pass
+
+
 def _joined_real(path: str, rest: str, seen: dict[str, str | None]) -> str | None:
     """path (absolute, with no link) joined with rest, each link in rest resolved as os.path does;
-    None at a loop. seen: each link met so far, with its resolution (None while it is resolved)."""
+    None at a loop. seen: each link met so far, with its resolution (None while it is resolved);
+    _TooManyLinks past bindguard.SYMLINKS_MAX of them, which also bounds the recursion."""
     if rest.startswith("/"):
         path, rest = "/", rest[1:]
     while rest:
@@ -92,6 +103,8 @@ def _joined_real(path: str, rest: str, seen: dict[str, str | None]) -> str | Non
                 return None  # a loop
             path = known
             continue
+        if len(seen) >= bindguard.SYMLINKS_MAX:
+            raise _TooManyLinks(newpath)
         seen[newpath] = None
         resolved = _joined_real(path, posix.readlink(newpath), seen)
         if resolved is None:
