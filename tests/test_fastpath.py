@@ -273,8 +273,26 @@ def test_the_command_line_is_read_once_and_the_full_command_runs_on_that_reading
         readings.append(real(args))
         return readings[-1]
 
+    from bindguard.cli.commands import check
+
+    real_check, answers = fastpath.check, []
+    real_run, ran_on = check.run, []
+
+    def checked(read, console):
+        answers.append(real_check(read, console))
+        return answers[-1]
+
+    def run(args, console):
+        ran_on.append(args)
+        return real_run(args, console)
+
     monkeypatch.setattr(fastpath, "arguments", reading)
+    monkeypatch.setattr(fastpath, "check", checked)
+    monkeypatch.setattr(check, "run", run)
     console = Console(io.StringIO())
     assert cli.main(["check", *args], console=console) == 64, console.stream.getvalue()
     assert "port 70000 is out of range" in console.stream.getvalue()
-    assert readings == [real(args)]
+    assert readings == [real(args)] and readings[0] is not None
+    assert answers == [None]  # the fast path handed over ...
+    [full] = ran_on  # ... and the full command ran on that reading, not on argparse's
+    assert full.listen is readings[0]["listen"] and {k: getattr(full, k) for k in readings[0]} == readings[0]
