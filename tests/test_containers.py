@@ -916,22 +916,30 @@ def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_
         (tmp_path / cid).mkdir()
         (tmp_path / cid / "config.v2.json").write_text(json.dumps(recorded if cid == recorded["ID"] else {}))
     reads = docker_states_in(tmp_path, monkeypatch)
-    look = containers.DockerdPorts()
+    look = containers.DockerLook()
     for port in range(18000, 18010):
-        look.container(os.getpid(), "tcp", port, "0.0.0.0")
+        look.dockerd_container(os.getpid(), "tcp", port, "0.0.0.0")
     assert len(reads) == 3, reads
-    web = containers.DockerdPorts().container(os.getpid(), "tcp", 18082, "0.0.0.0")  # another look
+    web = containers.DockerLook().dockerd_container(os.getpid(), "tcp", 18082, "0.0.0.0")  # another look
     assert web == ContainerFact("docker", recorded["ID"], "web", "bindguard-test:1", "web-7d4", "shop", "dockerd",
                                 str(tmp_path / recorded["ID"] / "config.v2.json")), web
     assert len(reads) == 3  # named from what was kept of its state
     (tmp_path / ("a" * 64) / "config.v2.json").write_text("{ }")  # Docker replaced a state
-    containers.DockerdPorts().container(os.getpid(), "tcp", 18000, "0.0.0.0")
+    containers.DockerLook().dockerd_container(os.getpid(), "tcp", 18000, "0.0.0.0")
     assert reads[3:] == [str(tmp_path / ("a" * 64) / "config.v2.json")], reads
     monkeypatch.setattr(containers, "_docker_seconds_left", [0.0])  # the run's reading time spent
-    assert containers.DockerdPorts().container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"  # nothing changed
+    # nothing changed: named from what was kept
+    assert containers.DockerLook().dockerd_container(os.getpid(), "tcp", 18082, "0.0.0.0").name == "web"
     (tmp_path / ("b" * 64) / "config.v2.json").write_text("{  }")
-    assert containers.DockerdPorts().container(os.getpid(), "tcp", 18082, "0.0.0.0") is None
+    assert containers.DockerLook().dockerd_container(os.getpid(), "tcp", 18082, "0.0.0.0") is None
     assert len(reads) == 4
+
+
+def _python_called(named_sleep, name: str) -> str:
+    """A copy of Debian's python3 called name (its process's comm), reading its program from stdin."""
+    path = named_sleep(name)
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), path)
+    return path
 
 
 # A process called dockerd (Debian's python3 copied so, reading its program from stdin) holding listeners
@@ -942,8 +950,8 @@ held = [socket.create_server(("127.0.0.1", 0)) for _ in range(8)]
 print(json.dumps([s.getsockname()[1] for s in held]), flush=True)
 time.sleep(30)
 """
-# One look at its sockets' holders, with Docker's states in argv[2]: how often its /proc/PID/status was
-# opened and the states' directory listed, and the container named for each port.
+# One look at the holders of the ports in argv[3], with Docker's states in argv[2]: how often dockerd's
+# (argv[1]) /proc/PID/status was opened and the states' directory listed, and the container named for each port.
 DOCKERD_LOOK = r"""
 import json, sys
 from bindguard.evidence import containers, owners, sockets
@@ -963,8 +971,7 @@ def test_a_look_at_every_port_dockerd_holds_reads_its_uid_and_lists_dockers_stat
     process facts and once for the container lookup, and Docker's states are listed once, not once a
     port; the port a container publishes is still named as that container, and no other."""
     need_root("root's dockerd: the lookup believes a holder whose real uid is root's")
-    dockerd = named_sleep("dockerd")
-    shutil.copy2(os.path.realpath("/usr/bin/python3"), dockerd)
+    dockerd = _python_called(named_sleep, "dockerd")
     recorded = json.loads(DOCKER_RECORDED.read_text())
     process = subprocess.Popen([dockerd, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -984,6 +991,64 @@ def test_a_look_at_every_port_dockerd_holds_reads_its_uid_and_lists_dockers_stat
     assert done.returncode == 0, done.stderr
     status_reads, listings, named = json.loads(done.stdout)
     assert named == {str(port): "web" if port == ports[0] else None for port in ports}, named
+    assert (status_reads, listings) == (2, 1)
+
+
+# A process called dockerd holding one loopback listener itself (as for a port published with its proxy
+# off) and starting argv[2] children called docker-proxy (argv[1]), each handed one listener of its own
+# on loopback and named by Docker's userland proxy's command line for it: one a published port, as
+# Docker's default proxy runs. It prints its own port and each proxy's PID and port.
+FAKE_DOCKERD_WITH_PROXIES = """\
+import json, socket, subprocess, sys, time
+proxy, count = sys.argv[1], int(sys.argv[2])
+own = socket.create_server(("127.0.0.1", 0))
+proxies = []
+for _ in range(count):
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        argv = [proxy, "-c", "import time; time.sleep(30)", "-proto", "tcp", "-host-ip", "127.0.0.1",
+                "-host-port", str(port), "-container-ip", "172.17.0.2", "-container-port", "8080"]
+        proxies.append([subprocess.Popen(argv, pass_fds=[held.fileno()]).pid, port])
+print(json.dumps([own.getsockname()[1], proxies]), flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_look_at_every_port_docker_proxy_holds_lists_dockers_states_once(named_sleep, tmp_path):
+    """holders_of for ports held by root's docker-proxy processes, children of root's dockerd (one a
+    published port), and one port dockerd holds itself: Docker's states are listed once for the whole
+    look, not once a proxy, and dockerd's real uid read once for its process facts and once for all
+    the lookups; each proxy's port is still named as the container publishing it, and no other."""
+    need_root("root's dockerd and docker-proxy: the lookup believes only root's")
+    dockerd = _python_called(named_sleep, "dockerd")
+    proxy = _python_called(named_sleep, "docker-proxy")
+    process = subprocess.Popen([dockerd, "-", proxy, "6"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proxies: list[list[int]] = []
+    try:
+        process.stdin.write(FAKE_DOCKERD_WITH_PROXIES)
+        process.stdin.close()
+        own, proxies = json.loads(process.stdout.readline())
+        assert {_comm(pid) for pid, _ in proxies} == {"docker-proxy"} and _comm(process.pid) == "dockerd"
+        published = proxies[0][1]
+        recorded = json.loads(DOCKER_RECORDED.read_text())
+        recorded["NetworkSettings"]["Ports"] = {"8080/tcp": [{"HostIp": "", "HostPort": str(published)}],
+                                                "8081/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(own)}]}
+        for cid, state in ((recorded["ID"], recorded), ("a" * 64, {})):
+            (tmp_path / cid).mkdir()
+            (tmp_path / cid / "config.v2.json").write_text(json.dumps(state))
+        ports = [own, *(port for _, port in proxies)]
+        done = subprocess.run([sys.executable, "-c", DOCKERD_LOOK, str(process.pid), str(tmp_path), json.dumps(ports)],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    finally:
+        for pid, _ in proxies:  # dockerd's children: ended by their PIDs, not left to sleep on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        process.kill()
+        process.wait()
+    assert done.returncode == 0, done.stderr
+    status_reads, listings, named = json.loads(done.stdout)
+    assert named == {str(port): "web" if port in (own, published) else None for port in ports}, named
     assert (status_reads, listings) == (2, 1)
 
 

@@ -212,11 +212,12 @@ READERS = {"docker": _from_docker, "podman": _from_podman, "containerd": _from_c
 
 
 def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid: int,
-                 ppid: int | None = None) -> ContainerFact | None:
+                 ppid: int | None = None, docker: DockerLook | None = None) -> ContainerFact | None:
     """The container the process runs for, or None when neither its cgroups (cgroup_file: the text
     of its /proc/PID/cgroup, every hierarchy's path) nor its command line name one. real_uid: its
     real uid, from /proc/PID/status; ppid: its parent's PID, from /proc/PID/stat (read here when
-    None). What owners.process_facts read once, given here, not read again.
+    None). What owners.process_facts read once, given here, not read again. docker: the look's
+    DockerLook, for a docker-proxy (one of its own when None).
     A Kubernetes pod's container is looked up as containerd's, then CRI-O's."""
     from bindguard.model.record import replace
 
@@ -226,7 +227,9 @@ def container_of(pid: int, cgroup_file: str, cmdline: tuple[str, ...], real_uid:
         program = cmdline[0].rsplit("/", 1)[-1] if cmdline else ""
         if program == "rootlessport" and runs_rootlessport(pid):
             return _from_rootlessport(pid, real_uid)
-        return _from_docker_proxy(pid, cmdline, real_uid, ppid) if program == "docker-proxy" else None
+        if program != "docker-proxy":
+            return None
+        return _from_docker_proxy(pid, cmdline, real_uid, ppid, docker or DockerLook())
     engine, cid, via = ref
     if via == "conmon" and real_uid != ROOT:
         return None  # any user can run a program named conmon: only rootful Podman's monitor is believed
@@ -360,7 +363,8 @@ MAX_DOCKER_CONTAINERS = 1024  # config.v2.json files read
 DOCKER_SECONDS = 2.0  # reading them, in all of a run, however many ports dockerd holds and however long it waits
 
 
-def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int | None) -> ContainerFact | None:
+def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int | None,
+                       docker: DockerLook) -> ContainerFact | None:
     from bindguard.evidence.owners import read_stat
 
     if ppid is None:
@@ -369,7 +373,7 @@ def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int
             return None
         ppid = stat.ppid
     parent = read_stat(ppid)
-    if parent is None or parent.name != "dockerd" or real_uid != ROOT or _real_uid(ppid) != ROOT:
+    if parent is None or parent.name != "dockerd" or real_uid != ROOT or not docker.runs_as_root(ppid):
         return None
     # host-ip: the address it holds
     ip, port, proto, host_port, host_ip = (_option(argv, f"-{flag}") or _option(argv, f"--{flag}") or ""
@@ -377,17 +381,18 @@ def _from_docker_proxy(pid: int, argv: tuple[str, ...], real_uid: int, ppid: int
                                                         "host-ip"))
     if not (ip and port and host_port):
         return None
-    return _the_docker_container(_docker_states(),
+    return _the_docker_container(docker.states(),
                                  lambda state: docker_publishes(state, host_port, proto, ip, port, host_ip),
                                  "docker-proxy")
 
 
-class DockerdPorts:
-    """The containers whose published ports root's dockerd holds itself (its proxy off), for one look at
-    the holders (owners.holders_of): each dockerd's real uid is read once, and Docker's states listed
-    once (_docker_states: each file stat()ed, and read only where it changed), however many ports it
-    holds. Not kept past the look: the next (a wait looks again) sees the containers started, stopped
-    or removed since, and asks again about a PID that may since be another process's."""
+class DockerLook:
+    """Docker's side of one look at the holders (owners.holders_of): each dockerd's real uid is read
+    once, and Docker's states listed once (_docker_states: each file stat()ed, and read only where it
+    changed), however many ports dockerd holds itself and however many docker-proxy processes (one a
+    published port and family) hold them for it. Not kept past the look: the next (a wait looks again
+    each poll) sees the containers started, stopped or removed since, and asks again about a PID that
+    may since be another process's."""
 
     __slots__ = ("_root", "_states", "_listed")
 
@@ -396,16 +401,24 @@ class DockerdPorts:
         self._states: list[tuple[str, dict | None]] | None = None
         self._listed = False
 
-    def container(self, pid: int, proto: str, port: int, host_ip: str) -> ContainerFact | None:
-        """The container the port dockerd (pid) holds on host_ip is published for, or None: a dockerd
-        not root's, no container or several, or not every state read in time."""
+    def runs_as_root(self, pid: int) -> bool:
+        """Whether the process (a dockerd) runs with root's real uid: only root's dockerd is believed."""
         if pid not in self._root:
             self._root[pid] = _real_uid(pid) == ROOT
-        if not self._root[pid]:
-            return None
+        return self._root[pid]
+
+    def states(self) -> list[tuple[str, dict | None]] | None:
+        """Docker's states (_docker_states), listed at the look's first question."""
         if not self._listed:
             self._states, self._listed = _docker_states(), True
-        return _the_docker_container(self._states,
+        return self._states
+
+    def dockerd_container(self, pid: int, proto: str, port: int, host_ip: str) -> ContainerFact | None:
+        """The container the port dockerd (pid) holds itself (its proxy off) on host_ip is published
+        for, or None: a dockerd not root's, no container or several, or not every state read in time."""
+        if not self.runs_as_root(pid):
+            return None
+        return _the_docker_container(self.states(),
                                      lambda state: docker_publishes(state, str(port), proto, host_ip=host_ip),
                                      "dockerd")
 
@@ -426,7 +439,7 @@ def _the_docker_container(states: list[tuple[str, dict | None]] | None, publishe
 
 
 # Each container's config.v2.json as last read: its id -> (the file's inode, mtime and size; what is kept
-# of it, _docker_kept). dockerd may hold many ports, each asking for the states, and the guard asks again
+# of it, _docker_kept). Each look at the holders lists the states (DockerLook), and the guard looks again
 # as it waits: a file is read again only once it changed (Docker rewrites one after each health-check),
 # and only the containers listed now are kept.
 _docker_states_read: dict[str, tuple[tuple[int, int, int], dict | None]] = {}

@@ -23,7 +23,7 @@ from bindguard.systemd.unitfiles import (  # noqa: F401 (process_cgroup: API too
 
 TYPE_CHECKING = False  # typing's own costs an import on the guard's path
 if TYPE_CHECKING:
-    from bindguard.evidence.containers import DockerdPorts
+    from bindguard.evidence.containers import DockerLook
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")  # cgroup2: unified host, hybrid host
 CGROUP_V1_SYSTEMD = "/sys/fs/cgroup/systemd"  # name=systemd hierarchy on legacy and hybrid hosts
@@ -96,46 +96,48 @@ def holders_of(sockets: Iterable[SocketFact], *, every_holder: bool = False) -> 
     Inode -> PIDs by find_holders, searching first the cgroups sock_diag says the sockets were
     created in (socket_cgroup_pids), and stopping once each inode has a holder unless
     `every_holder`; then each PID's process_facts, read once. A process gone meanwhile is passed
-    over for the next holder found."""
+    over for the next holder found. Docker's states are listed once for the whole look (DockerLook),
+    however many of the holders are dockerd or its docker-proxy processes."""
     sockets = list(sockets)
     inodes = {s.inode for s in sockets if s.inode}
     if not inodes:
         return SocketHolders({})
     local = {s.inode: s.local for s in sockets if s.inode}
     found = find_holders(inodes, socket_cgroup_pids(sockets), every_holder=every_holder)
+    # Without every_holder, an inode with no holder found is the one a denied process may hold.
+    incomplete = bool(found.unreadable) and (every_holder or len(found) < len(inodes))
+    if not found:
+        return SocketHolders({}, incomplete)
+    from bindguard.evidence.containers import DockerLook  # process_facts imports it for each holder anyway
+
+    docker = DockerLook()  # Docker's side of this look, shared by all its holders
     facts: dict[int, ProcessFact | None] = {}
-    dockerd: list[DockerdPorts] = []  # made at the first socket a dockerd holds, for the whole look
     processes: dict[int, list[ProcessFact]] = {}
     for inode, pids in found.items():
         held: list[ProcessFact] = []
         for pid in pids:
             if pid not in facts:
-                facts[pid] = process_facts(pid)
+                facts[pid] = process_facts(pid, docker)
             fact = facts[pid]
             if fact is not None:
-                held.append(_for_container(fact, local[inode], dockerd))
+                held.append(_for_container(fact, local[inode], docker))
                 if not every_holder:
                     break
         if held:
             processes[inode] = held
-    # Without every_holder, an inode with no holder found is the one a denied process may hold.
-    incomplete = bool(found.unreadable) and (every_holder or len(found) < len(inodes))
     return SocketHolders(processes, incomplete)
 
 
-def _for_container(process: ProcessFact, local: Endpoint, dockerd: list[DockerdPorts]) -> ProcessFact:
+def _for_container(process: ProcessFact, local: Endpoint, docker: DockerLook) -> ProcessFact:
     """The process as the holder of a socket on `local`: dockerd, which holds the ports it publishes
     itself where its userland proxy is off, holds it for the container the port is published for.
-    dockerd: the look's one DockerdPorts, made here at its first dockerd (a dockerd may hold hundreds
-    of ports, and each would otherwise read its uid and list Docker's states again)."""
+    docker: the look's one DockerLook (a dockerd may hold hundreds of ports, and each would otherwise
+    read its uid and list Docker's states again)."""
     if process.container is not None or process.name != "dockerd":
         return process
-    from bindguard.evidence.containers import DockerdPorts
     from bindguard.model.record import replace
 
-    if not dockerd:
-        dockerd.append(DockerdPorts())
-    container = dockerd[0].container(process.pid, local.proto, local.port, str(local.host))
+    container = docker.dockerd_container(process.pid, local.proto, local.port, str(local.host))
     return replace(process, container=container) if container else process
 
 
@@ -198,10 +200,10 @@ def _socket_inodes_of(pid: int, wanted: set[int], holders: Holders) -> set[int]:
     return found
 
 
-def process_facts(pid: int) -> ProcessFact | None:
+def process_facts(pid: int, docker: DockerLook | None = None) -> ProcessFact | None:
     """What /proc says about a process (read_stat, /proc/PID/status, cmdline and exe, the same
     facts and rules as psutil's, whose import alone cost a quarter of a refusal) and its cgroup;
-    None if it is gone."""
+    None if it is gone. docker: the look's DockerLook (holders_of's), for a docker-proxy's container."""
     stat = read_stat(pid)
     if stat is None:
         return None
@@ -231,7 +233,7 @@ def process_facts(pid: int) -> ProcessFact | None:
         started=stat.started,
         cgroup=cgroup,
         unit=unit_from_cgroup(cgroup),
-        container=container_of(pid, cgroups, cmdline, real_uid, stat.ppid),
+        container=container_of(pid, cgroups, cmdline, real_uid, stat.ppid, docker),
     )
 
 
