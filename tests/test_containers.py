@@ -228,9 +228,11 @@ def _remove_cgroups(parent: str) -> None:
     """The cgroups an engine made below the test's own parent, at the top of the host's hierarchies
     (/sys/fs/cgroup/*/PARENT and below; PARENT on a cgroup2 host), once the processes in them have left
     (a monitor outlives `rm -f` for a moment): a name no engine uses, so that a real engine's cgroups
-    (docker/, libpod_parent/ on a cgroup v1 host) are never looked at. One still in use after 10 s stays."""
+    (docker/, libpod_parent/ on a cgroup v1 host) are never looked at. One still in use after 10 s fails
+    the test, named with what is in it: the parent's name is the run's own, and no later run removes it."""
     assert parent.startswith("bindguard-test-"), parent
     deadline = time.monotonic() + 10
+    left: list[Path] = []
     for top in [*Path("/sys/fs/cgroup").glob(f"*/{parent}"), Path("/sys/fs/cgroup") / parent]:
         below = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
         for cgroup in [*below, top]:
@@ -239,8 +241,18 @@ def _remove_cgroups(parent: str) -> None:
                     cgroup.rmdir()
                 except OSError:
                     if time.monotonic() > deadline:
+                        left.append(cgroup)
                         break
                     time.sleep(0.1)
+    assert not left, "cgroups left in use, to remove (rmdir) once empty: " + "; ".join(
+        f"{cgroup} (processes: {_cgroup_processes(cgroup) or 'none'})" for cgroup in left)
+
+
+def _cgroup_processes(cgroup: Path) -> str:
+    try:
+        return " ".join((cgroup / "cgroup.procs").read_text().split())
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -312,7 +324,7 @@ def _run_engine(tmp_path: Path, script: str, host_paths: tuple[str, ...], *, use
     cgroup v1 ones are, shared with the host) and `variables`. The engine's directories on the host,
     host_paths, are left as they were, and no line of the test's user is added to the host's account
     files (_host_unchanged); mount_points the host lacks are made for the run and removed after it, and
-    so are the cgroups below the test's parent."""
+    so are the cgroups below the test's parent (the test fails naming any still in use)."""
     parent = f"bindguard-test-{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
                PYTHONPATH=os.pathsep.join(sys.path), CGROUP_PARENT=f"/{parent}", **variables)
