@@ -127,6 +127,26 @@ def test_another_guard_s_trial_socket_is_probed_again_and_passes():
     assert any("PID 4242" in note.text and "probed again" in note.text for note in outcome.notes), outcome.notes
 
 
+def test_a_holder_the_kernel_is_ending_is_probed_again_even_with_wait_zero():
+    # Units started together: another guard found holding its trial socket, then seen exiting (it
+    # has closed the socket and ended; its command line went with its memory, so it is no longer
+    # known as a guard). Its sockets close with it: probed again, not waited for (none with --wait 0).
+    exiting = replace(process(4242, "python3"), cmdline=(), exiting=True)
+    recorded = Recorded([IN_USE, {}], held_by(exiting))
+    outcome = run(recorded, wait=0)
+    assert outcome.exit_code == errors.ExitCode.CLEAR and recorded.probes == 2, outcome
+
+
+def test_a_holder_that_stays_exiting_is_decided_after_the_settle_budget(monkeypatch):
+    monkeypatch.setattr(guard, "SETTLE_BUDGET", 0.05)
+    exiting = replace(process(42, "/usr/sbin/nginx"), exiting=True)  # stuck in its exit (D state)
+    recorded = Recorded([IN_USE], held_by(exiting))
+    outcome = run(recorded, wait=0)
+    assert outcome.exit_code == errors.ExitCode.INUSE and recorded.probes > 2
+    (conflict,) = outcome.conflicts
+    assert "is exiting" in " ".join(conflict.evidence), conflict
+
+
 def test_another_guard_that_holds_on_is_refused_with_how_long(monkeypatch):
     monkeypatch.setattr(guard, "SETTLE_BUDGET", 0.05)
     monkeypatch.setattr(guard, "GUARD_SETTLE_BUDGET", 0.2)

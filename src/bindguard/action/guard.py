@@ -316,7 +316,7 @@ def _settle_pause(pauses: int) -> float:
 
 def _note_other_guards(fleeting: list[Conflict], notes: list[str]) -> None:
     for c in fleeting:
-        if c.process is None or c.socket is None:
+        if c.process is None or c.socket is None or c.kind != ConflictKind.GUARD_TRIAL:
             continue
         where = f"{c.process.unit}'s guard" if c.process.unit else "another guard"
         note = (f"{where} (PID {c.process.pid}) was checking {c.socket.local} at the same moment, so the "
@@ -379,8 +379,10 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
         now = time.monotonic()
         if not refusing and not waiting:
             return outcome(errors.ExitCode.CLEAR)
-        passing = [c for c in refusing if fleeting(c)]
-        if not passing or len(passing) < len(refusing):  # a holder that stays: no reason to probe again
+        # Probed again while every refusal may pass by itself in a moment (another guard's trial, a
+        # holder the kernel is ending, which the policy would otherwise wait for: not at all with --wait 0).
+        passing = [c for c in refusing + waiting if fleeting(c)]
+        if not passing or any(not fleeting(c) for c in refusing):  # a holder that stays: no reason to probe again
             settling_since, guard_met, pauses = None, False, 0
         else:
             settling_since = now if settling_since is None else settling_since

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bindguard.model.endpoints import Bind
-from bindguard.model.kinds import ANY_KIND, Action, ConflictKind
+from bindguard.model.kinds import ANY_KIND, Action, ConflictKind, Leaving
 from bindguard.model.record import Record, field, replace
 from bindguard.verdict.conflicts import Conflict
 
@@ -74,9 +74,16 @@ def stated_default(kind: ConflictKind) -> tuple[Action, str | None]:
 
 def fleeting(c: Conflict) -> bool:
     """A refusal that may be another guard's trial socket, not a holder: its holder is a guard,
-    or the socket was gone (or had no process left) when looked at. Trial sockets live for
-    microseconds; a probe again a moment later tells them from holders."""
-    if c.predicted or c.error != "EADDRINUSE" or c.kind == ConflictKind.SELF_CONFLICT or c.clears:
+    or the socket was gone (or had no process left, or only one the kernel is ending) when looked
+    at. Trial sockets live for microseconds; a probe again a moment later tells them from holders.
+    A guard that has just closed its trial and ended is seen exiting, its command line already
+    gone with its memory, and an exiting process's sockets close with it: probed again, not
+    waited for in the start budget (none with --wait 0), as a holder stopping by itself would be."""
+    if c.predicted or c.error != "EADDRINUSE" or c.kind == ConflictKind.SELF_CONFLICT:
+        return False
+    if c.leaving == Leaving.PROCESS_EXITING:
+        return True
+    if c.clears:
         return False
     if c.process is not None:
         return c.kind == ConflictKind.GUARD_TRIAL
