@@ -549,9 +549,12 @@ def test_a_rootlessport_that_forwards_into_no_container_names_none(named_sleep):
     in a network namespace of its own, as the real one's child forwards into, so that what decides is
     that no conmon of the user's has a child there (or, where the guard checks it, its program)."""
     need_root("another user's process in a network namespace")
-    impostor = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), named_sleep("rootlessport"), "30"])
+    packaged = containers.ROOTLESSPORT_PROGRAMS[0]  # the packaged program: its check passes, the namespace's decides
+    need_engine(packaged)
+    impostor = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), packaged], stdin=subprocess.PIPE)
     try:
         _until(lambda: _comm(impostor.pid) == "rootlessport", "the impostor's exec")
+        assert containers.runs_rootlessport(impostor.pid)
         assert os.stat(f"/proc/{impostor.pid}/ns/net") != os.stat("/proc/self/ns/net")
         assert _status_uid(impostor.pid) == NOBODY
         from bindguard.evidence import owners
@@ -732,8 +735,7 @@ def test_only_roots_docker_proxy_child_of_roots_dockerd_names_a_container(named_
     recorded = json.loads(DOCKER_RECORDED.read_text())
     (tmp_path / recorded["ID"]).mkdir()
     shutil.copy(DOCKER_RECORDED, tmp_path / recorded["ID"] / "config.v2.json")
-    monkeypatch.setattr(containers, "DOCKER_CONTAINERS", str(tmp_path))
-    monkeypatch.setattr(containers, "DOCKER_STATE", str(tmp_path / "{id}" / "config.v2.json"))
+    docker_states_in(tmp_path, monkeypatch)
     argv = ("/usr/sbin/docker-proxy", "-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "18082",
             "-container-ip", "172.17.0.2", "-container-port", "8080")
     for dockerd_uid, proxy_uid, named in ((0, 0, "web"), (0, NOBODY, None), (NOBODY, 0, None)):
@@ -839,8 +841,7 @@ def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sle
     the namespace it serves, would name a container, and advise a stop, that are the user's fiction."""
     need_root("another user's processes in a network namespace")
     rootlessport = named_sleep("rootlessport")
-    conmon = named_sleep("conmon")
-    shutil.copy2(os.path.realpath("/usr/bin/python3"), conmon)
+    conmon = _python_called(named_sleep, "conmon")
     fake = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), conmon, "-", "-c", ID, "-n", "web1",
                              rootlessport], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = None
