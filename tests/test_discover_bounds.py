@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need_root
 from test_discover import need_package
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -225,7 +226,9 @@ def test_an_include_loop_stops_at_its_daemon_s_depth(tmp_path, daemon):
 # An include chain: the file the daemon starts from (depth 0) includes one at depth 1, and so on; the
 # deepest holds LEAF, and with "and an include of nothing" also an include that names no file.
 # daemon -> (its binary, its limit's key, argv naming DIR and CONF, the first file's head, an include of
-# NEXT, the deepest file, an include of nothing, the port the deepest file sets)
+# NEXT, the deepest file, an include of nothing)
+DEBIAN_PACKAGES = {"sshd": "openssh-server", "postgres": "postgresql-15", "mariadb": "mariadb-server",
+                   "apache": "apache2"}
 CHAINS = {
     "sshd": ("/usr/sbin/sshd", "sshd", "/usr/sbin/sshd -D -f CONF", "", "Include NEXT\n", "Port 2299\n",
              "Include DIR/none/*.conf\n"),
@@ -305,7 +308,8 @@ def test_includes_are_read_exactly_as_deep_as_the_daemon_reads_them(shared_dir, 
     from bindguard.request.discover.common import DAEMON_INCLUDE_DEPTH
 
     binary, limit_key, argv = CHAINS[daemon][:3]
-    need_package(daemon, binary)
+    need_package(DEBIAN_PACKAGES[daemon], binary)
+    need_root("running the daemons themselves, as their users")
     limit = DAEMON_INCLUDE_DEPTH[limit_key]
     conf = _chain(shared_dir, daemon, limit + past, nothing)
     assert _daemon_verdict(daemon, shared_dir, conf) == verdict
