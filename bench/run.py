@@ -531,10 +531,10 @@ BINDGUARD_PATHS = ("clear", "held", "timewait", "noop", "clear_yaml", "nat_warn"
 
 
 def target_sizes(sizes: list[dict], fewest_sockets: int = 20000) -> list[dict]:
-    """The sizes issue 6 sets its targets at (>= 20k sockets, 2,000 processes; a target may ask for more
-    sockets), else the largest measured."""
+    """The sizes issue 6 sets its targets at (>= 20k sockets, 2,000 processes), else the largest measured;
+    a target that asks for more sockets (TIME_WAIT at 100k) is judged at such sizes alone, or not at all."""
     chosen = [s for s in sizes if s["size"]["sockets"] >= max(fewest_sockets, 20000) and s["size"]["processes"] >= 2000]
-    return chosen or sizes[-1:]
+    return chosen if chosen or fewest_sockets > 20000 else sizes[-1:]
 
 
 def _median(size: dict, key: str) -> float | None:
@@ -550,7 +550,7 @@ def evaluate(sizes: list[dict], storm: dict | None = None) -> list[dict]:
             a, b = _median(size, key), _median(size, base)
             values.append((size["label"], None if a is None or b is None else round(a / b, 2)))
         known = [v for _, v in values if v is not None]
-        met = None if len(known) < len(values) else all(v <= limit for v in known)
+        met = None if not values or len(known) < len(values) else all(v <= limit for v in known)
         verdicts.append({"target": text, "values": values, "met": met})
     first, last = sizes[0], sizes[-1]
     a, b = _median(first, "clear"), _median(last, "clear")
