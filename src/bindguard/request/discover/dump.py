@@ -323,8 +323,11 @@ def run(argv: list[str], runs_as: Credentials) -> tuple[bool, str, str]:
     its run time against the time budget: past either, it is killed and the dump has failed.
     """
     budget = current_budget()
-    program = os.path.realpath(argv[0])  # what was checked, not a path someone could re-point
+    program, why = bindguard.checked_path(argv[0])  # the file checked now is the one run: no path re-pointed since
     command = " ".join(argv)
+    if why:
+        incomplete(f"{command} not run")
+        return False, "", f"{command}: not run, {argv[0]} is not root's alone ({why})"
     if budget.seconds_left() <= 0 or budget.bytes_left <= 0:
         incomplete("a dump not run: the budget was spent")
         return False, "", f"{command}: not run, discovery has spent its budget"
