@@ -449,15 +449,17 @@ _docker_seconds_left: list[float] = []
 
 
 def _docker_states() -> list[tuple[str, dict | None]] | None:
-    """(id, what is kept of its config.v2.json) of Docker's containers (at most MAX_DOCKER_CONTAINERS),
-    each file read when it changed and while the run's DOCKER_SECONDS last; None when not all could be."""
+    """(id, what is kept of its config.v2.json) of Docker's containers, each file read when it changed
+    and while the run's DOCKER_SECONDS last; None when not all could be (more than
+    MAX_DOCKER_CONTAINERS of them included: a match among some is no proof of the only one)."""
     import re
     import time
 
     try:
-        ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS)
-                     if re.fullmatch(_ID, name))[:MAX_DOCKER_CONTAINERS]
+        ids = sorted(name for name in os.listdir(DOCKER_CONTAINERS) if re.fullmatch(_ID, name))
     except OSError:
+        return None
+    if len(ids) > MAX_DOCKER_CONTAINERS:
         return None
     if not _docker_seconds_left:
         _docker_seconds_left.append(DOCKER_SECONDS)
