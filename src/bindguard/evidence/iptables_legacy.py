@@ -133,9 +133,10 @@ def ruleset_from_save(text: str, family: str, budget: Budget | None = None) -> t
             return None, [*notes, not_all_read(f"the {source} nat table", budget)]
         if line.startswith("*"):
             table = line[1:].strip()
-        if table != "nat" or not line.startswith("-A ") or len(line.split(maxsplit=2)) < 2:
+        head = line.split(maxsplit=2) if table == "nat" and line.startswith("-A ") else []
+        if len(head) < 2:
             continue
-        chain = line.split(maxsplit=2)[1]  # counted before the rest is read: iptables numbers every rule
+        chain = head[1]  # counted before the rest is read: iptables numbers every rule
         numbers[chain] = numbers.get(chain, 0) + 1
         try:
             words = shlex.split(line)

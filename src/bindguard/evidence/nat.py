@@ -85,8 +85,7 @@ def not_all_read(what: str, budget: Budget) -> str:
 
 
 def stopped(budget: Budget) -> str:
-    _files, _size, seconds = budget.limits
-    return f"reading the NAT rules stops after {seconds:g} s"
+    return f"reading the NAT rules stops after {budget.limits[2]:g} s"
 
 
 @dataclass
@@ -491,4 +490,6 @@ def _nftables_rules(budget: Budget) -> tuple[list[NatRule], list[str]]:
             targets = xt_targets_from_text(text, budget)
             rules = [replace(r, to=targets.get((r.family, r.table, r.chain, r.handle or -1), r.to)) if not r.to
                      else r for r in rules]
+            if any(not r.to for r in rules) and budget.seconds_left() <= 0:  # the text was cut short
+                notes.append(not_all_read("where iptables-nft's DNAT/REDIRECT rules send the traffic", budget))
     return rules, notes
