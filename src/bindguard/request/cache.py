@@ -299,11 +299,12 @@ class Recorder:
 
 
 def _bytecode_cache(path: str) -> bool:
-    """Whether the path is Python's bytecode cache (__pycache__): a module imported during a discovery
+    """Whether the path is Python's bytecode cache (a .pyc, or its temporary .pyc.NNN, in __pycache__,
+    or the directory itself; nothing else a daemon might keep there): a module imported during a discovery
     looks at its old .pyc, then writes a new one where its source changed, so the signature recorded
     was stale at once, and the next start discovered again. What the code is, is its source, which
     _code_files (bindguard's) and the import's own stat of each source file record."""
-    return "/__pycache__/" in path or path.endswith("/__pycache__")
+    return "/__pycache__/" in path and ".pyc" in path.rpartition("/")[2] or path.endswith("/__pycache__")
 
 
 _active: list[Recorder] = []
