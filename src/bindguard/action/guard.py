@@ -381,8 +381,9 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
             return outcome(errors.ExitCode.CLEAR)
         # Probed again while every refusal may pass by itself in a moment (another guard's trial, a
         # holder the kernel is ending, which the policy would otherwise wait for: not at all with --wait 0).
-        passing = [c for c in refusing + waiting if fleeting(c)]
-        if not passing or any(not fleeting(c) for c in refusing):  # a holder that stays: no reason to probe again
+        passing_refusals = [c for c in refusing if fleeting(c)]
+        passing = passing_refusals + [c for c in waiting if fleeting(c)]
+        if not passing or len(passing_refusals) < len(refusing):  # a holder that stays: no reason to probe again
             settling_since, guard_met, pauses = None, False, 0
         else:
             settling_since = now if settling_since is None else settling_since
