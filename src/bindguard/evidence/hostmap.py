@@ -14,7 +14,7 @@ from bindguard.model.errors import ConfigError
 from bindguard.model.facts import SocketFact, holder_unit, unit_active
 from bindguard.model.host import host_bindv6only
 from bindguard.model.hostmap import Claim, ExitedCommand, HostMap, Listener, UnitState
-from bindguard.model.kinds import DISCOVERY_SOURCES, ClaimSource, UnitStatus
+from bindguard.model.kinds import DISCOVERY_SOURCES, ClaimSource, UnitStatus, ordered_sources
 from bindguard.systemd import bus
 
 ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
@@ -182,7 +182,7 @@ def _service_claims(hostmap: HostMap, connection: bus.Systemd | None, socket_uni
         elif info is not None and connection is not None:
             sources = unit_config.discovery_sources if unit_config is not None else DISCOVERY_SOURCES
             found = discover.discover_unit(name, functools.partial(connection.unit_facts, info=info),
-                                           discover.ordered_sources(sources))
+                                           ordered_sources(sources))
             state.warnings = found.warnings
             daemon_binds = [f for f in found.findings if f.socket_unit is None]
             if daemon_binds:

@@ -7,7 +7,7 @@ import shlex
 
 from bindguard.cli.parser import add_json_option, add_legend_option
 from bindguard.model.errors import BindguardError, ExitCode, UsageError
-from bindguard.model.kinds import DISCOVERY_SOURCES
+from bindguard.model.kinds import DISCOVERY_SOURCES, ordered_sources
 from bindguard.model.text import escape
 from bindguard.report import output
 from bindguard.report.jsonout import write_json
@@ -100,7 +100,7 @@ def _discover(args: argparse.Namespace, console: output.Console):
         unit = normalize_unit(args.unit)
         unit_config = config.load_unit_config(unit)
         if unit_config is not None:
-            sources = discover.ordered_sources(unit_config.discovery_sources)
+            sources = ordered_sources(unit_config.discovery_sources)
             if unit_config.listen is not None:
                 console.emit(output.NOTICE, f"bindguard: {unit} has a listen list in {unit_config.origins['listen']}; "
                                            f"`check --unit` uses that, not discovery")

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bindguard.model.facts import UnitFacts
-from bindguard.model.kinds import DISCOVERY_SOURCES, Confidence, ordered_sources
+from bindguard.model.kinds import DISCOVERY_SOURCES, Confidence
 from bindguard.model.record import Record, field
 from bindguard.request.discover.common import DaemonConfigError, Finding, Service, discovery_scope, read_text
 from bindguard.systemd.unitexec import DAEMONS, shell_script_index, unwrap_env
@@ -231,4 +231,4 @@ def discover_unit(unit: str, unit_facts: UnitFactsSource, sources: Sequence[str]
 
 
 __all__ = ["DAEMONS", "Discovery", "Finding", "UnitFacts", "UnitFactsSource",
-           "discover", "discover_daemon", "discover_unit", "expand_argv", "ordered_sources", "unit_environment"]
+           "discover", "discover_daemon", "discover_unit", "expand_argv", "unit_environment"]
