@@ -19,7 +19,8 @@ def environment():
     _collections_abc), close to a tenth of the guard's whole run before every service start. Those
     paths call posix directly, and read the environment here. Once os is loaded its environ is the
     authority (whoever loaded it may have changed it since); before that, posix.environ is the
-    environment the process started with, decoded as os decodes it.
+    environment the process started with (but SETUPTOOLS_USE_DISTUTILS, which bin/bindguard
+    sets to stdlib in it first), decoded as os decodes it.
     """
     import sys
 
