@@ -167,7 +167,7 @@ def _socket_unit(c: Conflict) -> str:
         return (f"{name} is this service's own socket unit: systemd binds the address and passes it to "
                 "the daemon (sd_listen_fds, LISTEN_FDS). Configure the daemon to take the socket from "
                 "systemd, or remove the unit's Sockets=: never both")
-    unit = command_unit(name)
+    unit = command_unit(c.socket_unit) if c.socket_unit else "UNIT.socket"  # a placeholder, never quoted as a name
     return (f"{name} listens there for socket activation: `systemctl stop {unit}` and `systemctl disable "
             f"{unit}` if it should not, or move one of them to another address")
 
@@ -182,19 +182,21 @@ def _guard_trial(c: Conflict) -> str:
 
 
 def _latent_socket_unit(c: Conflict) -> str:
+    unit = command_unit(c.socket_unit) if c.socket_unit else "UNIT.socket"  # a placeholder, never quoted as a name
     return (f"{c.socket_unit} is not listening now but declares this address: it will collide when it "
-            f"starts (at next boot if enabled). `systemctl disable --now {command_unit(c.socket_unit or '')}`, or "
+            f"starts (at next boot if enabled). `systemctl disable --now {unit}`, or "
             "change its ListenStream=/ListenDatagram=")
 
 
 def _own_instance(c: Conflict) -> str:
     unit = c.unit or "the unit"
+    command = command_unit(c.unit) if c.unit else "UNIT"  # a placeholder, never quoted as a name
     pid = _pid(c)
     if pid is None:
         return (f"a process still in {unit}'s own cgroup holds the port: find it with `systemctl status "
-                f"{command_unit(unit)}` and confirm it is an old listener of the unit before ending it")
+                f"{command}` and confirm it is an old listener of the unit before ending it")
     return (f"PID {pid} is still in {unit}'s own cgroup from an earlier run, holding the port. Confirm with "
-            f"{_check_pid(c)} and `systemctl status {command_unit(unit)}` that it is an old listener of {unit} (not a "
+            f"{_check_pid(c)} and `systemctl status {command}` that it is an old listener of {unit} (not a "
             f"process the unit keeps on purpose), then `kill -TERM {pid}`; --reap-stale does exactly "
             "that, for processes proven to be the unit's own")
 
