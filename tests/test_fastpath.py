@@ -227,6 +227,44 @@ def test_a_refusal_from_a_shell_loads_neither_argparse_nor_dataclasses_nor_the_b
     assert not unwanted & set(loaded.split()), sorted(unwanted & set(loaded.split()))
 
 
+WALKED = r"""
+import json, sys
+sys.path.insert(0, sys.argv.pop(1))
+from bindguard.evidence import sockdiag
+started, read = [], []
+real_start, real_walked = sockdiag.start_walk, sockdiag.walked
+def start_walk(port):
+    real_start(port)
+    started.append([port, sockdiag._walk is not None])
+def walked(port):
+    walk = real_walked(port)
+    read.append([port, walk is not None])
+    return walk
+sockdiag.start_walk, sockdiag.walked = start_walk, walked
+from bindguard.cli import main
+code = main(sys.argv[1:])
+print(json.dumps([code, started, read]))
+"""
+
+
+@pytest.mark.integration
+def test_a_refusal_reads_the_walk_of_the_kernel_the_fast_path_started(netns):
+    """The fast path's trial refused on a port where nothing listens: the kernel walks its sockets
+    while the full command starts (bindguard.evidence.sockdiag), and the explanation reads that
+    walk. Where a listener holds the port no walk starts: listeners alone explain it."""
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": False, "mode": "timewait-server"})
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
+    package = str(Path(__file__).resolve().parent.parent / "src")
+    for args, code, started, read in (
+        (["--no-reuseaddr", "--wait", "0", "127.0.0.1:8080"], 75, [[8080, True]], [[8080, True]]),
+        (["127.0.0.1:9000"], 98, [[9000, False]], []),
+    ):
+        proc = netns.run([sys.executable, "-I", "-S", "-c", WALKED, package, "check", *args])
+        assert json.loads(proc.stdout) == [code, started, read], proc.stderr
+        if code == 75:
+            assert "TIME_WAIT" in proc.stderr and "clears by itself" in proc.stderr, proc.stderr
+
+
 READ = [  # command lines fastpath.arguments reads for the full command, as argparse does
     [], ["8080"], ["--unit", "web", "8080"], ["--unit=web.service"], ["--wait", "5", "8080", "--unit", "x"],
     ["--wait=inf", "--no-systemd", "--no-systemd", "udp:[::1]:53", "0.0.0.0:80"], ["8080", "9090", "--v6only"],

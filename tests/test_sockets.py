@@ -14,7 +14,7 @@ import sys
 import pytest
 from observe import query as observe
 
-from bindguard.evidence import sockets
+from bindguard.evidence import sockdiag, sockets
 
 BOUND_INACTIVE_KERNEL = tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 8)
 
@@ -75,7 +75,7 @@ def test_bound_but_not_listening_needs_bit_13(netns):
     (fact,) = facts
     assert local(fact) == "127.0.0.1:8080" and fact["state"] == "BOUND" and fact["inode"] > 0
 
-    without_bit_13 = sockets.state_mask("tcp", None) & ~(1 << sockets.TCP_BOUND_INACTIVE)
+    without_bit_13 = sockets.state_mask("tcp", None) & ~(1 << sockdiag.TCP_BOUND_INACTIVE)
     code = (
         "import json\n"
         "from bindguard.evidence import sockets\n"
@@ -178,15 +178,6 @@ def test_fallback_when_netlink_is_refused(netns, tmp_path):
     *facts, notes = json.loads(result.stdout)
     assert facts == [["127.0.0.1:8080", "LISTEN"]]
     assert "sock_diag is unavailable (EPERM" in notes[0]
-
-
-def test_bytecode_is_what_the_kernel_accepts():
-    """The filter program: S_GE then S_LE on the port, jumps landing on the end or 4 past it."""
-    program = sockets._bytecode_port_equals(8080)
-    assert len(program) == 16
-    assert program[:4] == bytes([sockets.INET_DIAG_BC_S_GE, 8]) + (20).to_bytes(2, sys.byteorder)
-    assert int.from_bytes(program[6:8], sys.byteorder) == 8080
-    assert program[8:12] == bytes([sockets.INET_DIAG_BC_S_LE, 8]) + (12).to_bytes(2, sys.byteorder)
 
 
 def test_unknown_protocol_or_state_is_refused():

@@ -207,7 +207,9 @@ def _trial(listen: list[str], options: dict, per_bind: list[tuple] | None, unit:
 
         if privilege.worth_a_look(unit, user_bus):
             return None  # the unit's User= may be denied a port the guard can bind
-    if any(error for error, _ in probe.trial(specs)):
+    answers = probe.trial(specs)
+    if any(error for error, _ in answers):
+        _walk_early(specs, answers)
         return None
     for priority, line in told:
         console.emit(priority, line)
@@ -215,6 +217,20 @@ def _trial(listen: list[str], options: dict, per_bind: list[tuple] | None, unit:
               for name, value in (("BINDGUARD_ADDRESS", address), ("BINDGUARD_PORT", address.rpartition(":")[2]))]
     console.report([(output.INFO, [f"bindguard: clear: {', '.join(shown)} can be bound"])], "cleared", fields)
     return 0
+
+
+def _walk_early(specs: list[tuple], answers: list[tuple[int, str]]) -> None:
+    """Have the kernel walk its sockets for the lowest TCP port refused as in use (the first the
+    full command explains), while the full command starts (bindguard.evidence.sockdiag)."""
+    import _socket
+    import errno
+
+    refused = [spec[2][1] for spec, (error, _) in zip(specs, answers, strict=True)
+               if error == errno.EADDRINUSE and spec[1] == _socket.SOCK_STREAM]
+    if refused:
+        from bindguard.evidence import sockdiag
+
+        sockdiag.start_walk(min(refused))
 
 
 def _remembered(unit: str, user: bool, options: dict) -> tuple[list[str], list[tuple], list[tuple[int, str]]] | None:
