@@ -7,7 +7,9 @@ itself when the walk is not the one it wants.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import textwrap
 
@@ -17,6 +19,8 @@ from bindguard.evidence import sockdiag
 from bindguard.model.facts import TCP_STATES
 
 pytestmark = pytest.mark.integration
+# The early walk starts only where the process may run on two CPUs (test_no_early_walk_on_one_cpu).
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="no early walk on one CPU")
 
 TIME_WAIT = {"proto": "tcp", "host": "127.0.0.1", "port": 8080, "reuseaddr": True, "mode": "timewait-server"}
 
@@ -38,6 +42,7 @@ def run(netns, program: str) -> dict:
     return json.loads(result.stdout)
 
 
+@needs_two_cpus
 def test_every_state_of_the_port_is_read_from_the_early_walk_once(netns):
     netns.hold(TIME_WAIT)
     answer = run(netns, """
@@ -60,6 +65,7 @@ def test_no_early_walk_where_a_listener_holds_the_port(netns):
     assert answer == {"started": None}
 
 
+@needs_two_cpus
 def test_a_look_at_another_port_or_fewer_states_leaves_the_early_walk_alone(netns):
     netns.hold(TIME_WAIT)
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8081, "mode": "outgoing"})
@@ -77,29 +83,26 @@ def test_a_look_at_another_port_or_fewer_states_leaves_the_early_walk_alone(netn
                       "walked": ["8080 TIME_WAIT"], "after": None}
 
 
+@needs_two_cpus
 def test_a_walk_whose_request_fails_hands_its_error_to_the_reader(netns):
-    """The thread's sendto() fails (here on a socket closed before it): the reader meets the error
-    where it would have met its own, and falls back as it would, to /proc/net with its note."""
+    """The thread's sendto() fails (here a request larger than the socket's send buffer: EMSGSIZE):
+    the reader meets the error where it would have met its own, and asks per family as it would."""
     netns.hold(TIME_WAIT)
     answer = run(netns, """
-        opened = sockdiag.open_socket
-        sockets_opened = []
-        def second_closed():  # the look at listeners gets a working socket, the walk a closed one
-            nl = opened()
-            sockets_opened.append(nl)
-            if len(sockets_opened) == 2:
-                nl.close()
-            return nl
-        sockdiag.open_socket = second_closed
+        both = sockdiag.request_both_families
+        def oversized(port, states, seq):  # the walk's request only, not the look at listeners
+            message = both(port, states, seq)
+            return message + bytes(1 << 20) if states == sockdiag.ALL_TCP_STATES else message
+        sockdiag.request_both_families = oversized
         sockdiag.start_walk(8080)
-        started = pending()
+        walk = sockdiag._walk
         notes = []
         facts = states(sockets.sockets_on_port("tcp", 8080, notes))
-        print(json.dumps({"started": started, "facts": facts, "notes": notes, "after": pending()}))
+        print(json.dumps({"started": walk.port, "error": walk._error.errno, "facts": facts, "notes": notes,
+                          "closed": walk.socket.fileno() == -1}))
     """)
-    assert answer["started"] == 8080 and answer["after"] is None
-    assert answer["facts"] == ["8080 TIME_WAIT"]
-    assert len(answer["notes"]) == 1 and "sock_diag is unavailable (EBADF" in answer["notes"][0]
+    assert answer == {"started": 8080, "error": errno.EMSGSIZE, "facts": ["8080 TIME_WAIT"], "notes": [],
+                      "closed": True}
 
 
 def test_a_kernel_without_the_old_request_starts_no_walk_and_is_asked_per_family(netns):
@@ -118,6 +121,74 @@ def test_a_kernel_without_the_old_request_starts_no_walk_and_is_asked_per_family
         print(json.dumps({"started": started, "facts": facts, "notes": notes}))
     """)
     assert answer == {"started": None, "facts": ["8080 TIME_WAIT"], "notes": []}
+
+
+@needs_two_cpus
+def test_a_walk_past_its_freshness_is_closed_and_the_look_asks_again(netns):
+    """A walk read later than FRESH after it began (a second pass of the guard's loop, another
+    run in the same process) could show a TIME_WAIT with more time left than it has."""
+    netns.hold(TIME_WAIT)
+    answer = run(netns, """
+        sockdiag.start_walk(8080)
+        walk = sockdiag._walk
+        walk.wait()
+        walk.started -= sockdiag.FRESH + 0.01
+        taken = sockdiag.take_walk(8080)
+        facts = states(sockets.sockets_on_port("tcp", 8080))
+        print(json.dumps({"taken": taken is not None, "closed": walk.socket.fileno() == -1,
+                          "left": pending(), "facts": facts}))
+    """)
+    assert answer == {"taken": False, "closed": True, "left": None, "facts": ["8080 TIME_WAIT"]}
+
+
+def test_no_early_walk_on_one_cpu(netns):
+    netns.hold(TIME_WAIT)
+    result = netns.run(["taskset", "-c", "0", sys.executable, "-c", PRELUDE + textwrap.dedent("""
+        sockdiag.start_walk(8080)
+        print(json.dumps({"started": pending()}))
+    """)])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"started": None}
+
+
+@needs_two_cpus
+def test_the_walk_goes_on_until_a_reply_of_32_kib_is_full(netns):
+    """The walk's socket is the one the look at listeners read with a buffer of RECV_BUFFER bytes,
+    which raised the kernel's size of its dump replies from a page: 200 TIME_WAITs on the port
+    come back in the reply the thread's sendto() fills, where a new socket's holds 39."""
+    answer = run(netns, """
+        import socket, time
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 8080))
+        listener.listen(256)
+        pairs = [(socket.create_connection(("127.0.0.1", 8080)), listener.accept()[0]) for _ in range(200)]
+        for _, accepted in pairs:  # the server closes first: its side stays in TIME_WAIT
+            accepted.close()
+        time.sleep(0.2)
+        for client, _ in pairs:
+            client.close()
+        listener.close()
+
+        def first_reply(nl):
+            buffer = bytearray(sockdiag.RECV_BUFFER)
+            size = nl.recv_into(buffer)
+            count, offset = 0, 0
+            while offset + sockdiag.NLMSGHDR.size <= size:
+                length, kind, *_ = sockdiag.NLMSGHDR.unpack_from(buffer, offset)
+                count += kind == sockdiag.TCPDIAG_GETSOCK
+                offset += (length + 3) & ~3
+            return count
+
+        sockdiag.start_walk(8080)
+        walk = sockdiag.take_walk(8080)
+        walk.wait()
+        early = first_reply(walk.socket)
+        nl = sockdiag.open_socket()
+        nl.sendto(sockdiag.request_both_families(8080, sockdiag.ALL_TCP_STATES, 1), (0, 0))
+        print(json.dumps({"early": early, "new socket": first_reply(nl)}))
+    """)
+    assert answer["early"] == 200 and answer["new socket"] < 200, answer
 
 
 def test_every_tcp_state_is_the_kernels_thirteen():

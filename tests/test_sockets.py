@@ -160,7 +160,7 @@ def test_fallback_when_netlink_is_refused(netns, tmp_path):
     """With AF_NETLINK denied (as a seccomp filter would), /proc/net answers and says so."""
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080})
     code = (
-        "import errno, json, _socket\n"  # the module sockets makes its sockets with
+        "import errno, json, _socket\n"  # the module sockdiag makes its sockets with
         "real = _socket.socket\n"
         "class Denied(real):\n"
         "    def __init__(self, family=-1, *args, **kwargs):\n"

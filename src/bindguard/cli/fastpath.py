@@ -8,8 +8,9 @@ given here from posix and _socket alone:
   - every address can be bound, outside a unit or with --no-systemd: one trial bind each.
 Anything else (an error, an unusual option, a blocked address, a unit whose socket units must
 be checked) returns None, and the full command runs from the start; it, not this module, is
-the authority on syntax and the one that explains. tests/test_fastpath.py holds the two to
-the same answers.
+the authority on syntax and the one that explains. An address in use on TCP leaves the kernel
+walking that port's sockets for it meanwhile, in a thread (bindguard.evidence.sockdiag).
+tests/test_fastpath.py holds the two to the same answers.
 """
 
 import bindguard
@@ -209,7 +210,10 @@ def _trial(listen: list[str], options: dict, per_bind: list[tuple] | None, unit:
             return None  # the unit's User= may be denied a port the guard can bind
     answers = probe.trial(specs)
     if any(error for error, _ in answers):
-        _walk_early(specs, answers)
+        try:
+            _walk_early(specs, answers)
+        except Exception:  # only ever a head start: what went wrong the full command meets itself
+            pass
         return None
     for priority, line in told:
         console.emit(priority, line)

@@ -1,26 +1,31 @@
 """The sock_diag netlink exchange: dump requests as bytes, the replies' messages, and one walk started early.
 
 bindguard.evidence.sockets builds its facts from what this module sends and receives. This module
-imports nothing but _socket, struct and _thread, so that the fast path (bindguard.cli.fastpath)
-can start a walk before the full command's imports (ipaddress, the model: 7 ms).
+imports only built-in modules and struct, so that the fast path (bindguard.cli.fastpath) can
+start a walk before the full command's imports (ipaddress, the model: 7 ms).
 
 The early walk. To find the sockets on one port in states other than LISTEN (a TIME_WAIT, a
 connection, a socket bound but not listening), the kernel walks every connection in the
-namespace, and from Linux 6.8 every bound socket as well: 23 ms at 100k sockets, most of a
-refusal's time there. The kernel walks inside the sendto() of the dump request. When the fast
-path's trial bind is refused on a TCP port where nothing listens, it starts that walk
-(start_walk) in a thread that does nothing but that one sendto(), so that the kernel walks
-while the full command starts (imports, the plan, its own probe). The full command's first
-look at the port (sockets.sockets_on_port, every state) reads the answer from that socket
-(walked) instead of asking again.
+namespace, and from Linux 6.8 every bound socket as well: 23 ms at 100k sockets here, most of a
+refusal's time there. It walks inside the sendto() of the dump request, until the first reply
+datagram is full. When the fast path's trial bind is refused as in use on a TCP port, it starts
+that walk (start_walk) in a thread that does nothing but that one sendto(), so that the kernel
+walks while the full command starts (imports, the plan, its own probe). The full command's first
+look at every state of that port (sockets.sockets_on_port) takes the answer from that socket
+(take_walk) while it is under FRESH seconds old, and asks again otherwise.
 
-The walk starts a few milliseconds before the full command's probe instead of just after it.
-A holder that appears between the two can be missed by it, as one that closes between a probe
-and a later walk is missed today: either way the refusal has no socket to explain it, which the
-guard treats as fleeting, probing and looking again (bindguard.verdict.policy.fleeting). Where
-a listener holds the port, the full command's look at listeners alone usually explains the
-refusal (guard._sockets_explaining), so no walk is started: one nobody reads would only hold
-up the exit, which waits for the kernel to finish it.
+What a walk started before the full command's probe can show: a holder that appeared since is
+missed, as one that closed between a probe and a later walk is; the refusal then has no socket
+to explain it, which the guard treats as fleeting: it probes and looks again
+(bindguard.verdict.policy.fleeting). A socket that closed since is shown: a full socket then
+has no process left to hold it, which is fleeting too; a TIME_WAIT is shown as it was, the time
+it has left counted from the look, not the walk, so up to FRESH too long (a wait's deadline
+allows a second: bindguard.action.guard).
+
+No walk is started where a look at LISTEN alone finds a listener (listeners alone usually
+explain the refusal: guard._sockets_explaining), nor where the process may run on one CPU only
+(nothing to gain from a thread there): a walk nobody reads costs a whole walk, and the exit waits
+for the kernel to finish it.
 """
 
 import _socket
@@ -28,6 +33,7 @@ import _thread
 import errno
 import posix
 import struct
+import time
 
 # include/uapi/linux/netlink.h
 NETLINK_SOCK_DIAG = 4
@@ -131,24 +137,23 @@ def receive(nl: _socket.socket, buffer: bytearray, seq: int, on_message) -> None
 
 # The early walk (see the module's docstring)
 
+FRESH = 0.1  # seconds: the full command's look comes 10-20 ms after the walk starts
+
 
 class _Walk:
     """A TCPDIAG_GETSOCK dump of every TCP state on one port, sent by a thread of its own: the
     thread runs one sendto(), in which the kernel walks; the reader reads the answer."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, nl: _socket.socket) -> None:
         self.port = port
-        self.socket = open_socket()
+        self.socket = nl
+        self.started = time.monotonic()
         self._error: BaseException | None = None
         self._sent = _thread.allocate_lock()
         self._sent.acquire()
         running = _thread.allocate_lock()
         running.acquire()
-        try:
-            _thread.start_new_thread(self._send, (request_both_families(port, ALL_TCP_STATES, 1), running))
-        except BaseException:
-            self.socket.close()
-            raise
+        _thread.start_new_thread(self._send, (request_both_families(port, ALL_TCP_STATES, 1), running))
         # Until the thread runs: from then on it holds the interpreter's lock only until the
         # kernel walks (sendto releases it), where otherwise it could wait for its first turn
         # until this thread's imports gave it one.
@@ -170,35 +175,51 @@ class _Walk:
         if self._error is not None:
             raise self._error
 
+    def close(self) -> None:
+        """Close the socket, unless the thread may still send on it (a reader stopped while it
+        waited): a descriptor closed under it could be another file's by then. The exit closes it."""
+        if not self._sent.locked():
+            self.socket.close()
+
 
 _walk: _Walk | None = None
 
 
 def start_walk(port: int) -> None:
-    """Start the early walk of a TCP port where the trial bind was refused, unless one has
-    started, or a listener (or an error) answers a look at LISTEN alone."""
+    """Start the early walk of a TCP port where the trial bind was refused as in use, unless one
+    has started, the process may run on one CPU only, or a look at LISTEN alone finds a listener
+    (or fails)."""
     global _walk
-    if _walk is not None:
+    if _walk is not None or len(posix.sched_getaffinity(0)) < 2:
         return
     found: list = []
     try:
         nl = open_socket()
-        try:
-            nl.sendto(request_both_families(port, 1 << TCP_LISTEN, 1), (0, 0))
-            receive(nl, bytearray(RECV_BUFFER), 1, lambda *message: found.append(message))
-        finally:
-            nl.close()
+    except OSError:
+        return  # the full command meets it again, and falls back as it does without the fast path
+    try:
+        nl.sendto(request_both_families(port, 1 << TCP_LISTEN, 1), (0, 0))
+        receive(nl, bytearray(RECV_BUFFER), 1, lambda *message: found.append(message))
         if not found:
-            _walk = _Walk(port)
+            # On this socket, which the look has read to its end: its recvmsg() of RECV_BUFFER
+            # bytes raised the size of the kernel's dump replies to it from a page to 32 KiB,
+            # so the thread's sendto() walks until that much is found (340 TIME_WAITs, not 39).
+            _walk = _Walk(port, nl)
     except (OSError, RuntimeError):  # RuntimeError: no thread could be started
-        pass  # the full command asks, as it would without the fast path, and says what it finds
+        pass
+    finally:
+        if _walk is None or _walk.socket is not nl:
+            nl.close()
 
 
-def walked(port: int) -> _Walk | None:
-    """The early walk of every TCP state on `port`, to be read once (its socket is the reader's
-    to close); None when there is none."""
+def take_walk(port: int) -> _Walk | None:
+    """The early walk of every TCP state on `port`, if it is under FRESH seconds old: once (the
+    reader closes it); None otherwise. An older one is closed and forgotten."""
     global _walk
     if _walk is None or _walk.port != port:
         return None
     walk, _walk = _walk, None
+    if time.monotonic() - walk.started > FRESH:
+        walk.close()
+        return None
     return walk

@@ -11,7 +11,7 @@ the kernel answers for IPv4 and IPv6 in one walk; UDP takes a SOCK_DIAG_BY_FAMIL
 (inet_diag_req_v2) per family. Any state but LISTEN makes the kernel visit every connection in
 the namespace, and BOUND every bound socket too: 10 ms and 13 ms at 100k sockets here. The fast
 path starts that walk early when its trial bind is refused (sockdiag's early walk), and the
-first look at every state of that port reads its answer.
+first look at every state of that port reads its answer while it is fresh.
 
 sock_diag needs no privilege. Where it is unavailable (a kernel without inet_diag or
 udp_diag, a seccomp or LSM policy denying AF_NETLINK), /proc/net/{tcp,tcp6,udp,udp6} is read
@@ -148,7 +148,7 @@ def _query_sock_diag(proto: str, port: int | None, states: int) -> list[SocketFa
     def parse(buffer: bytearray, start: int, end: int) -> None:
         facts.append(_parse_diag_msg(buffer, start, end, proto))
 
-    walk = sockdiag.walked(port) if proto == TCP and port is not None and states == sockdiag.ALL_TCP_STATES else None
+    walk = sockdiag.take_walk(port) if proto == TCP and port is not None and states == sockdiag.ALL_TCP_STATES else None
     nl = walk.socket if walk is not None else sockdiag.open_socket()
     try:
         buffer = bytearray(sockdiag.RECV_BUFFER)
@@ -166,7 +166,10 @@ def _query_sock_diag(proto: str, port: int | None, states: int) -> list[SocketFa
             nl.sendto(sockdiag.request(family, PROTOCOLS[proto], port, states, seq), (0, 0))
             sockdiag.receive(nl, buffer, seq, parse)
     finally:
-        nl.close()
+        if walk is None:
+            nl.close()
+        else:
+            walk.close()
     return facts
 
 
