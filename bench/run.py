@@ -131,7 +131,9 @@ def commands(info: dict, bindguard: list[str], bindguard_env: dict[str, str], ag
                 ["/bin/sh", "-c", f"exec {FLOOR_PYTHON} -I -S -c pass"]),
         Command("ss", f"`ss -Htln 'sport = :{held}'`", ["ss", "-Htln", f"sport = :{held}"]),
         # The kernel's walk of every connection that a TIME_WAIT on a port takes to find (sock_diag has no
-        # index by local port outside the listening table): the same request as bindguard's, from C.
+        # index by local port outside the listening table), from C: Debian 12's ss asks once per family
+        # and not for sockets bound but not listening, so it walks the connections twice and the bound
+        # sockets not at all, where bindguard's one request walks each once.
         Command("ss_all", f"`ss -Htan 'sport = :{timewait}'`", ["ss", "-Htan", f"sport = :{timewait}"]),
         Command("ss_p", f"`ss -Htlnp 'sport = :{held}'`", ["ss", "-Htlnp", f"sport = :{held}"]),
         Command("lsof", f"`lsof -nP -iTCP:{held} -sTCP:LISTEN`", ["lsof", "-nP", f"-iTCP:{held}", "-sTCP:LISTEN"]),
