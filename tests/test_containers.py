@@ -34,6 +34,7 @@ from bindguard.evidence import containers
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.model.facts import ContainerFact, ProcessFact
 from bindguard.model.kinds import ConflictKind
+from bindguard.model.text import escape
 from bindguard.verdict.conflicts import Conflict
 from bindguard.verdict.remedies import remedy
 from conftest import need, need_root
@@ -318,16 +319,18 @@ def _run_engine(tmp_path: Path, script: str, host_paths: tuple[str, ...], *, use
                 mount_points: tuple[str, ...] = (), new_pids: bool = False,
                 **variables: str) -> subprocess.CompletedProcess:
     """script run by sh in private mount and network namespaces (and PID namespace: new_pids), as every
-    engine test runs its engine: in its environment the busybox image ($IMAGE), the test's directory
-    ($OUT), the guard's command ($BINDGUARD, importing this bindguard), the cgroup its engine puts its
-    containers below ($CGROUP_PARENT: the test's own, at the top of the host's hierarchies, which the
-    cgroup v1 ones are, shared with the host) and `variables`. The engine's directories on the host,
-    host_paths, are left as they were, and no line of the test's user is added to the host's account
-    files (_host_unchanged); mount_points the host lacks are made for the run and removed after it, and
-    so are the cgroups below the test's parent (the test fails naming any still in use)."""
+    engine test runs its engine: in its environment the busybox image ($IMAGE, made only for a script
+    that uses it), the test's directory ($OUT), the guard's command ($BINDGUARD, importing this
+    bindguard), the cgroup its engine puts its containers below ($CGROUP_PARENT: the test's own, at the
+    top of the host's hierarchies, which the cgroup v1 ones are, shared with the host) and `variables`.
+    The engine's directories on the host, host_paths, are left as they were, and no line of the test's
+    user is added to the host's account files (_host_unchanged); mount_points the host lacks are made
+    for the run and removed after it, and so are the cgroups below the test's parent (the test fails
+    naming any still in use)."""
     parent = f"bindguard-test-{uuid.uuid4().hex[:12]}"
-    env = dict(os.environ, IMAGE=str(_busybox_image(tmp_path)), OUT=str(tmp_path), BINDGUARD=BINDGUARD,
-               PYTHONPATH=os.pathsep.join(sys.path), CGROUP_PARENT=f"/{parent}", **variables)
+    image = {"IMAGE": str(_busybox_image(tmp_path))} if "$IMAGE" in script else {}
+    env = dict(os.environ, **image, OUT=str(tmp_path), BINDGUARD=BINDGUARD, PYTHONPATH=os.pathsep.join(sys.path),
+               CGROUP_PARENT=f"/{parent}", **variables)
     namespaces = ["--pid", "--fork", "--mount-proc"] if new_pids else []
     try:
         with _mount_points(*mount_points), _host_unchanged(host_paths, user):
@@ -890,20 +893,110 @@ def test_podmans_rootlessport_is_known_by_its_file_not_by_the_path_its_process_s
 
 def test_a_name_and_image_from_a_users_own_file_are_bounded(tmp_path):
     """A rootless user's containers.json may name a container in MiB: the name and image kept are cut
-    to containers.USER_TEXT_MAX characters, marked so (…), and a cut name is never the engine's handle."""
+    to containers.ENGINE_TEXT_MAX characters, marked so (…), and a cut name is never the engine's
+    handle. Root's storage is bounded alike; a name within the bound is kept whole."""
     storage = tmp_path / "storage"
     (storage / "overlay-containers").mkdir(parents=True)
     long = "w" * (1 << 20)
     (storage / "overlay-containers" / "containers.json").write_text(json.dumps(
         [{"id": ID, "names": [long], "metadata": json.dumps({"image-name": "i" * (1 << 20)})}]))
     fact = containers._from_podman(ID, str(storage), owner=os.getuid())
-    limit = containers.USER_TEXT_MAX
+    limit = containers.ENGINE_TEXT_MAX
     assert fact.name == "w" * limit + "…" and fact.image == "i" * limit + "…"
     assert fact.handle == ID[:12] and len(fact.label) < 3 * limit, fact.label
     text = remedy(_conflict(fact))
     assert long not in text and f"podman stop {ID[:12]}" in text
-    root = containers._from_podman(ID, str(storage))  # root's storage: as written
-    assert root.name == long
+    assert containers._from_podman(ID, str(storage)).name == "w" * limit + "…"  # root's storage: bounded too
+    (storage / "overlay-containers" / "containers.json").write_text(json.dumps(
+        [{"id": ID, "names": ["w" * limit], "metadata": json.dumps({"image-name": "i" * limit})}]))
+    root = containers._from_podman(ID, str(storage))  # within the bound: as written
+    assert (root.name, root.image, root.handle) == ("w" * limit, "i" * limit, "w" * limit)
+
+
+# A process holding 127.0.0.1:18084 in a cgroup named as Docker names a container's (docker-ID.scope,
+# below the test's own parent), and that container's config.v2.json in a tmpfs over /var/lib/docker,
+# in private mount and network namespaces: the guard reads it as Docker's, no engine running. For each
+# state in $STATES ($OUT/STATE.json, copied into place in turn) the guard's check (STATE.err, STATE.code)
+# and explain --json (STATE.out) on the same holder.
+ENGINE_TEXT_SCRIPT = r"""
+set -eu
+mount -t tmpfs tmpfs /var/lib/docker
+ip link set lo up
+if [ -e /sys/fs/cgroup/cgroup.controllers ]; then top=/sys/fs/cgroup; else top=/sys/fs/cgroup/pids; fi
+scope="$top$CGROUP_PARENT/docker-$CONTAINER_ID.scope"
+mkdir -p "$scope" "/var/lib/docker/containers/$CONTAINER_ID"
+"$PYTHON" -c 'import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 18084)); s.listen(); open(sys.argv[1], "w").close(); time.sleep(60)' \
+    "$OUT/listening" &
+holder=$!
+trap 'kill -KILL $holder; wait $holder || true' EXIT
+echo $holder > "$scope/cgroup.procs"
+for _ in $(seq 1 100); do [ -e "$OUT/listening" ] && break; sleep 0.1; done
+[ -e "$OUT/listening" ]
+for state in $STATES; do
+    cp "$OUT/$state.json" "/var/lib/docker/containers/$CONTAINER_ID/config.v2.json"
+    set +e
+    $BINDGUARD check --no-systemd --wait 0 127.0.0.1:18084 2> "$OUT/$state.err"
+    echo $? > "$OUT/$state.code"
+    $BINDGUARD explain --no-systemd --json 127.0.0.1:18084 > "$OUT/$state.out" 2> /dev/null
+    set -e
+done
+"""
+# What a container's name or label may hold to reach a terminal or the journal: a terminal's escapes
+# (clear the screen, set its title, CSI in C1), and a line of its own forging a clear start.
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\nbindguard: clear: 127.0.0.1:18084 can be bound\r\x9b31m"
+
+
+def test_a_name_and_label_of_any_length_reach_the_report_bounded_escaped_and_marked(tmp_path):
+    """`docker run --name`/`--label` (or a pod spec) chooses the text in Docker's config.v2.json, not
+    the host's administrator: a name and a pod label of 100,000 characters with a terminal's escapes
+    reach the refusal and the JSON as their first containers.ENGINE_TEXT_MAX characters, marked '…',
+    control characters escaped in the report; everything else (verdict, exit code, remedy, JSON) is
+    what the same text within the bound gives."""
+    need_root("a container's cgroup")
+    limit = containers.ENGINE_TEXT_MAX
+    name, pod = "web5" + HOSTILE, "api-7d4" + HOSTILE
+    long_name, long_pod = name + "n" * 100_000, pod + "p" * 100_000
+    recorded = json.loads(DOCKER_RECORDED.read_text())
+    for state, (its_name, its_pod) in {"within": (name, pod), "beyond": (long_name, long_pod)}.items():
+        recorded["Name"] = "/" + its_name
+        recorded["Config"]["Labels"]["io.kubernetes.pod.name"] = its_pod
+        (tmp_path / f"{state}.json").write_text(json.dumps(recorded))
+    done = _run_engine(tmp_path, ENGINE_TEXT_SCRIPT, ("/var/lib/docker",), mount_points=("/var/lib/docker",),
+                       STATES="within beyond", CONTAINER_ID=ID, PYTHON=sys.executable)
+    assert done.returncode == 0, done.stderr
+    cut_name, cut_pod = long_name[:limit] + "…", long_pod[:limit] + "…"
+
+    def report(state: str) -> str:
+        return re.sub(r"started \d+ s ago", "started N s ago", (tmp_path / f"{state}.err").read_text())
+
+    within, beyond = report("within"), report("beyond")
+    assert (tmp_path / "within.code").read_text() == (tmp_path / "beyond.code").read_text() == "98\n"
+    assert f"docker container {escape(name)}, image bindguard-test:1, pod shop/{escape(pod)}" in within, within
+    assert beyond == within.replace(escape(name), escape(cut_name)).replace(escape(pod), escape(cut_pod)), beyond
+    assert not any(c in beyond for c in "\x1b\x9b\x07\r"), repr(beyond)
+    assert not any(line.startswith("bindguard: clear") for line in beyond.splitlines())
+    assert "n" * limit not in beyond and len(beyond) < len(within) + 8 * limit
+
+    def seen(value, cut: bool):  # a JSON document but its age; cut: with the cut text where the whole text was
+        if isinstance(value, str):
+            return value.replace(name, cut_name).replace(pod, cut_pod) if cut else value
+        if isinstance(value, list):
+            return [seen(v, cut) for v in value]
+        if isinstance(value, dict):
+            return {k: seen(v, cut) for k, v in value.items() if k != "started_ago_s"}
+        return value
+
+    docs = {state: json.loads((tmp_path / f"{state}.out").read_text()) for state in ("within", "beyond")}
+    (held,) = [c for c in docs["beyond"]["conflicts"] if c["kind"] == "listener"]
+    assert (held["container"]["name"], held["container"]["pod"]) == (cut_name, cut_pod)  # JSON escapes them itself
+    assert seen(docs["beyond"], cut=False) == seen(docs["within"], cut=True)
+    # What is kept of Docker's states for a docker-proxy's or dockerd's port is bounded alike, and names
+    # the container as its cgroup does.
+    state = json.loads((tmp_path / "beyond.json").read_text())
+    kept, path = containers._docker_kept(state), str(tmp_path / "beyond.json")
+    assert len(json.dumps(kept)) < 4096, kept
+    assert containers._docker_fact(ID, kept, path) == containers._docker_fact(ID, state, path)
 
 
 def docker_states_in(tmp_path, monkeypatch) -> list[str]:

@@ -21,7 +21,8 @@ files of bounded size (request.files):
   containerd  /run/containerd/io.containerd.runtime.v2.task/k8s.io/ID/config.json   annotations
   cri-o       /run/containers/storage/overlay-containers/ID/userdata/config.json    annotations
 
-Where the files cannot be read the container is still named by engine and id.
+Where the files cannot be read the container is still named by engine and id. Each name, image, pod
+and namespace read is kept to ENGINE_TEXT_MAX characters: whoever ran the container chose it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 
 from bindguard.model.facts import ContainerFact
+from bindguard.model.text import shortened  # loaded with facts already
 
 DOCKER_CONTAINERS = "/var/lib/docker/containers"
 DOCKER_STATE = DOCKER_CONTAINERS + "/{id}/config.v2.json"
@@ -115,20 +117,31 @@ def _dict(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-# Characters kept of a name or image read from a rootless user's own file (which may hold 32 MiB of
-# one): Podman's names and image references are far shorter, and the rest would only fill the
-# refusal line and the JSON.
-USER_TEXT_MAX = 256
+# Characters kept of a container's name or image, or its pod's name or namespace, as an engine's file
+# records them and every refusal, the journal and the JSON show them. Whoever runs `docker run --name
+# --label`, or writes a pod spec, chose that text, not the host's administrator, and a file may hold
+# MiB of it. 512 keeps whole every Kubernetes name (a pod's at most 253 characters, a namespace's or
+# container's 63) and every image reference (a repository at most 255, a tag 128, a sha256 digest 71:
+# 456 with all three). Docker and Podman check a name's characters, not its length, and a label's value
+# has no limit: longer text is no name anyone reads, and is cut, marked '…' (model.text.shortened), so
+# that no one takes it for the whole name and no remedy writes it into a command (shell_word).
+ENGINE_TEXT_MAX = 512
 
 
-def _str(value, owner: int | None = None) -> str:
-    """value where it is a string, else ""; from a file of a user's (owner), at most USER_TEXT_MAX characters."""
-    text = value if isinstance(value, str) else ""
-    if owner is None:
-        return text
-    from bindguard.model.text import shortened
+def _str(value) -> str:
+    """value where it is a string, else "": what the lookup compares (an address, a port), whole."""
+    return value if isinstance(value, str) else ""
 
-    return shortened(text, USER_TEXT_MAX)
+
+def _shown(value) -> str:
+    """A name, image, pod or namespace from an engine's file: a string, at most ENGINE_TEXT_MAX
+    characters of it, longer text cut there and marked."""
+    return shortened(_str(value), ENGINE_TEXT_MAX)
+
+
+def _docker_name(state: dict) -> str:
+    """A container's name from its config.v2.json ("/web"), without the slash Docker writes first."""
+    return _shown(_str(state.get("Name")).lstrip("/"))
 
 
 def _from_docker(cid: str) -> ContainerFact:
@@ -146,9 +159,8 @@ def _docker_fact(cid: str, state, path: str) -> ContainerFact:
         return ContainerFact("docker", cid)
     config = _dict(state.get("Config"))
     labels = _dict(config.get("Labels"))
-    pod, namespace = (_str(labels.get(label)) for label in POD_LABELS)
-    return ContainerFact("docker", cid, _str(state.get("Name")).lstrip("/"), _str(config.get("Image")), pod, namespace,
-                         source=path)
+    pod, namespace = (_shown(labels.get(label)) for label in POD_LABELS)
+    return ContainerFact("docker", cid, _docker_name(state), _shown(config.get("Image")), pod, namespace, source=path)
 
 
 def _from_podman(cid: str, storage: str = PODMAN_STORAGE, owner: int | None = None) -> ContainerFact:
@@ -170,11 +182,11 @@ def _from_podman(cid: str, storage: str = PODMAN_STORAGE, owner: int | None = No
     except (TypeError, ValueError, RecursionError):
         metadata = {}
     metadata = metadata if isinstance(metadata, dict) else {}
-    name = _str(names[0], owner) if names else _str(metadata.get("name"), owner)
+    name = _shown(names[0]) if names else _shown(metadata.get("name"))
     annotations = _annotations(PODMAN_CONFIG.format(id=cid)) if owner is None else {}
-    return ContainerFact("podman", cid, name, _str(metadata.get("image-name"), owner),
-                         _str(annotations.get("io.kubernetes.pod.name")),
-                         _str(annotations.get("io.kubernetes.pod.namespace")), source=listing_path)
+    return ContainerFact("podman", cid, name, _shown(metadata.get("image-name")),
+                         _shown(annotations.get("io.kubernetes.pod.name")),
+                         _shown(annotations.get("io.kubernetes.pod.namespace")), source=listing_path)
 
 
 def _annotations(path: str) -> dict:
@@ -196,7 +208,7 @@ CRI_ANNOTATIONS = {
 def _from_cri(engine: str, cid: str) -> ContainerFact:
     path = (CONTAINERD_CONFIG if engine == "containerd" else CRIO_CONFIG).format(id=cid)
     a = _annotations(path)
-    name, image, pod, namespace = (_str(a.get(key)) for key in CRI_ANNOTATIONS[engine])
+    name, image, pod, namespace = (_shown(a.get(key)) for key in CRI_ANNOTATIONS[engine])
     return ContainerFact(engine, cid, name, image, pod, namespace, source=path if a else "")
 
 
@@ -503,9 +515,9 @@ def _docker_kept(state) -> dict | None:
     ports = {published: [{"HostIp": _str(b.get("HostIp")), "HostPort": _str(b.get("HostPort"))}
                          for b in bindings if isinstance(b, dict)] if isinstance(bindings, list) else None
              for published, bindings in _dict(settings.get("Ports")).items()}
-    return {"State": {"Running": _dict(state.get("State")).get("Running") is True}, "Name": _str(state.get("Name")),
-            "Config": {"Image": _str(config.get("Image")),
-                       "Labels": {label: _str(labels.get(label)) for label in POD_LABELS}},
+    return {"State": {"Running": _dict(state.get("State")).get("Running") is True}, "Name": "/" + _docker_name(state),
+            "Config": {"Image": _shown(config.get("Image")),
+                       "Labels": {label: _shown(labels.get(label)) for label in POD_LABELS}},
             "NetworkSettings": {"Networks": networks, "Ports": ports}}
 
 
