@@ -71,6 +71,23 @@ def test_scan_findings_escape_it(netns, hostile):
     assert_one_line_per_message(proc.stderr, 1)
 
 
+@pytest.mark.integration
+def test_a_command_line_that_would_reorder_or_hide_what_is_shown_is_escaped(netns):
+    """A right-to-left override, an isolate, a zero-width space, a line separator and a byte that is
+    not UTF-8 in a holder's command line: each is shown as an escape, and the report is written
+    (the byte does not stop it), in UTF-8 that decodes strictly."""
+    hidden = "\u202egnirts\u2066\u200b\u2028\udcff"  # the last: the byte 0xff in the argv
+    proc = holder.start(netns.argv, [{"proto": "tcp", "host": "127.0.0.1", "port": PORT + 1, "reuseaddr": True}],
+                        extra_argv=[hidden])
+    netns.processes.append(proc)
+    for command in ("check", "explain"):
+        result = netns.run([*BINDGUARD, command, "--no-systemd", f"127.0.0.1:{PORT + 1}"], env=env(), text=False)
+        assert result.returncode == 98, result.stderr
+        text = (result.stdout + result.stderr).decode("utf-8")  # strict
+        assert all(line.isprintable() for line in text.splitlines()), repr(text)
+        assert "\\u202egnirts\\u2066\\u200b\\u2028" in text, text
+
+
 def test_scan_table_escapes_every_cell():
     """The table on recorded evidence (a live command line is cut at 60 characters before its
     hostile part would show): a command and a unit name from a cgroup with control characters."""
@@ -98,6 +115,13 @@ def test_explain_on_a_terminal_gets_no_escape_sequence(netns, hostile):
 
 def test_escape_and_excerpt():
     assert escape("a\nb\x1b[2J\r\t\x7f\x9bc é") == "a\\nb\\x1b[2J\\r\\t\\x7f\\x9bc é"
+    # Bidi controls, zero-width and other format characters, line and paragraph separators, a byte
+    # that was not UTF-8 (a lone surrogate), a tag character, a no-break space: escaped, as every
+    # character str.isprintable() rejects; letters of any script and the space are kept.
+    hidden = "\u202eevil\u2066\u2028\u2029\u200b\ufeff\udcff\U000e0041\u00a0"
+    assert escape(hidden) == "\\u202eevil\\u2066\\u2028\\u2029\\u200b\\ufeff\\udcff\\U000e0041\\xa0"
+    assert escape("nginx: wörker — 日本 ok") == "nginx: wörker — 日本 ok"
+    assert all(char.isprintable() for char in escape("".join(map(chr, range(0x3000)))))
     assert excerpt("root:x:0:0:root:/root:/bin/bash\nnext line", 12) == "'root:x:0:0:r'..."
     assert excerpt("a\nb") == "'a\\nb'"
 

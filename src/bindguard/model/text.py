@@ -1,21 +1,35 @@
-"""Untrusted text made safe to show: one line, every control character escaped. Pure, no imports.
+"""Untrusted text made safe to show: one line, every character that is not printable escaped. Pure, no imports.
 
 The request stage quotes a file's text in its errors and the report stage writes every line
 through escape(): both use this one rule.
 """
 
-# Every control character (C0, DEL, C1) as an escape: \n, \r, \t, else \xNN.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
-    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+# What escape() writes for the few with a short form; every other one as \xNN, \uNNNN or \UNNNNNNNN.
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def escape(text: str) -> str:
     """Text the guard does not control (a process's argv or name, a unit name from a cgroup, a
-    file's contents or name) made one harmless line: every control character is written as an
-    escape (a newline as \\n, ESC as \\x1b), so that it can neither start a journal entry of its
-    own (a forged "clear") nor drive a terminal. Every line emit() writes goes through it; text
-    written to stdout some other way must be passed through it first."""
-    return text.translate(_ESCAPES)
+    file's contents or name) made one harmless line: every character str.isprintable() rejects is
+    written as an escape (a newline as \\n, ESC as \\x1b, RIGHT-TO-LEFT OVERRIDE as \\u202e), so
+    that it can neither start a journal entry of its own (a forged "clear"), nor drive a terminal,
+    nor reorder or hide what is shown (bidi controls, zero-width and other format characters, line
+    and paragraph separators), nor fail to be written (a byte that was not UTF-8, kept as a lone
+    surrogate). Those are the control, format, separator (but the space), surrogate, private-use
+    and unassigned characters. Every line emit() writes goes through it; text written to stdout
+    some other way must be passed through it first."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if char in _SHORT:
+        return _SHORT[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 EXCERPT = 40  # characters of a file's text an error message quotes

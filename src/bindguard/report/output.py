@@ -73,12 +73,12 @@ class Console:
 
     def emit(self, priority: int, text: str | list[str] | tuple[str, ...]) -> None:
         """Write at a priority, unless SYSTEMD_LOG_LEVEL hides it: a str is one line, a list one line
-        per item. A newline inside a line is escaped like every control character (model.text.escape):
-        only the structure the guard itself gives its message makes lines."""
+        per item. A newline inside a line is escaped like every character that is not printable
+        (model.text.escape): only the structure the guard itself gives its message makes lines."""
         if not self.shows(priority):
             return
         lines = [text] if isinstance(text, str) else list(text)
-        if not all(line.isprintable() for line in lines):  # every character escape() changes is not printable
+        if not all(line.isprintable() for line in lines):  # escape() changes exactly the characters that are not
             from bindguard.model.text import escape  # only then: the clear path's line needs none
 
             lines = [escape(line) for line in lines]
