@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import user_units
 from test_discover import need_package
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,19 @@ def test_what_the_daemon_survives_only_warns(netns, paths, tmp_path):
     assert unavailable.returncode == 0 and "10.9.9.9:6390" in unavailable.stderr, unavailable.stderr
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 6390, "reuseaddr": True})
     assert check(netns, env, "--unit", "redis.service").returncode == 98
+
+
+def test_with_no_systemd_user_names_the_user_managers_unit_files_for_discovery(netns, tmp_path):
+    """--user --no-systemd: discovery reads the unit from the user manager's unit files, as the fast
+    path and a socket unit's plan do, not from the system's (which hold no unit of that name)."""
+    need_package("redis-server", "/usr/bin/redis-server")
+    units, env = user_units(tmp_path)
+    redis_conf = tmp_path / "redis.conf"
+    redis_conf.write_text("bind 127.0.0.1\nport 6391\n")
+    (units / "cache.service").write_text(f"[Service]\nExecStart=/usr/bin/redis-server {redis_conf}\n")
+    netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 6391, "reuseaddr": True})
+    refused = check(netns, env, "--user", "--unit", "cache.service")
+    assert refused.returncode == 98 and "127.0.0.1:6391" in refused.stderr, refused.stderr
 
 
 def test_nginx_config_linux_refuses_is_a_self_conflict(netns, paths, tmp_path):

@@ -15,7 +15,7 @@ from bindguard.model.facts import ProcessFact, SocketUnitFact, SystemdFacts, uni
 from bindguard.model.kinds import ConflictKind
 from bindguard.model.record import Record, field
 from bindguard.systemd import busaddress
-from bindguard.systemd.unitfiles import own_unit, proven_user_manager, runs_systemd
+from bindguard.systemd.unitfiles import own_unit, proven_user_manager, runs_systemd, user_manager
 
 # A service between runs: stopped (facts.unit_active), or starting but not yet past ExecCondition=/
 # ExecStartPre= (the guard's own phase), or waiting to restart. Processes in its cgroup then are left
@@ -80,24 +80,21 @@ class SystemdContext(Record):
     _unavailable: str = ""  # why connection() is None
     _unit_info: object = None
     _unit_info_tried: bool = False
-    _bus: str = ""  # chosen_bus(), once chosen
     _proven: tuple[int, str] | None = None  # proven(), once worked out
     _proven_tried: bool = False
 
-    def chosen_bus(self) -> str:
-        """USER or SYSTEM, chosen once per run (as the connection is kept). A root guard's choice
-        proves the user manager from /proc: once a run, shared with proven() and the unit files'
-        search path (unitfiles.proven_user_manager)."""
-        if not self._bus:
-            self._bus = busaddress.choose_bus(self.bus_choice)
-        return self._bus
-
     @property
     def user_bus(self) -> bool:
-        return self.chosen_bus() == busaddress.USER
+        """Whether this run asks a user manager: unitfiles.user_manager for bus_choice, the rule the
+        fast path follows before a context exists and the plan without one (--no-systemd:
+        request.plan.asks_user_manager), so that all answer alike. Nothing is kept here: a root
+        guard's one costly step, its proof of $MANAGERPID, is made once a run there and shared
+        (unitfiles.proven_user_manager)."""
+        return user_manager(self.bus_choice)
 
     def proven(self) -> tuple[int, str] | None:
-        """proven_manager() for this run's bus, worked out once per run."""
+        """proven_manager() for this run's bus, worked out once per run: the system manager's proof
+        reads /proc/1/exe, and facts() is asked again whenever the holders change."""
         if not self._proven_tried:
             self._proven_tried = True
             self._proven = proven_manager(self.user_bus)
@@ -107,7 +104,7 @@ class SystemdContext(Record):
         """The open Systemd connection, or None (with a note) when the bus is unavailable."""
         if not self._tried:
             self._tried = True
-            which = self.chosen_bus()
+            which = busaddress.USER if self.user_bus else busaddress.SYSTEM
             try:
                 # checked before bus is imported: without a socket, neither it nor pystemd is loaded
                 checked = busaddress.check_socket(which, busaddress.socket_path(which))

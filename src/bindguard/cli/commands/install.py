@@ -145,7 +145,7 @@ def _found_at_each_start(unit: str, user: bool, console: output.Console) -> None
     if unit.endswith(".socket"):
         _socket_unit_listens(unit, user, console)
         return
-    findings = discovered(unit, unit_config, _systemd(unit, user), console.warning,
+    findings = discovered(unit, user, unit_config, _systemd(unit, user), console.warning,
                           unavailable="install cannot tell what to check")
     if not findings:
         raise UsageError(f"no address to guard for {unit}: no LISTEN given, and no listen list in a bindguard "
@@ -183,7 +183,7 @@ def _carried_over(unit: str, listens: list[str], given, user: bool,
     from bindguard.model.host import host_bindv6only
     from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, discovered
 
-    found = {f.bind.endpoint: f for f in discovered(unit, None, _systemd(unit, user), console.warning,
+    found = {f.bind.endpoint: f for f in discovered(unit, user, None, _systemd(unit, user), console.warning,
                                                     unavailable="the addresses are taken as given")}
     # A bare port stands for the whole port (dual-stack [::]:PORT): nothing is carried over to it.
     whole = {(e.proto, e.port) for text, e in zip(listens, map(_address, listens), strict=True)
