@@ -16,6 +16,7 @@ from bindguard.model.host import host_bindv6only
 from bindguard.model.hostmap import Claim, ExitedCommand, HostMap, Listener, UnitState
 from bindguard.model.kinds import DISCOVERY_SOURCES, ClaimSource, UnitStatus, ordered_sources
 from bindguard.systemd import bus
+from bindguard.systemd.unitfiles import user_manager
 
 ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "generated"})  # started by the manager itself
 SCAN_BUS_BUDGET = 30.0  # seconds of D-Bus: a scan asks about every service, and no start waits for it
@@ -26,11 +27,12 @@ def gather(bus_choice: bool | None = None, use_systemd: bool = True, hostmap: Ho
     False. What could not be observed is a note on the map, never an exception."""
     hostmap = hostmap if hostmap is not None else HostMap()
     hostmap.listeners = _listeners(hostmap)
-    connection = _connect(bus_choice, hostmap) if use_systemd else None
+    user = user_manager(bus_choice)  # which manager the scan asks, decided once for all it asks
+    connection = _connect(user, hostmap) if use_systemd else None
     try:
         try:
-            manager_pid = _manager_pid(connection, bus_choice)
-            socket_units = connection.socket_units() if connection is not None else _enabled_socket_units(bus_choice)
+            manager_pid = _manager_pid(connection, user)
+            socket_units = connection.socket_units() if connection is not None else _enabled_socket_units(user)
             _attribute_listeners(hostmap, connection, manager_pid, socket_units)
             _socket_unit_claims(hostmap, socket_units)
             _service_claims(hostmap, connection, socket_units)
@@ -87,8 +89,8 @@ def _listeners(hostmap: HostMap) -> list[Listener]:
     return [Listener(s, held.first(s.inode)) for s in found]
 
 
-def _connect(bus_choice: bool | None, hostmap: HostMap) -> bus.Systemd | None:
-    which = bus.choose_bus(bus_choice)
+def _connect(user: bool, hostmap: HostMap) -> bus.Systemd | None:
+    which = bus.USER if user else bus.SYSTEM
     try:
         connection = bus.Systemd(which, budget=SCAN_BUS_BUDGET)
         hostmap.bus = which
@@ -99,13 +101,13 @@ def _connect(bus_choice: bool | None, hostmap: HostMap) -> bus.Systemd | None:
         return None
 
 
-def _manager_pid(connection: bus.Systemd | None, bus_choice: bool | None) -> int | None:
+def _manager_pid(connection: bus.Systemd | None, user: bool) -> int | None:
     """The manager's PID from the bus, else where /proc proves it (context.proven_manager)."""
     from bindguard.systemd.context import proven_manager
 
     if connection is not None:
         return connection.manager_pid()
-    proven = proven_manager(bus.choose_bus(bus_choice) == bus.USER)
+    proven = proven_manager(user)
     return proven[0] if proven else None
 
 
@@ -210,14 +212,13 @@ def _listener_unit_states(hostmap: HostMap, connection: bus.Systemd | None) -> N
             continue
 
 
-def _enabled_socket_units(bus_choice: bool | None) -> list[bus.SocketUnit]:
+def _enabled_socket_units(user: bool) -> list[bus.SocketUnit]:
     """Without a bus, the enabled .socket units and their IP Listen entries from their unit files, as
     the guard reads them (request.socketunit): they will listen after the next boot. Whether one
     listens now is not known (its claim's detail says so)."""
     from bindguard.systemd import unitexec
     from bindguard.systemd.unitfacts import socket_unit_from_files
 
-    user = bus.choose_bus(bus_choice) == bus.USER
     found = []
     for name, state in sorted(unitexec.enabled_socket_units(unitexec.unit_path(user)).items()):
         settings = socket_unit_from_files(name, user)

@@ -61,11 +61,12 @@ def _read_unit(unit: str, user_bus: bool | None, sources, console: output.Consol
     from bindguard.systemd import bus
     from bindguard.systemd.context import unit_facts
     from bindguard.systemd.unitfacts import unit_facts_from_files, unit_fragment
+    from bindguard.systemd.unitfiles import user_manager
 
+    user = user_manager(user_bus)  # one answer for the bus and, without it, the unit files
     try:
-        return discover.discover_unit(unit, lambda name: unit_facts(name, user_bus), sources)
+        return discover.discover_unit(unit, lambda name: unit_facts(name, user), sources)
     except bus.SystemdError as exc:
-        user = bus.choose_bus(user_bus) == bus.USER
         if unit_fragment(unit, user) is None:
             raise BindguardError(f"cannot read {unit} from systemd ({exc}), and no unit file of that name was found",
                                  "check the name, or give the command line with --exec-start") from None
