@@ -1,8 +1,9 @@
 """bindguard: will this daemon's bind() succeed, and if not, who is in the way?
 
 Below every stage, so that each may use it: the version, the environment read without os, the
-dependencies found on demand, the record of a stop signal, and the one check of whether a path is
-trusted (root's alone, every directory above it too), with posix alone: the fast path's
+dependencies found on demand, the record of a stop signal, the one walk that resolves a path's
+symlinks (strict for the trust check, not for the unit lookup), and the one check of whether a
+path is trusted (root's alone, every directory above it too), with posix alone: the fast path's
 environment search paths and bus socket are checked by it as discovery's dump programs are.
 """
 
@@ -80,40 +81,86 @@ ROOT = 0
 SYMLINKS_MAX = 40  # links one path may pass through before the kernel says ELOOP (MAXSYMLINKS)
 
 
-def real_path(path: str, links: list[str] | None = None) -> str:
-    """os.path.realpath(path, strict=True) with posix alone: the path with every symlink, `.` and
-    `..` resolved, as the kernel resolves it. OSError when some part of it is missing, not a
-    directory, or the links loop. Each symlink passed on the way is added to links, by a path
-    that holds no other link."""
+def real_path(path: str, links: list[str] | None = None, strict: bool = True) -> str:
+    """os.path.realpath(path, strict=strict) as Python 3.11 gives it, with posix alone, within the
+    kernel's SYMLINKS_MAX links: the path with every symlink, `.` and `..` resolved. One walk for
+    both meanings, which part only at a link and at a part that cannot be examined. Each symlink
+    passed on the way is added to links, by a path that holds no other link.
+
+    strict, the trust checks' (where the kernel takes the path): OSError when some part of it is
+    missing or not a directory, or past SYMLINKS_MAX links, each counted every time it is passed,
+    as the kernel counts them (a loop of links ends there too).
+
+    Not strict, the unit lookup's (where a linked unit file leads, read as it always has been): a
+    part that cannot be examined is taken as written and the walk goes on, so a `..` after it goes
+    up again. A link met again is not walked again (os.path remembers where each led), so the bound
+    counts different links; past it the path is given back as it is, so that opening it fails with
+    ELOOP, as systemd's would, where os.path would go on (a chain a user's linked unit can make as
+    long as it likes: os.path recursed into RecursionError). A loop of links (whose rest os.path
+    normalizes) and a relative path (rare: a unit search path from a relative $HOME) are left to
+    os.path itself, loaded only then.
+    """
     import _stat
     import posix
 
+    if not strict and not path.startswith("/"):
+        return _os_realpath(path)
     if not path:
         raise FileNotFoundError(2, "No such file or directory", path)
-    pending = [name for name in path.split("/") if name][::-1]  # what is left to walk, next last
+    # What is left to walk, next last. Not strict, "" (no name) is pushed below a link's target and
+    # the link's path below it: once the target is walked, the link leads where the walk is then.
+    pending = [name for name in path.split("/") if name][::-1]
     resolved = "" if path.startswith("/") else posix.getcwd().rstrip("/")  # "" is /
     passed = 0
+    led: dict[str, str | None] = {}  # not strict: where each link met leads (None while its target is walked)
     while pending:
         name = pending.pop()
+        if not name:
+            led[pending.pop()] = resolved
+            continue
         if name == ".":
             continue
         if name == "..":
             resolved = resolved.rpartition("/")[0]  # resolved holds no link: its parent is physical
             continue
         candidate = resolved + "/" + name
-        if _stat.S_ISLNK(posix.lstat(candidate).st_mode):
+        try:
+            is_link = _stat.S_ISLNK(posix.lstat(candidate).st_mode)
+        except OSError:
+            if strict:
+                raise
+            is_link = False  # missing, or not a directory on the way: taken as written
+        if not is_link:
+            resolved = candidate
+            continue
+        if links is not None:
+            links.append(candidate)
+        if strict:
             passed += 1
-            if links is not None:
-                links.append(candidate)
             if passed > SYMLINKS_MAX:
                 raise OSError(40, "Too many levels of symbolic links", path)  # ELOOP
-            target = posix.readlink(candidate)
-            if target.startswith("/"):
-                resolved = ""
-            pending += [name for name in target.split("/") if name][::-1]
+        elif candidate in led:
+            known = led[candidate]
+            if known is None:  # a loop
+                return _os_realpath(path)
+            resolved = known
+            continue
+        elif len(led) >= SYMLINKS_MAX:
+            return path
         else:
-            resolved = candidate
+            led[candidate] = None
+            pending += [candidate, ""]
+        target = posix.readlink(candidate)
+        if target.startswith("/"):
+            resolved = ""
+        pending += [name for name in target.split("/") if name][::-1]
     return resolved or "/"
+
+
+def _os_realpath(path: str) -> str:
+    import os
+
+    return os.path.realpath(path)
 
 
 def resolve_trusted(path: str, owners: tuple[int, ...] = (ROOT,)) -> tuple[str, str | None]:

@@ -24,7 +24,6 @@ from bindguard.systemd.unitfiles import (
     process_environment,
     proof_of,
     proven_user_manager,
-    realpath,
     trusted_dirs,
     with_template,
 )
@@ -198,13 +197,13 @@ def _find_fragment(names: list[str], dirs: tuple[str, ...]) -> tuple[str | None,
 def _resolved(path: str) -> str:
     """A unit file found in the search path, where it leads: a file that is no symlink is taken
     where it was found; a link (an alias, a mask, a linked unit) as os.path.realpath resolves it
-    (unitfiles.realpath, without loading os)."""
+    (bindguard.real_path, not strict, without loading os)."""
     try:
         if not _stat.S_ISLNK(posix.lstat(path).st_mode):
             return path
     except (OSError, ValueError):
         return path
-    return realpath(path)
+    return bindguard.real_path(path, strict=False)
 
 
 def _basename(path: str) -> str:

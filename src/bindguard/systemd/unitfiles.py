@@ -50,69 +50,6 @@ def isfile(path: str) -> bool:
         return False
 
 
-def realpath(path: str) -> str:
-    """os.path.realpath(path), not strict, as Python 3.11 makes it (posixpath._joinrealpath), with
-    posix alone for an absolute path: the unit lookup's answer as it has always been, kept exactly.
-    Not bindguard.real_path, which is strict: it raises for a link that leads nowhere, which os.path
-    follows as far as it goes, keeping the rest of its target as written. A loop of links (whose
-    rest os.path normalizes) and a relative path (rare: a unit search path from a relative $HOME)
-    are left to os.path itself. Past the kernel's SYMLINKS_MAX links, where os.path would go on (a
-    chain a user's linked unit can make as long as it likes: os.path recursed into RecursionError),
-    the path is given back as it is: opening it fails with ELOOP, as systemd's would.
-    tests/test_unitfile.py compares the two on real links."""
-    if path.startswith("/"):
-        try:
-            resolved = _joined_real("/", path, {})
-        except _TooManyLinks:
-            return path
-        if resolved is not None:
-            return resolved
-    import os
-
-    return os.path.realpath(path)
-
-
-class _TooManyLinks(Exception):
-    pass
-
-
-def _joined_real(path: str, rest: str, seen: dict[str, str | None]) -> str | None:
-    """path (absolute, with no link) joined with rest, each link in rest resolved as os.path does;
-    None at a loop. seen: each link met so far, with its resolution (None while it is resolved);
-    _TooManyLinks past bindguard.SYMLINKS_MAX of them, which also bounds the recursion."""
-    if rest.startswith("/"):
-        path, rest = "/", rest[1:]
-    while rest:
-        name, _, rest = rest.partition("/")
-        if not name or name == ".":
-            continue
-        if name == "..":
-            path = path.rpartition("/")[0] or "/"  # posixpath.split's head of a path with no link
-            continue
-        newpath = join(path, name)
-        try:
-            is_link = _stat.S_ISLNK(posix.lstat(newpath).st_mode)
-        except OSError:  # missing, or not a directory on the way: taken as written
-            is_link = False
-        if not is_link:
-            path = newpath
-            continue
-        if newpath in seen:
-            known = seen[newpath]
-            if known is None:
-                return None  # a loop
-            path = known
-            continue
-        if len(seen) >= bindguard.SYMLINKS_MAX:
-            raise _TooManyLinks(newpath)
-        seen[newpath] = None
-        resolved = _joined_real(path, posix.readlink(newpath), seen)
-        if resolved is None:
-            return None
-        path = seen[newpath] = resolved
-    return path
-
-
 def user_manager(choice: bool | None = None, environ=None) -> bool:
     """Whether to talk to a user manager: --user/--system (True/False) decide; otherwise
     $MANAGERPID, which a manager sets for what it starts, other than 1 means a user manager. The
