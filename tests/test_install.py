@@ -266,6 +266,34 @@ def test_without_a_launcher_an_interpreter_others_can_change_is_refused(tmp_path
         in refused.value.message
 
 
+def test_an_interpreter_below_a_directory_every_user_may_add_a_pyvenv_cfg_to_is_refused(tmp_path, monkeypatch):
+    """Python reads a pyvenv.cfg in its own directory and the one above when it starts, with -I -S
+    too, and its `home` names the standard library: in a sticky world-writable directory (/tmp)
+    anyone may add one. The interpreter and its own directory are root's alone here; the one above
+    is the sticky one, which excuses it as a directory above the interpreter, not as one read."""
+    need_root("a copy of the interpreter root would run")
+    shared = tmp_path / "shared"
+    (shared / "bin").mkdir(parents=True)
+    shared.chmod(0o1777)
+    python = _interpreter(shared / "bin")
+    planted = tmp_path / "planted"  # a standard library of a user's: here a link to the real one
+    stdlib = planted / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib.parent.mkdir(parents=True)
+    (planted / "bin").mkdir()
+    stdlib.symlink_to(os.path.dirname(os.__file__))
+    (shared / "pyvenv.cfg").write_text(f"home = {planted}/bin\n")
+    ran = subprocess.run([str(python), "-I", "-S", "-c", "import os; print(os.__file__)"], capture_output=True,
+                         text=True, timeout=60)
+    assert ran.stdout == f"{stdlib}/os.py\n", ran
+    (shared / "pyvenv.cfg").unlink()
+    monkeypatch.setattr(sys, "argv", ["-m", "install"])
+    monkeypatch.setattr(sys, "executable", str(python))
+    with pytest.raises(UsageError) as refused:
+        install.bindguard_command(packaged=tmp_path / "absent")
+    assert refused.value.message.endswith(
+        f"; {python} -I -m bindguard runs what others can change ({shared} can be written by every user)")
+
+
 def test_without_the_package_nor_a_trusted_launcher_install_exits_64_in_one_line(tmp_path, monkeypatch, capsys):
     from bindguard.cli import main
 

@@ -191,9 +191,13 @@ def launcher_interpreter(launcher: str) -> tuple[str, str | None]:
 
 
 def _interpreter_flaw(python: str, owners: tuple[int, ...]) -> str | None:
-    """Why root should not run this interpreter: it, or the link it is, or a directory above either
-    is in the reach of others than owners."""
-    return _reach(os.path.dirname(os.path.abspath(python)), owners) or _reach(python, owners)
+    """Why root should not run this interpreter: bindguard.untrusted() of it (the link it is, where
+    that leads, every directory above either), and of the two directories it reads a pyvenv.cfg
+    from when it starts, isolated or not (its own, as it is named, and the one above), which are
+    not excused by a sticky bit as a directory above is: whoever may add a pyvenv.cfg to either
+    names the standard library root runs."""
+    own = os.path.dirname(os.path.abspath(python))
+    return _reach(own, owners) or _reach(os.path.dirname(own), owners) or _reach(python, owners)
 
 
 def _reach(path: str, owners: tuple[int, ...]) -> str | None:
