@@ -509,15 +509,20 @@ AS_NOBODY = f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups"
 
 @pytest.fixture
 def named_sleep():
-    """named_sleep(NAME): the path of a copy of /bin/sleep called NAME (its process's comm), in a
-    directory of root's that every user may run programs from, removed after the test."""
+    """named_sleep(NAME[, PROGRAM]): the path of a copy of /bin/sleep (or PROGRAM) called NAME (its
+    process's comm), in a directory of root's that every user may run programs from, removed after
+    the test."""
     import tempfile
 
     where = Path(tempfile.mkdtemp(prefix="bindguard-names-"))
     where.chmod(0o755)
 
-    def copy(name: str) -> str:
-        shutil.copy2("/bin/sleep", where / name)
+    def copy(name: str, program: str = "/bin/sleep") -> str:
+        # A new file renamed over the last copy of that name, never written into it: a process of it
+        # killed a moment ago may still run it, and opening it to write would fail (ETXTBSY).
+        staged = where / f".{name}.new"
+        shutil.copy2(program, staged)
+        os.replace(staged, where / name)
         return str(where / name)
 
     try:
@@ -1043,9 +1048,7 @@ def test_dockers_states_are_read_once_for_every_port_dockerd_holds_and_within_a_
 
 def _python_called(named_sleep, name: str) -> str:
     """A copy of Debian's python3 called name (its process's comm), reading its program from stdin."""
-    path = named_sleep(name)
-    shutil.copy2(os.path.realpath("/usr/bin/python3"), path)
-    return path
+    return named_sleep(name, os.path.realpath("/usr/bin/python3"))
 
 
 # A process called dockerd (Debian's python3 copied so, reading its program from stdin) holding listeners
@@ -1134,7 +1137,10 @@ def test_a_look_at_every_port_docker_proxy_holds_lists_dockers_states_once(named
         process.stdin.write(FAKE_DOCKERD_WITH_PROXIES)
         process.stdin.close()
         own, proxies = json.loads(process.stdout.readline())
-        assert {_comm(pid) for pid, _ in proxies} == {"docker-proxy"} and _comm(process.pid) == "dockerd"
+        # Popen returns once the exec has closed the child's descriptors, a moment before the kernel
+        # names the process after its new program: until then a proxy is still called dockerd.
+        _until(lambda: {_comm(pid) for pid, _ in proxies} == {"docker-proxy"}, "the proxies' exec")
+        assert _comm(process.pid) == "dockerd"
         published = proxies[0][1]
         recorded = json.loads(DOCKER_RECORDED.read_text())
         recorded["NetworkSettings"]["Ports"] = {"8080/tcp": [{"HostIp": "", "HostPort": str(published)}],
