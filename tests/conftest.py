@@ -17,9 +17,17 @@ from pathlib import Path
 import holder
 import pytest
 
+from bindguard.request.cache import ENTRIES, RUN_DIR
+
 TESTS = Path(__file__).resolve().parent
 HOLDER = TESTS / "holder.py"
 REQUIRE = os.environ.get("BINDGUARD_REQUIRE_INTEGRATION") == "1"
+
+# Shell words that give a mount namespace a /run/bindguard of its own, where the guard remembers
+# discoveries (bindguard.request.cache): what a test's guards write there never reaches the host's,
+# which an installed bindguard uses, and nothing the host has there is seen. Mode 0700, as the guard
+# makes it: the cache takes no directory others may write (a tmpfs is 1777 by default).
+OWN_RUN_DIR = f"mount -t tmpfs -o mode=0700 tmpfs {RUN_DIR}"
 
 
 def user_units(tmp_path: Path, config: Path | None = None, **extra: str) -> tuple[Path, dict[str, str]]:
@@ -75,21 +83,28 @@ def need_root(what: str = "network namespaces") -> None:
 
 
 class NetNS:
-    """A private network namespace with lo up, alive while its anchor process lives."""
+    """A private network namespace with lo up, alive while its anchor process lives. With
+    own_run_dir, also a mount namespace whose /run/bindguard is its own (OWN_RUN_DIR), empty at
+    first and gone with the anchor; what runs in it starts in /, as nsenter leaves it."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_run_dir: bool = False) -> None:
+        unshare = ["unshare", "--net", *(["--mount", "--propagation", "private"] if own_run_dir else []), "--"]
+        setup = f"{OWN_RUN_DIR} && " if own_run_dir else ""
         self.anchor = subprocess.Popen(
-            ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
+            [*unshare, "sh", "-c", f"{setup}ip link set lo up && echo up && exec sleep infinity"],
             stdout=subprocess.PIPE,
             text=True,
         )
         if self.anchor.stdout.readline().strip() != "up":
-            raise RuntimeError("could not bring lo up in a new network namespace")
+            self.anchor.kill()
+            self.anchor.wait()
+            raise RuntimeError("could not set up a new network namespace")
         self.path = f"/proc/{self.anchor.pid}/ns/net"
+        self.namespaces = [f"--net={self.path}", *([f"--mount=/proc/{self.anchor.pid}/ns/mnt"] if own_run_dir else [])]
         self.processes: list[subprocess.Popen] = []
 
     def argv(self, argv: list[str]) -> list[str]:
-        return ["nsenter", f"--net={self.path}", "--", *argv]
+        return ["nsenter", *self.namespaces, "--", *argv]
 
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("capture_output", True)
@@ -125,17 +140,45 @@ class NetNS:
         self.anchor.wait()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _forget_the_discoveries_tests_remember():
-    """The guard remembers discoveries under the host's /run/bindguard/discovery (request/cache.py),
-    and the tests' guards run as root on the host's /run: remove what this session added there,
-    leaving what was there before it, the two directories too where the session made them (and
-    nothing else has put an entry in them since)."""
-    from bindguard.request.cache import ENTRIES, RUN_DIR
+# Whether the guard has a discovery of UNIT (bindguard.request.cache.lookup), first forgotten if
+# the first argument is "forget": asked in the namespace and with the environment the guard ran in
+# (its /run/bindguard, unit search path and bindguard package).
+REMEMBERED = r"""
+import sys
+from bindguard.request import cache
+action, unit, manager = sys.argv[1:]
+if action == "forget":
+    cache.forget(unit, manager == "user")
+print(cache.lookup(unit, manager == "user") is not None)
+"""
 
+
+def remembered(ns: NetNS, unit: str, env: dict[str, str], user: bool = False, forget: bool = False) -> bool:
+    """Whether a guard run in ns with env would answer unit from a remembered discovery; with
+    forget, after the entry was removed."""
+    proc = ns.run([sys.executable, "-c", REMEMBERED, "forget" if forget else "look", unit,
+                   "user" if user else "system"], env=env)
+    assert proc.returncode == 0 and proc.stdout in ("True\n", "False\n"), proc.stderr
+    return proc.stdout == "True\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_guards_run_dir():
+    """Where the tests' guards remember discoveries. Under the netns_own_run fixture and in the
+    systemd rig, a tmpfs of their own is mounted on /run/bindguard (OWN_RUN_DIR): the mount point
+    is made here (0700, as the guard makes it) where the host has none. Elsewhere a guard run as
+    root in the host's mount namespace (the netns fixture) remembers them in the host's
+    /run/bindguard/discovery: remove what this session added there, leaving what was there
+    before it, the two directories too where the session made them (and nothing else has put an
+    entry in them since)."""
     entries = Path(ENTRIES)
     made = [Path(d) for d in (ENTRIES, RUN_DIR) if not os.path.lexists(d)]  # child first: rmdir needs it empty
     before = set(os.listdir(entries)) if entries.is_dir() else set()
+    if Path(RUN_DIR) in made:
+        try:
+            os.mkdir(RUN_DIR, 0o700)
+        except OSError:  # not root: the tests that need it say so
+            pass
     yield
     if entries.is_dir():
         for name in set(os.listdir(entries)) - before:
@@ -151,6 +194,18 @@ def _forget_the_discoveries_tests_remember():
 def netns():
     need_root()
     ns = NetNS()
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+@pytest.fixture
+def netns_own_run():
+    """A netns whose processes see a /run/bindguard of their own (NetNS(own_run_dir=True)): for a
+    test that looks at what the guard remembers, or needs it to remember nothing yet."""
+    need_root()
+    ns = NetNS(own_run_dir=True)
     try:
         yield ns
     finally:

@@ -2,7 +2,8 @@
 
 The recipe (../shared/systemd-rig.md, summed up): as root, inside
 `unshare --mount --net --propagation private`, put a tmpfs on /run/systemd with
-/run/systemd/system in it (a user manager refuses to start without it), bring lo up, give
+/run/systemd/system in it (a user manager refuses to start without it) and one on /run/bindguard
+(the guards' remembered discoveries stay the rig's: conftest.OWN_RUN_DIR), bring lo up, give
 the manager a private HOME, XDG_RUNTIME_DIR and XDG_CONFIG_HOME, and let Debian's user unit
 dbus.socket provide the session bus at $XDG_RUNTIME_DIR/bus. Never `systemd --system`.
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import holder
+from conftest import OWN_RUN_DIR
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -192,7 +194,7 @@ class SystemdRig:
     def _start_manager(self) -> None:
         join = "".join(f'echo $$ > "{cg}/cgroup.procs" && ' for cg in self._manager_cgroups())
         inner = (
-            "mount -t tmpfs -o mode=755 tmpfs /run/systemd && mkdir -p /run/systemd/system && "
+            f"mount -t tmpfs -o mode=755 tmpfs /run/systemd && mkdir -p /run/systemd/system && {OWN_RUN_DIR} && "
             + (self._start_journald() if self.journal_dir else "")
             + f"ip link set lo up && exec {SYSTEMD} --user"
         )
@@ -280,6 +282,12 @@ class SystemdRig:
         assert self.manager is not None
         env = [f"{k}={v}" for k, v in self.env.items()]
         return ["nsenter", f"--target={self.manager.pid}", "--mount", "--net", "--", "env", "-i", *env, *argv]
+
+    def seen(self, path: str) -> Path:
+        """path (absolute) as the rig's processes see it, through their mount namespace: its own
+        /run/systemd and /run/bindguard."""
+        assert self.manager is not None and path.startswith("/")
+        return Path(f"/proc/{self.manager.pid}/root{path}")
 
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("capture_output", True)

@@ -15,7 +15,7 @@ import pytest
 
 from bindguard.model.kinds import DISCOVERY_SOURCES
 from bindguard.request import cache
-from conftest import need_root
+from conftest import need_root, remembered
 from test_discover import need_package
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -225,48 +225,46 @@ def test_every_service_dropin_checks_a_changed_listen_line_at_the_next_start(sys
     unit = f"cached-{uuid.uuid4().hex[:8]}.service"
     log = rig.log("web.log")
     rig.write_unit(unit, f"[Service]\nType=oneshot\nExecStart={NGINX} -t -q -c {conf}\nStandardError=append:{log}\n")
-    entry = Path(cache._entry_path(unit, True))
-    try:
-        settled()
-        assert rig.start(unit).ok, log.read_text()
-        assert entry.is_file(), log.read_text()
-        before = entry.stat()
-        assert rig.start(unit).ok, log.read_text()
-        assert entry.stat().st_mtime_ns == before.st_mtime_ns, "the entry was rewritten: not used"
-        assert log.read_text().count(f"checking 127.0.0.1:18191 from {conf}:7 (nginx -T)") == 2, log.read_text()
+    entry = rig.seen(cache._entry_path(unit, True))  # in the rig's own /run/bindguard
+    settled()
+    assert rig.start(unit).ok, log.read_text()
+    assert entry.is_file(), log.read_text()
+    before = entry.stat()
+    assert rig.start(unit).ok, log.read_text()
+    assert entry.stat().st_mtime_ns == before.st_mtime_ns, "the entry was rewritten: not used"
+    assert log.read_text().count(f"checking 127.0.0.1:18191 from {conf}:7 (nginx -T)") == 2, log.read_text()
 
-        holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18192, "reuseaddr": True})
-        with open(conf, "r+") as f:
-            text = f.read()
-            f.seek(0)
-            f.write(text.replace("18191", "18192"))
-        refused = rig.start(unit)
-        assert refused.pre_status == [98], (refused, log.read_text())
-        assert "127.0.0.1:18192 in use" in log.read_text()
-        rig.release(holder)
+    holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18192, "reuseaddr": True})
+    with open(conf, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("18191", "18192"))
+    refused = rig.start(unit)
+    assert refused.pre_status == [98], (refused, log.read_text())
+    assert "127.0.0.1:18192 in use" in log.read_text()
+    rig.release(holder)
 
-        settled()
-        assert rig.start(unit).ok, log.read_text()
-        holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18193, "reuseaddr": True})
-        (rig.root / "conf.d" / "more.conf").write_text("server { listen 127.0.0.1:18193; }\n")
-        refused = rig.start(unit)
-        assert refused.pre_status == [98], (refused, log.read_text())
-        assert "127.0.0.1:18193 in use" in log.read_text()
-        rig.release(holder)
-    finally:
-        cache.forget(unit, True)
+    settled()
+    assert rig.start(unit).ok, log.read_text()
+    holder = rig.hold({"proto": "tcp", "host": "127.0.0.1", "port": 18193, "reuseaddr": True})
+    (rig.root / "conf.d" / "more.conf").write_text("server { listen 127.0.0.1:18193; }\n")
+    refused = rig.start(unit)
+    assert refused.pre_status == [98], (refused, log.read_text())
+    assert "127.0.0.1:18193 in use" in log.read_text()
+    rig.release(holder)
 
 
 @pytest.mark.integration
-def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discovery(netns):
+def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discovery(netns_own_run):
     """Debian's nginx.service and configuration: once remembered, the fast path answers, in the
-    full command's words (its findings' sources, then the verdict)."""
+    full command's words (its findings' sources, then the verdict). Nothing is remembered at first
+    (a /run/bindguard of the test's own)."""
     from test_fastpath import COMPARE
 
     import compileall
 
+    netns = netns_own_run
     need_package("nginx", NGINX)
-    cache.forget("nginx.service", False)
     # Run first (or alone) on a fresh tree, the guard would write __pycache__ as it discovers, and
     # the directories it looked at would change under it (test_a_module_compiled_again_...).
     compileall.compile_dir(SRC / "bindguard", quiet=1)
@@ -274,7 +272,7 @@ def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discove
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
     first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"], env=env)
     assert first.returncode == 0, first.stderr
-    assert cache.lookup("nginx.service", False) is not None, "Debian's nginx files were not remembered"
+    assert remembered(netns, "nginx.service", env), "Debian's nginx files were not remembered"
     proc = netns.run([sys.executable, "-c", COMPARE, json.dumps([["--unit", "nginx.service"]])], env=env)
     assert proc.returncode == 0, proc.stderr
     [[_, (fast_code, fast_err), (full_code, full_err)]] = json.loads(proc.stdout)

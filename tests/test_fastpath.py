@@ -1,4 +1,7 @@
-"""The fast path gives the full command's answer, or none: never a different one."""
+"""The fast path gives the full command's answer, or none: never a different one.
+
+Every test's guards here run with a /run/bindguard of their own (netns is netns_own_run): what
+they remember starts empty, and is neither the host's nor another test's."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import user_units
+from conftest import remembered, user_units
 
 COMPARE = r"""
 import contextlib, io, json, sys
@@ -37,6 +40,12 @@ for args in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
+
+@pytest.fixture
+def netns(netns_own_run):
+    return netns_own_run
+
+
 ANSWERED = [  # the fast path must answer these itself
     ["8080"],
     ["udp:8080"],
@@ -62,7 +71,7 @@ DEFERRED = [  # these go to the full command, which knows better
     ["0"],
     ["70000"],
     ["[2001:db8::1]:8080"],
-    ["--unit", "nginx.service"],  # discovery knows nginx, and nothing is remembered (forgotten below)
+    ["--unit", "nginx.service"],  # discovery knows nginx, and nothing is remembered yet
     ["--json", "8080"],
     ["--wait", "-1", "8080"],
     ["--v6only", "[::ffff:127.0.0.1]:8080"],
@@ -79,9 +88,6 @@ DEFERRED = [  # these go to the full command, which knows better
 
 @pytest.mark.integration
 def test_fast_path_agrees_with_the_full_command(netns, tmp_path):
-    from bindguard.request import cache
-
-    cache.forget("nginx.service", False)
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 9000, "reuseaddr": True})
     proc = netns.run([sys.executable, "-c", COMPARE, json.dumps(ANSWERED + ANSWERED_IN_UNIT + DEFERRED)],
                      env={"BINDGUARD_CONFIG_PATH": str(tmp_path), "PATH": "/usr/bin:/bin",
@@ -193,9 +199,9 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
     units, env = user_units(tmp_path)
     (units / "web.service").write_text("[Service]\nExecStart=/usr/bin/webd --port 8080\n")
     package = str(Path(cache.__file__).parent.parent.parent)
-    first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"],
-                      env={**env, "PYTHONPATH": package})
-    assert first.returncode == 0 and cache.lookup("nginx.service", False) is not None, first.stderr
+    packaged = {**env, "PYTHONPATH": package}
+    first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"], env=packaged)
+    assert first.returncode == 0 and remembered(netns, "nginx.service", packaged), first.stderr
     for args in (["8080"], ["--user", "--unit", "web.service"], ["--unit", "nginx.service"]):
         proc = netns.run([sys.executable, "-I", "-S", "-c", LOADED, package, "check", *args], env=env)
         code, _, loaded = proc.stdout.strip().partition(" ")
@@ -204,10 +210,10 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
         if args == ["8080"]:  # from a shell, with no unit named: no unit file to read
             assert "bindguard.systemd" not in loaded.split(), loaded
     # The first start after a change: discovery runs (nginx -T), with its records as Records too.
-    cache.forget("nginx.service", False)
+    assert not remembered(netns, "nginx.service", packaged, forget=True)
     proc = netns.run([sys.executable, "-I", "-S", "-c", LOADED, package, "check", "--unit", "nginx.service"], env=env)
     code, _, loaded = proc.stdout.strip().partition(" ")
-    assert code == "0" and cache.lookup("nginx.service", False) is not None, proc.stderr
+    assert code == "0" and remembered(netns, "nginx.service", packaged), proc.stderr
     unwanted = {"argparse", "dataclasses", "inspect", "pystemd", "yaml"}
     assert not unwanted & set(loaded.split()), sorted(unwanted & set(loaded.split()))
 

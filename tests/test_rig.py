@@ -15,7 +15,12 @@ def test_rig_runs_units_in_private_namespaces_and_cleans_up(systemd_rig):
     rig = systemd_rig
     assert rig.systemctl("is-system-running").stdout.strip() in ("running", "degraded")
     assert rig.prop("dbus.service", "ActiveState") == "active"
-    assert rig.run(["cat", "/proc/self/mounts"]).stdout.count(" /run/systemd tmpfs ") == 1
+    mounts = rig.run(["cat", "/proc/self/mounts"]).stdout
+    assert mounts.count(" /run/systemd tmpfs ") == 1
+    # The guards' remembered discoveries: the rig's own, root's alone as the guard requires.
+    assert ["mode=700" in fields[3].split(",") for fields in map(str.split, mounts.splitlines())
+            if fields[1:3] == ["/run/bindguard", "tmpfs"]] == [True], mounts
+    assert not any(rig.seen("/run/bindguard").iterdir()), "the rig's /run/bindguard is empty at first"
     assert os.readlink(f"/proc/{rig.manager_pid}/ns/net") != os.readlink("/proc/self/ns/net")
 
     rig.write_unit("smoke.service", f"""\
