@@ -162,6 +162,20 @@ def remembered(ns: NetNS, unit: str, env: dict[str, str], user: bool = False, fo
     return proc.stdout == "True\n"
 
 
+def bytecode_compiled() -> None:
+    """This checkout's package byte-compiled now, then a pause past what counts as a fresh change
+    (bindguard.request.cache.FRESH_NS): a guard that discovers writes no __pycache__ as it goes,
+    which would change the directories its discovery looked at and leave it unremembered, however
+    the runs before it were told about bytecode (PYTHONDONTWRITEBYTECODE, -I)."""
+    import compileall
+    import time
+
+    from bindguard.request import cache
+
+    compileall.compile_dir(Path(cache.__file__).parents[1], quiet=1)
+    time.sleep(cache.FRESH_NS / 1e9 + 0.05)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _the_guards_run_dir():
     """Where the tests' guards remember discoveries. Under the netns_own_run fixture and in the

@@ -15,7 +15,7 @@ import pytest
 
 from bindguard.model.kinds import DISCOVERY_SOURCES
 from bindguard.request import cache
-from conftest import need_root, remembered
+from conftest import bytecode_compiled, need_root, remembered
 from test_discover import need_package
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -261,14 +261,11 @@ def test_the_fast_path_says_what_the_full_command_says_from_a_remembered_discove
     (a /run/bindguard of the test's own)."""
     from test_fastpath import COMPARE
 
-    import compileall
-
     netns = netns_own_run
     need_package("nginx", NGINX)
     # Run first (or alone) on a fresh tree, the guard would write __pycache__ as it discovers, and
     # the directories it looked at would change under it (test_a_module_compiled_again_...).
-    compileall.compile_dir(SRC / "bindguard", quiet=1)
-    time.sleep(cache.FRESH_NS / 1e9 + 0.05)
+    bytecode_compiled()
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
     first = netns.run([sys.executable, "-m", "bindguard", "check", "--unit", "nginx.service"], env=env)
     assert first.returncode == 0, first.stderr

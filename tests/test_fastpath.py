@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import remembered, user_units
+from conftest import bytecode_compiled, remembered, user_units
 
 COMPARE = r"""
 import contextlib, io, json, sys
@@ -196,6 +196,7 @@ def test_the_common_paths_load_no_module_they_can_do_without(netns, tmp_path):
     from bindguard.request import cache
 
     need_package("nginx", "/usr/sbin/nginx")
+    bytecode_compiled()  # else a fresh tree's first discovery, writing __pycache__, is not remembered
     units, env = user_units(tmp_path)
     (units / "web.service").write_text("[Service]\nExecStart=/usr/bin/webd --port 8080\n")
     package = str(Path(cache.__file__).parent.parent.parent)
