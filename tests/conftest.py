@@ -8,6 +8,7 @@ is turned into a failure.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,11 +24,20 @@ TESTS = Path(__file__).resolve().parent
 HOLDER = TESTS / "holder.py"
 REQUIRE = os.environ.get("BINDGUARD_REQUIRE_INTEGRATION") == "1"
 
+# Another user, for what root must not trust or what runs without privilege: Debian's nobody.
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]  # then the argv to run so
+
 # Shell words that give a mount namespace a /run/bindguard of its own, where the guard remembers
 # discoveries (bindguard.request.cache): what a test's guards write there never reaches the host's,
 # which an installed bindguard uses, and nothing the host has there is seen. Mode 0700, as the guard
 # makes it: the cache takes no directory others may write (a tmpfs is 1777 by default).
 OWN_RUN_DIR = f"mount -t tmpfs -o mode=0700 tmpfs {RUN_DIR}"
+
+
+def quoted_commands(text: str) -> list[str]:
+    """The commands a report advises: each `backtick-quoted` span of its text."""
+    return re.findall(r"`([^`]*)`", text)
 
 
 def user_units(tmp_path: Path, config: Path | None = None, **extra: str) -> tuple[Path, dict[str, str]]:

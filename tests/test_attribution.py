@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import guarded
+from conftest import NOBODY, guarded, quoted_commands
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +144,7 @@ def test_a_cgroup_path_that_only_ends_in_the_units_name_is_not_reaped(systemd_ri
     .../user@65534.service/app.slice/web.service is not the guarded web.service's stale instance.
     Without a bus nothing confirms the unit, so nothing is reaped."""
     rig = systemd_rig
-    rig.hold(SPEC, uid=65534)
+    rig.hold(SPEC, uid=NOBODY)
     pid = listener_pid(rig.run)
     fake_unit_cgroup(rig, pid)
 
@@ -167,10 +167,8 @@ def test_a_cgroup_a_delegated_unit_named_is_no_unit_and_reaches_no_command(syste
     """Below a delegated unit its user may make cgroups of any name: one named
     `x$(reboot);.service` is no unit systemd could have, so the holder's unit is the one above it,
     and the name reaches no command the advice writes."""
-    import re
-
     rig = systemd_rig
-    rig.hold(SPEC, uid=65534)
+    rig.hold(SPEC, uid=NOBODY)
     pid = listener_pid(rig.run)
     fake_unit_cgroup(rig, pid, "user.slice/user-65534.slice/user@65534.service/app.slice/web.service/"
                                "x$(reboot);.service")
@@ -180,7 +178,7 @@ def test_a_cgroup_a_delegated_unit_named_is_no_unit_and_reaches_no_command(syste
     assert (conflict["unit"], conflict["unit_status"]) == ("web.service", "cgroup"), conflict
     said = rig.bindguard("check", "--user", ADDRESS).stderr
     assert "`systemctl stop web.service`" in said
-    assert not [command for command in re.findall(r"`[^`]*`", said) if "reboot" in command], said
+    assert not [command for command in quoted_commands(said) if "reboot" in command], said
 
 
 # --- issue 10.3: the unit of a socket-unit conflict is the socket unit ----------------------------------------
@@ -246,7 +244,7 @@ def test_verify_takes_the_managers_word_not_a_cgroup_name(systemd_rig):
     """verify: a process of another user's web.service does not serve the guarded web.service."""
     rig = systemd_rig
     rig.write_unit("web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
-    rig.hold(SPEC, uid=65534)
+    rig.hold(SPEC, uid=NOBODY)
     pid = listener_pid(rig.run)
     fake_unit_cgroup(rig, pid)
     done = rig.bindguard("verify", "--user", "--json", "--timeout", "0", "--unit", "web.service", ADDRESS)

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from conftest import NOBODY
+
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 HEAVY = ("yaml", "psutil", "pystemd")
 
@@ -140,8 +142,8 @@ def test_a_search_path_in_the_environment_is_used_only_where_root_owns_it(netns,
     theirs, ours = tmp_path / "theirs", tmp_path / "ours"
     for directory in (theirs, ours):
         write(directory / "web.service.yaml", "listen: [127.0.0.1:8080]\n")
-    os.chown(theirs, 65534, 65534)
-    os.chown(theirs / "web.service.yaml", 65534, 65534)
+    os.chown(theirs, NOBODY, NOBODY)
+    os.chown(theirs / "web.service.yaml", NOBODY, NOBODY)
     ran = {}
     for name, directory in (("theirs", theirs), ("ours", ours)):
         env = {**os.environ, "BINDGUARD_CONFIG_PATH": str(directory), "SYSTEMD_UNIT_PATH": str(directory)}

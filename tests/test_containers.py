@@ -37,7 +37,7 @@ from bindguard.model.kinds import ConflictKind
 from bindguard.model.text import escape
 from bindguard.verdict.conflicts import Conflict
 from bindguard.verdict.remedies import remedy
-from conftest import need, need_root
+from conftest import AS_NOBODY, NOBODY, need, need_root, quoted_commands
 
 ID = "f70f59f8dfac8409672c00f9015b0a3fd50bce9cbc39d58d9ea9e356e956bb6d"
 BINDGUARD = f"{sys.executable} -m bindguard"
@@ -495,16 +495,12 @@ def test_a_rootless_podman_container_behind_rootlessport_is_named_with_its_user(
 @contextlib.contextmanager
 def _nobodys_process():
     """A process of the user nobody's, alive for the block: a program any user could run."""
-    process = subprocess.Popen(["sleep", "30"], user=65534, group=65534)
+    process = subprocess.Popen(["sleep", "30"], user=NOBODY, group=NOBODY)
     try:
         yield process
     finally:
         process.kill()
         process.wait()
-
-
-NOBODY = 65534
-AS_NOBODY = f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups"
 
 
 @pytest.fixture
@@ -559,7 +555,7 @@ def test_a_rootlessport_that_forwards_into_no_container_names_none(named_sleep):
     need_root("another user's process in a network namespace")
     packaged = containers.ROOTLESSPORT_PROGRAMS[0]  # the packaged program: its check passes, the namespace's decides
     need_engine(packaged)
-    impostor = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), packaged], stdin=subprocess.PIPE)
+    impostor = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY, packaged], stdin=subprocess.PIPE)
     try:
         _until(lambda: _comm(impostor.pid) == "rootlessport", "the impostor's exec")
         assert containers.runs_rootlessport(impostor.pid)
@@ -572,10 +568,6 @@ def test_a_rootlessport_that_forwards_into_no_container_names_none(named_sleep):
     finally:
         impostor.kill()
         impostor.wait()
-
-
-def _commands(text: str) -> list[str]:
-    return re.findall(r"`([^`]*)`", text)
 
 
 def test_a_name_from_a_users_file_is_no_shell_text():
@@ -591,7 +583,7 @@ def test_a_name_from_a_users_file_is_no_shell_text():
 def test_a_pod_or_namespace_that_is_no_plain_word_is_in_no_command(pod, namespace):
     text = remedy(_conflict(ContainerFact("containerd", ID, "api", pod=pod, namespace=namespace, via="cgroup")))
     assert f"the pod {pod} in namespace {namespace}" in text
-    assert not any(pod in c or namespace in c for c in _commands(text)), text
+    assert not any(pod in c or namespace in c for c in quoted_commands(text)), text
     plain = remedy(_conflict(ContainerFact("containerd", ID, "api", pod="api-5f6", namespace="prod", via="cgroup")))
     assert "`kubectl -n prod get pod api-5f6 -o yaml`" in plain
 
@@ -600,7 +592,7 @@ def test_a_pod_or_namespace_that_is_no_plain_word_is_in_no_command(pod, namespac
 def test_a_rootless_users_name_that_is_no_plain_word_is_in_no_command(user):
     text = remedy(_conflict(ContainerFact("podman", ID, "web2", user=user, via="rootlessport")))
     assert f"as its user {user}" in text and "`podman stop web2`" in text
-    assert not any(user in c for c in _commands(text)) and "runuser" not in text, text
+    assert not any(user in c for c in quoted_commands(text)) and "runuser" not in text, text
 
 
 # Debian's Docker engine (docker.io), run by hand in private PID, mount and network namespaces: its
@@ -714,7 +706,7 @@ def test_a_port_dockerd_holds_itself_without_its_proxy_is_named_as_the_container
 def _dockerd_with_proxy(named_sleep, dockerd_uid: int, proxy_uid: int):
     """A process called dockerd run as dockerd_uid whose child called docker-proxy runs as proxy_uid
     (root's or nobody's: a nobody's dockerd drops root after starting its child); the child's PID."""
-    runs_as = {0: "", NOBODY: AS_NOBODY}
+    runs_as = {0: "", NOBODY: " ".join(AS_NOBODY)}
     script = f'{runs_as[proxy_uid]} "$1" 30 & exec {runs_as[dockerd_uid]} "$2" 30'
     dockerd = subprocess.Popen(["sh", "-c", script, "sh", named_sleep("docker-proxy"), named_sleep("dockerd")])
     proxies: list[int] = []
@@ -774,7 +766,7 @@ def test_a_conmon_that_is_not_root_names_no_container():
     taken for rootful Podman's monitor (its remedy would stop someone else's container)."""
     from bindguard.evidence import owners
 
-    for user, named in ((65534, False), (None, True)):  # nobody's is not named; root's is
+    for user, named in ((NOBODY, False), (None, True)):  # nobody's is not named; root's is
         conmon = _named_conmon(user)
         try:
             facts = owners.process_facts(conmon.pid)
@@ -850,7 +842,7 @@ def test_a_rootlessport_that_is_not_podmans_program_names_no_container(named_sle
     need_root("another user's processes in a network namespace")
     rootlessport = named_sleep("rootlessport")
     conmon = _python_called(named_sleep, "conmon")
-    fake = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY.split(), conmon, "-", "-c", ID, "-n", "web1",
+    fake = subprocess.Popen(["unshare", "--net", "--", *AS_NOBODY, conmon, "-", "-c", ID, "-n", "web1",
                              rootlessport], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = None
     try:
@@ -879,7 +871,7 @@ def test_podmans_rootlessport_is_known_by_its_file_not_by_the_path_its_process_s
     mounted one is not believed, and the packaged one, run by the same user, still is."""
     packaged = containers.ROOTLESSPORT_PROGRAMS[0]
     need_engine(packaged)
-    genuine = subprocess.Popen([*AS_NOBODY.split(), packaged], stdin=subprocess.PIPE)  # waits for its config
+    genuine = subprocess.Popen([*AS_NOBODY, packaged], stdin=subprocess.PIPE)  # waits for its config
     impostor = subprocess.Popen(["unshare", "-Urm", "--", "sh", "-c",
                                  f'mount --bind "$0" {packaged} && exec {packaged} 30', named_sleep("rootlessport")],
                                 user=NOBODY, group=NOBODY)

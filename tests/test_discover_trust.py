@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from bindguard.request.discover import discover
-from conftest import need_root
+from conftest import NOBODY, need_root
 from test_discover import need_package
 
 pytestmark = pytest.mark.integration
 
-NOBODY = 65534
 SRC = Path(__file__).resolve().parent.parent / "src"
 GUARD = f"/usr/bin/env PYTHONPATH={SRC} {sys.executable} -m bindguard check --unit %n"
 MODULE_C = r"""

@@ -15,7 +15,7 @@ import pytest
 
 from bindguard.action import install
 from bindguard.model.errors import UsageError
-from conftest import need_root
+from conftest import AS_NOBODY, NOBODY, need_root
 from rig import TREE_PROGRAM
 
 BINDGUARD = [sys.executable, "-m", "bindguard"]
@@ -114,9 +114,6 @@ def test_program_names_the_program_and_refuses_one_root_should_not_run(tmp_path)
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 64 and f"--program {given!r} {flaw}" in done.stderr, done.stderr
         assert done.stdout == "" and "Traceback" not in done.stderr
-
-
-NOBODY = 65534
 
 
 def _theirs(tmp_path: Path) -> Path:
@@ -220,8 +217,8 @@ def test_a_user_s_own_program_is_taken_for_a_user_unit_only():
             os.chown(path, NOBODY, NOBODY)
         home.chmod(0o755)
         env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_CONFIG_HOME": str(home), "PYTHONPATH": str(SRC)}
-        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
-                     "/usr/bin/python3", "-m", "bindguard", "install", "--print", "--program", str(program)]
+        as_nobody = [*AS_NOBODY, "--", "/usr/bin/python3", "-m", "bindguard", "install", "--print", "--program",
+                     str(program)]
         mine = subprocess.run([*as_nobody, "--user", "web.service", "8080"], capture_output=True, text=True, env=env,
                               timeout=60)
         assert mine.returncode == 0 and f"\nExecStartPre=+{program} check --unit %n --user 8080\n" in mine.stdout, mine

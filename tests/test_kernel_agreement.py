@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import AS_NOBODY, NOBODY
+
 TRYBIND = Path(__file__).with_name("trybind.py")
 P = 8080
-NOBODY = 65534
 
 
 def listen(host, **kw):
@@ -203,12 +204,11 @@ def test_time_wait_reports_time_left(netns):
 @pytest.mark.integration
 def test_privileged_port_without_privilege_is_predicted(netns):
     netns.hold(listen("0.0.0.0", port=80))
-    unprivileged = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    proc = netns.run([*unprivileged, sys.executable, "-m", "bindguard", "check", "--json", "--wait", "0", "0.0.0.0:80"])
+    proc = netns.run([*AS_NOBODY, sys.executable, "-m", "bindguard", "check", "--json", "--wait", "0", "0.0.0.0:80"])
     report = json.loads(proc.stdout)
     assert proc.returncode == 98, proc.stderr
     assert report["conflicts"][0]["predicted"] and report["conflicts"][0]["kind"] == "listener"
     assert "prediction" in proc.stderr
-    proc = netns.run([*unprivileged, sys.executable, "-m", "bindguard", "check", "--json", "--wait", "0", "0.0.0.0:81"])
+    proc = netns.run([*AS_NOBODY, sys.executable, "-m", "bindguard", "check", "--json", "--wait", "0", "0.0.0.0:81"])
     assert proc.returncode == 0, proc.stderr
     assert "predict" in proc.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from bindguard.evidence.iptables_legacy import rules_from_save
 from bindguard.evidence.nat import MAX_DEPTH, rules_from_ruleset, xt_targets_from_text
 from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
 from bindguard.verdict.nat import nat_conflicts
-from conftest import need
+from conftest import need, quoted_commands
 
 DATA = Path(__file__).resolve().parent / "data" / "nft"
 LEGACY = Path(__file__).resolve().parent / "data" / "iptables-legacy"  # rules.sh, and what -save printed after it
@@ -435,8 +434,7 @@ def test_a_chain_named_with_shell_text_is_not_written_into_a_command(netns):
     report = explain(netns, "0.0.0.0:8080")
     found = [c for c in report["conflicts"] if c["kind"] == "nat-shadowed"]
     assert [c["nat"]["chain"] for c in found] == ["x;reboot"], report
-    commands = re.findall(r"`([^`]*)`", found[0]["remedy"])
-    assert commands == ["nft -a list ruleset"], found[0]["remedy"]
+    assert quoted_commands(found[0]["remedy"]) == ["nft -a list ruleset"], found[0]["remedy"]
 
 
 def test_iptables_nft_rules_are_read_with_their_targets(netns):

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HOLDER, need, need_root
+from conftest import HOLDER, NOBODY, need, need_root
 from observe import query
 
 import bindguard
@@ -117,7 +117,7 @@ def test_unreadable_processes_are_counted_without_root(netns):
     )
     env = {**os.environ, "PYTHONPATH": str(Path(bindguard.__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, "-c", code], user=65534, group=65534, extra_groups=[], env=env,
+        [sys.executable, "-c", code], user=NOBODY, group=NOBODY, extra_groups=[], env=env,
         capture_output=True, text=True, cwd="/", timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -128,7 +128,7 @@ def test_unreadable_processes_are_counted_without_root(netns):
 
 @pytest.mark.integration
 def test_process_facts_of_a_holder(netns):
-    holder = netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080}, uid=65534)
+    holder = netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8080}, uid=NOBODY)
     facts = owners.process_facts(holder.pid)
     assert facts is not None
     assert facts.pid == holder.pid
@@ -136,7 +136,7 @@ def test_process_facts_of_a_holder(netns):
     assert facts.name.startswith("python")
     assert str(HOLDER) in facts.cmdline
     assert facts.exe == os.path.realpath(sys.executable)
-    assert facts.uid == 65534 and facts.user == "nobody"
+    assert facts.uid == NOBODY and facts.user == "nobody"
     assert abs(facts.started - time.time()) < 60
     assert facts.cgroup == owners.process_cgroup(os.getpid())
     assert facts.unit == owners.unit_from_cgroup(facts.cgroup)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-NOBODY = 65534
+from conftest import NOBODY
+
 BINDGUARD = [sys.executable, "-m", "bindguard"]
 
 

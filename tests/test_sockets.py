@@ -12,9 +12,10 @@ import os
 import sys
 
 import pytest
-from observe import query as observe
 
 from bindguard.evidence import sockdiag, sockets
+from conftest import NOBODY
+from observe import query as observe
 
 BOUND_INACTIVE_KERNEL = tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 8)
 
@@ -126,9 +127,9 @@ def test_outgoing_connection_from_the_port(netns):
 
 
 def test_uid_of_an_unprivileged_holder(netns):
-    netns.hold({"proto": "tcp", "host": "::1", "port": 8080}, uid=65534)
+    netns.hold({"proto": "tcp", "host": "::1", "port": 8080}, uid=NOBODY)
     (fact,), _ = observe(netns, port=8080)
-    assert fact["uid"] == 65534 and fact["state"] == "LISTEN"
+    assert fact["uid"] == NOBODY and fact["state"] == "LISTEN"
 
 
 def test_proc_net_fallback(netns):

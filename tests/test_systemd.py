@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import need, need_root
+from conftest import AS_NOBODY, NOBODY, need, need_root
 
 from bindguard.evidence import owners
 from bindguard.systemd.context import proven_manager
@@ -550,16 +550,16 @@ def test_a_bus_socket_is_trusted_only_with_every_directory_above_it_and_its_link
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(theirs / "bus"))
     try:
-        os.chown(theirs, 65534, 65534)
-        with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid 65534, not root"):
+        os.chown(theirs, NOBODY, NOBODY)
+        with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid {NOBODY}, not root"):
             check_socket(SYSTEM, str(theirs / "bus"))
         os.chown(theirs, 0, 0)
         os.chmod(theirs / "bus", 0o777)  # as the system bus's: anyone may connect, no one else change it
         link = tmp_path / "link"
         link.symlink_to(theirs / "bus")
         assert check_socket(SYSTEM, str(link)) == str(theirs / "bus")
-        os.chown(theirs, 65534, 65534)  # the link is root's, what it leads to is not
-        with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid 65534"):
+        os.chown(theirs, NOBODY, NOBODY)  # the link is root's, what it leads to is not
+        with pytest.raises(SystemdUnavailable, match=f"{theirs} belongs to uid {NOBODY}"):
             check_socket(SYSTEM, str(link))
         with pytest.raises(SystemdUnavailable, match="is no path"):  # %00 in the address
             check_socket(SYSTEM, f"{theirs}/bus\0")
@@ -576,8 +576,9 @@ def test_a_bus_socket_of_another_user_is_not_asked(monkeypatch, tmp_path):
     try:
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={str(path).replace(' ', '%20')},guid=0")
         if os.geteuid() == 0:  # as any other user, a socket of its own cannot be given away
-            os.chown(path, 65534, 65534)
-            with pytest.raises(SystemdUnavailable, match=f"{path} is not trusted: {path} belongs to uid 65534, not root"):
+            os.chown(path, NOBODY, NOBODY)
+            untrusted = f"{path} is not trusted: {path} belongs to uid {NOBODY}, not root"
+            with pytest.raises(SystemdUnavailable, match=untrusted):
                 Systemd(SYSTEM)
             os.chown(path, 0, 0)
         with pytest.raises(SystemdUnavailable, match=f"the system bus at {path} did not answer within 1 s"):
@@ -605,12 +606,11 @@ def test_a_non_dumpable_process_of_another_user_is_no_manager_of_roots(monkeypat
     from bindguard.systemd import unitfiles
 
     need_root("the root guard's rule (setpriv)")
-    process = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                "/usr/bin/python3", "-I", "-c", UNDUMPABLE], stdout=subprocess.PIPE)
+    process = subprocess.Popen([*AS_NOBODY, "/usr/bin/python3", "-I", "-c", UNDUMPABLE], stdout=subprocess.PIPE)
     try:
         assert process.stdout.readline() == b"ready\n"
         assert os.stat(f"/proc/{process.pid}/status").st_uid == 0  # what an owner in /proc would prove
-        assert unitfiles.status_ids(process.pid) == (65534, 65534)
+        assert unitfiles.status_ids(process.pid) == (NOBODY, NOBODY)
         assert not unitfiles.root_runs(process.pid)
         assert unitfiles.root_runs(os.getpid())
         # Its exe cannot be systemd's binary without it being systemd: grant that, so the uid decides.

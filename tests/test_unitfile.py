@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import bindguard
-from conftest import need, need_root
+from conftest import NOBODY, need, need_root
 
 from bindguard.action import install
 from bindguard.systemd import unitfiles
@@ -214,7 +214,7 @@ def test_a_search_path_from_the_environment_keeps_only_directories_root_alone_ca
     theirs = tmp_path / "theirs"
     units = theirs / "units"
     units.mkdir(parents=True)
-    os.chown(theirs, 65534, 65534)  # they may rename units and put their own in its place
+    os.chown(theirs, NOBODY, NOBODY)  # they may rename units and put their own in its place
     mine = tmp_path / "mine"
     mine.mkdir()
     (tmp_path / "link").symlink_to(mine)
@@ -253,7 +253,7 @@ def test_as_root_without_a_proven_manager_the_environments_user_directories_must
     need_root("the root guard's rule")
     theirs = tmp_path / "theirs"
     (theirs / "systemd" / "user").mkdir(parents=True)
-    os.chown(theirs, 65534, 65534)
+    os.chown(theirs, NOBODY, NOBODY)
     mine = tmp_path / "mine"
     (mine / "systemd" / "user").mkdir(parents=True)
     monkeypatch.delenv("MANAGERPID", raising=False)
