@@ -591,19 +591,26 @@ def test_scan_reports_a_declared_address_a_nat_rule_takes(netns, tmp_path):
 
 
 def test_a_tool_runs_as_the_file_its_check_resolved(tmp_path, monkeypatch):
-    """run_tool resolves the tool's links once, in its trust check (bindguard.checked_path), and runs
-    that file: no second resolution, whose answer a re-pointed link could change in between."""
+    """run_tool resolves the tool's links once, in its trust check (bindguard.checked_path, through
+    bindguard.real_path), and runs that file: no second resolution, whose answer a re-pointed link
+    could change in between."""
+    import bindguard
     from bindguard.evidence import nat
 
     tool = tmp_path / "real-tool"
     tool.write_text("#!/bin/sh\necho \"$0 $*\"\n")  # $0: the script the kernel ran
     tool.chmod(0o755)
     (tmp_path / "nft").symlink_to(tool)
-    realpath, asked = os.path.realpath, []
-    monkeypatch.setattr(os.path, "realpath", lambda path, **kwargs: (asked.append(str(path)), realpath(path, **kwargs))[1])
+    real_path, resolved = bindguard.real_path, []
+
+    def watched(path, *args, **kwargs):
+        resolved.append(path)
+        return real_path(path, *args, **kwargs)
+
+    monkeypatch.setattr(bindguard, "real_path", watched)
     assert nat.run_tool(str(tmp_path / "nft"), "nftables", "-j") == f"{tool} -j\n".encode()
     monkeypatch.undo()
-    assert str(tmp_path / "nft") not in asked
+    assert resolved == [str(tmp_path / "nft")], resolved
     os.chmod(tmp_path, 0o777)  # anyone could re-point the link: not run
     with pytest.raises(nat.NatUnreadable, match=f"{tmp_path}/nft is not run: {tmp_path} can be written by every user"):
         nat.run_tool(str(tmp_path / "nft"), "nftables", "-j")
