@@ -291,6 +291,37 @@ def test_an_interpreter_below_a_directory_every_user_may_add_a_pyvenv_cfg_to_is_
         f"; {python} -I -m bindguard runs what others can change ({shared} can be written by every user)")
 
 
+def test_python_m_bindguard_from_a_site_directory_every_user_may_add_a_pth_to_is_refused(tmp_path):
+    """`python -I -m bindguard` runs site (it has no -S), which runs the `import` lines of every *.pth
+    file in each site directory: a sticky world-writable site-packages keeps others from replacing
+    the bindguard package in it, not from adding a .pth beside it. A venv's copied interpreter and
+    a copy of the package, root's alone, are taken; with site-packages sticky and world-writable
+    they are refused, the directory named."""
+    need_root("a copy of the interpreter and the package root would run")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = _interpreter(venv / "bin")
+    (venv / "pyvenv.cfg").write_text(f"home = {os.path.dirname(os.path.realpath(sys.executable))}\n"
+                                     "include-system-site-packages = false\n")
+    site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    shutil.copytree(SRC / "bindguard", site_packages / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
+    choose = ("import pathlib; from bindguard.action import install; from bindguard.model.errors import UsageError\n"
+              "try: print(install.bindguard_command(packaged=pathlib.Path('/absent')))\n"
+              "except UsageError as refused: print(refused.message)")
+    taken = subprocess.run([str(python), "-I", "-c", choose], capture_output=True, text=True, timeout=60)
+    assert taken.stdout == f"([{str(python)!r}, '-I', '-m', 'bindguard'], '/absent does not exist')\n", taken
+    site_packages.chmod(0o1777)
+    ran = tmp_path / "ran"
+    (site_packages / "anyone.pth").write_text(f"import pathlib; pathlib.Path({str(ran)!r}).touch()\n")
+    subprocess.run([str(python), "-I", "-m", "bindguard", "--version"], capture_output=True, timeout=60, check=True)
+    assert ran.exists()
+    (site_packages / "anyone.pth").unlink()
+    refused = subprocess.run([str(python), "-I", "-c", choose], capture_output=True, text=True, timeout=60)
+    assert refused.stdout == (f"no bindguard that a unit may run as root: /absent does not exist; {python} -I -m "
+                              f"bindguard runs what others can change ({site_packages} can be written by every user)\n"
+                              ), refused
+
+
 def test_without_the_package_nor_a_trusted_launcher_install_exits_64_in_one_line(tmp_path, monkeypatch, capsys):
     from bindguard.cli import main
 

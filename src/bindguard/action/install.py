@@ -135,7 +135,7 @@ def bindguard_command(owners: tuple[int, ...] = (ROOT,), packaged: Path | None =
         refusals.append(f"{launcher} {why}")
     if not launchers:
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bindguard/, above action/
-        why = _interpreter_flaw(sys.executable, owners) or _reach(package, owners)
+        why = _interpreter_flaw(sys.executable, owners) or _reach(package, owners) or _search_flaw(package, owners)
         if why is None:
             return [sys.executable, "-I", "-m", "bindguard"], f"{packaged} {flaw}"
         refusals.append(f"{sys.executable} -I -m bindguard {why}")
@@ -198,6 +198,26 @@ def _interpreter_flaw(python: str, owners: tuple[int, ...]) -> str | None:
     names the standard library root runs."""
     own = os.path.dirname(os.path.abspath(python))
     return _reach(own, owners) or _reach(os.path.dirname(own), owners) or _reach(python, owners)
+
+
+def _search_flaw(package: str, owners: tuple[int, ...]) -> str | None:
+    """Why root should not run `python -I -m bindguard` with this package: bindguard.untrusted() of
+    the directories whose entries that Python reads, which are not excused by a sticky bit as a
+    directory above the package is: each site directory of this interpreter's, as site found them
+    (this form is chosen run as `python -m bindguard`, site on; site runs without -S and runs the
+    `import` lines of every *.pth file in each; -I leaves the user's out), and the one the package
+    is imported from. Whoever may add a file to either decides code root runs. A
+    site directory not there is checked where one could be made: the nearest directory above it
+    that is."""
+    import site
+
+    for directory in dict.fromkeys([*site.getsitepackages(), os.path.dirname(package)]):
+        while not os.path.lexists(directory):  # a link that leads nowhere is checked, and refused, as it is
+            directory = os.path.dirname(directory)
+        why = _reach(directory, owners)
+        if why is not None:
+            return why
+    return None
 
 
 def _reach(path: str, owners: tuple[int, ...]) -> str | None:
