@@ -1,8 +1,9 @@
 """The early walk (bindguard.evidence.sockdiag) against real sockets in real network namespaces.
 
 Each test runs a short program inside the namespace: the fast path starts the walk, and the look
-at the port that bindguard's explanation makes (sockets.sockets_on_port) reads it, or asks for
-itself when the walk is not the one it wants.
+at the port that bindguard's explanation makes (sockets.sockets_on_port with early_walk, as
+guard._sockets_explaining asks it) reads it, or asks for itself when the walk is not the one it
+wants.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def test_every_state_of_the_port_is_read_from_the_early_walk_once(netns):
     answer = run(netns, """
         sockdiag.start_walk(8080)
         started = pending()
-        first = states(sockets.sockets_on_port("tcp", 8080))
+        first = states(sockets.sockets_on_port("tcp", 8080, early_walk=True))
         after = pending()
-        again = states(sockets.sockets_on_port("tcp", 8080))
+        again = states(sockets.sockets_on_port("tcp", 8080, early_walk=True))
         print(json.dumps({"started": started, "first": first, "after": after, "again": again}))
     """)
     assert answer == {"started": 8080, "first": ["8080 TIME_WAIT"], "after": None, "again": ["8080 TIME_WAIT"]}
@@ -71,16 +72,60 @@ def test_a_look_at_another_port_or_fewer_states_leaves_the_early_walk_alone(netn
     netns.hold({"proto": "tcp", "host": "127.0.0.1", "port": 8081, "mode": "outgoing"})
     answer = run(netns, """
         sockdiag.start_walk(8080)
-        other = states(sockets.sockets_on_port("tcp", 8081))
-        fewer = states(sockets.sockets_on_port("tcp", 8080, states=["LISTEN", "TIME_WAIT"]))
-        udp = states(sockets.sockets_on_port("udp", 8080))
+        other = states(sockets.sockets_on_port("tcp", 8081, early_walk=True))
+        fewer = states(sockets.sockets_on_port("tcp", 8080, states=["LISTEN", "TIME_WAIT"], early_walk=True))
+        udp = states(sockets.sockets_on_port("udp", 8080, early_walk=True))
         left = pending()
-        walked = states(sockets.sockets_on_port("tcp", 8080))
+        walked = states(sockets.sockets_on_port("tcp", 8080, early_walk=True))
         print(json.dumps({"other": other, "fewer": fewer, "udp": udp, "left": left, "walked": walked,
                           "after": pending()}))
     """)
     assert answer == {"other": ["8081 ESTABLISHED"], "fewer": ["8080 TIME_WAIT"], "udp": [], "left": 8080,
                       "walked": ["8080 TIME_WAIT"], "after": None}
+
+
+@needs_two_cpus
+def test_a_look_that_does_not_ask_for_the_walk_or_follows_a_listener_leaves_it(netns):
+    """A look at every state reads the walk only when its caller asks (sockets_on_port's early_walk):
+    the guard does after a look at LISTEN alone found no listener, as the walk's start did. A
+    listener that came since, on an address of its own that does not explain the refusal, is
+    then in the evidence, with the TIME_WAIT, from a look of the guard's own."""
+    netns.hold(TIME_WAIT)
+    answer = run(netns, """
+        import socket
+        from bindguard.action import guard
+        from bindguard.model.endpoints import Bind, SocketOptions, parse_listen
+
+        sockdiag.start_walk(8080)
+        unasked = states(sockets.sockets_on_port("tcp", 8080))
+        left = pending()
+        newcomer = socket.create_server(("127.0.0.2", 8080))
+        refused = [Bind(parse_listen("127.0.0.1:8080"), SocketOptions(reuseaddr=False))]
+        explained = states(guard._sockets_explaining("tcp", 8080, refused, []))
+        print(json.dumps({"unasked": unasked, "left": left, "explained": explained, "after": pending()}))
+    """)
+    assert answer == {"unasked": ["8080 TIME_WAIT"], "left": 8080, "explained": ["8080 LISTEN", "8080 TIME_WAIT"],
+                      "after": 8080}
+
+
+@needs_two_cpus
+def test_a_walk_no_look_took_gives_way_to_a_new_one(netns):
+    """Another run in the same process: a walk past its freshness that no look took is closed when
+    the next refusal starts its own."""
+    netns.hold(TIME_WAIT)
+    answer = run(netns, """
+        sockdiag.start_walk(8080)
+        first = sockdiag._walk
+        first.wait()
+        again_at_once = sockdiag.start_walk(8080) or sockdiag._walk is first
+        first.started -= sockdiag.FRESH + 0.01
+        sockdiag.start_walk(8080)
+        second = sockdiag._walk
+        print(json.dumps({"kept while fresh": again_at_once, "first closed": first.socket.fileno() == -1,
+                          "second": second is not first and second.port,
+                          "read": states(sockets.sockets_on_port("tcp", 8080, early_walk=True))}))
+    """)
+    assert answer == {"kept while fresh": True, "first closed": True, "second": 8080, "read": ["8080 TIME_WAIT"]}
 
 
 @needs_two_cpus
@@ -97,7 +142,7 @@ def test_a_walk_whose_request_fails_hands_its_error_to_the_reader(netns):
         sockdiag.start_walk(8080)
         walk = sockdiag._walk
         notes = []
-        facts = states(sockets.sockets_on_port("tcp", 8080, notes))
+        facts = states(sockets.sockets_on_port("tcp", 8080, notes, early_walk=True))
         print(json.dumps({"started": walk.port, "error": walk._error.errno, "facts": facts, "notes": notes,
                           "closed": walk.socket.fileno() == -1}))
     """)
@@ -117,7 +162,7 @@ def test_a_kernel_without_the_old_request_starts_no_walk_and_is_asked_per_family
         sockdiag.start_walk(8080)
         started = pending()
         notes = []
-        facts = states(sockets.sockets_on_port("tcp", 8080, notes))
+        facts = states(sockets.sockets_on_port("tcp", 8080, notes, early_walk=True))
         print(json.dumps({"started": started, "facts": facts, "notes": notes}))
     """)
     assert answer == {"started": None, "facts": ["8080 TIME_WAIT"], "notes": []}
@@ -134,7 +179,7 @@ def test_a_walk_past_its_freshness_is_closed_and_the_look_asks_again(netns):
         walk.wait()
         walk.started -= sockdiag.FRESH + 0.01
         taken = sockdiag.take_walk(8080)
-        facts = states(sockets.sockets_on_port("tcp", 8080))
+        facts = states(sockets.sockets_on_port("tcp", 8080, early_walk=True))
         print(json.dumps({"taken": taken is not None, "closed": walk.socket.fileno() == -1,
                           "left": pending(), "facts": facts}))
     """)

@@ -107,12 +107,16 @@ def _sockets_explaining(proto: str, port: int, failed: list[Bind], notes: list[s
     explain."""
     from bindguard.evidence import sockets
 
+    if proto != TCP or not failed:
+        return sockets.sockets_on_port(proto, port, notes)
+    listeners = sockets.sockets_on_port(proto, port, notes, states=["LISTEN"])
     # With SO_REUSEPORT a listener may be a group the daemon would join, and not the obstacle.
-    if proto == TCP and failed and not any(bind.options.reuseport for bind in failed):
-        listeners = sockets.sockets_on_port(proto, port, notes, states=["LISTEN"])
-        if all(any(could_block(bind, s) for s in listeners) for bind in failed):
-            return listeners
-    return sockets.sockets_on_port(proto, port, notes)
+    if not any(bind.options.reuseport for bind in failed) and \
+            all(any(could_block(bind, s) for s in listeners) for bind in failed):
+        return listeners
+    # The fast path's early walk answers only where no listener has come since it began: it
+    # found none there either (bindguard.evidence.sockdiag).
+    return sockets.sockets_on_port(proto, port, notes, early_walk=not listeners)
 
 
 def observe(binds: list[Bind], results: list[ProbeResult] | None) -> Evidence:

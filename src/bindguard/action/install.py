@@ -382,10 +382,10 @@ def daemon_reload(user: bool) -> str | None:
     """Make the manager read the change: Manager.Reload over D-Bus, else `systemctl daemon-reload`
     (which also reaches a manager without a bus through its private socket). Returns None on
     success, or why neither worked."""
-    from bindguard.systemd.bus import CONNECT_TIMEOUT, SYSTEM, USER, Systemd, SystemdError
+    from bindguard.systemd.bus import CONNECT_TIMEOUT, Systemd, SystemdError, bus_for
 
     try:  # a reload of many units takes a while, and a person waits for it anyway
-        with Systemd(USER if user else SYSTEM, budget=CONNECT_TIMEOUT + 90, call_timeout=90) as sd:
+        with Systemd(bus_for(user), budget=CONNECT_TIMEOUT + 90, call_timeout=90) as sd:
             sd.reload()
         return None
     except SystemdError as exc:
@@ -402,10 +402,10 @@ def daemon_reload(user: bool) -> str | None:
 
 def known_to_manager(unit: str, user: bool) -> bool | None:
     """Whether the manager knows the unit; None when it cannot be asked."""
-    from bindguard.systemd.bus import SYSTEM, USER, Systemd, SystemdError, UnitNotFound
+    from bindguard.systemd.bus import Systemd, SystemdError, UnitNotFound, bus_for
 
     try:
-        with Systemd(USER if user else SYSTEM) as sd:
+        with Systemd(bus_for(user)) as sd:
             sd.unit(unit)
         return True
     except UnitNotFound:

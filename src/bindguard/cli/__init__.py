@@ -132,8 +132,10 @@ def end(code) -> None:
     start after a change, with its 130 modules). posix._exit also skips the C library's exit
     handlers and stdio buffers, which nothing of bindguard's uses. For the entry points
     (bin/bindguard, python -m bindguard), never main(): returns, for the caller to exit as Python
-    does, when output cannot be written (the broken pipe's own exit), a thread is still running,
-    or the code is not an int. The handlers have run by then, and atexit runs each once."""
+    does, when output cannot be written (the broken pipe's own exit), a threading thread is still
+    running (one whose work Python's exit would wait for), or the code is not an int. The handlers
+    have run by then, and atexit runs each once. The early walk's thread (evidence.sockdiag) is
+    not one: it has nothing to finish but the kernel's walk, which the exit waits for anyway."""
     threading = sys.modules.get("threading")
     if not isinstance(code, int) or threading is not None and threading.active_count() > 1:
         return

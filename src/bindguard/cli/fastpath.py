@@ -8,8 +8,9 @@ given here from posix and _socket alone:
   - every address can be bound, outside a unit or with --no-systemd: one trial bind each.
 Anything else (an error, an unusual option, a blocked address, a unit whose socket units must
 be checked) returns None, and the full command runs from the start; it, not this module, is
-the authority on syntax and the one that explains. An address in use on TCP leaves the kernel
-walking that port's sockets for it meanwhile, in a thread (bindguard.evidence.sockdiag).
+the authority on syntax and the one that explains. An address in use on a TCP port where nothing
+listens leaves the kernel walking that port's sockets for it meanwhile, in a thread, where the
+process may run on two CPUs (bindguard.evidence.sockdiag).
 tests/test_fastpath.py holds the two to the same answers.
 """
 

@@ -90,7 +90,7 @@ def _listeners(hostmap: HostMap) -> list[Listener]:
 
 
 def _connect(user: bool, hostmap: HostMap) -> bus.Systemd | None:
-    which = bus.USER if user else bus.SYSTEM
+    which = bus.bus_for(user)
     try:
         connection = bus.Systemd(which, budget=SCAN_BUS_BUDGET)
         hostmap.bus = which

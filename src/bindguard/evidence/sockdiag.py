@@ -10,17 +10,23 @@ namespace, and from Linux 6.8 every bound socket as well: 23 ms at 100k sockets 
 refusal's time there. It walks inside the sendto() of the dump request, until the first reply
 datagram is full. When the fast path's trial bind is refused as in use on a TCP port, it starts
 that walk (start_walk) in a thread that does nothing but that one sendto(), so that the kernel
-walks while the full command starts (imports, the plan, its own probe). The full command's first
-look at every state of that port (sockets.sockets_on_port) takes the answer from that socket
-(take_walk) while it is under FRESH seconds old, and asks again otherwise.
+walks while the full command starts (imports, the plan, its own probe). The guard's first look
+at every state of that port (sockets.sockets_on_port) takes the answer from that socket
+(take_walk) while it is under FRESH seconds old, and only after a look at LISTEN alone has found
+no listener there either; otherwise it asks again.
 
-What a walk started before the full command's probe can show: a holder that appeared since is
-missed, as one that closed between a probe and a later walk is; the refusal then has no socket
-to explain it, which the guard treats as fleeting: it probes and looks again
-(bindguard.verdict.policy.fleeting). A socket that closed since is shown: a full socket then
-has no process left to hold it, which is fleeting too; a TIME_WAIT is shown as it was, the time
-it has left counted from the look, not the walk, so up to FRESH too long (a wait's deadline
-allows a second: bindguard.action.guard).
+The kernel decides: the guard's verdict still comes from its probes. What a walk started before
+the full command's probe can change is how the first look explains it. A socket that closed
+since is shown: a full socket then has no process left to hold it, which the guard treats as
+fleeting (it probes and looks again: bindguard.verdict.policy.fleeting); a TIME_WAIT is shown as
+it was, the time it has left counted from the look, not the walk, so up to FRESH too long (a
+wait's deadline allows a second: bindguard.action.guard). A socket other than a listener that
+appeared since is missed. When nothing else explains the refusal, it has no socket, which is
+fleeting too. When something else does (a TIME_WAIT), the first look reports that alone: with
+time to wait, the guard waits and looks again within OBSERVE_INTERVAL (bindguard.action.guard),
+and finds the newcomer; with none, it refuses for what it found (75, where a look after the probe
+would have named the newcomer too and refused with 98): a refusal either way, its explanation
+short of a socket that arrived in the few milliseconds between the walk and the probe.
 
 No walk is started where a look at LISTEN alone finds a listener (listeners alone usually
 explain the refusal: guard._sockets_explaining), nor where the process may run on one CPU only
@@ -151,9 +157,15 @@ class _Walk:
         self._error: BaseException | None = None
         self._sent = _thread.allocate_lock()
         self._sent.acquire()
+
+    def start(self) -> None:
         running = _thread.allocate_lock()
         running.acquire()
-        _thread.start_new_thread(self._send, (request_both_families(port, ALL_TCP_STATES, 1), running))
+        try:
+            _thread.start_new_thread(self._send, (request_both_families(self.port, ALL_TCP_STATES, 1), running))
+        except BaseException:
+            self._sent.release()  # no thread: nothing will send on the socket
+            raise
         # Until the thread runs: from then on it holds the interpreter's lock only until the
         # kernel walks (sendto releases it), where otherwise it could wait for its first turn
         # until this thread's imports gave it one.
@@ -167,6 +179,9 @@ class _Walk:
             self._error = exc
         finally:
             self._sent.release()
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.started <= FRESH
 
     def wait(self) -> None:
         """Until the kernel has walked; the sendto()'s error, if it failed."""
@@ -186,11 +201,16 @@ _walk: _Walk | None = None
 
 
 def start_walk(port: int) -> None:
-    """Start the early walk of a TCP port where the trial bind was refused as in use, unless one
-    has started, the process may run on one CPU only, or a look at LISTEN alone finds a listener
-    (or fails)."""
+    """Start the early walk of a TCP port where the trial bind was refused as in use, unless a
+    fresh one has started, the process may run on one CPU only, or a look at LISTEN alone finds a
+    listener (or fails). One no look took is closed first (another run in the same process)."""
     global _walk
-    if _walk is not None or len(posix.sched_getaffinity(0)) < 2:
+    if _walk is not None:
+        if _walk.fresh():
+            return
+        _walk.close()
+        _walk = None
+    if len(posix.sched_getaffinity(0)) < 2:
         return
     found: list = []
     try:
@@ -204,9 +224,10 @@ def start_walk(port: int) -> None:
             # On this socket, which the look has read to its end: its recvmsg() of RECV_BUFFER
             # bytes raised the size of the kernel's dump replies to it from a page to 32 KiB,
             # so the thread's sendto() walks until that much is found (340 TIME_WAITs, not 39).
-            _walk = _Walk(port, nl)
+            _walk = _Walk(port, nl)  # before the thread starts: the socket is the walk's from then on
+            _walk.start()
     except (OSError, RuntimeError):  # RuntimeError: no thread could be started
-        pass
+        _walk = None
     finally:
         if _walk is None or _walk.socket is not nl:
             nl.close()
@@ -219,7 +240,7 @@ def take_walk(port: int) -> _Walk | None:
     if _walk is None or _walk.port != port:
         return None
     walk, _walk = _walk, None
-    if time.monotonic() - walk.started > FRESH:
+    if not walk.fresh():
         walk.close()
         return None
     return walk

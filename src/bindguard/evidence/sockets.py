@@ -11,7 +11,7 @@ the kernel answers for IPv4 and IPv6 in one walk; UDP takes a SOCK_DIAG_BY_FAMIL
 (inet_diag_req_v2) per family. Any state but LISTEN makes the kernel visit every connection in
 the namespace, and BOUND every bound socket too: 10 ms and 13 ms at 100k sockets here. The fast
 path starts that walk early when its trial bind is refused (sockdiag's early walk), and the
-first look at every state of that port reads its answer while it is fresh.
+guard's first look at every state of that port reads its answer while it is fresh.
 
 sock_diag needs no privilege. Where it is unavailable (a kernel without inet_diag or
 udp_diag, a seccomp or LSM policy denying AF_NETLINK), /proc/net/{tcp,tcp6,udp,udp6} is read
@@ -70,6 +70,7 @@ def sockets_on_port(
     *,
     states: Iterable[str] | None = None,
     source: str = "auto",
+    early_walk: bool = False,
 ) -> list[SocketFact]:
     """The sockets of `proto` whose local port is `port`, IPv4 and IPv6: every state, or `states`.
 
@@ -77,13 +78,16 @@ def sockets_on_port(
     for fewer is cheaper: LISTEN alone never walks the established hash, any other state
     makes the kernel visit every socket in the namespace (see the module's docstring).
     `source` is "auto" (sock_diag, else /proc/net), "netlink" or "procfs" (for tests).
+    `early_walk`: the fast path's walk of every state of the port may answer, if it is fresh; for
+    a caller that has just found no listener on the port, as that walk's start did
+    (bindguard.evidence.sockdiag).
     """
-    return _observe(proto, port, state_mask(proto, states), notes, source)
+    return _observe(proto, port, state_mask(proto, states), notes, source, early_walk)
 
 
 def listening_sockets(proto: str, notes: list[str] | None = None, *, source: str = "auto") -> list[SocketFact]:
     """The TCP sockets in LISTEN, or the unconnected bound UDP sockets, on every port."""
-    return _observe(proto, None, state_mask(proto, [LISTEN if proto == TCP else BOUND]), notes, source)
+    return _observe(proto, None, state_mask(proto, [LISTEN if proto == TCP else BOUND]), notes, source, False)
 
 
 def state_mask(proto: str, states: Iterable[str] | None) -> int:
@@ -101,7 +105,8 @@ def state_mask(proto: str, states: Iterable[str] | None) -> int:
     return mask
 
 
-def _observe(proto: str, port: int | None, states: int, notes: list[str] | None, source: str) -> list[SocketFact]:
+def _observe(proto: str, port: int | None, states: int, notes: list[str] | None, source: str,
+             early_walk: bool) -> list[SocketFact]:
     if proto not in PROTOCOLS:
         raise ValueError(f"unknown protocol {proto!r}")
     if source not in ("auto", "netlink", "procfs"):
@@ -109,7 +114,7 @@ def _observe(proto: str, port: int | None, states: int, notes: list[str] | None,
     netlink_error: OSError | None = None
     if source != "procfs":
         try:
-            return _query_sock_diag(proto, port, states)
+            return _query_sock_diag(proto, port, states, early_walk)
         except OSError as e:
             if source == "netlink":
                 raise ObservationError(f"sock_diag: {_describe(e)}") from e
@@ -142,13 +147,15 @@ def _describe(error: OSError | None) -> str:
 # sock_diag
 
 
-def _query_sock_diag(proto: str, port: int | None, states: int) -> list[SocketFact]:
+def _query_sock_diag(proto: str, port: int | None, states: int, early_walk: bool = False) -> list[SocketFact]:
     facts: list[SocketFact] = []
 
     def parse(buffer: bytearray, start: int, end: int) -> None:
         facts.append(_parse_diag_msg(buffer, start, end, proto))
 
-    walk = sockdiag.take_walk(port) if proto == TCP and port is not None and states == sockdiag.ALL_TCP_STATES else None
+    walk = None
+    if early_walk and proto == TCP and port is not None and states == sockdiag.ALL_TCP_STATES:
+        walk = sockdiag.take_walk(port)
     nl = walk.socket if walk is not None else sockdiag.open_socket()
     try:
         buffer = bytearray(sockdiag.RECV_BUFFER)

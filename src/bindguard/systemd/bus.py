@@ -27,6 +27,7 @@ from bindguard.systemd.busaddress import (  # noqa: F401 (this module's API too)
     SystemdError,
     SystemdUnavailable,
     address,
+    bus_for,
     check_socket,
     choose_bus,
     shown,

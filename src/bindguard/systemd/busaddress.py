@@ -33,7 +33,12 @@ class SystemdUnavailable(SystemdError):
 
 def choose_bus(user: bool | None = None, environ: Mapping[str, str] | None = None) -> str:
     """USER or SYSTEM: --user/--system (True/False) decide, else $MANAGERPID (unitfiles.user_manager)."""
-    return USER if user_manager(user, environ) else SYSTEM
+    return bus_for(user_manager(user, environ))
+
+
+def bus_for(user: bool) -> str:
+    """USER for a user manager's bus, else SYSTEM."""
+    return USER if user else SYSTEM
 
 
 def address(bus: str) -> str:

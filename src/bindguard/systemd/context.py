@@ -104,7 +104,7 @@ class SystemdContext(Record):
         """The open Systemd connection, or None (with a note) when the bus is unavailable."""
         if not self._tried:
             self._tried = True
-            which = busaddress.USER if self.user_bus else busaddress.SYSTEM
+            which = busaddress.bus_for(self.user_bus)
             try:
                 # checked before bus is imported: without a socket, neither it nor pystemd is loaded
                 checked = busaddress.check_socket(which, busaddress.socket_path(which))
