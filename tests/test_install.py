@@ -132,6 +132,26 @@ def _interpreter(where: Path) -> Path:
     return python
 
 
+STDLIB_NAME = f"python{sys.version_info.major}.{sys.version_info.minor}"  # the standard library's directory in lib/
+
+
+def _venv(venv: Path, home: str | Path) -> Path:
+    """A venv as `python3 -m venv --copies` makes one, with the pyvenv.cfg lines it writes: a copy of
+    this interpreter in bin/, whose standard library is found from `home`. Its python3."""
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = false\n"
+                                     f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+    return _interpreter(venv / "bin")
+
+
+def _standard_library(python: Path) -> str:
+    """The directory the interpreter, run as a launcher runs it, imports os from."""
+    ran = subprocess.run([str(python), "-I", "-S", "-c", "import os; print(os.__file__)"], capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0, ran
+    return os.path.dirname(ran.stdout.strip())
+
+
 def test_program_under_a_directory_another_user_owns_is_refused(tmp_path):
     """The file is root's and no one else can write it, but nobody owns the directory it is in, and
     could put another file in its place: root would run that before every start."""
@@ -291,6 +311,92 @@ def test_an_interpreter_below_a_directory_every_user_may_add_a_pyvenv_cfg_to_is_
         f"; {python} -I -m bindguard runs what others can change ({shared} can be written by every user)")
 
 
+def _run_as_install_does(monkeypatch, python: Path) -> None:
+    """bindguard_command() as run by `python -m bindguard install` with no launcher beside python."""
+    monkeypatch.setattr(sys, "argv", ["-m", "install"])
+    monkeypatch.setattr(sys, "executable", str(python))
+
+
+def test_a_venv_whose_pyvenv_cfg_every_user_may_write_is_refused(tmp_path, monkeypatch):
+    """The venv's own pyvenv.cfg is read when its python starts, -I -S or not: whoever may write it
+    may change its `home`, which names the standard library root runs. A venv root's alone is taken;
+    the same venv with its pyvenv.cfg writable by every user is refused, the file named."""
+    need_root("a copy of the interpreter root would run")
+    venv = tmp_path / "venv"
+    python = _venv(venv, os.path.dirname(os.path.realpath(sys.executable)))
+    _run_as_install_does(monkeypatch, python)
+    assert install.bindguard_command(packaged=tmp_path / "absent") == (
+        [str(python), "-I", "-m", "bindguard"], f"{tmp_path}/absent does not exist")
+    (venv / "pyvenv.cfg").chmod(0o666)
+    with pytest.raises(UsageError) as refused:
+        install.bindguard_command(packaged=tmp_path / "absent")
+    assert refused.value.message.endswith(
+        f"; {python} -I -m bindguard runs what others can change ({venv}/pyvenv.cfg can be written by every user)")
+
+
+def test_a_venv_whose_pyvenv_cfg_python_will_not_read_is_refused(tmp_path, monkeypatch):
+    """Python reads less than 32 KiB of a pyvenv.cfg and does not start with a larger one; bindguard
+    reads no more of it either, and refuses a venv whose python would not start, the file named."""
+    need_root("a copy of the interpreter root would run")
+    venv = tmp_path / "venv"
+    python = _venv(venv, os.path.dirname(os.path.realpath(sys.executable)))
+    with (venv / "pyvenv.cfg").open("a") as cfg:
+        cfg.write("#" * (32 * 1024))
+    ran = subprocess.run([str(python), "-I", "-S", "-c", "pass"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode != 0 and "larger than 32KB" in ran.stderr, ran
+    _run_as_install_does(monkeypatch, python)
+    with pytest.raises(UsageError) as refused:
+        install.bindguard_command(packaged=tmp_path / "absent")
+    assert f"; {python} -I -m bindguard reads {venv}/pyvenv.cfg when it starts, which " in refused.value.message
+
+
+def test_a_venv_whose_pyvenv_cfg_names_a_home_a_user_owns_is_refused(tmp_path, monkeypatch):
+    """A venv root's alone, its python made with --copies from a user's Python (a pyenv build in
+    their home): its pyvenv.cfg's `home` names the user's directory, from which Python finds its
+    standard library, so root would import what the user writes. Refused, that directory named."""
+    theirs = _theirs(tmp_path)
+    home = theirs / "bin"
+    stdlib = theirs / "lib" / STDLIB_NAME  # a user's standard library: here a link to the real one
+    home.mkdir()
+    stdlib.parent.mkdir()
+    stdlib.symlink_to(os.path.dirname(os.__file__))
+    for path in (home, stdlib.parent):
+        os.chown(path, NOBODY, NOBODY)
+    python = _venv(tmp_path / "venv", home)
+    assert _standard_library(python) == str(stdlib)
+    _run_as_install_does(monkeypatch, python)
+    with pytest.raises(UsageError) as refused:
+        install.bindguard_command(packaged=tmp_path / "absent")
+    assert refused.value.message.endswith(
+        f"; {python} -I -m bindguard runs what others can change ({home} belongs to uid {NOBODY}, not root)")
+
+
+def test_a_launcher_whose_venv_takes_its_standard_library_from_a_user_s_directory_is_refused(tmp_path):
+    """`home` names a directory root's alone, but the standard library Python finds from it, in
+    HOME/../lib, is in a directory a user owns. The launcher's python is not the one running
+    install, so that directory is found as Python's getpath finds it, not from sys."""
+    need_root("a copy of the interpreter root would run")
+    planted = tmp_path / "planted"
+    lib = planted / "lib"
+    (planted / "bin").mkdir(parents=True)
+    lib.mkdir()
+    (lib / STDLIB_NAME).symlink_to(os.path.dirname(os.__file__))  # a user's standard library
+    os.chown(lib, NOBODY, NOBODY)
+    venv = tmp_path / "venv"
+    python = _venv(venv, planted / "bin")
+    assert _standard_library(python) == str(lib / STDLIB_NAME)
+    launcher = _program(venv / "bin" / "bindguard", 0o755)
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(launcher), "web.service", "8080"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 64 and done.stdout == "" and "Traceback" not in done.stderr, done
+    assert f"--program '{launcher}' runs what others can change ({lib} belongs to uid {NOBODY}, not root)" \
+        in done.stderr, done.stderr
+    (venv / "pyvenv.cfg").write_text(f"home = {os.path.dirname(os.path.realpath(sys.executable))}\n")
+    done = subprocess.run([*BINDGUARD, "install", "--print", "--program", str(launcher), "web.service", "8080"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"\nExecStartPre=+{launcher} check --unit %n 8080\n" in done.stdout, done
+
+
 def test_python_m_bindguard_from_a_site_directory_every_user_may_add_a_pth_to_is_refused(tmp_path):
     """`python -I -m bindguard` runs site (it has no -S), which runs the `import` lines of every *.pth
     file in each site directory: a sticky world-writable site-packages keeps others from replacing
@@ -299,11 +405,8 @@ def test_python_m_bindguard_from_a_site_directory_every_user_may_add_a_pth_to_is
     they are refused, the directory named."""
     need_root("a copy of the interpreter and the package root would run")
     venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    python = _interpreter(venv / "bin")
-    (venv / "pyvenv.cfg").write_text(f"home = {os.path.dirname(os.path.realpath(sys.executable))}\n"
-                                     "include-system-site-packages = false\n")
-    site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    python = _venv(venv, os.path.dirname(os.path.realpath(sys.executable)))
+    site_packages = venv / "lib" / STDLIB_NAME / "site-packages"
     shutil.copytree(SRC / "bindguard", site_packages / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
     choose = ("import pathlib; from bindguard.action import install; from bindguard.model.errors import UsageError\n"
               "try: print(install.bindguard_command(packaged=pathlib.Path('/absent')))\n"

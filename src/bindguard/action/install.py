@@ -20,6 +20,7 @@ from pathlib import Path
 from bindguard import ROOT, __version__, checked_path, untrusted
 from bindguard.model.errors import ConfigError, UsageError
 from bindguard.model.text import command_unit
+from bindguard.request import files
 from bindguard.systemd.unitfiles import normalize_unit
 
 DROPIN_NAME = "bindguard.conf"
@@ -195,9 +196,112 @@ def _interpreter_flaw(python: str, owners: tuple[int, ...]) -> str | None:
     that leads, every directory above either), and of the two directories it reads a pyvenv.cfg
     from when it starts, isolated or not (its own, as it is named, and the one above), which are
     not excused by a sticky bit as a directory above is: whoever may add a pyvenv.cfg to either
-    names the standard library root runs."""
+    names the standard library root runs. Then the pyvenv.cfg it reads, and the standard library
+    it finds (_venv_flaw)."""
     own = os.path.dirname(os.path.abspath(python))
-    return _reach(own, owners) or _reach(os.path.dirname(own), owners) or _reach(python, owners)
+    return (_reach(own, owners) or _reach(os.path.dirname(own), owners) or _reach(python, owners)
+            or _venv_flaw(python, owners))
+
+
+PYVENV_CFG = "pyvenv.cfg"
+# CPython's getpath reads at most this much of a pyvenv.cfg: with 32 KiB or more it does not start.
+PYVENV_CFG_BYTES = 32 * 1024 - 1
+DEBIAN_PYTHON = (3, 11)  # Debian 12's python3, which the package depends on
+
+
+def pyvenv_settings(data: bytes) -> dict[str, str]:
+    """Each key of a pyvenv.cfg (lowercase) with its first value, as CPython 3.11's getpath reads
+    the file for `home`: UTF-8 (a byte that is not kept as a surrogate), up to its first NUL, lines
+    ended by a newline, a key and a value on either side of a line's first `=`, each stripped; a
+    line without `=` is no setting."""
+    settings: dict[str, str] = {}
+    for line in data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape").split("\n"):
+        key, equals, value = line.partition("=")
+        if equals:
+            settings.setdefault(key.strip().lower(), value.strip())
+    return settings
+
+
+def _venv_flaw(python: str, owners: tuple[int, ...]) -> str | None:
+    """Why root should not run this interpreter for what it reads as it starts, after where it is
+    (_interpreter_flaw). Python reads the pyvenv.cfg of the directory above its own, else of its
+    own (the first that holds one; a directory of that name reads as empty): bindguard.untrusted()
+    of that file, whose `home` decides where the standard library comes from, and which must be
+    one Python reads (a regular file under PYVENV_CFG_BYTES). That home, or without one the
+    directory the interpreter really is in, is where _library_flaw() looks from."""
+    own = os.path.dirname(os.path.abspath(python))
+    settings: dict[str, str] = {}
+    for cfg in (os.path.join(os.path.dirname(own), PYVENV_CFG), os.path.join(own, PYVENV_CFG)):
+        if not os.path.lexists(cfg):
+            continue
+        why = _reach(cfg, owners)
+        if why is not None:
+            return why
+        if os.path.isdir(cfg):
+            break
+        try:
+            settings = pyvenv_settings(files.read_regular(cfg, PYVENV_CFG_BYTES))
+        except files.Refused as exc:
+            return f"reads {cfg} when it starts, which is {exc}"
+        except OSError as exc:
+            return f"reads {cfg} when it starts, which cannot be read ({exc.strerror or exc})"
+        home = settings.get("home", "")
+        if home and not home.startswith("/"):
+            return f"reads {cfg} when it starts, whose home {home!r} the unit's working directory would decide"
+        break
+    home = settings.get("home") or os.path.dirname(os.path.realpath(python))
+    return _reach_where_made(home, owners) or _library_flaw(python, home, settings.get("version", ""), owners)
+
+
+def _library_flaw(python: str, home: str, venv_version: str, owners: tuple[int, ...]) -> str | None:
+    """Why root should not run this interpreter for its standard library: _reach_where_made() of
+    each place CPython 3.11's getpath looks for it from home, the standard library directories,
+    whose modules root imports, among them. From home up, home first, the last before / (getpath's
+    dirname: what is before the last /), it looks in each directory's lib/ for python311.zip (none
+    there: in every one), for python3.11/os.py or os.pyc (the first found holds the standard
+    library) and for python3.11/lib-dynload; what it does not find so, it takes where it was built
+    to look. Whoever may add such a file on the way, or change what is found, decides what root runs.
+
+    The version, the lib/ directory's name and where it was built to look are the binary's: the
+    running interpreter's own when it is this one; for another they are assumed Debian's (lib/,
+    /usr), of the version its venv recorded in pyvenv.cfg, else of Debian 12's python3 (3.11)."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        import sysconfig
+
+        major, minor = sys.version_info[:2]
+        built = (sysconfig.get_config_var("prefix") or "/usr", sysconfig.get_config_var("exec_prefix") or "/usr")
+        lib = sys.platlibdir
+    else:
+        recorded = re.match(r"(\d+)\.(\d+)", venv_version)
+        major, minor = map(int, recorded.groups()) if recorded else DEBIAN_PYTHON
+        lib, built = "lib", ("/usr", "/usr")
+    stdlib = f"{lib}/python{major}.{minor}"
+    places = []
+    prefix = exec_prefix = None
+    directory = home
+    while directory and not os.path.lexists(directory):  # nothing is found in what is not there (_venv_flaw
+        # checked where it could be made)
+        directory = directory.rpartition("/")[0]
+    while directory:
+        places.append(os.path.join(directory, lib, f"python{major}{minor}.zip"))
+        if prefix is None:
+            places.append(os.path.join(directory, stdlib))
+            if any(os.path.isfile(os.path.join(directory, stdlib, name)) for name in ("os.py", "os.pyc")):
+                prefix = directory
+        if exec_prefix is None:
+            places.append(os.path.join(directory, stdlib, "lib-dynload"))
+            if os.path.isdir(places[-1]):
+                exec_prefix = directory
+        directory = directory.rpartition("/")[0]
+    if prefix is None:
+        places.append(os.path.join(built[0], stdlib))
+    if exec_prefix is None:
+        places.append(os.path.join(built[1], stdlib, "lib-dynload"))
+    for place in dict.fromkeys(places):
+        why = _reach_where_made(place, owners)
+        if why is not None:
+            return why
+    return None
 
 
 def _search_flaw(package: str, owners: tuple[int, ...]) -> str | None:
@@ -212,9 +316,7 @@ def _search_flaw(package: str, owners: tuple[int, ...]) -> str | None:
     import site
 
     for directory in dict.fromkeys([*site.getsitepackages(), os.path.dirname(package)]):
-        while not os.path.lexists(directory):  # a link that leads nowhere is checked, and refused, as it is
-            directory = os.path.dirname(directory)
-        why = _reach(directory, owners)
+        why = _reach_where_made(directory, owners)
         if why is not None:
             return why
     return None
@@ -223,6 +325,15 @@ def _search_flaw(package: str, owners: tuple[int, ...]) -> str | None:
 def _reach(path: str, owners: tuple[int, ...]) -> str | None:
     why = untrusted(path, owners)
     return None if why is None else f"runs what others can change ({why})"
+
+
+def _reach_where_made(path: str, owners: tuple[int, ...]) -> str | None:
+    """_reach() of an absolute path, or where it is not there, of the nearest directory above it
+    that is: whoever may add an entry to that one could make it. A link that leads nowhere is
+    checked, and refused, as it is."""
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return _reach(path, owners)
 
 
 def exec_quote(arg: str) -> str:
