@@ -108,6 +108,39 @@ def test_a_zombie_leader_with_live_threads_is_not_exiting():
         proc.wait()
 
 
+def test_an_exit_begun_between_the_stat_and_the_command_line_is_seen(monkeypatch):
+    """process_facts reads /proc/PID/stat, then the command line. A process whose exit begins in
+    between has no command line left (the exit took the memory it lives in), and must be seen
+    exiting: a guard seen so, with no command line to tell it is one, was refused as a listener
+    (one run of test_guards_together in CI). Here the stat is the one read before a real child
+    exited (as it was, running), and the rest the child's own, a zombie."""
+    import subprocess
+    import sys
+
+    from bindguard.evidence import owners
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 5
+        while (zombie := owners.read_stat(proc.pid)) is None or zombie.state != b"Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        running = owners.ProcStat(zombie.name, b"S", zombie.ppid, zombie.flags & ~owners.PF_EXITING,
+                                  zombie.start_ticks)
+        reads = []
+        real = owners.read_stat
+
+        def read_stat(pid):
+            reads.append(pid)
+            return running if len(reads) == 1 else real(pid)
+
+        monkeypatch.setattr(owners, "read_stat", read_stat)
+        facts = owners.process_facts(proc.pid)
+        assert facts is not None and facts.cmdline == () and facts.exiting
+    finally:
+        proc.wait()
+
+
 def test_a_socket_unit_that_is_stopping_is_waited_for(systemd_rig):
     """A socket unit keeps its sockets open while its ExecStopPre= runs (deactivating): its
     address is freed when that ends."""

@@ -221,8 +221,12 @@ def process_facts(pid: int, docker: DockerLook | None = None) -> ProcessFact | N
     cgroup = cgroup_from_proc_file(cgroups) or ""
     from bindguard.evidence.containers import container_of
 
+    # An exit that began after the stat was read takes the memory the command line lives in, so a
+    # guard's trial could be seen with no command line (not a guard) and not exiting: a refusal. An
+    # empty command line is checked against the kernel's flags read after it.
+    exiting = _exiting(pid, stat) or (not cmdline and _exiting(pid))
     return ProcessFact(
-        exiting=_exiting(pid, stat),
+        exiting=exiting,
         pid=pid,
         ppid=stat.ppid,
         name=name,
