@@ -137,6 +137,17 @@ def test_a_holder_the_kernel_is_ending_is_probed_again_even_with_wait_zero():
     assert outcome.exit_code == errors.ExitCode.CLEAR and recorded.probes == 2, outcome
 
 
+def test_a_time_wait_beside_a_holder_the_kernel_is_ending_is_decided_at_once():
+    # The TIME_WAIT stays whatever the exiting holder does: with --wait 0 the answer comes at the
+    # first probe, not after a second (the settle budget) of probing again for the exiting one.
+    exiting = replace(process(4242, "python3"), cmdline=(), exiting=True)
+    evidence = held_by(exiting)
+    evidence.sockets.append(SocketFact(ADDRESS.endpoint, "TIME_WAIT", 0, 0, expires_ms=50_000))
+    recorded = Recorded([IN_USE], evidence)
+    outcome = run(recorded, wait=0)
+    assert outcome.exit_code == errors.ExitCode.INUSE and recorded.probes == 1, outcome
+
+
 def test_a_holder_that_stays_exiting_is_decided_after_the_settle_budget(monkeypatch):
     monkeypatch.setattr(guard, "SETTLE_BUDGET", 0.05)
     exiting = replace(process(42, "/usr/sbin/nginx"), exiting=True)  # stuck in its exit (D state)

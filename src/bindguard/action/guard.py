@@ -388,7 +388,9 @@ def run(request: Request, answered: list | None = None, *, trial: Probe | None =
         # holder the kernel is ending, which the policy would otherwise wait for: not at all with --wait 0).
         passing_refusals = [c for c in refusing if fleeting(c)]
         passing = passing_refusals + [c for c in waiting if fleeting(c)]
-        if not passing or len(passing_refusals) < len(refusing):  # a holder that stays: no reason to probe again
+        # A holder that stays (a refusal that is not fleeting; or, nothing refusing, a wait that is
+        # not, such as a TIME_WAIT): no reason to probe again.
+        if not passing or len(passing_refusals) < len(refusing) or not refusing and len(passing) < len(waiting):
             settling_since, guard_met, pauses = None, False, 0
         else:
             settling_since = now if settling_since is None else settling_since

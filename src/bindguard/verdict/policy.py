@@ -77,8 +77,9 @@ def fleeting(c: Conflict) -> bool:
     or the socket was gone (or had no process left, or only one the kernel is ending) when looked
     at. Trial sockets live for microseconds; a probe again a moment later tells them from holders.
     A guard that has just closed its trial and ended is seen exiting, its command line already
-    gone with its memory, and an exiting process's sockets close with it: probed again, not
-    waited for in the start budget (none with --wait 0), as a holder stopping by itself would be."""
+    gone with its memory, and an exiting process's sockets close with it unless another process
+    shares them (only the first holder found is read): probed again, not waited for in the start
+    budget (none with --wait 0), as a holder stopping by itself would be; the probe again decides."""
     if c.predicted or c.error != "EADDRINUSE" or c.kind == ConflictKind.SELF_CONFLICT:
         return False
     if c.leaving == Leaving.PROCESS_EXITING:
