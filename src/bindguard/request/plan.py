@@ -124,19 +124,12 @@ def plan(options: RequestOptions, ctx, warn: Warn) -> Plan | None:
     return replace(settings, binds=binds, guesses=guesses, survivable=survivable, sources=sources)
 
 
-def asks_user_manager(bus_choice: bool | None, ctx) -> bool:
-    """Whether the unit is a user manager's: the context's answer (SystemdContext.user_bus) when
-    systemd is asked; with --no-systemd, the same rule's (unitfiles.user_manager) for --user/--system
-    (bus_choice), as the fast path asked it. Asked where first needed: as root it proves $MANAGERPID."""
-    return ctx.user_bus if ctx is not None else user_manager(bus_choice)
-
-
 def socket_unit_plan(unit: str, settings: Plan, options: RequestOptions, ctx, warn: Warn) -> Plan | None:
     """A .socket unit's own IP sockets, as its manager will bind them after its ExecStartPre=
     (bindguard.request.socketunit); None when it has none, or they cannot be read (a warning)."""
     from bindguard.request import socketunit
 
-    found, why = socketunit.settings_of(unit, asks_user_manager(options.user_bus, ctx), ctx)
+    found, why = socketunit.settings_of(unit, user_manager(options.user_bus), ctx)
     if found is None:
         warn(f"cannot read what {unit} listens on: {why}; nothing checked")
         return None
@@ -151,7 +144,8 @@ def socket_unit_plan(unit: str, settings: Plan, options: RequestOptions, ctx, wa
 def discovered(unit: str, bus_choice: bool | None, unit_config, ctx, warn: Warn,
                unavailable: str = "nothing checked") -> list:
     """The addresses the unit's daemon itself binds, as discovery finds them (not its socket units'),
-    for a unit of the manager asks_user_manager(bus_choice, ctx) names.
+    for a unit of the manager unitfiles.user_manager(bus_choice) names (a context's bus_choice is
+    the same: SystemdContext.user_bus).
 
     The unit's command line is read from its unit files (no D-Bus), whatever the unit is called;
     systemd is asked over D-Bus only for a unit not on disk that has a YAML file or a known
@@ -162,7 +156,7 @@ def discovered(unit: str, bus_choice: bool | None, unit_config, ctx, warn: Warn,
     sources = unit_config.discovery_sources if unit_config is not None else DISCOVERY_SOURCES
     if not sources:
         return []
-    result = cache.discover_from_files(unit, asks_user_manager(bus_choice, ctx), ordered_sources(sources))
+    result = cache.discover_from_files(unit, user_manager(bus_choice), ordered_sources(sources))
     if result is None:  # no ExecStart= in its unit files
         if unit_config is None and discover.daemon_for_unit_name(unit) is None:
             return []

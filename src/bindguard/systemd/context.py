@@ -86,8 +86,8 @@ class SystemdContext(Record):
     @property
     def user_bus(self) -> bool:
         """Whether this run asks a user manager: unitfiles.user_manager for bus_choice, the rule the
-        fast path follows before a context exists and the plan without one (--no-systemd:
-        request.plan.asks_user_manager), so that all answer alike. Nothing is kept here: a root
+        fast path, the plan and check follow for the same --user/--system, so that all answer
+        alike. Nothing is kept here: a root
         guard's one costly step, its proof of $MANAGERPID, is made once a run there and shared
         (unitfiles.proven_user_manager)."""
         return user_manager(self.bus_choice)

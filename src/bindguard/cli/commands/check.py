@@ -10,8 +10,8 @@ from bindguard.model.errors import VERDICTS, BindguardError, ExitCode, UsageErro
 from bindguard.model.kinds import ANY_KIND, ConflictKind
 from bindguard.model.text import excerpt
 from bindguard.report import output
-from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, RequestOptions, asks_user_manager, plan
-from bindguard.systemd.unitfiles import normalize_unit, own_unit
+from bindguard.request.plan import IF_AVAILABLE, OPTIONAL, RequestOptions, plan
+from bindguard.systemd.unitfiles import normalize_unit, own_unit, user_manager
 
 TYPE_CHECKING = False  # typing's own costs an import
 if TYPE_CHECKING:  # argparse builds the parser; run() also gets the namespace of fastpath.arguments
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace, console: output.Console) -> int:
         reap_stale=args.reap_stale or checks.reap_stale,
         nat=checks.nat is not None,
         privilege_unit=privilege_unit(args, ctx),
-        user_manager=asks_user_manager(args.user_bus, ctx),
+        user_manager=user_manager(args.user_bus),  # as ctx.user_bus: ctx is built from args.user_bus
         log=console.emit,
     )
     answered: list = []  # the kernel's answers, kept apart from everything that explains them
