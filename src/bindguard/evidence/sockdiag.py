@@ -56,6 +56,8 @@ INET_DIAG_BC_S_GE = 2
 INET_DIAG_BC_S_LE = 3
 
 # include/net/tcp_states.h: ESTABLISHED (1) to BOUND_INACTIVE (13); bindguard.model.facts names them
+TCP_ESTABLISHED = 1
+TCP_CLOSE = 7
 TCP_LISTEN = 10
 TCP_BOUND_INACTIVE = 13
 ALL_TCP_STATES = (1 << (TCP_BOUND_INACTIVE + 1)) - 2  # bits 1..13
@@ -212,15 +214,15 @@ def start_walk(port: int) -> None:
         _walk = None
     if len(posix.sched_getaffinity(0)) < 2:
         return
-    found: list = []
+    listeners: list = []
     try:
         nl = open_socket()
     except OSError:
         return  # the full command meets it again, and falls back as it does without the fast path
     try:
         nl.sendto(request_both_families(port, 1 << TCP_LISTEN, 1), (0, 0))
-        receive(nl, bytearray(RECV_BUFFER), 1, lambda *message: found.append(message))
-        if not found:
+        receive(nl, bytearray(RECV_BUFFER), 1, lambda *_: listeners.append(True))
+        if not listeners:
             # On this socket, which the look has read to its end: its recvmsg() of RECV_BUFFER
             # bytes raised the size of the kernel's dump replies to it from a page to 32 KiB,
             # so the thread's sendto() walks until that much is found (340 TIME_WAITs, not 39).

@@ -47,9 +47,7 @@ INET_DIAG_SKV6ONLY = 11
 INET_DIAG_CGROUP_ID = 21
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
-TCP_ESTABLISHED = 1
-TCP_CLOSE = 7
-ALL_UDP_STATES = (1 << TCP_ESTABLISHED) | (1 << TCP_CLOSE)
+ALL_UDP_STATES = (1 << sockdiag.TCP_ESTABLISHED) | (1 << sockdiag.TCP_CLOSE)
 STATE_NUMBERS = {name: number for number, name in TCP_STATES.items()}
 LISTEN = "LISTEN"
 PROTOCOLS = {TCP: _socket.IPPROTO_TCP, UDP: _socket.IPPROTO_UDP}
@@ -97,7 +95,7 @@ def state_mask(proto: str, states: Iterable[str] | None) -> int:
     mask = 0
     for name in states:
         if name == BOUND:
-            mask |= (1 << TCP_CLOSE) | ((1 << sockdiag.TCP_BOUND_INACTIVE) if proto == TCP else 0)
+            mask |= (1 << sockdiag.TCP_CLOSE) | ((1 << sockdiag.TCP_BOUND_INACTIVE) if proto == TCP else 0)
         elif name in STATE_NUMBERS and (proto == TCP or name == "ESTABLISHED"):
             mask |= 1 << STATE_NUMBERS[name]
         else:
@@ -229,9 +227,9 @@ def _scope(host: ipaddress.IPv4Address | ipaddress.IPv6Address, ifindex: int) ->
 
 
 def _state_name(proto: str, state: int) -> str:
-    if state in (TCP_CLOSE, sockdiag.TCP_BOUND_INACTIVE):
+    if state in (sockdiag.TCP_CLOSE, sockdiag.TCP_BOUND_INACTIVE):
         return BOUND
-    if proto == UDP and state == TCP_ESTABLISHED:
+    if proto == UDP and state == sockdiag.TCP_ESTABLISHED:
         return "ESTABLISHED"
     return TCP_STATES.get(state, f"STATE_{state}")
 
