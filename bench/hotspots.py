@@ -143,6 +143,8 @@ def main() -> None:
                         argv = paths(load.info)[name]
                         run = runner(agent if name in IN_UNIT else None)
                         if name == "daemon_nginx_first":
+                            if "nginx" not in units:
+                                parser.error("daemon_nginx_first needs Debian's nginx installed (./setup.sh --test)")
                             run = touching(run, units["nginx"])
                         where = " (run by a service)" if name in IN_UNIT else ""
                         print(f"\n== {name}: bindguard {' '.join(argv)}{where}")

@@ -331,7 +331,7 @@ def _reach_where_made(path: str, owners: tuple[int, ...]) -> str | None:
     """_reach() of an absolute path, or where it is not there, of the nearest directory above it
     that is: whoever may add an entry to that one could make it. A link that leads nowhere is
     checked, and refused, as it is."""
-    while not os.path.lexists(path):
+    while path.startswith("/") and not os.path.lexists(path):  # "/" is always there: the climb ends
         path = os.path.dirname(path)
     return _reach(path, owners)
 

@@ -304,7 +304,8 @@ def _bytecode_cache(path: str) -> bool:
     looks at its old .pyc, then writes a new one where its source changed, so the signature recorded
     was stale at once, and the next start discovered again. What the code is, is its source, which
     _code_files (bindguard's) and the import's own stat of each source file record."""
-    return "/__pycache__/" in path and ".pyc" in path.rpartition("/")[2] or path.endswith("/__pycache__")
+    name = path.rpartition("/")[2]
+    return "/__pycache__/" in path and (name.endswith(".pyc") or ".pyc." in name) or path.endswith("/__pycache__")
 
 
 _active: list[Recorder] = []

@@ -312,7 +312,7 @@ def _exit_descriptor(pid: int) -> int | None:
     then its exit is awaited without a bound, once its output has ended."""
     try:
         return os.pidfd_open(pid)
-    except (OSError, AttributeError):
+    except OSError:
         return None
 
 
