@@ -17,6 +17,7 @@ from pathlib import Path
 
 import holder
 import pytest
+from rig import OWN_RUN_DIR
 
 from bindguard.request.cache import ENTRIES, RUN_DIR
 
@@ -28,11 +29,6 @@ REQUIRE = os.environ.get("BINDGUARD_REQUIRE_INTEGRATION") == "1"
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]  # then the argv to run so
 
-# Shell words that give a mount namespace a /run/bindguard of its own, where the guard remembers
-# discoveries (bindguard.request.cache): what a test's guards write there never reaches the host's,
-# which an installed bindguard uses, and nothing the host has there is seen. Mode 0700, as the guard
-# makes it: the cache takes no directory others may write (a tmpfs is 1777 by default).
-OWN_RUN_DIR = f"mount -t tmpfs -o mode=0700 tmpfs {RUN_DIR}"
 
 
 def quoted_commands(text: str) -> list[str]:

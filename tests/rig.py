@@ -3,7 +3,7 @@
 The recipe (../shared/systemd-rig.md, summed up): as root, inside
 `unshare --mount --net --propagation private`, put a tmpfs on /run/systemd with
 /run/systemd/system in it (a user manager refuses to start without it) and one on /run/bindguard
-(the guards' remembered discoveries stay the rig's: conftest.OWN_RUN_DIR), bring lo up, give
+(the guards' remembered discoveries stay the rig's: OWN_RUN_DIR), bring lo up, give
 the manager a private HOME, XDG_RUNTIME_DIR and XDG_CONFIG_HOME, and let Debian's user unit
 dbus.socket provide the session bus at $XDG_RUNTIME_DIR/bus. Never `systemd --system`.
 
@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import holder
-from conftest import OWN_RUN_DIR
+
+from bindguard.request.cache import RUN_DIR
+
+# Shell words that give a mount namespace a /run/bindguard of its own, where the guard remembers
+# discoveries (bindguard.request.cache): what a test's guards write there never reaches the host's,
+# which an installed bindguard uses, and nothing the host has there is seen. The mount point is made
+# if the host has none yet (bench/ runs the rig outside pytest). Mode 0700, as the guard makes it:
+# the cache takes no directory others may write (a tmpfs is 1777 by default).
+OWN_RUN_DIR = f"mkdir -p -m 0700 {RUN_DIR} && mount -t tmpfs -o mode=0700 tmpfs {RUN_DIR}"
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"

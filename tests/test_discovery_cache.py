@@ -90,6 +90,20 @@ def test_the_program_a_dump_ran_is_part_of_what_is_remembered(site):
     assert f"\nread\t1\t{os.path.realpath(NGINX)}\t" in entry, entry
 
 
+def test_the_program_a_dump_spawns_is_recorded_as_it_is_run():
+    """What the test above finds could come from the dump's other looks at its program (allowed()
+    stats it by the name given): run through a link, only the spawn itself (the audit event of
+    os.posix_spawn) records the file it runs, followed."""
+    from bindguard.request.discover import dump
+
+    program = "/usr/bin/python3"  # Debian's link to python3.11
+    assert os.path.islink(program)
+    with cache.recording() as recorder:
+        ok, _, why = dump.run([program, "-c", "pass"], dump.Credentials(None))
+    assert ok, why
+    assert (os.path.realpath(program), True) in recorder.reads, recorder.reads
+
+
 def test_a_file_new_in_an_include_glob_is_read(site):
     unit, _, root = site
     settled()

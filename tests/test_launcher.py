@@ -160,7 +160,7 @@ def test_python_m_bindguard_fails_open_on_a_broken_package(tmp_path):
     shutil.copytree(SRC / "bindguard", tmp_path / "bindguard", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "bindguard" / "cli" / "__init__.py").write_text("def (\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
-    opened = subprocess.run([sys.executable, "-m", "bindguard", "check", "80"], capture_output=True, text=True, env=env)
+    opened = subprocess.run([sys.executable, "-m", "bindguard", "check", "80"], capture_output=True, text=True, env=env, timeout=60)
     assert opened.returncode == 0 and opened.stdout == "", opened.stderr
     assert opened.stderr.startswith("bindguard: cannot load the bindguard package with ")
     assert opened.stderr.endswith("; nothing was checked, failing open\n") and opened.stderr.count("\n") == 1
@@ -172,7 +172,8 @@ def test_no_interpreter_fails_closed_when_asked(tmp_path):
     launcher = tmp_path / "bindguard"
     launcher.write_text((REPO / "bin" / "bindguard").read_text().replace("/usr/bin/python3", "/nonexistent/python3"))
     launcher.chmod(0o755)
-    opened = subprocess.run([str(launcher), "check", "80"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    opened = subprocess.run([str(launcher), "check", "80"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
     assert (opened.returncode, opened.stderr) == (0, f"bindguard: no Python interpreter at {tmp_path}/python3 nor "
                                                      "/nonexistent/python3; nothing was checked, failing open\n")
     code, err = journal_stream_run([str(launcher), "check", "--fail-closed", "80"], {"PATH": "/usr/bin:/bin"})
@@ -229,12 +230,12 @@ def test_the_process_ends_with_its_output_written_and_its_exit_handlers_run(tmp_
         f.write(EXIT_HOOKS.format(marker=str(marker), thread=thread))
     env = {"PATH": "/usr/bin:/bin"}
     clear = subprocess.run([str(bin_dir / "bindguard"), "check", "--json=short", "--no-systemd", "127.0.0.1:18473"],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, timeout=60)
     report, said = clear.stdout.rsplit("\n", 2)[:2] if clear.stdout.endswith("\n") else (clear.stdout, "")
     assert clear.returncode == 0 and json.loads(report)["verdict"] == "clear", clear.stderr
     assert said == "said at exit", clear.stdout
     usage = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:99999"],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, timeout=60)
     assert usage.returncode == 64 and "out of range" in usage.stderr, usage.stderr
     assert usage.stdout == "said at exit\n", usage.stdout
     lines = marker.read_text().splitlines()
@@ -254,17 +255,17 @@ def test_site_runs_only_for_a_dependency(tmp_path):
     (site / "zz-marker.pth").write_text(SITE_MARKER_PTH.format(marker=str(marker)))
     env = {"PATH": "/usr/bin:/bin"}
     clear = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:18471"],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, timeout=60)
     assert clear.returncode == 0 and "clear: 127.0.0.1:18471 can be bound" in clear.stderr, clear.stderr
     assert not marker.exists(), "site ran on the fast path"
     full = subprocess.run([str(bin_dir / "bindguard"), "check", "--json", "--no-systemd", "127.0.0.1:18471"],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=60)
     assert full.returncode == 0 and '"clear": true' in full.stdout, full.stderr
     assert not marker.exists(), "site ran for a full command that imports no dependency"
     config = tmp_path / "web.service.yaml"
     config.write_text("listen: [127.0.0.1:18471]\n")
     checked = subprocess.run([str(bin_dir / "bindguard"), "config", "check", str(config)],
-                             capture_output=True, text=True, env=env)
+                             capture_output=True, text=True, env=env, timeout=60)
     assert checked.returncode == 0, checked.stderr
     assert "site ran" in marker.read_text()
     marker.unlink()
@@ -272,9 +273,9 @@ def test_site_runs_only_for_a_dependency(tmp_path):
         writable.chmod(0o777)
         try:
             again = subprocess.run([str(bin_dir / "bindguard"), "check", "--no-systemd", "127.0.0.1:18471"],
-                                   capture_output=True, text=True, env=env)
+                                   capture_output=True, text=True, env=env, timeout=60)
             closed = subprocess.run([str(bin_dir / "bindguard"), "check", "--fail-closed", "--no-systemd",
-                                     "127.0.0.1:18471"], capture_output=True, text=True, env=env)
+                                     "127.0.0.1:18471"], capture_output=True, text=True, env=env, timeout=60)
         finally:
             writable.chmod(0o755)
         assert again.returncode == 0 and not marker.exists(), again.stderr
@@ -310,7 +311,8 @@ def test_an_editable_install_is_found_by_its_path_line_alone(tmp_path):
     (site / "__editable__.bindguard-0.1.0.pth").write_text(SITE_MARKER_PTH.format(marker=str(marker)) + f"{SRC}\n")
     shutil.copy2(REPO / "bin" / "bindguard", root / "bin" / "bindguard")
     clear = subprocess.run([str(root / "bin" / "bindguard"), "check", "--no-systemd", "127.0.0.1:18472"],
-                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
+                            timeout=60)
     assert clear.returncode == 0 and "clear: 127.0.0.1:18472 can be bound" in clear.stderr, clear.stderr
     assert not marker.exists(), "a line of the .pth file other than the path ran"
 

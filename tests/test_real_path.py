@@ -32,6 +32,9 @@ PATHS = [("dir/file", True), ("abs", True), ("up/sub/../file", True), ("chain", 
          ("abs/./sub//..", True), ("gone", False), ("to-gone", False), ("loop-a", False), ("self", False),
          ("into-loop", False), ("via-missing", False), ("missing/../dir/file", False), ("via-file", False),
          ("dir/file/x", False), ("c39", True)]
+# Where the walk not strict gives the path to os.path.realpath itself (a loop; any relative path):
+# comparing the two there would prove nothing, so only the strict walk is compared.
+HANDED_TO_OS_PATH = ("loop-a", "self", "into-loop")
 
 
 @pytest.fixture
@@ -61,7 +64,8 @@ def test_both_walks_resolve_as_os_path_does(tree, monkeypatch, relative):
     monkeypatch.chdir(tree)
     for below, resolves in PATHS:
         path = below if relative else f"{tree}/{below}"
-        assert bindguard.real_path(path, strict=False) == os.path.realpath(path), path
+        if not relative and below not in HANDED_TO_OS_PATH:
+            assert bindguard.real_path(path, strict=False) == os.path.realpath(path), path
         if resolves:
             assert bindguard.real_path(path) == os.path.realpath(path, strict=True), path
         else:
